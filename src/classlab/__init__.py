@@ -1,0 +1,29 @@
+"""classlab: image-classification experiments as one config and one command.
+
+The public functions mirror the command line: ``train``, ``evaluate``, ``predict``, ``load``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = ["train", "evaluate", "predict", "load", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Import lazily: `classlab --help` and config errors should not pay for importing torch + Lightning.
+    if name == "train":
+        from classlab.training import train
+
+        return train
+    if name == "evaluate":
+        from classlab.evaluation import evaluate
+
+        return evaluate
+    if name in ("predict", "load"):
+        from classlab import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module 'classlab' has no attribute '{name}'")

@@ -1,0 +1,165 @@
+"""The ``classlab`` command. Each subcommand is a thin layer over the Python API.
+
+User errors (bad config, missing files, damaged checkpoints) end as one ``error:`` line and a
+non-zero exit code: 2 for configuration, 1 for everything else. Set CLASSLAB_DEBUG=1 to see
+the traceback of an unexpected failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from classlab.errors import ClassLabError
+
+
+def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``[cfg.yaml] key=value ...`` -> (config path or None, overrides)."""
+    config, overrides = None, []
+    for item in items:
+        if "=" in item and not Path(item).exists():
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            raise ClassLabError(f"'{item}': give one config file, then key=value overrides (for example epochs=3)")
+    return config, overrides
+
+
+def _quiet_libraries() -> None:
+    """Lightning's advice is aimed at its own users; ours get classlab's messages instead."""
+    import lightning  # noqa: F401  (it sets its loggers' levels on import: lower them after)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"lightning\..*")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+
+
+def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
+    from classlab.config import dump_yaml, load_config
+
+    config, overrides = _split_config_args(args.items)
+    if task:
+        overrides = [f"task={task}", *overrides]
+    if args.print_config:
+        print(dump_yaml(load_config(config, overrides)), end="")
+        return 0
+    from classlab.training import train
+
+    train(config, overrides, resume=args.resume, force=args.force, quiet=args.quiet)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from classlab.evaluation import evaluate
+
+    metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint)
+    print(f"{args.run} [{metrics['split']}, {metrics['checkpoint']}.ckpt, {metrics['images']} images]")
+    print(f"top-1 {metrics['top1']:.4f}   top-5 {metrics['top5']:.4f}")
+    width = max(len(c) for c in metrics["per_class"])
+    for name, acc in metrics["per_class"].items():
+        print(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")
+    print(f"wrote {Path(args.run) / 'eval' / metrics['split']}/{{metrics.json, confusion.csv, confusion.png}}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from classlab.inference import predict
+
+    out = args.out or "predictions.csv"
+    rows = predict(args.run, args.paths, out, checkpoint=args.checkpoint, top=args.top, progress=not args.quiet)
+    failed = [r for r in rows if r["error"]]
+    print(f"wrote {len(rows)} predictions to {out}")
+    if failed:
+        print(f"{len(failed)} file(s) could not be read (see the error column):", file=sys.stderr)
+        for r in failed[:20]:
+            print(f"  {r['path']}: {r['error']}", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from classlab.models import list_models
+
+    rows = list_models()
+    print(f"{'name':<22} {'preset':<14} {'params':>12} {'MFLOPs':>10}  input  description")
+    for info in rows:
+        preset = info.preset or ""
+        mflops = f"{info.mflops:,.1f}" if info.mflops is not None else "-"
+        params = f"{info.params:,}" if info.params is not None else "-"
+        print(f"{info.name:<22} {preset:<14} {params:>12} {mflops:>10}  {info.image_size:>5}  {info.description}")
+    print("any timm model: model.name=timm:<name>")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="classlab", description="Image-classification experiments: one config, one command."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_train_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("items", nargs="*", help="[config.yaml|config.ini] [key=value ...]")
+        p.add_argument("--resume", action="store_true", help="continue the run from its last.ckpt")
+        p.add_argument("--force", action="store_true", help="move an existing run folder aside and start again")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config with every default")
+        p.add_argument("--quiet", action="store_true", help="no progress output")
+
+    p = sub.add_parser("train", help="train a model (no arguments: a small CNN on the embedded sample)")
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="self-supervised pretraining: `classlab pretrain rotation CONFIG`")
+    p.add_argument("pretext", choices=["rotation"])
+    add_train_args(p)
+    p.set_defaults(func=lambda a: cmd_train(a, task=a.pretext))
+
+    p = sub.add_parser("eval", help="evaluate a run: top-1, top-5, per-class accuracy, confusion matrix")
+    p.add_argument("run")
+    p.add_argument("--split", default="test", choices=["test", "val"])
+    p.add_argument("--checkpoint", default="best", help="best, last, epochN")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="predict image files or folders into a CSV")
+    p.add_argument("run")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--out", help="CSV file to write (default predictions.csv)")
+    p.add_argument("--checkpoint", default="best")
+    p.add_argument("--top", type=int, default=3, help="how many classes per image")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("models", help="list registered models with parameters and MFLOPs")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except ClassLabError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted: last.ckpt written, run marked interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against a bare traceback
+        if os.environ.get("CLASSLAB_DEBUG"):
+            raise
+        print(
+            f"error: unexpected {type(exc).__name__}: {exc} (set CLASSLAB_DEBUG=1 for the traceback)", file=sys.stderr
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

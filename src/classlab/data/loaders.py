@@ -1,0 +1,176 @@
+"""Batches for training and evaluation.
+
+Small data (most of what our users train on) is decoded once into a uint8 tensor, cached on
+disk by content, and served a whole batch at a time: the per-image work of a PIL pipeline
+would otherwise compete with the model for the same two CPU cores. Augmentation happens a
+batch at a time on the training device (see ``engine.task``). Data that does not fit in memory
+streams through a DataLoader that runs the very same preprocessing per image.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from classlab.data.preprocess import BadImage, array_to_tensor, image_to_tensor
+from classlab.data.sources import Source
+from classlab.run import atomic_torch_save, safe_torch_load
+
+CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    return Path(base) / "classlab" / "decoded"
+
+
+def decoded_bytes(n: int, channels: int, size: int) -> int:
+    return n * channels * size * size
+
+
+class Decoded:
+    """A source decoded at one resolution: images (N, C, S, S) uint8, labels, and what failed."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, kept: np.ndarray, bad: list[str]) -> None:
+        self.images, self.labels, self.kept, self.bad = images, labels, kept, bad
+
+
+def decode(source: Source, size: int, cache_dir: str | Path | None = None, threads: int = 2) -> Decoded:
+    """Decode every image of ``source`` once (or load the cached result of an earlier run)."""
+    channels = source.channels
+    if source.array is not None:
+        arr = source.array
+        if arr.ndim == 3:
+            arr = arr[..., None]
+        if arr.shape[1] == size and arr.shape[2] == size and arr.shape[3] == channels:
+            images = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
+            return Decoded(images, torch.from_numpy(source.labels), np.arange(len(source)), [])
+    cache_path = None
+    if cache_dir is not False:
+        folder = Path(cache_dir) if cache_dir else default_cache_dir()
+        cache_path = folder / f"{source.fingerprint}-{size}px-{channels}ch-v{CACHE_VERSION}.pt"
+        if cache_path.is_file():
+            try:
+                blob = safe_torch_load(cache_path)
+                return Decoded(blob["images"], blob["labels"], np.asarray(blob["kept"]), list(blob["bad"]))
+            except Exception:  # noqa: BLE001 - a broken cache is rebuilt, never trusted
+                pass
+
+    def one(i: int) -> torch.Tensor | str:
+        try:
+            if source.array is not None:
+                return array_to_tensor(source.array[i], size, channels)
+            return image_to_tensor(source.read(i), size, channels)
+        except BadImage as exc:
+            return f"{source.describe(i)}: {exc}"
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        results = list(pool.map(one, range(len(source)), chunksize=256))
+    kept = np.array([i for i, r in enumerate(results) if isinstance(r, torch.Tensor)], dtype=np.int64)
+    bad = [r for r in results if isinstance(r, str)]
+    images = (
+        torch.stack([results[i] for i in kept])
+        if len(kept)
+        else torch.empty(0, channels, size, size, dtype=torch.uint8)
+    )
+    labels = torch.from_numpy(source.labels[kept].copy())
+    if cache_path is not None:
+        try:
+            atomic_torch_save({"images": images, "labels": labels, "kept": kept.tolist(), "bad": bad}, cache_path)
+        except OSError:
+            pass  # a read-only cache folder only costs the next run a decode
+    return Decoded(images, labels, kept, bad)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class MemoryLoader:
+    """Batches of uint8 images straight from a tensor in memory.
+
+    The order of epoch ``e`` is a pure function of (seed, e), so a resumed run sees exactly the
+    batches an uninterrupted one would. Under DDP each process takes every world_size-th sample
+    of the same permutation (padded to equal length so no process waits on another).
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        # Dropping a ragged last batch keeps BatchNorm away from batches of one; never drop everything.
+        self.drop_last = drop_last and len(images) > batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.images)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        rank, world = _rank_world()
+        if world > 1:
+            per = -(-n // world)
+            order = torch.cat([order, order[: per * world - n]])[rank::world]
+        return order
+
+    def __len__(self) -> int:
+        _, world = _rank_world()
+        n = -(-len(self.images) // world)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._indices()
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
+class StreamDataset(TorchDataset):
+    """Per-image decoding for data too large to hold decoded; same preprocessing as the memory path."""
+
+    def __init__(self, source: Source, indices: np.ndarray, size: int) -> None:
+        self.source, self.indices, self.size = source, indices, size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[i])
+        return image_to_tensor(self.source.read(j), self.size, self.source.channels), int(self.source.labels[j])
+
+
+def stream_loader(
+    source: Source, indices: np.ndarray, size: int, batch_size: int, *, shuffle: bool, workers: int, seed: int
+) -> DataLoader:
+    return DataLoader(
+        StreamDataset(source, indices, size),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=shuffle and len(indices) > batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+    )

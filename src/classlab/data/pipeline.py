@@ -1,0 +1,166 @@
+"""From a config to batches: open the source, check every file, split, decode once, serve.
+
+Training and evaluation both come through ``load_data`` so that they see the same images,
+the same split and the same preprocessing; evaluation passes the split saved with the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from classlab.config import Config
+from classlab.data.loaders import MemoryLoader, decode, decoded_bytes, stream_loader
+from classlab.data.preprocess import compute_stats
+from classlab.data.sources import Source, check_readable, open_dataset, training_size
+from classlab.data.splits import make_split
+from classlab.errors import ClassLabError
+
+ROTATION_CLASSES = ["0", "90", "180", "270"]
+MAX_LISTED = 20
+
+
+class DataProblems(ClassLabError):
+    """Every unreadable file, empty class folder and stray file, reported together."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        shown = problems[:MAX_LISTED]
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        super().__init__(
+            f"{len(problems)} problem(s) in the data; fix them, or set data.skip_bad_images=true "
+            "to skip these files:\n  " + "\n  ".join(shown)
+            + more
+        )
+
+
+@dataclass
+class Part:
+    """One split, ready to batch: decoded images in memory, or a source and indices to stream."""
+
+    labels: torch.Tensor
+    images: torch.Tensor | None = None
+    source: Source | None = None
+    indices: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def loader(self, batch_size: int, *, shuffle: bool, seed: int, size: int, workers: int = 0) -> Any:
+        if self.images is not None:
+            return MemoryLoader(self.images, self.labels, batch_size, shuffle=shuffle, drop_last=shuffle, seed=seed)
+        return stream_loader(self.source, self.indices, size, batch_size, shuffle=shuffle, workers=workers, seed=seed)
+
+
+@dataclass
+class DataBundle:
+    classes: list[str]
+    size: int
+    channels: int
+    mode: str
+    train: Part
+    val: Part | None
+    test: Part | None
+    split: dict[str, Any]
+    bad: list[str] = field(default_factory=list)
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _prepare_source(source: Source, size: int, mode: str, cfg: Config) -> tuple[Part, list[str]]:
+    """The whole source as a Part (kept images only) and the list of its problems."""
+    problems = list(source.problems)
+    if mode == "memory":
+        dec = decode(source, size, cfg.data.cache_dir, threads=cfg.trainer.threads or 2)
+        return Part(labels=dec.labels, images=dec.images), problems + dec.bad
+    bad = check_readable(source)
+    bad_idx = {i for i in range(len(source)) if False}
+    if bad:
+        described = {source.describe(i): i for i in range(len(source))}
+        bad_idx = {described[b.rsplit(": ", 1)[0]] for b in bad if b.rsplit(": ", 1)[0] in described}
+    kept = np.array([i for i in range(len(source)) if i not in bad_idx], dtype=np.int64)
+    return Part(labels=torch.from_numpy(source.labels[kept]), source=source, indices=kept), problems + bad
+
+
+def _subset(part: Part, idx: list[int]) -> Part:
+    index = torch.as_tensor(idx, dtype=torch.long)
+    if part.images is not None:
+        return Part(labels=part.labels[index], images=part.images[index])
+    return Part(labels=part.labels[index], source=part.source, indices=part.indices[np.asarray(idx, dtype=np.int64)])
+
+
+def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool = True) -> DataBundle:
+    """The configured data, checked, split and decoded."""
+    dataset = open_dataset(cfg.data)
+    size = training_size(cfg.data, dataset)
+    channels = dataset.train.channels
+    total = len(dataset.train) + (len(dataset.test) if dataset.test is not None else 0)
+    mode = cfg.data.loader
+    if mode == "auto":
+        fits = decoded_bytes(total, channels, size) <= cfg.data.memory_limit_mb * 2**20
+        mode = "memory" if fits else "stream"
+    whole, problems = _prepare_source(dataset.train, size, mode, cfg)
+    test = None
+    if with_test and dataset.test is not None:
+        test, test_problems = _prepare_source(dataset.test, size, mode, cfg)
+        problems += test_problems
+    if problems and not cfg.data.skip_bad_images:
+        raise DataProblems(problems)
+    classes = dataset.classes
+    if cfg.task == "classify" and len(classes) < 2:
+        raise ClassLabError(f"found {len(classes)} class(es) ({', '.join(classes)}); classification needs at least 2")
+    if split is None:
+        groups = None
+        if dataset.train.groups is not None:
+            groups = dataset.train.groups[whole.indices] if whole.indices is not None else _kept_groups(dataset, whole)
+        split = make_split(
+            whole.labels.numpy(),
+            val_fraction=cfg.data.val_fraction,
+            seed=cfg.seed,
+            class_names=classes,
+            groups=groups,
+            images_per_class=cfg.data.images_per_class,
+        )
+        split.update(
+            {"seed": cfg.seed, "val_fraction": cfg.data.val_fraction, "images_per_class": cfg.data.images_per_class}
+        )
+        split["source_images"] = len(whole)
+    elif split.get("source_images") not in (None, len(whole)):
+        raise ClassLabError(
+            f"the data changed since this run was made: {len(whole)} usable training images now, "
+            f"{split['source_images']} then; point data.root at the original data"
+        )
+    train = _subset(whole, split["train"])
+    val = _subset(whole, split["val"]) if split["val"] else None
+    if cfg.task == "rotation":
+        classes = ROTATION_CLASSES
+    bundle = DataBundle(classes, size, channels, mode, train, val, test, split, bad=problems)
+    bundle.mean, bundle.std = _stats(train, size, cfg.aug.mean_subtraction == "pixel")
+    return bundle
+
+
+def _kept_groups(dataset: Any, whole: Part) -> np.ndarray:
+    groups = dataset.train.groups
+    if len(groups) != len(whole):
+        raise ClassLabError("data.group_column cannot be combined with skipped bad images; fix or remove those files")
+    return groups
+
+
+def _stats(train: Part, size: int, per_pixel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if train.images is not None:
+        return compute_stats(train.images, per_pixel)
+    rng = np.random.default_rng(0)
+    take = rng.choice(len(train.indices), size=min(2000, len(train.indices)), replace=False)
+    from classlab.data.preprocess import image_to_tensor
+
+    sample = torch.stack(
+        [image_to_tensor(train.source.read(int(train.indices[i])), size, train.source.channels) for i in take]
+    )
+    return compute_stats(sample, per_pixel)

@@ -1,0 +1,131 @@
+"""The one preprocessing path shared by training, validation, evaluation and prediction.
+
+decode -> convert colour mode -> resize the shorter side -> centre crop -> uint8 CHW tensor.
+Training adds batch augmentation on those uint8 tensors; the float conversion and the
+normalisation live inside the model (``Normalize``), so a checkpoint or an exported model
+carries its own statistics and nothing downstream can forget them.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+from torch import nn
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+IGNORED_FILES = frozenset({"thumbs.db", "desktop.ini"})
+
+# Truncated files must fail loudly, not decode into grey half-images.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class BadImage(Exception):
+    """An image file that cannot be decoded; the message says why in a few words."""
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """Decode fully (so truncation is caught here, not in the middle of an epoch)."""
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else source
+        with Image.open(handle) as img:
+            img.load()
+            return img.copy() if img.mode != "P" else img.convert("RGBA")
+    except UnidentifiedImageError:
+        raise BadImage("not an image PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadImage(text[:120]) from None
+    except Image.DecompressionBombError:
+        raise BadImage("image too large (decompression bomb guard)") from None
+
+
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Grayscale, palette and alpha images become ``channels``-channel images; alpha is laid on white."""
+    if channels == 1:
+        return img.convert("L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def fit(img: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` and take the centre ``size`` x ``size`` square."""
+    w, h = img.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+def image_to_tensor(img: Image.Image, size: int, channels: int = 3) -> torch.Tensor:
+    """A PIL image as the uint8 (C, size, size) tensor every path feeds the model."""
+    arr = np.asarray(fit(to_mode(img, channels), size), dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def array_to_tensor(arr: np.ndarray | torch.Tensor, size: int, channels: int = 3) -> torch.Tensor:
+    """An HWC / HW uint8 array (or CHW tensor) through the same path as a decoded file."""
+    if isinstance(arr, torch.Tensor):
+        t = arr
+        if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
+            t = t.permute(1, 2, 0)
+        arr = t.cpu().numpy()
+    arr = np.asarray(arr)
+    if arr.dtype != np.uint8:
+        scale = 255.0 if arr.max() <= 1.0 else 1.0
+        arr = np.clip(arr * scale, 0, 255).round().astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return image_to_tensor(Image.fromarray(arr), size, channels)
+
+
+def load_tensor(path: str | Path | bytes, size: int, channels: int = 3) -> torch.Tensor:
+    return image_to_tensor(open_image(path), size, channels)
+
+
+class Normalize(nn.Module):
+    """uint8-range or [0, 1] float input -> normalised float, with the training split's statistics.
+
+    ``mean``/``std`` are (C,) for per-channel normalisation or (C, H, W) for He et al.'s per-pixel
+    mean subtraction. They are buffers, so they travel inside every checkpoint and export.
+    """
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        if mean.ndim == 1:
+            mean, std = mean[:, None, None], std[:, None, None]
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("std", std.float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        return (x - self.mean) / self.std
+
+
+def compute_stats(images: torch.Tensor, per_pixel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std in [0, 1] units of a uint8 (N, C, H, W) tensor, computed in chunks."""
+    n, c = images.shape[:2]
+    total = torch.zeros(images.shape[1:], dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    for start in range(0, n, 4096):
+        chunk = images[start : start + 4096].double().div_(255.0)
+        total += chunk.sum(0)
+        total_sq += chunk.pow(2).sum((0, 2, 3))
+    pixels = n * images.shape[2] * images.shape[3]
+    channel_mean = total.sum((1, 2)) / pixels
+    std = (total_sq / pixels - channel_mean.pow(2)).clamp_min(1e-12).sqrt()
+    mean = total / n if per_pixel else channel_mean
+    return mean.float(), std.float().clamp_min(1e-3)

@@ -1,0 +1,368 @@
+"""Where images come from: the embedded sample, torchvision sets, image folders, CSV manifests.
+
+A source is a list of images with integer labels and a fixed class order, nothing more: it
+knows how to read image ``i``, never how to batch or augment it. Problems with the files
+(unreadable, truncated, empty class folders, stray files) are collected into one report so a
+user fixes them all at once instead of one per run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from classlab.config import DataSection
+from classlab.data.preprocess import IGNORED_FILES, IMAGE_EXTENSIONS, BadImage, open_image
+from classlab.errors import ClassLabError
+
+SAMPLE_ZIP = Path(__file__).parent / "sample" / "cifar10_sample.zip"
+NATIVE_SIZE = {"sample": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "mnist": 28, "fashion_mnist": 28}
+DEFAULT_FILE_SIZE = 128  # training resolution of folder/CSV images when data.image_size is not set
+
+
+@dataclass
+class Source:
+    """Images ``0..n-1`` with labels; ``read(i)`` gives image i as a PIL image."""
+
+    name: str
+    labels: np.ndarray
+    read: Callable[[int], Image.Image]
+    describe: Callable[[int], str]
+    fingerprint: str
+    channels: int = 3
+    groups: np.ndarray | None = None
+    array: np.ndarray | None = None  # uint8 NHWC when the whole set is already in memory
+    problems: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    """A dataset's parts and its class order (index -> name)."""
+
+    classes: list[str]
+    train: Source
+    test: Source | None
+    native_size: int | None
+
+
+def natural_key(text: str) -> list[object]:
+    """'img10' sorts after 'img9'; class folders 0..17 keep their numeric order."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+def _digest(*parts: object) -> str:
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(repr(part).encode())
+    return h.hexdigest()[:16]
+
+
+def _order_classes(found: list[str], wanted: list[str] | None, where: str) -> list[str]:
+    found = sorted(found, key=natural_key)
+    if wanted is None:
+        return found
+    missing = [c for c in wanted if c not in found]
+    extra = [c for c in found if c not in wanted]
+    if len(set(wanted)) != len(wanted):
+        raise ClassLabError("data.classes lists a class twice; give each class once")
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"not found in {where}: {', '.join(missing)}")
+        if extra:
+            parts.append(f"found in {where} but not in data.classes: {', '.join(extra)}")
+        raise ClassLabError("data.classes does not match the data (" + "; ".join(parts) + ")")
+    return list(wanted)
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded sample
+# ---------------------------------------------------------------------------------------------
+
+
+def _sample(cfg: DataSection) -> Dataset:
+    with zipfile.ZipFile(SAMPLE_ZIP) as archive:
+        names = sorted(n for n in archive.namelist() if n.endswith(".jpg"))
+    classes = sorted({n.split("/")[1] for n in names}, key=natural_key)
+    classes = _order_classes(classes, cfg.classes, "the embedded sample")
+    index = {c: i for i, c in enumerate(classes)}
+    stat = SAMPLE_ZIP.stat()
+
+    def part(split: str) -> Source:
+        members = [n for n in names if n.startswith(split + "/")]
+        labels = np.array([index[n.split("/")[1]] for n in members], dtype=np.int64)
+
+        def read(i: int) -> Image.Image:
+            with zipfile.ZipFile(SAMPLE_ZIP) as archive:
+                return open_image(archive.read(members[i]))
+
+        return Source(
+            name=f"sample/{split}",
+            labels=labels,
+            read=read,
+            describe=lambda i: f"sample:{members[i]}",
+            fingerprint=_digest("sample", split, stat.st_size, classes),
+            array=_zip_array(str(SAMPLE_ZIP), tuple(members)),
+        )
+
+    return Dataset(classes, part("train"), part("test"), NATIVE_SIZE["sample"])
+
+
+@cache
+def _zip_array(path: str, members: tuple[str, ...]) -> np.ndarray:
+    """The sample decoded in one pass (one zip open, not one per image)."""
+    with zipfile.ZipFile(path) as archive:
+        return np.stack([np.asarray(open_image(archive.read(m)).convert("RGB")) for m in members])
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders
+# ---------------------------------------------------------------------------------------------
+
+
+def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[str]]:
+    """class name -> image files, and the problems seen (empty folders, non-image files)."""
+    problems: list[str] = []
+    per_class: dict[str, list[Path]] = {}
+    for entry in sorted(root.iterdir(), key=lambda p: natural_key(p.name)):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            if entry.name.lower() not in IGNORED_FILES:
+                problems.append(f"{entry}: a file beside the class folders (images go in {root}/<class>/)")
+            continue
+        files: list[Path] = []
+        for dirpath, dirnames, filenames in os.walk(entry):
+            dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=natural_key)
+            for name in sorted(filenames, key=natural_key):
+                path = Path(dirpath) / name
+                if name.startswith(".") or name.lower() in IGNORED_FILES:
+                    continue
+                if path.suffix.lower() in IMAGE_EXTENSIONS:
+                    files.append(path)
+                else:
+                    problems.append(f"{path}: not an image file (extension '{path.suffix or 'none'}')")
+        if not files:
+            problems.append(f"{entry}: class folder with no images")
+        per_class[entry.name] = files
+    return per_class, problems
+
+
+def _file_source(name: str, files: list[Path], labels: list[int], root: Path, problems: list[str]) -> Source:
+    stats = []
+    for f in files:
+        st = f.stat()
+        stats.append((str(f.relative_to(root)) if f.is_relative_to(root) else str(f), st.st_size, st.st_mtime_ns))
+    return Source(
+        name=name,
+        labels=np.array(labels, dtype=np.int64),
+        read=lambda i: open_image(files[i]),
+        describe=lambda i: str(files[i]),
+        fingerprint=_digest(name, str(root), stats),
+        problems=problems,
+    )
+
+
+def _folder(cfg: DataSection) -> Dataset:
+    root = Path(cfg.root or "")
+    if not root.is_dir():
+        raise ClassLabError(
+            f"data.root '{root}' is not a folder; expected {root}/<class>/<images> or {root}/train/<class>/"
+        )
+    train_dir, test_dir = root / "train", root / "test"
+    split_layout = train_dir.is_dir()
+    base = train_dir if split_layout else root
+    per_class, problems = _scan_class_folders(base)
+    if not per_class:
+        raise ClassLabError(f"{base} has no class folders; put images in {base}/<class>/<image files>")
+    classes = _order_classes(list(per_class), cfg.classes, str(base))
+    index = {c: i for i, c in enumerate(classes)}
+
+    def source(part_root: Path, scanned: dict[str, list[Path]], probs: list[str], label: str) -> Source:
+        files, labels = [], []
+        for cls in classes:
+            for f in scanned.get(cls, []):
+                files.append(f)
+                labels.append(index[cls])
+        return _file_source(f"folder:{label}", files, labels, part_root, probs)
+
+    train = source(base, per_class, problems, "train")
+    test = None
+    if split_layout and test_dir.is_dir():
+        test_classes, test_problems = _scan_class_folders(test_dir)
+        unknown = [c for c in test_classes if c not in index]
+        if unknown:
+            raise ClassLabError(f"{test_dir} has class folders not in {train_dir}: {', '.join(unknown)}")
+        test = source(test_dir, test_classes, test_problems, "test")
+    return Dataset(classes, train, test, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV manifests
+# ---------------------------------------------------------------------------------------------
+
+
+def _csv(cfg: DataSection) -> Dataset:
+    root = Path(cfg.root or "").resolve()
+    manifest = Path(cfg.csv_file or "")
+    if not manifest.is_absolute():
+        manifest = root / manifest if (root / manifest).is_file() else manifest.resolve()
+    if not manifest.is_file():
+        raise ClassLabError(f"data.csv_file '{cfg.csv_file}' not found (looked in {root} and the current folder)")
+    with open(manifest, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    for key, col in (
+        ("path_column", cfg.path_column),
+        ("label_column", cfg.label_column),
+        ("group_column", cfg.group_column),
+    ):
+        if col is not None and col not in columns:
+            raise ClassLabError(f"{manifest}: no column '{col}' (data.{key}); its columns are: {', '.join(columns)}")
+    if not rows:
+        raise ClassLabError(f"{manifest} has no rows")
+    problems: list[str] = []
+    files: list[Path] = []
+    raw_labels: list[str] = []
+    groups: list[str] = []
+    for line, row in enumerate(rows, start=2):
+        rel = (row.get(cfg.path_column) or "").strip()
+        path = (root / rel).resolve()
+        if not rel or not path.is_relative_to(root):
+            raise ClassLabError(
+                f"{manifest}, line {line}: path '{rel}' is outside data.root {root}; paths must stay inside it"
+            )
+        label = (row.get(cfg.label_column) or "").strip()
+        if not label:
+            problems.append(f"{manifest}, line {line}: empty label")
+            continue
+        if not path.is_file():
+            problems.append(f"{path}: file listed in {manifest.name} (line {line}) does not exist")
+            continue
+        files.append(path)
+        raw_labels.append(label)
+        groups.append((row.get(cfg.group_column) or "") if cfg.group_column else "")
+    classes = _order_classes(sorted(set(raw_labels)), cfg.classes, str(manifest))
+    index = {c: i for i, c in enumerate(classes)}
+    source = _file_source("csv:train", files, [index[lab] for lab in raw_labels], root, problems)
+    source.fingerprint = _digest(source.fingerprint, manifest.read_bytes())
+    if cfg.group_column:
+        source.groups = np.array(groups, dtype=object)
+    return Dataset(classes, source, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision sets (downloaded for users with internet)
+# ---------------------------------------------------------------------------------------------
+
+_EXPECTED_FILES = {
+    "cifar10": "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}",
+    "cifar100": "cifar-100-python/{train, test, meta}",
+    "stl10": "stl10_binary/{train_X.bin, train_y.bin, test_X.bin, test_y.bin, class_names.txt}",
+    "mnist": "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
+    "fashion_mnist": "FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte",
+}
+
+
+def default_data_root(name: str) -> Path:
+    base = os.environ.get("CLASSLAB_DATA") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "classlab", "datasets"
+    )
+    return Path(base) / name
+
+
+def _torchvision(cfg: DataSection) -> Dataset:
+    import torchvision.datasets as tvd
+
+    name = cfg.dataset
+    root = Path(cfg.root) if cfg.root else default_data_root(name)
+
+    def build(train: bool):
+        kwargs = {"root": str(root), "download": cfg.download}
+        if name == "cifar10":
+            return tvd.CIFAR10(train=train, **kwargs)
+        if name == "cifar100":
+            return tvd.CIFAR100(train=train, **kwargs)
+        if name == "stl10":
+            return tvd.STL10(split="train" if train else "test", **kwargs)
+        if name == "mnist":
+            return tvd.MNIST(train=train, **kwargs)
+        return tvd.FashionMNIST(train=train, **kwargs)
+
+    try:
+        parts = [build(True), build(False)]
+    except RuntimeError as exc:
+        if cfg.download:
+            raise ClassLabError(f"{name}: download into {root} failed ({str(exc).splitlines()[0]})") from None
+        raise ClassLabError(
+            f"{name} not found in {root}: expected {root}/{_EXPECTED_FILES[name]}; "
+            f"set data.root to the folder holding them, or data.download=true to fetch them"
+        ) from None
+    except OSError as exc:
+        raise ClassLabError(
+            f"{name}: cannot download into {root} ({exc}); check the network or set data.root"
+        ) from None
+    classes = [str(c) for c in parts[0].classes]
+    if cfg.classes is not None:
+        if list(cfg.classes) != classes:
+            raise ClassLabError(f"data.classes cannot reorder {name}'s fixed classes: {', '.join(classes)}")
+
+    def source(ds, split: str) -> Source:
+        data = ds.data.numpy() if isinstance(ds.data, torch.Tensor) else np.asarray(ds.data)
+        if data.ndim == 4 and data.shape[1] in (1, 3) and data.shape[-1] not in (1, 3):
+            data = data.transpose(0, 2, 3, 1)  # STL-10 is stored NCHW
+        labels = np.asarray(getattr(ds, "targets", None) if hasattr(ds, "targets") else ds.labels, dtype=np.int64)
+        channels = 1 if data.ndim == 3 else data.shape[-1]
+        return Source(
+            name=f"{name}/{split}",
+            labels=labels,
+            read=lambda i: Image.fromarray(data[i]),
+            describe=lambda i: f"{name}:{split}[{i}]",
+            fingerprint=_digest(name, split, data.shape, int(data[:64].sum())),
+            channels=channels,
+            array=data,
+        )
+
+    return Dataset(classes, source(parts[0], "train"), source(parts[1], "test"), NATIVE_SIZE[name])
+
+
+def open_dataset(cfg: DataSection) -> Dataset:
+    """The configured dataset's parts and class order."""
+    if cfg.dataset == "sample":
+        return _sample(cfg)
+    if cfg.dataset == "folder":
+        return _folder(cfg)
+    if cfg.dataset == "csv":
+        return _csv(cfg)
+    return _torchvision(cfg)
+
+
+def training_size(cfg: DataSection, dataset: Dataset) -> int:
+    """The resolution images are brought to: data.image_size, or the data's own."""
+    return cfg.image_size or dataset.native_size or DEFAULT_FILE_SIZE
+
+
+def check_readable(source: Source) -> list[str]:
+    """Decode every image once; return 'path: reason' for each that fails."""
+    bad = []
+    for i in range(len(source)):
+        try:
+            source.read(i)
+        except BadImage as exc:
+            bad.append(f"{source.describe(i)}: {exc}")
+    return bad

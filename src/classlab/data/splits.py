@@ -1,0 +1,102 @@
+"""Seeded train/validation splits: stratified by class, optionally grouped, optionally N per class.
+
+The split is saved in the run folder as indices into the training source, so resume and
+eval see exactly the images training saw, whatever the seed handling of a later version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from classlab.errors import ClassLabError
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each class gives round(n_c * val_fraction) images (at least one when it has two) to validation."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        n_val = int(round(len(idx) * val_fraction))
+        if val_fraction > 0 and n_val == 0 and len(idx) >= 2:
+            n_val = 1
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def grouped_split(
+    labels: np.ndarray, groups: Sequence[object], val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Whole groups go to one side, so no group (one person, one patient) is on both.
+
+    Groups are visited in a seeded order and given to validation while that brings each class
+    closer to its share, which keeps classes roughly stratified.
+    """
+    groups = np.asarray(groups, dtype=object)
+    names = sorted(set(groups.tolist()), key=str)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(names))
+    classes = np.unique(labels)
+    target = {c: (labels == c).sum() * val_fraction for c in classes}
+    have = dict.fromkeys(classes, 0)
+    total_target, total = len(labels) * val_fraction, 0
+    val_groups = set()
+    for k in order:
+        if total >= total_target:
+            break
+        members = groups == names[k]
+        counts = {c: int((labels[members] == c).sum()) for c in classes}
+        helps = any(counts[c] and have[c] + counts[c] <= target[c] + counts[c] / 2 for c in classes)
+        if helps:
+            val_groups.add(names[k])
+            for c in classes:
+                have[c] += counts[c]
+            total += int(members.sum())
+    in_val = np.array([g in val_groups for g in groups.tolist()], dtype=bool)
+    return np.flatnonzero(~in_val), np.flatnonzero(in_val)
+
+
+def per_class(labels: np.ndarray, indices: np.ndarray, n: int, seed: int, class_names: Sequence[str]) -> np.ndarray:
+    """N training images a class, drawn seeded from ``indices``; too few is an error, not a silent imbalance."""
+    rng = np.random.default_rng(seed + 7919)
+    chosen = []
+    short = []
+    for cls in range(len(class_names)):
+        idx = indices[labels[indices] == cls]
+        if len(idx) < n:
+            short.append(f"{class_names[cls]} ({len(idx)})")
+            continue
+        chosen.append(rng.choice(idx, size=n, replace=False))
+    if short:
+        raise ClassLabError(
+            f"data.images_per_class={n} but these classes have fewer training images after the validation split: "
+            + ", ".join(short[:10])
+            + (" ..." if len(short) > 10 else "")
+        )
+    return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
+
+
+def make_split(
+    labels: np.ndarray,
+    *,
+    val_fraction: float,
+    seed: int,
+    class_names: Sequence[str],
+    groups: Sequence[object] | None = None,
+    images_per_class: int | None = None,
+) -> dict[str, list[int]]:
+    """Train and val indices into ``labels``, as saved in split.json."""
+    labels = np.asarray(labels)
+    if groups is not None:
+        train, val = grouped_split(labels, groups, val_fraction, seed)
+    else:
+        train, val = stratified_split(labels, val_fraction, seed)
+    if images_per_class:
+        train = per_class(labels, train, images_per_class, seed, class_names)
+    if len(train) == 0:
+        raise ClassLabError("the training split is empty; lower data.val_fraction or add images")
+    return {"train": train.tolist(), "val": val.tolist()}

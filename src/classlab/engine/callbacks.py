@@ -1,0 +1,81 @@
+"""What a run records while it trains: metrics rows, last/epochN checkpoints, its status.
+
+A Lightning callback owns this so that the LightningModule stays about learning. All files
+are written by process 0 only; checkpoints go through the trainer, atomically.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from rich.console import Console
+
+from classlab.run import RunFolder, atomic_torch_save
+
+METRIC_COLUMNS = ["epoch", "step", "lr", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc5", "time"]
+TIME_COLUMNS = ("time",)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed, so a kill never leaves half a file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+
+class RunRecorder(L.Callback):
+    """Appends a metrics.csv row per validated epoch, keeps last.ckpt and epochN.ckpt, marks the summary."""
+
+    def __init__(self, run: RunFolder, extra: dict[str, Any], keep_every: int | None, console: Console | None) -> None:
+        self.run = run
+        self.extra = extra  # plain data stored in every checkpoint (classes, size, ...)
+        self.keep_every = keep_every
+        self.console = console
+        self.started = time.time()
+        self.elapsed_before = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"elapsed": self.elapsed_before + time.time() - self.started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.started
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint["classlab"] = dict(self.extra, epochs_done=trainer.current_epoch + 1)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        train_metrics = pl_module.epoch_train_metrics()
+        validated = pl_module.validated_epoch == trainer.current_epoch
+        if trainer.is_global_zero and (validated or not pl_module.has_val):
+            lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+            row = {"epoch": epoch, "step": trainer.global_step, "lr": lr, "time": round(self.elapsed(), 2)}
+            row.update(train_metrics)
+            if validated:
+                row.update(pl_module.last_val)
+            self.run.append_metrics(row, METRIC_COLUMNS)
+            if self.console is not None:
+                shown = "  ".join(
+                    f"{k} {row[k]:.4f}" for k in ("train/loss", "train/acc", "val/loss", "val/acc") if k in row
+                )
+                self.console.print(f"epoch {epoch}/{trainer.max_epochs}  {shown}  ({row['time']:.0f}s)")
+        trainer.save_checkpoint(self.run.checkpoints / "last.ckpt", weights_only=False)
+        if self.keep_every and epoch % self.keep_every == 0:
+            trainer.save_checkpoint(self.run.checkpoints / f"epoch{epoch}.ckpt", weights_only=False)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        interrupted = isinstance(exception, KeyboardInterrupt)
+        if interrupted:
+            trainer.save_checkpoint(self.run.checkpoints / "last.ckpt", weights_only=False)
+        if trainer.is_global_zero:
+            self.run.update_summary(
+                status="interrupted" if interrupted else "failed",
+                error=None if interrupted else f"{type(exception).__name__}: {exception}"[:500],
+                wall_time_s=round(self.elapsed(), 2),
+            )

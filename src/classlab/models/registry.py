@@ -1,0 +1,306 @@
+"""Model names -> builders, and the one entry point that turns a config into a model.
+
+Configs name models, they never hold code: every family registers a builder
+under a name here, presets are named bundles of that builder's keywords, and
+``timm:<name>`` reaches any timm architecture without a registration.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from classlab.errors import ClassLabError, ConfigError, did_you_mean
+
+# Keys of the ``model:`` section that build_model handles itself; every other
+# key is a keyword of the family builder.
+GENERIC_KEYS = frozenset(
+    {
+        "name",
+        "preset",
+        "max_params",
+        "truncate_at",
+        "head_conv",
+        "head",
+        "freeze",
+        "pretrained",
+        "pretrained_path",
+        "init_from",
+        "tasks",
+    }
+)
+# Builder arguments that come from the data, not from the model section.
+_DATA_ARGS = ("num_classes", "in_chans", "image_size")
+TIMM_PREFIX = "timm:"
+
+
+@dataclass(frozen=True)
+class Preset:
+    params: dict[str, Any]
+    image_size: int | None = None  # overrides the family default input size
+    description: str = ""
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    builder: Callable[..., nn.Module]
+    presets: dict[str, Preset]
+    default_image_size: int
+    description: str
+    params: tuple[str, ...] = field(default=())
+
+    def image_size(self, preset: str | None) -> int:
+        if preset and self.presets[preset].image_size:
+            return int(self.presets[preset].image_size)
+        return self.default_image_size
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One row of ``classlab models``."""
+
+    name: str
+    preset: str | None
+    params: int
+    mflops: float
+    image_size: int
+    description: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+class InputSizeError(ConfigError):
+    """A model that cannot take the configured input size (too small for its poolings, ...)."""
+
+
+def register_model(
+    name: str,
+    presets: dict[str, dict[str, Any] | Preset] | None = None,
+    default_image_size: int = 32,
+    description: str = "",
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register ``builder(num_classes, in_chans, image_size, **family_params)`` as ``name``."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise RuntimeError(f"model {name!r} registered twice")
+        sig = inspect.signature(builder)
+        params = tuple(p for p in sig.parameters if p not in _DATA_ARGS)
+        _REGISTRY[name] = ModelEntry(
+            name=name,
+            builder=builder,
+            presets={k: v if isinstance(v, Preset) else Preset(dict(v)) for k, v in (presets or {}).items()},
+            default_image_size=default_image_size,
+            description=description or (inspect.getdoc(builder) or "").split("\n")[0],
+            params=params,
+        )
+        return builder
+
+    return wrap
+
+
+def registered_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_entry(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"unknown model.name {name!r}{did_you_mean(name, _REGISTRY)}: "
+            "run `classlab models` for the list, or use timm:<name> for any timm model"
+        )
+    return _REGISTRY[name]
+
+
+def family_params(spec: dict[str, Any]) -> dict[str, Any]:
+    """The builder keywords of ``spec``: the preset's values, then explicit keys on top."""
+    name = spec.get("name")
+    if not name:
+        raise ConfigError("model.name is missing: set it, e.g. model.name: cnn (run `classlab models` for the list)")
+    if not isinstance(name, str):
+        raise ConfigError(f"model.name must be a string: got {name!r}")
+    explicit = {k: v for k, v in spec.items() if k not in GENERIC_KEYS}
+    if name.startswith(TIMM_PREFIX):
+        if explicit:
+            key = sorted(explicit)[0]
+            raise ConfigError(
+                f"model.{key} is not used by timm passthrough model {name!r}: remove it "
+                "(timm models take only the generic model keys)"
+            )
+        if spec.get("preset"):
+            raise ConfigError(f"model.preset is not available for timm passthrough model {name!r}: remove it")
+        return {}
+    entry = get_entry(name)
+    for key in explicit:
+        if key not in entry.params:
+            hint = did_you_mean(key, list(entry.params) + sorted(GENERIC_KEYS))
+            valid = ", ".join(entry.params) or "none"
+            raise ConfigError(f"model.{key} is not a parameter of model {name!r}{hint}: valid parameters are {valid}")
+    merged: dict[str, Any] = {}
+    preset = spec.get("preset")
+    if preset is not None:
+        if preset not in entry.presets:
+            if entry.presets:
+                fix = f"use one of {', '.join(sorted(entry.presets))}"
+            else:
+                fix = "this model has no presets: remove model.preset"
+            raise ConfigError(
+                f"unknown model.preset {preset!r} for model {name!r}{did_you_mean(str(preset), entry.presets)}: "
+                f"{fix} (see `classlab models`)"
+            )
+        merged.update(entry.presets[preset].params)
+    merged.update(explicit)
+    return merged
+
+
+def count_params(model: nn.Module) -> int:
+    """Every parameter, trainable or frozen, counted once (shared tensors once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def count_flops(model: nn.Module, image_size: int, in_chans: int = 3) -> int:
+    """FLOPs of one forward pass on one image (a multiply-add counts as 2).
+
+    Runs on the model's own device; a model built on the meta device is
+    counted without any arithmetic, which is how ``classlab models`` stays fast.
+    """
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.zeros(1, in_chans, image_size, image_size, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def check_param_budget(model: nn.Module, max_params: int | None) -> None:
+    """Stop before training a model that breaks the stated parameter budget."""
+    if max_params is None:
+        return
+    n = count_params(model)
+    if n > max_params:
+        name = getattr(model, "registry_name", type(model).__name__)
+        raise ConfigError(
+            f"model {name!r} has {n:,} parameters, over model.max_params={int(max_params):,}; "
+            "choose a smaller model or preset, or raise model.max_params"
+        )
+
+
+def _raw_build(
+    entry: ModelEntry, params: dict[str, Any], num_classes: int, in_chans: int, image_size: int
+) -> nn.Module:
+    try:
+        return entry.builder(num_classes=num_classes, in_chans=in_chans, image_size=image_size, **params)
+    except ClassLabError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as exc:
+        # A shape that cannot work (e.g. too many poolings for the input size)
+        # is a config problem; say which model and input size produced it.
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputSizeError(
+            f"model {entry.name!r} cannot be built for {in_chans}x{image_size}x{image_size} inputs: {msg}; "
+            "check the model parameters or data.image_size"
+        ) from exc
+
+
+def build_model(spec: dict[str, Any], num_classes: int, in_chans: int = 3, image_size: int = 32) -> nn.Module:
+    """The model described by a config's ``model:`` section, ready to train."""
+    from classlab.models import surgery, timm_net
+
+    validate_generic_keys(spec)
+    params = family_params(spec)
+    name = spec["name"]
+    if name.startswith(TIMM_PREFIX):
+        model: nn.Module = timm_net.create(name[len(TIMM_PREFIX) :], num_classes, in_chans, spec)
+    else:
+        model = _raw_build(get_entry(name), params, num_classes, in_chans, image_size)
+        model = surgery.apply(model, spec)
+    model.registry_name = name  # type: ignore[assignment]
+    if spec.get("pretrained"):
+        surgery.load_pretrained(model, spec.get("pretrained_path"))
+    check_param_budget(model, spec.get("max_params"))
+    return model
+
+
+def validate_generic_keys(spec: dict[str, Any]) -> None:
+    """Type and range checks on the keys build_model handles itself."""
+    from classlab.models.surgery import parse_freeze
+
+    head = spec.get("head")
+    if head is not None and head not in ("linear", "conv_fc", "mlp"):
+        hint = did_you_mean(str(head), ["linear", "conv_fc", "mlp"])
+        raise ConfigError(f"model.head must be linear, conv_fc or mlp: got {head!r}{hint}")
+    for key in ("truncate_at", "max_params"):
+        value = spec.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"model.{key} must be a non-negative integer: got {value!r}")
+    for key in ("head_conv", "pretrained"):
+        value = spec.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"model.{key} must be true or false: got {value!r}")
+    if spec.get("freeze") is not None:
+        parse_freeze(spec["freeze"])
+    if spec.get("pretrained") and not spec.get("pretrained_path"):
+        raise ConfigError(
+            "model.pretrained: true needs model.pretrained_path (a local weights file); "
+            "classlab never downloads weights"
+        )
+
+
+def validate_model_spec(
+    spec: dict[str, Any], image_size: int | None = None, num_classes: int | None = None, in_chans: int = 3
+) -> None:
+    """Catch model config mistakes at config time, before any data is read.
+
+    The model is built on the meta device (shapes only, no memory, no
+    arithmetic), so bad family values, impossible truncation points and heads
+    that do not fit are reported here rather than minutes into a run. Without
+    ``image_size`` the input-size checks are skipped (the family default size
+    is used only to exercise the build); without ``num_classes`` so is
+    ``max_params``, whose count depends on the number of classes.
+    """
+    validate_generic_keys(spec)
+    family_params(spec)
+    name = spec["name"]
+    if name.startswith(TIMM_PREFIX):
+        from classlab.models import timm_net
+
+        timm_net.check_spec(name[len(TIMM_PREFIX) :], spec)
+        if num_classes is None:
+            return
+    cheap = {k: v for k, v in spec.items() if k != "pretrained" and (k != "max_params" or num_classes)}
+    size = image_size or (224 if name.startswith(TIMM_PREFIX) else get_entry(name).image_size(spec.get("preset")))
+    try:
+        with torch.device("meta"):
+            build_model(cheap, num_classes=num_classes or 10, in_chans=in_chans, image_size=size)
+    except InputSizeError:
+        if image_size is not None:
+            raise
+
+
+def list_models() -> list[ModelInfo]:
+    """Every registered model and preset with its size at its default input, 10 classes."""
+    rows = []
+    for name in registered_names():
+        entry = _REGISTRY[name]
+        for preset in [None, *sorted(entry.presets)]:
+            size = entry.image_size(preset)
+            spec = {"name": name, **({"preset": preset} if preset else {})}
+            with torch.device("meta"):
+                model = build_model(spec, num_classes=10, image_size=size)
+                flops = count_flops(model, size)
+            desc = entry.presets[preset].description if preset else entry.description
+            rows.append(ModelInfo(name, preset, count_params(model), flops / 1e6, size, desc or entry.description))
+    return rows

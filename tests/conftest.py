@@ -1,0 +1,68 @@
+"""Shared fixtures: small image folders the tests make, and the shared CIFAR-10 JPEG copy when present."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg"
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def make_image(path: Path, color: tuple[int, int, int], size: int = 24, mode: str = "RGB", noise: int = 30) -> Path:
+    """A noisy image of one dominant colour: learnable, and every file different."""
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    arr = np.clip(np.array(color)[None, None, :] + rng.integers(-noise, noise + 1, (size, size, 3)), 0, 255).astype(
+        "uint8"
+    )
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def color_folder(tmp_path: Path) -> Path:
+    """root/<class>/*.png with three colour classes, 40 images each."""
+    root = tmp_path / "colors"
+    colors = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+    for name, color in colors.items():
+        for i in range(40):
+            make_image(root / name / f"{i}.png", color)
+    return root
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed command line as a user would."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("CLASSLAB_RUN_DIR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "classlab.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env
+    )
+
+
+def tiny_config(tmp_path: Path, **extra: object) -> list[str]:
+    """Overrides for a fast run on the embedded sample (1,000 training images, small CNN)."""
+    base = {
+        "run.root": str(tmp_path / "runs"),
+        "data.images_per_class": 100,
+        "data.batch_size": 64,
+        "data.cache_dir": str(tmp_path / "cache"),
+        "model.layers": "[16,p,32,p,64,p]",
+        "epochs": 3,
+        "optim.lr": 0.05,
+        "trainer.progress": "false",
+    }
+    base.update({k: str(v) for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in base.items()]

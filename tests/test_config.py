@@ -1,0 +1,140 @@
+"""Config validation: the one-line errors a user sees, overrides, printing, INI files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from classlab.config import load_config, read_ini
+from classlab.errors import ConfigError
+from tests.conftest import run_cli
+
+
+def test_defaults_validate() -> None:
+    cfg = load_config()
+    assert cfg.data.dataset == "sample"
+    assert cfg.model.name == "cnn"
+
+
+def test_overrides_apply_with_types(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("exp_name: a\noptim:\n  lr: 0.1\n")
+    cfg = load_config(path, ["optim.lr=0.05", "data.batch_size=256", "epochs=3", "model.layers=[8, p]"])
+    assert cfg.optim.lr == 0.05 and cfg.data.batch_size == 256 and cfg.epochs == 3
+    assert cfg.model.layers == [8, "p"]
+
+
+def test_unknown_key_names_nearest() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lrr' \(did you mean 'optim\.lr'\?\)"):
+        load_config(None, ["optim.lrr=0.1"])
+
+
+def test_wrong_type_and_range_name_key_value_and_allowed() -> None:
+    with pytest.raises(ConfigError, match=r"config key 'data\.batch_size' = 'abc': .*integer"):
+        load_config(None, ["data.batch_size=abc"])
+    with pytest.raises(ConfigError, match=r"config key 'data\.val_fraction' = 1\.5: .*less than 1"):
+        load_config(None, ["data.val_fraction=1.5"])
+    with pytest.raises(ConfigError, match=r"config key 'sched\.name' = 'cosin': allowed: 'multistep'"):
+        load_config(None, ["sched.name=cosin"])
+
+
+def test_relative_root_resolved_against_config_file(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "cfg.yaml"
+    path.write_text("data:\n  dataset: folder\n  root: images\n")
+    cfg = load_config(path)
+    assert cfg.data.root == str((tmp_path / "sub" / "images").resolve())
+
+
+def test_cli_config_errors_exit_2_one_line_no_traceback(tmp_path: Path) -> None:
+    result = run_cli("train", "optim.lrr=0.1", "--print-config")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown config key 'optim.lrr' (did you mean 'optim.lr'?); valid keys of 'optim' are listed by "
+        "`classlab train --print-config`"
+    ]
+    assert "Traceback" not in result.stderr
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("data: [unclosed\n")
+    result = run_cli("train", str(bad_yaml))
+    assert result.returncode == 2 and "not valid YAML" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_print_config_shows_every_default() -> None:
+    result = run_cli("train", "--print-config", "epochs=4")
+    assert result.returncode == 0, result.stderr
+    assert "epochs: 4" in result.stdout
+    for key in ("label_smoothing:", "val_fraction:", "batch_size:", "monitor: val/acc", "root: runs"):
+        assert key in result.stdout
+
+
+INI = """
+[EXP]
+seed = 3
+exp_name = rot_b0   # trailing comment
+batch_size = 64
+model = efficientnet
+epochs = 30
+lr = 0.01
+val_freq = 2
+worker = 4
+gpus = 0,1
+unsuper = true
+[DATASET]
+root = data/fashion
+dataset = fasion
+num_imgs_per_cat = 20
+[MODEL]
+depth = 0
+optim = rangerlars
+scheduler = reducelr
+criterion = crossentropy
+block_op = 15
+no_head = true
+cutmix_alpha = 1.0
+cutmix_prob = 0.5
+labelsmooth = 0.1
+"""
+
+
+def test_ini_maps_onto_schema(tmp_path: Path) -> None:
+    path = tmp_path / "exp.ini"
+    path.write_text(INI)
+    with pytest.warns(UserWarning, match="training on the CPU"):
+        cfg = load_config(path)
+    assert cfg.seed == 3 and cfg.exp_name == "rot_b0" and cfg.data.batch_size == 64
+    assert cfg.model.name == "efficientnet_b0" and cfg.epochs == 30 and cfg.optim.lr == 0.01
+    assert cfg.trainer.val_every == 2 and cfg.data.workers == 4 and cfg.task == "rotation"
+    assert cfg.data.root == str((tmp_path / "data" / "fashion").resolve()) and cfg.data.dataset == "folder"
+    assert cfg.data.images_per_class == 20 and cfg.optim.name == "rangerlars" and cfg.sched.name == "plateau"
+    assert cfg.model.truncate_at == 15 and cfg.model.head_conv is False
+    assert cfg.aug.cutmix_alpha == 1.0 and cfg.aug.mix_prob == 0.5 and cfg.loss.label_smoothing == 0.1
+    assert cfg.trainer.devices == 1
+
+
+def test_ini_unknown_key_and_criterion_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "exp.ini"
+    path.write_text("[EXP]\nseeed = 1\n")
+    with pytest.raises(ConfigError, match=r"INI key 'seeed' in \[EXP\] is not supported \(did you mean 'seed'\?\)"):
+        read_ini(path)
+    path.write_text("[MODEL]\ncriterion = focal\n")
+    with pytest.raises(ConfigError, match="criterion=focal is not supported"):
+        read_ini(path)
+    path.write_text("[TRAIN]\nlr = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown INI section \[TRAIN\]"):
+        read_ini(path)
+
+
+def test_ini_resnet_depth_checked(tmp_path: Path) -> None:
+    path = tmp_path / "exp.ini"
+    path.write_text("[EXP]\nmodel = resnet\n[MODEL]\ndepth = 19\n")
+    with pytest.raises(ConfigError, match="depth 18, 34, 50, 101 or 152"):
+        read_ini(path)
+
+
+def test_unknown_model_and_model_key() -> None:
+    with pytest.raises(ConfigError, match="resnet_cifar"):
+        load_config(None, ["model.name=resnet_cifr"])
+    with pytest.raises(ConfigError, match="model.depht"):
+        load_config(None, ["model.name=resnet_cifar", "model.depht=20"])

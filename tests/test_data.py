@@ -1,0 +1,168 @@
+"""Data sources, class order, bad files, splits, decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from classlab.config import load_config
+from classlab.data.loaders import MemoryLoader, decode
+from classlab.data.pipeline import DataProblems, load_data
+from classlab.data.preprocess import image_to_tensor, open_image
+from classlab.data.sources import open_dataset
+from classlab.data.splits import make_split
+from classlab.errors import ClassLabError
+from tests.conftest import make_image
+
+
+def folder_cfg(root: Path, *extra: str, tmp: Path | None = None):
+    cache = [f"data.cache_dir={tmp / 'cache'}"] if tmp else []
+    return load_config(None, ["data.dataset=folder", f"data.root={root}", "data.image_size=16", *cache, *extra])
+
+
+def test_natural_class_order(tmp_path: Path) -> None:
+    for c in range(18):
+        make_image(tmp_path / "d" / str(c) / "a.png", (c * 10, 0, 0))
+    ds = open_dataset(folder_cfg(tmp_path / "d").data)
+    assert ds.classes == [str(i) for i in range(18)]
+
+
+def test_explicit_classes_override_and_mismatch(tmp_path: Path) -> None:
+    for c in ("cat", "dog"):
+        make_image(tmp_path / "d" / c / "a.png", (0, 0, 0))
+    ds = open_dataset(folder_cfg(tmp_path / "d", "data.classes=[dog, cat]").data)
+    assert ds.classes == ["dog", "cat"]
+    labels = {ds.train.describe(i).split("/")[-2]: int(ds.train.labels[i]) for i in range(len(ds.train))}
+    assert labels == {"dog": 0, "cat": 1}
+    with pytest.raises(ClassLabError, match="not found in .*: bird"):
+        open_dataset(folder_cfg(tmp_path / "d", "data.classes=[dog, cat, bird]").data)
+
+
+def test_bad_files_reported_together_then_skipped(tmp_path: Path) -> None:
+    root = tmp_path / "d"
+    for c in ("a", "b"):
+        for i in range(6):
+            make_image(root / c / f"{i}.png", (200, 0, 0) if c == "a" else (0, 0, 200))
+    (root / "a" / "broken.jpg").write_bytes(b"not really a jpeg")
+    good = (root / "b" / "0.png").read_bytes()
+    (root / "b" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (root / "b" / "notes.txt").write_text("hello")
+    (root / "empty").mkdir()
+    (root / ".DS_Store").write_text("ignored")
+    cfg = folder_cfg(root, "data.val_fraction=0.2", tmp=tmp_path)
+    with pytest.raises(DataProblems) as info:
+        load_data(cfg)
+    text = str(info.value)
+    assert "4 problem(s)" in text
+    for part in ("broken.jpg", "truncated.png", "notes.txt", "empty: class folder with no images"):
+        assert part in text
+    (root / "empty").rmdir()
+    bundle = load_data(folder_cfg(root, "data.val_fraction=0.2", "data.skip_bad_images=true", tmp=tmp_path))
+    assert len(bundle.bad) == 3
+    assert len(bundle.train) + len(bundle.val) == 12
+
+
+def test_modes_converted(tmp_path: Path) -> None:
+    for i, mode in enumerate(("L", "RGBA", "P", "CMYK")):
+        path = make_image(tmp_path / f"{i}.png" if mode != "CMYK" else tmp_path / f"{i}.jpg", (10, 200, 30), mode=mode)
+        t = image_to_tensor(open_image(path), 16, 3)
+        assert t.shape == (3, 16, 16) and t.dtype == torch.uint8
+
+
+def test_resize_shorter_side_then_centre_crop(tmp_path: Path) -> None:
+    from PIL import Image
+
+    arr = np.zeros((20, 40, 3), dtype=np.uint8)
+    arr[:, 10:30] = 255  # a white centre band, as wide as the crop
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    t = image_to_tensor(open_image(tmp_path / "wide.png"), 10, 3)
+    assert t.shape == (3, 10, 10)
+    assert t.float().mean() > 240  # the centre crop is all band
+
+
+def test_stratified_split_seeded_and_balanced() -> None:
+    labels = np.repeat(np.arange(4), 50)
+    a = make_split(labels, val_fraction=0.2, seed=1, class_names=list("abcd"))
+    b = make_split(labels, val_fraction=0.2, seed=1, class_names=list("abcd"))
+    c = make_split(labels, val_fraction=0.2, seed=2, class_names=list("abcd"))
+    assert a == b and a != c
+    assert np.bincount(labels[a["val"]]).tolist() == [10, 10, 10, 10]
+    assert not set(a["train"]) & set(a["val"])
+
+
+def test_grouped_split_keeps_groups_on_one_side() -> None:
+    labels = np.repeat([0, 1], 60)
+    groups = [f"person{i // 6}" for i in range(120)]
+    split = make_split(labels, val_fraction=0.25, seed=0, class_names=["x", "y"], groups=groups)
+    train_groups = {groups[i] for i in split["train"]}
+    val_groups = {groups[i] for i in split["val"]}
+    assert not train_groups & val_groups
+    assert 0.1 < len(split["val"]) / 120 < 0.4
+    assert set(labels[split["val"]]) == {0, 1}
+
+
+def test_images_per_class() -> None:
+    labels = np.repeat(np.arange(3), 30)
+    split = make_split(labels, val_fraction=0.1, seed=0, class_names=list("abc"), images_per_class=5)
+    assert np.bincount(labels[split["train"]]).tolist() == [5, 5, 5]
+    with pytest.raises(ClassLabError, match="images_per_class=40"):
+        make_split(labels, val_fraction=0.1, seed=0, class_names=list("abc"), images_per_class=40)
+
+
+def test_csv_manifest_groups_and_escape(tmp_path: Path) -> None:
+    root = tmp_path / "img"
+    rows = ["path,label,person"]
+    for i in range(24):
+        label = "mask" if i % 2 else "nomask"
+        make_image(root / f"{i}.png", (200, 0, 0) if i % 2 else (0, 0, 200))
+        rows.append(f"{i}.png,{label},p{i // 4}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=csv",
+            f"data.root={root}",
+            "data.csv_file=train.csv",
+            "data.group_column=person",
+            "data.val_fraction=0.3",
+            "data.image_size=16",
+            f"data.cache_dir={tmp_path / 'c'}",
+        ],
+    )
+    bundle = load_data(cfg)
+    assert bundle.classes == ["mask", "nomask"]
+    (root / "evil.csv").write_text("path,label\n../../etc/passwd,x\n")
+    cfg2 = load_config(None, ["data.dataset=csv", f"data.root={root}", "data.csv_file=evil.csv"])
+    with pytest.raises(ClassLabError, match="outside data.root"):
+        open_dataset(cfg2.data)
+
+
+def test_torchvision_missing_files_named(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.dataset=cifar10", f"data.root={tmp_path}"])
+    with pytest.raises(ClassLabError, match=r"cifar10 not found in .*cifar-10-batches-py/.*data.download=true"):
+        open_dataset(cfg.data)
+
+
+def test_decode_cache_reused(tmp_path: Path, color_folder: Path) -> None:
+    cfg = folder_cfg(color_folder, tmp=tmp_path)
+    source = open_dataset(cfg.data).train
+    first = decode(source, 16, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    second = decode(source, 16, tmp_path / "cache")
+    assert torch.equal(first.images, second.images)
+
+
+def test_memory_loader_order_is_function_of_seed_and_epoch() -> None:
+    x = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
+    y = torch.arange(10)
+    a = MemoryLoader(x, y, 3, shuffle=True, drop_last=True, seed=5)
+    a.set_epoch(2)
+    b = MemoryLoader(x, y, 3, shuffle=True, drop_last=True, seed=5)
+    b.set_epoch(2)
+    assert [t.tolist() for _, t in a] == [t.tolist() for _, t in b]
+    b.set_epoch(3)
+    assert [t.tolist() for _, t in a] != [t.tolist() for _, t in b]
+    assert len(a) == 3

@@ -1,0 +1,215 @@
+"""End to end: train, the run folder contract, eval, predict, resume after a kill, determinism, DDP."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import classlab
+from classlab.errors import ClassLabError
+from tests.conftest import SHARED_CIFAR, make_image, run_cli, tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("trained")
+    result = run_cli("train", *tiny_config(tmp, exp_name="tiny"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "run folder:" in result.stdout
+    return tmp / "runs" / "tiny"
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "time"} for row in csv.DictReader(handle)]
+
+
+def test_run_folder_contract(trained: Path) -> None:
+    for name in (
+        "config.yaml",
+        "classes.json",
+        "split.json",
+        "metrics.csv",
+        "summary.json",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+    ):
+        assert (trained / name).is_file(), name
+    assert list((trained / "tb").rglob("events.out.tfevents.*"))
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert summary["epochs_done"] == 3 and summary["params"] > 1000
+    assert summary["test_acc"] > 0.2, summary  # ten classes: chance is 0.1
+    assert {"torch", "lightning", "classlab"} <= set(summary["versions"])
+    assert json.loads((trained / "classes.json").read_text())["0"] == "airplane"
+    assert len(_rows(trained / "metrics.csv")) == 3
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["classlab"]["classes"][9] == "truck"
+    assert not list(trained.rglob("*.tmp"))
+
+
+def test_eval_writes_metrics_and_confusion(trained: Path) -> None:
+    result = run_cli("eval", str(trained), "--split", "test")
+    assert result.returncode == 0, result.stderr
+    assert "top-1" in result.stdout and "airplane" in result.stdout
+    metrics = json.loads((trained / "eval" / "test" / "metrics.json").read_text())
+    summary = json.loads((trained / "summary.json").read_text())
+    assert metrics["top1"] == pytest.approx(summary["test_acc"], abs=1e-6)
+    assert metrics["top5"] >= metrics["top1"] and metrics["images"] == 1000
+    confusion = list(csv.reader(open(trained / "eval" / "test" / "confusion.csv")))
+    assert sum(int(v) for row in confusion[1:] for v in row[1:]) == 1000
+    assert (trained / "eval" / "test" / "confusion.png").stat().st_size > 1000
+    val = run_cli("eval", str(trained), "--split", "val", "--checkpoint", "last")
+    assert val.returncode == 0 and "[val, last.ckpt, 500 images]" in val.stdout
+
+
+def test_predict_csv_and_api(trained: Path, tmp_path: Path) -> None:
+    images = tmp_path / "imgs"
+    make_image(images / "red.png", (230, 20, 20), size=50)
+    make_image(images / "sub" / "gray.jpg", (128, 128, 128), size=32, mode="L")
+    (images / "broken.png").write_bytes(b"garbage")
+    out = tmp_path / "pred.csv"
+    result = run_cli("predict", str(trained), str(images), "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0])[:5] == ["path", "class", "prob", "top2_class", "top2_prob"] and list(rows[0])[-1] == "error"
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert by_name["broken.png"]["error"] and not by_name["broken.png"]["class"]
+    assert by_name["red.png"]["class"] in json.loads((trained / "classes.json").read_text()).values()
+    assert float(by_name["red.png"]["prob"]) >= float(by_name["red.png"]["top2_prob"])
+    # The API gives the same answer as the CSV, from PIL images, arrays or uint8 tensors.
+    from PIL import Image
+
+    model = classlab.load(trained)
+    pil = Image.open(images / "red.png")
+    name, prob = model(pil)
+    assert name == by_name["red.png"]["class"] and prob == pytest.approx(float(by_name["red.png"]["prob"]), abs=1e-5)
+    import numpy as np
+
+    assert model(np.asarray(pil))[0] == name
+    assert model(torch.from_numpy(np.asarray(pil)).permute(2, 0, 1))[0] == name
+
+
+def test_existing_run_refused_then_forced(trained: Path) -> None:
+    root = trained.parent
+    result = run_cli("train", *tiny_config(root.parent, exp_name="tiny"))
+    assert result.returncode == 1
+    assert "run folder" in result.stderr and "already exists" in result.stderr and "--resume" in result.stderr
+    assert json.loads((trained / "summary.json").read_text())["status"] == "finished"
+
+
+def test_damaged_checkpoint_one_line(trained: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    (copy / "checkpoints" / "best.ckpt").write_bytes(b"\x80\x02garbage")
+    result = run_cli("eval", str(copy))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot be read safely" in result.stderr
+    with pytest.raises(ClassLabError, match="not a run folder"):
+        classlab.load(tmp_path)
+
+
+def test_same_seed_same_metrics(tmp_path: Path) -> None:
+    a = classlab.train(None, tiny_config(tmp_path, exp_name="a", epochs=2), quiet=True)
+    b = classlab.train(None, tiny_config(tmp_path, exp_name="b", epochs=2), quiet=True)
+    assert _rows(a.metrics_path) == _rows(b.metrics_path)
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path: Path) -> None:
+    args = tiny_config(tmp_path, epochs=4, **{"data.images_per_class": 150})
+    straight = run_cli("train", *args, "exp_name=straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "classlab.cli", "train", *args, "exp_name=killed"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    metrics = tmp_path / "runs" / "killed" / "metrics.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(_rows(metrics)) < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(_rows(metrics)) < 4
+    resumed = run_cli("train", *args, "exp_name=killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _rows(metrics) == _rows(tmp_path / "runs" / "straight" / "metrics.csv")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs signals")
+def test_ctrl_c_marks_interrupted(tmp_path: Path) -> None:
+    args = tiny_config(tmp_path, epochs=50, exp_name="ctrlc")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "classlab.cli", "train", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "runs" / "ctrlc" / "metrics.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(_rows(metrics)) < 1):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    summary = json.loads((tmp_path / "runs" / "ctrlc" / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert torch.load(tmp_path / "runs" / "ctrlc" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+    args = tiny_config(tmp_path, epochs=2, exp_name="ddp")
+    result = run_cli(
+        "train", *args, "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.threads=1"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "ddp"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["test_acc"] > 0.15
+    assert len(_rows(run / "metrics.csv")) == 2
+    # Two processes each took half the batches of an epoch.
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 * (1000 // 64 // 2)
+
+
+def _cifar_slice(tmp_path: Path, per_class: int, part: str) -> Path:
+    root = tmp_path / "cifar" / part
+    for cls_dir in sorted((SHARED_CIFAR / part).iterdir()):
+        for f in sorted(cls_dir.iterdir())[:per_class]:
+            (root / cls_dir.name).mkdir(parents=True, exist_ok=True)
+            os.symlink(f, root / cls_dir.name / f.name)
+    return tmp_path / "cifar"
+
+
+@pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason="shared cifar10-jpeg not present")
+def test_folder_of_real_cifar_jpegs(tmp_path: Path) -> None:
+    root = _cifar_slice(tmp_path, 200, "train")
+    _cifar_slice(tmp_path, 50, "test")
+    run = classlab.train(
+        None,
+        [
+            *tiny_config(tmp_path, exp_name="cifar", epochs=4),
+            "data.dataset=folder",
+            f"data.root={root}",
+            "data.images_per_class=null",
+        ],
+        quiet=True,
+    )
+    summary = run.summary()
+    assert summary["images"] == {"train": 1800, "val": 200, "test": 500}
+    assert summary["test_acc"] > 0.25
+    metrics = classlab.evaluate(run)
+    assert metrics["top1"] == pytest.approx(summary["test_acc"], abs=1e-6)
