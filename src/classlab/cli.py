@@ -60,13 +60,28 @@ def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from classlab.evaluation import evaluate
 
-    metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint)
+    metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint, tta=args.tta, report=args.report)
     print(f"{args.run} [{metrics['split']}, {metrics['checkpoint']}.ckpt, {metrics['images']} images]")
-    print(f"top-1 {metrics['top1']:.4f}   top-5 {metrics['top5']:.4f}")
+    tta = metrics.get("tta")
+    if tta:
+        label = f"TTA {tta['modes']} ({tta['views']} views)"
+        print(f"{'':<8}{'plain':>8}  {label}")
+        print(f"{'top-1':<8}{metrics['top1']:>8.4f}  {tta['top1']:.4f}  ({tta['top1'] - metrics['top1']:+.4f})")
+        print(f"{'top-5':<8}{metrics['top5']:>8.4f}  {tta['top5']:.4f}  ({tta['top5'] - metrics['top5']:+.4f})")
+    else:
+        print(f"top-1 {metrics['top1']:.4f}   top-5 {metrics['top5']:.4f}")
     width = max(len(c) for c in metrics["per_class"])
     for name, acc in metrics["per_class"].items():
         print(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")
-    print(f"wrote {Path(args.run) / 'eval' / metrics['split']}/{{metrics.json, confusion.csv, confusion.png}}")
+    written = "metrics.json, confusion.csv, confusion.png"
+    if "report" in metrics:
+        from classlab.report_eval import format_table
+
+        print(f"per-class precision / recall / F1 ({'TTA' if tta else 'plain'} predictions):")
+        print(format_table(metrics["report"]["per_class"]))
+        print(f"expected calibration error (15 bins): {metrics['report']['ece']:.4f}")
+        written += ", per_class.csv, confident_errors.png, reliability.png, report.json"
+    print(f"wrote {Path(args.run) / 'eval' / metrics['split']}/{{{written}}}")
     return 0
 
 
@@ -124,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--checkpoint", default="best", help="best, last, epochN")
+    p.add_argument(
+        "--tta",
+        metavar="MODES",
+        help="test-time augmentation: flip, translate, tencrop, multiscale:S1,S2,... (join modes with commas)",
+    )
+    p.add_argument(
+        "--report", action="store_true", help="also write per-class P/R/F1, confident errors, reliability diagram"
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict image files or folders into a CSV")

@@ -1,30 +1,55 @@
 """``classlab.evaluate(run)``: top-1, top-5, per-class accuracy and the confusion matrix of a split.
 
 Reads only the run folder: the saved config, class map and split, so the validation images
-are exactly the ones training held out.
+are exactly the ones training held out. With ``tta`` the same images are scored again under
+test-time augmentation (``engine.tta``) and both figures are kept side by side; with
+``report`` the error analysis of ``report_eval`` is written next to the confusion matrix.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from classlab.data.pipeline import load_data
+import numpy as np
+import torch
+from PIL import Image
+
+from classlab.data.pipeline import DataBundle, Part, load_data
+from classlab.data.preprocess import image_to_tensor
+from classlab.data.sources import Source, open_dataset
 from classlab.engine.evaluate import confusion_matrix, predict_logits, top_k_accuracy
+from classlab.engine.tta import parse_tta, tta_probabilities_batches, tta_probabilities_images, views_per_image
 from classlab.errors import ClassLabError
 from classlab.inference import load
 from classlab.run import RunFolder, atomic_write_bytes, atomic_write_json, atomic_write_text, open_run
 
 
-def evaluate(run: str | Path | RunFolder, split: str = "test", checkpoint: str = "best") -> dict[str, Any]:
-    """Evaluate a run's checkpoint on ``split`` (test or val); write eval/<split>/ and return the metrics."""
+def evaluate(
+    run: str | Path | RunFolder,
+    split: str = "test",
+    checkpoint: str = "best",
+    *,
+    tta: str | None = None,
+    report: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a run's checkpoint on ``split`` (test or val); write eval/<split>/ and return the metrics.
+
+    ``tta``: ``flip``, ``translate``, ``tencrop``, ``multiscale:S1,S2,..`` or several joined by commas;
+    the metrics gain a ``tta`` entry beside the plain top-1/top-5. ``report``: also write per-class
+    precision/recall/F1, the most confidently wrong images and the reliability diagram (ECE).
+    """
     if split not in ("test", "val"):
         raise ClassLabError(f"--split {split}: choose 'test' or 'val'")
     run = run if isinstance(run, RunFolder) else open_run(run)
     loaded = load(run, checkpoint)
     cfg = loaded.cfg
+    if (tta or report) and cfg.task == "rotation":
+        raise ClassLabError("--tta and --report apply to classifiers; this run is a rotation pretext run")
+    plan = parse_tta(tta, loaded.image_size) if tta else None
     data = load_data(cfg, split=run.read_json("split.json"), with_test=split == "test")
     part = data.test if split == "test" else data.val
     if part is None or len(part) == 0:
@@ -37,7 +62,7 @@ def evaluate(run: str | Path | RunFolder, split: str = "test", checkpoint: str =
     classes = loaded.classes
     cm = confusion_matrix(logits, labels, len(classes))
     per_class = {name: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() > 0 else None) for i, name in enumerate(classes)}
-    metrics = {
+    metrics: dict[str, Any] = {
         "split": split,
         "checkpoint": checkpoint,
         "images": int(len(labels)),
@@ -45,7 +70,33 @@ def evaluate(run: str | Path | RunFolder, split: str = "test", checkpoint: str =
         "top5": top_k_accuracy(logits, labels, min(5, len(classes))),
         "per_class": per_class,
     }
+    probs = logits.softmax(1)
+    if plan is not None:
+        if plan.needs_originals:
+            source, indices = _originals(cfg, data, part, split, run)
+            tta_probs = tta_probabilities_images(
+                loaded.model, _read_all(source, indices), plan, loaded.image_size, loaded.channels
+            )
+        else:
+            tta_probs, tta_labels = tta_probabilities_batches(loaded.model, loader, plan.batch_modes, loaded.image_size)
+            assert torch.equal(tta_labels, labels)
+        metrics["tta"] = {
+            "modes": plan.text,
+            "views": views_per_image(plan),
+            "scales": list(plan.scales),
+            "top1": top_k_accuracy(tta_probs, labels, 1),
+            "top5": top_k_accuracy(tta_probs, labels, min(5, len(classes))),
+        }
+        probs = tta_probs
     out = run.path / "eval" / split
+    if report:
+        from classlab.report_eval import write_report
+
+        image_at, describe = _example_reader(data, part)
+        rep = write_report(
+            out, probs, labels, classes, image_at, describe=describe, source=f"tta:{plan.text}" if plan else "plain"
+        )
+        metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
     atomic_write_json(out / "metrics.json", metrics)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -55,6 +106,54 @@ def evaluate(run: str | Path | RunFolder, split: str = "test", checkpoint: str =
     atomic_write_text(out / "confusion.csv", buffer.getvalue())
     atomic_write_bytes(out / "confusion.png", _confusion_png(cm, classes, metrics["top1"]))
     return metrics
+
+
+def _originals(cfg: Any, data: DataBundle, part: Part, split: str, run: RunFolder) -> tuple[Source, np.ndarray]:
+    """The source holding the evaluated images at full size, and each evaluated image's index in it.
+
+    The decoded cache only has images at the training size; multiscale and ten-crop testing need
+    the originals, so the saved split is mapped back onto the source.
+    """
+    dataset = open_dataset(cfg.data)
+    source = dataset.test if split == "test" else dataset.train
+    if source is None:
+        raise ClassLabError(f"the dataset has no {split} part any more; point data.root at the original data")
+    if part.indices is not None:  # streamed: the part already holds source indices
+        indices = np.asarray(part.indices)
+    else:
+        if data.bad:
+            # Skipped bad files shift positions: ask the decoder (its cache answers) which files it kept.
+            from classlab.data.loaders import decode
+
+            kept = decode(source, data.size, cfg.data.cache_dir, threads=cfg.trainer.threads or 2).kept
+        else:
+            kept = np.arange(len(source))
+        indices = kept if split == "test" else kept[np.asarray(data.split["val"], dtype=np.int64)]
+    if len(indices) != len(part) or not np.array_equal(source.labels[indices], part.labels.numpy()):
+        raise ClassLabError(
+            f"the {split} images no longer match the run's split; point data.root at the data the run was trained on"
+        )
+    return source, indices
+
+
+def _read_all(source: Source, indices: np.ndarray) -> Iterator[Image.Image]:
+    for i in indices:
+        if source.array is not None:  # already in memory: skip re-decoding from disk or zip
+            yield Image.fromarray(source.array[int(i)])
+        else:
+            yield source.read(int(i))
+
+
+def _example_reader(data: DataBundle, part: Part) -> tuple[Callable[[int], torch.Tensor], Callable[[int], str] | None]:
+    """Image ``i`` of the part at the training size, and a description of it for report.json."""
+    if part.images is not None:
+        return (lambda i: part.images[i]), None
+    source, indices = part.source, part.indices
+    assert source is not None and indices is not None
+    return (
+        lambda i: image_to_tensor(source.read(int(indices[i])), data.size, source.channels),
+        lambda i: source.describe(int(indices[i])),
+    )
 
 
 def _confusion_png(cm: Any, classes: list[str], top1: float) -> bytes:

@@ -8,10 +8,13 @@ here matches what validation measured.
 from __future__ import annotations
 
 import csv
-import io
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from classlab.data.sources import natural_key
 from classlab.engine.task import ClassifierModel
 from classlab.errors import ClassLabError
 from classlab.models import build_model
-from classlab.run import RunFolder, atomic_write_text, open_run, safe_torch_load
+from classlab.run import RunFolder, open_run, safe_torch_load
 
 
 class LoadedRun:
@@ -108,22 +111,74 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
+def _decode(loaded: LoadedRun, path: Path) -> tuple[torch.Tensor | None, str]:
+    try:
+        return loaded.to_tensor(path), ""
+    except BadImage as exc:
+        return None, str(exc) or "unreadable image"
+    except OSError as exc:  # vanished or unreadable between listing and reading
+        return None, (exc.strerror or type(exc).__name__)
+
+
 def _batches(
-    paths: list[Path], loaded: LoadedRun, batch_size: int
-) -> Iterator[tuple[list[Path], torch.Tensor | None, list[str]]]:
-    """Decoded batches; unreadable files come back with an error text instead of a tensor."""
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        tensors, errors = [], []
-        for p in chunk:
-            try:
-                tensors.append(loaded.to_tensor(p))
-                errors.append("")
-            except BadImage as exc:
-                tensors.append(None)
-                errors.append(str(exc))
-        good = [t for t in tensors if t is not None]
-        yield chunk, (torch.stack(good) if good else None), errors
+    paths: Sequence[Path], loaded: LoadedRun, batch_size: int, threads: int = 2
+) -> Iterator[tuple[Sequence[Path], torch.Tensor | None, list[str]]]:
+    """Decoded batches; unreadable files come back with an error text instead of a tensor.
+
+    Decoding runs on a thread pool one batch ahead of the model (PIL releases the GIL while it
+    decodes and resizes), and at most two batches are ever decoded at once, so memory stays
+    bounded however many files there are.
+    """
+    chunks = (paths[s : s + batch_size] for s in range(0, len(paths), batch_size))
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+
+        def submit(chunk: Sequence[Path]) -> list[Future]:
+            return [pool.submit(_decode, loaded, p) for p in chunk]
+
+        current = next(chunks, None)
+        pending = submit(current) if current is not None else []
+        while current is not None:
+            following = next(chunks, None)
+            ahead = submit(following) if following is not None else []
+            results = [f.result() for f in pending]
+            good = [t for t, _ in results if t is not None]
+            yield current, (torch.stack(good) if good else None), [e for _, e in results]
+            current, pending = following, ahead
+
+
+@dataclass
+class Predictions:
+    """What ``predict`` did: counts, the unreadable files, speed and (when kept) the rows.
+
+    Rows are kept only when there is no CSV to stream them into, or when asked (``keep_rows``),
+    so a folder of millions of images costs no more memory than one batch.
+    """
+
+    out: Path | None
+    count: int
+    failed: list[tuple[str, str]]
+    failed_count: int
+    seconds: float
+    columns: list[str]
+    rows: list[dict[str, Any]] | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.rows is None:
+            raise ClassLabError("the rows were streamed to the CSV only; pass keep_rows=True to keep them in memory")
+        return iter(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return list(self)[i] if self.rows is None else self.rows[i]
+
+
+MAX_FAILED_KEPT = 1000
 
 
 def predict(
@@ -135,44 +190,115 @@ def predict(
     top: int = 3,
     batch_size: int = 256,
     progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Predict every image; write the predictions CSV (``path,class,prob,top2_class,...,error``) if ``out``."""
+    backend: str = "torch",
+    keep_rows: bool | None = None,
+    threads: int | None = None,
+) -> Predictions:
+    """Predict every image; stream the predictions CSV (``path,class,prob,top2_class,...,error``) to ``out``.
+
+    The CSV is written to a temporary file beside ``out`` and renamed at the end, so a reader
+    never sees half a file. Unreadable images do not stop the run: they get an ``error`` and
+    are listed in the result. ``backend="onnx"`` runs the run's exported ONNX file (exported
+    first if missing) in onnxruntime instead of PyTorch.
+    """
+    if backend not in ("torch", "onnx"):
+        raise ClassLabError(f"--backend {backend}: choose 'torch' or 'onnx'")
     loaded = load(run, checkpoint)
+    scorer: Any = loaded.probabilities
+    if backend == "onnx":
+        from classlab.export import OnnxModel, ensure_onnx
+
+        onnx_model = OnnxModel(ensure_onnx(loaded.run, checkpoint))
+        if onnx_model.classes and onnx_model.classes != loaded.classes:
+            raise ClassLabError(f"{onnx_model.path} has other class names than the run; delete it to re-export")
+        scorer = lambda batch: onnx_model.logits(batch).softmax(1)  # noqa: E731
     files = expand_paths(paths)
+    keep = out is None if keep_rows is None else keep_rows
     k = max(1, min(top, len(loaded.classes)))
     columns = ["path", "class", "prob"]
     for i in range(2, k + 1):
         columns += [f"top{i}_class", f"top{i}_prob"]
     columns.append("error")
-    rows: list[dict[str, Any]] = []
-    started, done = time.time(), 0
-    for chunk, batch, errors in _batches(files, loaded, batch_size):
-        probs = loaded.probabilities(batch) if batch is not None else None
-        j = 0
-        for path, error in zip(chunk, errors):
-            row: dict[str, Any] = dict.fromkeys(columns, "")
-            row["path"], row["error"] = str(path), error
-            if not error:
-                values, indices = probs[j].topk(k)
-                j += 1
-                row["class"], row["prob"] = loaded.classes[int(indices[0])], round(float(values[0]), 6)
-                for r in range(1, k):
-                    row[f"top{r + 1}_class"] = loaded.classes[int(indices[r])]
-                    row[f"top{r + 1}_prob"] = round(float(values[r]), 6)
-            rows.append(row)
-        done += len(chunk)
-        if progress:
-            rate = done / max(1e-9, time.time() - started)
-            print(f"\r{done}/{len(files)} images, {rate:.0f} images/s", end="", file=sys.stderr, flush=True)
+    rows: list[dict[str, Any]] | None = [] if keep else None
+    failed: list[tuple[str, str]] = []
+    failed_count = 0
+    started, done, shown = time.time(), 0, 0.0
+    writer = _AtomicCsv(out, columns) if out is not None else None
+    try:
+        for chunk, batch, errors in _batches(files, loaded, batch_size, threads or min(4, os.cpu_count() or 1)):
+            probs = scorer(batch) if batch is not None else None
+            batch_rows = []
+            j = 0
+            for path, error in zip(chunk, errors):
+                row: dict[str, Any] = dict.fromkeys(columns, "")
+                row["path"], row["error"] = str(path), error
+                if error:
+                    failed_count += 1
+                    if len(failed) < MAX_FAILED_KEPT:
+                        failed.append((str(path), error))
+                else:
+                    values, indices = probs[j].topk(k)
+                    j += 1
+                    row["class"], row["prob"] = loaded.classes[int(indices[0])], round(float(values[0]), 6)
+                    for r in range(1, k):
+                        row[f"top{r + 1}_class"] = loaded.classes[int(indices[r])]
+                        row[f"top{r + 1}_prob"] = round(float(values[r]), 6)
+                batch_rows.append(row)
+            if writer is not None:
+                writer.write(batch_rows)
+            if rows is not None:
+                rows.extend(batch_rows)
+            done += len(chunk)
+            now = time.time()
+            if progress and (now - shown > 0.5 or done == len(files)):
+                shown = now
+                rate = done / max(1e-9, now - started)
+                bad = f", {failed_count} unreadable" if failed_count else ""
+                print(f"\r{done}/{len(files)} images, {rate:.0f} images/s{bad}", end="", file=sys.stderr, flush=True)
+        if writer is not None:
+            writer.commit()
+    finally:
+        if writer is not None:
+            writer.discard()
     if progress and files:
         print(file=sys.stderr)
-    if out is not None:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(out, buffer.getvalue())
-    return rows
+    return Predictions(
+        out=Path(out) if out is not None else None,
+        count=done,
+        failed=failed,
+        failed_count=failed_count,
+        seconds=time.time() - started,
+        columns=columns,
+        rows=rows,
+    )
 
 
-__all__ = ["LoadedRun", "load", "predict", "expand_paths", "np"]
+class _AtomicCsv:
+    """A CSV written row by row into a temporary file and renamed onto its name only when complete."""
+
+    def __init__(self, path: str | Path, columns: list[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.handle = os.fdopen(fd, "w", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.handle, fieldnames=columns, lineterminator="\n")
+        self.writer.writeheader()
+        self.done = False
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        self.writer.writerows(rows)
+
+    def commit(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.replace(self.tmp, self.path)
+        self.done = True
+
+    def discard(self) -> None:
+        if not self.done:
+            self.handle.close()
+            Path(self.tmp).unlink(missing_ok=True)
+
+
+__all__ = ["LoadedRun", "Predictions", "load", "predict", "expand_paths", "np"]

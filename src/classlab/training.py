@@ -263,9 +263,15 @@ def train(
     )
     if cfg.trainer.compile:
         task.model.net = torch.compile(task.model.net)
-    trainer.fit(
-        task, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=last_ckpt, weights_only=True
-    )
+    try:
+        trainer.fit(
+            task, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=last_ckpt, weights_only=True
+        )
+    except SystemExit:
+        # Lightning turns Ctrl-C into sys.exit(1) after its callbacks ran (RunRecorder saved last.ckpt).
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
     if trainer.interrupted:
         raise KeyboardInterrupt
     if not trainer.is_global_zero:

@@ -32,8 +32,7 @@ class DataProblems(ClassLabError):
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         super().__init__(
             f"{len(problems)} problem(s) in the data; fix them, or set data.skip_bad_images=true "
-            "to skip these files:\n  " + "\n  ".join(shown)
-            + more
+            "to skip these files:\n  " + "\n  ".join(shown) + more
         )
 
 

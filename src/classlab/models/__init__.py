@@ -7,6 +7,7 @@ from classlab.models import (  # noqa: F401  (registration)
     bottleneck,
     cnn,
     efficientnet,
+    fastnet,
     mixer,
     mlp,
     residual_cnn,

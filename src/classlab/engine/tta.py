@@ -1,0 +1,227 @@
+"""Test-time augmentation: show the model several views of each image and average its softmax.
+
+Two kinds of view. ``flip`` and ``translate`` work on the uint8 batch the loaders already serve
+at the training resolution, so they cost nothing but forward passes and the fast-path recipe can
+call :func:`tta_views` inside its own loop. ``tencrop`` and ``multiscale`` need the picture at a
+larger size than training saw (a ten-crop of an image already cropped to the training size would
+crop away content that the plain evaluation sees), so they start from the original image:
+:func:`image_views` resizes its shorter side to each scale and takes the four corner crops, the
+centre crop and their mirror images at the training resolution, as in He et al. 2016, section 3.4.
+
+Softmax averaging (not logit averaging) is what those papers report, and it keeps a single
+overconfident view from outvoting the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from classlab.data.preprocess import to_mode
+from classlab.errors import ClassLabError
+
+BATCH_MODES = ("flip", "translate")
+IMAGE_MODES = ("tencrop", "multiscale")
+MODES = BATCH_MODES + IMAGE_MODES
+
+# ``tencrop`` without scales crops from the image resized to 256/224 of the training size: the
+# ImageNet ratio, which leaves the crops enough room to differ without losing the object.
+TENCROP_RATIO = 256 / 224
+
+
+@dataclass(frozen=True)
+class TTAPlan:
+    """A parsed ``--tta`` value: which batch-level modes, and the scales of image-level crops."""
+
+    text: str
+    batch_modes: tuple[str, ...] = ()
+    scales: tuple[int, ...] = ()  # empty: no image-level views
+    notes: list[str] = field(default_factory=list, compare=False)
+
+    @property
+    def needs_originals(self) -> bool:
+        return bool(self.scales)
+
+
+def parse_tta(text: str, image_size: int) -> TTAPlan:
+    """``flip,translate`` / ``tencrop`` / ``multiscale:224,256,384`` (modes joined by commas).
+
+    Bare numbers after ``multiscale:`` are its scales, so ``flip,multiscale:32,40`` reads as two modes.
+    """
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    if not tokens:
+        raise ClassLabError(f"--tta '{text}': give one or more of {', '.join(MODES)} (e.g. --tta flip,translate)")
+    modes: list[str] = []
+    scales: list[int] = []
+    current = None
+    for token in tokens:
+        if token.isdigit() and current == "multiscale":
+            scales.append(int(token))
+            continue
+        name, _, arg = token.partition(":")
+        name = name.lower()
+        if name not in MODES:
+            from classlab.errors import did_you_mean
+
+            raise ClassLabError(
+                f"--tta: unknown mode '{name}'{did_you_mean(name, MODES)}; choose from {', '.join(MODES)}"
+                " (multiscale takes sizes: multiscale:224,256,384)"
+            )
+        if name == "multiscale":
+            if not arg or not arg.isdigit():
+                raise ClassLabError(
+                    f"--tta multiscale needs the shorter-side sizes, e.g. multiscale:{image_size},"
+                    f"{round(image_size * TENCROP_RATIO)},{image_size * 2}"
+                )
+            scales.append(int(arg))
+        elif arg:
+            raise ClassLabError(f"--tta {name} takes no value (got '{token}')")
+        if name not in modes:
+            modes.append(name)
+        current = name
+    if "tencrop" in modes:
+        scales.append(round(image_size * TENCROP_RATIO))
+    small = [s for s in scales if s < image_size]
+    if small:
+        raise ClassLabError(
+            f"--tta multiscale: sizes {', '.join(map(str, small))} are below the training resolution {image_size}; "
+            f"ten crops of {image_size} px need a shorter side of at least {image_size}"
+        )
+    batch_modes = tuple(m for m in modes if m in BATCH_MODES)
+    notes: list[str] = []
+    if scales and "flip" in batch_modes:
+        # The ten crops already hold the mirror images; flipping again would only repeat views.
+        batch_modes = tuple(m for m in batch_modes if m != "flip")
+        notes.append("flip is part of the ten crops")
+    return TTAPlan(text=",".join(tokens), batch_modes=batch_modes, scales=tuple(dict.fromkeys(scales)), notes=notes)
+
+
+def translate_shift(image_size: int) -> int:
+    """Pixels to shift by: 2 at CIFAR's 32 px (airbench), growing with the resolution."""
+    return max(1, round(image_size / 16))
+
+
+def tta_views(x: torch.Tensor, modes: Iterable[str], image_size: int | None = None) -> list[torch.Tensor]:
+    """Views of a (B, C, H, W) batch for the batch-level modes; the first view is ``x`` itself.
+
+    ``flip`` mirrors left-right; ``translate`` shifts by a few pixels in the four diagonal
+    directions with reflection padding (so no black borders the model never saw in training).
+    Modes multiply: ``flip,translate`` gives 2 x 5 = 10 views. Works on uint8 or float batches.
+    """
+    modes = list(modes)
+    unknown = [m for m in modes if m not in BATCH_MODES]
+    if unknown:
+        raise ClassLabError(f"tta_views: '{unknown[0]}' is not a batch-level mode ({', '.join(BATCH_MODES)})")
+    views = [x]
+    if "translate" in modes:
+        d = translate_shift(image_size or x.shape[-1])
+        h, w = x.shape[-2:]
+        padded = F.pad(x.float(), (d, d, d, d), mode="reflect").to(x.dtype)
+        shifted = [padded[..., dy : dy + h, dx : dx + w] for dy, dx in ((0, 0), (0, 2 * d), (2 * d, 0), (2 * d, 2 * d))]
+        views = views + [s.contiguous() for s in shifted]
+    if "flip" in modes:
+        views = views + [v.flip(-1) for v in views]
+    return views
+
+
+def ten_crops(img: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Four corners, centre and their mirror images of a (C, H, W) tensor at least ``size`` each way."""
+    h, w = img.shape[-2:]
+    if h < size or w < size:
+        raise ClassLabError(f"ten_crops: image {h}x{w} is smaller than the crop {size}")
+    top, left = (h - size) // 2, (w - size) // 2
+    corners = [(0, 0), (0, w - size), (h - size, 0), (h - size, w - size), (top, left)]
+    crops = [img[..., y : y + size, x : x + size] for y, x in corners]
+    return crops + [c.flip(-1) for c in crops]
+
+
+def resize_shorter(img: Image.Image, size: int) -> Image.Image:
+    """The shorter side to ``size``, keeping the aspect ratio (the same rule as ``preprocess.fit``)."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    return img if (nw, nh) == (w, h) else img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
+
+
+def image_views(img: Image.Image, scales: Sequence[int], image_size: int, channels: int = 3) -> torch.Tensor:
+    """Ten crops at ``image_size`` from ``img`` resized to each scale: uint8 (10 * len(scales), C, S, S)."""
+    import numpy as np
+
+    img = to_mode(img, channels)
+    views: list[torch.Tensor] = []
+    for scale in scales:
+        arr = np.asarray(resize_shorter(img, scale), dtype=np.uint8)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        t = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        views.extend(ten_crops(t, image_size))
+    return torch.stack([v.contiguous() for v in views])
+
+
+def views_per_image(plan: TTAPlan) -> int:
+    base = 10 * len(plan.scales) if plan.scales else 1
+    if "translate" in plan.batch_modes:
+        base *= 5
+    if "flip" in plan.batch_modes:
+        base *= 2
+    return base
+
+
+@torch.no_grad()
+def average_softmax(model: Callable[[torch.Tensor], torch.Tensor], views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean of the softmax over views of the same batch: (B, classes)."""
+    total = None
+    for v in views:
+        p = model(v).float().softmax(1)
+        total = p if total is None else total + p
+    assert total is not None
+    return total / len(views)
+
+
+@torch.no_grad()
+def tta_probabilities_batches(
+    model: torch.nn.Module, loader: Iterable, modes: Sequence[str], image_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, labels) over a loader of uint8 batches, with the batch-level modes."""
+    device = next(model.parameters()).device
+    probs, labels = [], []
+    for x, y in loader:
+        x = x.to(device)
+        probs.append(average_softmax(model, tta_views(x, modes, image_size)).cpu())
+        labels.append(y.cpu())
+    return torch.cat(probs), torch.cat(labels)
+
+
+@torch.no_grad()
+def tta_probabilities_images(
+    model: torch.nn.Module,
+    images: Iterable[Image.Image],
+    plan: TTAPlan,
+    image_size: int,
+    channels: int = 3,
+    views_per_batch: int = 512,
+) -> torch.Tensor:
+    """Softmax averaged over the image-level crops (and any batch-level modes) of each original image."""
+    device = next(model.parameters()).device
+    per_image = views_per_image(plan)
+    group = max(1, views_per_batch // per_image)
+    out: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+
+    def flush() -> None:
+        crops = torch.cat(pending).to(device)  # (n * crops, C, S, S)
+        p = average_softmax(model, tta_views(crops, plan.batch_modes, image_size))
+        out.append(p.reshape(len(pending), -1, p.shape[1]).mean(1).cpu())
+        pending.clear()
+
+    for img in images:
+        pending.append(image_views(img, plan.scales, image_size, channels))
+        if len(pending) >= group:
+            flush()
+    if pending:
+        flush()
+    return torch.cat(out) if out else torch.empty(0, 0)

@@ -1,0 +1,165 @@
+"""``classlab export RUN --format onnx|pt2``: a run's model as a file other runtimes can serve.
+
+The exported model takes float32 NCHW RGB in [0, 1] with any batch size, and returns logits. The
+normalisation is the model's own ``Normalize`` (its first layer), so a deployment only has to
+decode, resize the shorter side, centre-crop and divide by 255: the same steps as
+``data.preprocess``, with no statistics to copy by hand. Class names and the input size travel
+inside the file (ONNX ``metadata_props``; the pt2 archive's extra files), so the file alone is
+enough to name its predictions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from classlab.errors import ClassLabError
+from classlab.inference import LoadedRun, load
+from classlab.run import RunFolder, atomic_write_bytes, open_run
+
+FORMATS = ("onnx", "pt2")
+OPSET = 17
+INSTALL_HINT = "pip install 'classlab[export]'"
+
+
+def default_path(run: RunFolder, fmt: str, checkpoint: str = "best") -> Path:
+    suffix = "" if checkpoint == "best" else f"-{checkpoint.removesuffix('.ckpt')}"
+    return run.path / "export" / f"model{suffix}.{fmt}"
+
+
+def metadata(loaded: LoadedRun, checkpoint: str) -> dict[str, str]:
+    """What a consumer needs besides the weights: names, input layout and where it came from."""
+    return {
+        "classlab.classes": json.dumps(loaded.classes),
+        "classlab.image_size": str(loaded.image_size),
+        "classlab.channels": str(loaded.channels),
+        "classlab.input": "float32 NCHW in [0, 1]; resize the shorter side, centre-crop, divide by 255",
+        "classlab.output": "logits (softmax for probabilities)",
+        "classlab.run": str(loaded.run.path),
+        "classlab.checkpoint": checkpoint,
+    }
+
+
+class _Float01(nn.Module):
+    """Pins the exported input to float [0, 1]: the uint8 branch of ``Normalize`` is not traced."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+
+def export(
+    run: str | Path | RunFolder, fmt: str = "onnx", out: str | Path | None = None, *, checkpoint: str = "best"
+) -> Path:
+    """Export a run's checkpoint; returns the written file (default ``RUN/export/model.<fmt>``)."""
+    if fmt not in FORMATS:
+        raise ClassLabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    run = run if isinstance(run, RunFolder) else open_run(run)
+    loaded = load(run, checkpoint)
+    if loaded.cfg.task == "rotation":
+        raise ClassLabError("this is a rotation pretext run; export the classifier trained from it instead")
+    path = Path(out) if out else default_path(run, fmt, checkpoint)
+    model = _Float01(loaded.model).eval()
+    example = torch.rand(2, loaded.channels, loaded.image_size, loaded.image_size)
+    meta = metadata(loaded, checkpoint)
+    if fmt == "onnx":
+        atomic_write_bytes(path, _onnx_bytes(model, example, meta))
+    else:
+        atomic_write_bytes(path, _pt2_bytes(model, example, meta))
+    return path
+
+
+def _onnx_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, str]) -> bytes:
+    try:
+        import onnx
+    except ImportError:
+        raise ClassLabError(f"ONNX export needs the onnx package: {INSTALL_HINT}") from None
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter needs no onnxscript and handles every family we register.
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,
+            dynamo=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=OPSET,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "classlab"
+    return proto.SerializeToString()
+
+
+def _pt2_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, str]) -> bytes:
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    try:
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    except Exception as exc:  # noqa: BLE001 - tracing failures are model-specific; name the model's limit
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ClassLabError(f"torch.export could not capture this model ({first}); try --format onnx") from None
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer, extra_files={"classlab.json": json.dumps(meta)})
+    return buffer.getvalue()
+
+
+def read_onnx_metadata(path: str | Path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def load_pt2(path: str | Path) -> tuple[Any, dict[str, str]]:
+    """(ExportedProgram, metadata) of a pt2 file written by :func:`export`."""
+    extra = {"classlab.json": ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    return program, json.loads(extra["classlab.json"] or "{}")
+
+
+class OnnxModel:
+    """An exported ONNX file run by onnxruntime: float [0, 1] NCHW in, logits out."""
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ClassLabError(f"--backend onnx needs onnxruntime: {INSTALL_HINT}") from None
+        self.path = Path(path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - a damaged file should be one line, not a traceback
+            raise ClassLabError(f"{path} is not a usable ONNX model ({str(exc).splitlines()[0][:160]})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.classes: list[str] = json.loads(meta.get("classlab.classes", "[]"))
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float NCHW batch -> logits."""
+        x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+        (out,) = self.session.run(None, {self.input_name: x.contiguous().numpy()})
+        return torch.from_numpy(out)
+
+
+def ensure_onnx(run: RunFolder, checkpoint: str = "best") -> Path:
+    """The run's ONNX file for ``checkpoint``, exported first if missing or older than the checkpoint."""
+    path = default_path(run, "onnx", checkpoint)
+    ckpt = run.checkpoint(checkpoint)
+    if not path.is_file() or path.stat().st_mtime < ckpt.stat().st_mtime:
+        export(run, "onnx", path, checkpoint=checkpoint)
+    return path

@@ -1,0 +1,285 @@
+"""``classlab compare``: tables and plots across run folders.
+
+It reads only what runs leave behind (config.yaml, summary.json, metrics.csv), so it works on
+runs from any machine, finished or not, and never needs the data or the models. The config
+keys shown by default are the ones that differ between the runs: in a sweep those are the
+swept keys, which is what a reader wants beside the numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import os
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from classlab.errors import ClassLabError, did_you_mean
+from classlab.run import RunFolder, atomic_write_bytes, atomic_write_text
+
+DEFAULT_METRICS = ("best_val_acc", "test_acc", "epochs_done", "wall_time_s")
+# Keys that differ between runs of a sweep by construction and say nothing about the experiment.
+NOT_INTERESTING = ("exp_name", "run.root", "data.cache_dir", "trainer.threads", "trainer.progress")
+
+
+@dataclass
+class Comparison:
+    """The table compare prints, and the files it wrote."""
+
+    columns: list[str]
+    rows: list[dict[str, Any]]
+    by: list[str]
+    metrics: list[str]
+    files: list[Path] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        head = "| " + " | ".join(self.columns) + " |"
+        rule = "|" + "|".join("---:" if c in self.metrics else "---" for c in self.columns) + "|"
+        body = ["| " + " | ".join(_cell(r.get(c)) for c in self.columns) + " |" for r in self.rows]
+        return "\n".join([head, rule, *body]) + "\n"
+
+    def csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in self.rows:
+            writer.writerow({c: _csv_cell(row.get(c)) for c in self.columns})
+        return out.getvalue()
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value).replace("|", "\\|")
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, list | dict):
+        return yaml.safe_dump(value, default_flow_style=True).strip()
+    return "" if value is None else value
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading runs
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "config.yaml").is_file()
+
+
+def find_runs(patterns: list[str]) -> list[Path]:
+    """Run folders from paths or globs; a folder of runs (a sweep) stands for the runs in it."""
+    found: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
+        if not matches:
+            raise ClassLabError(f"'{pattern}' matches nothing; give run folders, a sweep folder or a glob")
+        for match in map(Path, matches):
+            if _is_run(match):
+                found.append(match)
+            elif match.is_dir():
+                inner = sorted(p for p in match.iterdir() if p.is_dir() and _is_run(p))
+                if not inner and not any(ch in pattern for ch in "*?["):
+                    raise ClassLabError(f"'{match}' is not a run folder and holds none (no config.yaml)")
+                found.extend(inner)
+            elif not any(ch in pattern for ch in "*?["):
+                raise ClassLabError(f"run folder '{match}' not found")
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    if not unique:
+        raise ClassLabError("no run folders found (a run folder holds config.yaml)")
+    return unique
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Folder names, with the parent added where two runs share a name (two sweeps' `lr=0.1`)."""
+    names = [p.name for p in paths]
+    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+
+
+@dataclass
+class RunData:
+    label: str
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    metrics: list[dict[str, str]]
+
+
+def read_runs(paths: list[Path]) -> list[RunData]:
+    runs = []
+    for path, label in zip(paths, _labels(paths), strict=True):
+        run = RunFolder(path)
+        summary = run.read_json("summary.json") if (path / "summary.json").is_file() else {"status": "unknown"}
+        runs.append(RunData(label, path, flatten(run.read_config_tree()), summary, run.read_metrics()))
+    return runs
+
+
+def varying_keys(runs: list[RunData]) -> list[str]:
+    keys = list(dict.fromkeys(k for r in runs for k in r.config))
+    out = []
+    for key in keys:
+        if key in NOT_INTERESTING:
+            continue
+        seen = {yaml.safe_dump(r.config.get(key)) for r in runs}
+        if len(seen) > 1:
+            out.append(key)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The table and the plots
+# ---------------------------------------------------------------------------------------------
+
+
+def compare(
+    patterns: list[str],
+    by: list[str] | None = None,
+    metrics: list[str] | None = None,
+    out: str | Path | None = None,
+    x: str | None = None,
+    group: list[str] | None = None,
+    plots: bool = True,
+) -> Comparison:
+    """Table of ``metrics`` (summary.json) and ``by`` keys (config.yaml); CSV, Markdown and PNGs under ``out``."""
+    runs = read_runs(find_runs(patterns))
+    by = list(by) if by else varying_keys(runs)
+    known = set().union(*(r.config for r in runs))
+    unknown = [k for k in by + ([x] if x else []) + list(group or []) if k not in known]
+    if unknown:
+        hint = did_you_mean(unknown[0], sorted(known))
+        raise ClassLabError(f"config key '{unknown[0]}' is in none of the runs{hint}")
+    metrics = list(metrics) if metrics else [m for m in DEFAULT_METRICS if any(m in r.summary for r in runs)]
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {"run": run.label, "status": run.summary.get("status")}
+        row.update({k: run.config.get(k) for k in by})
+        row.update({m: run.summary.get(m) for m in metrics})
+        rows.append(row)
+    rows.sort(key=lambda r: tuple(_sort_key(r.get(k)) for k in by) + (r["run"],))
+    table = Comparison(["run", "status", *by, *metrics], rows, by, metrics)
+    out_dir = Path(out) if out else Path(os.path.commonpath([str(r.path.parent) for r in runs])) / "compare"
+    atomic_write_text(out_dir / "compare.csv", table.csv())
+    atomic_write_text(out_dir / "compare.md", table.markdown())
+    table.files += [out_dir / "compare.csv", out_dir / "compare.md"]
+    if plots:
+        curves = plot_curves(runs, out_dir / "curves.png")
+        if curves:
+            table.files.append(curves)
+        x = x or next((k for k in by if _numeric([r.config.get(k) for r in runs])), None)
+        if x is not None and metrics:
+            groups = list(group) if group is not None else [k for k in by if k != x]
+            plotted = plot_metric(runs, x, groups, metrics[0], out_dir / f"{_safe(metrics[0])}_vs_{_safe(x)}.png")
+            if plotted:
+                table.files.append(plotted)
+    return table
+
+
+def _sort_key(value: Any) -> tuple[int, Any]:
+    if value is None:
+        return (0, "")
+    if isinstance(value, bool):
+        return (1, int(value))
+    if isinstance(value, int | float):
+        return (1, value)
+    return (2, str(value))
+
+
+def _numeric(values: list[Any]) -> bool:
+    nums = [v for v in values if v is not None]
+    return len(set(map(str, nums))) > 1 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in nums)
+
+
+def _safe(key: str) -> str:
+    return key.replace("/", "_").replace(".", "_")
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def plot_curves(runs: list[RunData], path: Path, column: str = "val/acc") -> Path | None:
+    """Validation accuracy against epoch, one line per run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    drawn = 0
+    for run in runs:
+        points = [(int(r["epoch"]), float(r[column])) for r in run.metrics if r.get(column)]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None, label=run.label)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(column)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6 if drawn > 8 else 8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path)
+
+
+def plot_metric(runs: list[RunData], x: str, groups: list[str], metric: str, path: Path) -> Path | None:
+    """``metric`` against config key ``x``, one line per combination of ``groups`` (mean over repeats)."""
+    lines: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        xv, yv = run.config.get(x), run.summary.get(metric)
+        if not isinstance(xv, int | float) or not isinstance(yv, int | float):
+            continue
+        label = ", ".join(f"{g.rsplit('.', 1)[-1]}={_cell(run.config.get(g))}" for g in groups) or metric
+        lines[label][float(xv)].append(float(yv))
+    if not lines:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs_all = []
+    for label, by_x in sorted(lines.items()):
+        xs = sorted(by_x)
+        xs_all += xs
+        means = [statistics.fmean(by_x[v]) for v in xs]
+        errs = [statistics.stdev(by_x[v]) if len(by_x[v]) > 1 else 0.0 for v in xs]
+        ax.errorbar(xs, means, yerr=errs if any(errs) else None, marker="o", capsize=3, label=label)
+    if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
+        ax.set_xscale("log")
+        ax.set_xticks(sorted(set(xs_all)))
+        ax.set_xticklabels([f"{v:g}" for v in sorted(set(xs_all))])
+    ax.set_xlabel(x)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if len(lines) > 1 or groups:
+        ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)

@@ -1,0 +1,436 @@
+"""``classlab sweep``: a grid of runs, each in its own folder, that a second call continues.
+
+A study of sixty runs is never finished in one sitting on a laptop, so the sweep keeps no
+state of its own: the run folders are the state. Each grid point gets a folder named from its
+swept values; a call skips points whose summary says ``finished``, resumes the rest from their
+``last.ckpt`` and starts the missing ones. Killing a sweep at any moment loses at most the
+epoch in flight.
+
+Grid syntax (one ``--grid`` per axis; the grid is the cartesian product of the axes)::
+
+    data.images_per_class=10,20,50            three values
+    model.layers=[16,p,32],[32,p,64]           YAML values; commas inside [] {} or quotes do not split
+    data.images_per_class,epochs=[10,800],[500,16]
+                                               linked keys: moved together, one value list per point
+
+Linked keys exist for comparisons "at an equal number of optimizer steps", where epochs must
+shrink as the training set grows: a cartesian product of both would mostly be waste.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from classlab.config import load_config
+from classlab.errors import ClassLabError, ConfigError
+from classlab.run import atomic_write_json
+
+MAX_NAME = 150  # characters of a run folder name before it is shortened with a hash
+SWEEP_FILE = "sweep.json"
+LOG_DIR = "sweep-logs"  # not a run folder (no config.yaml), so compare skips it
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing --grid
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One ``--grid`` argument: the keys it sets and one tuple of values per point."""
+
+    keys: tuple[str, ...]
+    values: tuple[tuple[Any, ...], ...]
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split at commas that are not inside brackets, braces or quotes (YAML flow values stay whole)."""
+    parts, depth, quote, current = [], 0, "", []
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+            continue
+        current.append(ch)
+    if quote or depth:
+        raise ConfigError(f"--grid '{text}': unbalanced brackets or quotes")
+    parts.append("".join(current).strip())
+    return parts
+
+
+def parse_axis(text: str) -> Axis:
+    """``key=v1,v2`` or ``k1,k2=[a1,a2],[b1,b2]`` -> Axis."""
+    if "=" not in text:
+        raise ConfigError(f"--grid '{text}' is not of the form key=v1,v2 (for example data.images_per_class=10,50)")
+    head, raw = text.split("=", 1)
+    keys = tuple(k.strip() for k in head.split(","))
+    if not all(keys) or not raw.strip():
+        raise ConfigError(f"--grid '{text}' needs a key and at least one value (key=v1,v2)")
+    values: list[tuple[Any, ...]] = []
+    for item in split_top_level(raw):
+        try:
+            value = yaml.safe_load(item) if item else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--grid {head}: value '{item}' is not valid YAML") from None
+        if len(keys) == 1:
+            values.append((value,))
+        elif isinstance(value, list) and len(value) == len(keys):
+            values.append(tuple(value))
+        else:
+            raise ConfigError(f"--grid {head}: linked keys need one [{', '.join(keys)}] list per point, got '{item}'")
+    rendered = [json.dumps(v, sort_keys=True) for v in values]
+    if len(set(rendered)) != len(rendered):
+        raise ConfigError(f"--grid {head}: a value is listed twice")
+    return Axis(keys, tuple(values))
+
+
+def yaml_text(value: Any) -> str:
+    """A value as override text that reads back as the same value."""
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value and "," not in value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Naming run folders
+# ---------------------------------------------------------------------------------------------
+
+
+def _short_keys(keys: list[str]) -> dict[str, str]:
+    """``data.images_per_class`` -> ``images_per_class`` unless two keys would then look the same."""
+    last = [k.rsplit(".", 1)[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
+
+
+def name_value(value: Any) -> str:
+    """A readable, filesystem-safe rendering of one value (``runs/x/rot:epoch4`` -> ``rot@epoch4``)."""
+    if value is None:
+        text = "none"
+    elif isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, list | tuple):
+        text = "-".join(name_value(v) for v in value)
+    elif isinstance(value, dict):
+        text = "-".join(f"{k}{name_value(v)}" for k, v in value.items())
+    elif isinstance(value, str) and ("/" in value or "\\" in value or ":" in value):
+        folder, _, ckpt = value.partition(":") if not Path(value).exists() else (value, "", "")
+        text = Path(folder.rstrip("/\\")).name + (f"@{ckpt}" if ckpt else "")
+    else:
+        text = str(value)
+    return re.sub(r"[^A-Za-z0-9._+@-]", "-", text) or "empty"
+
+
+def point_name(assignment: dict[str, Any], short: dict[str, str]) -> str:
+    name = ",".join(f"{short[k]}={name_value(v)}" for k, v in assignment.items())
+    if len(name) > MAX_NAME:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+        name = name[: MAX_NAME - 9] + "~" + digest
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Point:
+    """One run of the sweep: its folder name, its overrides and what happened to it."""
+
+    name: str
+    assignment: dict[str, Any]
+    overrides: list[str]
+    path: Path
+    status: str = "new"  # new | finished | resume | broken, then finished | failed | interrupted
+    error: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "values": self.assignment, "status": self.status, "error": self.error}
+
+
+def expand(axes: list[Axis]) -> list[dict[str, Any]]:
+    """The cartesian product of the axes, each point as key -> value (in --grid order)."""
+    keys = [k for axis in axes for k in axis.keys]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        raise ConfigError(f"--grid sets {', '.join(dup)} more than once; give each key in one --grid only")
+    points = []
+    for combo in itertools.product(*(axis.values for axis in axes)):
+        assignment: dict[str, Any] = {}
+        for axis, values in zip(axes, combo, strict=True):
+            assignment.update(zip(axis.keys, values, strict=True))
+        points.append(assignment)
+    return points
+
+
+def _state(path: Path) -> tuple[str, dict[str, Any]]:
+    """What a point's folder says: new, finished, resume (unfinished run) or broken (no config)."""
+    if not path.exists():
+        return "new", {}
+    if not (path / "config.yaml").is_file():
+        return "broken", {}
+    try:
+        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return "resume", {}
+    return ("finished" if summary.get("status") == "finished" else "resume"), summary
+
+
+def plan(
+    config: str | None, overrides: list[str], grid: list[str], threads: int | None = None
+) -> tuple[Path, list[Point]]:
+    """Validate every point before anything runs, and find what each folder already holds."""
+    axes = [parse_axis(g) for g in grid]
+    if not axes:
+        raise ConfigError("sweep needs at least one --grid key=v1,v2")
+    assignments = expand(axes)
+    base = load_config(config, overrides)
+    exp = base.exp_name or (Path(config).stem if config else f"{base.data.dataset}_{base.model.name}")
+    exp = re.sub(r"[^A-Za-z0-9._+@=,-]", "-", exp.replace(":", "_"))
+    root = (Path(base.run.root) / exp).resolve()
+    short = _short_keys(list(assignments[0]))
+    names = [point_name(a, short) for a in assignments]
+    for i, name in enumerate(names):
+        if names.count(name) > 1:  # e.g. two init_from runs in different folders with the same name
+            names[i] = f"{name}~{hashlib.sha1(repr(assignments[i]).encode()).hexdigest()[:6]}"
+    points = []
+    for assignment, name in zip(assignments, names, strict=True):
+        point_overrides = [*overrides, *(f"{k}={yaml_text(v)}" for k, v in assignment.items())]
+        point_overrides += [f"run.root={root}", f"exp_name={name}"]
+        if threads and base.trainer.threads is None:
+            point_overrides.append(f"trainer.threads={threads}")
+        try:
+            load_config(config, point_overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"grid point {name}: {exc}") from None
+        state, summary = _state(root / name)
+        points.append(Point(name, assignment, point_overrides, root / name, state, summary=summary))
+    return root, points
+
+
+def _record(root: Path, config: str | None, overrides: list[str], grid: list[str], points: list[Point]) -> None:
+    atomic_write_json(
+        root / SWEEP_FILE,
+        {
+            "config": str(Path(config).resolve()) if config else None,
+            "overrides": overrides,
+            "grid": grid,
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "runs": [p.to_dict() for p in points],
+        },
+    )
+
+
+def _outcome(point: Point) -> None:
+    """Read back a point's final status from its folder (the run folder is the truth)."""
+    state, summary = _state(point.path)
+    point.summary = summary
+    if state == "finished":
+        point.status = "finished"
+    elif point.status not in ("failed", "interrupted"):
+        point.status = summary.get("status", "failed") if summary else "failed"
+        point.error = point.error or summary.get("error")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_here(config: str | None, point: Point, quiet: bool) -> None:
+    from classlab.training import train
+
+    try:
+        train(config, point.overrides, resume=point.status == "resume", force=point.status == "broken", quiet=quiet)
+    except KeyboardInterrupt:
+        point.status = "interrupted"
+        raise
+    except ClassLabError as exc:
+        point.status, point.error = "failed", str(exc).splitlines()[0]
+    except Exception as exc:  # noqa: BLE001 - one broken point must not stop the rest of the grid
+        point.status, point.error = "failed", f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _command(config: str | None, point: Point) -> list[str]:
+    cmd = [sys.executable, "-m", "classlab.cli", "train", *([config] if config else []), *point.overrides, "--quiet"]
+    if point.status == "resume":
+        cmd.append("--resume")
+    elif point.status == "broken":
+        cmd.append("--force")
+    return cmd
+
+
+def _run_parallel(config: str | None, todo: list[Point], jobs: int, logs: Path, say: Any) -> None:
+    """K subprocesses at a time; each writes its own log, so one failure is readable on its own."""
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("CLASSLAB_RUN_DIR", None)
+    queue = list(todo)
+    running: dict[subprocess.Popen, tuple[Point, Any]] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                point = queue.pop(0)
+                log = open(logs / f"{point.name}.log", "a", encoding="utf-8")  # noqa: SIM115 - closed when it ends
+                log.write(f"\n# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(_command(config, point))}\n")
+                log.flush()
+                proc = subprocess.Popen(_command(config, point), stdout=log, stderr=subprocess.STDOUT, env=env)
+                running[proc] = (point, log)
+                say(f"started  {point.name}")
+            for proc in [p for p in running if p.poll() is not None]:
+                point, log = running.pop(proc)
+                log.close()
+                if proc.returncode != 0:
+                    point.status = "failed"
+                    point.error = _last_error(logs / f"{point.name}.log") or f"exit code {proc.returncode}"
+                _outcome(point)
+                say(_line(point))
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        # The children got the same Ctrl-C from the terminal; make sure, then let them save last.ckpt.
+        for proc in running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc, (point, log) in running.items():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+            point.status = "interrupted"
+        raise
+
+
+def _last_error(log: Path) -> str | None:
+    lines = [ln for ln in log.read_text(encoding="utf-8", errors="replace").splitlines() if ln.startswith("error:")]
+    return lines[-1].removeprefix("error: ") if lines else None
+
+
+def _ray_task(cwd: str, config: str | None, overrides: list[str], resume: bool, force: bool) -> dict[str, Any]:
+    """Runs on a Ray worker: the same train() call, in the submitter's folder (a shared filesystem)."""
+    os.chdir(cwd)
+    from classlab.training import train
+
+    try:
+        run = train(config, overrides, resume=resume, force=force, quiet=True)
+        return {"status": "finished", "path": str(run.path)}
+    except Exception as exc:  # noqa: BLE001 - reported back to the driver as this point's failure
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+
+
+def _run_ray(config: str | None, todo: list[Point], address: str, cpus: float, say: Any) -> None:
+    """Send every point to a Ray cluster as one task each; run folders must be on a shared filesystem."""
+    try:
+        import ray
+    except ImportError:
+        raise ClassLabError(
+            "--ray needs Ray, which is not installed: pip install 'ray>=2.9' (or run the sweep with --jobs K)"
+        ) from None
+    try:
+        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    except Exception as exc:  # noqa: BLE001 - connection problems are user errors here
+        raise ClassLabError(
+            f"--ray {address}: cannot connect ({str(exc).splitlines()[0][:200]}); "
+            "give a running cluster's address (ray://host:10001 or auto) or 'local' to start one here"
+        ) from None
+    task = ray.remote(num_cpus=cpus)(_ray_task)
+    config = str(Path(config).resolve()) if config else None
+    futures = {
+        task.remote(os.getcwd(), config, p.overrides, p.status == "resume", p.status == "broken"): p for p in todo
+    }
+    pending = list(futures)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            point = futures[done[0]]
+            result = ray.get(done[0])
+            if result["status"] != "finished":
+                point.status, point.error = "failed", result.get("error")
+            _outcome(point)
+            say(_line(point))
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref)
+        raise
+
+
+def _line(point: Point) -> str:
+    shown = ", ".join(
+        f"{k} {point.summary[k]:.4f}" for k in ("best_val_acc", "test_acc") if isinstance(point.summary.get(k), float)
+    )
+    if point.status == "finished":
+        return f"finished {point.name}" + (f" ({shown})" if shown else "")
+    return f"{point.status:<8} {point.name}" + (f": {point.error}" if point.error else "")
+
+
+def sweep(
+    config: str | Path | None,
+    grid: list[str],
+    overrides: list[str] | None = None,
+    *,
+    jobs: int = 1,
+    ray_address: str | None = None,
+    ray_cpus: float = 1.0,
+    quiet: bool = False,
+    say: Any = print,
+) -> list[Point]:
+    """Run (or continue) the grid; return every point with its final status.
+
+    Raises ConfigError before anything runs if any point's config is invalid.
+    """
+    config = str(config) if config is not None else None
+    overrides = list(overrides or [])
+    if jobs < 1:
+        raise ConfigError(f"--jobs {jobs}: give 1 or more processes")
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    root, points = plan(config, overrides, grid, threads=threads)
+    done = [p for p in points if p.status == "finished"]
+    todo = [p for p in points if p.status != "finished"]
+    resumed = sum(p.status == "resume" for p in todo)
+    say(
+        f"sweep {root}: {len(points)} runs, {len(done)} finished (skipped), {resumed} to resume, "
+        f"{len(todo) - resumed} to start"
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    _record(root, config, overrides, grid, points)
+    try:
+        if ray_address:
+            _run_ray(config, todo, ray_address, ray_cpus, say)
+        elif jobs > 1:
+            _run_parallel(config, todo, jobs, root / LOG_DIR, say)
+        else:
+            for i, point in enumerate(todo, 1):
+                say(f"[{i}/{len(todo)}] {'resuming' if point.status == 'resume' else 'starting'} {point.name}")
+                _run_here(config, point, quiet)
+                _outcome(point)
+                say(_line(point))
+    finally:
+        _record(root, config, overrides, grid, points)
+    return points
