@@ -89,13 +89,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from classlab.inference import predict
 
     out = args.out or "predictions.csv"
-    rows = predict(args.run, args.paths, out, checkpoint=args.checkpoint, top=args.top, progress=not args.quiet)
-    failed = [r for r in rows if r["error"]]
-    print(f"wrote {len(rows)} predictions to {out}")
-    if failed:
-        print(f"{len(failed)} file(s) could not be read (see the error column):", file=sys.stderr)
-        for r in failed[:20]:
-            print(f"  {r['path']}: {r['error']}", file=sys.stderr)
+    result = predict(
+        args.run,
+        args.paths,
+        out,
+        checkpoint=args.checkpoint,
+        top=args.top,
+        progress=not args.quiet,
+        backend=args.backend,
+        batch_size=args.batch_size,
+    )
+    print(f"wrote {result.count} predictions to {out} ({result.images_per_s:.0f} images/s, {args.backend})")
+    if result.failed_count:
+        print(f"{result.failed_count} file(s) could not be read (see the error column):", file=sys.stderr)
+        for path, error in result.failed[:20]:
+            print(f"  {path}: {error}", file=sys.stderr)
+        if result.failed_count > 20:
+            print(f"  ... and {result.failed_count - 20} more", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from classlab.export import export
+
+    path = export(args.run, args.format, args.out, checkpoint=args.checkpoint)
+    print(f"wrote {path} (float32 NCHW RGB in [0, 1], dynamic batch, normalization and class names included)")
     return 0
 
 
@@ -110,6 +128,44 @@ def cmd_models(args: argparse.Namespace) -> int:
         params = f"{info.params:,}" if info.params is not None else "-"
         print(f"{info.name:<22} {preset:<14} {params:>12} {mflops:>10}  {info.image_size:>5}  {info.description}")
     print("any timm model: model.name=timm:<name>")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from classlab.sweep import sweep
+
+    config, overrides = _split_config_args(args.items)
+    points = sweep(
+        config,
+        args.grid or [],
+        overrides,
+        jobs=args.jobs,
+        ray_address=args.ray,
+        ray_cpus=args.ray_cpus,
+        quiet=args.quiet,
+    )
+    failed = [p for p in points if p.status != "finished"]
+    print(f"{len(points) - len(failed)}/{len(points)} runs finished in {points[0].path.parent if points else '-'}")
+    if failed:
+        print(f"{len(failed)} not finished; run the same command again to resume them", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from classlab.report import compare
+
+    split = [m.strip() for item in (args.metric or []) for m in item.split(",") if m.strip()]
+    table = compare(
+        args.runs,
+        by=args.by,
+        metrics=split or None,
+        out=args.out,
+        x=args.x,
+        group=args.group,
+        plots=not args.no_plots,
+    )
+    print(table.markdown(), end="")
+    print("wrote " + ", ".join(str(f) for f in table.files))
     return 0
 
 
@@ -156,7 +212,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best")
     p.add_argument("--top", type=int, default=3, help="how many classes per image")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--backend", default="torch", choices=["torch", "onnx"], help="onnx: run the exported model in onnxruntime"
+    )
+    p.add_argument("--batch-size", type=int, default=256)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a run's model: ONNX or torch.export (pt2)")
+    p.add_argument("run")
+    p.add_argument("--format", default="onnx", choices=["onnx", "pt2"])
+    p.add_argument("--out", help="file to write (default RUN/export/model.<format>)")
+    p.add_argument("--checkpoint", default="best")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sweep", help="run a grid of configs, one run folder each; a second call continues it")
+    p.add_argument("items", nargs="*", help="[config.yaml|config.ini] [key=value ...] shared by every run")
+    p.add_argument(
+        "--grid",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="one axis of the grid (repeat for more); YAML values; linked keys: k1,k2=[a1,a2],[b1,b2]",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="runs at once on this machine, as subprocesses")
+    p.add_argument("--ray", metavar="ADDRESS", help="send the runs to a Ray cluster (auto, ray://host:port, local)")
+    p.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs Ray reserves per run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="table (Markdown + CSV) and plots across run folders")
+    p.add_argument("runs", nargs="+", help="run folders, sweep folders or globs")
+    p.add_argument("--by", action="append", metavar="KEY", help="config key to show (default: keys that differ)")
+    p.add_argument("--metric", action="append", help="summary.json value(s) to show (default: accuracies, time)")
+    p.add_argument("--x", metavar="KEY", help="config key on the x axis of the metric plot (default: first numeric)")
+    p.add_argument("--group", action="append", metavar="KEY", help="one line per value of this key (repeatable)")
+    p.add_argument("--out", help="folder for compare.csv/.md and PNGs (default: <runs' parent>/compare)")
+    p.add_argument("--no-plots", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("models", help="list registered models with parameters and MFLOPs")
     p.set_defaults(func=cmd_models)

@@ -166,7 +166,7 @@ class Config(Section):
 
     exp_name: str | None = Field(None, description="run folder name; default <dataset>_<model>, numbered if taken")
     seed: int = 0
-    epochs: int = Field(15, ge=1, le=100000)
+    epochs: int = Field(20, ge=1, le=100000)
     task: Literal["classify", "rotation", "multitask"] = "classify"
     run: RunSection = Field(default_factory=RunSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -297,7 +297,38 @@ def validate(tree: dict[str, Any]) -> Config:
     except ValidationError as exc:
         raise ConfigError(_one_line(exc, tree)) from None
     _validate_model(cfg)
+    for k in range(len(cfg.stages or [])):
+        try:
+            stage_config(cfg, k)
+        except ConfigError as exc:
+            raise ConfigError(f"stages[{k}]: {exc}") from None
     return cfg
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` laid over ``base``; its keys may be nested sections or dotted paths."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if "." in key:
+            _set_dotted(out, key, copy.deepcopy(value))
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def stage_config(cfg: Config, k: int) -> Config:
+    """Stage k of a multi-stage run: the base config with the stage's overrides laid over it."""
+    base = cfg.to_dict()
+    base.pop("stages", None)
+    stage = cfg.stages[k]
+    if not isinstance(stage, dict):
+        raise ConfigError("each stage is a mapping of overrides, e.g. {data.image_size: 64, epochs: 5}")
+    tree = deep_merge(base, stage)
+    if "stages" in stage:
+        raise ConfigError("a stage cannot have stages of its own")
+    return validate(tree)
 
 
 def _validate_model(cfg: Config) -> None:

@@ -23,7 +23,7 @@ import yaml
 from classlab.errors import ClassLabError, did_you_mean
 from classlab.run import RunFolder, atomic_write_bytes, atomic_write_text
 
-DEFAULT_METRICS = ("best_val_acc", "test_acc", "epochs_done", "wall_time_s")
+DEFAULT_METRICS = ("test_acc", "best_val_acc", "epochs_done", "wall_time_s")
 # Keys that differ between runs of a sweep by construction and say nothing about the experiment.
 NOT_INTERESTING = ("exp_name", "run.root", "data.cache_dir", "trainer.threads", "trainer.progress")
 
@@ -58,6 +58,8 @@ def _cell(value: Any) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
+    if isinstance(value, list | dict):
+        value = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
     return str(value).replace("|", "\\|")
 
 

@@ -205,6 +205,15 @@ def open_run(path: str | Path) -> RunFolder:
         raise ClassLabError(f"run folder '{run.path}' not found; `classlab train` prints the folder it made")
     if not (run.path / CONFIG).is_file():
         raise ClassLabError(f"'{run.path}' is not a run folder (no {CONFIG}); give the folder `classlab train` printed")
+    stages = run.read_config_tree().get("stages") or []
+    if stages:
+        # A multi-stage run is used through its last stage, which holds the final weights.
+        last = RunFolder(run.path / f"stage{len(stages)}")
+        if not (last.path / CONFIG).is_file():
+            raise ClassLabError(
+                f"multi-stage run '{run.path}' has not reached its last stage; continue it with --resume"
+            )
+        return last
     return run
 
 

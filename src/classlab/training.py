@@ -86,6 +86,24 @@ def build_network(cfg: Config, data: DataBundle) -> ClassifierModel:
     return ClassifierModel(Normalize(data.mean, data.std), net)
 
 
+def _load_stage_weights(net: torch.nn.Module, path: Path) -> None:
+    """All weights of the previous stage whose shapes still fit (a resolution change keeps them all)."""
+    state = safe_torch_load(path)["state_dict"]
+    own = net.state_dict()
+    fitting = {
+        k.removeprefix("model.net."): v
+        for k, v in state.items()
+        if k.startswith("model.net.")
+        and k.removeprefix("model.net.") in own
+        and own[k.removeprefix("model.net.")].shape == v.shape
+    }
+    if not fitting:
+        raise ClassLabError(
+            f"no weights of {path} fit the next stage's model; stages must keep model.name and its shape"
+        )
+    net.load_state_dict(fitting, strict=False)
+
+
 def _checkpoint_callbacks(cfg: Config, run: RunFolder, has_val: bool) -> list[L.Callback]:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
@@ -152,8 +170,63 @@ def train(
     force: bool = False,
     quiet: bool = False,
 ) -> RunFolder:
-    """Train one run; return its folder. Raises ClassLabError/ConfigError on bad input."""
+    """Train one run (or each stage of a multi-stage run); return its folder.
+
+    Raises ClassLabError/ConfigError on bad input.
+    """
     cfg = coerce_config(config, overrides)
+    if cfg.stages:
+        return _train_stages(cfg, resume=resume, force=force, quiet=quiet)
+    return _train_one(cfg, config, overrides, resume=resume, force=force, quiet=quiet)
+
+
+def _train_stages(cfg: Config, *, resume: bool, force: bool, quiet: bool) -> RunFolder:
+    """Stages run in sequence in ``<run>/stageK/``, each starting from the previous stage's final weights.
+
+    This is the FixRes recipe's shape: train at a low resolution, fine-tune at a higher one.
+    """
+    from classlab.config import stage_config
+
+    top, cfg = _make_run(cfg, resume, force)
+    if not resume:
+        top.path.mkdir(parents=True, exist_ok=False)
+        top.write_config(cfg.to_dict())
+        top.update_summary(status="running", exp_name=top.path.name, stages=[])
+    results = []
+    previous: Path | None = None
+    for k in range(len(cfg.stages)):
+        stage = stage_config(cfg, k).model_copy(update={"exp_name": f"stage{k + 1}"})
+        stage.run.root = str(top.path)
+        folder = RunFolder(top.path / f"stage{k + 1}")
+        status = folder.summary().get("status") if (folder.path / "summary.json").is_file() else None
+        if status != "finished":
+            if not quiet:
+                Console(soft_wrap=True).print(f"[bold]stage {k + 1}/{len(cfg.stages)}[/bold]")
+            _train_one(stage, stage, None, resume=status is not None, force=False, quiet=quiet, start_from=previous)
+        results.append(folder.summary())
+        previous = folder.checkpoint("last")
+        top.update_summary(stages=results)
+    if (top.path / "stage1" / "classes.json").is_file():
+        top.write_classes(RunFolder(top.path / "stage1").read_classes())
+    final = results[-1]
+    top.update_summary(
+        status="finished",
+        **{k: final.get(k) for k in ("test_acc", "test_acc5", "best_val_acc", "params") if k in final},
+        wall_time_s=round(sum(r.get("wall_time_s", 0.0) for r in results), 2),
+    )
+    return top
+
+
+def _train_one(
+    cfg: Config,
+    config: Config | str | Path | dict | None,
+    overrides: list[str] | None,
+    *,
+    resume: bool,
+    force: bool,
+    quiet: bool,
+    start_from: Path | None = None,
+) -> RunFolder:
     console = Console(quiet=quiet, stderr=False, highlight=False, soft_wrap=True)
     run, cfg = _make_run(cfg, resume, force)
     saved_split = None
@@ -188,6 +261,8 @@ def train(
 
             atomic_write_text(run.path / "skipped_images.txt", "\n".join(data.bad) + "\n")
     model = build_network(cfg, data)
+    if start_from is not None and not resume:
+        _load_stage_weights(model.net, start_from)
     params = count_params(model.net)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -15,7 +15,7 @@ import torch
 from classlab.config import Config
 from classlab.data.loaders import MemoryLoader, decode, decoded_bytes, stream_loader
 from classlab.data.preprocess import compute_stats
-from classlab.data.sources import Source, check_readable, open_dataset, training_size
+from classlab.data.sources import UNLABELED, Source, check_readable, open_dataset, training_size
 from classlab.data.splits import make_split
 from classlab.errors import ClassLabError
 
@@ -113,6 +113,11 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
     if problems and not cfg.data.skip_bad_images:
         raise DataProblems(problems)
     classes = dataset.classes
+    if cfg.task == "classify" and classes == [UNLABELED]:
+        raise ClassLabError(
+            f"{cfg.data.root} has images but no class folders: put them in <root>/<class>/ to classify, "
+            "or pretrain on them with `classlab pretrain rotation` (task: rotation)"
+        )
     if cfg.task == "classify" and len(classes) < 2:
         raise ClassLabError(f"found {len(classes)} class(es) ({', '.join(classes)}); classification needs at least 2")
     if split is None:

@@ -28,6 +28,7 @@ from classlab.errors import ClassLabError
 
 SAMPLE_ZIP = Path(__file__).parent / "sample" / "cifar10_sample.zip"
 NATIVE_SIZE = {"sample": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "mnist": 28, "fashion_mnist": 28}
+UNLABELED = "(unlabeled)"  # the one class of a folder without class folders
 DEFAULT_FILE_SIZE = 128  # training resolution of folder/CSV images when data.image_size is not set
 
 
@@ -186,6 +187,8 @@ def _folder(cfg: DataSection) -> Dataset:
     train_dir, test_dir = root / "train", root / "test"
     split_layout = train_dir.is_dir()
     base = train_dir if split_layout else root
+    if not split_layout and not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+        return _flat_folder(root)
     per_class, problems = _scan_class_folders(base)
     if not per_class:
         raise ClassLabError(f"{base} has no class folders; put images in {base}/<class>/<image files>")
@@ -209,6 +212,26 @@ def _folder(cfg: DataSection) -> Dataset:
             raise ClassLabError(f"{test_dir} has class folders not in {train_dir}: {', '.join(unknown)}")
         test = source(test_dir, test_classes, test_problems, "test")
     return Dataset(classes, train, test, None)
+
+
+def _flat_folder(root: Path) -> Dataset:
+    """Images directly in root, no class folders: one class, which only the rotation pretext can use.
+
+    Unlabelled photo dumps are what self-supervised pretraining is for; classification on such a
+    folder stops in load_data with a message asking for class folders.
+    """
+    files, problems = [], []
+    for entry in sorted(root.iterdir(), key=lambda p: natural_key(p.name)):
+        if entry.name.startswith(".") or entry.name.lower() in IGNORED_FILES:
+            continue
+        if entry.suffix.lower() in IMAGE_EXTENSIONS:
+            files.append(entry)
+        else:
+            problems.append(f"{entry}: not an image file (extension '{entry.suffix or 'none'}')")
+    if not files:
+        raise ClassLabError(f"{root} holds no images; put images in {root}/<class>/ or directly in {root}")
+    train = _file_source("folder:train", files, [0] * len(files), root, problems)
+    return Dataset([UNLABELED], train, None, None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,9 +25,11 @@ scheduled lookahead, flip + translate TTA) is ``configs/cifar10_fast.yaml``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from classlab.errors import ConfigError
@@ -38,11 +40,9 @@ WHITEN_EPS = 5e-4  # added to the patch-covariance eigenvalues: keeps near-const
 WHITEN_IMAGES = 5000  # training images whose patches estimate the covariance (more changes nothing measurable)
 
 
-def _dirac_conv(n_in: int, n_out: int, kernel: int = 3, bias: bool = False, padding: str | int = "same") -> nn.Conv2d:
-    conv = nn.Conv2d(n_in, n_out, kernel, padding=padding, bias=bias)
+def _dirac_conv(n_in: int, n_out: int) -> nn.Conv2d:
+    conv = nn.Conv2d(n_in, n_out, 3, padding="same", bias=False)
     with torch.no_grad():
-        if bias:
-            conv.bias.zero_()
         # The first n_in filters copy their input channel: the layer starts close to the identity.
         nn.init.dirac_(conv.weight[: min(n_in, n_out)])
     return conv
@@ -72,6 +72,26 @@ class ConvGroup(nn.Module):
         return self.act(self.norm2(self.conv2(x)))
 
 
+class Whiten(nn.Module):
+    """The frozen patch-whitening conv, with its (trainable) bias kept outside the convolution.
+
+    A bias inside ``conv2d`` makes autograd run the convolution's backward kernel just to sum
+    the output gradient; as a separate add its gradient is that sum and nothing more, and the
+    frozen convolution needs no backward at all (its input is the image).
+    """
+
+    def __init__(self, n_in: int, n_out: int, kernel: int) -> None:
+        super().__init__()
+        # A random start until init_from_data replaces it, so a model built without data still trains.
+        self.weight = nn.Parameter(torch.empty(n_out, n_in, kernel, kernel), requires_grad=False)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.weight)
+        return y + self.bias.view(1, -1, 1, 1).to(y.dtype)
+
+
 class FastNet(ClassifierNet):
     """ClassifierNet with a frozen patch-whitening stem, a scaled bias-free head and the two hooks."""
 
@@ -87,8 +107,7 @@ class FastNet(ClassifierNet):
         whiten_bias_epochs: int,
     ) -> None:
         whiten_width = 2 * in_chans * whiten_kernel**2  # each eigen-filter and its negative
-        stem = nn.Sequential(_dirac_conv(in_chans, whiten_width, whiten_kernel, bias=True, padding=0), nn.GELU())
-        stem[0].weight.requires_grad_(False)  # set from the data by init_from_data, never trained
+        stem = nn.Sequential(Whiten(in_chans, whiten_width, whiten_kernel), nn.GELU())
         groups, channels = [], whiten_width
         for width in widths:
             groups.append(ConvGroup(channels, width, bn_momentum))
