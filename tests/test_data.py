@@ -166,3 +166,29 @@ def test_memory_loader_order_is_function_of_seed_and_epoch() -> None:
     b.set_epoch(3)
     assert [t.tolist() for _, t in a] != [t.tolist() for _, t in b]
     assert len(a) == 3
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """The MNIST file format: a big-endian header, then the raw uint8 values."""
+    magic = 2049 if array.ndim == 1 else 2051
+    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_mnist_files_train_single_channel(tmp_path: Path) -> None:
+    """torchvision's MNIST path end to end on small files in its format: one channel, native 28px."""
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    for prefix, n in (("train", 200), ("t10k", 50)):
+        labels = np.arange(n) % 10
+        images = (labels[:, None, None] * 25 + rng.integers(0, 5, (n, 28, 28))).astype(np.uint8)
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    cfg = load_config(
+        None, ["data.dataset=mnist", f"data.root={tmp_path / 'mnist'}", f"data.cache_dir={tmp_path / 'c'}"]
+    )
+    bundle = load_data(cfg)
+    assert bundle.channels == 1 and bundle.size == 28 and bundle.classes[0].startswith("0")
+    assert bundle.train.images.shape[1:] == (1, 28, 28)
+    assert len(bundle.train) + len(bundle.val) == 200 and len(bundle.test) == 50

@@ -41,6 +41,11 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
 
+    def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+
 
 def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
     from classlab.config import dump_yaml, load_config

@@ -120,12 +120,19 @@ class OptimSection(Section):
     lookahead: bool = False
     lookahead_k: int = Field(5, ge=1)
     lookahead_alpha: float = Field(0.5, gt=0.0, le=1.0)
+    lookahead_schedule: Literal["constant", "cubic"] = Field(
+        "constant", description="cubic: alpha falls from 1 to lookahead_alpha as (step/total)^3, BN stats too"
+    )
     backbone_lr_scale: float = Field(1.0, ge=0.0)
+    norm_lr_scale: float = Field(
+        1.0, gt=0.0, description="lr multiplier of normalization layers' parameters; their weight decay / it"
+    )
 
 
 class SchedSection(Section):
-    name: Literal["multistep", "cosine", "restarts", "onecycle", "cyclic", "plateau", "constant"] = "cosine"
+    name: Literal["multistep", "cosine", "restarts", "onecycle", "cyclic", "plateau", "constant", "triangle"] = "cosine"
     warmup_epochs: float = Field(0.0, ge=0.0)
+    start_factor: float = Field(0.2, ge=0.0, le=1.0, description="triangle: lr at step 0 as a fraction of the peak")
     milestones: list[float] = Field(
         default_factory=list, description="epochs at which multistep multiplies lr by gamma"
     )
@@ -159,6 +166,7 @@ class TrainerSection(Section):
     compile: bool = False
     progress: bool = True
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (smoke runs)")
+    test_tta: str | None = Field(None, description="views for the final test, e.g. 'flip,translate' (engine.tta)")
 
 
 class Config(Section):

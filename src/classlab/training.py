@@ -83,7 +83,13 @@ def build_network(cfg: Config, data: DataBundle) -> ClassifierModel:
         ckpt = safe_torch_load(resolve_init_from(cfg.model.init_from))
         state = {k.removeprefix("model.net."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.net.")}
         load_backbone_weights(net, state)
-    return ClassifierModel(Normalize(data.mean, data.std), net)
+    normalize = Normalize(data.mean, data.std)
+    init_from_data = getattr(net, "init_from_data", None)
+    if callable(init_from_data) and not cfg.model.init_from and data.train.images is not None:
+        # Layers set from the data before the first step (fastnet's patch whitening): the same
+        # normalised images the network will see, a few thousand of them.
+        init_from_data(normalize(data.train.images[:5000]))
+    return ClassifierModel(normalize, net)
 
 
 def _load_stage_weights(net: torch.nn.Module, path: Path) -> None:
@@ -104,7 +110,7 @@ def _load_stage_weights(net: torch.nn.Module, path: Path) -> None:
     net.load_state_dict(fitting, strict=False)
 
 
-def _checkpoint_callbacks(cfg: Config, run: RunFolder, has_val: bool) -> list[L.Callback]:
+def _checkpoint_callbacks(cfg: Config, run: RunFolder, has_val: bool, steps_per_epoch: int = 1) -> list[L.Callback]:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     callbacks: list[L.Callback] = []
@@ -130,6 +136,12 @@ def _checkpoint_callbacks(cfg: Config, run: RunFolder, has_val: bool) -> list[L.
         from classlab.engine.ema import EMACallback
 
         callbacks.append(EMACallback(cfg.trainer.ema_decay))
+    if cfg.optim.lookahead and cfg.optim.lookahead_schedule == "cubic":
+        from classlab.engine.optim import ScheduledLookahead
+
+        total = cfg.epochs * steps_per_epoch
+        total = min(total, cfg.trainer.max_steps) if cfg.trainer.max_steps else total
+        callbacks.append(ScheduledLookahead(cfg.optim.lookahead_k, cfg.optim.lookahead_alpha, total))
     return callbacks
 
 
@@ -323,7 +335,7 @@ def _train_one(
         else ("warn" if cfg.trainer.deterministic else False),
         callbacks=[
             recorder,
-            *_checkpoint_callbacks(cfg, run, val_loader is not None),
+            *_checkpoint_callbacks(cfg, run, val_loader is not None, len(train_loader)),
             *_progress(console, cfg.trainer.progress and not quiet),
         ],
         logger=_tb_logger(run),
@@ -360,6 +372,41 @@ def _tb_logger(run: RunFolder) -> Any:
     return TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False)
 
 
+def _autocast(cfg: Config, device: torch.device) -> Any:
+    import contextlib
+
+    if cfg.trainer.precision.startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def _tta_test(
+    model: torch.nn.Module, loader: Any, modes: str, size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(plain logits, labels, TTA probabilities) in one pass: the first view is the image itself."""
+    from classlab.engine.tta import average_softmax, parse_tta, tta_views
+
+    plan = parse_tta(modes, size)
+    if plan.scales:
+        raise ClassLabError(f"trainer.test_tta={modes!r}: only batch-level views (flip, translate) at the final test")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    plain, probs, labels = [], [], []
+    try:
+        for x, y in loader:
+            views = tta_views(x.to(device), plan.batch_modes, size)
+            plain.append(model(views[0]).float().cpu())
+            probs.append(
+                ((average_softmax(model, views[1:]) * (len(views) - 1)).cpu() + plain[-1].softmax(1)) / len(views)
+            )
+            labels.append(y)
+    finally:
+        model.train(was_training)
+    return torch.cat(plain), torch.cat(labels), torch.cat(probs)
+
+
 def _finish(
     run: RunFolder, cfg: Config, data: DataBundle, task: ClassifyTask, recorder: RunRecorder, console: Console
 ) -> RunFolder:
@@ -375,14 +422,23 @@ def _finish(
         best = max(val_rows, key=lambda r: float(r["val/acc"]))
         summary.update(best_val_acc=float(best["val/acc"]), best_epoch=int(best["epoch"]))
     if data.test is not None and len(data.test):
+        tested = time.perf_counter()
         state = safe_torch_load(run.checkpoint(best_name))["state_dict"]
         task.load_state_dict(state, strict=False)
         loader = data.test.loader(cfg.data.batch_size, shuffle=False, seed=0, size=data.size, workers=cfg.data.workers)
-        logits, labels = predict_logits(task.model, loader, rotation=cfg.task == "rotation")
+        # The test runs in the training precision: bf16 weights were trained to work in bf16, and
+        # for the fast recipe the (TTA) test is part of the timed run.
+        with _autocast(cfg, task.device):
+            if cfg.trainer.test_tta and cfg.task != "rotation":
+                logits, labels, tta_probs = _tta_test(task.model, loader, cfg.trainer.test_tta, data.size)
+                summary.update(test_acc_tta=top_k_accuracy(tta_probs, labels, 1), test_tta=cfg.trainer.test_tta)
+            else:
+                logits, labels = predict_logits(task.model, loader, rotation=cfg.task == "rotation")
         summary.update(
             test_acc=top_k_accuracy(logits, labels, 1),
             test_acc5=top_k_accuracy(logits, labels, min(5, logits.shape[1])),
             test_checkpoint=best_name,
+            test_time_s=round(time.perf_counter() - tested, 2),
         )
     summary.update(status="finished", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     run.update_summary(**summary)
