@@ -192,3 +192,19 @@ def test_mnist_files_train_single_channel(tmp_path: Path) -> None:
     assert bundle.channels == 1 and bundle.size == 28 and bundle.classes[0].startswith("0")
     assert bundle.train.images.shape[1:] == (1, 28, 28)
     assert len(bundle.train) + len(bundle.val) == 200 and len(bundle.test) == 50
+
+
+def test_exif_orientation_applied_and_large_jpeg_drafted(tmp_path: Path) -> None:
+    from PIL import Image
+
+    img = Image.new("RGB", (400, 200), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    img.save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    assert open_image(tmp_path / "phone.jpg").size == (200, 400)
+    big = Image.new("RGB", (2048, 1536), (10, 200, 10))
+    big.save(tmp_path / "big.jpg", quality=90)
+    drafted = open_image(tmp_path / "big.jpg", 128)
+    assert min(drafted.size) >= 128 and drafted.size[0] < 2048
+    t = image_to_tensor(drafted, 128, 3)
+    assert t.shape == (3, 128, 128) and abs(int(t[1].float().mean()) - 200) < 5

@@ -68,7 +68,7 @@ def decode(source: Source, size: int, cache_dir: str | Path | None = None, threa
         try:
             if source.array is not None:
                 return array_to_tensor(source.array[i], size, channels)
-            return image_to_tensor(source.read(i), size, channels)
+            return image_to_tensor(source.read(i, size), size, channels)
         except BadImage as exc:
             return f"{source.describe(i)}: {exc}"
 
@@ -159,7 +159,9 @@ class StreamDataset(TorchDataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         j = int(self.indices[i])
-        return image_to_tensor(self.source.read(j), self.size, self.source.channels), int(self.source.labels[j])
+        return image_to_tensor(self.source.read(j, self.size), self.size, self.source.channels), int(
+            self.source.labels[j]
+        )
 
 
 def stream_loader(

@@ -165,6 +165,6 @@ def _stats(train: Part, size: int, per_pixel: bool) -> tuple[torch.Tensor, torch
     from classlab.data.preprocess import image_to_tensor
 
     sample = torch.stack(
-        [image_to_tensor(train.source.read(int(train.indices[i])), size, train.source.channels) for i in take]
+        [image_to_tensor(train.source.read(int(train.indices[i]), size), size, train.source.channels) for i in take]
     )
     return compute_stats(sample, per_pixel)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import nn
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
@@ -27,13 +27,21 @@ class BadImage(Exception):
     """An image file that cannot be decoded; the message says why in a few words."""
 
 
-def open_image(source: str | Path | bytes) -> Image.Image:
-    """Decode fully (so truncation is caught here, not in the middle of an epoch)."""
+def open_image(source: str | Path | bytes, size: int | None = None) -> Image.Image:
+    """Decode fully (so truncation is caught here, not in the middle of an epoch), upright.
+
+    ``size`` lets a large JPEG decode at a reduced scale that still covers ``size`` pixels on
+    its shorter side: a 12-megapixel photo bound for 128 pixels decodes many times faster.
+    Phone photos carry their orientation in EXIF; it is applied so images train upright.
+    """
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else source
         with Image.open(handle) as img:
+            if size and img.format == "JPEG":
+                img.draft(img.mode, (size, size))
             img.load()
-            return img.copy() if img.mode != "P" else img.convert("RGBA")
+            img = ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img.copy()
+            return img if img.mode != "P" else img.convert("RGBA")
     except UnidentifiedImageError:
         raise BadImage("not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -92,7 +100,7 @@ def array_to_tensor(arr: np.ndarray | torch.Tensor, size: int, channels: int = 3
 
 
 def load_tensor(path: str | Path | bytes, size: int, channels: int = 3) -> torch.Tensor:
-    return image_to_tensor(open_image(path), size, channels)
+    return image_to_tensor(open_image(path, size), size, channels)
 
 
 class Normalize(nn.Module):

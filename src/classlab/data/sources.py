@@ -34,11 +34,15 @@ DEFAULT_FILE_SIZE = 128  # training resolution of folder/CSV images when data.im
 
 @dataclass
 class Source:
-    """Images ``0..n-1`` with labels; ``read(i)`` gives image i as a PIL image."""
+    """Images ``0..n-1`` with labels; ``read(i, size)`` gives image i as a PIL image.
+
+    ``size`` is a hint that the image is bound for that resolution (large JPEGs then decode at
+    a reduced scale); without it the image comes at its full size (multi-scale testing).
+    """
 
     name: str
     labels: np.ndarray
-    read: Callable[[int], Image.Image]
+    read: Callable[..., Image.Image]
     describe: Callable[[int], str]
     fingerprint: str
     channels: int = 3
@@ -107,9 +111,9 @@ def _sample(cfg: DataSection) -> Dataset:
         members = [n for n in names if n.startswith(split + "/")]
         labels = np.array([index[n.split("/")[1]] for n in members], dtype=np.int64)
 
-        def read(i: int) -> Image.Image:
+        def read(i: int, size: int | None = None) -> Image.Image:
             with zipfile.ZipFile(SAMPLE_ZIP) as archive:
-                return open_image(archive.read(members[i]))
+                return open_image(archive.read(members[i]), size)
 
         return Source(
             name=f"sample/{split}",
@@ -171,7 +175,7 @@ def _file_source(name: str, files: list[Path], labels: list[int], root: Path, pr
     return Source(
         name=name,
         labels=np.array(labels, dtype=np.int64),
-        read=lambda i: open_image(files[i]),
+        read=lambda i, size=None: open_image(files[i], size),
         describe=lambda i: str(files[i]),
         fingerprint=_digest(name, str(root), stats),
         problems=problems,
@@ -354,7 +358,7 @@ def _torchvision(cfg: DataSection) -> Dataset:
         return Source(
             name=f"{name}/{split}",
             labels=labels,
-            read=lambda i: Image.fromarray(data[i]),
+            read=lambda i, size=None: Image.fromarray(data[i]),
             describe=lambda i: f"{name}:{split}[{i}]",
             fingerprint=_digest(name, split, data.shape, int(data[:64].sum())),
             channels=channels,
@@ -385,7 +389,7 @@ def check_readable(source: Source) -> list[str]:
     bad = []
     for i in range(len(source)):
         try:
-            source.read(i)
+            source.read(i, 64)
         except BadImage as exc:
             bad.append(f"{source.describe(i)}: {exc}")
     return bad
