@@ -208,3 +208,15 @@ def test_exif_orientation_applied_and_large_jpeg_drafted(tmp_path: Path) -> None
     assert min(drafted.size) >= 128 and drafted.size[0] < 2048
     t = image_to_tensor(drafted, 128, 3)
     assert t.shape == (3, 128, 128) and abs(int(t[1].float().mean()) - 200) < 5
+
+
+def test_per_pixel_mean_image() -> None:
+    from classlab.data.preprocess import Normalize, compute_stats
+
+    images = torch.zeros(4, 3, 2, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0] = 255
+    mean, std = compute_stats(images, per_pixel=True)
+    assert mean.shape == (3, 2, 2) and mean[0, 0, 0] == 1.0 and mean[0, 1, 1] == 0.0 and torch.all(std == 1)
+    assert torch.all(Normalize(mean, std)(images) == 0)
+    channel_mean, channel_std = compute_stats(images)
+    assert channel_mean.shape == (3,) and channel_mean[0] == pytest.approx(0.25)

@@ -262,6 +262,10 @@ def _train_one(
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     data = load_data(cfg, split=saved_split)
+    # The model is built (parameter budget, init_from, stage weights) before the run folder exists.
+    model = build_network(cfg, data)
+    if start_from is not None and not resume:
+        _load_stage_weights(model.net, start_from)
     is_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
     if is_zero and not resume:
         run.path.mkdir(parents=True, exist_ok=False)
@@ -272,9 +276,6 @@ def _train_one(
             from classlab.run import atomic_write_text
 
             atomic_write_text(run.path / "skipped_images.txt", "\n".join(data.bad) + "\n")
-    model = build_network(cfg, data)
-    if start_from is not None and not resume:
-        _load_stage_weights(model.net, start_from)
     params = count_params(model.net)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -113,7 +113,9 @@ class Normalize(nn.Module):
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         super().__init__()
         if mean.ndim == 1:
-            mean, std = mean[:, None, None], std[:, None, None]
+            mean = mean[:, None, None]
+        if std.ndim == 1:
+            std = std[:, None, None]
         self.register_buffer("mean", mean.float().clone())
         self.register_buffer("std", std.float().clone())
 
@@ -124,7 +126,10 @@ class Normalize(nn.Module):
 
 
 def compute_stats(images: torch.Tensor, per_pixel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std in [0, 1] units of a uint8 (N, C, H, W) tensor, computed in chunks."""
+    """Mean and std in [0, 1] units of a uint8 (N, C, H, W) tensor, computed in chunks.
+
+    ``per_pixel`` gives the mean image (C, H, W) and a unit std, as in the ResNet paper.
+    """
     n, c = images.shape[:2]
     total = torch.zeros(images.shape[1:], dtype=torch.float64)
     total_sq = torch.zeros(c, dtype=torch.float64)
@@ -135,5 +140,7 @@ def compute_stats(images: torch.Tensor, per_pixel: bool = False) -> tuple[torch.
     pixels = n * images.shape[2] * images.shape[3]
     channel_mean = total.sum((1, 2)) / pixels
     std = (total_sq / pixels - channel_mean.pow(2)).clamp_min(1e-12).sqrt()
-    mean = total / n if per_pixel else channel_mean
-    return mean.float(), std.float().clamp_min(1e-3)
+    if per_pixel:
+        # He et al. (2016) subtract the per-pixel mean image and do not divide by a deviation.
+        return (total / n).float(), torch.ones(c)
+    return channel_mean.float(), std.float().clamp_min(1e-3)

@@ -111,6 +111,17 @@ def registered_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def resolve_preset_alias(spec: dict[str, Any]) -> dict[str, Any]:
+    """``name: mixer_s4`` means family mlp_mixer with preset mixer_s4: presets are names users know."""
+    name = spec.get("name", "")
+    if name in _REGISTRY or name.startswith(TIMM_PREFIX) or spec.get("preset"):
+        return spec
+    owners = [family for family, entry in _REGISTRY.items() if name in entry.presets]
+    if len(owners) == 1:
+        return {**spec, "name": owners[0], "preset": name}
+    return spec
+
+
 def get_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
         raise ConfigError(
@@ -219,6 +230,7 @@ def build_model(spec: dict[str, Any], num_classes: int, in_chans: int = 3, image
     """The model described by a config's ``model:`` section, ready to train."""
     from classlab.models import surgery, timm_net
 
+    spec = resolve_preset_alias(spec)
     validate_generic_keys(spec)
     params = family_params(spec)
     name = spec["name"]
@@ -271,6 +283,7 @@ def validate_model_spec(
     is used only to exercise the build); without ``num_classes`` so is
     ``max_params``, whose count depends on the number of classes.
     """
+    spec = resolve_preset_alias(spec)
     validate_generic_keys(spec)
     family_params(spec)
     name = spec["name"]

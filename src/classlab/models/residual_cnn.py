@@ -68,7 +68,7 @@ def build_residual_cnn(
     image_size: int,
     widths: list[int] | tuple[int, ...] = tuple(TEMPLATE_WIDTHS),
     block_size: str = "small",
-    pool: str = "p",
+    pool: str = "p3",
 ) -> ClassifierNet:
     """Stem: 7x7 stride-2 conv + 3x3 stride-2 max-pool (ImageNet style, so 32x32 becomes 8x8).
 
