@@ -268,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClassLabError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # `classlab models | head`: the reader left; that is not an error of ours.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted: last.ckpt written, run marked interrupted; continue with --resume", file=sys.stderr)
         return 130

@@ -1,0 +1,71 @@
+"""Error analysis: per-class precision/recall/F1, calibration error, and the files ``eval --report`` writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import classlab
+from classlab.report_eval import calibration, per_class_scores
+from tests.conftest import run_cli, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("report")
+    classlab.train(None, tiny_config(tmp, exp_name="rep", epochs=1, **{"data.images_per_class": 30}), quiet=True)
+    return tmp / "runs" / "rep"
+
+
+def test_per_class_scores_by_hand() -> None:
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 0, 1, 1, 0, 0])
+    rows = {r["class"]: r for r in per_class_scores(pred, labels, ["a", "b", "c"])}
+    assert rows["a"]["precision"] == pytest.approx(2 / 4) and rows["a"]["recall"] == pytest.approx(2 / 3)
+    assert rows["a"]["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+    assert rows["b"]["precision"] == pytest.approx(1 / 2) and rows["b"]["recall"] == pytest.approx(1 / 2)
+    assert rows["c"] == {"class": "c", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+
+
+def test_ece_by_hand() -> None:
+    # Two confident predictions (0.9), one right one wrong -> |0.5 - 0.9| on half the data;
+    # two at 0.6, both right -> |1.0 - 0.6| on the other half. ECE = 0.5 * 0.4 + 0.5 * 0.4.
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.4, 0.6]])
+    labels = torch.tensor([0, 1, 0, 1])
+    cal = calibration(probs, labels)
+    assert cal["ece"] == pytest.approx(0.4) and len(cal["bins"]) == 15
+    assert sum(b["count"] for b in cal["bins"]) == 4
+    perfect = calibration(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
+    assert perfect["ece"] == pytest.approx(0.0)
+
+
+def test_eval_report_writes_files_and_table(tiny_run: Path) -> None:
+    result = run_cli("eval", str(tiny_run), "--report")
+    assert result.returncode == 0, result.stderr
+    assert (
+        "precision" in result.stdout and "macro avg" in result.stdout and "expected calibration error" in result.stdout
+    )
+    out = tiny_run / "eval" / "test"
+    rows = list(csv.DictReader(open(out / "per_class.csv")))
+    assert [r["class"] for r in rows][:2] == ["airplane", "automobile"] and sum(int(r["support"]) for r in rows) == 1000
+    for name in ("confident_errors.png", "reliability.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG" and (out / name).stat().st_size > 5000
+    report = json.loads((out / "report.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= report["ece"] <= 1 and metrics["report"]["ece"] == pytest.approx(report["ece"])
+    errors = report["confident_errors"]
+    assert errors and all(e["true"] != e["predicted"] for e in errors)
+    assert [e["confidence"] for e in errors] == sorted((e["confidence"] for e in errors), reverse=True)
+    # Recall of each class is the per-class accuracy eval already printed.
+    for r in rows:
+        assert float(r["recall"]) == pytest.approx(metrics["per_class"][r["class"]], abs=1e-6)
+
+
+def test_report_with_tta_uses_tta_predictions(tiny_run: Path) -> None:
+    metrics = classlab.evaluate(tiny_run, split="val", tta="flip", report=True)
+    report = json.loads((tiny_run / "eval" / "val" / "report.json").read_text())
+    assert report["predictions"] == "tta:flip" and "tta" in metrics

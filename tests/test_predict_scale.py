@@ -1,0 +1,109 @@
+"""Predict at scale: streamed CSV, progress with images/s, unreadable files listed and skipped."""
+
+from __future__ import annotations
+
+import csv
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import classlab
+from classlab.errors import ClassLabError
+from tests.conftest import run_cli, tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("scale")
+    classlab.train(None, tiny_config(tmp, exp_name="scale", epochs=1, **{"data.images_per_class": 30}), quiet=True)
+    return tmp / "runs" / "scale"
+
+
+def make_folder(root: Path, n: int, broken: int, seed: int = 0) -> list[str]:
+    """``n`` small random images in a few sub-folders plus ``broken`` damaged files; returns the broken names."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        size = int(rng.choice([12, 16, 24, 40]))
+        path = root / f"part{i % 7}" / f"img{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (size, size + i % 5, 3), dtype=np.uint8)).save(path)
+    names = []
+    for j in range(broken):
+        path = root / f"part{j % 7}" / f"broken{j}.{'png' if j % 2 else 'jpg'}"
+        if j % 2:  # a truncated PNG
+            good = (root / "part0" / "img0.png").read_bytes()
+            path.write_bytes(good[: len(good) // 2])
+        else:  # not an image at all
+            path.write_bytes(random.Random(j).randbytes(100))
+        names.append(path.name)
+    return names
+
+
+def test_folder_with_broken_files(tiny_run: Path, tmp_path: Path) -> None:
+    images = tmp_path / "imgs"
+    broken = make_folder(images, 300, 6)
+    out = tmp_path / "out" / "pred.csv"
+    result = run_cli("predict", str(tiny_run), str(images), "--out", str(out), "--batch-size", "64")
+    assert result.returncode == 0, result.stderr
+    assert "images/s" in result.stderr and "306/306 images" in result.stderr  # progress
+    assert "wrote 306 predictions" in result.stdout and "images/s" in result.stdout
+    assert "6 file(s) could not be read" in result.stderr
+    assert all(name in result.stderr for name in broken)  # listed at the end
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 306 and not list(out.parent.glob("*.tmp"))
+    bad = {Path(r["path"]).name for r in rows if r["error"]}
+    assert bad == set(broken)
+    assert all(r["class"] and not r["error"] for r in rows if Path(r["path"]).name not in bad)
+    # Natural order: img2 before img10 inside a folder.
+    part0 = [Path(r["path"]).name for r in rows if "/part0/" in r["path"] and r["path"].endswith(".png")]
+    assert part0.index("img7.png") < part0.index("img14.png")
+
+
+def test_api_streams_unless_rows_wanted(tiny_run: Path, tmp_path: Path) -> None:
+    images = tmp_path / "imgs"
+    make_folder(images, 40, 2)
+    streamed = classlab.predict(tiny_run, [images], tmp_path / "p.csv", batch_size=16)
+    assert streamed.rows is None and len(streamed) == 42 and streamed.failed_count == 2
+    assert len(streamed.failed) == 2 and streamed.images_per_s > 0
+    with pytest.raises(ClassLabError, match="keep_rows=True"):
+        list(streamed)
+    kept = classlab.predict(tiny_run, [images], batch_size=16)  # no CSV: the rows are the result
+    assert kept.rows is not None and len(list(kept)) == 42
+    csv_rows = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [r["class"] for r in csv_rows] == [r["class"] for r in kept]
+
+
+def test_failure_leaves_no_partial_csv(tiny_run: Path, tmp_path: Path) -> None:
+    images = tmp_path / "imgs"
+    make_folder(images, 10, 0)
+    out = tmp_path / "pred.csv"
+    out.write_text("old\n")
+    with pytest.raises(ClassLabError):
+        classlab.predict(tiny_run, [images], out, backend="tflite")
+    assert out.read_text() == "old\n" and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_ten_thousand_images_bounded_memory(tiny_run: Path, tmp_path: Path) -> None:
+    images = tmp_path / "many"
+    make_folder(images, 10_000, 20)
+    out = tmp_path / "many.csv"
+    code = (
+        "import resource, sys, classlab;"
+        f"r = classlab.predict({str(tiny_run)!r}, [{str(images)!r}], {str(out)!r}, progress=True);"
+        "print(r.count, r.failed_count, round(r.images_per_s),"
+        " resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    count, failed, rate, peak_mb = map(int, result.stdout.split())
+    print(f"10,020 files: {rate} images/s, peak RSS {peak_mb} MB")
+    assert count == 10_020 and failed == 20 and rate > 0
+    assert peak_mb < 1500, f"peak resident memory {peak_mb} MB"
+    with open(out) as handle:
+        assert sum(1 for _ in handle) == 10_021

@@ -1,0 +1,56 @@
+"""The shipped recipes: each validates, builds, and keeps the structure its header promises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from classlab.config import load_config, stage_config
+from classlab.models import build_model, count_params
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_recipe_validates(path: Path) -> None:
+    load_config(path)
+
+
+def test_resnet32_recipe_is_he_et_al() -> None:
+    cfg = load_config(CONFIGS / "cifar10_resnet32.yaml")
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay, cfg.data.batch_size) == (0.1, 0.9, 1e-4, 128)
+    steps_per_epoch = 45_000 // 128
+    assert [round(m * steps_per_epoch) for m in cfg.sched.milestones] == [32_000, 48_000]
+    assert abs(cfg.epochs * steps_per_epoch - 64_000) < steps_per_epoch
+    assert cfg.aug.mean_subtraction == "pixel" and cfg.optim.decay_norm_and_bias
+    params = count_params(build_model(cfg.model.spec(), 10, 3, 32))
+    assert abs(params - 0.46e6) / 0.46e6 < 0.02
+
+
+def test_stl10_recipe_two_stages_under_2m() -> None:
+    cfg = load_config(CONFIGS / "stl10_2m.yaml")
+    first, second = stage_config(cfg, 0), stage_config(cfg, 1)
+    assert (first.data.image_size, first.epochs) == (70, 300)
+    assert (second.data.image_size, second.epochs) == (120, 140)
+    assert cfg.sched.name == "restarts" and cfg.sched.restart_decay < 1
+    assert cfg.aug.vflip and cfg.aug.rotation == 45 and cfg.data.images_per_class is None
+    params = count_params(build_model(cfg.model.spec(), 10, 3, 70))
+    assert params <= 2_000_000 and params > 1_990_000
+
+
+PUBLISHED = {
+    "normal_cnn": 1_183_322,
+    "residual_cnn": 1_134_026,
+    "mixer_s4": 273_674,
+    "mixer_s2": 1_062_026,
+    "mixer_b4": 698_186,
+    "mixer_b2": 1_756_106,
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_template_compare_models_match_published_counts(name: str) -> None:
+    cfg = load_config(CONFIGS / "cifar10_template_compare.yaml", [f"model.name={name}"])
+    params = count_params(build_model(cfg.model.spec(), 10, 3, 32))
+    assert abs(params - PUBLISHED[name]) / PUBLISHED[name] < 0.01
