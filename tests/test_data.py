@@ -220,3 +220,15 @@ def test_per_pixel_mean_image() -> None:
     assert torch.all(Normalize(mean, std)(images) == 0)
     channel_mean, channel_std = compute_stats(images)
     assert channel_mean.shape == (3,) and channel_mean[0] == pytest.approx(0.25)
+
+
+def test_folder_trains_at_its_own_size_capped(tmp_path: Path) -> None:
+    from classlab.data.sources import DEFAULT_FILE_SIZE, training_size
+
+    for c in ("a", "b"):
+        make_image(tmp_path / "small" / c / "1.png", (0, 0, 0), size=20)
+        make_image(tmp_path / "big" / c / "1.png", (0, 0, 0), size=300)
+    small = load_config(None, ["data.dataset=folder", f"data.root={tmp_path / 'small'}"]).data
+    big = load_config(None, ["data.dataset=folder", f"data.root={tmp_path / 'big'}"]).data
+    assert training_size(small, open_dataset(small)) == 20
+    assert training_size(big, open_dataset(big)) == DEFAULT_FILE_SIZE

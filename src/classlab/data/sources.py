@@ -48,6 +48,7 @@ class Source:
     channels: int = 3
     groups: np.ndarray | None = None
     array: np.ndarray | None = None  # uint8 NHWC when the whole set is already in memory
+    files: list[Path] | None = None  # the image files, for sources that read files
     problems: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -62,6 +63,7 @@ class Dataset:
     train: Source
     test: Source | None
     native_size: int | None
+    tasks: dict[str, list[str]] | None = None  # multitask: task name -> its classes; ``classes`` is their product
 
 
 def natural_key(text: str) -> list[object]:
@@ -179,6 +181,7 @@ def _file_source(name: str, files: list[Path], labels: list[int], root: Path, pr
         describe=lambda i: str(files[i]),
         fingerprint=_digest(name, str(root), stats),
         problems=problems,
+        files=files,
     )
 
 
@@ -243,7 +246,13 @@ def _flat_folder(root: Path) -> Dataset:
 # ---------------------------------------------------------------------------------------------
 
 
-def _csv(cfg: DataSection) -> Dataset:
+def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
+    """A manifest's images and labels; with ``tasks`` (name -> column) one label per task column.
+
+    Multi-task labels are stored as one combined label (the row-major index into the product of
+    the tasks' classes), so splitting, stratifying on the combination, caching and batching all
+    work on one integer as for plain classification; ``classlab.multitask`` takes it apart.
+    """
     root = Path(cfg.root or "").resolve()
     manifest = Path(cfg.csv_file or "")
     if not manifest.is_absolute():
@@ -256,16 +265,19 @@ def _csv(cfg: DataSection) -> Dataset:
         rows = list(reader)
     for key, col in (
         ("path_column", cfg.path_column),
-        ("label_column", cfg.label_column),
+        ("label_column", None if tasks else cfg.label_column),
         ("group_column", cfg.group_column),
+        *((f"model.tasks.{name}.column", col) for name, col in (tasks or {}).items()),
     ):
         if col is not None and col not in columns:
-            raise ClassLabError(f"{manifest}: no column '{col}' (data.{key}); its columns are: {', '.join(columns)}")
+            where = key if key.startswith("model.") else f"data.{key}"
+            raise ClassLabError(f"{manifest}: no column '{col}' ({where}); its columns are: {', '.join(columns)}")
     if not rows:
         raise ClassLabError(f"{manifest} has no rows")
     problems: list[str] = []
     files: list[Path] = []
     raw_labels: list[str] = []
+    task_values: list[tuple[str, ...]] = []
     groups: list[str] = []
     for line, row in enumerate(rows, start=2):
         rel = (row.get(cfg.path_column) or "").strip()
@@ -274,7 +286,15 @@ def _csv(cfg: DataSection) -> Dataset:
             raise ClassLabError(
                 f"{manifest}, line {line}: path '{rel}' is outside data.root {root}; paths must stay inside it"
             )
-        label = (row.get(cfg.label_column) or "").strip()
+        if tasks:
+            values = tuple((row.get(col) or "").strip() for col in tasks.values())
+            empty = [name for name, v in zip(tasks, values) if not v]
+            if empty:
+                problems.append(f"{manifest}, line {line}: empty label of task(s) {', '.join(empty)}")
+                continue
+            label = "|".join(values)
+        else:
+            label = (row.get(cfg.label_column) or "").strip()
         if not label:
             problems.append(f"{manifest}, line {line}: empty label")
             continue
@@ -283,14 +303,31 @@ def _csv(cfg: DataSection) -> Dataset:
             continue
         files.append(path)
         raw_labels.append(label)
+        if tasks:
+            task_values.append(values)
         groups.append((row.get(cfg.group_column) or "") if cfg.group_column else "")
-    classes = _order_classes(sorted(set(raw_labels)), cfg.classes, str(manifest))
-    index = {c: i for i, c in enumerate(classes)}
-    source = _file_source("csv:train", files, [index[lab] for lab in raw_labels], root, problems)
-    source.fingerprint = _digest(source.fingerprint, manifest.read_bytes())
+    task_classes: dict[str, list[str]] | None = None
+    if tasks:
+        if not files:
+            raise ClassLabError(f"{manifest}: no row has a label for every task ({', '.join(tasks)})")
+        task_classes = {name: sorted({v[t] for v in task_values}, key=natural_key) for t, name in enumerate(tasks)}
+        few = [f"{name} ({', '.join(c)})" for name, c in task_classes.items() if len(c) < 2]
+        if few:
+            raise ClassLabError(f"{manifest}: each task needs at least 2 classes; these have one: {'; '.join(few)}")
+        from classlab.multitask import combined_index, combined_names
+
+        classes = combined_names(task_classes)
+        labels = combined_index(task_classes, task_values)
+    else:
+        classes = _order_classes(sorted(set(raw_labels)), cfg.classes, str(manifest))
+        index = {c: i for i, c in enumerate(classes)}
+        labels = [index[lab] for lab in raw_labels]
+    source = _file_source("csv:train", files, labels, root, problems)
+    # The task columns are part of what the labels mean: the decoded cache must not mix them up.
+    source.fingerprint = _digest(source.fingerprint, manifest.read_bytes(), *([tasks] if tasks else []))
     if cfg.group_column:
         source.groups = np.array(groups, dtype=object)
-    return Dataset(classes, source, None, None)
+    return Dataset(classes, source, None, None, tasks=task_classes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,20 +405,46 @@ def _torchvision(cfg: DataSection) -> Dataset:
     return Dataset(classes, source(parts[0], "train"), source(parts[1], "test"), NATIVE_SIZE[name])
 
 
-def open_dataset(cfg: DataSection) -> Dataset:
-    """The configured dataset's parts and class order."""
+def open_dataset(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
+    """The configured dataset's parts and class order; ``tasks`` (name -> column) for multitask manifests."""
     if cfg.dataset == "sample":
         return _sample(cfg)
     if cfg.dataset == "folder":
         return _folder(cfg)
     if cfg.dataset == "csv":
-        return _csv(cfg)
+        return _csv(cfg, tasks)
     return _torchvision(cfg)
 
 
 def training_size(cfg: DataSection, dataset: Dataset) -> int:
-    """The resolution images are brought to: data.image_size, or the data's own."""
-    return cfg.image_size or dataset.native_size or DEFAULT_FILE_SIZE
+    """The resolution images are brought to: data.image_size, or the data's own.
+
+    For folders and manifests "the data's own" is the median shorter side of a sample of files
+    (read from their headers), capped at DEFAULT_FILE_SIZE: a folder of 32-pixel images trains
+    at 32, a folder of phone photos at 128, and neither surprises anyone.
+    """
+    if cfg.image_size:
+        return cfg.image_size
+    if dataset.native_size:
+        return dataset.native_size
+    return probe_size(dataset.train)
+
+
+def probe_size(source: Source, samples: int = 64) -> int:
+    files = source.files or []
+    if not files:
+        return DEFAULT_FILE_SIZE
+    picks = np.linspace(0, len(files) - 1, num=min(samples, len(files))).round().astype(int)
+    sides = []
+    for i in sorted(set(picks.tolist())):
+        try:
+            with Image.open(files[i]) as img:
+                sides.append(min(img.size))
+        except (OSError, SyntaxError, ValueError):
+            continue
+    if not sides:
+        return DEFAULT_FILE_SIZE
+    return int(min(float(np.median(sides)), DEFAULT_FILE_SIZE))
 
 
 def check_readable(source: Source) -> list[str]:
