@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_image, run_cli, tiny_config
 from PIL import Image
 
 from classlab.data.rotation import ANGLES, rotate_batch
-from conftest import make_image, run_cli, tiny_config
 
 
 def test_rotation_labels_and_pixels_for_all_four_angles() -> None:

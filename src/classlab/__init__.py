@@ -1,6 +1,7 @@
 """classlab: image-classification experiments as one config and one command.
 
-The public functions mirror the command line: ``train``, ``evaluate``, ``predict``, ``load``.
+The public functions mirror the command line: ``train``, ``evaluate``, ``predict``, ``load``,
+``sweep``, ``compare``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "evaluate", "predict", "load", "__version__"]
+__all__ = ["train", "evaluate", "predict", "load", "sweep", "compare", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,6 +23,14 @@ def __getattr__(name: str) -> Any:
         from classlab.evaluation import evaluate
 
         return evaluate
+    if name == "sweep":
+        from classlab.sweep import sweep
+
+        return sweep
+    if name == "compare":
+        from classlab.report import compare
+
+        return compare
     if name in ("predict", "load"):
         from classlab import inference
 

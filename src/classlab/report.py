@@ -262,7 +262,8 @@ def plot_metric(runs: list[RunData], x: str, groups: list[str], metric: str, pat
         xv, yv = run.config.get(x), run.summary.get(metric)
         if not isinstance(xv, int | float) or not isinstance(yv, int | float):
             continue
-        label = ", ".join(f"{g.rsplit('.', 1)[-1]}={_cell(run.config.get(g))}" for g in groups) or metric
+        shown = [(g.rsplit(".", 1)[-1], run.config.get(g)) for g in groups]
+        label = ", ".join(f"{k}={'none' if v is None else _cell(v)}" for k, v in shown) or metric
         lines[label][float(xv)].append(float(yv))
     if not lines:
         return None

@@ -1,0 +1,96 @@
+"""compare: the table holds the runs' own summary values and config keys; plots and CSV are written."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import run_cli
+
+from classlab.errors import ClassLabError
+from classlab.report import compare, flatten
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _fake_run(root: Path, name: str, ipc: int, init: str | None, test_acc: float, status: str = "finished") -> Path:
+    """A run folder as training leaves it (compare reads only these files)."""
+    run = root / name
+    (run / "checkpoints").mkdir(parents=True)
+    config = {
+        "exp_name": name,
+        "run": {"root": str(root)},
+        "data": {"dataset": "cifar10", "images_per_class": ipc},
+        "model": {"name": "cnn", "layers": [16, "p"], "init_from": init},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    summary = {"status": status, "test_acc": test_acc, "best_val_acc": test_acc + 0.01, "epochs_done": 3}
+    (run / "summary.json").write_text(json.dumps(summary))
+    rows = ["epoch,step,lr,train/loss,train/acc,val/loss,val/acc,val/acc5,time"]
+    rows += [f"{e},{e * 10},0.1,1.0,0.5,1.0,{test_acc * e / 3:.4f},0.9,{e}" for e in (1, 2, 3)]
+    (run / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    root = tmp_path / "runs" / "study"
+    for ipc, acc_s, acc_r in ((10, 0.20, 0.28), (50, 0.35, 0.40), (500, 0.60, 0.62)):
+        _fake_run(root, f"images_per_class={ipc},init_from=none", ipc, None, acc_s)
+        _fake_run(root, f"images_per_class={ipc},init_from=rot", ipc, "runs/rot", acc_r)
+    _fake_run(root, "unfinished", 10, None, 0.1, status="interrupted")
+    (root / "sweep-logs").mkdir()  # not a run: skipped
+    return root
+
+
+def test_table_matches_the_summaries_and_configs(runs: Path, tmp_path: Path) -> None:
+    table = compare([str(runs)], out=tmp_path / "out")
+    assert table.by == ["data.images_per_class", "model.init_from"]  # the keys that differ
+    assert len(table.rows) == 7
+    with open(tmp_path / "out" / "compare.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        run = runs / row["run"]
+        summary = json.loads((run / "summary.json").read_text())
+        config = flatten(yaml.safe_load((run / "config.yaml").read_text()))
+        assert row["status"] == summary["status"]
+        assert float(row["test_acc"]) == summary["test_acc"]
+        assert float(row["best_val_acc"]) == summary["best_val_acc"]
+        assert row["data.images_per_class"] == str(config["data.images_per_class"])
+        assert row["model.init_from"] == (config["model.init_from"] or "")
+    markdown = (tmp_path / "out" / "compare.md").read_text()
+    assert markdown.splitlines()[0].startswith("| run | status | data.images_per_class | model.init_from | test_acc")
+    assert "| images_per_class=500,init_from=rot | finished | 500 | runs/rot | 0.6200 |" in markdown
+    for png in ("curves.png", "test_acc_vs_data_images_per_class.png"):
+        assert (tmp_path / "out" / png).read_bytes().startswith(PNG)
+
+
+def test_cli_globs_by_and_metric(runs: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "compare",
+        str(runs / "images_per_class=*"),
+        "--by",
+        "model.init_from",
+        "--metric",
+        "test_acc",
+        "--x",
+        "data.images_per_class",
+        "--out",
+        str(tmp_path / "cli"),
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "| run | status | model.init_from | test_acc |" and len(lines) == 2 + 6 + 1
+    assert (tmp_path / "cli" / "test_acc_vs_data_images_per_class.png").is_file()
+
+
+def test_errors_are_one_line(runs: Path, tmp_path: Path) -> None:
+    with pytest.raises(ClassLabError, match="matches nothing"):
+        compare([str(tmp_path / "nope*")])
+    with pytest.raises(ClassLabError, match="in none of the runs.*did you mean 'model.init_from'"):
+        compare([str(runs)], by=["model.init_frm"], plots=False)
+    result = run_cli("compare", str(tmp_path / "missing"))
+    assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1

@@ -1,0 +1,132 @@
+"""Sweeps: grid parsing and naming, skip finished runs, resume unfinished ones, parallel and Ray runners."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, tiny_config
+
+from classlab.errors import ClassLabError, ConfigError
+from classlab.report import compare
+from classlab.sweep import expand, name_value, parse_axis, plan, split_top_level, sweep
+
+
+def test_grid_values_are_yaml_and_brackets_do_not_split() -> None:
+    assert split_top_level("10,20,[16,p,32],{a: 1, b: 2},'x,y'") == ["10", "20", "[16,p,32]", "{a: 1, b: 2}", "'x,y'"]
+    axis = parse_axis("model.layers=[16,p],[32,p,64]")
+    assert axis.values == (([16, "p"],), ([32, "p", 64],))
+    assert parse_axis("optim.lr=0.1,0.01,null").values == ((0.1,), (0.01,), (None,))
+    linked = parse_axis("data.images_per_class,epochs=[10,800],[500,16]")
+    assert linked.keys == ("data.images_per_class", "epochs") and linked.values == ((10, 800), (500, 16))
+    points = expand([linked, parse_axis("seed=0,1")])
+    assert len(points) == 4 and points[0] == {"data.images_per_class": 10, "epochs": 800, "seed": 0}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["no_equals", "a,b=[1],[2,3]", "lr=0.1,0.1", "layers=[16,p"],
+)
+def test_bad_grids_are_one_line_errors(text: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_axis(text)
+    assert "\n" not in str(err.value)
+
+
+def test_run_names_are_readable_and_safe(tmp_path: Path) -> None:
+    assert name_value("runs/study/rotation:epoch4") == "rotation@epoch4"
+    assert name_value(None) == "none" and name_value([16, "p", 32]) == "16-p-32" and name_value(0.05) == "0.05"
+    assert name_value("a b/c?") == "c-"
+    _, points = plan(
+        None,
+        tiny_config(tmp_path),
+        ["data.images_per_class=10,20", "model.init_from=null,runs/x/rot:epoch5", "optim.lr=0.1"],
+    )
+    assert [p.name for p in points][:2] == [
+        "images_per_class=10,init_from=none,lr=0.1",
+        "images_per_class=10,init_from=rot@epoch5,lr=0.1",
+    ]
+    assert all(p.path.parent == (tmp_path / "runs" / "sample_cnn").resolve() for p in points)
+
+
+def test_a_bad_grid_point_stops_the_sweep_before_anything_runs(tmp_path: Path) -> None:
+    result = run_cli("sweep", *tiny_config(tmp_path), "--grid", "optim.lr=0.1,-1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "grid point lr=-1" in result.stderr and "optim.lr" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_skips_finished_runs_and_resumes_unfinished_ones(tmp_path: Path) -> None:
+    overrides = tiny_config(tmp_path, epochs=1, **{"data.images_per_class": 20, "model.layers": "[8,p,16,p]"})
+    grid = ["optim.lr=0.05", "model.init_from=null,/nonexistent/run"]
+    said: list[str] = []
+    points = sweep(None, grid, [*overrides, "exp_name=sw"], quiet=True, say=said.append)
+    status = {p.name: p.status for p in points}
+    assert status == {"lr=0.05,init_from=none": "finished", "lr=0.05,init_from=run": "failed"}
+    failed = next(p for p in points if p.status == "failed")
+    assert "not found" in failed.error
+    root = tmp_path / "runs" / "sw"
+    manifest = json.loads((root / "sweep.json").read_text())
+    assert [r["status"] for r in manifest["runs"]] == [p.status for p in points]
+
+    # Second call: the finished runs are skipped (their files untouched), the failed ones tried again.
+    finished = root / "lr=0.05,init_from=none"
+    stamp = (finished / "summary.json").stat().st_mtime_ns
+    said.clear()
+    sweep(None, grid[:1] + ["model.init_from=null"], [*overrides, "exp_name=sw"], quiet=True, say=said.append)
+    assert said[0].endswith("1 runs, 1 finished (skipped), 0 to resume, 0 to start")
+    assert (finished / "summary.json").stat().st_mtime_ns == stamp
+
+    # An interrupted run (as Ctrl-C or a killed session leaves it) is resumed in its own folder.
+    summary = json.loads((finished / "summary.json").read_text())
+    (finished / "summary.json").write_text(json.dumps(dict(summary, status="interrupted")))
+    said.clear()
+    points = sweep(None, grid[:1] + ["model.init_from=null"], [*overrides, "exp_name=sw"], quiet=True, say=said.append)
+    assert "1 to resume" in said[0] and all(p.status == "finished" for p in points)
+    assert json.loads((finished / "summary.json").read_text())["status"] == "finished"
+    assert not list(root.glob("*.old-*"))  # resumed, not moved aside
+
+    # compare reads the same folders: its table holds each run's summary values.
+    table = compare([str(root)], metrics=["test_acc", "best_val_acc"], out=tmp_path / "cmp", plots=False)
+    finished_rows = [r for r in table.rows if r["status"] == "finished"]
+    assert len(finished_rows) == 1
+    for row in finished_rows:
+        summary = json.loads((root / row["run"] / "summary.json").read_text())
+        assert row["test_acc"] == summary["test_acc"] and row["best_val_acc"] == summary["best_val_acc"]
+
+
+@pytest.mark.slow
+def test_parallel_jobs_run_as_subprocesses(tmp_path: Path) -> None:
+    overrides = tiny_config(tmp_path, epochs=1, **{"data.images_per_class": 10, "model.layers": "[8,p]"})
+    result = run_cli("sweep", *overrides, "exp_name=par", "--grid", "seed=0,1", "--jobs", "2", "--quiet")
+    assert result.returncode == 0, result.stderr[-2000:]
+    root = tmp_path / "runs" / "par"
+    for name in ("seed=0", "seed=1"):
+        assert json.loads((root / name / "summary.json").read_text())["status"] == "finished"
+        assert (root / "sweep-logs" / f"{name}.log").is_file()
+    cfg = (root / "seed=0" / "config.yaml").read_text()
+    assert "threads: 1" in cfg  # two jobs on two cores: one thread each
+
+
+def test_ray_missing_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ClassLabError, match="--ray needs Ray"):
+        sweep(None, ["seed=0"], tiny_config(tmp_path), ray_address="local", say=lambda _: None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
+def test_sweep_on_a_local_ray_instance(tmp_path: Path) -> None:
+    import ray
+
+    overrides = tiny_config(tmp_path, epochs=1, **{"data.images_per_class": 10, "model.layers": "[8,p]"})
+    try:
+        points = sweep(None, ["seed=0,1"], [*overrides, "exp_name=ray"], ray_address="local", say=lambda _: None)
+    finally:
+        ray.shutdown()
+    assert [p.status for p in points] == ["finished", "finished"]
+    assert json.loads((tmp_path / "runs" / "ray" / "seed=1" / "summary.json").read_text())["status"] == "finished"

@@ -1,0 +1,140 @@
+"""Transfer from a rotation run: exactly the backbone tensors arrive, truncation and freezing do what they say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+import classlab
+from classlab.config import load_config, read_ini
+from classlab.data.pipeline import load_data
+from classlab.errors import ClassLabError
+from classlab.models import build_model, load_backbone_weights
+from classlab.run import safe_torch_load
+from classlab.training import build_network
+
+LAYERS = "[16,p,32,p,64,p]"  # six blocks: conv, pool, conv, pool, conv, pool
+
+
+def _net_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    state = safe_torch_load(ckpt)["state_dict"]
+    return {k.removeprefix("model.net."): v for k, v in state.items() if k.startswith("model.net.")}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("transfer")
+
+
+@pytest.fixture(scope="module")
+def rot_run(workdir: Path) -> Path:
+    """A one-epoch rotation run on the embedded sample, epoch1.ckpt kept."""
+    overrides = tiny_config(workdir, epochs=1, **{"data.images_per_class": 20, "model.layers": LAYERS})
+    run = classlab.train(None, [*overrides, "task=rotation", "trainer.keep_every=1", "exp_name=rot"], quiet=True)
+    assert (run.checkpoints / "epoch1.ckpt").is_file()
+    return run.path
+
+
+def _cfg(workdir: Path, *extra: str):
+    return load_config(None, [*tiny_config(workdir, **{"data.images_per_class": 20, "model.layers": LAYERS}), *extra])
+
+
+def test_init_from_loads_exactly_the_backbone_by_value(workdir: Path, rot_run: Path) -> None:
+    cfg = _cfg(workdir, f"model.init_from={rot_run}:epoch1")
+    net = build_network(cfg, load_data(cfg)).net
+    source = _net_state(rot_run / "checkpoints" / "epoch1.ckpt")
+    own = net.state_dict()
+    backbone = [k for k in own if not k.startswith("head.")]
+    assert backbone and all(torch.equal(own[k], source[k]) for k in backbone)
+    # The head is new: 10 classes here, 4 rotations there.
+    assert own["head.fc.weight"].shape[0] == 10 and source["head.fc.weight"].shape[0] == 4
+    # And the equality is not trivial: a fresh network differs.
+    scratch = build_network(_cfg(workdir), load_data(cfg)).net.state_dict()
+    assert not torch.equal(scratch["blocks.0.0.weight"], source["blocks.0.0.weight"])
+
+
+def test_truncation_removes_the_later_blocks_and_loads_the_kept_ones(workdir: Path, rot_run: Path) -> None:
+    cfg = _cfg(workdir, "model.truncate_at=2", "model.head=conv_fc")
+    net = build_model(cfg.model.spec(), 10, 3, 32)
+    assert len(net.blocks) == 2
+    assert net.num_features == 16 and net.head.pre[0].in_channels == 16
+    assert not any(k.startswith(("blocks.2", "blocks.4")) for k in net.state_dict())
+    report = load_backbone_weights(net, _net_state(rot_run / "checkpoints" / "best.ckpt"))
+    assert {k.split(".")[1] for k in report["loaded"]} == {"0"}  # conv block 0 (block 1 is a pool)
+    assert any(k.startswith("blocks.4.") for k in report["skipped"])  # the dropped conv
+    assert report["missing"] == []
+
+    resnet = build_model({"name": "resnet_cifar", "depth": 20, "truncate_at": 4}, 10, 3, 32)
+    assert len(resnet.blocks) == 4 and resnet.num_features == 32  # 3 blocks of stage 1, the first of stage 2
+
+
+def test_shape_mismatch_is_one_clear_error(rot_run: Path) -> None:
+    other = build_model({"name": "cnn", "layers": [8, "p", 32, "p", 64, "p"]}, 10, 3, 32)
+    with pytest.raises(ClassLabError, match=r"shape mismatch.*blocks\.0\.0\.weight") as err:
+        load_backbone_weights(other, _net_state(rot_run / "checkpoints" / "best.ckpt"))
+    assert "\n" not in str(err.value)
+
+
+def test_linear_probe_freezes_the_backbone_bit_for_bit(workdir: Path, rot_run: Path) -> None:
+    """freeze=all: weights and BatchNorm statistics of the backbone unchanged after real training steps."""
+    source = _net_state(rot_run / "checkpoints" / "epoch1.ckpt")
+    overrides = tiny_config(workdir, epochs=1, **{"data.images_per_class": 20, "model.layers": LAYERS})
+    for head in ("linear", "conv_fc"):
+        run = classlab.train(
+            None,
+            [
+                *overrides,
+                f"model.init_from={rot_run}:epoch1",
+                "model.freeze=all",
+                f"model.head={head}",
+                f"exp_name={head}",
+            ],
+            quiet=True,
+        )
+        after = _net_state(run.checkpoint("last"))
+        backbone = [k for k in after if not k.startswith("head.")]
+        assert backbone and all(torch.equal(after[k], source[k]) for k in backbone), head
+        assert run.summary()["status"] == "finished" and run.summary()["epochs_done"] == 1
+        start = build_network(load_config(run.path / "config.yaml"), load_data(load_config(run.path / "config.yaml")))
+        assert not torch.equal(start.net.state_dict()["head.fc.weight"], after["head.fc.weight"])  # the head learned
+
+
+def test_fine_tune_with_up_to_freezing_and_a_smaller_backbone_lr(workdir: Path, rot_run: Path) -> None:
+    source = _net_state(rot_run / "checkpoints" / "epoch1.ckpt")
+    overrides = tiny_config(workdir, epochs=1, **{"data.images_per_class": 20, "model.layers": LAYERS})
+    run = classlab.train(
+        None,
+        [
+            *overrides,
+            f"model.init_from={rot_run}",
+            "model.freeze=up_to:1",
+            "optim.backbone_lr_scale=0.1",
+            "exp_name=ft",
+        ],
+        quiet=True,
+    )
+    after = _net_state(run.checkpoint("last"))
+    assert torch.equal(after["blocks.0.0.weight"], source["blocks.0.0.weight"])  # frozen: block 0
+    assert torch.equal(after["blocks.0.1.running_mean"], source["blocks.0.1.running_mean"])
+    assert not torch.equal(after["blocks.2.0.weight"], source["blocks.2.0.weight"])  # trained
+    assert run.summary()["status"] == "finished"
+
+
+def test_ini_transfer_keys_map_onto_the_schema(tmp_path: Path) -> None:
+    ini = tmp_path / "exp.ini"
+    ini.write_text(
+        "[EXP]\nexp_name = tl  # transfer learning\n[MODEL]\nmodel = efficientnet\ndepth = 0\n"
+        "transfer = runs/rot:epoch5\nblock_op = 6\nno_head = true\n"
+    )
+    tree = read_ini(ini)
+    assert tree["model"] == {
+        "init_from": "runs/rot:epoch5",
+        "truncate_at": 6,
+        "name": "efficientnet_b0",
+        "head_conv": False,
+    }
+    cfg = load_config(ini)
+    assert (cfg.model.init_from, cfg.model.truncate_at, cfg.model.head_conv) == ("runs/rot:epoch5", 6, False)
