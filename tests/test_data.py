@@ -232,3 +232,19 @@ def test_folder_trains_at_its_own_size_capped(tmp_path: Path) -> None:
     big = load_config(None, ["data.dataset=folder", f"data.root={tmp_path / 'big'}"]).data
     assert training_size(small, open_dataset(small)) == 20
     assert training_size(big, open_dataset(big)) == DEFAULT_FILE_SIZE
+
+
+def test_atomic_write_leaves_no_temp_and_normal_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from classlab.run import atomic_write_text
+
+    target = tmp_path / "sub" / "file.json"
+    atomic_write_text(target, "one")
+    atomic_write_text(target, "two")
+    assert target.read_text() == "two"
+    assert [p.name for p in target.parent.iterdir()] == ["file.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
