@@ -75,6 +75,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{'top-5':<8}{metrics['top5']:>8.4f}  {tta['top5']:.4f}  ({tta['top5'] - metrics['top5']:+.4f})")
     else:
         print(f"top-1 {metrics['top1']:.4f}   top-5 {metrics['top5']:.4f}")
+    for name, acc in (metrics.get("tasks") or {}).items():
+        print(f"task {name}: top-1 {acc:.4f}")
     width = max(len(c) for c in metrics["per_class"])
     for name, acc in metrics["per_class"].items():
         print(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")

@@ -55,7 +55,9 @@ class DataSection(Section):
 class AugSection(Section):
     crop_padding: int = Field(4, ge=0, le=64, description="random crop with this zero padding (0 = off)")
     translate: int = Field(0, ge=0, le=64, description="random translation by up to this many pixels, reflect padded")
-    flip: bool = True
+    flip: bool | Literal["alternate"] = Field(
+        True, description="random mirror; 'alternate': each image mirrored every other epoch (airbench)"
+    )
     vflip: bool = False
     random_resized_crop: tuple[float, float] | None = Field(None, description="scale range, e.g. [0.35, 1.0]")
     rotation: float = Field(0.0, ge=0.0, le=180.0, description="random rotation in degrees")
@@ -96,6 +98,9 @@ class ModelSection(BaseModel):
     pretrained: bool = False
     pretrained_path: str | None = None
     tasks: dict[str, TaskHead] | None = None
+    fusion: Literal["none", "attention"] | None = Field(
+        None, description="multitask: attention over the task features refines the combined prediction"
+    )
 
     @field_validator("freeze")
     @classmethod
@@ -207,10 +212,27 @@ class Config(Section):
             raise ValueError("data.group_column needs data.dataset=csv (groups come from a manifest column)")
         if self.task == "multitask" and not self.model.tasks:
             raise ValueError("task=multitask needs model.tasks: a mapping task name -> {column, weight}")
+        if self.task == "multitask":
+            _check_multitask(self)
+        elif self.model.fusion not in (None, "none"):
+            raise ValueError("model.fusion needs task=multitask (it mixes the features of several task heads)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _check_multitask(cfg: Config) -> None:
+    """Multi-task runs read their labels from manifest columns, and task names become metric keys."""
+    if cfg.data.dataset != "csv":
+        raise ValueError("task=multitask needs data.dataset=csv: a manifest with one label column per task")
+    if cfg.data.classes is not None:
+        raise ValueError("data.classes does not apply to task=multitask: each task's classes come in natural order")
+    if cfg.aug.mixup_alpha > 0 or cfg.aug.cutmix_alpha > 0:
+        raise ValueError("aug.mixup_alpha / aug.cutmix_alpha are not supported with task=multitask; set them to 0")
+    for name in cfg.model.tasks or {}:
+        if not name or not all(c.isalnum() or c in "_-" for c in name):
+            raise ValueError(f"model.tasks: task name {name!r} must be letters, digits, '_' or '-' (it names metrics)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,14 @@ def evaluate(
             + (" (the dataset has no test part; use --split val)" if split == "test" else " (data.val_fraction was 0)")
         )
     loader = part.loader(cfg.data.batch_size, shuffle=False, seed=0, size=data.size)
-    logits, labels = predict_logits(loaded.model, loader, rotation=cfg.task == "rotation")
+    task_acc: dict[str, float] = {}
+    if loaded.tasks is not None:
+        from classlab.multitask import predict_tasks, task_accuracies
+
+        task_logits, logits, labels = predict_tasks(loaded.model, loader)
+        task_acc = task_accuracies(loaded.tasks, task_logits, labels, split)
+    else:
+        logits, labels = predict_logits(loaded.model, loader, rotation=cfg.task == "rotation")
     classes = loaded.classes
     cm = confusion_matrix(logits, labels, len(classes))
     per_class = {name: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() > 0 else None) for i, name in enumerate(classes)}
@@ -70,6 +77,8 @@ def evaluate(
         "top5": top_k_accuracy(logits, labels, min(5, len(classes))),
         "per_class": per_class,
     }
+    if task_acc:  # multitask: top1/top5 are of the combined class, these of each task's own head
+        metrics["tasks"] = {key.split("/")[1]: value for key, value in task_acc.items()}
     probs = logits.softmax(1)
     if plan is not None:
         if plan.needs_originals:
@@ -114,7 +123,9 @@ def _originals(cfg: Any, data: DataBundle, part: Part, split: str, run: RunFolde
     The decoded cache only has images at the training size; multiscale and ten-crop testing need
     the originals, so the saved split is mapped back onto the source.
     """
-    dataset = open_dataset(cfg.data)
+    from classlab.multitask import task_columns
+
+    dataset = open_dataset(cfg.data, tasks=task_columns(cfg))
     source = dataset.test if split == "test" else dataset.train
     if source is None:
         raise ClassLabError(f"the dataset has no {split} part any more; point data.root at the original data")

@@ -32,7 +32,12 @@ from classlab.run import RunFolder, open_run, safe_torch_load
 
 
 class LoadedRun:
-    """A trained model with its class names and preprocessing: call it on images."""
+    """A trained model with its class names and preprocessing: call it on images.
+
+    For a multitask run ``classes`` are the combined classes and ``tasks`` the TaskLayout.
+    """
+
+    tasks: Any = None
 
     def __init__(
         self, run: RunFolder, cfg: Config, model: ClassifierModel, classes: list[str], size: int, channels: int
@@ -48,14 +53,24 @@ class LoadedRun:
             return image_to_tensor(image, self.image_size, self.channels)
         return array_to_tensor(image, self.image_size, self.channels)
 
+    def _batch(self, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.dtype == torch.uint8:
+            return images if images.shape[-1] == self.image_size else torch.stack([self.to_tensor(i) for i in images])
+        return torch.stack([self.to_tensor(i) for i in images])
+
     @torch.no_grad()
     def probabilities(self, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
-        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.dtype == torch.uint8:
-            batch = images if images.shape[-1] == self.image_size else torch.stack([self.to_tensor(i) for i in images])
-        else:
-            batch = torch.stack([self.to_tensor(i) for i in images])
+        batch = self._batch(images)
         device = next(self.model.parameters()).device
         return self.model(batch.to(device)).float().softmax(1).cpu()
+
+    def task_probabilities(self, images: Sequence[Any] | torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Multitask runs: (combined probabilities, each task's probabilities) of the images."""
+        if self.tasks is None:
+            raise ClassLabError(f"run '{self.run.path}' is not a multitask run; use probabilities()")
+        from classlab.multitask import task_probabilities
+
+        return task_probabilities(self.model, self._batch(images))
 
     def __call__(self, images: Any) -> list[tuple[str, float]]:
         """One image or a list -> [(class name, probability)] of the top class for each."""
@@ -82,7 +97,14 @@ def load(run: str | Path | RunFolder, checkpoint: str = "best", device: str = "c
     spec = cfg.model.spec()
     spec.pop("init_from", None)
     spec.pop("pretrained", None)
-    net = build_model(spec, num_classes, channels, size)
+    layout = None
+    if cfg.task == "multitask":
+        from classlab.multitask import build_multitask_net, read_layout
+
+        layout = read_layout(run)
+        net = build_multitask_net(spec, layout, channels, size)
+    else:
+        net = build_model(spec, num_classes, channels, size)
     mean, std = state["model.normalize.mean"], state["model.normalize.std"]
     model = ClassifierModel(Normalize(mean.clone(), std.clone()), net)
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
@@ -93,7 +115,9 @@ def load(run: str | Path | RunFolder, checkpoint: str = "best", device: str = "c
             f"{run.checkpoint(checkpoint)} does not fit the run's model: {str(exc).splitlines()[0]}"
         ) from None
     model.eval().to(device)
-    return LoadedRun(run, cfg, model, classes, size, channels)
+    loaded = LoadedRun(run, cfg, model, classes, size, channels)
+    loaded.tasks = layout
+    return loaded
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
@@ -205,6 +229,9 @@ def predict(
         raise ClassLabError(f"--backend {backend}: choose 'torch' or 'onnx'")
     loaded = load(run, checkpoint)
     scorer: Any = loaded.probabilities
+    layout = loaded.tasks
+    if layout is not None and backend == "onnx":
+        raise ClassLabError("--backend onnx does not give the per-task predictions of a multitask run; use torch")
     if backend == "onnx":
         from classlab.export import OnnxModel, ensure_onnx
 
@@ -218,6 +245,9 @@ def predict(
     columns = ["path", "class", "prob"]
     for i in range(2, k + 1):
         columns += [f"top{i}_class", f"top{i}_prob"]
+    if layout is not None:
+        for name in layout.names:
+            columns += [f"{name}_class", f"{name}_prob"]
     columns.append("error")
     rows: list[dict[str, Any]] | None = [] if keep else None
     failed: list[tuple[str, str]] = []
@@ -226,7 +256,11 @@ def predict(
     writer = _AtomicCsv(out, columns) if out is not None else None
     try:
         for chunk, batch, errors in _batches(files, loaded, batch_size, threads or min(4, os.cpu_count() or 1)):
-            probs = scorer(batch) if batch is not None else None
+            task_probs: list[torch.Tensor] = []
+            if batch is not None and layout is not None:
+                probs, task_probs = loaded.task_probabilities(batch)
+            else:
+                probs = scorer(batch) if batch is not None else None
             batch_rows = []
             j = 0
             for path, error in zip(chunk, errors):
@@ -243,6 +277,10 @@ def predict(
                     for r in range(1, k):
                         row[f"top{r + 1}_class"] = loaded.classes[int(indices[r])]
                         row[f"top{r + 1}_prob"] = round(float(values[r]), 6)
+                    for t, tp in enumerate(task_probs):
+                        best_p, best_i = tp[j - 1].max(0)
+                        row[f"{layout.names[t]}_class"] = layout.classes[t][int(best_i)]
+                        row[f"{layout.names[t]}_prob"] = round(float(best_p), 6)
                 batch_rows.append(row)
             if writer is not None:
                 writer.write(batch_rows)

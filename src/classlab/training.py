@@ -22,7 +22,7 @@ from classlab import __version__
 from classlab.config import Config, load_config, validate
 from classlab.data.pipeline import DataBundle, load_data
 from classlab.data.preprocess import Normalize
-from classlab.engine.callbacks import AtomicCheckpointIO, RunRecorder
+from classlab.engine.callbacks import METRIC_COLUMNS, AtomicCheckpointIO, RunRecorder
 from classlab.engine.evaluate import predict_logits, top_k_accuracy
 from classlab.engine.task import ClassifierModel, ClassifyTask
 from classlab.errors import ClassLabError
@@ -78,13 +78,21 @@ def resolve_init_from(spec: str, base: Path | None = None) -> Path:
 
 
 def build_network(cfg: Config, data: DataBundle) -> ClassifierModel:
-    net = build_model(cfg.model.spec(), data.num_classes, data.channels, data.size)
+    if cfg.task == "multitask":
+        from classlab.multitask import TaskLayout, build_multitask_net
+
+        net = build_multitask_net(
+            cfg.model.spec(), TaskLayout.from_config(cfg, data.tasks or {}), data.channels, data.size
+        )
+        inner = net.backbone  # init_from and data-set layers concern the backbone, not the task heads
+    else:
+        net = inner = build_model(cfg.model.spec(), data.num_classes, data.channels, data.size)
     if cfg.model.init_from:
         ckpt = safe_torch_load(resolve_init_from(cfg.model.init_from))
         state = {k.removeprefix("model.net."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.net.")}
-        load_backbone_weights(net, state)
+        load_backbone_weights(inner, state)
     normalize = Normalize(data.mean, data.std)
-    init_from_data = getattr(net, "init_from_data", None)
+    init_from_data = getattr(inner, "init_from_data", None)
     if callable(init_from_data) and not cfg.model.init_from and data.train.images is not None:
         # Layers set from the data before the first step (fastnet's patch whitening): the same
         # normalised images the network will see, a few thousand of them.
@@ -271,6 +279,10 @@ def _train_one(
         run.path.mkdir(parents=True, exist_ok=False)
         run.write_config(cfg.to_dict())
         run.write_classes(data.classes)
+        if cfg.task == "multitask":
+            from classlab.multitask import TASKS_FILE, TaskLayout
+
+            run.write_json(TASKS_FILE, TaskLayout.from_config(cfg, data.tasks or {}).to_json())
         run.write_json("split.json", data.split)
         if data.bad:
             from classlab.run import atomic_write_text
@@ -289,7 +301,13 @@ def _train_one(
     )
     mean = data.mean if data.mean.ndim == 1 else data.mean.mean((1, 2))
     fill = tuple(int(round(float(v) * 255)) for v in mean)
-    task = ClassifyTask(model, cfg, data.num_classes, data.size, steps_per_epoch=len(train_loader), fill=fill)
+    if cfg.task == "multitask":
+        from classlab.multitask import MultiTaskTask, TaskLayout
+
+        layout = TaskLayout.from_config(cfg, data.tasks or {})
+        task: ClassifyTask = MultiTaskTask(model, cfg, layout, data.size, steps_per_epoch=len(train_loader), fill=fill)
+    else:
+        task = ClassifyTask(model, cfg, data.num_classes, data.size, steps_per_epoch=len(train_loader), fill=fill)
     task.has_val = val_loader is not None
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     if is_zero:
@@ -313,11 +331,14 @@ def _train_one(
             f"{len(data.train)} train / {len(data.val or [])} val / {len(data.test or [])} test images at "
             f"{data.size}px, {data.mode} loader -> {run.path}"
         )
+    metric_columns = getattr(task, "metric_columns", None)
+    extra_columns = metric_columns() if callable(metric_columns) else []
     recorder = RunRecorder(
         run,
         extra={"classes": data.classes, "image_size": data.size, "channels": data.channels, "task": cfg.task},
         keep_every=cfg.trainer.keep_every,
         console=console if is_zero else None,
+        columns=[*METRIC_COLUMNS, *extra_columns] if extra_columns else None,
     )
     os.environ[RUN_DIR_ENV] = str(run.path.resolve())
     accelerator = _accelerator(cfg)
@@ -422,6 +443,8 @@ def _finish(
     if val_rows:
         best = max(val_rows, key=lambda r: float(r["val/acc"]))
         summary.update(best_val_acc=float(best["val/acc"]), best_epoch=int(best["epoch"]))
+        # Multitask: each task's validation accuracy at that epoch (val/acc is the combined class).
+        summary.update({k: float(v) for k, v in best.items() if k.startswith("val/") and k.count("/") == 2 and v})
     if data.test is not None and len(data.test):
         tested = time.perf_counter()
         state = safe_torch_load(run.checkpoint(best_name))["state_dict"]
@@ -433,6 +456,11 @@ def _finish(
             if cfg.trainer.test_tta and cfg.task != "rotation":
                 logits, labels, tta_probs = _tta_test(task.model, loader, cfg.trainer.test_tta, data.size)
                 summary.update(test_acc_tta=top_k_accuracy(tta_probs, labels, 1), test_tta=cfg.trainer.test_tta)
+            elif cfg.task == "multitask":
+                from classlab.multitask import predict_tasks, task_accuracies
+
+                task_logits, logits, labels = predict_tasks(task.model, loader)
+                summary.update(task_accuracies(task.layout, task_logits, labels, "test"))
             else:
                 logits, labels = predict_logits(task.model, loader, rotation=cfg.task == "rotation")
         summary.update(

@@ -67,6 +67,7 @@ class DataBundle:
     bad: list[str] = field(default_factory=list)
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    tasks: dict[str, list[str]] | None = None  # multitask: task -> classes; labels are combined indices
 
     @property
     def num_classes(self) -> int:
@@ -97,7 +98,9 @@ def _subset(part: Part, idx: list[int]) -> Part:
 
 def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool = True) -> DataBundle:
     """The configured data, checked, split and decoded."""
-    dataset = open_dataset(cfg.data)
+    from classlab.multitask import task_columns
+
+    dataset = open_dataset(cfg.data, tasks=task_columns(cfg))
     size = training_size(cfg.data, dataset)
     channels = dataset.train.channels
     total = len(dataset.train) + (len(dataset.test) if dataset.test is not None else 0)
@@ -145,7 +148,7 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
     val = _subset(whole, split["val"]) if split["val"] else None
     if cfg.task == "rotation":
         classes = ROTATION_CLASSES
-    bundle = DataBundle(classes, size, channels, mode, train, val, test, split, bad=problems)
+    bundle = DataBundle(classes, size, channels, mode, train, val, test, split, bad=problems, tasks=dataset.tasks)
     bundle.mean, bundle.std = _stats(train, size, cfg.aug.mean_subtraction == "pixel")
     return bundle
 

@@ -29,8 +29,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class RunRecorder(L.Callback):
     """Appends a metrics.csv row per validated epoch, keeps last.ckpt and epochN.ckpt, marks the summary."""
 
-    def __init__(self, run: RunFolder, extra: dict[str, Any], keep_every: int | None, console: Console | None) -> None:
+    def __init__(
+        self,
+        run: RunFolder,
+        extra: dict[str, Any],
+        keep_every: int | None,
+        console: Console | None,
+        columns: list[str] | None = None,
+    ) -> None:
         self.run = run
+        self.columns = columns or METRIC_COLUMNS  # a task with more metrics (multitask) adds columns
         self.extra = extra  # plain data stored in every checkpoint (classes, size, ...)
         self.keep_every = keep_every
         self.console = console
@@ -59,7 +67,7 @@ class RunRecorder(L.Callback):
             row.update(train_metrics)
             if validated:
                 row.update(pl_module.last_val)
-            self.run.append_metrics(row, METRIC_COLUMNS)
+            self.run.append_metrics(row, self.columns)
             if self.console is not None:
                 shown = "  ".join(
                     f"{k} {row[k]:.4f}" for k in ("train/loss", "train/acc", "val/loss", "val/acc") if k in row

@@ -33,6 +33,7 @@ GENERIC_KEYS = frozenset(
         "pretrained_path",
         "init_from",
         "tasks",
+        "fusion",
     }
 )
 # Builder arguments that come from the data, not from the model section.

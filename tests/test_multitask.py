@@ -1,0 +1,203 @@
+"""Multi-task heads: combined labels, the CSV source with several label columns, training, load/predict/eval,
+attention fusion, and a frozen pretrained backbone that really stays frozen."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import classlab
+from classlab.config import load_config
+from classlab.data.pipeline import load_data
+from classlab.errors import ClassLabError, ConfigError
+from classlab.multitask import TaskLayout, combined_index, combined_names, joint_log_probs
+from classlab.run import safe_torch_load
+from tests.conftest import make_image
+
+MASK = {"wear": 220, "incorrect": 130, "none": 40}  # red channel
+GENDER = {"female": 210, "male": 50}  # green channel
+AGE = {"<30": 200, "30-60": 120, ">=60": 40}  # blue channel
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mask-competition-like manifest: each person has one gender and age and three mask photos."""
+    root = tmp_path_factory.mktemp("mt") / "img"
+    rows = ["path,mask,sex,age,person"]
+    for p in range(24):
+        gender = ("female", "male")[p % 2]
+        age = ("<30", "30-60", ">=60")[(p // 2) % 3]
+        for mask in MASK:
+            name = f"p{p}_{mask}.png"
+            make_image(root / name, (MASK[mask], GENDER[gender], AGE[age]), size=16, noise=12)
+            rows.append(f"{name},{mask},{gender},{age},p{p}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _overrides(root: Path, tmp: Path, *extra: str) -> list[str]:
+    return [
+        "task=multitask",
+        "data.dataset=csv",
+        f"data.root={root}",
+        "data.csv_file=train.csv",
+        "data.group_column=person",
+        "data.val_fraction=0.25",
+        "data.image_size=16",
+        "data.batch_size=24",
+        f"data.cache_dir={tmp / 'cache'}",
+        f"run.root={tmp / 'runs'}",
+        "model.layers=[8,p,16,p]",
+        "model.tasks={mask: {}, gender: {column: sex, weight: 0.5}, age: {classes: 3}}",
+        "optim.lr=0.05",
+        "epochs=2",
+        "trainer.progress=false",
+        *extra,
+    ]
+
+
+def test_combined_labels_round_trip_and_product_rule() -> None:
+    classes = {"mask": ["wear", "none"], "gender": ["f", "m"], "age": ["a", "b", "c"]}
+    names = combined_names(classes)
+    assert len(names) == 12 and names[0] == "mask=wear|gender=f|age=a" and names[-1] == "mask=none|gender=m|age=c"
+    values = [("none", "f", "b"), ("wear", "m", "c")]
+    index = combined_index(classes, values)
+    assert [names[i] for i in index] == ["mask=none|gender=f|age=b", "mask=wear|gender=m|age=c"]
+    layout = TaskLayout(
+        ("mask", "gender", "age"), ("mask", "gender", "age"), tuple(map(tuple, classes.values())), (1,) * 3
+    )
+    parts = layout.split(torch.tensor(index))
+    assert [p.tolist() for p in parts] == [[1, 0], [0, 1], [1, 2]]
+    logits = [torch.randn(4, 2), torch.randn(4, 2), torch.randn(4, 3)]
+    joint = joint_log_probs(logits).softmax(1).view(4, 2, 2, 3)
+    probs = [t.softmax(1) for t in logits]
+    product = probs[0][:, :, None, None] * probs[1][:, None, :, None] * probs[2][:, None, None, :]
+    assert torch.allclose(joint, product, atol=1e-6)
+
+
+def test_csv_reads_every_task_column(manifest: Path, tmp_path: Path) -> None:
+    cfg = load_config(None, _overrides(manifest, tmp_path))
+    data = load_data(cfg)
+    assert data.tasks == {
+        "mask": ["incorrect", "none", "wear"],
+        "gender": ["female", "male"],
+        "age": ["30-60", "<30", ">=60"],  # natural order (classlab.data.sources.natural_key)
+    }
+    assert len(data.classes) == 18 and data.classes[0] == "mask=incorrect|gender=female|age=30-60"
+    persons = [f"p{i // 3}" for i in range(72)]
+    train_people = {persons[i] for i in data.split["train"]}
+    val_people = {persons[i] for i in data.split["val"]}
+    assert val_people and not train_people & val_people  # grouping still holds under the combined label
+    # Labels decode back to the manifest's values.
+    layout = TaskLayout.from_config(cfg, data.tasks)
+    rows = list(csv.DictReader(open(manifest / "train.csv")))
+    labels = torch.cat([data.train.labels, data.val.labels])
+    order = data.split["train"] + data.split["val"]
+    for (mask, sex, age), k in zip(zip(*[p.tolist() for p in layout.split(labels)]), order):
+        assert (layout.classes[0][mask], layout.classes[1][sex], layout.classes[2][age]) == (
+            rows[k]["mask"],
+            rows[k]["sex"],
+            rows[k]["age"],
+        )
+
+
+def test_multitask_config_errors(manifest: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="needs data.dataset=csv"):
+        load_config(None, ["task=multitask", "model.tasks={a: {}}"])
+    with pytest.raises(ConfigError, match="model.fusion needs task=multitask"):
+        load_config(None, ["model.fusion=attention"])
+    with pytest.raises(ConfigError, match="mixup"):
+        load_config(None, [*_overrides(manifest, tmp_path), "aug.mixup_alpha=0.2"])
+    cfg = load_config(None, [*_overrides(manifest, tmp_path), "model.tasks={mask: {}, hair: {}}"])
+    with pytest.raises(ClassLabError, match=r"no column 'hair' \(model.tasks.hair.column\)"):
+        load_data(cfg)
+    cfg = load_config(None, [*_overrides(manifest, tmp_path), "model.tasks={mask: {classes: 2}, sex: {}}"])
+    with pytest.raises(ClassLabError, match=r"model.tasks.mask.classes=2 but column 'mask' has 3"):
+        classlab.train(cfg, quiet=True)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_load_predict_eval(manifest: Path, tmp_path: Path) -> None:
+    run = classlab.train(None, _overrides(manifest, tmp_path, "exp_name=mt", "model.fusion=attention"), quiet=True)
+    classes = json.loads((run.path / "classes.json").read_text())
+    assert len(classes) == 18 and classes["17"] == "mask=wear|gender=male|age=>=60"
+    tasks = json.loads((run.path / "tasks.json").read_text())["tasks"]
+    assert [(t["name"], t["column"], t["weight"]) for t in tasks] == [
+        ("mask", "mask", 1.0),
+        ("gender", "sex", 0.5),
+        ("age", "age", 1.0),
+    ]
+    rows = list(csv.DictReader(open(run.path / "metrics.csv")))
+    assert len(rows) == 2 and all(rows[-1][f"val/{t}/acc"] for t in ("mask", "gender", "age"))
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert summary["status"] == "finished" and 0.0 <= summary["val/gender/acc"] <= 1.0
+    assert summary["best_val_acc"] == pytest.approx(max(float(r["val/acc"]) for r in rows), abs=1e-5)
+    assert (run.path / "checkpoints" / "best.ckpt").is_file()
+    ckpt = torch.load(run.path / "checkpoints" / "best.ckpt", weights_only=True)
+    assert any(k.startswith("model.net.fusion.attn") for k in ckpt["state_dict"])
+
+    loaded = classlab.load(run.path)
+    assert loaded.tasks.names == ("mask", "gender", "age")
+    name, prob = loaded(manifest / "p0_wear.png")
+    assert name in classes.values() and 0.0 < prob <= 1.0
+    combined, per_task = loaded.task_probabilities([manifest / "p0_wear.png", manifest / "p1_none.png"])
+    assert combined.shape == (2, 18) and [p.shape[1] for p in per_task] == [3, 2, 3]
+    assert torch.allclose(combined.sum(1), torch.ones(2), atol=1e-5)
+
+    out = tmp_path / "pred.csv"
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    result = classlab.predict(run.path, [manifest / "p0_wear.png", tmp_path / "bad.png"], out)
+    assert result.count == 2 and result.failed_count == 1
+    pred = list(csv.DictReader(open(out)))
+    header = list(pred[0])
+    assert header[:3] == ["path", "class", "prob"] and header[-1] == "error"
+    assert {"mask_class", "mask_prob", "gender_class", "gender_prob", "age_class", "age_prob"} <= set(header)
+    assert pred[0]["gender_class"] in ("female", "male") and pred[0]["class"].count("|") == 2
+    assert pred[1]["error"] and not pred[1]["mask_class"]
+
+    metrics = classlab.evaluate(run.path, split="val")
+    assert set(metrics["tasks"]) == {"mask", "gender", "age"}
+    # eval scores best.ckpt: the same numbers validation logged for the best epoch.
+    assert metrics["top1"] == pytest.approx(summary["best_val_acc"], abs=1e-5)
+    for t in ("mask", "gender", "age"):
+        assert metrics["tasks"][t] == pytest.approx(summary[f"val/{t}/acc"], abs=1e-5)
+
+
+def test_frozen_pretrained_backbone_is_unchanged(manifest: Path, tmp_path: Path) -> None:
+    from classlab.models import build_model
+
+    torch.manual_seed(3)
+    donor = build_model({"name": "cnn", "layers": [8, "p", 16, "p"]}, num_classes=5, image_size=16)
+    # Non-trivial BatchNorm statistics, so that running-mean drift would show.
+    for module in donor.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+    weights = tmp_path / "donor.pt"
+    torch.save(donor.state_dict(), weights)
+    run = classlab.train(
+        None,
+        _overrides(
+            manifest,
+            tmp_path,
+            "exp_name=frozen",
+            "model.pretrained=true",
+            f"model.pretrained_path={weights}",
+            "model.freeze=all",
+        ),
+        quiet=True,
+    )
+    state = safe_torch_load(run.checkpoint("last"))["state_dict"]
+    backbone = {
+        k.removeprefix("model.net.backbone."): v for k, v in state.items() if k.startswith("model.net.backbone.")
+    }
+    reference = {k: v for k, v in donor.state_dict().items() if not k.startswith("head.")}
+    assert set(backbone) == set(reference)  # the donor's classifier is not carried along
+    for key, value in reference.items():
+        assert torch.equal(backbone[key], value), key
+    heads = [k for k in state if k.startswith("model.net.heads.")]
+    assert heads and not np.allclose(state["model.net.heads.0.weight"].numpy(), 0.0)
