@@ -21,6 +21,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import lightning as L
 import torch
 from torch import nn
 from torch.optim import Optimizer
@@ -29,12 +30,22 @@ from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 from classlab.config import OptimSection, SchedSection
 from classlab.errors import ConfigError
 
-__all__ = ["RAdamLars", "build_optimizer", "build_scheduler", "lr_curve", "lr_factor_fn", "param_groups"]
+__all__ = [
+    "RAdamLars",
+    "ScheduledLookahead",
+    "build_optimizer",
+    "build_scheduler",
+    "lr_curve",
+    "lr_factor_fn",
+    "param_groups",
+]
 
 
 # ---------------------------------------------------------------------------------------------
 # Parameter groups
 # ---------------------------------------------------------------------------------------------
+
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 
 
 def param_groups(model: nn.Module, cfg: OptimSection) -> list[dict[str, Any]]:
@@ -56,27 +67,37 @@ def param_groups(model: nn.Module, cfg: OptimSection) -> list[dict[str, Any]]:
     no_wd_fn = getattr(model, "no_weight_decay", None)
     no_wd_names = set(no_wd_fn()) if callable(no_wd_fn) else set()
 
-    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    # ``norm_lr_scale`` (airbench's "bias scaler"): normalization layers' parameters take larger
+    # steps, and their weight decay is divided by the same factor so that the shrink per step,
+    # lr * weight_decay, stays that of every other parameter (decoupled from the lr).
+    norm_ids = (
+        {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+        if cfg.norm_lr_scale != 1.0
+        else set()
+    )
+    buckets: dict[tuple[str, bool, bool], list[nn.Parameter]] = {}
     for name, p in named:
         part = "backbone" if id(p) in backbone_ids else "head"
         decay = cfg.decay_norm_and_bias or (p.ndim > 1 and name not in no_wd_names)
-        buckets.setdefault((part, decay), []).append(p)
+        buckets.setdefault((part, decay, id(p) in norm_ids), []).append(p)
 
     groups = []
     for part in ("backbone", "head"):
         scale = cfg.backbone_lr_scale if part == "backbone" else 1.0
         for decay in (True, False):
-            params = buckets.get((part, decay))
-            if not params:
-                continue
-            groups.append(
-                {
-                    "params": params,
-                    "lr": cfg.lr * scale,
-                    "weight_decay": cfg.weight_decay if decay else 0.0,
-                    "name": part if decay else f"{part}_no_decay",
-                }
-            )
+            for norm in (False, True):
+                params = buckets.get((part, decay, norm))
+                if not params:
+                    continue
+                name = part if decay else f"{part}_no_decay"
+                groups.append(
+                    {
+                        "params": params,
+                        "lr": cfg.lr * scale * (cfg.norm_lr_scale if norm else 1.0),
+                        "weight_decay": (cfg.weight_decay if decay else 0.0) / (cfg.norm_lr_scale if norm else 1.0),
+                        "name": f"{name}_norm" if norm else name,
+                    }
+                )
     return groups
 
 
@@ -198,9 +219,63 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> Optimizer:
         opt = RAdamLars(groups, lr=cfg.lr, betas=cfg.betas)
     else:  # pragma: no cover - the config's Literal already rejects other names
         raise ConfigError(f"optim.name={name!r} is not an optimizer classlab knows")
-    if cfg.lookahead or name == "rangerlars":
+    if (cfg.lookahead and cfg.lookahead_schedule == "constant") or name == "rangerlars":
+        # (the cubic schedule is a callback, ScheduledLookahead: it also averages BatchNorm statistics)
         opt = Lookahead(opt, alpha=cfg.lookahead_alpha, k=cfg.lookahead_k)
     return opt
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookahead with a schedule (airbench's)
+# ---------------------------------------------------------------------------------------------
+
+
+class ScheduledLookahead(L.Callback):
+    """Every ``k`` steps pull the weights to ``slow + alpha * (fast - slow)`` and keep that as ``slow``.
+
+    Unlike timm's Lookahead (``lookahead_schedule: constant``), alpha follows the run: it is 1
+    (plain SGD) at the start, when averaging would only drag the weights back to their random
+    start, and falls as ``1 - (1 - final_alpha) * (step / total)^3`` towards ``final_alpha`` at the
+    end, when averaging the last iterates is worth most. BatchNorm running statistics are
+    averaged with the weights, so they keep describing the weights they sit with. On the last
+    step the model takes the slow weights, before the epoch-end checkpoint is written, so
+    ``last.ckpt`` and the test see them. The slow copy is callback state: resume is exact.
+    """
+
+    def __init__(self, k: int, final_alpha: float, total_steps: int) -> None:
+        self.k, self.final_alpha, self.total = int(k), float(final_alpha), max(1, int(total_steps))
+        self._slow: dict[str, torch.Tensor] | None = None
+
+    def alpha(self, step: int) -> float:
+        return 1.0 - (1.0 - self.final_alpha) * min(step / self.total, 1.0) ** 3
+
+    def _live(self, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
+        state = pl_module.model.state_dict(keep_vars=True)
+        return {key: t for key, t in state.items() if t.is_floating_point()}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._slow is None:
+            self._slow = {key: t.detach().clone() for key, t in self._live(pl_module).items()}
+
+    @torch.no_grad()
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self._slow is None or (step % self.k and step < self.total):
+            return
+        live = self._live(pl_module)
+        slow = [self._slow[key] for key in live]
+        fast = [t.detach() for t in live.values()]
+        if step % self.k == 0:
+            torch._foreach_lerp_(slow, fast, self.alpha(step))
+        torch._foreach_copy_(fast, slow)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"slow": self._slow or {}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._slow = dict(state_dict["slow"]) or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,6 +363,18 @@ def lr_factor_fn(cfg: SchedSection, *, epochs: int, steps_per_epoch: int, min_ra
                 return 1.0 + (start_ratio - 1.0) * _cosine(s / up_end)
             return end_ratio + (1.0 - end_ratio) * _cosine((s - up_end) / down_len)
 
+    elif name == "triangle":
+        # airbench's schedule: linear from start_factor up to the peak at warmup_epochs, then
+        # linear down to min_lr at the last step (its own warmup, like onecycle's).
+        peak_at = max(1.0, min(float(warmup), total - 1.0))
+        start, tail = cfg.start_factor, max(total - peak_at, 1.0)
+        warmup = 0
+
+        def main(s: int) -> float:
+            if s <= peak_at:
+                return start + (1.0 - start) * s / peak_at
+            return 1.0 + (lo - 1.0) * min((s - peak_at) / tail, 1.0)
+
     elif name == "cyclic":
         period = cfg.restart_period * spe
 
@@ -349,7 +436,9 @@ def build_scheduler(
         )
         return {"scheduler": plateau, "interval": "epoch", "frequency": val_every, "monitor": "val/loss"}
 
-    peak = max(group["initial_lr"] for group in groups)
+    # (groups scaled up by norm_lr_scale do not count: min_lr is a floor for the ordinary weights)
+    plain = [group["initial_lr"] for group in groups if not str(group.get("name", "")).endswith("_norm")]
+    peak = max(plain or [group["initial_lr"] for group in groups])
     ratio = cfg.min_lr / peak if peak > 0 else 0.0
     factor = lr_factor_fn(cfg, epochs=epochs, steps_per_epoch=steps_per_epoch, min_ratio=ratio)
 

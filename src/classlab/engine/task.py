@@ -49,9 +49,13 @@ class ClassifyTask(L.LightningModule):
         self.steps_per_epoch = steps_per_epoch
         self.rotation = cfg.task == "rotation"
         # Cutout/erasing boxes get the mean colour, which normalises to 0 as in the papers.
-        self.augment = build_batch_augment(cfg.aug, image_size, fill=fill)
+        self.alternate_flip = cfg.aug.flip == "alternate"
+        aug = cfg.aug.model_copy(update={"flip": False}) if self.alternate_flip else cfg.aug
+        self.augment = build_batch_augment(aug, image_size, fill=fill)
         self.mixing = None if self.rotation else build_mixing(cfg.aug, num_classes, cfg.loss.label_smoothing)
         self._generator: torch.Generator | None = None
+        self._flip_weights: torch.Tensor | None = None
+        self._flip_where = torch.zeros(1, dtype=torch.long)
         top5 = min(5, num_classes)
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -76,9 +80,15 @@ class ClassifyTask(L.LightningModule):
         loader = self.trainer.train_dataloader
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
+        # A network whose parts train only in some epochs (fastnet's whitening bias) is told the epoch.
+        net_epoch = getattr(self.model.net, "set_epoch", None)
+        if callable(net_epoch):
+            net_epoch(epoch)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
+        if self.trainer.training and self.alternate_flip:
+            x = self._alternate_flip(x)
         if self.trainer.training and self.augment is not None:
             x = self.augment(x, self._generator)
         if self.rotation:
@@ -86,6 +96,24 @@ class ClassifyTask(L.LightningModule):
         if self.cfg.trainer.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
+
+    def _alternate_flip(self, x: torch.Tensor) -> torch.Tensor:
+        """Mirror each image in every other epoch, starting from a random half (airbench's altflip).
+
+        Random flips show some images the same way several epochs running; alternating shows
+        both sides of every image within any two epochs. The loaders do not say which image is
+        which, so each image's starting side is a bit hashed from its own pixels with weights
+        drawn from the run's seed: fixed across epochs, different between images and seeds.
+        """
+        flat = x.reshape(len(x), -1)
+        if self._flip_weights is None or self._flip_where.max() >= flat.shape[1]:
+            # 256 pixel values hashed identify an image well enough and cost ~nothing per batch.
+            g = torch.Generator().manual_seed(seed_for(self.cfg.seed, 0, 0, 3))
+            self._flip_where = torch.randint(0, flat.shape[1], (256,), generator=g).to(x.device)
+            self._flip_weights = torch.randint(0, 2**31, (256,), generator=g).to(x.device)
+        start = ((flat[:, self._flip_where].long() * self._flip_weights).sum(1) >> 20) & 1
+        chosen = (start ^ (self.current_epoch % 2)).bool()[:, None, None, None]
+        return torch.where(chosen, x.flip(-1), x)
 
     # -- steps ------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -37,7 +37,7 @@ from classlab.models.net import ClassifierNet
 from classlab.models.registry import Preset, register_model
 
 WHITEN_EPS = 5e-4  # added to the patch-covariance eigenvalues: keeps near-constant directions from blowing up
-WHITEN_IMAGES = 5000  # training images whose patches estimate the covariance (more changes nothing measurable)
+WHITEN_IMAGES = 5000  # training images whose patches estimate the 12x12 covariance (airbench's choice)
 
 
 def _dirac_conv(n_in: int, n_out: int) -> nn.Conv2d:
@@ -152,7 +152,11 @@ class FastNet(ClassifierNet):
         conv.weight.copy_(torch.cat([filters, -filters]).to(conv.weight.device))
 
     def set_epoch(self, epoch: int) -> None:
-        """Train the whitening bias only in the first epochs (called at every epoch start)."""
+        """Train the whitening bias only in the first epochs (called at every epoch start).
+
+        Under DDP a parameter that stops needing gradients mid-run upsets the gradient reducer;
+        set ``model.whiten_bias_epochs`` to 0 (never trained) or large (always) there.
+        """
         self.stem[0].bias.requires_grad_(epoch < self.whiten_bias_epochs)
 
 
@@ -160,7 +164,7 @@ class FastNet(ClassifierNet):
     "fastnet",
     presets={
         "airbench94": Preset({}, description="airbench94's widths 64/256/256 (1.97M params)"),
-        "small": Preset({"widths": [32, 128, 128]}, description="a quarter of the FLOPs, ~92% territory"),
+        "small": Preset({"widths": [32, 128, 128]}, description="a quarter of the FLOPs, for quick experiments"),
     },
     default_image_size=32,
     description="airbench94-style conv groups, patch-whitening stem (CIFAR speed runs)",

@@ -1,0 +1,96 @@
+"""What every benchmark shares: the machine line, the exact command, and BENCHMARKS.md sections.
+
+A figure without the machine and the command that produced it cannot be checked or repeated,
+so each benchmark rewrites only its own section of BENCHMARKS.md (between marker comments),
+atomically, with the date, the machine and the command above its table.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = REPO / "benchmarks" / "_work"  # git-ignored: downloads, run folders, partial results
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg"
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def machine() -> str:
+    """``2 cores, AMD EPYC (avx512_bf16), torch 2.14.1 with 2 threads``."""
+    flags = cpu_flags()
+    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return (
+        f"{os.cpu_count()} cores, {cpu_model()}" + (f" ({', '.join(isa)})" if isa else "") + f", Linux "
+        f"{platform.release()}, Python {platform.python_version()}, torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads"
+    )
+
+
+def command() -> str:
+    """The command line as typed from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script_text = str(script.relative_to(REPO))
+    except ValueError:
+        script_text = str(script)
+    return shlex.join(["python", script_text, *sys.argv[1:]])
+
+
+def today() -> str:
+    return time.strftime("%Y-%m-%d %H:%M %Z")
+
+
+def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
+    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    from classlab.run import atomic_write_text
+
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    atomic_write_text(path, text)
+
+
+def subset_folder(source: Path, dest: Path, train_per_class: int, test_per_class: int) -> Path:
+    """A small copy of an image folder (``train/`` and ``test/`` by class): the smoke runs' data."""
+    import shutil
+
+    if (dest / ".complete").is_file():
+        return dest
+    for split, count in (("train", train_per_class), ("test", test_per_class)):
+        for class_dir in sorted(p for p in (source / split).iterdir() if p.is_dir()):
+            out = dest / split / class_dir.name
+            out.mkdir(parents=True, exist_ok=True)
+            for file in sorted(class_dir.iterdir())[:count]:
+                shutil.copyfile(file, out / file.name)
+    (dest / ".complete").write_text("ok\n")
+    return dest

@@ -1,0 +1,358 @@
+"""Training throughput on the CPU, three ways side by side, and how close it gets to the machine's peak.
+
+    python benchmarks/throughput.py                 # full: BENCHMARKS.md section "throughput"
+    python benchmarks/throughput.py --smoke         # a few steps on a small copy of the data (CI)
+
+For each model (resnet_cifar depth 20, fastnet) a fixed number of training steps is timed
+
+  (a) as a user script does it: torchvision ImageFolder + transforms + DataLoader with 2 workers,
+      decoding and augmenting every JPEG per image, in the workers, on the same cores as the model;
+  (b) through classlab: the decoded uint8 cache, MemoryLoader, batch augmentation in
+      ``ClassifyTask.on_after_batch_transfer``, the Lightning training loop with its logging;
+  (c) the model alone: one float batch already in memory, forward + backward + optimizer step.
+
+(b) / (c) is the share of a step that is model work: the data path and Lightning's per-step
+overhead cost the rest. Achieved GFLOP/s is the training FLOPs of a step (forward + backward,
+a multiply-add counted as 2, as ``torch.utils.flop_counter`` counts) divided by its time, next to
+the machine's measured matmul GFLOP/s. bf16 autocast and ``torch.compile`` (with its compile
+time) are measured on (c) and (b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_DATA, WORK, command, machine, subset_folder, today, write_section  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# Settings (the full run; --smoke shrinks steps, batch and data)
+# ---------------------------------------------------------------------------------------------
+
+HYP = {
+    "batch_size": 256,  # images per step: large enough that per-step overheads show as a fraction
+    "warmup_steps": 2,  # untimed steps first: oneDNN primitive creation, worker start-up, allocator
+    "steps": 12,  # timed steps per measurement
+    "user_workers": 2,  # DataLoader workers of the user-script baseline
+    "matmul_size": 2048,  # square matmul for the peak GFLOP/s
+}
+SMOKE = {"batch_size": 16, "warmup_steps": 1, "steps": 2, "train_per_class": 8, "test_per_class": 2}
+
+MODELS = {
+    "resnet20": {
+        "spec": ["model.name=resnet_cifar", "model.depth=20"],
+        "aug": ["aug.crop_padding=4", "aug.flip=true"],
+    },
+    "fastnet": {
+        "spec": ["model.name=fastnet"],
+        "aug": ["aug.crop_padding=0", "aug.translate=2", "aug.flip=true"],
+    },
+}
+
+
+def _config(model: str, data: Path, batch: int, precision: str) -> Any:
+    from classlab.config import load_config
+
+    return load_config(
+        None,
+        [
+            "data.dataset=folder",
+            f"data.root={data}",
+            "data.val_fraction=0",
+            "data.loader=memory",
+            "data.image_size=32",
+            f"data.batch_size={batch}",
+            f"trainer.precision={precision}",
+            "trainer.progress=false",
+            *MODELS[model]["spec"],
+            *MODELS[model]["aug"],
+        ],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the user script
+# ---------------------------------------------------------------------------------------------
+
+
+def user_script(model: str, data: Path, batch: int, warmup: int, steps: int, workers: int) -> float:
+    """Images/s of the classic per-image pipeline, fp32, default memory format."""
+    import torchvision.transforms as T
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from classlab.models import build_model
+
+    crop = T.RandomCrop(32, padding=4) if model == "resnet20" else T.RandomCrop(32, padding=2, padding_mode="reflect")
+    transform = T.Compose(
+        [crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))]
+    )
+    dataset = ImageFolder(str(data / "train"), transform=transform)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
+    cfg = _config(model, data, batch, "32-true")
+    net = build_model(cfg.model.spec(), len(dataset.classes))
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9, nesterov=True)
+    start, done = 0.0, 0
+    for i, (x, y) in enumerate(loader):
+        if i == warmup:
+            start = time.perf_counter()
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            done += 1
+        if done == steps:
+            break
+    return done * batch / (time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) through classlab
+# ---------------------------------------------------------------------------------------------
+
+
+def classlab_loop(model: str, data: Path, batch: int, warmup: int, steps: int, precision: str) -> float:
+    """Images/s of classlab's own training path, Lightning loop included."""
+    import lightning as L
+
+    from classlab.data.pipeline import load_data
+    from classlab.engine.task import ClassifyTask
+    from classlab.training import build_network
+
+    cfg = _config(model, data, batch, precision)
+    bundle = load_data(cfg, with_test=False)
+    net = build_network(cfg, bundle).to(memory_format=torch.channels_last)
+    loader = bundle.train.loader(batch, shuffle=True, seed=0, size=bundle.size)
+    task = ClassifyTask(net, cfg, bundle.num_classes, bundle.size, steps_per_epoch=len(loader))
+    task.has_val = False
+
+    class Clock(L.Callback):
+        """From the end of the last warm-up step to the end of the last step: whole iterations only."""
+
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            if trainer.global_step in (warmup, warmup + steps):
+                self.marks.append(time.perf_counter())
+
+    clock = Clock()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=cfg.trainer.precision,
+        max_steps=warmup + steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        callbacks=[clock],
+    )
+    trainer.fit(task, train_dataloaders=loader)
+    return steps * batch / (clock.marks[1] - clock.marks[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) the model alone
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_and_batch(model: str, data: Path, batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, Any]:
+    from classlab.data.pipeline import load_data
+    from classlab.training import build_network
+
+    cfg = _config(model, data, batch, "32-true")
+    bundle = load_data(cfg, with_test=False)
+    full = build_network(cfg, bundle).to(memory_format=torch.channels_last)
+    idx = torch.arange(batch) % len(bundle.train.images)
+    x = full.normalize(bundle.train.images[idx]).contiguous(memory_format=torch.channels_last)
+    return full.net, x, bundle.train.labels[idx], cfg
+
+
+def model_alone(
+    model: str, data: Path, batch: int, warmup: int, steps: int, bf16: bool = False, compile: bool = False
+) -> tuple[float, float | None]:
+    """(images/s, compile seconds or None) of forward + backward + step on a batch already in memory."""
+    from classlab.engine.optim import build_optimizer
+
+    net, x, y, cfg = _model_and_batch(model, data, batch)
+    opt = build_optimizer(net, cfg.optim)
+    fn = torch.compile(net) if compile else net
+    compile_s = None
+    start = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(fn(x), y, label_smoothing=cfg.loss.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if i == 0 and compile:
+            compile_s = time.perf_counter() - t  # the first call compiles forward and backward
+    return steps * batch / (time.perf_counter() - start), compile_s
+
+
+def train_gflop_per_image(model: str, data: Path) -> float:
+    """Forward + backward FLOPs of one training image (multiply-add = 2), by torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net, x, y, _ = _model_and_batch(model, data, 4)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(net(x), y).backward()
+    return counter.get_total_flops() / len(x) / 1e9
+
+
+def matmul_gflops(dtype: torch.dtype, n: int, repeats: int = 5, as_conv: bool = False) -> float:
+    """Best of ``repeats`` n x n x n products. ``as_conv``: the same product as a 1x1 convolution, which
+    runs on oneDNN like the models' convolutions (``torch.mm`` in fp32 may take another BLAS, slower on
+    some CPUs), so the two together bound what the convolutions can reach."""
+    if as_conv:
+        a = torch.randn(1, n, n // 64, 64, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        b = torch.randn(n, n, 1, 1, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+        def op() -> torch.Tensor:
+            return F.conv2d(a, b)
+    else:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+
+        def op() -> torch.Tensor:
+            return a @ b
+
+    op()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        op()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    hyp = dict(HYP)
+    data = Path(args.data).resolve()
+    if args.smoke:
+        hyp.update({k: SMOKE[k] for k in ("batch_size", "warmup_steps", "steps")})
+        data = subset_folder(data, WORK / "smoke-data", SMOKE["train_per_class"], SMOKE["test_per_class"])
+    if args.steps:
+        hyp["steps"] = args.steps
+    if args.batch_size:
+        hyp["batch_size"] = args.batch_size
+    b, w, s = hyp["batch_size"], hyp["warmup_steps"], hyp["steps"]
+    out: dict[str, Any] = {
+        "date": today(),
+        "machine": machine(),
+        "command": command(),
+        "settings": hyp,
+        "matmul_gflops": {
+            f"{name}{suffix}": matmul_gflops(dtype, hyp["matmul_size"] if not args.smoke else 256, as_conv=conv)
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+            for suffix, conv in (("", False), ("_1x1conv", True))
+        },
+        "models": {},
+    }
+    for name in args.models:
+        row: dict[str, Any] = {"train_gflop_per_image": train_gflop_per_image(name, data)}
+        print(f"[{name}] {row['train_gflop_per_image']:.3f} GFLOP per training image", flush=True)
+        row["a_user_script"] = user_script(name, data, b, w, s, hyp["user_workers"])
+        row["b_classlab"] = classlab_loop(name, data, b, w, s, "32-true")
+        row["c_model_alone"], _ = model_alone(name, data, b, w, s)
+        row["b_classlab_bf16"] = classlab_loop(name, data, b, w, s, "bf16-mixed")
+        row["c_model_alone_bf16"], _ = model_alone(name, data, b, w, s, bf16=True)
+        if args.compile:
+            row["c_model_alone_compiled"], row["compile_s"] = model_alone(name, data, b, w, s, compile=True)
+        for key in [k for k in row if k.startswith(("b_", "c_"))]:
+            row[f"gflops_{key}"] = row[key] * row["train_gflop_per_image"]
+        row["b_over_c"] = row["b_classlab"] / row["c_model_alone"]
+        row["b_over_c_bf16"] = row["b_classlab_bf16"] / row["c_model_alone_bf16"]
+        row["b_over_a"] = row["b_classlab"] / row["a_user_script"]
+        out["models"][name] = row
+        print(f"[{name}] " + ", ".join(f"{k} {v:.3g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    mm = res["matmul_gflops"]
+    lines = [
+        "## Throughput: user script vs classlab vs the model alone",
+        "",
+        f"- date: {res['date']}",
+        f"- machine: {res['machine']}",
+        f"- command: `{res['command']}`",
+        f"- settings: {json.dumps(res['settings'])}",
+        f"- measured matmul GFLOP/s (torch.mm / as a oneDNN 1x1 conv): fp32 {mm['fp32']:.0f} / "
+        f"{mm['fp32_1x1conv']:.0f}, bf16 {mm['bf16']:.0f} / {mm['bf16_1x1conv']:.0f}",
+        "",
+        "| model | GFLOP/img (train) | (a) user script img/s | (b) classlab img/s | (c) model alone img/s | (b)/(c) "
+        "| (b)/(a) | (b) GFLOP/s | (b) bf16 img/s | (c) bf16 img/s | (b)/(c) bf16 | (b) bf16 GFLOP/s "
+        "| compiled (c) img/s (compile s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in res["models"].items():
+        compiled = (
+            f"{r['c_model_alone_compiled']:.0f} ({r['compile_s']:.0f} s)" if "c_model_alone_compiled" in r else "-"
+        )
+        lines.append(
+            f"| {name} | {r['train_gflop_per_image']:.3f} | {r['a_user_script']:.0f} | {r['b_classlab']:.0f} "
+            f"| {r['c_model_alone']:.0f} | {r['b_over_c']:.3f} | {r['b_over_a']:.2f} | {r['gflops_b_classlab']:.0f} "
+            f"| {r['b_classlab_bf16']:.0f} | {r['c_model_alone_bf16']:.0f} | {r['b_over_c_bf16']:.3f} "
+            f"| {r['gflops_b_classlab_bf16']:.0f} | {compiled} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="image folder with train/ and test/")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--steps", type=int, default=None, help=f"timed steps (default {HYP['steps']})")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"default {HYP['batch_size']}")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes on 2 cores)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few steps on a small copy of the data; no BENCHMARKS.md"
+    )
+    parser.add_argument("--json", default=None, help="where to write the results (default benchmarks/_work/)")
+    args = parser.parse_args(argv)
+    if not (Path(args.data) / "train").is_dir():
+        print(f"error: {args.data} has no train/ folder (an image folder with train/<class>/ is needed)")
+        return 2
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    from classlab.cli import _quiet_libraries
+
+    _quiet_libraries()
+    res = run(args)
+    from classlab.run import atomic_write_text
+
+    json_path = Path(args.json) if args.json else WORK / ("throughput-smoke.json" if args.smoke else "throughput.json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json_path, json.dumps(res, indent=2) + "\n")
+    table = markdown(res)
+    print(table)
+    if not args.smoke:
+        write_section("throughput", table)
+    print(f"results: {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,347 @@
+"""airbench94 against classlab's fast recipe on the same machine, the same data, one command.
+
+    python benchmarks/vs_airbench.py --seeds 0             # full: about an hour a side on 2 cores
+    python benchmarks/vs_airbench.py --seeds 0 1 2 --threads 2
+    python benchmarks/vs_airbench.py --smoke               # a few steps on a small copy (CI)
+
+What it does, in order:
+
+1. writes ../shared/data/cifar10-jpeg (decoded once by classlab's own decoder, so both sides see
+   the same pixels) as airbench's ``cifar10/train.pt`` and ``cifar10/test.pt``: ``images`` uint8
+   (N, 32, 32, 3), ``labels`` int64, ``classes``;
+2. installs ``airbench==0.1.8`` with ``--no-deps`` into ``benchmarks/_work/airbench/site``, so it
+   runs on the project's own torch (nothing of airbench is copied into classlab);
+3. runs each (side, seed) in a fresh process, skipping those already in the results file, so an
+   interrupted benchmark resumes where it stopped. airbench runs unmodified except for the device
+   and dtype map: ``.cuda()`` is a no-op, ``.half()`` means ``.float()``, CUDA events become a wall
+   clock and ``torch.load`` maps to the CPU;
+4. writes mean and spread of the final (TTA) accuracy, the wall time from the first training
+   step to the final TTA accuracy (decoding and warm-up excluded on both sides), and the time to
+   90% and 93% test accuracy (at epoch ends, evaluation not timed) to BENCHMARKS.md.
+
+Timing on each side. airbench: its own clock (whitening init + training epochs + final TTA).
+classlab: the run's ``wall_time_s`` (the training loop, per-epoch checkpoints included) +
+``test_time_s`` (loading the final weights and the TTA test) + the whitening init, which
+classlab does before its clock starts and is therefore timed separately and added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_DATA, REPO, WORK, command, machine, subset_folder, today, write_section  # noqa: E402
+
+AIRBENCH = "airbench==0.1.8"
+AIRBENCH_SDIST = Path("/tmp/ab/airbench-0.1.8.tar.gz")  # used when present: no network needed
+FAST_CONFIG = REPO / "configs" / "cifar10_fast.yaml"
+THRESHOLDS = (0.90, 0.93)
+SIDES = ("airbench", "classlab")
+
+# --smoke: how small (images per class) and how short (steps)
+SMOKE = {"train_per_class": 20, "test_per_class": 5, "batch_size": 50, "epochs": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data and installation
+# ---------------------------------------------------------------------------------------------
+
+
+def write_airbench_data(data: Path, dest: Path) -> None:
+    """``dest/train.pt`` and ``dest/test.pt`` in airbench's format, from classlab's decoded cache."""
+
+    from classlab.config import load_config
+    from classlab.data.loaders import decode
+    from classlab.data.sources import open_dataset
+    from classlab.run import atomic_torch_save
+
+    if (dest / "train.pt").is_file() and (dest / "test.pt").is_file():
+        return
+    cfg = load_config(None, ["data.dataset=folder", f"data.root={data}", "data.image_size=32"])
+    dataset = open_dataset(cfg.data)
+    for name, source in (("train", dataset.train), ("test", dataset.test)):
+        dec = decode(source, 32, cfg.data.cache_dir)
+        if dec.bad:
+            raise SystemExit(f"error: {len(dec.bad)} unreadable images in {data}/{name}, e.g. {dec.bad[0]}")
+        blob = {
+            "images": dec.images.permute(0, 2, 3, 1).contiguous(),  # airbench wants (N, H, W, C) uint8
+            "labels": dec.labels.long(),
+            "classes": list(dataset.classes),
+        }
+        atomic_torch_save(blob, dest / f"{name}.pt")
+
+
+def install_airbench(site: Path) -> None:
+    if (site / "airbench" / "lib_airbench94.py").is_file():
+        return
+    target = str(AIRBENCH_SDIST) if AIRBENCH_SDIST.is_file() else AIRBENCH
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--target", str(site)]
+    done = subprocess.run([*cmd, target], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: could not install {AIRBENCH}: {done.stderr.strip().splitlines()[-1:]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one (side, seed) in a fresh process; they print one JSON line
+# ---------------------------------------------------------------------------------------------
+
+
+def _map_cuda_to_cpu() -> None:
+    """The device and dtype map, and nothing else: airbench's code runs as published."""
+    import torch
+    from torch import nn
+
+    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    torch.Tensor.half = lambda self, *a, **k: self.float()  # type: ignore[method-assign]
+    nn.Module.half = lambda self: self.float()  # type: ignore[method-assign]
+
+    class WallEvent:
+        """torch.cuda.Event's timing interface on the wall clock (CPU work is synchronous)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.t = 0.0
+
+        def record(self, *args: Any) -> None:
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end: WallEvent) -> float:
+            return (end.t - self.t) * 1e3  # milliseconds, as CUDA events report
+
+    torch.cuda.Event = WallEvent  # type: ignore[misc, assignment]
+    torch.cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
+    load = torch.load
+    torch.load = lambda f, *a, map_location=None, **k: load(f, *a, map_location="cpu", **k)  # type: ignore[assignment]
+
+
+def worker_airbench(seed: int, smoke: bool) -> dict[str, Any]:
+    import torch
+
+    _map_cuda_to_cpu()
+    import airbench
+    import airbench.utils as utils
+
+    epochs: list[dict[str, Any]] = []
+    show = utils.print_training_details
+
+    def record(variables: dict[str, Any], is_final_entry: bool) -> None:
+        if variables.get("epoch") is not None:
+            keep = ("epoch", "val_acc", "tta_val_acc", "total_time_seconds", "train_acc", "train_loss")
+            epochs.append({k: variables[k] for k in keep if isinstance(variables.get(k), int | float | str)})
+        show(variables, is_final_entry)
+
+    utils.print_training_details = record  # observe the per-epoch table airbench prints
+    kwargs: dict[str, Any] = {}
+    if smoke:
+        kwargs = {
+            "train_loader": airbench.CifarLoader(
+                "cifar10", train=True, batch_size=SMOKE["batch_size"], aug={"flip": True, "translate": 2}, altflip=True
+            ),
+            "epochs": SMOKE["epochs"],
+        }
+    torch.manual_seed(seed)
+    airbench.warmup94(**kwargs)  # one step, untimed: what airbench's own main does first
+    epochs.clear()
+    torch.manual_seed(seed)
+    airbench.train94(run=seed, **kwargs)
+    final = next(e for e in epochs if e.get("epoch") == "eval")
+    per_epoch = [e for e in epochs if isinstance(e.get("epoch"), int)]
+    return {
+        "accuracy": float(final["tta_val_acc"]),
+        "wall_s": float(final["total_time_seconds"]),
+        "epochs": [
+            {"epoch": e["epoch"] + 1, "acc": e["val_acc"], "time_s": e["total_time_seconds"]} for e in per_epoch
+        ],
+    }
+
+
+def worker_classlab(seed: int, smoke: bool, data: Path, runs: Path) -> dict[str, Any]:
+    import torch
+
+    import classlab
+    from classlab.cli import _quiet_libraries
+    from classlab.config import load_config
+    from classlab.data.pipeline import load_data
+    from classlab.engine.evaluate import predict_logits, top_k_accuracy
+    from classlab.inference import load
+    from classlab.models import build_model
+
+    _quiet_libraries()
+    base = [f"data.root={data}", f"seed={seed}", f"run.root={runs}", "trainer.progress=false"]
+    if smoke:
+        base += [f"data.batch_size={SMOKE['batch_size']}", f"epochs={SMOKE['epochs']}"]
+    if torch.get_num_threads():
+        base.append(f"trainer.threads={torch.get_num_threads()}")
+    # Warm-up, untimed: loads the decoded cache and creates the oneDNN kernels, as airbench's warmup94 does.
+    if not smoke:
+        classlab.train(
+            FAST_CONFIG, [*base, "exp_name=warmup", "trainer.max_steps=1", "trainer.test_tta="], force=True, quiet=True
+        )
+
+    # The whitening init happens before classlab's run clock starts: time it on its own and add it.
+    cfg = load_config(FAST_CONFIG, base)
+    bundle = load_data(cfg, with_test=False)
+    net = build_model(cfg.model.spec(), bundle.num_classes, bundle.channels, bundle.size)
+    from classlab.data.preprocess import Normalize
+
+    started = time.perf_counter()
+    net.init_from_data(Normalize(bundle.mean, bundle.std)(bundle.train.images[:5000]))
+    whiten_s = time.perf_counter() - started
+    del bundle
+
+    run = classlab.train(
+        FAST_CONFIG, [*base, f"exp_name=fast_seed{seed}", "trainer.keep_every=1"], force=True, quiet=True
+    )
+    summary = run.read_json("summary.json")
+    test = load_data(cfg, split=run.read_json("split.json")).test
+    per_epoch = []
+    for row in run.read_metrics():  # accuracy of each epoch's weights, untimed, as airbench's per-epoch val_acc
+        epoch = int(row["epoch"])
+        if not (run.checkpoints / f"epoch{epoch}.ckpt").is_file():
+            continue
+        model = load(run, f"epoch{epoch}").model
+        logits, labels = predict_logits(model, test.loader(1000, shuffle=False, seed=0, size=32))
+        per_epoch.append(
+            {"epoch": epoch, "acc": top_k_accuracy(logits, labels), "time_s": float(row["time"]) + whiten_s}
+        )
+    return {
+        "accuracy": float(summary["test_acc_tta"]),
+        "accuracy_no_tta": float(summary["test_acc"]),
+        "wall_s": float(summary["wall_time_s"]) + float(summary["test_time_s"]) + whiten_s,
+        "whiten_s": whiten_s,
+        "test_time_s": float(summary["test_time_s"]),
+        "epochs": per_epoch,
+        "run": str(run.path),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def time_to(epochs: list[dict[str, Any]], threshold: float) -> float | None:
+    for e in epochs:
+        if e["acc"] >= threshold:
+            return float(e["time_s"])
+    return None
+
+
+def _stats(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
+
+
+def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = [
+        "## airbench94 vs classlab fast recipe (CIFAR-10 from cifar10-jpeg, CPU)",
+        "",
+        f"- date: {meta['date']}",
+        f"- machine: {meta['machine']}",
+        f"- command: `{meta['command']}`",
+        "- wall time: first training step to the final TTA accuracy; decoding and warm-up excluded on both sides",
+        "- time to X: the first epoch end whose test accuracy (no TTA) reaches X; evaluation itself not timed",
+        "",
+        "| side | seeds | accuracy (TTA) | wall time s | time to 90% s | time to 93% s |",
+        "|---|---|---|---|---|---|",
+    ]
+    walls: dict[str, float] = {}
+    for side in SIDES:
+        runs = results.get(side, {})
+        if not runs:
+            continue
+        acc = [r["accuracy"] for r in runs.values()]
+        wall = [r["wall_s"] for r in runs.values()]
+        walls[side] = statistics.mean(wall)
+        t90 = [t for r in runs.values() if (t := time_to(r["epochs"], 0.90)) is not None]
+        t93 = [t for r in runs.values() if (t := time_to(r["epochs"], 0.93)) is not None]
+        lines.append(
+            f"| {side} | {', '.join(sorted(runs))} | {_stats(acc)} | {_stats(wall)} "
+            f"| {_stats(t90)} ({len(t90)}/{len(runs)}) | {_stats(t93)} ({len(t93)}/{len(runs)}) |"
+        )
+    if len(walls) == 2:
+        lines += ["", f"classlab / airbench wall time: {walls['classlab'] / walls['airbench']:.3f}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="image folder with train/ and test/")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads, both sides (default: all)")
+    parser.add_argument("--work", default=None, help="work folder (default benchmarks/_work/vs_airbench[-smoke])")
+    parser.add_argument("--smoke", action="store_true", help="a few steps on a small copy; no BENCHMARKS.md")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    work = Path(args.work or WORK / ("vs_airbench-smoke" if args.smoke else "vs_airbench")).resolve()
+    data = Path(args.data).resolve()
+    if args.smoke:
+        data = subset_folder(data, WORK / "smoke-data-vs", SMOKE["train_per_class"], SMOKE["test_per_class"])
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        if args.worker == "airbench":
+            sys.path.insert(0, str(work / "site"))
+            os.chdir(work)  # airbench reads ./cifar10/{train,test}.pt
+            out = worker_airbench(args.seed, args.smoke)
+        else:
+            out = worker_classlab(args.seed, args.smoke, data, work / "runs")
+        print("RESULT " + json.dumps(out), flush=True)
+        return 0
+
+    if not (data / "train").is_dir() or not (data / "test").is_dir():
+        print(f"error: {data} needs train/<class>/ and test/<class>/ image folders")
+        return 2
+    work.mkdir(parents=True, exist_ok=True)
+    write_airbench_data(data, work / "cifar10")
+    if "airbench" in args.sides:
+        install_airbench(work / "site")
+    from classlab.run import atomic_write_text
+
+    results_path = work / "results.json"
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for seed in args.seeds:
+        for side in args.sides:
+            if str(seed) in results.get(side, {}):
+                print(f"[{side} seed {seed}] done earlier: {results[side][str(seed)]['accuracy']:.4f}", flush=True)
+                continue
+            print(f"[{side} seed {seed}] running ...", flush=True)
+            cmd = [sys.executable, __file__, "--worker", side, "--seed", str(seed), "--work", str(work)]
+            cmd += ["--data", str(args.data)] + (["--smoke"] if args.smoke else [])
+            cmd += ["--threads", str(args.threads)] if args.threads else []
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if done.returncode != 0 or line is None:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+                print(f"error: {side} seed {seed} failed:\n  " + "\n  ".join(tail))
+                return 1
+            results.setdefault(side, {})[str(seed)] = json.loads(line[len("RESULT ") :])
+            atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")  # resumable per side and seed
+            r = results[side][str(seed)]
+            print(f"[{side} seed {seed}] accuracy {r['accuracy']:.4f} in {r['wall_s']:.1f} s", flush=True)
+    meta = {"date": today(), "machine": machine(), "command": command()}
+    table = markdown(results, meta)
+    print(table)
+    if not args.smoke:
+        write_section("vs_airbench", table)
+    print(f"results: {results_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
