@@ -126,23 +126,29 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     assert _rows(a.metrics_path) == _rows(b.metrics_path)
 
 
+def _train_until_rows(args: list[str], metrics: Path, rows: int) -> subprocess.Popen:
+    """Start `classlab train` in a process of its own and return once metrics.csv has ``rows`` rows."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "classlab.cli", "train", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and (not metrics.exists() or len(_rows(metrics)) < rows):
+        time.sleep(0.05)
+    return proc
+
+
 def test_resume_after_kill_matches_uninterrupted(tmp_path: Path) -> None:
     args = tiny_config(tmp_path, epochs=4, **{"data.images_per_class": 150})
     straight = run_cli("train", *args, "exp_name=straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "classlab.cli", "train", *args, "exp_name=killed"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
     metrics = tmp_path / "runs" / "killed" / "metrics.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(_rows(metrics)) < 2):
-        time.sleep(0.05)
+    proc = _train_until_rows([*args, "exp_name=killed"], metrics, 2)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert len(_rows(metrics)) < 4
     resumed = run_cli("train", *args, "exp_name=killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -152,16 +158,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path: Path) -> None:
 @pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs signals")
 def test_ctrl_c_marks_interrupted(tmp_path: Path) -> None:
     args = tiny_config(tmp_path, epochs=50, exp_name="ctrlc")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "classlab.cli", "train", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = tmp_path / "runs" / "ctrlc" / "metrics.csv"
-    deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(_rows(metrics)) < 1):
-        time.sleep(0.05)
+    proc = _train_until_rows(args, tmp_path / "runs" / "ctrlc" / "metrics.csv", 1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
