@@ -63,6 +63,11 @@ def test_bad_files_reported_together_then_skipped(tmp_path: Path) -> None:
     bundle = load_data(folder_cfg(root, "data.val_fraction=0.2", "data.skip_bad_images=true", tmp=tmp_path))
     assert len(bundle.bad) == 3
     assert len(bundle.train) + len(bundle.val) == 12
+    streamed = load_data(
+        folder_cfg(root, "data.val_fraction=0.2", "data.skip_bad_images=true", "data.loader=stream", tmp=tmp_path)
+    )
+    assert sorted(streamed.bad) == sorted(bundle.bad)
+    assert len(streamed.train) + len(streamed.val) == 12
 
 
 def test_modes_converted(tmp_path: Path) -> None:

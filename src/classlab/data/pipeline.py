@@ -81,12 +81,10 @@ def _prepare_source(source: Source, size: int, mode: str, cfg: Config) -> tuple[
         dec = decode(source, size, cfg.data.cache_dir, threads=cfg.trainer.threads or 2)
         return Part(labels=dec.labels, images=dec.images), problems + dec.bad
     bad = check_readable(source)
-    bad_idx = {i for i in range(len(source)) if False}
-    if bad:
-        described = {source.describe(i): i for i in range(len(source))}
-        bad_idx = {described[b.rsplit(": ", 1)[0]] for b in bad if b.rsplit(": ", 1)[0] in described}
-    kept = np.array([i for i in range(len(source)) if i not in bad_idx], dtype=np.int64)
-    return Part(labels=torch.from_numpy(source.labels[kept]), source=source, indices=kept), problems + bad
+    kept = np.array([i for i in range(len(source)) if i not in bad], dtype=np.int64)
+    return Part(labels=torch.from_numpy(source.labels[kept]), source=source, indices=kept), problems + list(
+        bad.values()
+    )
 
 
 def _subset(part: Part, idx: list[int]) -> Part:

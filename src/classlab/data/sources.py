@@ -141,6 +141,16 @@ def _zip_array(path: str, members: tuple[str, ...]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def _sort_file(path: Path, files: list[Path], problems: list[str]) -> None:
+    """An image joins ``files``; hidden and system files are passed over; anything else is a problem."""
+    if path.name.startswith(".") or path.name.lower() in IGNORED_FILES:
+        return
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        files.append(path)
+    else:
+        problems.append(f"{path}: not an image file (extension '{path.suffix or 'none'}')")
+
+
 def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[str]]:
     """class name -> image files, and the problems seen (empty folders, non-image files)."""
     problems: list[str] = []
@@ -156,13 +166,7 @@ def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[str]]:
         for dirpath, dirnames, filenames in os.walk(entry):
             dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=natural_key)
             for name in sorted(filenames, key=natural_key):
-                path = Path(dirpath) / name
-                if name.startswith(".") or name.lower() in IGNORED_FILES:
-                    continue
-                if path.suffix.lower() in IMAGE_EXTENSIONS:
-                    files.append(path)
-                else:
-                    problems.append(f"{path}: not an image file (extension '{path.suffix or 'none'}')")
+                _sort_file(Path(dirpath) / name, files, problems)
         if not files:
             problems.append(f"{entry}: class folder with no images")
         per_class[entry.name] = files
@@ -229,12 +233,7 @@ def _flat_folder(root: Path) -> Dataset:
     """
     files, problems = [], []
     for entry in sorted(root.iterdir(), key=lambda p: natural_key(p.name)):
-        if entry.name.startswith(".") or entry.name.lower() in IGNORED_FILES:
-            continue
-        if entry.suffix.lower() in IMAGE_EXTENSIONS:
-            files.append(entry)
-        else:
-            problems.append(f"{entry}: not an image file (extension '{entry.suffix or 'none'}')")
+        _sort_file(entry, files, problems)
     if not files:
         raise ClassLabError(f"{root} holds no images; put images in {root}/<class>/ or directly in {root}")
     train = _file_source("folder:train", files, [0] * len(files), root, problems)
@@ -447,12 +446,12 @@ def probe_size(source: Source, samples: int = 64) -> int:
     return int(min(float(np.median(sides)), DEFAULT_FILE_SIZE))
 
 
-def check_readable(source: Source) -> list[str]:
-    """Decode every image once; return 'path: reason' for each that fails."""
-    bad = []
+def check_readable(source: Source) -> dict[int, str]:
+    """Decode every image once; return index -> 'path: reason' for each that fails."""
+    bad = {}
     for i in range(len(source)):
         try:
             source.read(i, 64)
         except BadImage as exc:
-            bad.append(f"{source.describe(i)}: {exc}")
+            bad[i] = f"{source.describe(i)}: {exc}"
     return bad
