@@ -12,7 +12,7 @@ from conftest import run_cli, tiny_config
 
 from classlab.errors import ClassLabError, ConfigError
 from classlab.report import compare
-from classlab.sweep import expand, name_value, parse_axis, plan, split_top_level, sweep
+from classlab.sweeping import expand, name_value, parse_axis, plan, split_top_level, sweep
 
 
 def test_grid_values_are_yaml_and_brackets_do_not_split() -> None:
@@ -130,3 +130,17 @@ def test_sweep_on_a_local_ray_instance(tmp_path: Path) -> None:
         ray.shutdown()
     assert [p.status for p in points] == ["finished", "finished"]
     assert json.loads((tmp_path / "runs" / "ray" / "seed=1" / "summary.json").read_text())["status"] == "finished"
+
+
+def test_public_api_names_stay_functions_after_every_module_is_imported() -> None:
+    """``classlab.sweep`` once resolved to the submodule after anything imported it; it must be the function."""
+    import importlib
+    import pkgutil
+
+    import classlab
+
+    for module in pkgutil.walk_packages(classlab.__path__, "classlab."):
+        importlib.import_module(module.name)
+    for name in classlab.__all__:
+        if name != "__version__":
+            assert callable(getattr(classlab, name)), f"classlab.{name} is {getattr(classlab, name)!r}"

@@ -28,7 +28,7 @@ elif [[ -d "$ROT" ]]; then
 else
   classlab pretrain rotation $HERE/pretrain_rotation.yaml "${PRE[@]}"
 fi
-EPOCHS=2,4,6,8,10
+EPOCHS=4,8,12,16,20
 [[ "${SMOKE:-0}" == 1 ]] && EPOCHS=2,4
 
 # Equal optimizer steps: N images a class at batch 50 is N/5 steps an epoch; 8000/N epochs = 1,600 steps.

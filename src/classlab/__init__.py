@@ -24,7 +24,7 @@ def __getattr__(name: str) -> Any:
 
         return evaluate
     if name == "sweep":
-        from classlab.sweep import sweep
+        from classlab.sweeping import sweep
 
         return sweep
     if name == "compare":

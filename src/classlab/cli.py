@@ -139,7 +139,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from classlab.sweep import sweep
+    from classlab.sweeping import sweep
 
     config, overrides = _split_config_args(args.items)
     points = sweep(

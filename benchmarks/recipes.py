@@ -1,0 +1,211 @@
+"""Measured figures for the recipes in configs/, on cifar10-jpeg, at a length this machine can afford.
+
+    python benchmarks/recipes.py                        # every recipe; BENCHMARKS.md section "recipes"
+    python benchmarks/recipes.py --only resnet32 stl10_2m
+    python benchmarks/recipes.py --smoke                # 2 steps a run on a small copy; no BENCHMARKS.md
+
+A recipe ships with its published schedule; two CPU cores cannot run most of them in a session, so
+each one here runs a *scaled* schedule that keeps the published shape (where the learning rate drops,
+how the stages split) and says exactly what it changed. Each recipe runs as a classlab sweep, so a
+second call reads finished runs instead of repeating them and resumes an interrupted one from its
+``last.ckpt``. The time per epoch is the run's own clock (training plus its validations) divided by
+its epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_DATA, REPO, WORK, command, machine, subset_folder, today, write_section  # noqa: E402
+
+CONFIGS = REPO / "configs"
+BF16 = "trainer.precision=bf16-mixed"  # 1.7-1.8x on this CPU's AVX512-BF16 (BENCHMARKS.md, fast-knobs)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe's scaled run: its config, what the scaling overrides, and the sweep grid."""
+
+    config: str
+    overrides: list[str]
+    grid: list[str]
+    scaled: str  # what differs from the published schedule, in words
+    smoke: list[str] = field(default_factory=list)  # extra overrides for --smoke
+    smoke_grid: list[str] | None = None  # --smoke's grid where the real one needs more images
+
+
+RECIPES: dict[str, Recipe] = {
+    "resnet32": Recipe(
+        "cifar10_resnet32.yaml",
+        ["epochs=20", "sched.milestones=[10,15]", BF16],
+        ["model.depth=32"],
+        "20 of 182 epochs, lr /10 at epochs 10 and 15 (the published drops at 50% and 75%), bf16 autocast",
+    ),
+    "stl10_2m": Recipe(
+        "stl10_2m.yaml",
+        [
+            "data.images_per_class=500",
+            "data.image_size=32",
+            "epochs=30",
+            "sched.restart_period=5",
+            "stages=[{}, {epochs: 10, data.image_size: 48, optim.lr: 0.01, sched.name: cosine, "
+            "sched.warmup_epochs: 0}]",
+            BF16,
+        ],
+        ["model.preset=stl10_2m"],
+        "STL-10's protocol on CIFAR-10: 500 labelled images a class, the stl10_2m net (under 2M parameters), "
+        "30 epochs at 32 px with restarts every 5 (300 at 70 px every 50 in the recipe), then 10 epochs at "
+        "48 px (140 at 120 px); bf16 autocast",
+        ["stages=[{}, {data.image_size: 48}]"],
+    ),
+    "template_compare": Recipe(
+        "cifar10_template_compare.yaml",
+        ["epochs=2", BF16],
+        ["model.name=normal_cnn,residual_cnn,mixer_s4,mixer_s2,mixer_b4,mixer_b2"],
+        "2 of 30 epochs (180 Adam steps at batch 500) for each of the six models, bf16 autocast",
+        ["data.batch_size=20"],
+    ),
+    "efficientnet_b0_fewshot": Recipe(
+        "efficientnet_b0_fewshot.yaml",
+        [BF16],
+        ["data.images_per_class=5,10,20,30,40,50,60,70"],
+        "the published schedule (60 epochs at 64 px), bf16 autocast",
+        smoke_grid=["data.images_per_class=5,10"],
+    ),
+}
+
+
+def _data_overrides(data: Path) -> list[str]:
+    return ["data.dataset=folder", f"data.root={data}", "trainer.progress=false"]
+
+
+def run_recipe(name: str, data: Path, root: Path, smoke: bool) -> list[Path]:
+    """Run (or continue) one recipe's sweep; return its run folders."""
+    import classlab
+    from classlab.cli import _quiet_libraries
+
+    _quiet_libraries()
+    recipe = RECIPES[name]
+    overrides = [*recipe.overrides, *_data_overrides(data), f"run.root={root}", f"exp_name={name}"]
+    if smoke:
+        overrides += [
+            "trainer.max_steps=2",
+            "epochs=1",
+            "data.images_per_class=null",
+            "data.val_fraction=0.2",
+            *recipe.smoke,
+        ]
+    grid = recipe.smoke_grid if smoke and recipe.smoke_grid else recipe.grid
+    points = classlab.sweep(str(CONFIGS / recipe.config), grid, overrides, quiet=True)
+    failed = [p.name for p in points if p.status != "finished"]
+    if failed:
+        raise SystemExit(f"recipe {name}: runs did not finish: {', '.join(failed)} (see their folders under {root})")
+    return [p.path for p in points]
+
+
+def _epoch_seconds(run: Path) -> tuple[int, float]:
+    """(epochs run, mean seconds per epoch including validation) from the run's metrics.csv clock."""
+    with (run / "metrics.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return 0, float("nan")
+    epochs = int(float(rows[-1]["epoch"]))
+    return epochs, float(rows[-1]["time"]) / max(epochs, 1)
+
+
+def measure(run: Path) -> list[dict[str, Any]]:
+    """One row per stage of the run: accuracy, epochs, seconds per epoch, parameters."""
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    stages = sorted(run.glob("stage*/summary.json"))
+    folders = [p.parent for p in stages] if stages else [run]
+    rows = []
+    for k, folder in enumerate(folders, 1):
+        s = json.loads((folder / "summary.json").read_text(encoding="utf-8")) if stages else summary
+        epochs, per_epoch = _epoch_seconds(folder)
+        rows.append(
+            {
+                "run": run.name + (f" stage {k}" if stages else ""),
+                "model": s.get("model"),
+                "params": s.get("params"),
+                "image_size": s.get("image_size"),
+                "train_images": (s.get("images") or {}).get("train"),
+                "epochs": epochs,
+                "s_per_epoch": per_epoch,
+                "best_val_acc": s.get("best_val_acc"),
+                "test_acc": s.get("test_acc"),
+            }
+        )
+    return rows
+
+
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{100 * float(value):.2f}%"
+
+
+def markdown(results: dict[str, list[dict[str, Any]]], data: Path) -> str:
+    lines = [
+        "## Recipes on cifar10-jpeg, scaled to 2 CPU cores",
+        "",
+        f"- date: {today()}, machine: {machine()}",
+        f"- command: `{command()}` (data: `{data}`)",
+        "- Test accuracy is on the 10,000 test images with the run's best.ckpt (chosen on its validation split), "
+        "no TTA. s/epoch is the run's clock (training plus validation) over its epochs.",
+        "",
+    ]
+    for name, rows in results.items():
+        recipe = RECIPES[name]
+        lines += [
+            f"### `configs/{recipe.config}`",
+            "",
+            f"Scaled: {recipe.scaled}.",
+            "",
+            "| run | model | params | px | train images | epochs | s/epoch | best val | test |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['run']} | {r['model']} | {r['params']:,} | {r['image_size']} | {r['train_images']:,} | "
+                f"{r['epochs']} | {r['s_per_epoch']:.1f} | {_pct(r['best_val_acc'])} | {_pct(r['test_acc'])} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=sorted(RECIPES), help="run these recipes (default: all)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="cifar10-jpeg-style folder")
+    parser.add_argument("--work", type=Path, default=WORK / "recipes", help="run folders and results.json")
+    parser.add_argument("--smoke", action="store_true", help="2 steps a run on a small copy; no BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    if not (args.data / "train").is_dir():
+        raise SystemExit(f"{args.data}/train is not there: give --data a folder with train/<class>/ and test/<class>/")
+    data = subset_folder(args.data, args.work / "data", 20, 10) if args.smoke else args.data.resolve()
+    names = args.only or list(RECIPES)
+    results: dict[str, list[dict[str, Any]]] = {}
+    results_file = args.work / "results.json"
+    if results_file.is_file():
+        results = json.loads(results_file.read_text(encoding="utf-8"))
+    for name in names:
+        print(f"== {name}: {RECIPES[name].scaled}", flush=True)
+        runs = run_recipe(name, data, args.work / "runs", args.smoke)
+        results[name] = [row for run in runs for row in measure(run)]
+        args.work.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    ordered = {n: results[n] for n in RECIPES if n in results}
+    text = markdown(ordered, data)
+    print(text)
+    if not args.smoke:
+        write_section("recipes", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
