@@ -57,3 +57,19 @@ def test_vs_airbench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     # a second call finds both sides done and only reports (resumable per side and seed)
     assert bench.main(["--smoke", "--work", str(work), "--sides", "classlab"]) == 0
     assert "done earlier" in capsys.readouterr().out
+
+
+@needs_data
+def test_recipes_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    work = tmp_path / "work"
+    bench = _script("recipes")
+    assert bench.main(["--smoke", "--only", "stl10_2m", "--work", str(work)]) == 0
+    rows = json.loads((work / "results.json").read_text())["stl10_2m"]
+    # the recipe's two stages, each a row, at the scaled protocol's resolutions, under the 2M budget
+    assert [r["image_size"] for r in rows] == [32, 48]
+    assert all(r["params"] == 1_996_986 and r["model"] == "bottleneck_resnet" for r in rows)
+    assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)
+    assert "| preset=stl10_2m stage 2 | bottleneck_resnet | 1,996,986 | 48 |" in capsys.readouterr().out
+    # a second call reads the finished run instead of training it again
+    assert bench.main(["--smoke", "--only", "stl10_2m", "--work", str(work)]) == 0
+    assert "1 finished (skipped)" in capsys.readouterr().out

@@ -94,3 +94,19 @@ def test_errors_are_one_line(runs: Path, tmp_path: Path) -> None:
         compare([str(runs)], by=["model.init_frm"], plots=False)
     result = run_cli("compare", str(tmp_path / "missing"))
     assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_rows_sort_naturally_and_legends_name_runs_by_folder() -> None:
+    from classlab.report import _legend_value, _sort_key
+
+    values = ["runs/rot:epoch12", None, "runs/rot:epoch4", "runs/rot:epoch20", "runs/rot:epoch8"]
+    assert sorted(values, key=_sort_key) == [
+        None,
+        "runs/rot:epoch4",
+        "runs/rot:epoch8",
+        "runs/rot:epoch12",
+        "runs/rot:epoch20",
+    ]
+    assert sorted([10, 2.5, None, 100], key=_sort_key) == [None, 2.5, 10, 100]
+    assert _legend_value("runs/study/rotation:epoch5") == "rotation:epoch5"
+    assert _legend_value(None) == "none" and _legend_value("conv_fc") == "conv_fc"

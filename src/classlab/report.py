@@ -12,6 +12,7 @@ import csv
 import glob
 import io
 import os
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -200,13 +201,23 @@ def compare(
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:
+    """None first, then numbers, then text in natural order (``epoch4`` before ``epoch12``)."""
     if value is None:
-        return (0, "")
+        return (0, ())
     if isinstance(value, bool):
-        return (1, int(value))
+        return (1, (int(value),))
     if isinstance(value, int | float):
-        return (1, value)
-    return (2, str(value))
+        return (1, (value,))
+    parts = re.split(r"(\d+)", str(value))
+    return (2, tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in parts))
+
+
+def _legend_value(value: Any) -> str:
+    """A run path given as a value (``model.init_from``) is named by its folder: legends stay readable."""
+    if value is None:
+        return "none"
+    text = _cell(value)
+    return text.rstrip("/").rsplit("/", 1)[-1] if isinstance(value, str) and "/" in text else text
 
 
 def _numeric(values: list[Any]) -> bool:
@@ -263,7 +274,7 @@ def plot_metric(runs: list[RunData], x: str, groups: list[str], metric: str, pat
         if not isinstance(xv, int | float) or not isinstance(yv, int | float):
             continue
         shown = [(g.rsplit(".", 1)[-1], run.config.get(g)) for g in groups]
-        label = ", ".join(f"{k}={'none' if v is None else _cell(v)}" for k, v in shown) or metric
+        label = ", ".join(f"{k}={_legend_value(v)}" for k, v in shown) or metric
         lines[label][float(xv)].append(float(yv))
     if not lines:
         return None
