@@ -43,7 +43,7 @@ classlab sweep $HERE/downstream.yaml run.root="$ROOT" exp_name=images_per_class 
 echo "== (c) frozen rotation features truncated after block 2, 4, 5 or all 7, linear and conv heads (N = 500)"
 classlab sweep $HERE/downstream.yaml run.root="$ROOT" exp_name=truncation "${FULL500[@]}" "${EXTRA[@]}" \
   model.init_from="$ROT" model.freeze=all --jobs "$JOBS" --quiet \
-  --grid "model.truncate_at=2,4,5,null" --grid "model.head=linear,conv_fc" || true
+  --grid "model.truncate_at=2,4,5,7" --grid "model.head=linear,conv_fc" || true
 
 echo "== (d) which pretraining epoch transfers best (frozen, conv head, N = 500)"
 classlab sweep $HERE/downstream.yaml run.root="$ROOT" exp_name=pretrain_epoch "${FULL500[@]}" "${EXTRA[@]}" \

@@ -287,10 +287,12 @@ def plot_metric(runs: list[RunData], x: str, groups: list[str], metric: str, pat
         means = [statistics.fmean(by_x[v]) for v in xs]
         errs = [statistics.stdev(by_x[v]) if len(by_x[v]) > 1 else 0.0 for v in xs]
         ax.errorbar(xs, means, yerr=errs if any(errs) else None, marker="o", capsize=3, label=label)
+    ticks = sorted(set(xs_all))
     if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
         ax.set_xscale("log")
-        ax.set_xticks(sorted(set(xs_all)))
-        ax.set_xticklabels([f"{v:g}" for v in sorted(set(xs_all))])
+    if len(ticks) <= 12:  # the swept values themselves, not 2.5 between truncation points 2 and 3
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{v:g}" for v in ticks])
     ax.set_xlabel(x)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
