@@ -19,6 +19,17 @@ def test_stage_errors_name_the_stage() -> None:
         load_config(None, ["stages=[{epochs: 1}, {data.image_sise: 64}]"])
 
 
+def test_stages_refuse_more_than_one_process() -> None:
+    """DDP re-launches the whole command, so a staged run on 2 processes would train stage 1 twice: refused."""
+    with pytest.raises(ConfigError, match=r"stages run in one process only.*model.init_from"):
+        load_config(None, ["stages=[{}, {epochs: 1}]", "trainer.devices=2"])
+    with pytest.raises(ConfigError, match=r"stages run in one process only"):
+        load_config(None, ["stages=[{}, {}]", "trainer.num_nodes=2"])
+    with pytest.raises(ConfigError, match=r"stages\[1\]: stages run in one process only"):
+        load_config(None, ["stages=[{}, {trainer.devices: [0, 1]}]"])
+    assert load_config(None, ["stages=[{}, {}]", "trainer.devices=1"]).stages
+
+
 def test_two_stages_hand_weights_over(tmp_path: Path) -> None:
     stages = (
         "[{data.image_size: 24, epochs: 2}, {data.image_size: 32, epochs: 1, optim.lr: 1.0e-9, optim.weight_decay: 0}]"

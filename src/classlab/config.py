@@ -210,6 +210,11 @@ class Config(Section):
             raise ValueError("data.csv_file is required for data.dataset=csv: the manifest with path and label columns")
         if self.data.group_column and self.data.dataset != "csv":
             raise ValueError("data.group_column needs data.dataset=csv (groups come from a manifest column)")
+        if self.stages and _explicit_processes(self.trainer) > 1:
+            raise ValueError(
+                "stages run in one process only (DDP re-launches the whole command per stage); run each stage as "
+                "its own run instead: the second with the stage's keys as overrides and model.init_from=<first run>"
+            )
         if self.task == "multitask" and not self.model.tasks:
             raise ValueError("task=multitask needs model.tasks: a mapping task name -> {column, weight}")
         if self.task == "multitask":
@@ -220,6 +225,13 @@ class Config(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _explicit_processes(trainer: TrainerSection) -> int:
+    """Training processes the config asks for in so many words ("auto" devices are resolved at train time)."""
+    devices = trainer.devices
+    per_node = len(devices) if isinstance(devices, list) else (devices if isinstance(devices, int) else 1)
+    return per_node * trainer.num_nodes
 
 
 def _check_multitask(cfg: Config) -> None:
@@ -329,9 +341,13 @@ def validate(tree: dict[str, Any]) -> Config:
     _validate_model(cfg)
     for k in range(len(cfg.stages or [])):
         try:
-            stage_config(cfg, k)
+            stage = stage_config(cfg, k)
         except ConfigError as exc:
             raise ConfigError(f"stages[{k}]: {exc}") from None
+        if _explicit_processes(stage.trainer) > 1:
+            raise ConfigError(
+                f"stages[{k}]: stages run in one process only; drop its trainer.devices / trainer.num_nodes"
+            )
     return cfg
 
 

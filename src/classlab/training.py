@@ -207,6 +207,11 @@ def _train_stages(cfg: Config, *, resume: bool, force: bool, quiet: bool) -> Run
     """
     from classlab.config import stage_config
 
+    if cfg.trainer.devices == "auto" and _accelerator(cfg) == "gpu" and torch.cuda.device_count() > 1:
+        raise ClassLabError(
+            f"stages run in one process only and trainer.devices=auto would start {torch.cuda.device_count()} "
+            f"(one per GPU): set trainer.devices=1, or run each stage as its own run with model.init_from"
+        )
     top, cfg = _make_run(cfg, resume, force)
     if not resume:
         top.path.mkdir(parents=True, exist_ok=False)
