@@ -14,7 +14,7 @@ from classlab.data.pipeline import DataProblems, load_data
 from classlab.data.preprocess import image_to_tensor, open_image
 from classlab.data.sources import open_dataset
 from classlab.data.splits import make_split
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, ConfigError
 from tests.conftest import make_image
 
 
@@ -143,6 +143,37 @@ def test_csv_manifest_groups_and_escape(tmp_path: Path) -> None:
     cfg2 = load_config(None, ["data.dataset=csv", f"data.root={root}", "data.csv_file=evil.csv"])
     with pytest.raises(ClassLabError, match="outside data.root"):
         open_dataset(cfg2.data)
+
+
+def test_csv_test_manifest_is_the_test_split(tmp_path: Path) -> None:
+    """A competition-style layout: train.csv for training/validation, test.csv with labels for the test figure."""
+    root = tmp_path / "img"
+    colors = {"red": (220, 0, 0), "blue": (0, 0, 220), "green": (0, 200, 0)}
+    train_rows, test_rows = ["path,label"], ["path,label"]
+    for i in range(30):
+        label = list(colors)[i % 3]
+        make_image(root / f"{i}.png", colors[label])
+        (test_rows if i >= 24 else train_rows).append(f"{i}.png,{label}")
+    test_rows.append("missing.png,red")
+    (root / "train.csv").write_text("\n".join(train_rows) + "\n")
+    (root / "test.csv").write_text("\n".join(test_rows) + "\n")
+    base = ["data.dataset=csv", f"data.root={root}", "data.csv_file=train.csv", "data.image_size=16"]
+    cfg = load_config(None, [*base, "data.test_csv_file=test.csv", "data.skip_bad_images=true"])
+    bundle = load_data(cfg)
+    assert bundle.classes == ["blue", "green", "red"]
+    assert len(bundle.train) + len(bundle.val) == 24 and len(bundle.test) == 6
+    index = {c: i for i, c in enumerate(bundle.classes)}
+    expected = sorted(index[list(colors)[i % 3]] for i in range(24, 30))
+    assert sorted(bundle.test.labels.tolist()) == expected
+    assert any("missing.png" in line and "test.csv" in line for line in bundle.bad)
+    # labels the model is not trained on are refused by name; test_csv_file needs a csv dataset
+    (root / "odd.csv").write_text("path,label\n24.png,purple\n")
+    with pytest.raises(ClassLabError, match=r"odd.csv: labels not in the training manifest's classes: purple"):
+        open_dataset(load_config(None, [*base, "data.test_csv_file=odd.csv"]).data)
+    with pytest.raises(ClassLabError, match=r"data.test_csv_file 'nope.csv' not found"):
+        open_dataset(load_config(None, [*base, "data.test_csv_file=nope.csv"]).data)
+    with pytest.raises(ConfigError, match=r"data.test_csv_file needs data.dataset=csv"):
+        load_config(None, ["data.test_csv_file=test.csv"])
 
 
 def test_torchvision_missing_files_named(tmp_path: Path) -> None:

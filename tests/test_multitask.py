@@ -201,3 +201,18 @@ def test_frozen_pretrained_backbone_is_unchanged(manifest: Path, tmp_path: Path)
         assert torch.equal(backbone[key], value), key
     heads = [k for k in state if k.startswith("model.net.heads.")]
     assert heads and not np.allclose(state["model.net.heads.0.weight"].numpy(), 0.0)
+
+
+def test_test_manifest_uses_the_training_tasks_classes(manifest: Path, tmp_path: Path) -> None:
+    rows = list(csv.DictReader(open(manifest / "train.csv")))[:6]
+    with open(manifest / "test_mt.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    data = load_data(load_config(None, _overrides(manifest, tmp_path, "data.test_csv_file=test_mt.csv")))
+    assert data.test is not None and len(data.test) == 6
+    index = combined_index(data.tasks, [(r["mask"], r["sex"], r["age"]) for r in rows])
+    assert sorted(data.test.labels.tolist()) == sorted(index)
+    (manifest / "odd_mt.csv").write_text("path,mask,sex,age,person\np0_wear.png,wear,female,teen,p0\n")
+    with pytest.raises(ClassLabError, match=r"labels not in the training manifest's task age: teen"):
+        load_data(load_config(None, _overrides(manifest, tmp_path, "data.test_csv_file=odd_mt.csv")))

@@ -36,6 +36,7 @@ class DataSection(Section):
     dataset: Literal["sample", "cifar10", "cifar100", "stl10", "mnist", "fashion_mnist", "folder", "csv"] = "sample"
     root: str | None = Field(None, description="dataset folder; relative paths resolve against the config file")
     csv_file: str | None = None
+    test_csv_file: str | None = Field(None, description="manifest of the labelled test images (same columns)")
     path_column: str = "path"
     label_column: str = "label"
     group_column: str | None = None
@@ -208,6 +209,8 @@ class Config(Section):
             )
         if self.data.dataset == "csv" and not self.data.csv_file:
             raise ValueError("data.csv_file is required for data.dataset=csv: the manifest with path and label columns")
+        if self.data.test_csv_file and self.data.dataset != "csv":
+            raise ValueError("data.test_csv_file needs data.dataset=csv (folders take their test set from root/test)")
         if self.data.group_column and self.data.dataset != "csv":
             raise ValueError("data.group_column needs data.dataset=csv (groups come from a manifest column)")
         if self.stages and _explicit_processes(self.trainer) > 1:

@@ -245,19 +245,30 @@ def _flat_folder(root: Path) -> Dataset:
 # ---------------------------------------------------------------------------------------------
 
 
-def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
-    """A manifest's images and labels; with ``tasks`` (name -> column) one label per task column.
+@dataclass
+class _Manifest:
+    """The usable rows of one CSV manifest, before labels become class indices."""
 
-    Multi-task labels are stored as one combined label (the row-major index into the product of
-    the tasks' classes), so splitting, stratifying on the combination, caching and batching all
-    work on one integer as for plain classification; ``classlab.multitask`` takes it apart.
-    """
+    path: Path
+    files: list[Path]
+    labels: list[str]  # the label column, or the task values joined (multi-task)
+    task_values: list[tuple[str, ...]]
+    groups: list[str]
+    problems: list[str]
+
+
+def _manifest_path(cfg: DataSection, name: str, key: str) -> Path:
     root = Path(cfg.root or "").resolve()
-    manifest = Path(cfg.csv_file or "")
+    manifest = Path(name)
     if not manifest.is_absolute():
         manifest = root / manifest if (root / manifest).is_file() else manifest.resolve()
     if not manifest.is_file():
-        raise ClassLabError(f"data.csv_file '{cfg.csv_file}' not found (looked in {root} and the current folder)")
+        raise ClassLabError(f"{key} '{name}' not found (looked in {root} and the current folder)")
+    return manifest
+
+
+def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | None) -> _Manifest:
+    root = Path(cfg.root or "").resolve()
     with open(manifest, newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
@@ -273,11 +284,7 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
             raise ClassLabError(f"{manifest}: no column '{col}' ({where}); its columns are: {', '.join(columns)}")
     if not rows:
         raise ClassLabError(f"{manifest} has no rows")
-    problems: list[str] = []
-    files: list[Path] = []
-    raw_labels: list[str] = []
-    task_values: list[tuple[str, ...]] = []
-    groups: list[str] = []
+    out = _Manifest(manifest, [], [], [], [], [])
     for line, row in enumerate(rows, start=2):
         rel = (row.get(cfg.path_column) or "").strip()
         path = (root / rel).resolve()
@@ -285,48 +292,91 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
             raise ClassLabError(
                 f"{manifest}, line {line}: path '{rel}' is outside data.root {root}; paths must stay inside it"
             )
+        values: tuple[str, ...] = ()
         if tasks:
             values = tuple((row.get(col) or "").strip() for col in tasks.values())
             empty = [name for name, v in zip(tasks, values) if not v]
             if empty:
-                problems.append(f"{manifest}, line {line}: empty label of task(s) {', '.join(empty)}")
+                out.problems.append(f"{manifest}, line {line}: empty label of task(s) {', '.join(empty)}")
                 continue
             label = "|".join(values)
         else:
             label = (row.get(cfg.label_column) or "").strip()
         if not label:
-            problems.append(f"{manifest}, line {line}: empty label")
+            out.problems.append(f"{manifest}, line {line}: empty label")
             continue
         if not path.is_file():
-            problems.append(f"{path}: file listed in {manifest.name} (line {line}) does not exist")
+            out.problems.append(f"{path}: file listed in {manifest.name} (line {line}) does not exist")
             continue
-        files.append(path)
-        raw_labels.append(label)
+        out.files.append(path)
+        out.labels.append(label)
         if tasks:
-            task_values.append(values)
-        groups.append((row.get(cfg.group_column) or "") if cfg.group_column else "")
+            out.task_values.append(values)
+        out.groups.append((row.get(cfg.group_column) or "") if cfg.group_column else "")
+    return out
+
+
+def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
+    """A manifest's images and labels; with ``tasks`` (name -> column) one label per task column.
+
+    Multi-task labels are stored as one combined label (the row-major index into the product of
+    the tasks' classes), so splitting, stratifying on the combination, caching and batching all
+    work on one integer as for plain classification; ``classlab.multitask`` takes it apart.
+    ``data.test_csv_file`` is a second manifest with the same columns: the held-out test set,
+    labelled with the training manifest's classes.
+    """
+    root = Path(cfg.root or "").resolve()
+    train = _read_manifest(cfg, _manifest_path(cfg, cfg.csv_file or "", "data.csv_file"), tasks)
+    test = (
+        _read_manifest(cfg, _manifest_path(cfg, cfg.test_csv_file, "data.test_csv_file"), tasks)
+        if (cfg.test_csv_file)
+        else None
+    )
     task_classes: dict[str, list[str]] | None = None
     if tasks:
-        if not files:
-            raise ClassLabError(f"{manifest}: no row has a label for every task ({', '.join(tasks)})")
-        task_classes = {name: sorted({v[t] for v in task_values}, key=natural_key) for t, name in enumerate(tasks)}
+        if not train.files:
+            raise ClassLabError(f"{train.path}: no row has a label for every task ({', '.join(tasks)})")
+        task_classes = {
+            name: sorted({v[t] for v in train.task_values}, key=natural_key) for t, name in enumerate(tasks)
+        }
         few = [f"{name} ({', '.join(c)})" for name, c in task_classes.items() if len(c) < 2]
         if few:
-            raise ClassLabError(f"{manifest}: each task needs at least 2 classes; these have one: {'; '.join(few)}")
+            raise ClassLabError(f"{train.path}: each task needs at least 2 classes; these have one: {'; '.join(few)}")
         from classlab.multitask import combined_index, combined_names
 
         classes = combined_names(task_classes)
-        labels = combined_index(task_classes, task_values)
+        if test is not None:
+            for t, name in enumerate(tasks):
+                _check_test_labels(test, [v[t] for v in test.task_values], task_classes[name], f"task {name}")
+        labels = combined_index(task_classes, train.task_values)
+        test_labels = combined_index(task_classes, test.task_values) if test is not None else []
     else:
-        classes = _order_classes(sorted(set(raw_labels)), cfg.classes, str(manifest))
+        classes = _order_classes(sorted(set(train.labels)), cfg.classes, str(train.path))
         index = {c: i for i, c in enumerate(classes)}
-        labels = [index[lab] for lab in raw_labels]
-    source = _file_source("csv:train", files, labels, root, problems)
+        if test is not None:
+            _check_test_labels(test, test.labels, classes, "classes")
+        labels = [index[lab] for lab in train.labels]
+        test_labels = [index[lab] for lab in test.labels] if test is not None else []
+    source = _file_source("csv:train", train.files, labels, root, train.problems)
     # The task columns are part of what the labels mean: the decoded cache must not mix them up.
-    source.fingerprint = _digest(source.fingerprint, manifest.read_bytes(), *([tasks] if tasks else []))
+    source.fingerprint = _digest(source.fingerprint, train.path.read_bytes(), *([tasks] if tasks else []))
     if cfg.group_column:
-        source.groups = np.array(groups, dtype=object)
-    return Dataset(classes, source, None, None, tasks=task_classes)
+        source.groups = np.array(train.groups, dtype=object)
+    test_source = None
+    if test is not None:
+        test_source = _file_source("csv:test", test.files, test_labels, root, test.problems)
+        test_source.fingerprint = _digest(test_source.fingerprint, test.path.read_bytes(), *([tasks] if tasks else []))
+    return Dataset(classes, source, test_source, None, tasks=task_classes)
+
+
+def _check_test_labels(test: _Manifest, labels: list[str], known: list[str], what: str) -> None:
+    unknown = sorted(set(labels) - set(known), key=natural_key)
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ClassLabError(
+            f"{test.path}: labels not in the training manifest's {what}: {shown}; "
+            f"the test set can only use classes the model is trained on"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
