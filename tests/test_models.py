@@ -279,3 +279,22 @@ def test_validate_model_spec_is_cheap_and_catches_family_values() -> None:
     validate_model_spec(deep)
     with pytest.raises(ConfigError, match="cannot be built for 3x32x32"):
         validate_model_spec(deep, image_size=32)
+
+
+def test_torchvision_and_timm_weights_map_onto_our_layout() -> None:
+    """Weights saved from plain torchvision / timm models load key for key (``convert_state_dict``)."""
+    import timm
+    import torchvision
+
+    cases = [
+        ("resnet18", torchvision.models.resnet18(weights=None, num_classes=7)),
+        ("efficientnet_b0", timm.create_model("efficientnet_b0", pretrained=False, num_classes=7)),
+    ]
+    for name, foreign in cases:
+        ours = build_model({"name": name}, num_classes=7)
+        state = foreign.state_dict()
+        converted = ours.convert_state_dict(state)
+        assert len(converted) == len(state)
+        ours.load_state_dict(converted, strict=True)  # every key has a place, every place a key
+        for key, value in converted.items():
+            assert torch.equal(ours.state_dict()[key], value), f"{name}: {key}"

@@ -14,13 +14,12 @@ for 224x224; upsample small images or use a CIFAR family for fair numbers.
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 
 import torch
 from torch import nn
 
-from classlab.models.net import ClassifierNet
+from classlab.models.net import ClassifierNet, renumber_blocks
 from classlab.models.registry import register_model
 
 # Resolution each variant was scaled for (the paper's compound scaling).
@@ -45,20 +44,14 @@ class EfficientNet(ClassifierNet):
 
     def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """timm key names (conv_stem, blocks.S.J, conv_head, classifier) -> ours."""
-        offsets = [sum(self.stage_lengths[:i]) for i in range(len(self.stage_lengths))]
-        out = {}
-        for key, value in state.items():
-            m = re.match(r"blocks\.(\d+)\.(\d+)\.(.*)", key)
-            if m:
-                key = f"blocks.{offsets[int(m[1])] + int(m[2])}.{m[3]}"
-            elif key.startswith(("conv_stem.", "bn1.")):
-                key = f"stem.{key}"
-            elif key.startswith(("conv_head.", "bn2.")):
-                key = f"neck.{key}"
-            elif key.startswith("classifier."):
-                key = "head.fc." + key[len("classifier.") :]
-            out[key] = value
-        return out
+        prefixes = {
+            "conv_stem.": "stem.conv_stem.",
+            "bn1.": "stem.bn1.",
+            "conv_head.": "neck.conv_head.",
+            "bn2.": "neck.bn2.",
+            "classifier.": "head.fc.",
+        }
+        return renumber_blocks(state, r"blocks\.(\d+)\.(\d+)\.(.*)", self.stage_lengths, 0, prefixes)
 
 
 def _build(variant: int, num_classes: int, in_chans: int, image_size: int, drop_path_rate: float) -> EfficientNet:

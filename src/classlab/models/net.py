@@ -7,6 +7,7 @@ freezing, backbone transfer and multi-task heads be written once (in
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 import torch
@@ -168,3 +169,29 @@ class ClassifierNet(nn.Module):
         for name in self._frozen:
             self.get_submodule(name).eval()
         return self
+
+
+def renumber_blocks(
+    state: dict[str, torch.Tensor],
+    block_pattern: str,
+    stage_lengths: tuple[int, ...],
+    first_stage: int,
+    prefixes: dict[str, str],
+) -> dict[str, torch.Tensor]:
+    """Another library's key names -> ours, so its saved weights load into the stem/blocks/head shape.
+
+    ``block_pattern`` matches ``(stage)(index)(rest)``; stage S (counted from ``first_stage``) index J
+    becomes ``blocks.<blocks before S + J>.rest``. Other keys starting with a ``prefixes`` key get its value.
+    """
+    offsets = [sum(stage_lengths[:i]) for i in range(len(stage_lengths))]
+    out = {}
+    for key, value in state.items():
+        m = re.match(block_pattern, key)
+        if m:
+            key = f"blocks.{offsets[int(m[1]) - first_stage] + int(m[2])}.{m[3]}"
+        else:
+            old = next((p for p in prefixes if key.startswith(p)), None)
+            if old is not None:
+                key = prefixes[old] + key[len(old) :]
+        out[key] = value
+    return out

@@ -6,7 +6,6 @@ torchvision ResNet load here (see ``convert_state_dict``).
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 
 import torch
@@ -14,7 +13,7 @@ import torchvision
 from torch import nn
 
 from classlab.errors import ConfigError
-from classlab.models.net import ClassifierNet
+from classlab.models.net import ClassifierNet, renumber_blocks
 from classlab.models.registry import register_model
 
 DEPTHS = (18, 34, 50, 101, 152)
@@ -27,18 +26,8 @@ class TorchvisionResNet(ClassifierNet):
 
     def convert_state_dict(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """torchvision key names (conv1, layer2.1, fc) -> ours (stem.conv1, blocks.N, head.fc)."""
-        offsets = [sum(self.stage_lengths[:i]) for i in range(len(self.stage_lengths))]
-        out = {}
-        for key, value in state.items():
-            m = re.match(r"layer(\d)\.(\d+)\.(.*)", key)
-            if m:
-                key = f"blocks.{offsets[int(m[1]) - 1] + int(m[2])}.{m[3]}"
-            elif key.startswith(("conv1.", "bn1.")):
-                key = f"stem.{key}"
-            elif key.startswith("fc."):
-                key = f"head.{key}"
-            out[key] = value
-        return out
+        prefixes = {"conv1.": "stem.conv1.", "bn1.": "stem.bn1.", "fc.": "head.fc."}
+        return renumber_blocks(state, r"layer(\d)\.(\d+)\.(.*)", self.stage_lengths, 1, prefixes)
 
 
 def _build(depth: int, num_classes: int, in_chans: int, image_size: int, stem: str) -> TorchvisionResNet:
