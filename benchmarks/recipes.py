@@ -53,16 +53,16 @@ RECIPES: dict[str, Recipe] = {
         [
             "data.images_per_class=500",
             "data.image_size=32",
-            "epochs=30",
-            "sched.restart_period=5",
-            "stages=[{}, {epochs: 10, data.image_size: 48, optim.lr: 0.01, sched.name: cosine, "
+            "epochs=90",
+            "sched.restart_period=15",
+            "stages=[{}, {epochs: 42, data.image_size: 48, optim.lr: 0.01, sched.name: cosine, "
             "sched.warmup_epochs: 0}]",
             BF16,
         ],
         ["model.preset=stl10_2m"],
         "STL-10's protocol on CIFAR-10: 500 labelled images a class, the stl10_2m net (under 2M parameters), "
-        "30 epochs at 32 px with restarts every 5 (300 at 70 px every 50 in the recipe), then 10 epochs at "
-        "48 px (140 at 120 px); bf16 autocast",
+        "both stages at 0.3 of their length: 90 epochs at 32 px with restarts every 15 (300 at 70 px every 50 "
+        "in the recipe), then 42 epochs at 48 px (140 at 120 px); bf16 autocast",
         ["stages=[{}, {data.image_size: 48}]"],
     ),
     "template_compare": Recipe(
