@@ -52,6 +52,7 @@ RECIPES: dict[str, Recipe] = {
         "stl10_2m.yaml",
         [
             "data.images_per_class=500",
+            "data.val_fraction=0.1",  # 5,000 validation images are plenty; 10,000 would cost 9 min more
             "data.image_size=32",
             "epochs=90",
             "sched.restart_period=15",
