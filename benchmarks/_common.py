@@ -80,6 +80,13 @@ def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     atomic_write_text(path, text)
 
 
+def publish(name: str, body: str, smoke: bool) -> None:
+    """Print the section; a full run (not ``--smoke``) also writes it into BENCHMARKS.md."""
+    print(body)
+    if not smoke:
+        write_section(name, body)
+
+
 def subset_folder(source: Path, dest: Path, train_per_class: int, test_per_class: int) -> Path:
     """A small copy of an image folder (``train/`` and ``test/`` by class): the smoke runs' data."""
     import shutil

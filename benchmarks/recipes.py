@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, REPO, WORK, command, machine, subset_folder, today, write_section  # noqa: E402
+from _common import DEFAULT_DATA, REPO, WORK, command, machine, publish, subset_folder, today  # noqa: E402
 
 CONFIGS = REPO / "configs"
 BF16 = "trainer.precision=bf16-mixed"  # 1.7-1.8x on this CPU's AVX512-BF16 (BENCHMARKS.md, fast-knobs)
@@ -206,9 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         results_file.write_text(json.dumps(results, indent=1), encoding="utf-8")
     ordered = {n: results[n] for n in RECIPES if n in results}
     text = markdown(ordered, data)
-    print(text)
-    if not args.smoke:
-        write_section("recipes", text)
+    publish("recipes", text, args.smoke)
     return 0
 
 

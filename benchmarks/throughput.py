@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, WORK, command, machine, subset_folder, today, write_section  # noqa: E402
+from _common import DEFAULT_DATA, WORK, command, machine, publish, subset_folder, today  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Settings (the full run; --smoke shrinks steps, batch and data)
@@ -347,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json_path, json.dumps(res, indent=2) + "\n")
     table = markdown(res)
-    print(table)
-    if not args.smoke:
-        write_section("throughput", table)
+    publish("throughput", table, args.smoke)
     print(f"results: {json_path}")
     return 0
 

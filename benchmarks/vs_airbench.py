@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, REPO, WORK, command, machine, subset_folder, today, write_section  # noqa: E402
+from _common import DEFAULT_DATA, REPO, WORK, command, machine, publish, subset_folder, today  # noqa: E402
 
 AIRBENCH = "airbench==0.1.8"
 AIRBENCH_SDIST = Path("/tmp/ab/airbench-0.1.8.tar.gz")  # used when present: no network needed
@@ -336,9 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{side} seed {seed}] accuracy {r['accuracy']:.4f} in {r['wall_s']:.1f} s", flush=True)
     meta = {"date": today(), "machine": machine(), "command": command()}
     table = markdown(results, meta)
-    print(table)
-    if not args.smoke:
-        write_section("vs_airbench", table)
+    publish("vs_airbench", table, args.smoke)
     print(f"results: {results_path}")
     return 0
 
