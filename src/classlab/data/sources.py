@@ -327,11 +327,9 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
     """
     root = Path(cfg.root or "").resolve()
     train = _read_manifest(cfg, _manifest_path(cfg, cfg.csv_file or "", "data.csv_file"), tasks)
-    test = (
-        _read_manifest(cfg, _manifest_path(cfg, cfg.test_csv_file, "data.test_csv_file"), tasks)
-        if (cfg.test_csv_file)
-        else None
-    )
+    test = None
+    if cfg.test_csv_file:
+        test = _read_manifest(cfg, _manifest_path(cfg, cfg.test_csv_file, "data.test_csv_file"), tasks)
     task_classes: dict[str, list[str]] | None = None
     if tasks:
         if not train.files:
@@ -357,15 +355,17 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
             _check_test_labels(test, test.labels, classes, "classes")
         labels = [index[lab] for lab in train.labels]
         test_labels = [index[lab] for lab in test.labels] if test is not None else []
-    source = _file_source("csv:train", train.files, labels, root, train.problems)
-    # The task columns are part of what the labels mean: the decoded cache must not mix them up.
-    source.fingerprint = _digest(source.fingerprint, train.path.read_bytes(), *([tasks] if tasks else []))
+
+    def manifest_source(name: str, manifest: _Manifest, labels: list[int]) -> Source:
+        source = _file_source(name, manifest.files, labels, root, manifest.problems)
+        # The manifest and task columns are part of what the labels mean: the decoded cache must not mix them up.
+        source.fingerprint = _digest(source.fingerprint, manifest.path.read_bytes(), *([tasks] if tasks else []))
+        return source
+
+    source = manifest_source("csv:train", train, labels)
     if cfg.group_column:
         source.groups = np.array(train.groups, dtype=object)
-    test_source = None
-    if test is not None:
-        test_source = _file_source("csv:test", test.files, test_labels, root, test.problems)
-        test_source.fingerprint = _digest(test_source.fingerprint, test.path.read_bytes(), *([tasks] if tasks else []))
+    test_source = manifest_source("csv:test", test, test_labels) if test is not None else None
     return Dataset(classes, source, test_source, None, tasks=task_classes)
 
 
