@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_DATA, REPO, WORK, command, machine, publish, subset_folder, today  # noqa: E402
+
+from classlab.run import atomic_write_text  # noqa: E402
 
 CONFIGS = REPO / "configs"
 BF16 = "trainer.precision=bf16-mixed"  # 1.7-1.8x on this CPU's AVX512-BF16 (BENCHMARKS.md, fast-knobs)
@@ -114,7 +117,7 @@ def run_recipe(name: str, data: Path, root: Path, smoke: bool) -> list[Path]:
 def _epoch_seconds(run: Path) -> tuple[int, float]:
     """(epochs run, mean seconds per epoch including validation) from the run's metrics.csv clock."""
     path = run / "metrics.csv"
-    rows = list(csv.DictReader(path.open(encoding="utf-8"))) if path.is_file() else []
+    rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")))) if path.is_file() else []
     if not rows:  # stopped by max_steps before an epoch ended (smoke runs)
         return 0, float("nan")
     epochs = int(float(rows[-1]["epoch"]))
@@ -202,8 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {RECIPES[name].scaled}", flush=True)
         runs = run_recipe(name, data, args.work / "runs", args.smoke)
         results[name] = [row for run in runs for row in measure(run)]
-        args.work.mkdir(parents=True, exist_ok=True)
-        results_file.write_text(json.dumps(results, indent=1), encoding="utf-8")
+        atomic_write_text(results_file, json.dumps(results, indent=1))  # a killed call keeps the earlier figures
     ordered = {n: results[n] for n in RECIPES if n in results}
     text = markdown(ordered, data)
     publish("recipes", text, args.smoke)

@@ -12,7 +12,6 @@ import csv
 import glob
 import io
 import os
-import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from classlab.data.sources import natural_key
 from classlab.errors import ClassLabError, did_you_mean
 from classlab.run import RunFolder, atomic_write_bytes, atomic_write_text
 
@@ -208,8 +208,7 @@ def _sort_key(value: Any) -> tuple[int, Any]:
         return (1, (int(value),))
     if isinstance(value, int | float):
         return (1, (value,))
-    parts = re.split(r"(\d+)", str(value))
-    return (2, tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in parts))
+    return (2, tuple(natural_key(str(value))))
 
 
 def _legend_value(value: Any) -> str:
