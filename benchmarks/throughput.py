@@ -127,7 +127,7 @@ def classlab_loop(model: str, data: Path, batch: int, warmup: int, steps: int, p
 
     from classlab.data.pipeline import load_data
     from classlab.engine.task import ClassifyTask
-    from classlab.training import build_network
+    from classlab.engine.trainer import build_network
 
     cfg = _config(model, data, batch, precision)
     bundle = load_data(cfg, with_test=False)
@@ -172,7 +172,7 @@ def classlab_loop(model: str, data: Path, batch: int, warmup: int, steps: int, p
 
 def _model_and_batch(model: str, data: Path, batch: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, Any]:
     from classlab.data.pipeline import load_data
-    from classlab.training import build_network
+    from classlab.engine.trainer import build_network
 
     cfg = _config(model, data, batch, "32-true")
     bundle = load_data(cfg, with_test=False)

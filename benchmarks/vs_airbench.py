@@ -170,8 +170,9 @@ def worker_classlab(seed: int, smoke: bool, data: Path, runs: Path) -> dict[str,
     from classlab.cli import _quiet_libraries
     from classlab.config import load_config
     from classlab.data.pipeline import load_data
-    from classlab.engine.evaluate import predict_logits, top_k_accuracy
-    from classlab.inference import load
+    from classlab.engine.load import load
+    from classlab.engine.metrics import top_k_accuracy
+    from classlab.engine.predict import predict_logits
     from classlab.models import build_model
 
     _quiet_libraries()

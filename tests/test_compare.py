@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import run_cli
 
+from classlab.compare import compare, flatten
 from classlab.errors import ClassLabError
-from classlab.report import compare, flatten
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -97,7 +97,7 @@ def test_errors_are_one_line(runs: Path, tmp_path: Path) -> None:
 
 
 def test_rows_sort_naturally_and_legends_name_runs_by_folder() -> None:
-    from classlab.report import _legend_value, _sort_key
+    from classlab.compare import _legend_value, _sort_key
 
     values = ["runs/rot:epoch12", None, "runs/rot:epoch4", "runs/rot:epoch20", "runs/rot:epoch8"]
     assert sorted(values, key=_sort_key) == [

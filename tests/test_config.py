@@ -134,7 +134,10 @@ def test_ini_resnet_depth_checked(tmp_path: Path) -> None:
 
 
 def test_unknown_model_and_model_key() -> None:
+    # Model keys are checked where models are built (the models layer), before any data is read.
+    from classlab.train import coerce_config
+
     with pytest.raises(ConfigError, match="resnet_cifar"):
-        load_config(None, ["model.name=resnet_cifr"])
+        coerce_config(None, ["model.name=resnet_cifr"])
     with pytest.raises(ConfigError, match="model.depht"):
-        load_config(None, ["model.name=resnet_cifar", "model.depht=20"])
+        coerce_config(None, ["model.name=resnet_cifar", "model.depht=20"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import classlab
-from classlab.report_eval import calibration, per_class_scores
+from classlab.engine.metrics import calibration, per_class_scores
 from tests.conftest import run_cli, tiny_config
 
 

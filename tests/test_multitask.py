@@ -14,8 +14,9 @@ import torch
 import classlab
 from classlab.config import load_config
 from classlab.data.pipeline import load_data
+from classlab.data.tasks import TaskLayout, combined_index, combined_names
 from classlab.errors import ClassLabError, ConfigError
-from classlab.multitask import TaskLayout, combined_index, combined_names, joint_log_probs
+from classlab.models.multitask import joint_log_probs
 from classlab.run import safe_torch_load
 from tests.conftest import make_image
 

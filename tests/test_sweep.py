@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, tiny_config
 
+from classlab.compare import compare
 from classlab.errors import ClassLabError, ConfigError
-from classlab.report import compare
-from classlab.sweeping import expand, name_value, parse_axis, plan, split_top_level, sweep
+from classlab.sweep import expand, name_value, parse_axis, plan, split_top_level, sweep
 
 
 def test_grid_values_are_yaml_and_brackets_do_not_split() -> None:

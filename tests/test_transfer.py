@@ -11,10 +11,10 @@ from conftest import tiny_config
 import classlab
 from classlab.config import load_config, read_ini
 from classlab.data.pipeline import load_data
+from classlab.engine.trainer import build_network
 from classlab.errors import ClassLabError
 from classlab.models import build_model, load_backbone_weights
 from classlab.run import safe_torch_load
-from classlab.training import build_network
 
 LAYERS = "[16,p,32,p,64,p]"  # six blocks: conv, pool, conv, pool, conv, pool
 

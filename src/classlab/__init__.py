@@ -1,38 +1,50 @@
 """classlab: image-classification experiments as one config and one command.
 
 The public functions mirror the command line: ``train``, ``evaluate``, ``predict``, ``load``,
-``sweep``, ``compare``.
+``export``, ``sweep``, ``compare``. Each verb is a module named as its command
+(``classlab/train.py`` holds ``classlab train``), and ``classlab.train(...)`` calls the function
+of the same name in it, so the package stays importable in a blink: torch and Lightning load
+only when a verb is first used.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
 from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "evaluate", "predict", "load", "sweep", "compare", "__version__"]
+VERBS = ("train", "evaluate", "predict", "export", "sweep", "compare")
+__all__ = [*VERBS, "load", "__version__"]
+
+
+class _Verb(types.ModuleType):
+    """A verb module that can be called as its function: ``classlab.train(cfg)`` == ``classlab.train.train(cfg)``.
+
+    Python binds a submodule to its package's attribute of the same name once it is imported,
+    so without this ``classlab.train`` would be the function before anything imported
+    ``classlab.train`` and the module after.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in VERBS and isinstance(value, types.ModuleType) and not isinstance(value, _Verb):
+            value.__class__ = _Verb
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:
-    # Import lazily: `classlab --help` and config errors should not pay for importing torch + Lightning.
-    if name == "train":
-        from classlab.training import train
-
-        return train
-    if name == "evaluate":
-        from classlab.evaluation import evaluate
-
-        return evaluate
-    if name == "sweep":
-        from classlab.sweeping import sweep
-
-        return sweep
-    if name == "compare":
-        from classlab.report import compare
-
-        return compare
-    if name in ("predict", "load"):
-        from classlab import inference
-
-        return getattr(inference, name)
+    if name in VERBS:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name == "load":
+        return importlib.import_module(f"{__name__}.engine.load").load
     raise AttributeError(f"module 'classlab' has no attribute '{name}'")

@@ -14,6 +14,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from classlab.errors import ClassLabError
 
@@ -48,22 +49,25 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
-    from classlab.config import dump_yaml, load_config
+    from classlab.train import print_config, train
 
     config, overrides = _split_config_args(args.items)
     if task:
         overrides = [f"task={task}", *overrides]
-    if args.print_config:
-        print(dump_yaml(load_config(config, overrides)), end="")
-        return 0
-    from classlab.training import train
+    if args.explain:
+        from classlab.config import explain
 
+        print(explain(args.explain))
+        return 0
+    if args.print_config:
+        print(print_config(config, overrides), end="")
+        return 0
     train(config, overrides, resume=args.resume, force=args.force, quiet=args.quiet)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from classlab.evaluation import evaluate
+    from classlab.evaluate import evaluate
 
     metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint, tta=args.tta, report=args.report)
     print(f"{args.run} [{metrics['split']}, {metrics['checkpoint']}.ckpt, {metrics['images']} images]")
@@ -82,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")
     written = "metrics.json, confusion.csv, confusion.png"
     if "report" in metrics:
-        from classlab.report_eval import format_table
+        from classlab.evaluate import format_table
 
         print(f"per-class precision / recall / F1 ({'TTA' if tta else 'plain'} predictions):")
         print(format_table(metrics["report"]["per_class"]))
@@ -93,7 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from classlab.inference import predict
+    from classlab.predict import predict
 
     out = args.out or "predictions.csv"
     result = predict(
@@ -139,7 +143,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from classlab.sweeping import sweep
+    from classlab.sweep import sweep
 
     config, overrides = _split_config_args(args.items)
     points = sweep(
@@ -159,7 +163,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from classlab.report import compare
+    from classlab.compare import compare
 
     split = [m.strip() for item in (args.metric or []) for m in item.split(",") if m.strip()]
     table = compare(
@@ -176,28 +180,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="classlab", description="Image-classification experiments: one config, one command."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("items", nargs="*", help="[config.yaml|config.ini] [key=value ...]")
+    p.add_argument("--resume", action="store_true", help="continue the run from its last.ckpt")
+    p.add_argument("--force", action="store_true", help="move an existing run folder aside and start again")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config with every default")
+    p.add_argument("--explain", metavar="KEY", help="what a config key means, its unit, default and allowed values")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
-    def add_train_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("items", nargs="*", help="[config.yaml|config.ini] [key=value ...]")
-        p.add_argument("--resume", action="store_true", help="continue the run from its last.ckpt")
-        p.add_argument("--force", action="store_true", help="move an existing run folder aside and start again")
-        p.add_argument("--print-config", action="store_true", help="print the resolved config with every default")
-        p.add_argument("--quiet", action="store_true", help="no progress output")
 
+def _add_train_commands(sub: Any) -> None:
     p = sub.add_parser("train", help="train a model (no arguments: a small CNN on the embedded sample)")
-    add_train_args(p)
+    _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="self-supervised pretraining: `classlab pretrain rotation CONFIG`")
     p.add_argument("pretext", choices=["rotation"])
-    add_train_args(p)
+    _add_train_args(p)
     p.set_defaults(func=lambda a: cmd_train(a, task=a.pretext))
 
+
+def _add_run_commands(sub: Any) -> None:
+    """The commands that read a finished run folder."""
     p = sub.add_parser("eval", help="evaluate a run: top-1, top-5, per-class accuracy, confusion matrix")
     p.add_argument("run")
     p.add_argument("--split", default="test", choices=["test", "val"])
@@ -232,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best")
     p.set_defaults(func=cmd_export)
 
+
+def _add_many_run_commands(sub: Any) -> None:
+    """The commands over many runs, and the model list."""
     p = sub.add_parser("sweep", help="run a grid of configs, one run folder each; a second call continues it")
     p.add_argument("items", nargs="*", help="[config.yaml|config.ini] [key=value ...] shared by every run")
     p.add_argument(
@@ -258,6 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list registered models with parameters and MFLOPs")
     p.set_defaults(func=cmd_models)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="classlab", description="Image-classification experiments: one config, one command."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train_commands(sub)
+    _add_run_commands(sub)
+    _add_many_run_commands(sub)
     return parser
 
 

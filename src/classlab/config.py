@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import configparser
 import copy
+import types
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from classlab.errors import ConfigError, did_you_mean
-
-DATASETS = ("sample", "cifar10", "cifar100", "stl10", "mnist", "fashion_mnist", "folder", "csv")
 
 
 class Section(BaseModel):
@@ -29,55 +28,73 @@ class Section(BaseModel):
 
 
 class RunSection(Section):
-    root: str = Field("runs", description="folder that holds run folders")
+    root: str = Field("runs", description="folder that holds the run folders (relative to where you run classlab)")
 
 
 class DataSection(Section):
-    dataset: Literal["sample", "cifar10", "cifar100", "stl10", "mnist", "fashion_mnist", "folder", "csv"] = "sample"
+    dataset: Literal["sample", "cifar10", "cifar100", "stl10", "mnist", "fashion_mnist", "folder", "csv"] = Field(
+        "sample", description="where images come from: the embedded sample, a torchvision set, a folder or a CSV"
+    )
     root: str | None = Field(None, description="dataset folder; relative paths resolve against the config file")
-    csv_file: str | None = None
-    test_csv_file: str | None = Field(None, description="manifest of the labelled test images (same columns)")
-    path_column: str = "path"
-    label_column: str = "label"
-    group_column: str | None = None
-    classes: list[str] | None = None
-    download: bool = False
-    image_size: int | None = Field(None, ge=8, le=2048, description="training resolution; None = the data's own")
-    batch_size: int = Field(128, ge=1, le=65536)
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    images_per_class: int | None = Field(None, ge=1)
-    skip_bad_images: bool = False
-    loader: Literal["auto", "memory", "stream"] = "auto"
-    memory_limit_mb: int = Field(4096, ge=1, description="largest decoded dataset the memory loader takes")
-    cache_dir: str | None = None
-    workers: int = Field(0, ge=0, le=64, description="DataLoader workers of the stream loader")
+    csv_file: str | None = Field(None, description="csv: the manifest, relative to data.root")
+    test_csv_file: str | None = Field(None, description="csv: manifest of the labelled test images (same columns)")
+    path_column: str = Field("path", description="csv: column holding each image's path, relative to data.root")
+    label_column: str = Field("label", description="csv: column holding each image's class name")
+    group_column: str | None = Field(
+        None, description="csv: images sharing this column's value (a person) stay on one side of every split"
+    )
+    classes: list[str] | None = Field(None, description="explicit class order (default: natural order of the names)")
+    download: bool = Field(False, description="let torchvision download its data sets (needs internet)")
+    image_size: int | None = Field(
+        None, ge=8, le=2048, description="training resolution in pixels (shorter side resized, then centre-cropped)"
+    )
+    batch_size: int = Field(128, ge=1, le=65536, description="images per optimizer step (per process under DDP)")
+    val_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="fraction of the training images held out for validation (stratified)"
+    )
+    images_per_class: int | None = Field(
+        None, ge=1, description="keep only N training images a class (few-shot); val and test stay whole"
+    )
+    skip_bad_images: bool = Field(
+        False, description="skip unreadable images (listed in the run folder) instead of stopping"
+    )
+    loader: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: decode once and augment whole batches; stream: read per batch (large sets)"
+    )
+    memory_limit_mb: int = Field(4096, ge=1, description="largest decoded dataset the memory loader takes, in MiB")
+    cache_dir: str | None = Field(None, description="where decoded images are cached (default: the user cache folder)")
+    workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes of the stream loader")
 
 
 class AugSection(Section):
-    crop_padding: int = Field(4, ge=0, le=64, description="random crop with this zero padding (0 = off)")
+    crop_padding: int = Field(4, ge=0, le=64, description="random crop with this zero padding, in pixels (0 = off)")
     translate: int = Field(0, ge=0, le=64, description="random translation by up to this many pixels, reflect padded")
     flip: bool | Literal["alternate"] = Field(
         True, description="random mirror; 'alternate': each image mirrored every other epoch (airbench)"
     )
-    vflip: bool = False
-    random_resized_crop: tuple[float, float] | None = Field(None, description="scale range, e.g. [0.35, 1.0]")
-    rotation: float = Field(0.0, ge=0.0, le=180.0, description="random rotation in degrees")
-    color_jitter: float = Field(0.0, ge=0.0, le=1.0)
-    autoaugment: Literal["cifar10", "imagenet", "svhn"] | None = None
-    randaugment: tuple[int, int] | None = Field(None, description="[num_ops, magnitude]")
-    trivialaugment: bool = False
+    vflip: bool = Field(False, description="random vertical flip")
+    random_resized_crop: tuple[float, float] | None = Field(
+        None, description="RandomResizedCrop area scale range, e.g. [0.35, 1.0] (fractions of the image)"
+    )
+    rotation: float = Field(0.0, ge=0.0, le=180.0, description="random rotation by up to this many degrees")
+    color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation jitter strength")
+    autoaugment: Literal["cifar10", "imagenet", "svhn"] | None = Field(None, description="AutoAugment policy")
+    randaugment: tuple[int, int] | None = Field(None, description="RandAugment [num_ops, magnitude 0-30]")
+    trivialaugment: bool = Field(False, description="TrivialAugment (wide)")
     cutout: int = Field(0, ge=0, le=512, description="cutout square side in pixels (0 = off)")
-    random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="probability of random erasing")
-    mean_subtraction: Literal["channel", "pixel"] = "channel"
-    mixup_alpha: float = Field(0.0, ge=0.0)
-    cutmix_alpha: float = Field(0.0, ge=0.0)
-    mix_prob: float = Field(1.0, ge=0.0, le=1.0)
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="probability of random erasing per image")
+    mean_subtraction: Literal["channel", "pixel"] = Field(
+        "channel", description="normalise by channel statistics, or subtract the per-pixel mean (He et al.)"
+    )
+    mixup_alpha: float = Field(0.0, ge=0.0, description="mixup Beta(alpha, alpha) (0 = off)")
+    cutmix_alpha: float = Field(0.0, ge=0.0, description="CutMix Beta(alpha, alpha) (0 = off)")
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0, description="probability that a batch is mixed (mixup/CutMix)")
 
 
 class TaskHead(Section):
-    classes: int | None = Field(None, ge=2)
-    column: str | None = None
-    weight: float = Field(1.0, ge=0.0)
+    classes: int | None = Field(None, ge=2, description="expected number of classes (checked against the data)")
+    column: str | None = Field(None, description="manifest column of this task's labels (default: the task's name)")
+    weight: float = Field(1.0, ge=0.0, description="weight of this task's loss in the sum")
 
 
 class ModelSection(BaseModel):
@@ -85,30 +102,27 @@ class ModelSection(BaseModel):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    name: str = "cnn"
-    preset: str | None = None
-    depth: int | None = None
-    layers: list[int | str] | None = None
-    widths: list[int] | None = None
-    max_params: int | None = Field(None, ge=1)
-    truncate_at: int | None = Field(None, ge=0)
-    head_conv: bool = True
-    head: Literal["linear", "conv_fc", "mlp"] = "linear"
-    freeze: str = "none"
-    init_from: str | None = None
-    pretrained: bool = False
-    pretrained_path: str | None = None
-    tasks: dict[str, TaskHead] | None = None
+    name: str = Field("cnn", description="registry name (`classlab models`), a torchvision name or timm:<name>")
+    preset: str | None = Field(None, description="a named preset of the family (stl10_2m, normal_cnn, mixer_s4, ...)")
+    depth: int | None = Field(None, description="family parameter: depth (resnet_cifar: 20, 32, 44, 56, 110, ...)")
+    layers: list[int | str] | None = Field(None, description="family parameter: layer list of mlp/cnn, e.g. [32,p,64]")
+    widths: list[int] | None = Field(None, description="family parameter: channel widths per stage")
+    max_params: int | None = Field(None, ge=1, description="parameter budget, checked before training")
+    truncate_at: int | None = Field(None, ge=0, description="keep the stem and the first N blocks")
+    head_conv: bool = Field(True, description="EfficientNet: keep the final 1x1 conv to 1280 channels")
+    head: str = Field("linear", description="classifier on top: linear, conv_fc or mlp")
+    freeze: str = Field("none", description="none, all (the backbone) or up_to:<block> (stem and blocks 0..block-1)")
+    init_from: str | None = Field(
+        None, description="start from a run's weights: <run folder>[:<checkpoint>], e.g. runs/rot:epoch5"
+    )
+    pretrained: bool = Field(False, description="start from pretrained weights")
+    pretrained_path: str | None = Field(None, description="pretrained weights file (.pth/.pt/.safetensors)")
+    tasks: dict[str, TaskHead] | None = Field(
+        None, description="task=multitask: task name -> {column, weight, classes}"
+    )
     fusion: Literal["none", "attention"] | None = Field(
         None, description="multitask: attention over the task features refines the combined prediction"
     )
-
-    @field_validator("freeze")
-    @classmethod
-    def _freeze_form(cls, value: str) -> str:
-        if value in ("none", "all") or (value.startswith("up_to:") and value[6:].isdigit()):
-            return value
-        raise ValueError("allowed: 'none', 'all' or 'up_to:<block>' such as 'up_to:3'")
 
     def spec(self) -> dict[str, Any]:
         """The plain dict the model registry builds from."""
@@ -116,61 +130,67 @@ class ModelSection(BaseModel):
 
 
 class OptimSection(Section):
-    name: Literal["sgd", "adam", "adamw", "radam", "lars", "lamb", "rangerlars"] = "sgd"
-    lr: float = Field(0.05, gt=0.0, le=100.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    nesterov: bool = True
-    weight_decay: float = Field(5e-4, ge=0.0)
-    decay_norm_and_bias: bool = False
-    betas: tuple[float, float] = (0.9, 0.999)
-    lookahead: bool = False
-    lookahead_k: int = Field(5, ge=1)
-    lookahead_alpha: float = Field(0.5, gt=0.0, le=1.0)
+    name: Literal["sgd", "adam", "adamw", "radam", "lars", "lamb", "rangerlars"] = Field("sgd", description="optimizer")
+    lr: float = Field(0.05, gt=0.0, le=100.0, description="peak learning rate (per batch of data.batch_size)")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD/LARS momentum")
+    nesterov: bool = Field(True, description="SGD: Nesterov momentum")
+    weight_decay: float = Field(5e-4, ge=0.0, description="L2 weight decay (decoupled for adamw/lamb)")
+    decay_norm_and_bias: bool = Field(False, description="also decay normalisation weights and biases")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam-family (beta1, beta2)")
+    lookahead: bool = Field(False, description="wrap the optimizer in Lookahead")
+    lookahead_k: int = Field(5, ge=1, description="Lookahead: fast steps per slow update")
+    lookahead_alpha: float = Field(0.5, gt=0.0, le=1.0, description="Lookahead: slow weights' step toward the fast")
     lookahead_schedule: Literal["constant", "cubic"] = Field(
         "constant", description="cubic: alpha falls from 1 to lookahead_alpha as (step/total)^3, BN stats too"
     )
-    backbone_lr_scale: float = Field(1.0, ge=0.0)
+    backbone_lr_scale: float = Field(1.0, ge=0.0, description="lr multiplier of the backbone (fine-tuning; 0 = frozen)")
     norm_lr_scale: float = Field(
         1.0, gt=0.0, description="lr multiplier of normalization layers' parameters; their weight decay / it"
     )
 
 
 class SchedSection(Section):
-    name: Literal["multistep", "cosine", "restarts", "onecycle", "cyclic", "plateau", "constant", "triangle"] = "cosine"
-    warmup_epochs: float = Field(0.0, ge=0.0)
+    name: Literal["multistep", "cosine", "restarts", "onecycle", "cyclic", "plateau", "constant", "triangle"] = Field(
+        "cosine", description="learning-rate schedule"
+    )
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warmup length in epochs (onecycle: rising phase)")
     start_factor: float = Field(0.2, ge=0.0, le=1.0, description="triangle: lr at step 0 as a fraction of the peak")
     milestones: list[float] = Field(
         default_factory=list, description="epochs at which multistep multiplies lr by gamma"
     )
-    gamma: float = Field(0.1, gt=0.0, le=1.0)
-    min_lr: float = Field(0.0, ge=0.0)
-    restart_period: float = Field(10.0, gt=0.0, description="epochs of the first cosine cycle")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="multistep/plateau: lr multiplier at each drop")
+    min_lr: float = Field(0.0, ge=0.0, description="lowest learning rate of the decaying schedules")
+    restart_period: float = Field(10.0, gt=0.0, description="restarts/cyclic: epochs of the first cycle")
     restart_mult: float = Field(1.0, ge=1.0, description="each cycle is this much longer than the last")
     restart_decay: float = Field(1.0, gt=0.0, le=1.0, description="each cycle's peak lr is this fraction of the last")
-    plateau_patience: int = Field(5, ge=0)
+    plateau_patience: int = Field(5, ge=0, description="plateau: validations without gain before lr drops")
 
 
 class LossSection(Section):
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="label smoothing epsilon (0 = hard labels)")
 
 
 class TrainerSection(Section):
-    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
-    devices: int | list[int] | Literal["auto"] = 1
-    num_nodes: int = Field(1, ge=1)
-    precision: Literal["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"] = "32-true"
-    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_notebook"] = "auto"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
+        "auto", description="hardware to train on (auto: a GPU when there is one)"
+    )
+    devices: int | list[int] | Literal["auto"] = Field(1, description="processes/devices per node (>1: DDP)")
+    num_nodes: int = Field(1, ge=1, description="machines in a multi-node DDP run")
+    precision: Literal["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
+        "32-true", description="numeric precision (bf16-mixed: bfloat16 autocast, fp32 weights)"
+    )
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_notebook"] = Field("auto", description="Lightning strategy")
     threads: int | None = Field(None, ge=1, le=1024, description="intra-op CPU threads (None = all cores)")
-    val_every: int = Field(1, ge=1)
-    monitor: str = "val/acc"
+    val_every: int = Field(1, ge=1, description="validate every N epochs")
+    monitor: str = Field("val/acc", description="metric that picks best.ckpt and drives early stopping")
     patience: int | None = Field(None, ge=1, description="early stopping after this many validations without gain")
-    clip_grad: float | None = Field(None, gt=0.0)
-    ema_decay: float | None = Field(None, gt=0.0, lt=1.0)
+    clip_grad: float | None = Field(None, gt=0.0, description="clip the gradient norm to this value")
+    ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="keep an exponential moving average of weights")
     keep_every: int | None = Field(None, ge=1, description="also keep checkpoints/epochN.ckpt every N epochs")
-    deterministic: bool = True
-    channels_last: bool = True
-    compile: bool = False
-    progress: bool = True
+    deterministic: bool = Field(True, description="deterministic kernels (exact reruns and resume)")
+    channels_last: bool = Field(True, description="NHWC memory layout (faster convolutions on CPU and GPU)")
+    compile: bool = Field(False, description="torch.compile the network")
+    progress: bool = Field(True, description="live progress bar on a terminal")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (smoke runs)")
     test_tta: str | None = Field(None, description="views for the final test, e.g. 'flip,translate' (engine.tta)")
 
@@ -179,9 +199,11 @@ class Config(Section):
     """The whole experiment. Field names are the config keys of DESIGN.md."""
 
     exp_name: str | None = Field(None, description="run folder name; default <dataset>_<model>, numbered if taken")
-    seed: int = 0
-    epochs: int = Field(20, ge=1, le=100000)
-    task: Literal["classify", "rotation", "multitask"] = "classify"
+    seed: int = Field(0, description="seed of splits, initialisation, batch order and augmentation")
+    epochs: int = Field(20, ge=1, le=100000, description="passes over the training images")
+    task: Literal["classify", "rotation", "multitask"] = Field(
+        "classify", description="classify, rotation (self-supervised pretext) or multitask (a head per label column)"
+    )
     run: RunSection = Field(default_factory=RunSection)
     data: DataSection = Field(default_factory=DataSection)
     aug: AugSection = Field(default_factory=AugSection)
@@ -190,7 +212,9 @@ class Config(Section):
     sched: SchedSection = Field(default_factory=SchedSection)
     loss: LossSection = Field(default_factory=LossSection)
     trainer: TrainerSection = Field(default_factory=TrainerSection)
-    stages: list[dict[str, Any]] | None = None
+    stages: list[dict[str, Any]] | None = Field(
+        None, description="overrides run in sequence, each stage starting from the previous one's weights (FixRes)"
+    )
 
     @field_validator("exp_name")
     @classmethod
@@ -315,6 +339,52 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _field(key: str) -> Any:
+    """The pydantic field of a dotted key, or a ConfigError naming the nearest key."""
+    model: type[BaseModel] = Config
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            raise ConfigError(f"unknown config key '{key}'{did_you_mean(key, _known_keys(Config))}")
+        ann = field.annotation
+        if i == len(parts) - 1:
+            return field
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            raise ConfigError(f"config key '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        model = ann
+    raise ConfigError(f"unknown config key '{key}'")  # pragma: no cover - the loop always returns
+
+
+def _allowed(annotation: Any) -> str:
+    """Readable type of a field: its Literal values, else the type's name."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return " | ".join(repr(a) for a in args)
+    if args and get_origin(annotation) in (Union, types.UnionType):
+        return " | ".join(_allowed(a) for a in args)
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation)).replace("typing.", "")
+
+
+def explain(key: str) -> str:
+    """``classlab train --explain KEY``: what a key means, its allowed values, bounds and default."""
+    field = _field(key)
+    ann = field.annotation
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return f"{key}: a section; its keys: " + ", ".join(ann.model_fields)
+    signs = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    bounds = [f"{sign} {getattr(m, a)}" for m in field.metadata for a, sign in signs.items() if hasattr(m, a)]
+    default = field.get_default(call_default_factory=True)
+    lines = [
+        f"{key}: {field.description or '(no description)'}",
+        f"  allowed: {_allowed(ann)}" + (f" ({', '.join(bounds)})" if bounds else ""),
+        f"  default: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}",
+    ]
+    return "\n".join(lines)
+
+
 def _one_line(error: ValidationError, tree: dict[str, Any]) -> str:
     """The first pydantic error as one line a user can act on."""
     err = error.errors()[0]
@@ -341,7 +411,6 @@ def validate(tree: dict[str, Any]) -> Config:
         cfg = Config.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc, tree)) from None
-    _validate_model(cfg)
     for k in range(len(cfg.stages or [])):
         try:
             stage = stage_config(cfg, k)
@@ -378,12 +447,6 @@ def stage_config(cfg: Config, k: int) -> Config:
     if "stages" in stage:
         raise ConfigError("a stage cannot have stages of its own")
     return validate(tree)
-
-
-def _validate_model(cfg: Config) -> None:
-    from classlab.models import validate_model_spec
-
-    validate_model_spec(cfg.model.spec())
 
 
 def _resolve_paths(tree: dict[str, Any], base: Path) -> None:

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from classlab.engine.load import LoadedRun, load
 from classlab.errors import ClassLabError
-from classlab.inference import LoadedRun, load
 from classlab.run import RunFolder, atomic_write_bytes, open_run
 
 FORMATS = ("onnx", "pt2")

@@ -28,6 +28,8 @@ SPLIT = "split.json"
 SUMMARY = "summary.json"
 METRICS = "metrics.csv"
 CHECKPOINTS = "checkpoints"
+TASKS = "tasks.json"
+SKIPPED = "skipped_images.txt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,13 +46,19 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A temporary file in ``path``'s folder (so the final rename is atomic), with the user's usual permissions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide run files from the user's group
+    return fd, tmp
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` so that a reader sees the old file or the new one, never a torn one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_beside(path)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide run files from the user's group
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -89,6 +97,56 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
 
 
+def atomic_write_figure(path: str | Path, fig: Any, dpi: int = 100, **savefig: Any) -> None:
+    """A matplotlib figure as a PNG file, written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=dpi, **savefig)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed on servers and in CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+class AtomicCsvWriter:
+    """A CSV written row by row into a temporary file and renamed onto its name only when complete."""
+
+    def __init__(self, path: str | Path, columns: list[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = _temp_beside(self.path)
+        self.handle = os.fdopen(fd, "w", newline="", encoding="utf-8")
+        self.writer = csv.DictWriter(self.handle, fieldnames=columns, lineterminator="\n")
+        self.writer.writeheader()
+        self.done = False
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        self.writer.writerows(rows)
+
+    def commit(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.replace(self.tmp, self.path)
+        self.done = True
+
+    def discard(self) -> None:
+        if not self.done:
+            self.handle.close()
+            Path(self.tmp).unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Run folders
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +168,10 @@ class RunFolder:
     @property
     def metrics_path(self) -> Path:
         return self.path / METRICS
+
+    def checkpoint_path(self, name: str) -> Path:
+        """Where checkpoint ``name`` (``last``, ``best``, ``epoch5``) is written, whether or not it exists yet."""
+        return self.checkpoints / f"{name.removesuffix('.ckpt')}.ckpt"
 
     def checkpoint(self, name: str = "best") -> Path:
         """``best``, ``last``, ``epoch5`` or a file name -> its path (falling back from best to last)."""
@@ -162,8 +224,24 @@ class RunFolder:
         self.write_json(SUMMARY, summary)
         return summary
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, default: dict[str, Any] | None = None) -> dict[str, Any]:
+        """summary.json; ``default`` (when given) for a run that has not written one yet."""
+        if default is not None and not (self.path / SUMMARY).is_file():
+            return default
         return self.read_json(SUMMARY)
+
+    def write_split(self, split: Mapping[str, Any]) -> None:
+        self.write_json(SPLIT, split)
+
+    def read_split(self) -> Any:
+        return self.read_json(SPLIT)
+
+    def write_tasks(self, layout: Mapping[str, Any]) -> None:
+        self.write_json(TASKS, layout)
+
+    def write_skipped(self, paths: Sequence[str]) -> None:
+        """The unreadable images a run skipped (``data.skip_bad_images``), one a line."""
+        atomic_write_text(self.path / SKIPPED, "".join(f"{p}\n" for p in paths))
 
     # -- metrics ---------------------------------------------------------------------------
     def append_metrics(self, row: Mapping[str, Any], columns: Sequence[str]) -> None:
@@ -206,6 +284,10 @@ def _fmt(value: Any) -> Any:
     if isinstance(value, float):
         return f"{value:.6g}"
     return value
+
+
+def is_run_folder(path: str | Path) -> bool:
+    return (Path(path) / CONFIG).is_file()
 
 
 def open_run(path: str | Path) -> RunFolder:

@@ -14,9 +14,10 @@ import torch
 
 from classlab.config import Config
 from classlab.data.loaders import MemoryLoader, decode, decoded_bytes, stream_loader
-from classlab.data.preprocess import compute_stats
+from classlab.data.preprocess import compute_stats, image_to_tensor
 from classlab.data.sources import UNLABELED, Source, check_readable, open_dataset, training_size
 from classlab.data.splits import make_split
+from classlab.data.tasks import task_columns
 from classlab.errors import ClassLabError
 
 ROTATION_CLASSES = ["0", "90", "180", "270"]
@@ -96,8 +97,6 @@ def _subset(part: Part, idx: list[int]) -> Part:
 
 def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool = True) -> DataBundle:
     """The configured data, checked, split and decoded."""
-    from classlab.multitask import task_columns
-
     dataset = open_dataset(cfg.data, tasks=task_columns(cfg))
     size = training_size(cfg.data, dataset)
     channels = dataset.train.channels
@@ -163,8 +162,6 @@ def _stats(train: Part, size: int, per_pixel: bool) -> tuple[torch.Tensor, torch
         return compute_stats(train.images, per_pixel)
     rng = np.random.default_rng(0)
     take = rng.choice(len(train.indices), size=min(2000, len(train.indices)), replace=False)
-    from classlab.data.preprocess import image_to_tensor
-
     sample = torch.stack(
         [image_to_tensor(train.source.read(int(train.indices[i]), size), size, train.source.channels) for i in take]
     )

@@ -99,10 +99,6 @@ def array_to_tensor(arr: np.ndarray | torch.Tensor, size: int, channels: int = 3
     return image_to_tensor(Image.fromarray(arr), size, channels)
 
 
-def load_tensor(path: str | Path | bytes, size: int, channels: int = 3) -> torch.Tensor:
-    return image_to_tensor(open_image(path, size), size, channels)
-
-
 class Normalize(nn.Module):
     """uint8-range or [0, 1] float input -> normalised float, with the training split's statistics.
 

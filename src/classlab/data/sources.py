@@ -24,6 +24,7 @@ from PIL import Image
 
 from classlab.config import DataSection
 from classlab.data.preprocess import IGNORED_FILES, IMAGE_EXTENSIONS, BadImage, open_image
+from classlab.data.tasks import combined_index, combined_names
 from classlab.errors import ClassLabError
 
 SAMPLE_ZIP = Path(__file__).parent / "sample" / "cifar10_sample.zip"
@@ -321,7 +322,7 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
 
     Multi-task labels are stored as one combined label (the row-major index into the product of
     the tasks' classes), so splitting, stratifying on the combination, caching and batching all
-    work on one integer as for plain classification; ``classlab.multitask`` takes it apart.
+    work on one integer as for plain classification; ``data.tasks`` takes it apart.
     ``data.test_csv_file`` is a second manifest with the same columns: the held-out test set,
     labelled with the training manifest's classes.
     """
@@ -340,8 +341,6 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
         few = [f"{name} ({', '.join(c)})" for name, c in task_classes.items() if len(c) < 2]
         if few:
             raise ClassLabError(f"{train.path}: each task needs at least 2 classes; these have one: {'; '.join(few)}")
-        from classlab.multitask import combined_index, combined_names
-
         classes = combined_names(task_classes)
         if test is not None:
             for t, name in enumerate(tasks):

@@ -16,7 +16,6 @@ from rich.console import Console
 from classlab.run import RunFolder, atomic_torch_save
 
 METRIC_COLUMNS = ["epoch", "step", "lr", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc5", "time"]
-TIME_COLUMNS = ("time",)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -73,14 +72,14 @@ class RunRecorder(L.Callback):
                     f"{k} {row[k]:.4f}" for k in ("train/loss", "train/acc", "val/loss", "val/acc") if k in row
                 )
                 self.console.print(f"epoch {epoch}/{trainer.max_epochs}  {shown}  ({row['time']:.0f}s)")
-        trainer.save_checkpoint(self.run.checkpoints / "last.ckpt", weights_only=False)
+        trainer.save_checkpoint(self.run.checkpoint_path("last"), weights_only=False)
         if self.keep_every and epoch % self.keep_every == 0:
-            trainer.save_checkpoint(self.run.checkpoints / f"epoch{epoch}.ckpt", weights_only=False)
+            trainer.save_checkpoint(self.run.checkpoint_path(f"epoch{epoch}"), weights_only=False)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         interrupted = isinstance(exception, KeyboardInterrupt)
         if interrupted:
-            trainer.save_checkpoint(self.run.checkpoints / "last.ckpt", weights_only=False)
+            trainer.save_checkpoint(self.run.checkpoint_path("last"), weights_only=False)
         if trainer.is_global_zero:
             self.run.update_summary(
                 status="interrupted" if interrupted else "failed",

@@ -292,6 +292,41 @@ def _cosine(frac: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(max(frac, 0.0), 1.0)))
 
 
+def _cycle_at(s: float, period: float, mult: float) -> tuple[int, float, float]:
+    """(index, first step, length) of the cosine-restart cycle that step ``s`` falls in.
+
+    Cycle i starts at period * (mult^i - 1) / (mult - 1) steps (i * period when mult = 1).
+    """
+    if mult == 1.0:
+        i = int(s // period)
+        return i, i * period, period
+    i = int(math.log1p(s * (mult - 1.0) / period) / math.log(mult))
+    start = period * (mult**i - 1.0) / (mult - 1.0)
+    while start > s and i > 0:  # float guard near cycle boundaries
+        i -= 1
+        start = period * (mult**i - 1.0) / (mult - 1.0)
+    while period * (mult ** (i + 1) - 1.0) / (mult - 1.0) <= s:
+        i += 1
+        start = period * (mult**i - 1.0) / (mult - 1.0)
+    return i, start, period * mult**i
+
+
+def _onecycle(cfg: SchedSection, epochs: int, total: int, lo: float) -> Callable[[int], float]:
+    """torch's OneCycleLR with cosine annealing in both phases (step ``up_end`` is the peak)."""
+    pct = cfg.warmup_epochs / epochs if cfg.warmup_epochs > 0 else ONECYCLE_PCT_START
+    up_end = min(max(pct * total - 1.0, 1.0), total - 2.0) if total > 2 else 1.0
+    start_ratio = 1.0 / ONECYCLE_DIV
+    end_ratio = lo if lo > 0 else start_ratio / ONECYCLE_FINAL_DIV
+    down_len = max(total - 1.0 - up_end, 1.0)
+
+    def main(s: int) -> float:
+        if s <= up_end:
+            return 1.0 + (start_ratio - 1.0) * _cosine(s / up_end)
+        return end_ratio + (1.0 - end_ratio) * _cosine((s - up_end) / down_len)
+
+    return main
+
+
 def lr_factor_fn(cfg: SchedSection, *, epochs: int, steps_per_epoch: int, min_ratio: float) -> Callable[[int], float]:
     """The lr at optimizer step ``s`` (0-based) as a fraction of the peak lr.
 
@@ -332,36 +367,13 @@ def lr_factor_fn(cfg: SchedSection, *, epochs: int, steps_per_epoch: int, min_ra
         period, mult, decay = cfg.restart_period * spe, cfg.restart_mult, cfg.restart_decay
 
         def main(s: int) -> float:
-            # Cycle i starts at period * (mult^i - 1) / (mult - 1) steps (i * period when mult = 1).
-            if mult == 1.0:
-                i = int(s // period)
-                start, length = i * period, period
-            else:
-                i = int(math.log1p(s * (mult - 1.0) / period) / math.log(mult))
-                start = period * (mult**i - 1.0) / (mult - 1.0)
-                while start > s and i > 0:  # float guard near cycle boundaries
-                    i -= 1
-                    start = period * (mult**i - 1.0) / (mult - 1.0)
-                while period * (mult ** (i + 1) - 1.0) / (mult - 1.0) <= s:
-                    i += 1
-                    start = period * (mult**i - 1.0) / (mult - 1.0)
-                length = period * mult**i
+            i, start, length = _cycle_at(s, period, mult)
             peak = max(decay**i, lo)
             return lo + (peak - lo) * _cosine((s - start) / length)
 
     elif name == "onecycle":
-        pct = cfg.warmup_epochs / epochs if cfg.warmup_epochs > 0 else ONECYCLE_PCT_START
-        up_end = min(max(pct * total - 1.0, 1.0), total - 2.0) if total > 2 else 1.0
-        start_ratio = 1.0 / ONECYCLE_DIV
-        end_ratio = lo if lo > 0 else start_ratio / ONECYCLE_FINAL_DIV
-        down_len = max(total - 1.0 - up_end, 1.0)
+        main = _onecycle(cfg, epochs, total, lo)
         warmup = 0  # the rising phase is the warmup
-
-        def main(s: int) -> float:
-            # torch's OneCycleLR with cosine annealing in both phases (step up_end is the peak).
-            if s <= up_end:
-                return 1.0 + (start_ratio - 1.0) * _cosine(s / up_end)
-            return end_ratio + (1.0 - end_ratio) * _cosine((s - up_end) / down_len)
 
     elif name == "triangle":
         # airbench's schedule: linear from start_factor up to the peak at warmup_epochs, then

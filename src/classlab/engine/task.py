@@ -9,6 +9,7 @@ so every checkpoint and export carries them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -21,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from classlab.config import Config
 from classlab.data.augment import build_batch_augment
 from classlab.data.rotation import rotate_batch
+from classlab.data.tasks import TaskLayout
 from classlab.engine.mixing import build_mixing
 from classlab.engine.optim import build_optimizer, build_scheduler
 
@@ -46,6 +48,7 @@ class ClassifyTask(L.LightningModule):
         self.model = model
         self.cfg = cfg
         self.num_classes = num_classes
+        self.image_size = image_size
         self.steps_per_epoch = steps_per_epoch
         self.rotation = cfg.task == "rotation"
         # Cutout/erasing boxes get the mean colour, which normalises to 0 as in the papers.
@@ -57,16 +60,13 @@ class ClassifyTask(L.LightningModule):
         self._flip_weights: torch.Tensor | None = None
         self._flip_where = torch.zeros(1, dtype=torch.long)
         top5 = min(5, num_classes)
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.last_val: dict[str, float] = {}
         self.validated_epoch = -1
         self.has_val = True
-        self.last_test: dict[str, float] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -116,6 +116,13 @@ class ClassifyTask(L.LightningModule):
         return torch.where(chosen, x.flip(-1), x)
 
     # -- steps ------------------------------------------------------------------------------
+    def compute_loss(
+        self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) of a batch of uint8 images."""
+        logits = self(x)
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         if self.mixing is not None:
@@ -124,8 +131,7 @@ class ClassifyTask(L.LightningModule):
             loss = self.mixing.loss(logits, soft)
             target = soft.argmax(1)
         else:
-            logits = self(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=0.0 if self.rotation else self.cfg.loss.label_smoothing)
+            loss, logits = self.compute_loss(x, y, 0.0 if self.rotation else self.cfg.loss.label_smoothing)
             target = y
         self.train_loss.update(loss.detach())
         self.train_acc.update(logits.detach(), target)
@@ -134,21 +140,15 @@ class ClassifyTask(L.LightningModule):
         self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=False)
         return loss
 
-    def _eval_step(
-        self, batch: Any, loss_metric: MeanMetric, acc: MulticlassAccuracy, acc5: MulticlassAccuracy
-    ) -> None:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        loss_metric.update(loss, weight=len(y))
-        acc.update(logits, y)
-        acc5.update(logits, y)
-
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_loss, self.val_acc, self.val_acc5)
+        x, y = batch
+        loss, logits = self.compute_loss(x, y, 0.0)
+        self.update_val(loss, logits, y)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_loss, self.test_acc, self.test_acc5)
+    def update_val(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.val_loss.update(loss, weight=len(y))
+        self.val_acc.update(logits, y)
+        self.val_acc5.update(logits, y)
 
     # -- epoch ends -------------------------------------------------------------------------
     def on_validation_epoch_end(self) -> None:
@@ -164,17 +164,6 @@ class ClassifyTask(L.LightningModule):
         self.validated_epoch = self.current_epoch
         for key, value in self.last_val.items():
             self.log(key, value, prog_bar=key == "val/acc", sync_dist=False)
-
-    def on_test_epoch_end(self) -> None:
-        self.last_test = {
-            "test/loss": float(self.test_loss.compute()),
-            "test/acc": float(self.test_acc.compute()),
-            "test/acc5": float(self.test_acc5.compute()),
-        }
-        for metric in (self.test_loss, self.test_acc, self.test_acc5):
-            metric.reset()
-        for key, value in self.last_test.items():
-            self.log(key, value)
 
     def epoch_train_metrics(self) -> dict[str, float]:
         """Train loss/accuracy of the epoch that just ended (synced across processes), then reset."""
@@ -196,13 +185,77 @@ class ClassifyTask(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
-class ClassifierModel(nn.Module):
-    """Normalisation + network: the whole function from uint8 (or [0, 1] float) images to logits."""
+# ---------------------------------------------------------------------------------------------
+# Multi-task runs (``task: multitask``): one loss per task head, metrics per task
+# ---------------------------------------------------------------------------------------------
 
-    def __init__(self, normalize: nn.Module, net: nn.Module) -> None:
-        super().__init__()
-        self.normalize = normalize
-        self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
+def multitask_loss(
+    task_logits: Sequence[torch.Tensor],
+    combined: torch.Tensor,
+    y: torch.Tensor,
+    layout: TaskLayout,
+    label_smoothing: float = 0.0,
+    fused: bool = False,
+) -> torch.Tensor:
+    """Sum over tasks of weight_t * CE_t; with fusion, plus the CE of the combined prediction.
+
+    Without fusion the combined logits are a function of the task logits, so a combined term
+    would only re-weight the task terms; with fusion it is what trains the fusion head.
+    """
+    loss = sum(
+        w * F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+        for w, logits, target in zip(layout.weights, task_logits, layout.split(y))
+    )
+    if fused:
+        loss = loss + F.cross_entropy(combined, y, label_smoothing=label_smoothing)
+    return loss
+
+
+class MultiTaskTask(ClassifyTask):
+    """ClassifyTask on the combined class (val/acc, best.ckpt), plus each task's loss and accuracy."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Config,
+        layout: TaskLayout,
+        image_size: int,
+        steps_per_epoch: int,
+        fill: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__(model, cfg, layout.num_combined, image_size, steps_per_epoch, fill=fill)
+        self.layout = layout
+        self.fused = cfg.model.fusion == "attention"
+        self.task_acc = nn.ModuleDict(
+            {name: MulticlassAccuracy(size, average="micro") for name, size in zip(layout.names, layout.sizes)}
+        )
+
+    def metric_columns(self) -> list[str]:
+        return [f"val/{name}/acc" for name in self.layout.names]
+
+    def _forward_tasks(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        return self.model.net.forward_tasks(self.model.normalize(x))
+
+    def compute_loss(
+        self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        task_logits, combined = self._forward_tasks(x)
+        return multitask_loss(task_logits, combined, y, self.layout, label_smoothing, self.fused), combined
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        task_logits, combined = self._forward_tasks(x)
+        self.update_val(multitask_loss(task_logits, combined, y, self.layout, 0.0, self.fused), combined, y)
+        for name, logits, target in zip(self.layout.names, task_logits, self.layout.split(y)):
+            self.task_acc[name].update(logits, target)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        super().on_validation_epoch_end()
+        for name in self.layout.names:
+            key = f"val/{name}/acc"
+            self.last_val[key] = float(self.task_acc[name].compute())
+            self.task_acc[name].reset()
+            self.log(key, self.last_val[key], sync_dist=False)

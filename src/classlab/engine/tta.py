@@ -14,7 +14,7 @@ overconfident view from outvoting the rest.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from classlab.data.preprocess import to_mode
-from classlab.errors import ClassLabError
+from classlab.engine.predict import eval_loop
+from classlab.errors import ClassLabError, did_you_mean
 
 BATCH_MODES = ("flip", "translate")
 IMAGE_MODES = ("tencrop", "multiscale")
@@ -65,8 +66,6 @@ def parse_tta(text: str, image_size: int) -> TTAPlan:
         name, _, arg = token.partition(":")
         name = name.lower()
         if name not in MODES:
-            from classlab.errors import did_you_mean
-
             raise ClassLabError(
                 f"--tta: unknown mode '{name}'{did_you_mean(name, MODES)}; choose from {', '.join(MODES)}"
                 " (multiscale takes sizes: multiscale:224,256,384)"
@@ -171,7 +170,6 @@ def views_per_image(plan: TTAPlan) -> int:
     return base
 
 
-@torch.no_grad()
 def average_softmax(model: Callable[[torch.Tensor], torch.Tensor], views: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean of the softmax over views of the same batch: (B, classes)."""
     total = None
@@ -182,21 +180,32 @@ def average_softmax(model: Callable[[torch.Tensor], torch.Tensor], views: Sequen
     return total / len(views)
 
 
-@torch.no_grad()
 def tta_probabilities_batches(
     model: torch.nn.Module, loader: Iterable, modes: Sequence[str], image_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities, labels) over a loader of uint8 batches, with the batch-level modes."""
-    device = next(model.parameters()).device
-    probs, labels = [], []
-    for x, y in loader:
-        x = x.to(device)
-        probs.append(average_softmax(model, tta_views(x, modes, image_size)).cpu())
-        labels.append(y.cpu())
-    return torch.cat(probs), torch.cat(labels)
+    outs, labels = eval_loop(model, loader, lambda x: average_softmax(model, tta_views(x, modes, image_size)))
+    return (outs[0] if outs else torch.empty(0, 0)), labels
 
 
-@torch.no_grad()
+def test_with_tta(
+    model: torch.nn.Module, loader: Iterable, modes: str, image_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(plain logits, labels, TTA probabilities) in one pass: the first view is the image itself."""
+    plan = parse_tta(modes, image_size)
+    if plan.scales:
+        raise ClassLabError(f"trainer.test_tta={modes!r}: only batch-level views (flip, translate) at the final test")
+
+    def step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        views = tta_views(x, plan.batch_modes, image_size)
+        plain = model(views[0]).float()
+        others = average_softmax(model, views[1:]) * (len(views) - 1) if len(views) > 1 else 0.0
+        return plain, (others + plain.softmax(1)) / len(views)
+
+    (plain, probs), labels = eval_loop(model, loader, step)
+    return plain, labels, probs
+
+
 def tta_probabilities_images(
     model: torch.nn.Module,
     images: Iterable[Image.Image],
@@ -206,22 +215,22 @@ def tta_probabilities_images(
     views_per_batch: int = 512,
 ) -> torch.Tensor:
     """Softmax averaged over the image-level crops (and any batch-level modes) of each original image."""
-    device = next(model.parameters()).device
-    per_image = views_per_image(plan)
-    group = max(1, views_per_batch // per_image)
-    out: list[torch.Tensor] = []
-    pending: list[torch.Tensor] = []
+    crops_per_image = 10 * len(plan.scales)
+    group = max(1, views_per_batch // views_per_image(plan))
 
-    def flush() -> None:
-        crops = torch.cat(pending).to(device)  # (n * crops, C, S, S)
+    def groups() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pending: list[torch.Tensor] = []
+        for img in images:
+            pending.append(image_views(img, plan.scales, image_size, channels))
+            if len(pending) >= group:
+                yield torch.cat(pending), torch.zeros(len(pending), dtype=torch.long)
+                pending = []
+        if pending:
+            yield torch.cat(pending), torch.zeros(len(pending), dtype=torch.long)
+
+    def step(crops: torch.Tensor) -> torch.Tensor:
         p = average_softmax(model, tta_views(crops, plan.batch_modes, image_size))
-        out.append(p.reshape(len(pending), -1, p.shape[1]).mean(1).cpu())
-        pending.clear()
+        return p.reshape(-1, crops_per_image, p.shape[1]).mean(1)
 
-    for img in images:
-        pending.append(image_views(img, plan.scales, image_size, channels))
-        if len(pending) >= group:
-            flush()
-    if pending:
-        flush()
-    return torch.cat(out) if out else torch.empty(0, 0)
+    outs, _ = eval_loop(model, groups(), step)
+    return outs[0] if outs else torch.empty(0, 0)

@@ -58,8 +58,6 @@ class Head(nn.Module):
         hidden: int | None = None,
     ) -> None:
         super().__init__()
-        if kind not in HEAD_KINDS:
-            raise ConfigError(f"model.head must be one of {', '.join(HEAD_KINDS)}: got {kind!r}")
         self.kind = kind
         self.pre: nn.Module = nn.Identity()
         if kind == "conv_fc":
@@ -195,3 +193,15 @@ def renumber_blocks(
                 key = prefixes[old] + key[len(old) :]
         out[key] = value
     return out
+
+
+class ClassifierModel(nn.Module):
+    """Normalisation + network: the whole function from uint8 (or [0, 1] float) images to logits."""
+
+    def __init__(self, normalize: nn.Module, net: nn.Module) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(x))

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from classlab.errors import ClassLabError, ConfigError, did_you_mean
+from classlab.models.net import HEAD_KINDS
 
 # Keys of the ``model:`` section that build_model handles itself; every other
 # key is a keyword of the family builder.
@@ -252,9 +253,9 @@ def validate_generic_keys(spec: dict[str, Any]) -> None:
     from classlab.models.surgery import parse_freeze
 
     head = spec.get("head")
-    if head is not None and head not in ("linear", "conv_fc", "mlp"):
-        hint = did_you_mean(str(head), ["linear", "conv_fc", "mlp"])
-        raise ConfigError(f"model.head must be linear, conv_fc or mlp: got {head!r}{hint}")
+    if head is not None and head not in HEAD_KINDS:
+        hint = did_you_mean(str(head), HEAD_KINDS)
+        raise ConfigError(f"model.head must be one of {', '.join(HEAD_KINDS)}: got {head!r}{hint}")
     for key in ("truncate_at", "max_params"):
         value = spec.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):

@@ -34,9 +34,9 @@ from typing import Any
 
 import yaml
 
-from classlab.config import load_config
 from classlab.errors import ClassLabError, ConfigError
-from classlab.run import atomic_write_json
+from classlab.run import RunFolder, atomic_write_json, is_run_folder
+from classlab.train import coerce_config, train
 
 MAX_NAME = 150  # characters of a run folder name before it is shortened with a hash
 SWEEP_FILE = "sweep.json"
@@ -194,11 +194,11 @@ def _state(path: Path) -> tuple[str, dict[str, Any]]:
     """What a point's folder says: new, finished, resume (unfinished run) or broken (no config)."""
     if not path.exists():
         return "new", {}
-    if not (path / "config.yaml").is_file():
+    if not is_run_folder(path):
         return "broken", {}
     try:
-        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        summary = RunFolder(path).summary()
+    except ClassLabError:
         return "resume", {}
     return ("finished" if summary.get("status") == "finished" else "resume"), summary
 
@@ -211,7 +211,7 @@ def plan(
     if not axes:
         raise ConfigError("sweep needs at least one --grid key=v1,v2")
     assignments = expand(axes)
-    base = load_config(config, overrides)
+    base = coerce_config(config, overrides)
     exp = base.exp_name or (Path(config).stem if config else f"{base.data.dataset}_{base.model.name}")
     exp = re.sub(r"[^A-Za-z0-9._+@=,-]", "-", exp.replace(":", "_"))
     root = (Path(base.run.root) / exp).resolve()
@@ -227,7 +227,7 @@ def plan(
         if threads and base.trainer.threads is None:
             point_overrides.append(f"trainer.threads={threads}")
         try:
-            load_config(config, point_overrides)
+            coerce_config(config, point_overrides)
         except ConfigError as exc:
             raise ConfigError(f"grid point {name}: {exc}") from None
         state, summary = _state(root / name)
@@ -265,8 +265,6 @@ def _outcome(point: Point) -> None:
 
 
 def _run_here(config: str | None, point: Point, quiet: bool) -> None:
-    from classlab.training import train
-
     try:
         train(config, point.overrides, resume=point.status == "resume", force=point.status == "broken", quiet=quiet)
     except KeyboardInterrupt:
@@ -336,8 +334,6 @@ def _last_error(log: Path) -> str | None:
 def _ray_task(cwd: str, config: str | None, overrides: list[str], resume: bool, force: bool) -> dict[str, Any]:
     """Runs on a Ray worker: the same train() call, in the submitter's folder (a shared filesystem)."""
     os.chdir(cwd)
-    from classlab.training import train
-
     try:
         run = train(config, overrides, resume=resume, force=force, quiet=True)
         return {"status": "finished", "path": str(run.path)}

@@ -22,7 +22,7 @@ import yaml
 
 from classlab.data.sources import natural_key
 from classlab.errors import ClassLabError, did_you_mean
-from classlab.run import RunFolder, atomic_write_bytes, atomic_write_text
+from classlab.run import RunFolder, atomic_write_figure, atomic_write_text, is_run_folder, pyplot
 
 DEFAULT_METRICS = ("test_acc", "best_val_acc", "epochs_done", "wall_time_s")
 # Keys that differ between runs of a sweep by construction and say nothing about the experiment.
@@ -75,10 +75,6 @@ def _csv_cell(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_run(path: Path) -> bool:
-    return (path / "config.yaml").is_file()
-
-
 def find_runs(patterns: list[str]) -> list[Path]:
     """Run folders from paths or globs; a folder of runs (a sweep) stands for the runs in it."""
     found: list[Path] = []
@@ -87,10 +83,10 @@ def find_runs(patterns: list[str]) -> list[Path]:
         if not matches:
             raise ClassLabError(f"'{pattern}' matches nothing; give run folders, a sweep folder or a glob")
         for match in map(Path, matches):
-            if _is_run(match):
+            if is_run_folder(match):
                 found.append(match)
             elif match.is_dir():
-                inner = sorted(p for p in match.iterdir() if p.is_dir() and _is_run(p))
+                inner = sorted(p for p in match.iterdir() if p.is_dir() and is_run_folder(p))
                 if not inner and not any(ch in pattern for ch in "*?["):
                     raise ClassLabError(f"'{match}' is not a run folder and holds none (no config.yaml)")
                 found.extend(inner)
@@ -135,7 +131,7 @@ def read_runs(paths: list[Path]) -> list[RunData]:
     runs = []
     for path, label in zip(paths, _labels(paths), strict=True):
         run = RunFolder(path)
-        summary = run.read_json("summary.json") if (path / "summary.json").is_file() else {"status": "unknown"}
+        summary = run.summary(default={"status": "unknown"})
         runs.append(RunData(label, path, flatten(run.read_config_tree()), summary, run.read_metrics()))
     return runs
 
@@ -228,26 +224,14 @@ def _safe(key: str) -> str:
     return key.replace("/", "_").replace(".", "_")
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig: Any, path: Path) -> Path:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_figure(path, fig, dpi=120, bbox_inches="tight")
     return path
 
 
 def plot_curves(runs: list[RunData], path: Path, column: str = "val/acc") -> Path | None:
     """Validation accuracy against epoch, one line per run."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = 0
     for run in runs:
@@ -277,7 +261,7 @@ def plot_metric(runs: list[RunData], x: str, groups: list[str], metric: str, pat
         lines[label][float(xv)].append(float(yv))
     if not lines:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs_all = []
     for label, by_x in sorted(lines.items()):

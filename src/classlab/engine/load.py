@@ -1,0 +1,107 @@
+"""A trained run back in memory: ``classlab.load(run)``.
+
+Everything is rebuilt from the run folder alone (config.yaml, classes.json, a checkpoint), and
+images go through the very preprocessing training used (``data.preprocess``), so a prediction
+here matches what validation measured. eval, predict and export all start here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from classlab.config import Config, validate
+from classlab.data.preprocess import Normalize, array_to_tensor, image_to_tensor, open_image
+from classlab.data.tasks import read_layout
+from classlab.engine.predict import probabilities, task_probabilities
+from classlab.errors import ClassLabError
+from classlab.models import build_model
+from classlab.models.multitask import build_multitask_net
+from classlab.models.net import ClassifierModel
+from classlab.run import RunFolder, open_run, safe_torch_load
+
+
+class LoadedRun:
+    """A trained model with its class names and preprocessing: call it on images.
+
+    For a multitask run ``classes`` are the combined classes and ``tasks`` the TaskLayout.
+    """
+
+    tasks: Any = None
+
+    def __init__(
+        self, run: RunFolder, cfg: Config, model: ClassifierModel, classes: list[str], size: int, channels: int
+    ):
+        self.run, self.cfg, self.model, self.classes = run, cfg, model, classes
+        self.image_size, self.channels = size, channels
+
+    def to_tensor(self, image: Any) -> torch.Tensor:
+        """PIL image, HWC array, CHW uint8 tensor or a path -> the uint8 tensor the model takes."""
+        if isinstance(image, (str, Path)):
+            return image_to_tensor(open_image(image, self.image_size), self.image_size, self.channels)
+        if isinstance(image, Image.Image):
+            return image_to_tensor(image, self.image_size, self.channels)
+        return array_to_tensor(image, self.image_size, self.channels)
+
+    def _batch(self, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
+        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.dtype == torch.uint8:
+            return images if images.shape[-1] == self.image_size else torch.stack([self.to_tensor(i) for i in images])
+        return torch.stack([self.to_tensor(i) for i in images])
+
+    def probabilities(self, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
+        return probabilities(self.model, self._batch(images))
+
+    def task_probabilities(self, images: Sequence[Any] | torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Multitask runs: (combined probabilities, each task's probabilities) of the images."""
+        if self.tasks is None:
+            raise ClassLabError(f"run '{self.run.path}' is not a multitask run; use probabilities()")
+        return task_probabilities(self.model, self._batch(images))
+
+    def __call__(self, images: Any) -> list[tuple[str, float]]:
+        """One image or a list -> [(class name, probability)] of the top class for each."""
+        single = not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.ndim == 4)
+        probs = self.probabilities([images] if single else images)
+        top = probs.max(1)
+        out = [(self.classes[int(i)], float(p)) for p, i in zip(top.values, top.indices)]
+        return out[0] if single else out
+
+
+def load(run: str | Path | RunFolder, checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
+    """Rebuild a run's model from its folder (weights only, no code executed)."""
+    run = run if isinstance(run, RunFolder) else open_run(run)
+    cfg = validate(run.read_config_tree())
+    classes = run.read_classes()
+    ckpt = safe_torch_load(run.checkpoint(checkpoint))
+    meta = ckpt.get("classlab", {})
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict) or "model.normalize.mean" not in state:
+        raise ClassLabError(f"{run.checkpoint(checkpoint)} is not a classlab checkpoint (no model weights found)")
+    size = int(meta.get("image_size") or cfg.data.image_size or 32)
+    channels = int(meta.get("channels") or 3)
+    num_classes = len(classes)
+    spec = cfg.model.spec()
+    spec.pop("init_from", None)
+    spec.pop("pretrained", None)
+    layout = None
+    if cfg.task == "multitask":
+        layout = read_layout(run)
+        net = build_multitask_net(spec, layout, channels, size)
+    else:
+        net = build_model(spec, num_classes, channels, size)
+    mean, std = state["model.normalize.mean"], state["model.normalize.std"]
+    model = ClassifierModel(Normalize(mean.clone(), std.clone()), net)
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise ClassLabError(
+            f"{run.checkpoint(checkpoint)} does not fit the run's model: {str(exc).splitlines()[0]}"
+        ) from None
+    model.eval().to(device)
+    loaded = LoadedRun(run, cfg, model, classes, size, channels)
+    loaded.tasks = layout
+    return loaded

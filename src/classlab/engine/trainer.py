@@ -1,0 +1,226 @@
+"""Assembling a fit: the network, the LightningModule, the Lightning Trainer, and the final test.
+
+The verb (``train.py``) decides *what* runs and where it is written; this module decides *how*:
+devices and precision, the callbacks that checkpoint and stop early, the loggers, and the test
+of the best checkpoint through the same eval loop as ``classlab eval``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from rich.console import Console
+
+from classlab.config import Config
+from classlab.data.pipeline import DataBundle
+from classlab.data.preprocess import Normalize
+from classlab.data.tasks import TaskLayout
+from classlab.engine.callbacks import AtomicCheckpointIO, RunRecorder
+from classlab.engine.metrics import task_accuracies, top_k_accuracy
+from classlab.engine.predict import predict_logits, predict_tasks
+from classlab.engine.task import ClassifyTask, MultiTaskTask
+from classlab.engine.tta import test_with_tta
+from classlab.errors import ClassLabError
+from classlab.models import build_model, load_backbone_weights
+from classlab.models.multitask import build_multitask_net
+from classlab.models.net import ClassifierModel
+from classlab.run import RunFolder, open_run, safe_torch_load
+
+# ---------------------------------------------------------------------------------------------
+# The network and the LightningModule
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_init_from(spec: str, base: Path | None = None) -> Path:
+    """``runs/rot:epoch5`` -> runs/rot/checkpoints/epoch5.ckpt (``runs/rot`` alone -> best)."""
+    folder, _, name = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    path = Path(folder)
+    if not path.is_absolute() and base is not None and not path.exists():
+        path = base / path
+    return open_run(path).checkpoint(name or "best")
+
+
+def _net_state(path: Path) -> dict[str, torch.Tensor]:
+    """The network's tensors of a classlab checkpoint, under the network's own names."""
+    state = safe_torch_load(path)["state_dict"]
+    return {k.removeprefix("model.net."): v for k, v in state.items() if k.startswith("model.net.")}
+
+
+def build_network(cfg: Config, data: DataBundle) -> ClassifierModel:
+    """Normalisation + the configured network, with init_from weights and data-set layers set."""
+    if cfg.task == "multitask":
+        net = build_multitask_net(
+            cfg.model.spec(), TaskLayout.from_config(cfg, data.tasks or {}), data.channels, data.size
+        )
+        inner = net.backbone  # init_from and data-set layers concern the backbone, not the task heads
+    else:
+        net = inner = build_model(cfg.model.spec(), data.num_classes, data.channels, data.size)
+    if cfg.model.init_from:
+        load_backbone_weights(inner, _net_state(resolve_init_from(cfg.model.init_from)))
+    normalize = Normalize(data.mean, data.std)
+    init_from_data = getattr(inner, "init_from_data", None)
+    if callable(init_from_data) and not cfg.model.init_from and data.train.images is not None:
+        # Layers set from the data before the first step (fastnet's patch whitening): the same
+        # normalised images the network will see, a few thousand of them.
+        init_from_data(normalize(data.train.images[:5000]))
+    return ClassifierModel(normalize, net)
+
+
+def load_stage_weights(net: torch.nn.Module, path: Path) -> None:
+    """All weights of the previous stage whose shapes still fit (a resolution change keeps them all)."""
+    own = net.state_dict()
+    fitting = {k: v for k, v in _net_state(path).items() if k in own and own[k].shape == v.shape}
+    if not fitting:
+        raise ClassLabError(
+            f"no weights of {path} fit the next stage's model; stages must keep model.name and its shape"
+        )
+    net.load_state_dict(fitting, strict=False)
+
+
+def build_task(cfg: Config, data: DataBundle, model: ClassifierModel, steps_per_epoch: int) -> ClassifyTask:
+    """The LightningModule of ``cfg.task``; erased boxes are filled with the data's mean colour."""
+    mean = data.mean if data.mean.ndim == 1 else data.mean.mean((1, 2))
+    fill = tuple(int(round(float(v) * 255)) for v in mean)
+    if cfg.task == "multitask":
+        layout = TaskLayout.from_config(cfg, data.tasks or {})
+        return MultiTaskTask(model, cfg, layout, data.size, steps_per_epoch=steps_per_epoch, fill=fill)
+    return ClassifyTask(model, cfg, data.num_classes, data.size, steps_per_epoch=steps_per_epoch, fill=fill)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def accelerator(cfg: Config) -> str:
+    if cfg.trainer.accelerator != "auto":
+        return "gpu" if cfg.trainer.accelerator == "cuda" else cfg.trainer.accelerator
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def _checkpoint_callbacks(cfg: Config, run: RunFolder, has_val: bool, steps_per_epoch: int) -> list[L.Callback]:
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    callbacks: list[L.Callback] = []
+    if has_val:
+        mode = "min" if "loss" in cfg.trainer.monitor else "max"
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=run.checkpoints,
+                filename="best",
+                monitor=cfg.trainer.monitor,
+                mode=mode,
+                save_top_k=1,
+                auto_insert_metric_name=False,
+                enable_version_counter=False,
+                save_on_train_epoch_end=False,
+            )
+        )
+        if cfg.trainer.patience:
+            callbacks.append(EarlyStopping(monitor=cfg.trainer.monitor, mode=mode, patience=cfg.trainer.patience))
+    elif cfg.trainer.patience:
+        raise ClassLabError("trainer.patience needs a validation set; set data.val_fraction above 0")
+    if cfg.trainer.ema_decay:
+        from classlab.engine.ema import EMACallback
+
+        callbacks.append(EMACallback(cfg.trainer.ema_decay))
+    if cfg.optim.lookahead and cfg.optim.lookahead_schedule == "cubic":
+        from classlab.engine.optim import ScheduledLookahead
+
+        total = cfg.epochs * steps_per_epoch
+        total = min(total, cfg.trainer.max_steps) if cfg.trainer.max_steps else total
+        callbacks.append(ScheduledLookahead(cfg.optim.lookahead_k, cfg.optim.lookahead_alpha, total))
+    return callbacks
+
+
+def _progress(console: Console, enabled: bool) -> list[L.Callback]:
+    if enabled and console.is_terminal:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return [RichProgressBar(leave=False)]
+    return []
+
+
+def _tb_logger(run: RunFolder) -> Any:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False)
+
+
+def build_trainer(
+    cfg: Config, run: RunFolder, recorder: RunRecorder, console: Console, *, has_val: bool, steps_per_epoch: int
+) -> L.Trainer:
+    """The Lightning Trainer of a run: devices, precision, checkpoints, early stopping, progress, logger."""
+    device = accelerator(cfg)
+    show_progress = cfg.trainer.progress and not console.quiet
+    if cfg.trainer.deterministic:
+        deterministic: bool | str = True if device == "cpu" else "warn"
+    else:
+        deterministic = False
+    return L.Trainer(
+        accelerator=device,
+        devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=cfg.trainer.strategy,
+        precision=cfg.trainer.precision,
+        max_epochs=cfg.epochs,
+        max_steps=cfg.trainer.max_steps or -1,
+        check_val_every_n_epoch=cfg.trainer.val_every,
+        gradient_clip_val=cfg.trainer.clip_grad,
+        deterministic=deterministic,
+        callbacks=[
+            recorder,
+            *_checkpoint_callbacks(cfg, run, has_val, steps_per_epoch),
+            *_progress(console, show_progress),
+        ],
+        logger=_tb_logger(run),
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=True,
+        enable_progress_bar=show_progress and console.is_terminal,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, steps_per_epoch)),
+        default_root_dir=str(run.path),
+        use_distributed_sampler=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The final test
+# ---------------------------------------------------------------------------------------------
+
+
+def autocast(cfg: Config, device: torch.device) -> Any:
+    if cfg.trainer.precision.startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def final_test(cfg: Config, task: ClassifyTask, loader: Any) -> dict[str, Any]:
+    """Test figures of the weights ``task`` holds, for summary.json.
+
+    The test runs in the training precision: bf16 weights were trained to work in bf16, and for
+    the fast recipe the (TTA) test is part of the timed run.
+    """
+    started = time.perf_counter()
+    out: dict[str, Any] = {}
+    with autocast(cfg, task.device):
+        if cfg.trainer.test_tta and cfg.task != "rotation":
+            logits, labels, tta_probs = test_with_tta(task.model, loader, cfg.trainer.test_tta, task.image_size)
+            out.update(test_acc_tta=top_k_accuracy(tta_probs, labels, 1), test_tta=cfg.trainer.test_tta)
+        elif isinstance(task, MultiTaskTask):
+            task_logits, logits, labels = predict_tasks(task.model, loader)
+            out.update(task_accuracies(task.layout.names, task_logits, task.layout.split(labels), "test"))
+        else:
+            logits, labels = predict_logits(task.model, loader, rotation=cfg.task == "rotation")
+    out.update(
+        test_acc=top_k_accuracy(logits, labels, 1),
+        test_acc5=top_k_accuracy(logits, labels, min(5, logits.shape[1])),
+        test_time_s=round(time.perf_counter() - started, 2),
+    )
+    return out

@@ -1,0 +1,350 @@
+"""``classlab.evaluate(run)``: top-1, top-5, per-class accuracy and the confusion matrix of a split.
+
+Reads only the run folder: the saved config, class map and split, so the validation images
+are exactly the ones training held out. With ``tta`` the same images are scored again under
+test-time augmentation (``engine.tta``) and both figures are kept side by side.
+
+``report`` adds the error analysis, next to the confusion matrix:
+
+- ``per_class.csv``: precision, recall, F1 and support of each class (accuracy hides a class the
+  model never predicts; precision/recall do not);
+- ``confident_errors.png``: the images the model got wrong with the highest confidence, with true
+  and predicted names (these are often label noise, or the clearest failure mode);
+- ``reliability.png`` and the expected calibration error (ECE, 15 equal-width confidence bins as in
+  Guo et al. 2017): how far the predicted probability is from the observed accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from classlab.config import Config
+from classlab.data.loaders import decode
+from classlab.data.pipeline import DataBundle, Part, load_data
+from classlab.data.preprocess import image_to_tensor
+from classlab.data.sources import Source, open_dataset
+from classlab.data.tasks import task_columns
+from classlab.engine.load import LoadedRun, load
+from classlab.engine.metrics import (
+    ECE_BINS,
+    calibration,
+    confusion_matrix,
+    per_class_scores,
+    task_accuracies,
+    top_k_accuracy,
+)
+from classlab.engine.predict import predict_logits, predict_tasks
+from classlab.engine.tta import TTAPlan, parse_tta, tta_probabilities_batches, tta_probabilities_images, views_per_image
+from classlab.errors import ClassLabError
+from classlab.run import SPLIT, RunFolder, atomic_write_figure, atomic_write_json, atomic_write_text, open_run, pyplot
+
+GRID_IMAGES = 25
+
+
+def evaluate(
+    run: str | Path | RunFolder,
+    split: str = "test",
+    checkpoint: str = "best",
+    *,
+    tta: str | None = None,
+    report: bool = False,
+) -> dict[str, Any]:
+    """Evaluate a run's checkpoint on ``split`` (test or val); write eval/<split>/ and return the metrics.
+
+    ``tta``: ``flip``, ``translate``, ``tencrop``, ``multiscale:S1,S2,..`` or several joined by commas;
+    the metrics gain a ``tta`` entry beside the plain top-1/top-5. ``report``: also write per-class
+    precision/recall/F1, the most confidently wrong images and the reliability diagram (ECE).
+    """
+    if split not in ("test", "val"):
+        raise ClassLabError(f"--split {split}: choose 'test' or 'val'")
+    run = run if isinstance(run, RunFolder) else open_run(run)
+    loaded = load(run, checkpoint)
+    cfg = loaded.cfg
+    if (tta or report) and cfg.task == "rotation":
+        raise ClassLabError("--tta and --report apply to classifiers; this run is a rotation pretext run")
+    plan = parse_tta(tta, loaded.image_size) if tta else None
+    data = load_data(cfg, split=run.read_json(SPLIT), with_test=split == "test")
+    part = data.test if split == "test" else data.val
+    if part is None or len(part) == 0:
+        raise ClassLabError(
+            f"this run has no {split} images"
+            + (" (the dataset has no test part; use --split val)" if split == "test" else " (data.val_fraction was 0)")
+        )
+    loader = part.loader(cfg.data.batch_size, shuffle=False, seed=0, size=data.size)
+    logits, labels, metrics = _plain_metrics(loaded, loader, split, checkpoint)
+    probs = logits.softmax(1)
+    if plan is not None:
+        probs = _tta_metrics(loaded, plan, loader, (data, part, split, run), labels, metrics)
+    out = run.path / "eval" / split
+    if report:
+        image_at, describe = _example_reader(data, part)
+        rep = write_report(
+            out,
+            probs,
+            labels,
+            loaded.classes,
+            image_at,
+            describe=describe,
+            source=f"tta:{plan.text}" if plan else "plain",
+        )
+        metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
+    atomic_write_json(out / "metrics.json", metrics)
+    _write_confusion(out, confusion_matrix(logits, labels, len(loaded.classes)), loaded.classes, metrics["top1"])
+    return metrics
+
+
+def _plain_metrics(
+    loaded: LoadedRun, loader: Any, split: str, checkpoint: str
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(logits, labels, metrics) of the split without test-time augmentation."""
+    if loaded.tasks is not None:
+        task_logits, logits, labels = predict_tasks(loaded.model, loader)
+        task_acc = task_accuracies(loaded.tasks.names, task_logits, loaded.tasks.split(labels), split)
+    else:
+        logits, labels = predict_logits(loaded.model, loader, rotation=loaded.cfg.task == "rotation")
+        task_acc = {}
+    classes = loaded.classes
+    cm = confusion_matrix(logits, labels, len(classes))
+    metrics: dict[str, Any] = {
+        "split": split,
+        "checkpoint": checkpoint,
+        "images": int(len(labels)),
+        "top1": top_k_accuracy(logits, labels, 1),
+        "top5": top_k_accuracy(logits, labels, min(5, len(classes))),
+        "per_class": {n: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() > 0 else None) for i, n in enumerate(classes)},
+    }
+    if task_acc:  # multitask: top1/top5 are of the combined class, these of each task's own head
+        metrics["tasks"] = {key.split("/")[1]: value for key, value in task_acc.items()}
+    return logits, labels, metrics
+
+
+def _tta_metrics(
+    loaded: LoadedRun, plan: TTAPlan, loader: Any, where: tuple, labels: torch.Tensor, metrics: dict[str, Any]
+) -> torch.Tensor:
+    """Score the split again under ``plan``; add its figures to ``metrics`` and return its probabilities."""
+    data, part, split, run = where
+    if plan.needs_originals:
+        source, indices = _originals(loaded.cfg, data, part, split, run)
+        images = _read_all(source, indices)
+        tta_probs = tta_probabilities_images(loaded.model, images, plan, loaded.image_size, loaded.channels)
+    else:
+        tta_probs, tta_labels = tta_probabilities_batches(loaded.model, loader, plan.batch_modes, loaded.image_size)
+        assert torch.equal(tta_labels, labels)
+    k5 = min(5, len(loaded.classes))
+    metrics["tta"] = {
+        "modes": plan.text,
+        "views": views_per_image(plan),
+        "scales": list(plan.scales),
+        "top1": top_k_accuracy(tta_probs, labels, 1),
+        "top5": top_k_accuracy(tta_probs, labels, k5),
+    }
+    return tta_probs
+
+
+def _write_confusion(out: Path, cm: torch.Tensor, classes: list[str], top1: float) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["true\\predicted", *classes])
+    for i, name in enumerate(classes):
+        writer.writerow([name, *cm[i].tolist()])
+    atomic_write_text(out / "confusion.csv", buffer.getvalue())
+    atomic_write_figure(out / "confusion.png", _confusion_figure(cm, classes, top1))
+
+
+def _originals(cfg: Config, data: DataBundle, part: Part, split: str, run: RunFolder) -> tuple[Source, np.ndarray]:
+    """The source holding the evaluated images at full size, and each evaluated image's index in it.
+
+    The decoded cache only has images at the training size; multiscale and ten-crop testing need
+    the originals, so the saved split is mapped back onto the source.
+    """
+    dataset = open_dataset(cfg.data, tasks=task_columns(cfg))
+    source = dataset.test if split == "test" else dataset.train
+    if source is None:
+        raise ClassLabError(f"the dataset has no {split} part any more; point data.root at the original data")
+    if part.indices is not None:  # streamed: the part already holds source indices
+        indices = np.asarray(part.indices)
+    else:
+        if data.bad:
+            # Skipped bad files shift positions: ask the decoder (its cache answers) which files it kept.
+            kept = decode(source, data.size, cfg.data.cache_dir, threads=cfg.trainer.threads or 2).kept
+        else:
+            kept = np.arange(len(source))
+        indices = kept if split == "test" else kept[np.asarray(data.split["val"], dtype=np.int64)]
+    if len(indices) != len(part) or not np.array_equal(source.labels[indices], part.labels.numpy()):
+        raise ClassLabError(
+            f"the {split} images no longer match the run's split; point data.root at the data the run was trained on"
+        )
+    return source, indices
+
+
+def _read_all(source: Source, indices: np.ndarray) -> Iterator[Image.Image]:
+    for i in indices:
+        if source.array is not None:  # already in memory: skip re-decoding from disk or zip
+            yield Image.fromarray(source.array[int(i)])
+        else:
+            yield source.read(int(i))
+
+
+def _example_reader(data: DataBundle, part: Part) -> tuple[Callable[[int], torch.Tensor], Callable[[int], str] | None]:
+    """Image ``i`` of the part at the training size, and a description of it for report.json."""
+    if part.images is not None:
+        return (lambda i: part.images[i]), None
+    source, indices = part.source, part.indices
+    assert source is not None and indices is not None
+    return (
+        lambda i: image_to_tensor(source.read(int(indices[i])), data.size, source.channels),
+        lambda i: source.describe(int(indices[i])),
+    )
+
+
+def _confusion_figure(cm: Any, classes: list[str], top1: float) -> Any:
+    plt = pyplot()
+    n = len(classes)
+    size = min(4 + 0.45 * n, 24)
+    fig, ax = plt.subplots(figsize=(size, size))
+    rates = cm.float() / cm.sum(1, keepdim=True).clamp_min(1)
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0, fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"confusion (rows sum to 1), top-1 {top1:.4f}")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(
+                        j,
+                        i,
+                        int(cm[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black",
+                    )
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# --report: where the model is wrong, and whether its confidence means anything
+# ---------------------------------------------------------------------------------------------
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    width = max([len("class"), *(len(r["class"]) for r in rows)])
+    lines = [f"  {'class':<{width}}  precision  recall     f1  support"]
+    for r in rows:
+        lines.append(
+            f"  {r['class']:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:.4f}  {r['support']:7d}"
+        )
+    macro = {k: sum(r[k] for r in rows) / max(1, len(rows)) for k in ("precision", "recall", "f1")}
+    lines.append(
+        f"  {'macro avg':<{width}}  {macro['precision']:9.4f}  {macro['recall']:6.4f}  {macro['f1']:.4f}"
+        f"  {sum(r['support'] for r in rows):7d}"
+    )
+    return "\n".join(lines)
+
+
+def write_report(
+    out: Path,
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+    image_at: Callable[[int], torch.Tensor],
+    *,
+    describe: Callable[[int], str] | None = None,
+    source: str = "plain",
+) -> dict[str, Any]:
+    """Write per_class.csv, confident_errors.png, reliability.png and report.json into ``out``.
+
+    ``image_at(i)`` gives the uint8 (C, H, W) image of example ``i``; only the few shown are read.
+    """
+    pred = probs.argmax(1)
+    rows = per_class_scores(pred, labels, classes)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["class", "precision", "recall", "f1", "support"], lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({**r, **{k: f"{r[k]:.6f}" for k in ("precision", "recall", "f1")}})
+    atomic_write_text(out / "per_class.csv", buffer.getvalue())
+
+    cal = calibration(probs, labels)
+    atomic_write_figure(out / "reliability.png", _reliability_figure(cal, source))
+
+    conf = probs.max(1).values
+    wrong = (pred != labels).nonzero().flatten()
+    order = wrong[conf[wrong].argsort(descending=True)][:GRID_IMAGES].tolist()
+    errors = [
+        {
+            "index": i,
+            "true": classes[int(labels[i])],
+            "predicted": classes[int(pred[i])],
+            "confidence": float(conf[i]),
+            **({"image": describe(i)} if describe else {}),
+        }
+        for i in order
+    ]
+    atomic_write_figure(out / "confident_errors.png", _errors_figure([image_at(i) for i in order], errors))
+    report = {
+        "predictions": source,
+        "ece": cal["ece"],
+        "ece_bins": ECE_BINS,
+        "macro_f1": sum(r["f1"] for r in rows) / max(1, len(rows)),
+        "per_class": rows,
+        "confident_errors": errors,
+        "calibration_bins": cal["bins"],
+    }
+    atomic_write_json(out / "report.json", report)
+    return report
+
+
+def _reliability_figure(cal: dict[str, Any], source: str) -> Any:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    bins = cal["bins"]
+    width = 1 / len(bins)
+    centers = [(b["low"] + b["high"]) / 2 for b in bins]
+    accs = [b["accuracy"] or 0.0 for b in bins]
+    confs = [b["confidence"] if b["confidence"] is not None else c for b, c in zip(bins, centers)]
+    ax.bar(centers, accs, width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    ax.bar(centers, [c - a if b["count"] else 0 for c, a, b in zip(confs, accs, bins)], bottom=accs, width=width,
+           edgecolor="tab:red", color="tab:red", alpha=0.3, label="gap to confidence")  # fmt: skip
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (max softmax)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability ({source}): ECE {cal['ece']:.4f}, {len(bins)} bins")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _errors_figure(images: list[torch.Tensor], errors: list[dict[str, Any]]) -> Any:
+    plt = pyplot()
+    n = len(images)
+    cols = min(5, max(1, n))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.7 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    if not n:
+        axes[0, 0].text(0.5, 0.5, "no errors", ha="center", va="center")
+    for ax, img, err in zip(axes.flat, images, errors):
+        arr = img.permute(1, 2, 0).numpy()
+        ax.imshow(arr[:, :, 0] if arr.shape[2] == 1 else arr, cmap="gray" if arr.shape[2] == 1 else None,
+                  interpolation="nearest")  # fmt: skip
+        ax.set_title(f"true: {err['true']}\npred: {err['predicted']} ({err['confidence']:.2f})", fontsize=8)
+    fig.suptitle("most confidently wrong")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,224 @@
+"""``classlab predict``: image files or folders in, a predictions CSV out.
+
+Images go through the run's own preprocessing (``engine.load``), are decoded on threads one
+batch ahead of the model, and the CSV is streamed into a temporary file that is renamed at the
+end, so any number of files costs the memory of one batch and a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from classlab.data.preprocess import IMAGE_EXTENSIONS, BadImage
+from classlab.data.sources import natural_key
+from classlab.engine.load import LoadedRun, load
+from classlab.errors import ClassLabError
+from classlab.run import AtomicCsvWriter, RunFolder
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given; folders walked recursively for image files, in natural order."""
+    out: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+            out.extend(sorted(found, key=lambda p: natural_key(str(p))))
+        elif path.exists():
+            out.append(path)
+        else:
+            raise ClassLabError(f"'{path}' does not exist; give image files or folders")
+    return out
+
+
+def _decode(loaded: LoadedRun, path: Path) -> tuple[torch.Tensor | None, str]:
+    try:
+        return loaded.to_tensor(path), ""
+    except BadImage as exc:
+        return None, str(exc) or "unreadable image"
+    except OSError as exc:  # vanished or unreadable between listing and reading
+        return None, (exc.strerror or type(exc).__name__)
+
+
+def _batches(
+    paths: Sequence[Path], loaded: LoadedRun, batch_size: int, threads: int = 2
+) -> Iterator[tuple[Sequence[Path], torch.Tensor | None, list[str]]]:
+    """Decoded batches; unreadable files come back with an error text instead of a tensor.
+
+    Decoding runs on a thread pool one batch ahead of the model (PIL releases the GIL while it
+    decodes and resizes), and at most two batches are ever decoded at once, so memory stays
+    bounded however many files there are.
+    """
+    chunks = (paths[s : s + batch_size] for s in range(0, len(paths), batch_size))
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+
+        def submit(chunk: Sequence[Path]) -> list[Future]:
+            return [pool.submit(_decode, loaded, p) for p in chunk]
+
+        current = next(chunks, None)
+        pending = submit(current) if current is not None else []
+        while current is not None:
+            following = next(chunks, None)
+            ahead = submit(following) if following is not None else []
+            results = [f.result() for f in pending]
+            good = [t for t, _ in results if t is not None]
+            yield current, (torch.stack(good) if good else None), [e for _, e in results]
+            current, pending = following, ahead
+
+
+@dataclass
+class Predictions:
+    """What ``predict`` did: counts, the unreadable files, speed and (when kept) the rows.
+
+    Rows are kept only when there is no CSV to stream them into, or when asked (``keep_rows``),
+    so a folder of millions of images costs no more memory than one batch.
+    """
+
+    out: Path | None
+    count: int
+    failed: list[tuple[str, str]]
+    failed_count: int
+    seconds: float
+    columns: list[str]
+    rows: list[dict[str, Any]] | None = None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else 0.0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.rows is None:
+            raise ClassLabError("the rows were streamed to the CSV only; pass keep_rows=True to keep them in memory")
+        return iter(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return list(self)[i] if self.rows is None else self.rows[i]
+
+
+MAX_FAILED_KEPT = 1000
+
+
+def _scorer(loaded: LoadedRun, backend: str, checkpoint: str) -> Any:
+    """uint8 batch -> probabilities, in PyTorch or in onnxruntime on the run's exported file."""
+    if backend not in ("torch", "onnx"):
+        raise ClassLabError(f"--backend {backend}: choose 'torch' or 'onnx'")
+    if backend == "torch":
+        return loaded.probabilities
+    if loaded.tasks is not None:
+        raise ClassLabError("--backend onnx does not give the per-task predictions of a multitask run; use torch")
+    from classlab.export import OnnxModel, ensure_onnx
+
+    onnx_model = OnnxModel(ensure_onnx(loaded.run, checkpoint))
+    if onnx_model.classes and onnx_model.classes != loaded.classes:
+        raise ClassLabError(f"{onnx_model.path} has other class names than the run; delete it to re-export")
+    return lambda batch: onnx_model.logits(batch).softmax(1)
+
+
+def _columns(k: int, layout: Any) -> list[str]:
+    columns = ["path", "class", "prob"]
+    for i in range(2, k + 1):
+        columns += [f"top{i}_class", f"top{i}_prob"]
+    for name in layout.names if layout is not None else ():
+        columns += [f"{name}_class", f"{name}_prob"]
+    return [*columns, "error"]
+
+
+def _fill(row: dict[str, Any], probs: torch.Tensor, task_probs: list[torch.Tensor], loaded: LoadedRun, k: int) -> None:
+    """One readable image's columns: its top-k classes, and each task's class under multitask."""
+    values, indices = probs.topk(k)
+    row["class"], row["prob"] = loaded.classes[int(indices[0])], round(float(values[0]), 6)
+    for r in range(1, k):
+        row[f"top{r + 1}_class"] = loaded.classes[int(indices[r])]
+        row[f"top{r + 1}_prob"] = round(float(values[r]), 6)
+    for t, tp in enumerate(task_probs):
+        best_p, best_i = tp.max(0)
+        row[f"{loaded.tasks.names[t]}_class"] = loaded.tasks.classes[t][int(best_i)]
+        row[f"{loaded.tasks.names[t]}_prob"] = round(float(best_p), 6)
+
+
+def predict(
+    run: str | Path | RunFolder,
+    paths: Iterable[str | Path],
+    out: str | Path | None = None,
+    *,
+    checkpoint: str = "best",
+    top: int = 3,
+    batch_size: int = 256,
+    progress: bool = False,
+    backend: str = "torch",
+    keep_rows: bool | None = None,
+    threads: int | None = None,
+) -> Predictions:
+    """Predict every image; stream the predictions CSV (``path,class,prob,top2_class,...,error``) to ``out``.
+
+    The CSV is written to a temporary file beside ``out`` and renamed at the end, so a reader
+    never sees half a file. Unreadable images do not stop the run: they get an ``error`` and
+    are listed in the result. ``backend="onnx"`` runs the run's exported ONNX file (exported
+    first if missing) in onnxruntime instead of PyTorch.
+    """
+    loaded = load(run, checkpoint)
+    scorer = _scorer(loaded, backend, checkpoint)
+    files = expand_paths(paths)
+    k = max(1, min(top, len(loaded.classes)))
+    columns = _columns(k, loaded.tasks)
+    result = Predictions(Path(out) if out is not None else None, 0, [], 0, 0.0, columns)
+    result.rows = [] if (out is None if keep_rows is None else keep_rows) else None
+    started, shown = time.time(), 0.0
+    writer = AtomicCsvWriter(out, columns) if out is not None else None
+    try:
+        for chunk, batch, errors in _batches(files, loaded, batch_size, threads or min(4, os.cpu_count() or 1)):
+            task_probs: list[torch.Tensor] = []
+            if batch is not None and loaded.tasks is not None:
+                probs, task_probs = loaded.task_probabilities(batch)
+            else:
+                probs = scorer(batch) if batch is not None else None
+            batch_rows, j = [], 0
+            for path, error in zip(chunk, errors):
+                row: dict[str, Any] = dict.fromkeys(columns, "")
+                row["path"], row["error"] = str(path), error
+                if error:
+                    result.failed_count += 1
+                    if len(result.failed) < MAX_FAILED_KEPT:
+                        result.failed.append((str(path), error))
+                else:
+                    _fill(row, probs[j], [tp[j] for tp in task_probs], loaded, k)
+                    j += 1
+                batch_rows.append(row)
+            if writer is not None:
+                writer.write(batch_rows)
+            if result.rows is not None:
+                result.rows.extend(batch_rows)
+            result.count += len(chunk)
+            if progress and (time.time() - shown > 0.5 or result.count == len(files)):
+                shown = time.time()
+                _show_progress(result, len(files), shown - started)
+        if writer is not None:
+            writer.commit()
+    finally:
+        if writer is not None:
+            writer.discard()
+    if progress and files:
+        print(file=sys.stderr)
+    result.seconds = time.time() - started
+    return result
+
+
+def _show_progress(result: Predictions, total: int, seconds: float) -> None:
+    rate = result.count / max(1e-9, seconds)
+    bad = f", {result.failed_count} unreadable" if result.failed_count else ""
+    print(f"\r{result.count}/{total} images, {rate:.0f} images/s{bad}", end="", file=sys.stderr, flush=True)
+
+
+__all__ = ["LoadedRun", "Predictions", "load", "predict", "expand_paths"]

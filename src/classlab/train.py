@@ -1,0 +1,319 @@
+"""``classlab.train(config)``: validate, load data, make the run folder, fit, test, summarise.
+
+The order matters: the config and the data are checked before the run folder exists, so a
+typo or a broken image never leaves a half-made run behind; the config and class map are
+written first, so a run folder always says what it is.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from rich.console import Console
+
+from classlab.config import Config, apply_overrides, dump_yaml, load_config, stage_config, validate
+from classlab.data.pipeline import DataBundle, load_data
+from classlab.data.tasks import TaskLayout
+from classlab.engine.callbacks import METRIC_COLUMNS, RunRecorder
+from classlab.engine.task import ClassifyTask, MultiTaskTask
+from classlab.engine.trainer import (
+    accelerator,
+    build_network,
+    build_task,
+    build_trainer,
+    final_test,
+    load_stage_weights,
+)
+from classlab.errors import ClassLabError
+from classlab.models import count_params, validate_model_spec
+from classlab.run import RunFolder, move_aside, new_run_path, safe_torch_load
+
+RUN_DIR_ENV = "CLASSLAB_RUN_DIR"  # set by process 0 so that DDP worker processes join its run folder
+
+
+def coerce_config(config: Config | str | Path | dict | None, overrides: list[str] | None = None) -> Config:
+    """Accept a Config, a path to YAML/INI, a plain dict, or nothing (the defaults)."""
+    if isinstance(config, Config):
+        cfg = validate(apply_overrides(config.to_dict(), overrides)) if overrides else config
+    elif isinstance(config, dict):
+        cfg = validate(apply_overrides(config, overrides or []))
+    else:
+        cfg = load_config(config, overrides)
+    check_models(cfg)
+    return cfg
+
+
+def print_config(config: str | Path | None, overrides: list[str] | None = None) -> str:
+    """``--print-config``: the resolved config with every default, as YAML (after the same checks as a run)."""
+    return dump_yaml(coerce_config(config, overrides))
+
+
+def check_models(cfg: Config) -> None:
+    """The model keys of the run and of each stage, checked in a second, before any data is read."""
+    validate_model_spec(cfg.model.spec())
+    for k in range(len(cfg.stages or [])):
+        try:
+            validate_model_spec(stage_config(cfg, k).model.spec())
+        except ClassLabError as exc:
+            raise type(exc)(f"stages[{k}]: {exc}") from None
+
+
+def _versions() -> dict[str, str]:
+    import lightning
+    import timm
+    import torchvision
+
+    return {
+        "classlab": metadata.version("classlab"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "lightning": lightning.__version__,
+        "timm": timm.__version__,
+    }
+
+
+def _make_run(cfg: Config, resume: bool, force: bool) -> tuple[RunFolder, Config]:
+    joined = os.environ.get(RUN_DIR_ENV)
+    if joined and os.environ.get("LOCAL_RANK", "0") != "0":
+        return RunFolder(joined), cfg
+    default = f"{cfg.data.dataset}_{cfg.model.name.replace(':', '_')}"
+    path, named = new_run_path(cfg.run.root, cfg.exp_name, default, numbered=not resume)
+    if resume:
+        if not path.is_dir():
+            raise ClassLabError(f"--resume: run folder '{path}' does not exist; start it without --resume")
+        return RunFolder(path), cfg
+    if path.exists():
+        if not force:
+            raise ClassLabError(
+                f"run folder '{path}' already exists; use --resume to continue it, --force to move it aside, "
+                f"or choose another exp_name"
+            )
+        moved = move_aside(path)
+        print(f"moved the old run to {moved}", file=sys.stderr)
+    return RunFolder(path), cfg.model_copy(update={"exp_name": path.name})
+
+
+def train(
+    config: Config | str | Path | dict | None = None,
+    overrides: list[str] | None = None,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    quiet: bool = False,
+) -> RunFolder:
+    """Train one run (or each stage of a multi-stage run); return its folder.
+
+    Raises ClassLabError/ConfigError on bad input.
+    """
+    cfg = coerce_config(config, overrides)
+    if cfg.stages:
+        return _train_stages(cfg, resume=resume, force=force, quiet=quiet)
+    return _train_one(cfg, config, overrides, resume=resume, force=force, quiet=quiet)
+
+
+def _train_stages(cfg: Config, *, resume: bool, force: bool, quiet: bool) -> RunFolder:
+    """Stages run in sequence in ``<run>/stageK/``, each starting from the previous stage's final weights.
+
+    This is the FixRes recipe's shape: train at a low resolution, fine-tune at a higher one.
+    """
+    if cfg.trainer.devices == "auto" and accelerator(cfg) == "gpu" and torch.cuda.device_count() > 1:
+        raise ClassLabError(
+            f"stages run in one process only and trainer.devices=auto would start {torch.cuda.device_count()} "
+            f"(one per GPU): set trainer.devices=1, or run each stage as its own run with model.init_from"
+        )
+    top, cfg = _make_run(cfg, resume, force)
+    if not resume:
+        top.path.mkdir(parents=True, exist_ok=False)
+        top.write_config(cfg.to_dict())
+        top.update_summary(status="running", exp_name=top.path.name, stages=[])
+    results = []
+    previous: Path | None = None
+    for k in range(len(cfg.stages)):
+        stage = stage_config(cfg, k).model_copy(update={"exp_name": f"stage{k + 1}"})
+        stage.run.root = str(top.path)
+        folder = RunFolder(top.path / f"stage{k + 1}")
+        status = folder.summary(default={}).get("status")
+        if status != "finished":
+            if not quiet:
+                Console(soft_wrap=True).print(f"[bold]stage {k + 1}/{len(cfg.stages)}[/bold]")
+            _train_one(stage, stage, None, resume=status is not None, force=False, quiet=quiet, start_from=previous)
+        results.append(folder.summary())
+        previous = folder.checkpoint("last")
+        top.update_summary(stages=results)
+    top.write_classes(RunFolder(top.path / "stage1").read_classes())
+    final = results[-1]
+    top.update_summary(
+        status="finished",
+        **{k: final.get(k) for k in ("test_acc", "test_acc5", "best_val_acc", "params") if k in final},
+        wall_time_s=round(sum(r.get("wall_time_s", 0.0) for r in results), 2),
+    )
+    return top
+
+
+def _is_zero() -> bool:
+    """Process 0 of a (possibly distributed) run: the one that writes the run folder."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _resume_state(
+    run: RunFolder, cfg: Config, config: Config | str | Path | dict | None, overrides: list[str] | None
+) -> tuple[Config, Any, Path | None]:
+    """(the run's saved config with any new overrides, its saved split, last.ckpt if any).
+
+    metrics.csv loses the rows of epochs that last.ckpt had not finished, so the resumed run
+    appends exactly where the checkpoint stands.
+    """
+    if not isinstance(config, Config):
+        cfg = validate(apply_overrides(run.read_config_tree(), overrides or []))
+    last = run.checkpoint_path("last")
+    done = int(safe_torch_load(last).get("classlab", {}).get("epochs_done", 0)) if last.is_file() else 0
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        run.truncate_metrics(done + 1)
+    return cfg, run.read_split(), (last if last.is_file() else None)
+
+
+def _write_run_start(run: RunFolder, cfg: Config, data: DataBundle) -> None:
+    """The files that say what a run is, written before its first step."""
+    run.path.mkdir(parents=True, exist_ok=False)
+    run.write_config(cfg.to_dict())
+    run.write_classes(data.classes)
+    if cfg.task == "multitask":
+        run.write_tasks(TaskLayout.from_config(cfg, data.tasks or {}).to_json())
+    run.write_split(data.split)
+    if data.bad:
+        run.write_skipped(data.bad)
+
+
+def _announce(run: RunFolder, cfg: Config, data: DataBundle, params: int, console: Console) -> None:
+    run.update_summary(
+        status="running",
+        exp_name=run.path.name,
+        task=cfg.task,
+        dataset=cfg.data.dataset,
+        model=cfg.model.name,
+        params=params,
+        epochs=cfg.epochs,
+        image_size=data.size,
+        loader=data.mode,
+        images={"train": len(data.train), "val": len(data.val or []), "test": len(data.test or [])},
+        skipped_images=len(data.bad),
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        versions=_versions(),
+    )
+    console.print(
+        f"[bold]classlab[/bold] {cfg.task} {cfg.model.name} ({params:,} parameters) on {cfg.data.dataset}: "
+        f"{len(data.train)} train / {len(data.val or [])} val / {len(data.test or [])} test images at "
+        f"{data.size}px, {data.mode} loader -> {run.path}"
+    )
+
+
+def _train_one(
+    cfg: Config,
+    config: Config | str | Path | dict | None,
+    overrides: list[str] | None,
+    *,
+    resume: bool,
+    force: bool,
+    quiet: bool,
+    start_from: Path | None = None,
+) -> RunFolder:
+    console = Console(quiet=quiet, stderr=False, highlight=False, soft_wrap=True)
+    run, cfg = _make_run(cfg, resume, force)
+    saved_split, last_ckpt = None, None
+    if resume:
+        cfg, saved_split, last_ckpt = _resume_state(run, cfg, config, overrides)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    data = load_data(cfg, split=saved_split)
+    # The model is built (parameter budget, init_from, stage weights) before the run folder exists.
+    model = build_network(cfg, data)
+    if start_from is not None and not resume:
+        load_stage_weights(model.net, start_from)
+    if _is_zero() and not resume:
+        _write_run_start(run, cfg, data)
+    params = count_params(model.net)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    batch, workers = cfg.data.batch_size, cfg.data.workers
+    train_loader = data.train.loader(batch, shuffle=True, seed=cfg.seed, size=data.size, workers=workers)
+    val_loader = (
+        data.val.loader(batch, shuffle=False, seed=cfg.seed, size=data.size, workers=workers) if data.val else None
+    )
+    task = build_task(cfg, data, model, len(train_loader))
+    task.has_val = val_loader is not None
+    if _is_zero():
+        _announce(run, cfg, data, params, console)
+    extra_columns = task.metric_columns() if isinstance(task, MultiTaskTask) else []
+    recorder = RunRecorder(
+        run,
+        extra={"classes": data.classes, "image_size": data.size, "channels": data.channels, "task": cfg.task},
+        keep_every=cfg.trainer.keep_every,
+        console=console if _is_zero() else None,
+        columns=[*METRIC_COLUMNS, *extra_columns] if extra_columns else None,
+    )
+    os.environ[RUN_DIR_ENV] = str(run.path.resolve())
+    trainer = build_trainer(
+        cfg, run, recorder, console, has_val=val_loader is not None, steps_per_epoch=len(train_loader)
+    )
+    if cfg.trainer.compile:
+        task.model.net = torch.compile(task.model.net)
+    _fit(trainer, task, train_loader, val_loader, last_ckpt)
+    if not trainer.is_global_zero:
+        return run
+    return _finish(run, cfg, data, task, recorder, console)
+
+
+def _fit(trainer: L.Trainer, task: ClassifyTask, train_loader: Any, val_loader: Any, last_ckpt: Path | None) -> None:
+    try:
+        trainer.fit(
+            task, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=last_ckpt, weights_only=True
+        )
+    except SystemExit:
+        # Lightning turns Ctrl-C into sys.exit(1) after its callbacks ran (RunRecorder saved last.ckpt).
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+
+
+def _finish(
+    run: RunFolder, cfg: Config, data: DataBundle, task: ClassifyTask, recorder: RunRecorder, console: Console
+) -> RunFolder:
+    """Test on the best checkpoint (by trainer.monitor), write the summary, say where the run is."""
+    rows = run.read_metrics()
+    best_name = "best" if run.checkpoint_path("best").is_file() else "last"
+    summary: dict[str, Any] = {
+        "epochs_done": int(rows[-1]["epoch"]) if rows else 0,
+        "wall_time_s": round(recorder.elapsed(), 2),
+    }
+    val_rows = [r for r in rows if r.get("val/acc")]
+    if val_rows:
+        best = max(val_rows, key=lambda r: float(r["val/acc"]))
+        summary.update(best_val_acc=float(best["val/acc"]), best_epoch=int(best["epoch"]))
+        # Multitask: each task's validation accuracy at that epoch (val/acc is the combined class).
+        summary.update({k: float(v) for k, v in best.items() if k.startswith("val/") and k.count("/") == 2 and v})
+    if data.test is not None and len(data.test):
+        task.load_state_dict(safe_torch_load(run.checkpoint(best_name))["state_dict"], strict=False)
+        loader = data.test.loader(cfg.data.batch_size, shuffle=False, seed=0, size=data.size, workers=cfg.data.workers)
+        summary.update(final_test(cfg, task, loader), test_checkpoint=best_name)
+    summary.update(status="finished", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    run.update_summary(**summary)
+    shown = ", ".join(
+        f"{k} {summary[k]:.4f}" for k in ("best_val_acc", "test_acc") if isinstance(summary.get(k), float)
+    )
+    console.print(f"finished in {summary['wall_time_s']:.0f}s: {shown}")
+    console.print(f"run folder: {run.path}")
+    return run
