@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,3 +67,21 @@ def tiny_config(tmp_path: Path, **extra: object) -> list[str]:
     }
     base.update({k: str(v) for k, v in extra.items()})
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small run on the embedded sample (1 epoch, 30 images a class), trained once per test session."""
+    import classlab
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    classlab.train(None, tiny_config(tmp, exp_name="tiny", epochs=1, **{"data.images_per_class": 30}), quiet=True)
+    return tmp / "runs" / "tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the session's tiny run, so a module's eval/export files stay its own."""
+    dest = tmp_path_factory.mktemp("run") / tiny_trained.name
+    shutil.copytree(tiny_trained, dest)
+    return dest

@@ -141,3 +141,37 @@ def test_unknown_model_and_model_key() -> None:
         coerce_config(None, ["model.name=resnet_cifr"])
     with pytest.raises(ConfigError, match="model.depht"):
         coerce_config(None, ["model.name=resnet_cifar", "model.depht=20"])
+
+
+def test_every_config_key_has_a_description() -> None:
+    from pydantic import BaseModel
+
+    from classlab.config import Config
+
+    def missing(model: type[BaseModel], prefix: str = "") -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                out += missing(ann, f"{prefix}{name}.")
+            elif not field.description:
+                out.append(prefix + name)
+        return out
+
+    assert missing(Config) == []
+
+
+def test_explain_a_key() -> None:
+    result = run_cli("train", "--explain", "optim.lr")
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [
+        "optim.lr: peak learning rate (per batch of data.batch_size)",
+        "  allowed: float (> 0.0, <= 100.0)",
+        "  default: 0.05",
+    ]
+    assert "'auto' | 'memory' | 'stream'" in run_cli("train", "--explain", "data.loader").stdout
+    typo = run_cli("train", "--explain", "optim.lrr")
+    assert (
+        typo.returncode == 2
+        and typo.stderr.strip() == "error: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"
+    )

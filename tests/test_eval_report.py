@@ -11,14 +11,7 @@ import torch
 
 import classlab
 from classlab.engine.metrics import calibration, per_class_scores
-from tests.conftest import run_cli, tiny_config
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("report")
-    classlab.train(None, tiny_config(tmp, exp_name="rep", epochs=1, **{"data.images_per_class": 30}), quiet=True)
-    return tmp / "runs" / "rep"
+from tests.conftest import run_cli
 
 
 def test_per_class_scores_by_hand() -> None:

@@ -16,16 +16,9 @@ import torch
 import classlab
 from classlab.errors import ClassLabError
 from classlab.export import OnnxModel, export, load_pt2, read_onnx_metadata
-from tests.conftest import REPO, make_image, run_cli, tiny_config
+from tests.conftest import REPO, make_image, run_cli
 
 onnxruntime = pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("export")
-    classlab.train(None, tiny_config(tmp, exp_name="exp", epochs=1, **{"data.images_per_class": 30}), quiet=True)
-    return tmp / "runs" / "exp"
 
 
 def test_onnx_matches_pytorch_with_dynamic_batch(tiny_run: Path) -> None:

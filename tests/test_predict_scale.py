@@ -14,14 +14,7 @@ from PIL import Image
 
 import classlab
 from classlab.errors import ClassLabError
-from tests.conftest import run_cli, tiny_config
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("scale")
-    classlab.train(None, tiny_config(tmp, exp_name="scale", epochs=1, **{"data.images_per_class": 30}), quiet=True)
-    return tmp / "runs" / "scale"
+from tests.conftest import run_cli
 
 
 def make_folder(root: Path, n: int, broken: int, seed: int = 0) -> list[str]:

@@ -99,12 +99,25 @@ def test_predict_csv_and_api(trained: Path, tmp_path: Path) -> None:
     assert model(torch.from_numpy(np.asarray(pil)).permute(2, 0, 1))[0] == name
 
 
-def test_existing_run_refused_then_forced(trained: Path) -> None:
-    root = trained.parent
-    result = run_cli("train", *tiny_config(root.parent, exp_name="tiny"))
+def test_existing_run_refused_then_forced(trained: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(trained, root / "tiny")
+    old_summary = (root / "tiny" / "summary.json").read_text()
+    args = tiny_config(tmp_path, exp_name="tiny", epochs=1)
+    result = run_cli("train", *args)
     assert result.returncode == 1
     assert "run folder" in result.stderr and "already exists" in result.stderr and "--resume" in result.stderr
-    assert json.loads((trained / "summary.json").read_text())["status"] == "finished"
+    assert (root / "tiny" / "summary.json").read_text() == old_summary
+
+    result = run_cli("train", *args, "--force")
+    assert result.returncode == 0, result.stderr
+    assert "moved the old run to" in result.stderr
+    moved = [p for p in root.iterdir() if p.name.startswith("tiny.old-")]
+    assert len(moved) == 1 and (moved[0] / "summary.json").read_text() == old_summary  # nothing deleted
+    fresh = json.loads((root / "tiny" / "summary.json").read_text())
+    assert fresh["status"] == "finished" and fresh["epochs_done"] == 1
 
 
 def test_damaged_checkpoint_one_line(trained: Path, tmp_path: Path) -> None:

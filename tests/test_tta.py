@@ -12,14 +12,7 @@ from PIL import Image
 import classlab
 from classlab.engine.tta import image_views, parse_tta, ten_crops, tta_views, views_per_image
 from classlab.errors import ClassLabError
-from tests.conftest import run_cli, tiny_config
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("tta")
-    classlab.train(None, tiny_config(tmp, exp_name="tta", epochs=1, **{"data.images_per_class": 30}), quiet=True)
-    return tmp / "runs" / "tta"
+from tests.conftest import run_cli
 
 
 def test_parse_modes_and_scales() -> None:

@@ -1,0 +1,125 @@
+"""The run folder: the one place that knows its file names, atomic writes, and folders of older versions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import classlab
+from classlab import run as runmod
+from classlab.errors import ClassLabError
+from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_bytes, atomic_write_figure, pyplot
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "classlab"
+OLD = Path(__file__).resolve().parent / "data" / "run_v0_1_0"
+SAMPLE = SRC / "data" / "sample" / "cifar10_sample.zip"
+
+
+def test_only_run_py_spells_run_file_names() -> None:
+    names = [runmod.CONFIG, runmod.CLASSES, runmod.SPLIT, runmod.SUMMARY, runmod.METRICS, runmod.TASKS, runmod.SKIPPED]
+    pattern = re.compile("|".join(re.escape(f'"{n}"') for n in [*names, "last.ckpt", "best.ckpt"]))
+    found = [
+        f"{p.relative_to(SRC)}:{i}"
+        for p in SRC.rglob("*.py")
+        if p.name != "run.py"
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not found, f"run-folder file names spelled outside run.py: {found}"
+
+
+def test_atomic_write_keeps_the_old_file_when_the_rename_fails(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "summary.json"
+    atomic_write_bytes(target, b"old")
+
+    def fail(*args: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runmod.os, "replace", fail)
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_atomic_files_get_the_users_permissions(tmp_path: Path) -> None:
+    mask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        writer = AtomicCsvWriter(tmp_path / "p.csv", ["path", "class"])
+        writer.write([{"path": "a.jpg", "class": "cat"}])
+        writer.commit()
+    finally:
+        os.umask(mask)
+    for name in ("a.bin", "p.csv"):
+        mode = stat.S_IMODE((tmp_path / name).stat().st_mode)
+        assert mode & 0o044 == 0o044, f"{name} is {oct(mode)}: not readable by the group"  # mkstemp alone gives 0600
+    assert (tmp_path / "p.csv").read_text() == "path,class\na.jpg,cat\n"
+
+
+def test_csv_writer_discarded_leaves_nothing(tmp_path: Path) -> None:
+    writer = AtomicCsvWriter(tmp_path / "p.csv", ["path"])
+    writer.write([{"path": "a"}])
+    writer.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_figure_written_as_png_and_closed(tmp_path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    atomic_write_figure(tmp_path / "f.png", fig)
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.get_fignums()
+
+
+def test_run_folder_paths_and_defaults(tmp_path: Path) -> None:
+    run = RunFolder(tmp_path / "r")
+    assert run.checkpoint_path("epoch5") == tmp_path / "r" / "checkpoints" / "epoch5.ckpt"
+    assert run.summary(default={"status": "unknown"}) == {"status": "unknown"}
+    with pytest.raises(ClassLabError, match="has no summary.json"):
+        run.summary()
+    run.write_split({"val": [1, 2]})
+    run.write_skipped(["a.jpg", "b.jpg"])
+    assert run.read_split() == {"val": [1, 2]}
+    assert (run.path / runmod.SKIPPED).read_text() == "a.jpg\nb.jpg\n"
+    with pytest.raises(ClassLabError, match="no checkpoint 'best'; it has none yet"):
+        run.checkpoint("best")
+
+
+@pytest.fixture
+def old_run(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return Path(shutil.copytree(OLD / "run", tmp_path / "v010_run"))
+
+
+def test_a_run_of_the_previous_version_evaluates_the_same(old_run: Path) -> None:
+    expected = json.loads((OLD / "expected" / "eval_test_metrics.json").read_text())
+    metrics = classlab.evaluate(old_run)
+    assert metrics["images"] == expected["images"]
+    assert metrics["top1"] == pytest.approx(expected["top1"], abs=1e-9)
+    assert metrics["top5"] == pytest.approx(expected["top5"], abs=1e-9)
+    assert metrics["per_class"] == pytest.approx(expected["per_class"])
+
+
+def test_a_run_of_the_previous_version_predicts_the_same(old_run: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    with zipfile.ZipFile(SAMPLE) as zf:
+        for i, cls in enumerate(["airplane", "automobile", "bird", "cat", "deer"]):
+            (images / f"{i}.jpg").write_bytes(zf.read(f"test/{cls}/0000.jpg"))
+    with open(OLD / "expected" / "predictions.csv", newline="") as handle:
+        expected = {row["path"]: row for row in csv.DictReader(handle)}
+    rows = classlab.predict(old_run, [images])
+    assert len(rows) == 5
+    for row in rows:
+        want = expected[Path(row["path"]).name]
+        assert row["class"] == want["class"] and row["top2_class"] == want["top2_class"]
+        assert row["prob"] == pytest.approx(float(want["prob"]), abs=2e-6)
