@@ -36,7 +36,7 @@ import yaml
 
 from classlab.config import load_config
 from classlab.errors import ClassLabError, ConfigError
-from classlab.run import atomic_write_json
+from classlab.run import RunLock, atomic_write_json
 
 MAX_NAME = 150  # characters of a run folder name before it is shortened with a hash
 SWEEP_FILE = "sweep.json"
@@ -419,8 +419,10 @@ def sweep(
         f"{len(todo) - resumed} to start"
     )
     root.mkdir(parents=True, exist_ok=True)
-    _record(root, config, overrides, grid, points)
+    # One sweep per folder; its jobs inherit the lock's owner (CLASSLAB_LOCK_OWNER) and lock their own runs.
+    lock = RunLock(root, "sweep").acquire()
     try:
+        _record(root, config, overrides, grid, points)
         if ray_address:
             _run_ray(config, todo, ray_address, ray_cpus, say)
         elif jobs > 1:
@@ -433,4 +435,5 @@ def sweep(
                 say(_line(point))
     finally:
         _record(root, config, overrides, grid, points)
+        lock.release()
     return points

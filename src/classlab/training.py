@@ -24,10 +24,11 @@ from classlab.data.pipeline import DataBundle, load_data
 from classlab.data.preprocess import Normalize
 from classlab.engine.callbacks import METRIC_COLUMNS, AtomicCheckpointIO, RunRecorder
 from classlab.engine.evaluate import predict_logits, top_k_accuracy
+from classlab.engine.nonfinite import NonFiniteGuard
 from classlab.engine.task import ClassifierModel, ClassifyTask
 from classlab.errors import ClassLabError
 from classlab.models import build_model, count_params, load_backbone_weights
-from classlab.run import RunFolder, move_aside, new_run_path, open_run, safe_torch_load
+from classlab.run import RunFolder, RunLock, RunWriteError, move_aside, new_run_path, open_run, safe_torch_load
 
 RUN_DIR_ENV = "CLASSLAB_RUN_DIR"  # set by process 0 so that DDP worker processes join its run folder
 
@@ -172,6 +173,7 @@ def _make_run(cfg: Config, resume: bool, force: bool) -> tuple[RunFolder, Config
             raise ClassLabError(f"--resume: run folder '{path}' does not exist; start it without --resume")
         return RunFolder(path), cfg
     if path.exists():
+        RunLock(path).check_free()  # never refuse with "use --resume" or move aside a folder in use
         if not force:
             raise ClassLabError(
                 f"run folder '{path}' already exists; use --resume to continue it, --force to move it aside, "
@@ -205,7 +207,6 @@ def _train_stages(cfg: Config, *, resume: bool, force: bool, quiet: bool) -> Run
 
     This is the FixRes recipe's shape: train at a low resolution, fine-tune at a higher one.
     """
-    from classlab.config import stage_config
 
     if cfg.trainer.devices == "auto" and _accelerator(cfg) == "gpu" and torch.cuda.device_count() > 1:
         raise ClassLabError(
@@ -213,10 +214,23 @@ def _train_stages(cfg: Config, *, resume: bool, force: bool, quiet: bool) -> Run
             f"(one per GPU): set trainer.devices=1, or run each stage as its own run with model.init_from"
         )
     top, cfg = _make_run(cfg, resume, force)
-    if not resume:
-        top.path.mkdir(parents=True, exist_ok=False)
-        top.write_config(cfg.to_dict())
-        top.update_summary(status="running", exp_name=top.path.name, stages=[])
+    lock = top.lock()
+    if resume:
+        lock.acquire()
+    else:
+        with top.creating():
+            lock.acquire()
+            top.write_config(cfg.to_dict())
+            top.update_summary(status="running", exp_name=top.path.name, stages=[])
+    try:
+        return _run_stages(top, cfg, quiet=quiet)
+    finally:
+        lock.release()
+
+
+def _run_stages(top: RunFolder, cfg: Config, *, quiet: bool) -> RunFolder:
+    from classlab.config import stage_config
+
     results = []
     previous: Path | None = None
     for k in range(len(cfg.stages)):
@@ -252,24 +266,46 @@ def _train_one(
     quiet: bool,
     start_from: Path | None = None,
 ) -> RunFolder:
-    console = Console(quiet=quiet, stderr=False, highlight=False, soft_wrap=True)
+    """One run in one folder, which process 0 holds locked (run.lock) from start to end."""
     run, cfg = _make_run(cfg, resume, force)
+    lock = run.lock()
+    try:
+        return _fit_run(run, lock, cfg, config, overrides, resume=resume, quiet=quiet, start_from=start_from)
+    except RunWriteError as exc:
+        if lock.held:  # a full disk or a read-only folder outside the fit loop (summary, test)
+            run.mark_failed("failed", str(exc))
+        raise
+    finally:
+        lock.release()
+
+
+def _fit_run(
+    run: RunFolder,
+    lock: RunLock,
+    cfg: Config,
+    config: Config | str | Path | dict | None,
+    overrides: list[str] | None,
+    *,
+    resume: bool,
+    quiet: bool,
+    start_from: Path | None = None,
+) -> RunFolder:
+    console = Console(quiet=quiet, stderr=False, highlight=False, soft_wrap=True)
+    is_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
     saved_split = None
     last_ckpt = None
     if resume:
         from classlab.config import apply_overrides
 
+        if is_zero:
+            lock.acquire()  # a second process on this folder stops here, before it reads or writes anything
         saved = run.read_config_tree()
         cfg = validate(apply_overrides(saved, overrides or [])) if not isinstance(config, Config) else cfg
         saved_split = run.read_json("split.json")
-        last = run.checkpoints / "last.ckpt"
-        if last.is_file():
-            last_ckpt = last
-            done = int(safe_torch_load(last).get("classlab", {}).get("epochs_done", 0))
-            if os.environ.get("LOCAL_RANK", "0") == "0":
-                run.truncate_metrics(done + 1)
-        elif os.environ.get("LOCAL_RANK", "0") == "0":
-            run.truncate_metrics(1)
+        # The newest checkpoint that loads (a damaged last.ckpt falls back to previous.ckpt); none: start over.
+        last_ckpt, done = run.resume_checkpoint(set_damaged_aside=is_zero)
+        if is_zero:
+            run.truncate_metrics(done + 1)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -279,20 +315,10 @@ def _train_one(
     model = build_network(cfg, data)
     if start_from is not None and not resume:
         _load_stage_weights(model.net, start_from)
-    is_zero = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
     if is_zero and not resume:
-        run.path.mkdir(parents=True, exist_ok=False)
-        run.write_config(cfg.to_dict())
-        run.write_classes(data.classes)
-        if cfg.task == "multitask":
-            from classlab.multitask import TASKS_FILE, TaskLayout
-
-            run.write_json(TASKS_FILE, TaskLayout.from_config(cfg, data.tasks or {}).to_json())
-        run.write_json("split.json", data.split)
-        if data.bad:
-            from classlab.run import atomic_write_text
-
-            atomic_write_text(run.path / "skipped_images.txt", "\n".join(data.bad) + "\n")
+        with run.creating():  # a write that fails here takes the new folder away again
+            lock.acquire()
+            _write_run_files(run, cfg, data)
     params = count_params(model.net)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -362,6 +388,7 @@ def _train_one(
         else ("warn" if cfg.trainer.deterministic else False),
         callbacks=[
             recorder,
+            NonFiniteGuard(cfg.trainer.on_nonfinite, run if is_zero else None, console if is_zero else None),
             *_checkpoint_callbacks(cfg, run, val_loader is not None, len(train_loader)),
             *_progress(console, cfg.trainer.progress and not quiet),
         ],
@@ -391,6 +418,21 @@ def _train_one(
     if not trainer.is_global_zero:
         return run
     return _finish(run, cfg, data, task, recorder, console)
+
+
+def _write_run_files(run: RunFolder, cfg: Config, data: DataBundle) -> None:
+    """What a new run folder says about itself before training starts."""
+    run.write_config(cfg.to_dict())
+    run.write_classes(data.classes)
+    if cfg.task == "multitask":
+        from classlab.multitask import TASKS_FILE, TaskLayout
+
+        run.write_json(TASKS_FILE, TaskLayout.from_config(cfg, data.tasks or {}).to_json())
+    run.write_json("split.json", data.split)
+    if data.bad:
+        from classlab.run import atomic_write_text
+
+        atomic_write_text(run.path / "skipped_images.txt", "\n".join(data.bad) + "\n")
 
 
 def _tb_logger(run: RunFolder) -> Any:

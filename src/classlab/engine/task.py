@@ -127,7 +127,8 @@ class ClassifyTask(L.LightningModule):
             logits = self(x)
             loss = F.cross_entropy(logits, y, label_smoothing=0.0 if self.rotation else self.cfg.loss.label_smoothing)
             target = y
-        self.train_loss.update(loss.detach())
+        finite = torch.isfinite(loss.detach())  # a batch the non-finite guard skips stays out of the mean
+        self.train_loss.update(torch.where(finite, loss.detach(), 0.0), weight=finite.float())
         self.train_acc.update(logits.detach(), target)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
         self.log("acc", (logits.argmax(1) == target).float().mean(), prog_bar=True, on_step=True, logger=False)
