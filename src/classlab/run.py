@@ -279,6 +279,8 @@ class RunFolder:
 
     def mark_failed(self, status: str, error: str | None, **fields: Any) -> None:
         """Record how a run ended badly, if the disk still lets us: a failed write must not hide the first error."""
+        if not (self.path / CONFIG).is_file():
+            return  # a new folder taken away again (RunFolder.creating) stays away
         try:
             self.update_summary(status=status, error=error, **fields)
         except (OSError, ClassLabError):
