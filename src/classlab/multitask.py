@@ -335,7 +335,7 @@ class MultiTaskTask(ClassifyTask):
         x, y = batch
         task_logits, combined = self._forward_tasks(x)
         loss = multitask_loss(task_logits, combined, y, self.layout, self.cfg.loss.label_smoothing, self.fused)
-        self.train_loss.update(loss.detach())
+        self.track_train_loss(loss)
         self.train_acc.update(combined.detach(), y)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
         self.log("acc", (combined.argmax(1) == y).float().mean(), prog_bar=True, on_step=True, logger=False)
