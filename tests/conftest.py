@@ -48,6 +48,7 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     """Run the installed command line as a user would."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("CLASSLAB_RUN_DIR", None)
+    env.pop("CLASSLAB_LOCK_OWNER", None)  # a lock held by this test process is not the child's
     return subprocess.run(
         [sys.executable, "-m", "classlab.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env
     )

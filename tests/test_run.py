@@ -44,7 +44,7 @@ def test_atomic_write_keeps_the_old_file_when_the_rename_fails(tmp_path: Path, m
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(runmod.os, "replace", fail)
-    with pytest.raises(OSError):
+    with pytest.raises(ClassLabError, match=f"cannot write {target}: No space left on device"):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 

@@ -63,6 +63,15 @@ class DataSection(Section):
     )
     memory_limit_mb: int = Field(4096, ge=1, description="largest decoded dataset the memory loader takes, in MiB")
     cache_dir: str | None = Field(None, description="where decoded images are cached (default: the user cache folder)")
+    cache_verify: bool = Field(
+        False, description="key the decode cache by a hash of every file's bytes too (files changed in place)"
+    )
+    max_image_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="an image declaring more pixels (width x height) than this is a bad file, never decoded; "
+        "None = PIL's limit (89,478,485 pixels unless changed)",
+    )
     workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes of the stream loader")
 
 
@@ -193,6 +202,9 @@ class TrainerSection(Section):
     progress: bool = Field(True, description="live progress bar on a terminal")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (smoke runs)")
     test_tta: str | None = Field(None, description="views for the final test, e.g. 'flip,translate' (engine.tta)")
+    on_nonfinite: Literal["stop", "skip_batch"] = Field(
+        "stop", description="a NaN/infinite training loss: stop the run (status diverged) or skip that batch"
+    )
 
 
 class Config(Section):

@@ -175,7 +175,8 @@ def _originals(cfg: Config, data: DataBundle, part: Part, split: str, run: RunFo
     else:
         if data.bad:
             # Skipped bad files shift positions: ask the decoder (its cache answers) which files it kept.
-            kept = decode(source, data.size, cfg.data.cache_dir, threads=cfg.trainer.threads or 2).kept
+            threads = cfg.trainer.threads or 2
+            kept = decode(source, data.size, cfg.data.cache_dir, threads=threads, verify=cfg.data.cache_verify).kept
         else:
             kept = np.arange(len(source))
         indices = kept if split == "test" else kept[np.asarray(data.split["val"], dtype=np.int64)]

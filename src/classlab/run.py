@@ -8,12 +8,17 @@ moves it aside, ``--resume`` continues it).
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
+import shutil
+import socket
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,28 @@ METRICS = "metrics.csv"
 CHECKPOINTS = "checkpoints"
 TASKS = "tasks.json"
 SKIPPED = "skipped_images.txt"
+LAST = "last.ckpt"
+PREVIOUS = "previous.ckpt"  # the last.ckpt before the newest, kept so a damaged last.ckpt is not the end
+LOCK = "run.lock"
+LOCK_OWNER_ENV = "CLASSLAB_LOCK_OWNER"  # handed to child processes (sweep jobs, DDP workers): the same owner
+
+# A write that fails for one of these reasons is the user's to fix (space, permissions), not a bug.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+
+
+class RunWriteError(ClassLabError):
+    """A file of the run could not be written (disk full, no permission); the previous files are intact."""
+
+
+def write_error(path: str | Path, exc: OSError) -> ClassLabError | OSError:
+    """The one line for a failed write naming the path, or ``exc`` itself when it is not the user's to fix."""
+    if exc.errno not in _WRITE_ERRNOS:
+        return exc
+    fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make it writable"
+    return RunWriteError(
+        f"cannot write {path}: {os.strerror(exc.errno)}; the files written before are intact: "
+        f"{fix}, then continue the run with --resume"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,17 +82,24 @@ def _temp_beside(path: Path) -> tuple[int, str]:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` so that a reader sees the old file or the new one, never a torn one."""
+    """Write ``data`` so that a reader sees the old file or the new one, never a torn one.
+
+    A full disk or a read-only folder raises RunWriteError naming ``path``; the old file stays.
+    """
     path = Path(path)
-    fd, tmp = _temp_beside(path)
+    tmp = None
     try:
+        fd, tmp = _temp_beside(path)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
         raise
 
 
@@ -173,6 +207,93 @@ class RunFolder:
         """Where checkpoint ``name`` (``last``, ``best``, ``epoch5``) is written, whether or not it exists yet."""
         return self.checkpoints / f"{name.removesuffix('.ckpt')}.ckpt"
 
+    @contextmanager
+    def creating(self) -> Iterator[RunFolder]:
+        """Make the folder for a new run; if writing its first files fails, take it away again.
+
+        A folder holding half of config/classes/split is neither a run nor free for a new one.
+        """
+        try:
+            self.path.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            # Another process made it since we looked: the same refusal as if it had been there.
+            RunLock(self.path).check_free()
+            raise ClassLabError(
+                f"run folder '{self.path}' was just made by another process; choose another exp_name"
+            ) from None
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        try:
+            yield self
+        except BaseException:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise
+
+    # -- checkpoints kept for resuming ----------------------------------------------------
+    def keep_previous(self) -> None:
+        """Before last.ckpt is replaced, keep it as previous.ckpt: a damaged last.ckpt then costs one epoch.
+
+        A hard link costs no copy and leaves last.ckpt in place until its successor is complete.
+        """
+        last, previous = self.checkpoints / LAST, self.checkpoints / PREVIOUS
+        if not last.is_file():
+            return
+        tmp = self.checkpoints / f".{PREVIOUS}.{os.getpid()}.tmp"
+        try:
+            tmp.unlink(missing_ok=True)
+            os.link(last, tmp)
+            os.replace(tmp, previous)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            os.replace(last, previous)  # no hard links here: the resume falls back to previous.ckpt alone
+
+    def resume_checkpoint(self, set_damaged_aside: bool = True) -> tuple[Path | None, int]:
+        """The newest checkpoint ``--resume`` can continue from, and how many epochs it holds.
+
+        last.ckpt first; if it does not load, the newest of previous.ckpt and epochN.ckpt that does
+        (the damaged file is renamed ``*.damaged`` and reported in one line). No checkpoints at
+        all: (None, 0), the run starts over. Checkpoints but none loads: ClassLabError, and
+        nothing in the folder has been touched.
+        """
+        last = self.checkpoints / LAST
+        others = [self.checkpoints / PREVIOUS] + sorted(
+            self.checkpoints.glob("epoch*.ckpt"), key=lambda p: -_epoch_number(p)
+        )
+        candidates = [p for p in [last, *others] if p.is_file()]
+        if not candidates:
+            return None, 0
+        failures: list[str] = []
+        found: tuple[Path, int] | None = None
+        for path in candidates:
+            if found is not None and path != self.checkpoints / PREVIOUS and _epoch_number(path) <= found[1]:
+                break
+            try:
+                done = _resumable_epochs(path)
+            except ClassLabError as exc:
+                failures.append(str(exc))
+                continue
+            if found is None or done > found[1]:
+                found = (path, done)
+            if path == last:
+                break
+        if found is None:
+            raise ClassLabError(
+                f"--resume: no checkpoint of '{self.path}' loads ({'; '.join(failures)[:600]}); "
+                f"start the run again with --force (the old folder is moved aside)"
+            )
+        if found[0] != last:
+            why = failures[0] if failures and last.is_file() else f"{LAST} is missing"
+            aside = ""
+            if set_damaged_aside and last.is_file():
+                os.replace(last, last.with_name(LAST + ".damaged"))
+                aside = f" ({LAST} kept as {LAST}.damaged)"
+            warnings.warn(f"{why}; resuming from {found[0].name} (epoch {found[1]}) instead{aside}", stacklevel=2)
+        return found
+
+    # -- the lock --------------------------------------------------------------------------
+    def lock(self, command: str = "train") -> RunLock:
+        return RunLock(self.path, command)
+
     def checkpoint(self, name: str = "best") -> Path:
         """``best``, ``last``, ``epoch5`` or a file name -> its path (falling back from best to last)."""
         name = name.removesuffix(".ckpt")
@@ -218,6 +339,15 @@ class RunFolder:
         mapping = self.read_json(CLASSES)
         return [mapping[str(i)] for i in range(len(mapping))]
 
+    def mark_failed(self, status: str, error: str | None, **fields: Any) -> None:
+        """Record how a run ended badly, if the disk still lets us: a failed write must not hide the first error."""
+        if not (self.path / CONFIG).is_file():
+            return  # a new folder taken away again (RunFolder.creating) stays away
+        try:
+            self.update_summary(status=status, error=error, **fields)
+        except (OSError, ClassLabError):
+            pass
+
     def update_summary(self, **fields: Any) -> dict[str, Any]:
         summary = self.read_json(SUMMARY) if (self.path / SUMMARY).is_file() else {}
         summary.update(fields)
@@ -245,15 +375,29 @@ class RunFolder:
 
     # -- metrics ---------------------------------------------------------------------------
     def append_metrics(self, row: Mapping[str, Any], columns: Sequence[str]) -> None:
-        """Append one row; the header is written with the first row."""
+        """Append one row; the header is written with the first row.
+
+        The row goes out in one write; if the disk refuses it, the file is cut back to its old
+        length, so metrics.csv never ends in half a row.
+        """
         new = not self.metrics_path.is_file()
-        with open(self.metrics_path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({k: _fmt(row.get(k)) for k in columns})
-            handle.flush()
-            os.fsync(handle.fileno())
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: _fmt(row.get(k)) for k in columns})
+        try:
+            with open(self.metrics_path, "ab") as handle:
+                size = handle.tell()
+                try:
+                    handle.write(out.getvalue().encode("utf-8"))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                except OSError:
+                    handle.truncate(size)
+                    raise
+        except OSError as exc:
+            raise write_error(self.metrics_path, exc) from None
 
     def read_metrics(self) -> list[dict[str, str]]:
         if not self.metrics_path.is_file():
@@ -274,6 +418,169 @@ class RunFolder:
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(self.metrics_path, out.getvalue())
+
+
+def _epoch_number(path: Path) -> int:
+    digits = path.stem.removeprefix("epoch")
+    return int(digits) if digits.isdigit() else -1
+
+
+def _resumable_epochs(path: Path) -> int:
+    """Epochs a checkpoint holds, if it loads and is a classlab training checkpoint."""
+    ckpt = safe_torch_load(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "classlab" not in ckpt:
+        raise ClassLabError(f"checkpoint '{path}' is not a classlab training checkpoint")
+    return int(ckpt["classlab"].get("epochs_done", 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per run folder
+# ---------------------------------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+class RunLock:
+    """``run.lock`` in a run folder: the pid and host of the one process that writes there.
+
+    Taken with O_EXCL, so of two processes starting at once exactly one gets it. A lock left by a
+    process that died on this host is taken over with a warning; one from another host cannot be
+    checked and is respected (the message says how to clear it). Processes a holder starts (sweep
+    jobs, DDP workers) inherit ``CLASSLAB_LOCK_OWNER`` and count as the same owner.
+    """
+
+    STALE_EMPTY_S = 30.0  # a lock file still empty after this long was left by a crash while taking it
+
+    def __init__(self, folder: str | Path, command: str = "train") -> None:
+        self.path = Path(folder) / LOCK
+        self.command = command
+        self.host = socket.gethostname()
+        self.token = os.environ.get(LOCK_OWNER_ENV) or f"{self.host}:{os.getpid()}:{time.time_ns()}"
+        self.held = False
+        self._env_before: str | None = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def owner(self) -> dict[str, Any] | None:
+        """The live owner's record, or None when the folder is free (no lock, or a stale one)."""
+        record = self._read()
+        if record is None or self._stale(record):
+            return None
+        return record
+
+    def check_free(self) -> None:
+        """Refuse (one line naming the owner) when another live process holds the folder."""
+        record = self.owner()
+        if record is not None and record.get("owner") != self.token:
+            raise ClassLabError(self._in_use(record))
+
+    def acquire(self) -> RunLock:
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                record = self._read()
+                if record is None:
+                    continue  # released between our two looks: try again
+                if self._stale(record):
+                    self._take_over(record)
+                    continue
+                if record.get("owner") == self.token:
+                    return self  # the process that started us holds it (sweep job, DDP worker)
+                raise ClassLabError(self._in_use(record)) from None
+            except OSError as exc:
+                raise write_error(self.path, exc) from None
+            record = {
+                "pid": os.getpid(),
+                "host": self.host,
+                "owner": self.token,
+                "command": self.command,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            self.held = True
+            self._env_before = os.environ.get(LOCK_OWNER_ENV)
+            os.environ[LOCK_OWNER_ENV] = self.token
+            return self
+        raise ClassLabError(f"could not take the lock {self.path}: other processes keep taking it; try again")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if self._env_before is None:
+            os.environ.pop(LOCK_OWNER_ENV, None)
+        else:
+            os.environ[LOCK_OWNER_ENV] = self._env_before
+        record = self._read()
+        if record is not None and record.get("owner") == self.token and record.get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+    # -- details ----------------------------------------------------------------------------
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(text)
+            return record if isinstance(record, dict) else {"text": text}
+        except json.JSONDecodeError:
+            return {"text": text}  # being written right now, or left empty by a crash
+
+    def _stale(self, record: dict[str, Any]) -> bool:
+        if "pid" not in record:
+            try:
+                return time.time() - self.path.stat().st_mtime > self.STALE_EMPTY_S
+            except FileNotFoundError:
+                return True
+        return record.get("host") == self.host and not _alive(int(record["pid"]))
+
+    def _in_use(self, record: dict[str, Any]) -> str:
+        who = (
+            f"`classlab {record.get('command', 'train')}` (pid {record['pid']} on {record.get('host')}, "
+            f"since {record.get('since', '?')})"
+            if "pid" in record
+            else "a process that is taking the lock right now"
+        )
+        remote = "pid" in record and record.get("host") != self.host
+        hint = f"; if that process is gone, delete {self.path}" if remote else "; wait for it to finish"
+        return f"run folder '{self.path.parent}' is in use by {who}{hint}, or train under another exp_name"
+
+    def _take_over(self, stale: dict[str, Any]) -> None:
+        """Move the stale lock aside, check it was the one we judged stale, and say so."""
+        aside = self.path.with_name(f".{LOCK}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return  # another process took it over first; the next O_EXCL decides
+        try:
+            moved = json.loads(aside.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            moved = None
+        if moved != stale and "pid" in stale:
+            try:
+                os.link(aside, self.path)  # it was a fresh lock taken in between: put it back
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            return
+        aside.unlink(missing_ok=True)
+        who = f"pid {stale['pid']} on {stale.get('host')}" if "pid" in stale else "a crashed process"
+        warnings.warn(f"{self.path}: took over the lock of {who}, which is no longer running", stacklevel=3)
 
 
 def _fmt(value: Any) -> Any:

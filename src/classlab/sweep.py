@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from classlab.errors import ClassLabError, ConfigError
-from classlab.run import RunFolder, atomic_write_json, is_run_folder
+from classlab.run import RunFolder, RunLock, atomic_write_json, is_run_folder
 from classlab.train import coerce_config, train
 
 MAX_NAME = 150  # characters of a run folder name before it is shortened with a hash
@@ -415,8 +415,10 @@ def sweep(
         f"{len(todo) - resumed} to start"
     )
     root.mkdir(parents=True, exist_ok=True)
-    _record(root, config, overrides, grid, points)
+    # One sweep per folder; its jobs inherit the lock's owner (CLASSLAB_LOCK_OWNER) and lock their own runs.
+    lock = RunLock(root, "sweep").acquire()
     try:
+        _record(root, config, overrides, grid, points)
         if ray_address:
             _run_ray(config, todo, ray_address, ray_cpus, say)
         elif jobs > 1:
@@ -429,4 +431,5 @@ def sweep(
                 say(_line(point))
     finally:
         _record(root, config, overrides, grid, points)
+        lock.release()
     return points

@@ -34,7 +34,7 @@ from classlab.engine.trainer import (
 )
 from classlab.errors import ClassLabError
 from classlab.models import count_params, validate_model_spec
-from classlab.run import RunFolder, move_aside, new_run_path, safe_torch_load
+from classlab.run import RunFolder, RunLock, RunWriteError, move_aside, new_run_path, safe_torch_load
 
 RUN_DIR_ENV = "CLASSLAB_RUN_DIR"  # set by process 0 so that DDP worker processes join its run folder
 
@@ -92,6 +92,7 @@ def _make_run(cfg: Config, resume: bool, force: bool) -> tuple[RunFolder, Config
             raise ClassLabError(f"--resume: run folder '{path}' does not exist; start it without --resume")
         return RunFolder(path), cfg
     if path.exists():
+        RunLock(path).check_free()  # never refuse with "use --resume" or move aside a folder in use
         if not force:
             raise ClassLabError(
                 f"run folder '{path}' already exists; use --resume to continue it, --force to move it aside, "
@@ -131,10 +132,21 @@ def _train_stages(cfg: Config, *, resume: bool, force: bool, quiet: bool) -> Run
             f"(one per GPU): set trainer.devices=1, or run each stage as its own run with model.init_from"
         )
     top, cfg = _make_run(cfg, resume, force)
-    if not resume:
-        top.path.mkdir(parents=True, exist_ok=False)
-        top.write_config(cfg.to_dict())
-        top.update_summary(status="running", exp_name=top.path.name, stages=[])
+    lock = top.lock()
+    if resume:
+        lock.acquire()
+    else:
+        with top.creating():
+            lock.acquire()
+            top.write_config(cfg.to_dict())
+            top.update_summary(status="running", exp_name=top.path.name, stages=[])
+    try:
+        return _run_stages(top, cfg, quiet=quiet)
+    finally:
+        lock.release()
+
+
+def _run_stages(top: RunFolder, cfg: Config, *, quiet: bool) -> RunFolder:
     results = []
     previous: Path | None = None
     for k in range(len(cfg.stages)):
@@ -165,25 +177,26 @@ def _is_zero() -> bool:
 
 
 def _resume_state(
-    run: RunFolder, cfg: Config, config: Config | str | Path | dict | None, overrides: list[str] | None
+    run: RunFolder, lock: RunLock, cfg: Config, config: Config | str | Path | dict | None, overrides: list[str] | None
 ) -> tuple[Config, Any, Path | None]:
-    """(the run's saved config with any new overrides, its saved split, last.ckpt if any).
+    """(the run's saved config with any new overrides, its saved split, the checkpoint to continue from).
 
-    metrics.csv loses the rows of epochs that last.ckpt had not finished, so the resumed run
-    appends exactly where the checkpoint stands.
+    The checkpoint is the newest that loads (a damaged last.ckpt falls back to previous.ckpt;
+    none at all: the run starts over). metrics.csv loses the rows of epochs that checkpoint had
+    not finished, so the resumed run appends exactly where the checkpoint stands.
     """
+    if _is_zero():
+        lock.acquire()  # a second process on this folder stops here, before it reads or writes anything
     if not isinstance(config, Config):
         cfg = validate(apply_overrides(run.read_config_tree(), overrides or []))
-    last = run.checkpoint_path("last")
-    done = int(safe_torch_load(last).get("classlab", {}).get("epochs_done", 0)) if last.is_file() else 0
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    last_ckpt, done = run.resume_checkpoint(set_damaged_aside=_is_zero())
+    if _is_zero():
         run.truncate_metrics(done + 1)
-    return cfg, run.read_split(), (last if last.is_file() else None)
+    return cfg, run.read_split(), last_ckpt
 
 
 def _write_run_start(run: RunFolder, cfg: Config, data: DataBundle) -> None:
     """The files that say what a run is, written before its first step."""
-    run.path.mkdir(parents=True, exist_ok=False)
     run.write_config(cfg.to_dict())
     run.write_classes(data.classes)
     if cfg.task == "multitask":
@@ -226,11 +239,34 @@ def _train_one(
     quiet: bool,
     start_from: Path | None = None,
 ) -> RunFolder:
-    console = Console(quiet=quiet, stderr=False, highlight=False, soft_wrap=True)
+    """One run in one folder, which process 0 holds locked (run.lock) from start to end."""
     run, cfg = _make_run(cfg, resume, force)
+    lock = run.lock()
+    try:
+        return _fit_run(run, lock, cfg, config, overrides, resume=resume, quiet=quiet, start_from=start_from)
+    except RunWriteError as exc:
+        if lock.held:  # a full disk or a read-only folder outside the fit loop (summary, test)
+            run.mark_failed("failed", str(exc))
+        raise
+    finally:
+        lock.release()
+
+
+def _fit_run(
+    run: RunFolder,
+    lock: RunLock,
+    cfg: Config,
+    config: Config | str | Path | dict | None,
+    overrides: list[str] | None,
+    *,
+    resume: bool,
+    quiet: bool,
+    start_from: Path | None,
+) -> RunFolder:
+    console = Console(quiet=quiet, stderr=False, highlight=False, soft_wrap=True)
     saved_split, last_ckpt = None, None
     if resume:
-        cfg, saved_split, last_ckpt = _resume_state(run, cfg, config, overrides)
+        cfg, saved_split, last_ckpt = _resume_state(run, lock, cfg, config, overrides)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -241,7 +277,9 @@ def _train_one(
     if start_from is not None and not resume:
         load_stage_weights(model.net, start_from)
     if _is_zero() and not resume:
-        _write_run_start(run, cfg, data)
+        with run.creating():  # a write that fails here takes the new folder away again
+            lock.acquire()
+            _write_run_start(run, cfg, data)
     params = count_params(model.net)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -265,7 +303,7 @@ def _train_one(
     )
     os.environ[RUN_DIR_ENV] = str(run.path.resolve())
     trainer = build_trainer(
-        cfg, run, recorder, console, has_val=val_loader is not None, steps_per_epoch=len(train_loader)
+        cfg, run, recorder, console, has_val=val_loader is not None, steps_per_epoch=len(train_loader), zero=_is_zero()
     )
     if cfg.trainer.compile:
         task.model.net = torch.compile(task.model.net)

@@ -9,10 +9,14 @@ streams through a DataLoader that runs the very same preprocessing per image.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import warnings
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,9 +26,10 @@ from torch.utils.data import Dataset as TorchDataset
 
 from classlab.data.preprocess import BadImage, array_to_tensor, image_to_tensor
 from classlab.data.sources import Source
+from classlab.errors import ClassLabError
 from classlab.run import atomic_torch_save, safe_torch_load
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries carry their index and a checksum of the pixels
 
 
 def default_cache_dir() -> Path:
@@ -43,8 +48,52 @@ class Decoded:
         self.images, self.labels, self.kept, self.bad = images, labels, kept, bad
 
 
-def decode(source: Source, size: int, cache_dir: str | Path | None = None, threads: int = 2) -> Decoded:
-    """Decode every image of ``source`` once (or load the cached result of an earlier run)."""
+def content_digest(source: Source) -> str:
+    """A hash of every byte of the source's images (``data.cache_verify``): catches files changed in place."""
+    h = hashlib.blake2b(digest_size=16)
+    if source.files:
+        for path in source.files:
+            with open(path, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    h.update(chunk)
+            h.update(b"\0")
+    elif source.array is not None:
+        h.update(np.ascontiguousarray(source.array).data)
+    return h.hexdigest()
+
+
+def _pixels_crc(images: torch.Tensor) -> int:
+    return zlib.crc32(images.contiguous().numpy().data) if images.numel() else 0
+
+
+def _cache_problem(blob: Any, index: dict[str, Any], source: Source) -> str | None:
+    """Why a cache entry cannot be trusted, or None. Every field is checked against the source it claims to be."""
+    if not isinstance(blob, dict) or not {"images", "labels", "kept", "bad", "index", "crc"} <= set(blob):
+        return "is not a decode cache entry"
+    if blob["index"] != index:
+        return "does not match its index (another source, size or version)"
+    images, labels, kept = blob["images"], blob["labels"], np.asarray(blob["kept"], dtype=np.int64)
+    expected = (len(kept), index["channels"], index["size"], index["size"])
+    if images.dtype != torch.uint8 or tuple(images.shape) != expected:
+        return f"holds images of shape {tuple(images.shape)}, not {expected}"
+    if len(kept) + len(blob["bad"]) != len(source) or (len(kept) and (kept.min() < 0 or kept.max() >= len(source))):
+        return "does not cover the source's images"
+    if not torch.equal(labels, torch.from_numpy(source.labels[kept])):
+        return "holds other labels than the source"
+    if _pixels_crc(images) != blob["crc"]:
+        return "has pixels that fail their checksum (cut short or overwritten)"
+    return None
+
+
+def decode(
+    source: Source, size: int, cache_dir: str | Path | None = None, threads: int = 2, verify: bool = False
+) -> Decoded:
+    """Decode every image of ``source`` once (or load the cached result of an earlier run).
+
+    The cache is keyed by the source's fingerprint (file names, sizes, modification times) and,
+    with ``verify`` (``data.cache_verify``), a hash of the files' bytes. An entry that does not
+    load, does not match its index or fails its checksum is reported and rebuilt.
+    """
     channels = source.channels
     if source.array is not None:
         arr = source.array
@@ -54,15 +103,21 @@ def decode(source: Source, size: int, cache_dir: str | Path | None = None, threa
             images = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
             return Decoded(images, torch.from_numpy(source.labels), np.arange(len(source)), [])
     cache_path = None
+    key = source.fingerprint + (f"-{content_digest(source)}" if verify else "")
+    index = {"fingerprint": key, "count": len(source), "size": size, "channels": channels, "version": CACHE_VERSION}
     if cache_dir is not False:
         folder = Path(cache_dir) if cache_dir else default_cache_dir()
-        cache_path = folder / f"{source.fingerprint}-{size}px-{channels}ch-v{CACHE_VERSION}.pt"
+        name = hashlib.sha1(key.encode()).hexdigest()[:16] if verify else source.fingerprint
+        cache_path = folder / f"{name}-{size}px-{channels}ch-v{CACHE_VERSION}.pt"
         if cache_path.is_file():
             try:
                 blob = safe_torch_load(cache_path)
+                problem = _cache_problem(blob, index, source)
+            except Exception as exc:  # noqa: BLE001 - a broken cache is rebuilt, never trusted
+                problem = f"does not load ({str(exc)[:120]})"
+            if problem is None:
                 return Decoded(blob["images"], blob["labels"], np.asarray(blob["kept"]), list(blob["bad"]))
-            except Exception:  # noqa: BLE001 - a broken cache is rebuilt, never trusted
-                pass
+            warnings.warn(f"decode cache {cache_path} {problem}; decoding the images again", stacklevel=2)
 
     def one(i: int) -> torch.Tensor | str:
         try:
@@ -84,8 +139,9 @@ def decode(source: Source, size: int, cache_dir: str | Path | None = None, threa
     labels = torch.from_numpy(source.labels[kept].copy())
     if cache_path is not None:
         try:
-            atomic_torch_save({"images": images, "labels": labels, "kept": kept.tolist(), "bad": bad}, cache_path)
-        except OSError:
+            blob = {"images": images, "labels": labels, "kept": kept.tolist(), "bad": bad, "index": index}
+            atomic_torch_save(dict(blob, crc=_pixels_crc(images)), cache_path)
+        except (OSError, ClassLabError):
             pass  # a read-only cache folder only costs the next run a decode
     return Decoded(images, labels, kept, bad)
 

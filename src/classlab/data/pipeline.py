@@ -79,7 +79,7 @@ def _prepare_source(source: Source, size: int, mode: str, cfg: Config) -> tuple[
     """The whole source as a Part (kept images only) and the list of its problems."""
     problems = list(source.problems)
     if mode == "memory":
-        dec = decode(source, size, cfg.data.cache_dir, threads=cfg.trainer.threads or 2)
+        dec = decode(source, size, cfg.data.cache_dir, threads=cfg.trainer.threads or 2, verify=cfg.data.cache_verify)
         return Part(labels=dec.labels, images=dec.images), problems + dec.bad
     bad = check_readable(source)
     kept = np.array([i for i in range(len(source)) if i not in bad], dtype=np.int64)

@@ -9,6 +9,8 @@ carries its own statistics and nothing downstream can forget them.
 from __future__ import annotations
 
 import io
+import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -27,16 +29,59 @@ class BadImage(Exception):
     """An image file that cannot be decoded; the message says why in a few words."""
 
 
-def open_image(source: str | Path | bytes, size: int | None = None) -> Image.Image:
+_PIL_LIMIT = threading.Lock()
+
+
+def pixel_limit(max_pixels: int | None = None) -> int | None:
+    """The largest image (width x height) classlab decodes: ``data.max_image_pixels``, else PIL's limit."""
+    return max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
+
+
+def _open_limited(handle: str | Path | io.BytesIO, max_pixels: int | None) -> Image.Image:
+    """Open (header only) and refuse an image that declares more pixels than the limit.
+
+    A PNG of a few hundred kB can declare 400 megapixels; decoding it would take gigabytes. The
+    header says the size before a byte of pixels is decoded, so the check costs nothing, and
+    memory stays bounded by the limit. PIL's own guard raises only above twice its limit (and
+    warns between); a limit above PIL's lifts PIL's guard for this one open.
+    """
+    limit = pixel_limit(max_pixels)
+    try:
+        if limit is None or Image.MAX_IMAGE_PIXELS is None or limit <= Image.MAX_IMAGE_PIXELS:
+            img = Image.open(handle)
+        else:
+            with _PIL_LIMIT:
+                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limit
+                try:
+                    img = Image.open(handle)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = saved
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        declared = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise BadImage(_too_large(declared, limit)) from None
+    width, height = img.size
+    if limit is not None and width * height > limit:
+        img.close()
+        raise BadImage(_too_large(f"{width}x{height} = {width * height:,} pixels", limit))
+    return img
+
+
+def _too_large(declared: str, limit: int | None) -> str:
+    return f"declares {declared}, more than data.max_image_pixels ({limit:,}); not decoded (decompression bomb guard)"
+
+
+def open_image(source: str | Path | bytes, size: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """Decode fully (so truncation is caught here, not in the middle of an epoch), upright.
 
     ``size`` lets a large JPEG decode at a reduced scale that still covers ``size`` pixels on
     its shorter side: a 12-megapixel photo bound for 128 pixels decodes many times faster.
     Phone photos carry their orientation in EXIF; it is applied so images train upright.
+    An image declaring more than ``max_pixels`` (default: PIL's limit) is a BadImage, undecoded.
     """
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else source
-        with Image.open(handle) as img:
+        with _open_limited(handle, max_pixels) as img:
             if size and img.format == "JPEG":
                 img.draft(img.mode, (size, size))
             img.load()
@@ -47,8 +92,6 @@ def open_image(source: str | Path | bytes, size: int | None = None) -> Image.Ima
     except (OSError, SyntaxError, ValueError) as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadImage(text[:120]) from None
-    except Image.DecompressionBombError:
-        raise BadImage("image too large (decompression bomb guard)") from None
 
 
 def to_mode(img: Image.Image, channels: int) -> Image.Image:

@@ -174,7 +174,9 @@ def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[str]]:
     return per_class, problems
 
 
-def _file_source(name: str, files: list[Path], labels: list[int], root: Path, problems: list[str]) -> Source:
+def _file_source(
+    name: str, files: list[Path], labels: list[int], root: Path, problems: list[str], max_pixels: int | None = None
+) -> Source:
     stats = []
     for f in files:
         st = f.stat()
@@ -182,9 +184,9 @@ def _file_source(name: str, files: list[Path], labels: list[int], root: Path, pr
     return Source(
         name=name,
         labels=np.array(labels, dtype=np.int64),
-        read=lambda i, size=None: open_image(files[i], size),
+        read=lambda i, size=None: open_image(files[i], size, max_pixels),
         describe=lambda i: str(files[i]),
-        fingerprint=_digest(name, str(root), stats),
+        fingerprint=_digest(name, str(root), stats, max_pixels),
         problems=problems,
         files=files,
     )
@@ -200,7 +202,7 @@ def _folder(cfg: DataSection) -> Dataset:
     split_layout = train_dir.is_dir()
     base = train_dir if split_layout else root
     if not split_layout and not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
-        return _flat_folder(root)
+        return _flat_folder(root, cfg.max_image_pixels)
     per_class, problems = _scan_class_folders(base)
     if not per_class:
         raise ClassLabError(f"{base} has no class folders; put images in {base}/<class>/<image files>")
@@ -213,7 +215,7 @@ def _folder(cfg: DataSection) -> Dataset:
             for f in scanned.get(cls, []):
                 files.append(f)
                 labels.append(index[cls])
-        return _file_source(f"folder:{label}", files, labels, part_root, probs)
+        return _file_source(f"folder:{label}", files, labels, part_root, probs, cfg.max_image_pixels)
 
     train = source(base, per_class, problems, "train")
     test = None
@@ -226,7 +228,7 @@ def _folder(cfg: DataSection) -> Dataset:
     return Dataset(classes, train, test, None)
 
 
-def _flat_folder(root: Path) -> Dataset:
+def _flat_folder(root: Path, max_pixels: int | None) -> Dataset:
     """Images directly in root, no class folders: one class, which only the rotation pretext can use.
 
     Unlabelled photo dumps are what self-supervised pretraining is for; classification on such a
@@ -237,7 +239,7 @@ def _flat_folder(root: Path) -> Dataset:
         _sort_file(entry, files, problems)
     if not files:
         raise ClassLabError(f"{root} holds no images; put images in {root}/<class>/ or directly in {root}")
-    train = _file_source("folder:train", files, [0] * len(files), root, problems)
+    train = _file_source("folder:train", files, [0] * len(files), root, problems, max_pixels)
     return Dataset([UNLABELED], train, None, None)
 
 
@@ -286,13 +288,23 @@ def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | Non
     if not rows:
         raise ClassLabError(f"{manifest} has no rows")
     out = _Manifest(manifest, [], [], [], [], [])
+    first_line: dict[Path, int] = {}
     for line, row in enumerate(rows, start=2):
         rel = (row.get(cfg.path_column) or "").strip()
         path = (root / rel).resolve()
-        if not rel or not path.is_relative_to(root):
+        if not rel:
+            out.problems.append(f"{manifest}, line {line}: empty path (column '{cfg.path_column}')")
+            continue
+        if not path.is_relative_to(root):
             raise ClassLabError(
                 f"{manifest}, line {line}: path '{rel}' is outside data.root {root}; paths must stay inside it"
             )
+        if path in first_line:
+            # The same image twice could sit in train and val at once, or carry two labels.
+            first = first_line[path]
+            out.problems.append(f"{manifest}, line {line}: path '{rel}' is listed twice (first on line {first})")
+            continue
+        first_line[path] = line
         values: tuple[str, ...] = ()
         if tasks:
             values = tuple((row.get(col) or "").strip() for col in tasks.values())
@@ -356,7 +368,7 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
         test_labels = [index[lab] for lab in test.labels] if test is not None else []
 
     def manifest_source(name: str, manifest: _Manifest, labels: list[int]) -> Source:
-        source = _file_source(name, manifest.files, labels, root, manifest.problems)
+        source = _file_source(name, manifest.files, labels, root, manifest.problems, cfg.max_image_pixels)
         # The manifest and task columns are part of what the labels mean: the decoded cache must not mix them up.
         source.fingerprint = _digest(source.fingerprint, manifest.path.read_bytes(), *([tasks] if tasks else []))
         return source
@@ -488,8 +500,8 @@ def probe_size(source: Source, samples: int = 64) -> int:
         try:
             with Image.open(files[i]) as img:
                 sides.append(min(img.size))
-        except (OSError, SyntaxError, ValueError):
-            continue
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            continue  # the file is reported (or skipped) with the others when it is decoded
     if not sides:
         return DEFAULT_FILE_SIZE
     return int(min(float(np.median(sides)), DEFAULT_FILE_SIZE))

@@ -13,6 +13,7 @@ import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from rich.console import Console
 
+from classlab.errors import ClassLabError
 from classlab.run import RunFolder, atomic_torch_save
 
 METRIC_COLUMNS = ["epoch", "step", "lr", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc5", "time"]
@@ -72,17 +73,23 @@ class RunRecorder(L.Callback):
                     f"{k} {row[k]:.4f}" for k in ("train/loss", "train/acc", "val/loss", "val/acc") if k in row
                 )
                 self.console.print(f"epoch {epoch}/{trainer.max_epochs}  {shown}  ({row['time']:.0f}s)")
-        trainer.save_checkpoint(self.run.checkpoint_path("last"), weights_only=False)
+        self._save_last(trainer)
         if self.keep_every and epoch % self.keep_every == 0:
             trainer.save_checkpoint(self.run.checkpoint_path(f"epoch{epoch}"), weights_only=False)
+
+    def _save_last(self, trainer: L.Trainer) -> None:
+        if trainer.is_global_zero:
+            self.run.keep_previous()  # a last.ckpt damaged later costs one epoch, not the run
+        trainer.save_checkpoint(self.run.checkpoint_path("last"), weights_only=False)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         interrupted = isinstance(exception, KeyboardInterrupt)
         if interrupted:
-            trainer.save_checkpoint(self.run.checkpoint_path("last"), weights_only=False)
+            self._save_last(trainer)
         if trainer.is_global_zero:
-            self.run.update_summary(
-                status="interrupted" if interrupted else "failed",
-                error=None if interrupted else f"{type(exception).__name__}: {exception}"[:500],
-                wall_time_s=round(self.elapsed(), 2),
-            )
+            # An exception may name the status it means (the non-finite guard's ``diverged``).
+            status = "interrupted" if interrupted else getattr(exception, "run_status", "failed")
+            error = str(exception)
+            if not isinstance(exception, ClassLabError):
+                error = f"{type(exception).__name__}: {exception}"
+            self.run.mark_failed(status, None if interrupted else error[:500], wall_time_s=round(self.elapsed(), 2))

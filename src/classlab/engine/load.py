@@ -42,7 +42,8 @@ class LoadedRun:
     def to_tensor(self, image: Any) -> torch.Tensor:
         """PIL image, HWC array, CHW uint8 tensor or a path -> the uint8 tensor the model takes."""
         if isinstance(image, (str, Path)):
-            return image_to_tensor(open_image(image, self.image_size), self.image_size, self.channels)
+            image = open_image(image, self.image_size, self.cfg.data.max_image_pixels)
+            return image_to_tensor(image, self.image_size, self.channels)
         if isinstance(image, Image.Image):
             return image_to_tensor(image, self.image_size, self.channels)
         return array_to_tensor(image, self.image_size, self.channels)

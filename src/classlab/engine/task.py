@@ -133,12 +133,17 @@ class ClassifyTask(L.LightningModule):
         else:
             loss, logits = self.compute_loss(x, y, 0.0 if self.rotation else self.cfg.loss.label_smoothing)
             target = y
-        self.train_loss.update(loss.detach())
+        self.track_train_loss(loss)
         self.train_acc.update(logits.detach(), target)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
         self.log("acc", (logits.argmax(1) == target).float().mean(), prog_bar=True, on_step=True, logger=False)
         self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=False)
         return loss
+
+    def track_train_loss(self, loss: torch.Tensor) -> None:
+        """Add a step's loss to the epoch's mean; a non-finite one (skipped by the guard) stays out, without a sync."""
+        finite = torch.isfinite(loss.detach())
+        self.train_loss.update(torch.where(finite, loss.detach(), 0.0), weight=finite.float())
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch

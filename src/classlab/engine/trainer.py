@@ -22,6 +22,7 @@ from classlab.data.preprocess import Normalize
 from classlab.data.tasks import TaskLayout
 from classlab.engine.callbacks import AtomicCheckpointIO, RunRecorder
 from classlab.engine.metrics import task_accuracies, top_k_accuracy
+from classlab.engine.nonfinite import NonFiniteGuard
 from classlab.engine.predict import predict_logits, predict_tasks
 from classlab.engine.task import ClassifyTask, MultiTaskTask
 from classlab.engine.tta import test_with_tta
@@ -153,7 +154,14 @@ def _tb_logger(run: RunFolder) -> Any:
 
 
 def build_trainer(
-    cfg: Config, run: RunFolder, recorder: RunRecorder, console: Console, *, has_val: bool, steps_per_epoch: int
+    cfg: Config,
+    run: RunFolder,
+    recorder: RunRecorder,
+    console: Console,
+    *,
+    has_val: bool,
+    steps_per_epoch: int,
+    zero: bool = True,
 ) -> L.Trainer:
     """The Lightning Trainer of a run: devices, precision, checkpoints, early stopping, progress, logger."""
     device = accelerator(cfg)
@@ -175,6 +183,7 @@ def build_trainer(
         deterministic=deterministic,
         callbacks=[
             recorder,
+            NonFiniteGuard(cfg.trainer.on_nonfinite, run if zero else None, console if zero else None),
             *_checkpoint_callbacks(cfg, run, has_val, steps_per_epoch),
             *_progress(console, show_progress),
         ],

@@ -1,0 +1,606 @@
+"""What classlab promises when things go wrong (README section of the same name): one test a promise.
+
+Each test makes one thing go wrong as it does for users and asserts the line they see, the
+exit code, and what the run folder holds afterwards. The faults come from tests/faults.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import classlab
+from classlab.config import load_config
+from classlab.data.loaders import decode
+from classlab.data.pipeline import load_data
+from classlab.data.sources import open_dataset
+from classlab.errors import ClassLabError
+from classlab.run import LOCK, LOCK_OWNER_ENV, RunLock
+from tests.conftest import make_image
+from tests.faults import EACCES, ENOSPC, cli, error_lines, fail_writes, nan_loss_at, small_run, write_png_bomb
+
+PIL_LIMIT = 89_478_485
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "time"} for row in csv.DictReader(handle)]
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def _epochs_in(path: Path) -> int:
+    return int(torch.load(path, weights_only=True)["classlab"]["epochs_done"])
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished two-epoch run; tests work on copies of it."""
+    tmp = tmp_path_factory.mktemp("two_epochs")
+    run = classlab.train(None, small_run(tmp, exp_name="base"), quiet=True)
+    return run.path
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    """The run under tmp_path/runs/base, so that small_run(tmp_path, exp_name='base') --resume continues it."""
+    target = tmp_path / "runs" / "base"
+    shutil.copytree(run, target)
+    return target
+
+
+def _cut(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Cut or corrupt checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_keeps_the_previous_epochs_checkpoint(two_epochs: Path) -> None:
+    ckpts = two_epochs / "checkpoints"
+    assert _epochs_in(ckpts / "last.ckpt") == 2
+    assert _epochs_in(ckpts / "previous.ckpt") == 1
+    assert not (two_epochs / LOCK).exists()
+
+
+def test_cut_last_checkpoint_resumes_from_previous(
+    two_epochs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(two_epochs, tmp_path)
+    _cut(run / "checkpoints" / "last.ckpt")
+    code, _, err = cli(capsys, "train", *small_run(tmp_path, exp_name="base"), "--resume", "--quiet")
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if line.startswith("warning:") and "last.ckpt" in line]
+    assert len(warning) == 1, err
+    assert "cannot be read safely" in warning[0]
+    assert "resuming from previous.ckpt (epoch 1) instead (last.ckpt kept as last.ckpt.damaged)" in warning[0]
+    assert (run / "checkpoints" / "last.ckpt.damaged").is_file()
+    assert _epochs_in(run / "checkpoints" / "last.ckpt") == 2
+    # Epoch 2 ran again from epoch 1's state: the same rows as the run that was never damaged.
+    assert _rows(run / "metrics.csv") == _rows(two_epochs / "metrics.csv")
+    assert _summary(run)["status"] == "finished"
+
+
+def test_no_checkpoint_loads_stops_and_touches_nothing(
+    two_epochs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(two_epochs, tmp_path)
+    for name in ("last.ckpt", "previous.ckpt"):
+        _cut(run / "checkpoints" / name)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code, _, err = cli(capsys, "train", *small_run(tmp_path, exp_name="base"), "--resume", "--quiet")
+    assert code == 1
+    (line,) = error_lines(err)
+    assert line.startswith(f"error: --resume: no checkpoint of '{run}' loads (")
+    assert "last.ckpt" in line and "previous.ckpt" in line and "--force" in line
+    after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert after == before  # best.ckpt, metrics.csv, summary.json: byte for byte; no lock left behind
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. One writer per run folder
+# ---------------------------------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _write_lock(folder: Path, pid: int, host: str | None = None, owner: str = "other") -> None:
+    record = {"pid": pid, "host": host or socket.gethostname(), "owner": owner, "command": "train", "since": "then"}
+    (folder / LOCK).write_text(json.dumps(record))
+
+
+def test_second_train_on_a_folder_in_use_stops_at_once(
+    two_epochs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(two_epochs, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live process of this host
+    try:
+        _write_lock(run, holder.pid)
+        before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        for flag in ("--resume", "--force", "--quiet"):
+            started = time.perf_counter()
+            code, _, err = cli(capsys, "train", *small_run(tmp_path, exp_name="base"), flag)
+            assert code == 1
+            assert error_lines(err) == [
+                f"error: run folder '{run}' is in use by `classlab train` (pid {holder.pid} on "
+                f"{socket.gethostname()}, since then); wait for it to finish, or train under another exp_name"
+            ]
+            assert time.perf_counter() - started < 5  # at once: before any data is read
+        assert not list(run.parent.glob("base.old-*"))  # --force moved nothing aside
+        assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(
+    two_epochs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _copy(two_epochs, tmp_path)
+    pid = _dead_pid()
+    _write_lock(run, pid)
+    code, _, err = cli(capsys, "train", *small_run(tmp_path, exp_name="base"), "--resume", "--quiet")
+    assert code == 0, err
+    assert f"took over the lock of pid {pid} on {socket.gethostname()}, which is no longer running" in err
+    assert not (run / LOCK).exists()
+    assert _summary(run)["status"] == "finished"
+
+
+def test_lock_from_another_host_is_respected_and_says_how_to_clear_it(tmp_path: Path) -> None:
+    _write_lock(tmp_path, 1, host="elsewhere")
+    with pytest.raises(ClassLabError, match=rf"pid 1 on elsewhere.*if that process is gone, delete {tmp_path}"):
+        RunLock(tmp_path).acquire()
+
+
+def test_children_of_the_owner_join_and_a_stranger_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(LOCK_OWNER_ENV, raising=False)
+    parent = RunLock(tmp_path, "sweep").acquire()
+    assert parent.held and os.environ[LOCK_OWNER_ENV] == parent.token
+    child = RunLock(tmp_path).acquire()  # a sweep job or DDP worker: same owner through the environment
+    assert not child.held
+    child.release()
+    assert (tmp_path / LOCK).exists()  # the child's release leaves the owner's lock alone
+    monkeypatch.setenv(LOCK_OWNER_ENV, "a stranger")
+    with pytest.raises(ClassLabError, match=r"in use by `classlab sweep`"):
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv(LOCK_OWNER_ENV, parent.token)
+    parent.release()
+    assert not (tmp_path / LOCK).exists()
+
+
+def test_second_sweep_on_the_same_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "runs" / "sw"
+    root.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        _write_lock(root, holder.pid)
+        code, _, err = cli(capsys, "sweep", *small_run(tmp_path, exp_name="sw"), "--grid", "seed=0,1")
+        assert code == 1
+        assert error_lines(err) == [
+            f"error: run folder '{root}' is in use by `classlab train` (pid {holder.pid} on {socket.gethostname()}, "
+            "since then); wait for it to finish, or train under another exp_name"
+        ]
+        assert sorted(p.name for p in root.iterdir()) == [LOCK]  # no run started
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Non-finite loss
+# ---------------------------------------------------------------------------------------------
+
+
+def test_nan_loss_stops_at_that_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    # 20 training images a class, batches of 32 (ragged last dropped): 6 steps an epoch; step 8 is in epoch 2.
+    # The learning rate then is the cosine schedule's (0.05 at step 1).
+    nan_loss_at(monkeypatch, {7})
+    code, _, err = cli(capsys, "train", *small_run(tmp_path, exp_name="nan", epochs=3), "--quiet")
+    assert code == 1
+    (line,) = error_lines(err)
+    assert line == (
+        "error: the loss became NaN at epoch 2, step 8 (batch 2 of 6) with learning rate 0.03355: training stopped "
+        "and checkpoints/last.ckpt keeps epoch 1, the last good one; lower optim.lr, set trainer.clip_grad, "
+        "or set trainer.on_nonfinite=skip_batch to skip such batches"
+    )
+    run = tmp_path / "runs" / "nan"
+    summary = _summary(run)
+    assert summary["status"] == "diverged" and summary["error"] == line.removeprefix("error: ")
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["classlab"]["epochs_done"] == 1
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+    assert [r["epoch"] for r in _rows(run / "metrics.csv")] == ["1"]
+
+
+def test_skip_batch_skips_counts_and_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    nan_loss_at(monkeypatch, {2, 6})
+    args = small_run(tmp_path, exp_name="skip", **{"trainer.on_nonfinite": "skip_batch"})
+    code, out, err = cli(capsys, "train", *args)
+    assert code == 0, err
+    assert "epoch 1: skipped 1 of 6 batches with a non-finite loss (trainer.on_nonfinite=skip_batch)" in out
+    assert "epoch 2: skipped 1 of 6 batches" in out
+    run = tmp_path / "runs" / "skip"
+    summary = _summary(run)
+    assert summary["status"] == "finished" and summary["nonfinite_batches_skipped"] == 2
+    rows = _rows(run / "metrics.csv")
+    assert all(np.isfinite(float(r["train/loss"])) for r in rows)
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_real_divergence_stops_diverged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The user's case: plain SGD far too fast (lr 100, momentum 0.99) on an MLP without BatchNorm."""
+    args = small_run(
+        tmp_path,
+        exp_name="div",
+        epochs=5,
+        **{"model.name": "mlp", "model.layers": "[64]", "optim.lr": 100, "optim.momentum": 0.99},
+        **{"sched.name": "constant"},
+    )
+    code, _, err = cli(capsys, "train", *args, "--quiet")
+    assert code == 1
+    (line,) = error_lines(err)
+    assert line.startswith("error: the loss became ") and "with learning rate 100: training stopped" in line
+    run = tmp_path / "runs" / "div"
+    assert _summary(run)["status"] == "diverged"
+    done = _epochs_in(run / "checkpoints" / "last.ckpt")
+    assert f"keeps epoch {done}, the last good one" in line and len(_rows(run / "metrics.csv")) == done
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Decompression bombs and huge images
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bombs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two PNGs of a few hundred kB: 400 megapixels (over twice PIL's limit, PIL refuses to open it)
+    and 144 megapixels RGB (between one and two limits, PIL only warns: 432 MB if decoded)."""
+    folder = tmp_path_factory.mktemp("bombs")
+    return {
+        "huge": write_png_bomb(folder / "huge.png", 20_000, 20_000, channels=1),
+        "big": write_png_bomb(folder / "big.png", 12_000, 12_000, channels=3),
+    }
+
+
+def _colours_with(root: Path, extra: dict[str, Path]) -> Path:
+    for cls, colour in (("red", (220, 40, 40)), ("blue", (40, 60, 220))):
+        for i in range(12):
+            make_image(root / cls / f"{i}.png", colour)
+    for name, source in extra.items():
+        shutil.copy(source, root / "red" / name)
+    return root
+
+
+def test_decompression_bombs_are_bad_files_in_training(
+    bombs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _colours_with(tmp_path / "colours", {"huge.png": bombs["huge"], "big.png": bombs["big"]})
+    base = [
+        "data.dataset=folder",
+        f"data.root={root}",
+        f"run.root={tmp_path / 'runs'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.layers=[8,p]",
+        "epochs=1",
+        "trainer.progress=false",
+    ]
+    code, _, err = cli(capsys, "train", *base, "exp_name=strict")
+    assert code == 1, err[-2000:]
+    assert err.splitlines()[0] == (
+        "error: 2 problem(s) in the data; fix them, or set data.skip_bad_images=true to skip these files:"
+    )
+    listed = err.splitlines()[1:3]
+    assert (
+        f"  {root / 'red' / 'big.png'}: declares 12000x12000 = 144,000,000 pixels, more than "
+        "data.max_image_pixels (89,478,485); not decoded (decompression bomb guard)"
+    ) in listed
+    assert any(
+        line.startswith(f"  {root / 'red' / 'huge.png'}: declares 400,000,000 pixels, more than data.max_image_pixels")
+        for line in listed
+    ), listed
+    assert len(err.splitlines()) == 3 and "exceeds limit" not in err  # PIL's own warning is not repeated
+    assert not (tmp_path / "runs" / "strict").exists()
+    code, _, err = cli(capsys, "train", *base, "exp_name=skip", "data.skip_bad_images=true", "--quiet")
+    assert code == 0, err[-2000:]
+    skipped = (tmp_path / "runs" / "skip" / "skipped_images.txt").read_text().splitlines()
+    assert sorted(Path(line.split(":")[0]).name for line in skipped) == ["big.png", "huge.png"]
+    assert _summary(tmp_path / "runs" / "skip")["skipped_images"] == 2
+
+
+def test_max_image_pixels_is_the_limit(tmp_path: Path) -> None:
+    root = _colours_with(tmp_path / "colours", {})
+    make_image(root / "blue" / "wide.png", (40, 60, 220), size=30)  # 900 pixels
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=folder",
+            f"data.root={root}",
+            "data.max_image_pixels=800",
+            "data.skip_bad_images=true",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
+    data = load_data(cfg)
+    assert data.bad == [
+        f"{root / 'blue' / 'wide.png'}: declares 30x30 = 900 pixels, more than data.max_image_pixels (800); "
+        "not decoded (decompression bomb guard)"
+    ]
+    assert len(data.train) + len(data.val) == 24
+
+
+def test_decompression_bomb_is_an_error_row_in_predict(
+    two_epochs: Path, bombs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fine = make_image(tmp_path / "fine.png", (200, 30, 30), size=32)
+    out = tmp_path / "pred.csv"
+    code, stdout, err = cli(capsys, "predict", str(two_epochs), str(bombs["big"]), str(fine), "--out", str(out))
+    assert code == 0, err
+    assert "wrote 2 predictions" in stdout
+    assert "1 file(s) could not be read (see the error column):" in err
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out, newline=""))}
+    assert rows["big.png"]["error"].startswith("declares 12000x12000 = 144,000,000 pixels")
+    assert rows["big.png"]["class"] == "" and rows["fine.png"]["error"] == "" and rows["fine.png"]["class"]
+
+
+MEASURE = """
+import resource, sys
+from pathlib import Path
+from classlab.config import load_config
+from classlab.data.loaders import decode
+from classlab.data.preprocess import BadImage, image_to_tensor, open_image
+from classlab.data.sources import open_dataset
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+root, bomb, cache = sys.argv[1:4]
+cfg = load_config(None, ["data.dataset=folder", f"data.root={root}"])
+source = open_dataset(cfg.data).train
+image_to_tensor(open_image(source.files[0], 16), 16)  # every library loaded and warm before the baseline
+before = peak_mb()
+try:
+    image_to_tensor(open_image(bomb, 16), 16)
+except BadImage:
+    pass
+decoded = decode(source, 16, cache, threads=2)
+print(len(decoded.bad), before, peak_mb())
+"""
+
+
+def test_decompression_bomb_memory_stays_bounded(bombs: dict[str, Path], tmp_path: Path) -> None:
+    root = _colours_with(tmp_path / "colours", {"big.png": bombs["big"]})
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(root), str(bombs["big"]), str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    bad, before, after = result.stdout.split()
+    assert int(bad) == 1
+    # Decoded, the bomb alone is 432 MB; refused from its header, the peak barely moves.
+    assert float(after) - float(before) < 50, (before, after)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Full disk and read-only places
+# ---------------------------------------------------------------------------------------------
+
+
+def test_full_disk_at_a_checkpoint_then_resume(
+    two_epochs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    failed = fail_writes(monkeypatch, "last.ckpt", ENOSPC, after=1)  # epoch 1's last.ckpt is written, epoch 2's not
+    args = small_run(tmp_path, exp_name="base")
+    code, _, err = cli(capsys, "train", *args, "--quiet")
+    run = tmp_path / "runs" / "base"
+    last = run / "checkpoints" / "last.ckpt"
+    assert code == 1 and failed
+    assert error_lines(err) == [
+        f"error: cannot write {last}: No space left on device; the files written before are intact: "
+        "free some space, then continue the run with --resume"
+    ]
+    assert _epochs_in(last) == 1 and not list(run.rglob("*.tmp")) and not (run / LOCK).exists()
+    assert _summary(run)["status"] == "failed"
+    monkeypatch.undo()
+    code, _, err = cli(capsys, "train", *args, "--resume", "--quiet")
+    assert code == 0, err
+    assert _summary(run)["status"] == "finished"
+    assert _rows(run / "metrics.csv") == _rows(two_epochs / "metrics.csv")
+
+
+def test_read_only_metrics_then_resume(
+    two_epochs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    failed = fail_writes(monkeypatch, "metrics.csv", EACCES, at="open")
+    args = small_run(tmp_path, exp_name="base")
+    code, _, err = cli(capsys, "train", *args, "--quiet")
+    run = tmp_path / "runs" / "base"
+    assert code == 1 and failed
+    assert error_lines(err) == [
+        f"error: cannot write {run / 'metrics.csv'}: Permission denied; the files written before are intact: "
+        "make it writable, then continue the run with --resume"
+    ]
+    assert not (run / "metrics.csv").exists() and not (run / "checkpoints" / "last.ckpt").exists()
+    assert _summary(run)["status"] == "failed"
+    monkeypatch.undo()
+    code, _, err = cli(capsys, "train", *args, "--resume", "--quiet")
+    assert code == 0, err
+    assert _rows(run / "metrics.csv") == _rows(two_epochs / "metrics.csv")
+
+
+def test_metrics_row_is_never_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from classlab.run import RunFolder
+
+    run = RunFolder(tmp_path)
+    run.append_metrics({"epoch": 1, "step": 5}, ["epoch", "step"])
+    before = run.metrics_path.read_bytes()
+    fail_writes(monkeypatch, "metrics.csv", ENOSPC)
+    with pytest.raises(ClassLabError, match=r"cannot write .*metrics.csv: No space left on device"):
+        run.append_metrics({"epoch": 2, "step": 10}, ["epoch", "step"])
+    assert run.metrics_path.read_bytes() == before
+
+
+def test_read_only_run_root_leaves_no_half_made_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    failed = fail_writes(monkeypatch, "split.json", EACCES, at="open")
+    code, _, err = cli(capsys, "train", *small_run(tmp_path, exp_name="ro"), "--quiet")
+    run = tmp_path / "runs" / "ro"
+    assert code == 1 and failed
+    assert error_lines(err) == [
+        f"error: cannot write {run / 'split.json'}: Permission denied; the files written before are intact: "
+        "make it writable, then continue the run with --resume"
+    ]
+    assert not run.exists()  # config.yaml and classes.json were written, then taken away with the folder
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The decode cache
+# ---------------------------------------------------------------------------------------------
+
+
+def _folder_source(root: Path):
+    return open_dataset(load_config(None, ["data.dataset=folder", f"data.root={root}"]).data).train
+
+
+def test_cut_cache_entry_is_detected_and_rebuilt(color_folder: Path, tmp_path: Path) -> None:
+    source = _folder_source(color_folder)
+    fresh = decode(source, 16, tmp_path / "cache")
+    (entry,) = (tmp_path / "cache").glob("*.pt")
+    _cut(entry)
+    with pytest.warns(UserWarning, match=rf"decode cache {entry} does not load .*; decoding the images again"):
+        again = decode(source, 16, tmp_path / "cache")
+    assert torch.equal(again.images, fresh.images)
+    assert torch.equal(decode(source, 16, tmp_path / "cache").images, fresh.images)  # rebuilt entry is whole
+
+
+def test_cache_entry_with_changed_pixels_fails_its_checksum(color_folder: Path, tmp_path: Path) -> None:
+    source = _folder_source(color_folder)
+    fresh = decode(source, 16, tmp_path / "cache")
+    (entry,) = (tmp_path / "cache").glob("*.pt")
+    blob = torch.load(entry, weights_only=True)
+    blob["images"][0, 0, 0, 0] ^= 0xFF  # one pixel overwritten, the file still loads
+    torch.save(blob, entry)
+    with pytest.warns(UserWarning, match="fail their checksum"):
+        again = decode(source, 16, tmp_path / "cache")
+    assert torch.equal(again.images, fresh.images)
+
+
+def test_cache_entry_not_matching_its_index_is_rebuilt(color_folder: Path, tmp_path: Path) -> None:
+    source = _folder_source(color_folder)
+    fresh = decode(source, 16, tmp_path / "cache")
+    (entry,) = (tmp_path / "cache").glob("*.pt")
+    other = decode(source, 8, tmp_path / "cache8")
+    shutil.copy(next((tmp_path / "cache8").glob("*.pt")), entry)  # an entry of another size under this name
+    with pytest.warns(UserWarning, match="does not match its index"):
+        again = decode(source, 16, tmp_path / "cache")
+    assert torch.equal(again.images, fresh.images) and other.images.shape[-1] == 8
+
+
+def test_cache_verify_catches_a_file_changed_in_place(tmp_path: Path) -> None:
+    root = tmp_path / "bmp"
+    for cls, colour in (("red", (220, 40, 40)), ("blue", (40, 60, 220))):
+        for i in range(4):
+            make_image(root / cls / f"{i}.bmp", colour, noise=0)
+    image = root / "blue" / "0.bmp"  # blue sorts first: image 0 of the source
+    stat = image.stat()
+    cached = decode(_folder_source(root), 16, tmp_path / "plain")
+    decode(_folder_source(root), 16, tmp_path / "verified", verify=True)
+    make_image(image, (40, 200, 60), noise=0)  # green now: same size (BMP), same modification time
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert image.stat().st_size == stat.st_size
+    # Names, sizes and times cannot tell: the plain cache serves the old pixels, as documented.
+    assert torch.equal(decode(_folder_source(root), 16, tmp_path / "plain").images, cached.images)
+    verified = decode(_folder_source(root), 16, tmp_path / "verified", verify=True)
+    assert verified.images[0, 1].float().mean() > 150 and verified.images[0, 2].float().mean() < 100
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. CSV manifests
+# ---------------------------------------------------------------------------------------------
+
+
+def _manifest_case(tmp_path: Path, text: str) -> tuple[Path, Path, list[str]]:
+    root = tmp_path / "img"
+    for i, name in enumerate("abcdef"):
+        make_image(root / f"{name}.png", (200, 40, 40) if i % 2 else (40, 40, 200))
+    (root / "train.csv").write_text(text)
+    args = [
+        "data.dataset=csv",
+        f"data.root={root}",
+        "data.csv_file=train.csv",
+        f"run.root={tmp_path / 'runs'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.layers=[8,p]",
+        "epochs=1",
+        "exp_name=m",
+        "--quiet",
+    ]
+    return root, root / "train.csv", args
+
+
+GOOD_ROWS = "a.png,blue\nb.png,red\nc.png,blue\nd.png,red\n"
+PROBLEMS = "error: {n} problem(s) in the data; fix them, or set data.skip_bad_images=true to skip these files:"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "path,kind\na.png,blue\n",
+            ["error: {csv}: no column 'label' (data.label_column); its columns are: path, kind"],
+        ),
+        (
+            "path,label\n" + GOOD_ROWS + "../outside.png,red\n",
+            ["error: {csv}, line 6: path '../outside.png' is outside data.root {root}; paths must stay inside it"],
+        ),
+        ("path,label\n" + GOOD_ROWS + "e.png,\n", [PROBLEMS.format(n=1), "  {csv}, line 6: empty label"]),
+        (
+            "path,label\n" + GOOD_ROWS + "a.png,red\n",
+            [PROBLEMS.format(n=1), "  {csv}, line 6: path 'a.png' is listed twice (first on line 2)"],
+        ),
+        (
+            "path,label\n" + GOOD_ROWS + "gone.png,red\n",
+            [PROBLEMS.format(n=1), "  {root}/gone.png: file listed in train.csv (line 6) does not exist"],
+        ),
+        (
+            "path,label\n" + GOOD_ROWS + "e.png,\na.png,blue\ngone.png,red\n",
+            [
+                PROBLEMS.format(n=3),
+                "  {csv}, line 6: empty label",
+                "  {csv}, line 7: path 'a.png' is listed twice (first on line 2)",
+                "  {root}/gone.png: file listed in train.csv (line 8) does not exist",
+            ],
+        ),
+    ],
+    ids=["no-label-column", "escapes-root", "empty-label", "duplicate-path", "missing-file", "all-at-once"],
+)
+def test_broken_manifest_one_line_each_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: list[str]
+) -> None:
+    root, manifest, args = _manifest_case(tmp_path, text)
+    code, _, err = cli(capsys, "train", *args)
+    assert code == 1
+    assert err.splitlines() == [line.format(csv=manifest, root=root) for line in expected]
+    assert not (tmp_path / "runs").exists()
