@@ -173,6 +173,14 @@ class TrainerSection(Section):
     progress: bool = True
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (smoke runs)")
     test_tta: str | None = Field(None, description="views for the final test, e.g. 'flip,translate' (engine.tta)")
+    loggers: list[Literal["tensorboard", "csv", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers (metrics.csv is always written): tensorboard, csv, mlflow, wandb",
+    )
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<run.root>/mlflow.db"
+    )
+    project: str = Field("classlab", description="MLflow experiment / W&B project the runs are logged under")
 
 
 class Config(Section):
@@ -531,3 +539,57 @@ def _ini_gpus(gpus: Any) -> Any:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def _allowed(info: Any) -> str:
+    """The values a field takes, in a few words: its Literal choices, its numeric range, its type."""
+    import types
+    import typing
+
+    def describe(tp: Any) -> list[str]:
+        origin = typing.get_origin(tp)
+        if origin is Literal:
+            return [str(a) for a in typing.get_args(tp)]
+        if origin in (typing.Union, types.UnionType):
+            return [d for a in typing.get_args(tp) for d in describe(a)]
+        if tp is type(None):
+            return ["null"]
+        if tp is bool:
+            return ["true", "false"]
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return ["{...}"]
+        return [getattr(tp, "__name__", None) or str(tp).replace("typing.", "")]
+
+    choices = list(dict.fromkeys(describe(info.annotation)))
+    bounds = []
+    for item in info.metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(item, attr, None) is not None:
+                bounds.append(f"{sign}{getattr(item, attr)}")
+    text = " | ".join(choices) + (f" ({', '.join(bounds)})" if bounds else "")
+    return text + (f"; {info.description}" if info.description else "")
+
+
+def annotated_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, each key followed by a comment with its allowed values (``--print-config``).
+
+    Loading the text back gives the same config: the comments are only for the reader.
+    """
+    lines: list[str] = []
+
+    def emit(model: BaseModel, indent: str) -> None:
+        for name, info in type(model).model_fields.items():
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                lines.append(f"{indent}{name}:")
+                emit(value, indent + "  ")
+                continue
+            plain = model.model_dump(mode="json")[name]
+            text = yaml.safe_dump({name: plain}, default_flow_style=True, width=10_000, sort_keys=False).strip()
+            lines.append(f"{indent}{text[1:-1]}  # {_allowed(info)}")
+        for name, value in (model.model_extra or {}).items():  # family keys of model.* (checked by the registry)
+            text = yaml.safe_dump({name: value}, default_flow_style=True, width=10_000).strip()
+            lines.append(f"{indent}{text[1:-1]}  # family parameter")
+
+    emit(cfg, "")
+    return "\n".join(lines) + "\n"

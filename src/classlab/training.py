@@ -22,6 +22,7 @@ from classlab import __version__
 from classlab.config import Config, load_config, validate
 from classlab.data.pipeline import DataBundle, load_data
 from classlab.data.preprocess import Normalize
+from classlab.engine import loggers as tracking
 from classlab.engine.callbacks import METRIC_COLUMNS, AtomicCheckpointIO, RunRecorder
 from classlab.engine.evaluate import predict_logits, top_k_accuracy
 from classlab.engine.task import ClassifierModel, ClassifyTask
@@ -253,6 +254,7 @@ def _train_one(
     start_from: Path | None = None,
 ) -> RunFolder:
     console = Console(quiet=quiet, stderr=False, highlight=False, soft_wrap=True)
+    tracking.check_loggers(cfg.trainer.loggers)  # a missing package fails before the run folder exists
     run, cfg = _make_run(cfg, resume, force)
     saved_split = None
     last_ckpt = None
@@ -347,6 +349,7 @@ def _train_one(
     )
     os.environ[RUN_DIR_ENV] = str(run.path.resolve())
     accelerator = _accelerator(cfg)
+    loggers = tracking.build_loggers(cfg, run)
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=cfg.trainer.devices,
@@ -364,8 +367,9 @@ def _train_one(
             recorder,
             *_checkpoint_callbacks(cfg, run, val_loader is not None, len(train_loader)),
             *_progress(console, cfg.trainer.progress and not quiet),
+            *tracking.logger_callbacks(loggers),
         ],
-        logger=_tb_logger(run),
+        logger=loggers,
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=True,
         enable_progress_bar=cfg.trainer.progress and not quiet and console.is_terminal,
@@ -377,6 +381,8 @@ def _train_one(
     )
     if cfg.trainer.compile:
         task.model.net = torch.compile(task.model.net)
+    if is_zero:
+        tracking.start(loggers, cfg, run)
     try:
         trainer.fit(
             task, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=last_ckpt, weights_only=True
@@ -390,13 +396,9 @@ def _train_one(
         raise KeyboardInterrupt
     if not trainer.is_global_zero:
         return run
-    return _finish(run, cfg, data, task, recorder, console)
-
-
-def _tb_logger(run: RunFolder) -> Any:
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    return TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False)
+    _finish(run, cfg, data, task, recorder, console)
+    tracking.finish(loggers, cfg, run.summary(), trainer.global_step)
+    return run
 
 
 def _autocast(cfg: Config, device: torch.device) -> Any:
