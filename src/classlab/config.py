@@ -181,6 +181,9 @@ class TrainerSection(Section):
         None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<run.root>/mlflow.db"
     )
     project: str = Field("classlab", description="MLflow experiment / W&B project the runs are logged under")
+    log_every: int = Field(
+        50, ge=1, description="optimizer steps between logged training loss and learning rate (capped at an epoch)"
+    )
 
 
 class Config(Section):

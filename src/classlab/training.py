@@ -375,7 +375,7 @@ def _train_one(
         enable_progress_bar=cfg.trainer.progress and not quiet and console.is_terminal,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(50, len(train_loader))),
+        log_every_n_steps=max(1, min(cfg.trainer.log_every, len(train_loader))),
         default_root_dir=str(run.path),
         use_distributed_sampler=True,
     )

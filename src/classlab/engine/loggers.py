@@ -19,7 +19,7 @@ are kept in summary.json.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import math
 import os
 from pathlib import Path
@@ -45,8 +45,12 @@ def check_loggers(names: list[str]) -> None:
     """Fail before the run folder exists when a logger's package is missing: one line naming the extra."""
     for name in names:
         package, install = PACKAGES.get(name, (None, None))
-        if package and importlib.util.find_spec(package) is None:
-            raise ConfigError(f"trainer.loggers: '{name}' needs the {package} package: {install}")
+        if package is None:
+            continue
+        try:
+            importlib.import_module(package)  # imported for real: a broken install counts as missing too
+        except ImportError:
+            raise ConfigError(f"trainer.loggers: '{name}' needs the {package} package: {install}") from None
 
 
 def flat_config(cfg: Config) -> dict[str, Any]:
