@@ -8,6 +8,8 @@
   and predicted names (these are often label noise, or the clearest failure mode);
 - ``reliability.png`` and the expected calibration error (ECE, 15 equal-width confidence bins as in
   Guo et al. 2017): how far the predicted probability is from the observed accuracy.
+
+The numbers come from torchmetrics (precision/recall/F1 with ``average=None``, ``CalibrationError``).
 """
 
 from __future__ import annotations
@@ -28,38 +30,54 @@ GRID_IMAGES = 25
 
 
 def per_class_scores(pred: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> list[dict[str, Any]]:
-    """Precision, recall, F1 and support per class; a class never predicted has precision 0 (not NaN)."""
+    """Precision, recall, F1 and support per class (torchmetrics, ``average=None``).
+
+    A class never predicted has precision 0 (``zero_division=0``), not NaN.
+    """
+    from torchmetrics.functional.classification import multiclass_f1_score, multiclass_precision, multiclass_recall
+
     n = len(classes)
-    cm = torch.bincount(labels * n + pred, minlength=n * n).reshape(n, n).double()
-    tp = cm.diag()
-    predicted, actual = cm.sum(0), cm.sum(1)
-    rows = []
-    for i, name in enumerate(classes):
-        p = float(tp[i] / predicted[i]) if predicted[i] > 0 else 0.0
-        r = float(tp[i] / actual[i]) if actual[i] > 0 else 0.0
-        f1 = 2 * p * r / (p + r) if p + r > 0 else 0.0
-        rows.append({"class": name, "precision": p, "recall": r, "f1": f1, "support": int(actual[i])})
-    return rows
+    scores = [
+        metric(pred, labels, num_classes=n, average=None, zero_division=0).tolist()
+        for metric in (multiclass_precision, multiclass_recall, multiclass_f1_score)
+    ]
+    support = torch.bincount(labels, minlength=n).tolist()
+    return [
+        {"class": name, "precision": p, "recall": r, "f1": f1, "support": int(s)}
+        for name, p, r, f1, s in zip(classes, *scores, support)
+    ]
 
 
 def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict[str, Any]:
-    """ECE = sum over bins of (bin share) * |accuracy - mean confidence|, with the per-bin figures."""
+    """ECE = sum over bins of (bin share) * |accuracy - mean confidence| (torchmetrics ``MulticlassCalibrationError``).
+
+    torchmetrics' bins are [k/B, (k+1)/B), and a confidence of exactly 1.0 (a saturated float32 softmax)
+    falls in a bin of its own beyond the last; the per-bin figures of the diagram use the same edges and
+    show those 1.0 confidences in the last bar.
+    """
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    probs = probs.float()
+    if len(labels) == 0:
+        return {"ece": 0.0, "bins": []}
+    ece = float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=bins, norm="l1"))
     conf, pred = probs.max(1)
     correct = (pred == labels).double()
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    # Bin i holds confidences in (edges[i], edges[i+1]]; a confidence of exactly 0 cannot occur.
-    index = (torch.bucketize(conf.double(), edges, right=False) - 1).clamp(0, bins - 1)
-    ece, per_bin = 0.0, []
-    total = max(1, len(labels))
+    edges = torch.linspace(0, 1, bins + 1, dtype=probs.dtype)  # as torchmetrics makes them
+    index = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, bins - 1)
+    per_bin = []
     for i in range(bins):
         mask = index == i
         count = int(mask.sum())
-        acc = float(correct[mask].mean()) if count else None
-        mean_conf = float(conf[mask].double().mean()) if count else None
-        if count:
-            ece += count / total * abs(acc - mean_conf)
-        per_bin.append({"low": float(edges[i]), "high": float(edges[i + 1]), "count": count, "accuracy": acc,
-                        "confidence": mean_conf})  # fmt: skip
+        per_bin.append(
+            {
+                "low": float(edges[i]),
+                "high": float(edges[i + 1]),
+                "count": count,
+                "accuracy": float(correct[mask].mean()) if count else None,
+                "confidence": float(conf[mask].double().mean()) if count else None,
+            }
+        )
     return {"ece": ece, "bins": per_bin}
 
 

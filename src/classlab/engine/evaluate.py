@@ -1,7 +1,8 @@
 """Logits for a whole loader, outside Lightning, on one process.
 
 Evaluation after training, ``classlab eval`` and ``predict`` all come through here, so the
-numbers in summary.json and the ones ``eval`` prints are computed the same way.
+numbers in summary.json and the ones ``eval`` prints are computed the same way: by torchmetrics,
+the same implementation the LightningModule's validation metrics use.
 """
 
 from __future__ import annotations
@@ -38,13 +39,17 @@ def predict_logits(
 
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    """Share of examples whose label is among the ``k`` highest scores (torchmetrics ``MulticlassAccuracy``)."""
+    from torchmetrics.functional.classification import multiclass_accuracy
+
     if len(labels) == 0:
         return float("nan")
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return float((top == labels[:, None]).any(1).float().mean())
+    classes = logits.shape[1]
+    return float(multiclass_accuracy(logits, labels, num_classes=classes, top_k=min(k, classes), average="micro"))
 
 
 def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """counts[true, predicted]."""
-    pred = logits.argmax(1)
-    return torch.bincount(labels * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+    """counts[true, predicted] of the arg-max predictions (torchmetrics ``MulticlassConfusionMatrix``)."""
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    return multiclass_confusion_matrix(logits, labels, num_classes=num_classes)
