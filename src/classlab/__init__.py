@@ -1,7 +1,7 @@
 """classlab: image-classification experiments as one config and one command.
 
 The public functions mirror the command line: ``train``, ``evaluate``, ``predict``, ``load``,
-``sweep``, ``compare``.
+``export``, ``sweep``, ``compare``, ``report``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["train", "evaluate", "predict", "load", "sweep", "compare", "__version__"]
+__all__ = ["train", "evaluate", "predict", "load", "export", "sweep", "compare", "report", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -27,6 +27,14 @@ def __getattr__(name: str) -> Any:
         from classlab.sweeping import sweep
 
         return sweep
+    if name == "export":
+        from classlab.export import export
+
+        return export
+    if name == "report":
+        from classlab.report_html import write_html_report
+
+        return write_html_report
     if name == "compare":
         from classlab.report import compare
 
