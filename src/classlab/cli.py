@@ -204,7 +204,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.html:
         from classlab.report_html import write_html_report
 
-        table.files.append(write_html_report(args.runs, table.files[0].parent / "report.html"))
+        table.files.append(
+            write_html_report(args.runs, table.files[0].parent / "report.html", by=args.by, metrics=split or None)
+        )
     print(table.markdown(), end="")
     print("wrote " + ", ".join(str(f) for f in table.files))
     return 0

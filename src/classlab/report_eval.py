@@ -131,11 +131,14 @@ def write_report(
             "true": classes[int(labels[i])],
             "predicted": classes[int(pred[i])],
             "confidence": float(conf[i]),
+            "thumbnail": f"errors/{k:02d}.png",
             **({"image": describe(i)} if describe else {}),
         }
-        for i in order
+        for k, i in enumerate(order)
     ]
-    atomic_write_bytes(out / "confident_errors.png", _errors_png([image_at(i) for i in order], errors))
+    images = [image_at(i) for i in order]
+    atomic_write_bytes(out / "confident_errors.png", _errors_png(images, errors))
+    _write_thumbnails(out / "errors", images)
     report = {
         "predictions": source,
         "ece": cal["ece"],
@@ -147,6 +150,21 @@ def write_report(
     }
     atomic_write_json(out / "report.json", report)
     return report
+
+
+def _write_thumbnails(folder: Path, images: list[torch.Tensor]) -> None:
+    """Each confidently wrong image as its own PNG (``classlab report`` shows them with their names)."""
+    import shutil
+
+    from PIL import Image
+
+    shutil.rmtree(folder, ignore_errors=True)  # a previous evaluation's errors are not this one's
+    for k, img in enumerate(images):
+        arr = img.permute(1, 2, 0).numpy()
+        pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+        buffer = io.BytesIO()
+        pil.save(buffer, format="PNG")
+        atomic_write_bytes(folder / f"{k:02d}.png", buffer.getvalue())
 
 
 def _plt() -> Any:
