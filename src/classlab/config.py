@@ -175,7 +175,7 @@ class TrainerSection(Section):
     test_tta: str | None = Field(None, description="views for the final test, e.g. 'flip,translate' (engine.tta)")
     loggers: list[Literal["tensorboard", "csv", "mlflow", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"],
-        description="experiment trackers (metrics.csv is always written): tensorboard, csv, mlflow, wandb",
+        description="experiment trackers; the run's own metrics.csv is written whatever this says",
     )
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<run.root>/mlflow.db"
@@ -555,6 +555,12 @@ def _allowed(info: Any) -> str:
             return [str(a) for a in typing.get_args(tp)]
         if origin in (typing.Union, types.UnionType):
             return [d for a in typing.get_args(tp) for d in describe(a)]
+        if origin is list and typing.get_args(tp):
+            return ["[" + " | ".join(describe(typing.get_args(tp)[0])) + ", ...]"]
+        if origin is tuple and typing.get_args(tp):
+            return ["[" + ", ".join("/".join(describe(a)) for a in typing.get_args(tp)) + "]"]
+        if origin is dict:
+            return ["{name: ...}"]
         if tp is type(None):
             return ["null"]
         if tp is bool:
