@@ -30,6 +30,8 @@ def test_onnx_matches_pytorch_with_dynamic_batch(tiny_run: Path) -> None:
     meta = read_onnx_metadata(path)
     assert json.loads(meta["classlab.classes"]) == [classes[str(i)] for i in range(len(classes))]
     assert meta["classlab.image_size"] == "32"
+    assert meta["classlab.exporter"] == "dynamo"  # torch.onnx.export(dynamo=True), not the legacy exporter
+    assert "warning" not in result.stderr
     model = classlab.load(tiny_run).model
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 7):
@@ -105,3 +107,36 @@ def test_missing_onnxruntime_names_the_extra(tiny_run: Path, tmp_path: Path, mon
 def test_unknown_format_refused(tiny_run: Path) -> None:
     result = run_cli("export", str(tiny_run), "--format", "tflite")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def _matches(path: Path, run: Path) -> None:
+    model = classlab.load(run).model
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    (onnx_logits,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(onnx_logits, model(x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_legacy_exporter_only_as_a_fallback_that_says_so(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import classlab.export as export_module
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # the dynamo exporter's dependency is missing
+    with pytest.warns(UserWarning) as caught:
+        path = classlab.export(tiny_run, "onnx", tmp_path / "legacy.onnx")
+    assert str(caught[0].message) == (
+        "the dynamo ONNX exporter failed (onnxscript is not installed: pip install 'classlab[export]'); "
+        "exported with the legacy TorchScript exporter instead"
+    )
+    assert read_onnx_metadata(path)["classlab.exporter"] == "torchscript"
+    _matches(path, tiny_run)
+    monkeypatch.delitem(sys.modules, "onnxscript")
+
+    def refuse(*args: object) -> None:
+        raise RuntimeError("cannot capture this model\nmore detail")
+
+    monkeypatch.setattr(export_module, "_onnx_dynamo", refuse)
+    with pytest.warns(UserWarning, match=r"failed \(cannot capture this model\); exported with the legacy"):
+        classlab.export(tiny_run, "onnx", tmp_path / "legacy2.onnx")

@@ -19,6 +19,7 @@ RANKS = {
     "classlab.cli": 90,
     "classlab.sweep": 80,
     "classlab.train": 70,
+    "classlab.report": 65,
     "classlab.compare": 60,
     "classlab.evaluate": 50,
     "classlab.predict": 40,

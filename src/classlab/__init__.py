@@ -1,7 +1,7 @@
 """classlab: image-classification experiments as one config and one command.
 
 The public functions mirror the command line: ``train``, ``evaluate``, ``predict``, ``load``,
-``export``, ``sweep``, ``compare``. Each verb is a module named as its command
+``export``, ``sweep``, ``compare``, ``report``. Each verb is a module named as its command
 (``classlab/train.py`` holds ``classlab train``), and ``classlab.train(...)`` calls the function
 of the same name in it, so the package stays importable in a blink: torch and Lightning load
 only when a verb is first used.
@@ -16,7 +16,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-VERBS = ("train", "evaluate", "predict", "export", "sweep", "compare")
+VERBS = ("train", "evaluate", "predict", "export", "sweep", "compare", "report")
 __all__ = [*VERBS, "load", "__version__"]
 
 
@@ -47,4 +47,6 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f"{__name__}.{name}")
     if name == "load":
         return importlib.import_module(f"{__name__}.engine.load").load
+    if name == "report":
+        return importlib.import_module(f"{__name__}.report_html").write_html_report
     raise AttributeError(f"module 'classlab' has no attribute '{name}'")

@@ -32,17 +32,42 @@ def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
-def _quiet_libraries() -> None:
-    """Lightning's advice is aimed at its own users; ours get classlab's messages instead."""
+class IntermixedParser(argparse.ArgumentParser):
+    """Options and positionals in any order: ``train exp_name=x --force data.root=y`` as well as flags last.
+
+    argparse stops collecting a ``nargs="*"`` positional at the first option; the intermixed parse
+    collects the options first and then all positionals, wherever they stand.
+    """
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._inside:  # parse_known_intermixed_args calls back into this method
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
+def _quiet_libraries(verbose: int = 0) -> None:
+    """Lightning's advice is aimed at its own users; ours get classlab's messages instead (``-v`` shows it all)."""
     import lightning  # noqa: F401  (it sets its loggers' levels on import: lower them after)
+
+    if verbose:
+        level = logging.DEBUG if verbose > 1 else logging.INFO
+        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+            logging.getLogger(name).setLevel(level)
+        warnings.simplefilter("default")
+        return
 
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module=r"lightning\..*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
-    # An image over the pixel limit is listed as a bad file by classlab; PIL's own warning would say it twice.
-    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
 
     def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
         print(f"warning: {message}", file=sys.stderr)
@@ -177,37 +202,70 @@ def cmd_compare(args: argparse.Namespace) -> int:
         group=args.group,
         plots=not args.no_plots,
     )
+    if args.html:
+        from classlab.report import write_html_report
+
+        table.files.append(
+            write_html_report(args.runs, table.files[0].parent / "report.html", by=args.by, metrics=split or None)
+        )
     print(table.markdown(), end="")
     print("wrote " + ", ".join(str(f) for f in table.files))
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from classlab.report import write_html_report
+
+    path = write_html_report(args.runs, args.out, split=args.split)
+    print(f"wrote {path} (one self-contained page: open it in any browser)")
+    return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell), end="")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    # SUPPRESS: `classlab -v train` and `classlab train -v` both count; the subparser must not reset it.
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="let library logs and warnings through (Lightning, torch); -vv for debug logs",
+    )
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("items", nargs="*", help="[config.yaml|config.ini] [key=value ...]")
+    p.add_argument("items", nargs="*", help="[config.yaml|config.ini] [key=value ...], in any order with the flags")
     p.add_argument("--resume", action="store_true", help="continue the run from its last.ckpt")
     p.add_argument("--force", action="store_true", help="move an existing run folder aside and start again")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config with every default")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config with every default, each key's allowed values as a comment",
+    )
     p.add_argument("--explain", metavar="KEY", help="what a config key means, its unit, default and allowed values")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def _add_train_commands(sub: Any) -> None:
+def _add_run_commands(sub: Any) -> None:
     p = sub.add_parser("train", help="train a model (no arguments: a small CNN on the embedded sample)")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("pretrain", help="self-supervised pretraining: `classlab pretrain rotation CONFIG`")
-    p.add_argument("pretext", choices=["rotation"])
+    p.add_argument("pretext", choices=["rotation"], help="the pretext task")
     _add_train_args(p)
     p.set_defaults(func=lambda a: cmd_train(a, task=a.pretext))
 
-
-def _add_run_commands(sub: Any) -> None:
-    """The commands that read a finished run folder."""
     p = sub.add_parser("eval", help="evaluate a run: top-1, top-5, per-class accuracy, confusion matrix")
-    p.add_argument("run")
-    p.add_argument("--split", default="test", choices=["test", "val"])
-    p.add_argument("--checkpoint", default="best", help="best, last, epochN")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--split", default="test", choices=["test", "val"], help="images to evaluate (default test)")
+    p.add_argument("--checkpoint", default="best", help="best, last, epochN (default best)")
     p.add_argument(
         "--tta",
         metavar="MODES",
@@ -219,28 +277,27 @@ def _add_run_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict image files or folders into a CSV")
-    p.add_argument("run")
-    p.add_argument("paths", nargs="+")
+    p.add_argument("run", help="run folder")
+    p.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
     p.add_argument("--out", help="CSV file to write (default predictions.csv)")
-    p.add_argument("--checkpoint", default="best")
-    p.add_argument("--top", type=int, default=3, help="how many classes per image")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--checkpoint", default="best", help="best, last, epochN (default best)")
+    p.add_argument("--top", type=int, default=3, help="how many classes per image (default 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--backend", default="torch", choices=["torch", "onnx"], help="onnx: run the exported model in onnxruntime"
     )
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a run's model: ONNX or torch.export (pt2)")
-    p.add_argument("run")
-    p.add_argument("--format", default="onnx", choices=["onnx", "pt2"])
+    p.add_argument("run", help="run folder")
+    p.add_argument("--format", default="onnx", choices=["onnx", "pt2"], help="file format (default onnx)")
     p.add_argument("--out", help="file to write (default RUN/export/model.<format>)")
-    p.add_argument("--checkpoint", default="best")
+    p.add_argument("--checkpoint", default="best", help="best, last, epochN (default best)")
     p.set_defaults(func=cmd_export)
 
 
-def _add_many_run_commands(sub: Any) -> None:
-    """The commands over many runs, and the model list."""
+def _add_study_commands(sub: Any) -> None:
     p = sub.add_parser("sweep", help="run a grid of configs, one run folder each; a second call continues it")
     p.add_argument("items", nargs="*", help="[config.yaml|config.ini] [key=value ...] shared by every run")
     p.add_argument(
@@ -262,28 +319,46 @@ def _add_many_run_commands(sub: Any) -> None:
     p.add_argument("--x", metavar="KEY", help="config key on the x axis of the metric plot (default: first numeric)")
     p.add_argument("--group", action="append", metavar="KEY", help="one line per value of this key (repeatable)")
     p.add_argument("--out", help="folder for compare.csv/.md and PNGs (default: <runs' parent>/compare)")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="write the table only")
+    p.add_argument("--html", action="store_true", help="also write report.html there (as `classlab report`)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("models", help="list registered models with parameters and MFLOPs")
-    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("report", help="one self-contained HTML page about runs: table, curves, error analysis")
+    p.add_argument("runs", nargs="+", help="run folders, sweep folders or globs")
+    p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    p.add_argument(
+        "--split", default="test", choices=["test", "val"], help="images of the single-run analysis (default test)"
+    )
+    p.set_defaults(func=cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(
         prog="classlab", description="Image-classification experiments: one config, one command."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_train_commands(sub)
+    parser.add_argument(
+        "--version", action="version", version=f"classlab {version('classlab')}", help="print the version"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="let library logs and warnings through")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=IntermixedParser, metavar="COMMAND")
     _add_run_commands(sub)
-    _add_many_run_commands(sub)
+    _add_study_commands(sub)
+    p = sub.add_parser("models", help="list registered models with parameters and MFLOPs")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("completion", help="print a shell completion script: `classlab completion bash > ~/.classlab`")
+    p.add_argument("shell", choices=["bash", "zsh", "tcsh"], help="the shell")
+    p.set_defaults(func=cmd_completion)
+    for p in sub.choices.values():
+        _common(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    _quiet_libraries(args.verbose)
     try:
         return int(args.func(args) or 0)
     except ClassLabError as exc:

@@ -170,15 +170,8 @@ def compare(
     if unknown:
         hint = did_you_mean(unknown[0], sorted(known))
         raise ClassLabError(f"config key '{unknown[0]}' is in none of the runs{hint}")
-    metrics = list(metrics) if metrics else [m for m in DEFAULT_METRICS if any(m in r.summary for r in runs)]
-    rows = []
-    for run in runs:
-        row: dict[str, Any] = {"run": run.label, "status": run.summary.get("status")}
-        row.update({k: run.config.get(k) for k in by})
-        row.update({m: run.summary.get(m) for m in metrics})
-        rows.append(row)
-    rows.sort(key=lambda r: tuple(_sort_key(r.get(k)) for k in by) + (r["run"],))
-    table = Comparison(["run", "status", *by, *metrics], rows, by, metrics)
+    table = comparison(runs, by, metrics)
+    metrics = table.metrics
     out_dir = Path(out) if out else Path(os.path.commonpath([str(r.path.parent) for r in runs])) / "compare"
     atomic_write_text(out_dir / "compare.csv", table.csv())
     atomic_write_text(out_dir / "compare.md", table.markdown())
@@ -194,6 +187,19 @@ def compare(
             if plotted:
                 table.files.append(plotted)
     return table
+
+
+def comparison(runs: list[RunData], by: list[str], metrics: list[str] | None = None) -> Comparison:
+    """One row per run: its label, status, the ``by`` config keys and the ``metrics`` of its summary."""
+    metrics = list(metrics) if metrics else [m for m in DEFAULT_METRICS if any(m in r.summary for r in runs)]
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {"run": run.label, "status": run.summary.get("status")}
+        row.update({k: run.config.get(k) for k in by})
+        row.update({m: run.summary.get(m) for m in metrics})
+        rows.append(row)
+    rows.sort(key=lambda r: tuple(_sort_key(r.get(k)) for k in by) + (r["run"],))
+    return Comparison(["run", "status", *by, *metrics], rows, by, metrics)
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:

@@ -13,7 +13,7 @@ import copy
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -205,6 +205,17 @@ class TrainerSection(Section):
     on_nonfinite: Literal["stop", "skip_batch"] = Field(
         "stop", description="a NaN/infinite training loss: stop the run (status diverged) or skip that batch"
     )
+    loggers: list[Literal["tensorboard", "csv", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers; the run's own metrics.csv is written whatever this says",
+    )
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<run.root>/mlflow.db"
+    )
+    project: str = Field("classlab", description="MLflow experiment / W&B project the runs are logged under")
+    log_every: int = Field(
+        50, ge=1, description="optimizer steps between logged training loss and learning rate (capped at an epoch)"
+    )
 
 
 class Config(Section):
@@ -368,30 +379,16 @@ def _field(key: str) -> Any:
     raise ConfigError(f"unknown config key '{key}'")  # pragma: no cover - the loop always returns
 
 
-def _allowed(annotation: Any) -> str:
-    """Readable type of a field: its Literal values, else the type's name."""
-    args = get_args(annotation)
-    if get_origin(annotation) is Literal:
-        return " | ".join(repr(a) for a in args)
-    if args and get_origin(annotation) in (Union, types.UnionType):
-        return " | ".join(_allowed(a) for a in args)
-    if annotation is type(None):
-        return "null"
-    return getattr(annotation, "__name__", str(annotation)).replace("typing.", "")
-
-
 def explain(key: str) -> str:
     """``classlab train --explain KEY``: what a key means, its allowed values, bounds and default."""
     field = _field(key)
     ann = field.annotation
     if isinstance(ann, type) and issubclass(ann, BaseModel):
         return f"{key}: a section; its keys: " + ", ".join(ann.model_fields)
-    signs = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
-    bounds = [f"{sign} {getattr(m, a)}" for m in field.metadata for a, sign in signs.items() if hasattr(m, a)]
     default = field.get_default(call_default_factory=True)
     lines = [
         f"{key}: {field.description or '(no description)'}",
-        f"  allowed: {_allowed(ann)}" + (f" ({', '.join(bounds)})" if bounds else ""),
+        f"  allowed: {_allowed(field)}",
         f"  default: {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}",
     ]
     return "\n".join(lines)
@@ -606,3 +603,66 @@ def _ini_gpus(gpus: Any) -> Any:
 
 def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def _allowed(info: Any) -> str:
+    """The values a field takes, in a few words: its Literal choices, its numeric range, its type."""
+    import typing
+
+    def describe(tp: Any) -> list[str]:
+        origin = typing.get_origin(tp)
+        if origin is Literal:
+            return [str(a) for a in typing.get_args(tp)]
+        if origin in (typing.Union, types.UnionType):
+            return [d for a in typing.get_args(tp) for d in describe(a)]
+        if origin is list and typing.get_args(tp):
+            return ["[" + " | ".join(describe(typing.get_args(tp)[0])) + ", ...]"]
+        if origin is tuple and typing.get_args(tp):
+            return ["[" + ", ".join("/".join(describe(a)) for a in typing.get_args(tp)) + "]"]
+        if origin is dict:
+            return ["{name: ...}"]
+        if tp is type(None):
+            return ["null"]
+        if tp is bool:
+            return ["true", "false"]
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return ["{...}"]
+        return [getattr(tp, "__name__", None) or str(tp).replace("typing.", "")]
+
+    choices = list(dict.fromkeys(describe(info.annotation)))
+    bounds = []
+    for item in info.metadata:
+        for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(item, attr, None) is not None:
+                bounds.append(f"{sign}{getattr(item, attr)}")
+    return " | ".join(choices) + (f" ({', '.join(bounds)})" if bounds else "")
+
+
+def _described(info: Any) -> str:
+    """A field's allowed values and what it means: the comment beside it in ``--print-config``."""
+    return _allowed(info) + (f"; {info.description}" if info.description else "")
+
+
+def annotated_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, each key followed by a comment with its allowed values (``--print-config``).
+
+    Loading the text back gives the same config: the comments are only for the reader.
+    """
+    lines: list[str] = []
+
+    def emit(model: BaseModel, indent: str) -> None:
+        for name, info in type(model).model_fields.items():
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                lines.append(f"{indent}{name}:")
+                emit(value, indent + "  ")
+                continue
+            plain = model.model_dump(mode="json")[name]
+            text = yaml.safe_dump({name: plain}, default_flow_style=True, width=10_000, sort_keys=False).strip()
+            lines.append(f"{indent}{text[1:-1]}  # {_described(info)}")
+        for name, value in (model.model_extra or {}).items():  # family keys of model.* (checked by the registry)
+            text = yaml.safe_dump({name: value}, default_flow_style=True, width=10_000).strip()
+            lines.append(f"{indent}{text[1:-1]}  # family parameter")
+
+    emit(cfg, "")
+    return "\n".join(lines) + "\n"

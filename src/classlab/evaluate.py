@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,15 @@ from classlab.engine.metrics import (
 from classlab.engine.predict import predict_logits, predict_tasks
 from classlab.engine.tta import TTAPlan, parse_tta, tta_probabilities_batches, tta_probabilities_images, views_per_image
 from classlab.errors import ClassLabError
-from classlab.run import SPLIT, RunFolder, atomic_write_figure, atomic_write_json, atomic_write_text, open_run, pyplot
+from classlab.run import (
+    RunFolder,
+    atomic_write_bytes,
+    atomic_write_figure,
+    atomic_write_json,
+    atomic_write_text,
+    open_run,
+    pyplot,
+)
 
 GRID_IMAGES = 25
 
@@ -72,7 +81,7 @@ def evaluate(
     if (tta or report) and cfg.task == "rotation":
         raise ClassLabError("--tta and --report apply to classifiers; this run is a rotation pretext run")
     plan = parse_tta(tta, loaded.image_size) if tta else None
-    data = load_data(cfg, split=run.read_json(SPLIT), with_test=split == "test")
+    data = load_data(cfg, split=run.read_split(), with_test=split == "test")
     part = data.test if split == "test" else data.val
     if part is None or len(part) == 0:
         raise ClassLabError(
@@ -291,11 +300,14 @@ def write_report(
             "true": classes[int(labels[i])],
             "predicted": classes[int(pred[i])],
             "confidence": float(conf[i]),
+            "thumbnail": f"errors/{k:02d}.png",
             **({"image": describe(i)} if describe else {}),
         }
-        for i in order
+        for k, i in enumerate(order)
     ]
-    atomic_write_figure(out / "confident_errors.png", _errors_figure([image_at(i) for i in order], errors))
+    images = [image_at(i) for i in order]
+    atomic_write_figure(out / "confident_errors.png", _errors_figure(images, errors))
+    _write_thumbnails(out / "errors", images)
     report = {
         "predictions": source,
         "ece": cal["ece"],
@@ -307,6 +319,17 @@ def write_report(
     }
     atomic_write_json(out / "report.json", report)
     return report
+
+
+def _write_thumbnails(folder: Path, images: list[torch.Tensor]) -> None:
+    """Each confidently wrong image as its own PNG (``classlab report`` shows them with their names)."""
+    shutil.rmtree(folder, ignore_errors=True)  # a previous evaluation's errors are not this one's
+    for k, img in enumerate(images):
+        arr = img.permute(1, 2, 0).numpy()
+        pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+        buffer = io.BytesIO()
+        pil.save(buffer, format="PNG")
+        atomic_write_bytes(folder / f"{k:02d}.png", buffer.getvalue())
 
 
 def _reliability_figure(cal: dict[str, Any], source: str) -> Any:

@@ -6,6 +6,11 @@ decode, resize the shorter side, centre-crop and divide by 255: the same steps a
 ``data.preprocess``, with no statistics to copy by hand. Class names and the input size travel
 inside the file (ONNX ``metadata_props``; the pt2 archive's extra files), so the file alone is
 enough to name its predictions.
+
+ONNX goes through ``torch.onnx.export(dynamo=True)`` (torch.export, then onnxscript) with a dynamic
+batch dimension. Only when that fails (a model torch.export cannot capture, onnxscript missing) is the
+legacy TorchScript exporter used, with a warning that says why; ``classlab.exporter`` in the file's
+metadata records which one wrote it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from classlab.errors import ClassLabError
 from classlab.run import RunFolder, atomic_write_bytes, open_run
 
 FORMATS = ("onnx", "pt2")
-OPSET = 17
+OPSET = 18  # the dynamo exporter's lowest
+LEGACY_OPSET = 17
 INSTALL_HINT = "pip install 'classlab[export]'"
 
 
@@ -79,14 +85,52 @@ def export(
 
 
 def _onnx_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, str]) -> bytes:
+    """ONNX through the dynamo exporter (torch.export + onnxscript), the TorchScript one only as a fallback."""
     try:
         import onnx
     except ImportError:
         raise ClassLabError(f"ONNX export needs the onnx package: {INSTALL_HINT}") from None
+    try:
+        proto, exporter = _onnx_dynamo(model, example), "dynamo"
+    except Exception as exc:  # noqa: BLE001 - any capture failure falls back, saying why
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        if isinstance(exc, ImportError):
+            first = f"onnxscript is not installed: {INSTALL_HINT}"
+        warnings.warn(
+            f"the dynamo ONNX exporter failed ({first}); exported with the legacy TorchScript exporter instead",
+            UserWarning,
+            stacklevel=3,
+        )
+        proto, exporter = onnx.load_from_string(_onnx_legacy(model, example)), "torchscript"
+    for key, value in {**meta, "classlab.exporter": exporter}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "classlab"
+    return proto.SerializeToString()
+
+
+def _onnx_dynamo(model: nn.Module, example: torch.Tensor) -> Any:
+    import onnxscript  # noqa: F401  (the dynamo exporter's dependency: fail early and clearly without it)
+
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        None,
+        dynamo=True,
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_shapes=({0: batch},),
+        opset_version=OPSET,
+        verbose=False,
+    )
+    return program.model_proto
+
+
+def _onnx_legacy(model: nn.Module, example: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        # The TorchScript exporter needs no onnxscript and handles every family we register.
+        warnings.simplefilter("ignore")  # its deprecation notice: the fallback already said so
         torch.onnx.export(
             model,
             (example,),
@@ -95,14 +139,9 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, str]) -
             input_names=["images"],
             output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=OPSET,
+            opset_version=LEGACY_OPSET,
         )
-    proto = onnx.load_from_string(buffer.getvalue())
-    for key, value in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    proto.producer_name = "classlab"
-    return proto.SerializeToString()
+    return buffer.getvalue()
 
 
 def _pt2_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, str]) -> bytes:

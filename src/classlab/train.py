@@ -19,9 +19,10 @@ import lightning as L
 import torch
 from rich.console import Console
 
-from classlab.config import Config, apply_overrides, dump_yaml, load_config, stage_config, validate
+from classlab.config import Config, annotated_yaml, apply_overrides, load_config, stage_config, validate
 from classlab.data.pipeline import DataBundle, load_data
 from classlab.data.tasks import TaskLayout
+from classlab.engine import loggers as tracking
 from classlab.engine.callbacks import METRIC_COLUMNS, RunRecorder
 from classlab.engine.task import ClassifyTask, MultiTaskTask
 from classlab.engine.trainer import (
@@ -52,8 +53,8 @@ def coerce_config(config: Config | str | Path | dict | None, overrides: list[str
 
 
 def print_config(config: str | Path | None, overrides: list[str] | None = None) -> str:
-    """``--print-config``: the resolved config with every default, as YAML (after the same checks as a run)."""
-    return dump_yaml(coerce_config(config, overrides))
+    """``--print-config``: the resolved config with every default and allowed values, as YAML (checked as a run is)."""
+    return annotated_yaml(coerce_config(config, overrides))
 
 
 def check_models(cfg: Config) -> None:
@@ -240,6 +241,7 @@ def _train_one(
     start_from: Path | None = None,
 ) -> RunFolder:
     """One run in one folder, which process 0 holds locked (run.lock) from start to end."""
+    tracking.check_loggers(cfg.trainer.loggers)  # a missing package fails before the run folder exists
     run, cfg = _make_run(cfg, resume, force)
     lock = run.lock()
     try:
@@ -302,15 +304,27 @@ def _fit_run(
         columns=[*METRIC_COLUMNS, *extra_columns] if extra_columns else None,
     )
     os.environ[RUN_DIR_ENV] = str(run.path.resolve())
+    loggers = tracking.build_loggers(cfg, run)
     trainer = build_trainer(
-        cfg, run, recorder, console, has_val=val_loader is not None, steps_per_epoch=len(train_loader), zero=_is_zero()
+        cfg,
+        run,
+        recorder,
+        console,
+        has_val=val_loader is not None,
+        steps_per_epoch=len(train_loader),
+        zero=_is_zero(),
+        loggers=loggers,
     )
     if cfg.trainer.compile:
         task.model.net = torch.compile(task.model.net)
+    if _is_zero():
+        tracking.start(loggers, cfg, run)
     _fit(trainer, task, train_loader, val_loader, last_ckpt)
     if not trainer.is_global_zero:
         return run
-    return _finish(run, cfg, data, task, recorder, console)
+    _finish(run, cfg, data, task, recorder, console)
+    tracking.finish(loggers, cfg, run.summary(), trainer.global_step)
+    return run
 
 
 def _fit(trainer: L.Trainer, task: ClassifyTask, train_loader: Any, val_loader: Any, last_ckpt: Path | None) -> None:

@@ -13,6 +13,7 @@ import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from rich.console import Console
 
+from classlab.engine.loggers import log_epoch
 from classlab.errors import ClassLabError
 from classlab.run import RunFolder, atomic_torch_save
 
@@ -68,6 +69,7 @@ class RunRecorder(L.Callback):
             if validated:
                 row.update(pl_module.last_val)
             self.run.append_metrics(row, self.columns)
+            log_epoch(trainer, row)
             if self.console is not None:
                 shown = "  ".join(
                     f"{k} {row[k]:.4f}" for k in ("train/loss", "train/acc", "val/loss", "val/acc") if k in row

@@ -1,7 +1,8 @@
 """Metrics of a set of predictions: top-k accuracy, the confusion matrix, per-class scores, calibration.
 
 One home for the arithmetic, so the final test of a run, ``classlab eval`` and its ``--report``
-agree to the last digit.
+agree to the last digit; the numbers come from torchmetrics, the implementation the
+LightningModule's validation metrics use.
 """
 
 from __future__ import annotations
@@ -10,56 +11,76 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_calibration_error,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
 
 ECE_BINS = 15
 
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    """Share of examples whose label is among the ``k`` highest scores (torchmetrics ``MulticlassAccuracy``)."""
     if len(labels) == 0:
         return float("nan")
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return float((top == labels[:, None]).any(1).float().mean())
+    classes = logits.shape[1]
+    return float(multiclass_accuracy(logits, labels, num_classes=classes, top_k=min(k, classes), average="micro"))
 
 
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """counts[true, predicted] of class predictions (or of logits/probabilities: their argmax)."""
-    if pred.ndim == 2:
-        pred = pred.argmax(1)
-    return torch.bincount(labels * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+    """counts[true, predicted] of predictions or of scores' arg-max (torchmetrics ``MulticlassConfusionMatrix``)."""
+    return multiclass_confusion_matrix(pred, labels, num_classes=num_classes)
 
 
 def per_class_scores(pred: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> list[dict[str, Any]]:
-    """Precision, recall, F1 and support per class; a class never predicted has precision 0 (not NaN)."""
-    cm = confusion_matrix(pred, labels, len(classes)).double()
-    tp = cm.diag()
-    predicted, actual = cm.sum(0), cm.sum(1)
-    rows = []
-    for i, name in enumerate(classes):
-        p = float(tp[i] / predicted[i]) if predicted[i] > 0 else 0.0
-        r = float(tp[i] / actual[i]) if actual[i] > 0 else 0.0
-        f1 = 2 * p * r / (p + r) if p + r > 0 else 0.0
-        rows.append({"class": name, "precision": p, "recall": r, "f1": f1, "support": int(actual[i])})
-    return rows
+    """Precision, recall, F1 and support per class (torchmetrics, ``average=None``).
+
+    A class never predicted has precision 0 (``zero_division=0``), not NaN.
+    """
+    n = len(classes)
+    scores = [
+        metric(pred, labels, num_classes=n, average=None, zero_division=0).tolist()
+        for metric in (multiclass_precision, multiclass_recall, multiclass_f1_score)
+    ]
+    support = torch.bincount(labels, minlength=n).tolist()
+    return [
+        {"class": name, "precision": p, "recall": r, "f1": f1, "support": int(s)}
+        for name, p, r, f1, s in zip(classes, *scores, support)
+    ]
 
 
 def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict[str, Any]:
-    """ECE = sum over bins of (bin share) * |accuracy - mean confidence|, with the per-bin figures."""
+    """ECE = sum over bins of (bin share) * |accuracy - mean confidence| (torchmetrics ``MulticlassCalibrationError``).
+
+    torchmetrics' bins are [k/B, (k+1)/B), and a confidence of exactly 1.0 (a saturated float32 softmax)
+    falls in a bin of its own beyond the last; the per-bin figures of the diagram use the same edges and
+    show those 1.0 confidences in the last bar.
+    """
+    probs = probs.float()
+    if len(labels) == 0:
+        return {"ece": 0.0, "bins": []}
+    ece = float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=bins, norm="l1"))
     conf, pred = probs.max(1)
     correct = (pred == labels).double()
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    # Bin i holds confidences in (edges[i], edges[i+1]]; a confidence of exactly 0 cannot occur.
-    index = (torch.bucketize(conf.double(), edges, right=False) - 1).clamp(0, bins - 1)
-    ece, per_bin = 0.0, []
-    total = max(1, len(labels))
+    edges = torch.linspace(0, 1, bins + 1, dtype=probs.dtype)  # as torchmetrics makes them
+    index = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, bins - 1)
+    per_bin = []
     for i in range(bins):
         mask = index == i
         count = int(mask.sum())
-        acc = float(correct[mask].mean()) if count else None
-        mean_conf = float(conf[mask].double().mean()) if count else None
-        if count:
-            ece += count / total * abs(acc - mean_conf)
-        per_bin.append({"low": float(edges[i]), "high": float(edges[i + 1]), "count": count, "accuracy": acc,
-                        "confidence": mean_conf})  # fmt: skip
+        per_bin.append(
+            {
+                "low": float(edges[i]),
+                "high": float(edges[i + 1]),
+                "count": count,
+                "accuracy": float(correct[mask].mean()) if count else None,
+                "confidence": float(conf[mask].double().mean()) if count else None,
+            }
+        )
     return {"ece": ece, "bins": per_bin}
 
 

@@ -20,6 +20,7 @@ from classlab.config import Config
 from classlab.data.pipeline import DataBundle
 from classlab.data.preprocess import Normalize
 from classlab.data.tasks import TaskLayout
+from classlab.engine import loggers as tracking
 from classlab.engine.callbacks import AtomicCheckpointIO, RunRecorder
 from classlab.engine.metrics import task_accuracies, top_k_accuracy
 from classlab.engine.nonfinite import NonFiniteGuard
@@ -147,12 +148,6 @@ def _progress(console: Console, enabled: bool) -> list[L.Callback]:
     return []
 
 
-def _tb_logger(run: RunFolder) -> Any:
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    return TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False)
-
-
 def build_trainer(
     cfg: Config,
     run: RunFolder,
@@ -162,6 +157,7 @@ def build_trainer(
     has_val: bool,
     steps_per_epoch: int,
     zero: bool = True,
+    loggers: list[Any] | None = None,
 ) -> L.Trainer:
     """The Lightning Trainer of a run: devices, precision, checkpoints, early stopping, progress, logger."""
     device = accelerator(cfg)
@@ -186,14 +182,15 @@ def build_trainer(
             NonFiniteGuard(cfg.trainer.on_nonfinite, run if zero else None, console if zero else None),
             *_checkpoint_callbacks(cfg, run, has_val, steps_per_epoch),
             *_progress(console, show_progress),
+            *tracking.logger_callbacks(loggers or []),
         ],
-        logger=_tb_logger(run),
+        logger=loggers if loggers is not None else tracking.build_loggers(cfg, run),
         plugins=[AtomicCheckpointIO()],
         enable_checkpointing=True,
         enable_progress_bar=show_progress and console.is_terminal,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(50, steps_per_epoch)),
+        log_every_n_steps=max(1, min(cfg.trainer.log_every, steps_per_epoch)),
         default_root_dir=str(run.path),
         use_distributed_sampler=True,
     )

@@ -1,0 +1,112 @@
+"""Command-line habits: flags anywhere, --version, python -m, completion, -v, help everywhere, env vars."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import yaml
+
+from classlab import __version__
+from classlab.cli import _quiet_libraries, build_parser
+from classlab.config import load_config
+from tests.conftest import REPO, run_cli, tiny_config
+
+
+def test_flags_and_overrides_in_any_order() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["train", "exp_name=x", "--force", "data.root=/data", "--quiet", "epochs=3"])
+    assert args.items == ["exp_name=x", "data.root=/data", "epochs=3"] and args.force and args.quiet
+    args = parser.parse_args(["predict", "runs/a", "--top", "2", "one.jpg", "two.jpg"])
+    assert args.paths == ["one.jpg", "two.jpg"] and args.top == 2
+    args = parser.parse_args(["sweep", "epochs=1", "--grid", "optim.lr=0.1,0.2", "seed=3", "--jobs", "2"])
+    assert args.items == ["epochs=1", "seed=3"] and args.grid == ["optim.lr=0.1,0.2"] and args.jobs == 2
+
+
+def test_print_config_after_an_override_shows_allowed_values() -> None:
+    result = run_cli("train", "epochs=3", "--print-config", "optim.name=adamw")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert re.search(r"^epochs: 3  # int \(>=1, <=100000\); passes over the training images$", text, re.M)
+    assert re.search(r"^  name: adamw  # sgd \| adam \| adamw \| radam \| lars \| lamb \| rangerlars$", text, re.M)
+    assert "  loggers: [tensorboard]  # [tensorboard | csv | mlflow | wandb, ...]; experiment trackers;" in text
+    # The comments are for the reader: the text loads back as the same config.
+    assert yaml.safe_load(text) == load_config(None, ["epochs=3", "optim.name=adamw"]).to_dict()
+
+
+def test_version_and_python_dash_m() -> None:
+    result = subprocess.run([sys.executable, "-m", "classlab", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == f"classlab {__version__}"
+    result = subprocess.run([sys.executable, "-m", "classlab", "nosuch"], capture_output=True, text=True)
+    assert result.returncode == 2 and "invalid choice: 'nosuch'" in result.stderr
+
+
+def test_completion_scripts() -> None:
+    bash = run_cli("completion", "bash")
+    assert bash.returncode == 0, bash.stderr
+    for word in ("train", "eval", "report", "--print-config", "--resume"):
+        assert word in bash.stdout
+    sourced = subprocess.run(
+        ["bash", "-c", "source /dev/stdin && complete -p classlab"], input=bash.stdout, capture_output=True, text=True
+    )
+    assert sourced.returncode == 0 and "classlab" in sourced.stdout, sourced.stderr
+    zsh = run_cli("completion", "zsh")
+    assert zsh.returncode == 0 and zsh.stdout.startswith("#compdef classlab")
+
+
+def test_every_option_has_help() -> None:
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [
+        f"{name} {action.dest}"
+        for name, p in [("classlab", parser), *sub.choices.items()]
+        for action in p._actions
+        if not isinstance(action, argparse._SubParsersAction) and not action.help
+    ]
+    assert missing == []
+    assert all(choice.help for choice in sub._choices_actions)  # every command too
+
+
+def test_verbose_lets_library_warnings_and_logs_through(capsys: pytest.CaptureFixture) -> None:
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        _quiet_libraries(0)
+        warnings.warn_explicit("hidden", UserWarning, "x.py", 1, module="lightning.pytorch.trainer")
+        assert "hidden" not in capsys.readouterr().err
+        assert logging.getLogger("lightning.pytorch").level == logging.ERROR
+        _quiet_libraries(1)
+        warnings.warn_explicit("shown", UserWarning, "x.py", 1, module="lightning.pytorch.trainer")
+        assert "shown" in capsys.readouterr().err
+        assert logging.getLogger("lightning.pytorch").level == logging.INFO
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def test_verbose_train_shows_lightning_messages(tmp_path: Path) -> None:
+    quiet = run_cli("train", *tiny_config(tmp_path, exp_name="q", epochs=1, **{"trainer.max_steps": 1}))
+    loud = run_cli("train", "-v", *tiny_config(tmp_path, exp_name="v", epochs=1, **{"trainer.max_steps": 1}))
+    assert quiet.returncode == 0 and loud.returncode == 0, loud.stderr
+    assert "GPU available" not in quiet.stdout + quiet.stderr
+    assert "GPU available" in loud.stderr  # Lightning's own device report
+
+
+def test_readme_documents_every_environment_variable() -> None:
+    used = set()
+    for path in (REPO / "src").rglob("*.py"):
+        text = path.read_text()
+        used |= set(re.findall(r"""environ(?:\.get)?[\[(]\s*["']([A-Z_]+)["']""", text))
+        used |= set(re.findall(r"""^[A-Z_]+_ENV = "([A-Z_]+)\"""", text, re.M))
+    used -= {"LOCAL_RANK", "NODE_RANK"}  # set by the DDP launcher, not by users
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("### Environment variables") :]
+    assert used and {"CLASSLAB_DEBUG", "CLASSLAB_DATA", "XDG_CACHE_HOME", "CLASSLAB_RUN_DIR"} <= used
+    assert [v for v in sorted(used) if f"`{v}`" not in table] == []
+
+
+@pytest.mark.parametrize("text", ['"lightning>=2.6"', '"safetensors>=', '"onnxscript>=', '"shtab>='])
+def test_pyproject_declares(text: str) -> None:
+    assert text in (REPO / "pyproject.toml").read_text()
