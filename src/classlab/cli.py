@@ -41,7 +41,9 @@ class IntermixedParser(argparse.ArgumentParser):
 
     _inside = False
 
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
         if self._inside:  # parse_known_intermixed_args calls back into this method
             return super().parse_known_args(args, namespace)
         self._inside = True

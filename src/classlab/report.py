@@ -34,7 +34,8 @@ table.sortable th { cursor: pointer; background: #f4f6f8; user-select: none; }
 table.sortable th[aria-sort=ascending]::after { content: " \\25B2"; }
 table.sortable th[aria-sort=descending]::after { content: " \\25BC"; }
 table.confusion td { min-width: 2.2rem; text-align: center; }
-.plots { display: flex; flex-wrap: wrap; gap: .5rem; } .plots img { width: calc(50% - .25rem); }
+.plots { display: flex; flex-wrap: wrap; gap: .5rem; }
+.plots img { width: calc(50% - .5rem); box-sizing: border-box; } img.reliability { width: 480px; }
 .plots img, .figure { max-width: 100%; border: 1px solid #eee; }
 .errors { display: flex; flex-wrap: wrap; gap: .6rem; }
 .errors figure { margin: 0; width: 112px; font-size: 12px; text-align: center; }
@@ -188,7 +189,7 @@ def _analysis(run: RunData, split: str) -> str:
             "<h3>Most confidently wrong</h3>",
             _errors(folder, report["confident_errors"]),
             "<h3>Reliability</h3>",
-            _img((folder / "reliability.png").read_bytes(), "reliability diagram"),
+            _img((folder / "reliability.png").read_bytes(), "reliability diagram", "figure reliability"),
         ]
     )
 
