@@ -202,3 +202,38 @@ def test_rotate_first_matches_torchvisions_rotation_then_crop() -> None:
         assert error < 1.5, (seed, angle, error)  # mean grey-level difference: the same picture
         if abs(angle) > 3:  # the old order (rotate within the crop) is a different picture
             assert (after[0].float() - reference).abs().mean().item() > 3 * error
+
+
+@pytest.mark.slow  # about 30 s on the shared 2 cores
+def test_a_run_with_the_source_fidelity_keys_learns(color_folder: Path, tmp_path: Path) -> None:
+    import json
+
+    import classlab
+    from tests.conftest import tiny_config
+
+    overrides = tiny_config(
+        tmp_path,
+        exp_name="fidelity",
+        **{
+            "data.dataset": "folder",
+            "data.root": str(color_folder),
+            "data.image_size": 16,
+            "data.images_per_class": "null",
+            "data.batch_size": 16,
+            "data.train_source_size": 24,
+            "aug.crop_padding": 0,
+            "aug.random_resized_crop": "[0.5,1.0]",
+            "aug.rotation": 30,
+            "aug.rotate_first": "true",
+            "aug.norm_mean": "[0.5,0.5,0.5]",
+            "aug.norm_std": "[0.5,0.5,0.5]",
+            "model.layers": "[8,p,16,p]",
+            "optim.name": "rangerlars",
+            "optim.lr": 0.01,
+        },
+    )
+    run = classlab.train(None, overrides, quiet=True)
+    summary = json.loads((Path(run.path) / "summary.json").read_text())
+    assert summary["best_val_acc"] > 0.6  # three colour classes: chance is 1/3
+    metrics = classlab.evaluate(run.path, split="val")
+    assert metrics["top1"] == pytest.approx(summary["best_val_acc"], abs=1e-6)
