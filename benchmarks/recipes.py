@@ -57,6 +57,7 @@ RECIPES: dict[str, Recipe] = {
             "data.images_per_class=500",
             "data.val_fraction=0.1",  # 5,000 validation images are plenty; 10,000 would cost 9 min more
             "data.image_size=32",
+            "data.train_source_size=32",  # crops from CIFAR's 32 px originals, as the recipe's from STL-10's 96 px
             "epochs=90",
             "sched.restart_period=15",
             "stages=[{}, {epochs: 42, data.image_size: 48, optim.lr: 0.01, sched.name: cosine, "
@@ -66,22 +67,56 @@ RECIPES: dict[str, Recipe] = {
         ["model.preset=stl10_2m"],
         "STL-10's protocol on CIFAR-10: 500 labelled images a class, the stl10_2m net (under 2M parameters), "
         "both stages at 0.3 of their length: 90 epochs at 32 px with restarts every 15 (300 at 70 px every 50 "
-        "in the recipe), then 42 epochs at 48 px (140 at 120 px); bf16 autocast",
+        "in the recipe), then 42 epochs at 48 px (140 at 120 px), crops cut from the 32 px originals; bf16 autocast",
         ["stages=[{}, {data.image_size: 48}]"],
     ),
     "template_compare": Recipe(
         "cifar10_template_compare.yaml",
-        ["epochs=2", BF16],
+        ["epochs=6", BF16],
         ["model.name=normal_cnn,residual_cnn,mixer_s4,mixer_s2,mixer_b4,mixer_b2"],
-        "2 of 30 epochs (180 Adam steps at batch 500) for each of the six models, bf16 autocast",
+        "6 of the source's 600 epochs (600 Adam steps at batch 500, constant lr, so only the length is cut) "
+        "for each of the six models, bf16 autocast",
+        ["data.batch_size=20"],
+    ),
+    "template_compare_defaults": Recipe(
+        "cifar10_template_compare.yaml",
+        [
+            "epochs=6",
+            BF16,
+            "aug.crop_padding=4",
+            "aug.flip=true",
+            "aug.norm_mean=null",
+            "aug.norm_std=null",
+            "data.val_fraction=0.1",
+            "optim.decay_norm_and_bias=false",
+        ],
+        ["model.name=normal_cnn,residual_cnn,mixer_s4,mixer_s2,mixer_b4,mixer_b2"],
+        "the second table: classlab's defaults in place of the source's fixed setup (crop + flip, the training "
+        "split's statistics, a 10% validation split picking best.ckpt, no decay on norms and biases), 6 epochs",
         ["data.batch_size=20"],
     ),
     "efficientnet_b0_fewshot": Recipe(
         "efficientnet_b0_fewshot.yaml",
         [BF16],
         ["data.images_per_class=5,10,20,30,40,50,60,70"],
-        "the published schedule (60 epochs at 64 px), bf16 autocast",
+        "the recipe's 60 epochs at 64 px (the source gives no epoch count), bf16 autocast",
         smoke_grid=["data.images_per_class=5,10"],
+    ),
+    "efficientnet_b0_equal_steps": Recipe(
+        "efficientnet_b0_fewshot.yaml",
+        [BF16],
+        [
+            "data.images_per_class,epochs,trainer.val_every=[5,2400,240],[10,2400,240],[20,800,80],[30,600,60],"
+            "[40,400,40],[50,343,34],[60,267,27],[70,240,24]"
+        ],
+        "every N the same 2,400 RangerLars steps at batch 64 (epochs linked to N), bf16 autocast",
+        smoke_grid=["data.images_per_class,epochs=[5,2],[10,2]"],
+    ),
+    "resnet32_seed": Recipe(
+        "cifar10_resnet32_seed.yaml",
+        ["epochs=30", "sched.milestones=[10.29,15.44]", BF16],
+        ["model.depth=32"],
+        "30 of the source's 239 epochs, lr /10 at 10.29 and 15.44 (its drops at 82 and 123 of 239), bf16 autocast",
     ),
 }
 

@@ -108,7 +108,7 @@ def test_ini_maps_onto_schema(tmp_path: Path) -> None:
     assert cfg.trainer.val_every == 2 and cfg.data.workers == 4 and cfg.task == "rotation"
     assert cfg.data.root == str((tmp_path / "data" / "fashion").resolve()) and cfg.data.dataset == "folder"
     assert cfg.data.images_per_class == 20 and cfg.optim.name == "rangerlars" and cfg.sched.name == "plateau"
-    assert cfg.model.truncate_at == 15 and cfg.model.head_conv is False
+    assert cfg.model.truncate_at == 16 and cfg.model.head_conv is False  # block_op 15 = blocks 0..15 kept
     assert cfg.aug.cutmix_alpha == 1.0 and cfg.aug.mix_prob == 0.5 and cfg.loss.label_smoothing == 0.1
     assert cfg.trainer.devices == 1
 
@@ -118,8 +118,8 @@ def test_ini_unknown_key_and_criterion_rejected(tmp_path: Path) -> None:
     path.write_text("[EXP]\nseeed = 1\n")
     with pytest.raises(ConfigError, match=r"INI key 'seeed' in \[EXP\] is not supported \(did you mean 'seed'\?\)"):
         read_ini(path)
-    path.write_text("[MODEL]\ncriterion = focal\n")
-    with pytest.raises(ConfigError, match="criterion=focal is not supported"):
+    path.write_text("[MODEL]\ncriterion = nll\n")
+    with pytest.raises(ConfigError, match="criterion=nll is not supported"):
         read_ini(path)
     path.write_text("[TRAIN]\nlr = 1\n")
     with pytest.raises(ConfigError, match=r"unknown INI section \[TRAIN\]"):

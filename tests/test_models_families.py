@@ -30,7 +30,10 @@ torch.set_num_threads(1)
 def test_template_presets_match_published_counts(name: str, preset: str, published: int) -> None:
     with torch.device("meta"):
         model = build_model({"name": name, "preset": preset}, num_classes=10, image_size=32)
-    assert count_params(model) == pytest.approx(published, rel=0.01)
+    if name in ("cnn", "residual_cnn"):  # conv biases (and the residual stem without BN) as in the template
+        assert count_params(model) == published
+    else:  # the mixers pool tokens as the paper does, not as the template did (mixer docstring)
+        assert count_params(model) == pytest.approx(published, rel=0.01)
 
 
 def test_stl10_2m_fits_the_budget() -> None:

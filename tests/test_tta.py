@@ -77,3 +77,66 @@ def test_eval_bad_tta_is_one_line(tiny_run: Path) -> None:
     result = run_cli("eval", str(tiny_run), "--tta", "mirror")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "unknown mode 'mirror'" in result.stderr
+
+
+def test_published_protocols_parse() -> None:
+    plan = parse_tta("perscale:224,256,384,480,640", 224)
+    assert plan.protocol == "perscale" and plan.scales == (224, 256, 384, 480, 640) and views_per_image(plan) == 10
+    plan = parse_tta("fullconv:24,32,flip", 32)  # scales below the training size are fine: the net runs at S px
+    assert plan.protocol == "fullconv" and plan.batch_modes == ("flip",) and views_per_image(plan) == 4
+    assert parse_tta("multiscale:32", 32).protocol == "average"
+    for text in ("perscale:32,multiscale:40", "fullconv:32,translate", "perscale:32,fullconv:40"):
+        with pytest.raises(ClassLabError, match="a testing protocol of its own"):
+            parse_tta(text, 32)
+
+
+def test_scale_views_follow_each_protocol() -> None:
+    from classlab.engine.tta import scale_views
+
+    img = Image.new("RGB", (40, 20), (10, 20, 30))
+    crops = scale_views(img, 24, "perscale")  # shorter side to 25, then ten 24 x 24 crops
+    assert crops.shape == (10, 3, 24, 24) and crops.dtype == torch.uint8
+    whole = scale_views(img, 24, "fullconv")  # the whole image, shorter side 24
+    assert whole.shape == (1, 3, 24, 48)
+
+
+def test_perscale_means_accuracies_and_fullconv_averages_scores() -> None:
+    from classlab.engine.tta import scale_protocol_metrics
+
+    labels = torch.tensor([0, 1])
+    # scale A: image 0 right (0.9), image 1 wrong (0.6 on class 0); scale B: image 0 wrong (0.45), image 1 right.
+    a = torch.tensor([[0.9, 0.1], [0.6, 0.4]])
+    b = torch.tensor([[0.45, 0.55], [0.1, 0.9]])
+    per, _ = scale_protocol_metrics([a, b], labels, parse_tta("perscale:32,40", 32), 2)
+    assert [r["top1"] for r in per["per_scale"]] == [0.5, 0.5] and per["top1"] == 0.5
+    full, probs = scale_protocol_metrics([a, b], labels, parse_tta("fullconv:32,40", 32), 2)
+    assert full["top1"] == 1.0 and torch.allclose(probs, (a + b) / 2)  # averaged scores get both right
+
+
+def test_fixed_size_models_refuse_other_scales_in_one_line() -> None:
+    from classlab.data.preprocess import Normalize
+    from classlab.engine.tta import scale_protocol_probabilities
+    from classlab.models import build_model
+    from classlab.models.net import ClassifierModel
+
+    net = ClassifierModel(Normalize(torch.zeros(3), torch.ones(3)), build_model({"name": "mlp"}, 2, 3, 8))
+    images = [Image.new("RGB", (8, 8), (200, 0, 0))]
+    probs = scale_protocol_probabilities(net, lambda: images, parse_tta("fullconv:8", 8))
+    assert probs[0].shape == (1, 2)
+    with pytest.raises(ClassLabError, match=r"cannot score 12 px inputs.*pools globally") as info:
+        scale_protocol_probabilities(net, lambda: images, parse_tta("fullconv:12", 8))
+    assert "\n" not in str(info.value)
+
+
+def test_eval_with_the_published_protocols(tiny_run: Path) -> None:
+    # fullconv at the training size with mirrors is exactly flip TTA: the whole image and its mirror.
+    flip = classlab.evaluate(tiny_run, split="val", tta="flip")
+    full = classlab.evaluate(tiny_run, split="val", tta="fullconv:32,flip")
+    assert full["tta"]["top1"] == pytest.approx(flip["tta"]["top1"], abs=1e-9)
+    result = run_cli("eval", str(tiny_run), "--split", "val", "--tta", "perscale:32,40")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((tiny_run / "eval" / "val" / "metrics.json").read_text())
+    rows = metrics["tta"]["per_scale"]
+    assert [r["scale"] for r in rows] == [32, 40] and metrics["tta"]["protocol"] == "perscale"
+    assert metrics["tta"]["top1"] == pytest.approx((rows[0]["top1"] + rows[1]["top1"]) / 2)
+    assert "scale    40 px  top-1" in result.stdout and "mean of the per-scale accuracies" in result.stdout

@@ -5,12 +5,16 @@
 #   bash configs/study_rotnet_cifar10/run_study.sh            # the study (19 min on 2 CPU cores, measured)
 #   SMOKE=1 bash configs/study_rotnet_cifar10/run_study.sh    # a few steps per run, to check the wiring
 #   JOBS=1 ...                                                # runs at once (default 2: one thread each)
+# Larger studies (configs/README.md, "Long runs"): LAYERS='[...]' swaps the backbone of every run, PRETEXT_ARGS
+# adds overrides to the pretext (its schedule), CKPT_EPOCHS lists the pretext checkpoints (d) transfers from,
+# IPC replaces the labelled-images grid of (b); ROOT keeps each study in its own folder.
 set -euo pipefail
 cd "$(dirname "$0")/../.."            # the repo root: run.root and init_from paths are relative to it
 HERE=configs/study_rotnet_cifar10
 JOBS=${JOBS:-2}
 ROOT=${ROOT:-runs/study_rotnet_cifar10}
 EXTRA=()
+[[ -n "${LAYERS:-}" ]] && EXTRA+=("model.layers=$LAYERS")
 if [[ "${SMOKE:-0}" == 1 ]]; then
   ROOT=${ROOT%_cifar10}_smoke
   EXTRA=(trainer.max_steps=3)
@@ -19,6 +23,9 @@ ROT=$ROOT/rotation
 
 echo "== (a) rotation pretraining -> $ROT"
 PRE=(run.root="$ROOT")
+[[ -n "${LAYERS:-}" ]] && PRE+=("model.layers=$LAYERS")
+# shellcheck disable=SC2206
+[[ -n "${PRETEXT_ARGS:-}" ]] && PRE+=($PRETEXT_ARGS)
 [[ "${SMOKE:-0}" == 1 ]] && PRE+=(data.images_per_class=20 epochs=4 trainer.keep_every=1)
 status=$(python -c "import json,sys; print(json.load(open(sys.argv[1])).get('status',''))" "$ROT/summary.json" 2>/dev/null || true)
 if [[ "$status" == finished ]]; then
@@ -28,11 +35,11 @@ elif [[ -d "$ROT" ]]; then
 else
   classlab pretrain rotation $HERE/pretrain_rotation.yaml "${PRE[@]}"
 fi
-EPOCHS=4,8,12,16,20
+EPOCHS=${CKPT_EPOCHS:-4,8,12,16,20}
 [[ "${SMOKE:-0}" == 1 ]] && EPOCHS=2,4
 
 # Equal optimizer steps: N images a class at batch 50 is N/5 steps an epoch; 8000/N epochs = 1,600 steps.
-IPC="data.images_per_class,epochs,trainer.val_every=[10,800,80],[20,400,40],[50,160,16],[100,80,8],[500,16,2]"
+IPC=${IPC:-"data.images_per_class,epochs,trainer.val_every=[10,800,80],[20,400,40],[50,160,16],[100,80,8],[500,16,2]"}
 FULL500=(data.images_per_class=500 epochs=16 trainer.val_every=2)
 
 echo "== (b) scratch vs rotation-initialised fine-tuned vs frozen + conv head, N = 10..500 a class"

@@ -47,6 +47,4 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f"{__name__}.{name}")
     if name == "load":
         return importlib.import_module(f"{__name__}.engine.load").load
-    if name == "report":
-        return importlib.import_module(f"{__name__}.report_html").write_html_report
     raise AttributeError(f"module 'classlab' has no attribute '{name}'")

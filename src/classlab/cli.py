@@ -106,6 +106,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{'':<8}{'plain':>8}  {label}")
         print(f"{'top-1':<8}{metrics['top1']:>8.4f}  {tta['top1']:.4f}  ({tta['top1'] - metrics['top1']:+.4f})")
         print(f"{'top-5':<8}{metrics['top5']:>8.4f}  {tta['top5']:.4f}  ({tta['top5'] - metrics['top5']:+.4f})")
+        for row in tta.get("per_scale", []):
+            print(f"  scale {row['scale']:>5} px  top-1 {row['top1']:.4f}  top-5 {row['top5']:.4f}")
+        if tta.get("protocol") == "perscale":
+            print("  (TTA figures are the mean of the per-scale accuracies)")
     else:
         print(f"top-1 {metrics['top1']:.4f}   top-5 {metrics['top5']:.4f}")
     for name, acc in (metrics.get("tasks") or {}).items():
@@ -271,7 +275,9 @@ def _add_run_commands(sub: Any) -> None:
     p.add_argument(
         "--tta",
         metavar="MODES",
-        help="test-time augmentation: flip, translate, tencrop, multiscale:S1,S2,... (join modes with commas)",
+        help="test-time augmentation: flip, translate, tencrop, multiscale:S1,S2,... (join modes with commas); "
+        "published multi-scale protocols: perscale:S1,S2,... (ten crops of S at each scale, accuracy per scale "
+        "and their mean) or fullconv:S1,S2,... (whole image at each scale, scores averaged; He et al.)",
     )
     p.add_argument(
         "--report", action="store_true", help="also write per-class P/R/F1, confident errors, reliability diagram"

@@ -73,6 +73,14 @@ class DataSection(Section):
         "None = PIL's limit (89,478,485 pixels unless changed)",
     )
     workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes of the stream loader")
+    train_source_size: int | None = Field(
+        None,
+        ge=8,
+        le=4096,
+        description="decode the training images at this shorter side in pixels (e.g. STL-10's original 96) so "
+        "random_resized_crop/rotation crop the original and resample to data.image_size, as torchvision's "
+        "RandomResizedCrop does; val/test stay at data.image_size (memory loader only)",
+    )
 
 
 class AugSection(Section):
@@ -86,6 +94,11 @@ class AugSection(Section):
         None, description="RandomResizedCrop area scale range, e.g. [0.35, 1.0] (fractions of the image)"
     )
     rotation: float = Field(0.0, ge=0.0, le=180.0, description="random rotation by up to this many degrees")
+    rotate_first: bool = Field(
+        False,
+        description="rotate the whole image, then take the random resized crop (torchvision's RandomRotation "
+        "before RandomResizedCrop); false: rotate within the crop",
+    )
     color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="brightness/contrast/saturation jitter strength")
     autoaugment: Literal["cifar10", "imagenet", "svhn"] | None = Field(None, description="AutoAugment policy")
     randaugment: tuple[int, int] | None = Field(None, description="RandAugment [num_ops, magnitude 0-30]")
@@ -94,6 +107,14 @@ class AugSection(Section):
     random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="probability of random erasing per image")
     mean_subtraction: Literal["channel", "pixel"] = Field(
         "channel", description="normalise by channel statistics, or subtract the per-pixel mean (He et al.)"
+    )
+    norm_mean: list[float] | None = Field(
+        None,
+        description="fixed per-channel mean in [0, 1] pixel units instead of the training split's, "
+        "e.g. [0.5, 0.5, 0.5] (torchvision's Normalize((0.5,)*3, (0.5,)*3)); needs aug.norm_std",
+    )
+    norm_std: list[float] | None = Field(
+        None, description="fixed per-channel std in [0, 1] pixel units, e.g. [0.5, 0.5, 0.5] or [1, 1, 1]"
     )
     mixup_alpha: float = Field(0.0, ge=0.0, description="mixup Beta(alpha, alpha) (0 = off)")
     cutmix_alpha: float = Field(0.0, ge=0.0, description="CutMix Beta(alpha, alpha) (0 = off)")
@@ -119,6 +140,19 @@ class ModelSection(BaseModel):
     max_params: int | None = Field(None, ge=1, description="parameter budget, checked before training")
     truncate_at: int | None = Field(None, ge=0, description="keep the stem and the first N blocks")
     head_conv: bool = Field(True, description="EfficientNet: keep the final 1x1 conv to 1280 channels")
+    conv_bias: bool | None = Field(
+        None,
+        description="family parameter (cnn, residual_cnn): convolutions carry a bias even before BatchNorm, "
+        "as the model-template project's layers do (null: a bias only where no BatchNorm follows)",
+    )
+    batchnorm: bool | None = Field(
+        None,
+        description="family parameter (cnn, mlp): BatchNorm after each conv/linear layer (template: "
+        "batch_normalization_use)",
+    )
+    activation: str | None = Field(
+        None, description="family parameter (cnn, mlp, bottleneck_resnet): relu or leaky_relu"
+    )
     head: str = Field("linear", description="classifier on top: linear, conv_fc or mlp")
     freeze: str = Field("none", description="none, all (the backbone) or up_to:<block> (stem and blocks 0..block-1)")
     init_from: str | None = Field(
@@ -147,7 +181,9 @@ class OptimSection(Section):
     decay_norm_and_bias: bool = Field(False, description="also decay normalisation weights and biases")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam-family (beta1, beta2)")
     lookahead: bool = Field(False, description="wrap the optimizer in Lookahead")
-    lookahead_k: int = Field(5, ge=1, description="Lookahead: fast steps per slow update")
+    lookahead_k: int | None = Field(
+        None, ge=1, description="Lookahead: fast steps per slow update (null: 6 for rangerlars as in over9000, else 5)"
+    )
     lookahead_alpha: float = Field(0.5, gt=0.0, le=1.0, description="Lookahead: slow weights' step toward the fast")
     lookahead_schedule: Literal["constant", "cubic"] = Field(
         "constant", description="cubic: alpha falls from 1 to lookahead_alpha as (step/total)^3, BN stats too"
@@ -173,6 +209,9 @@ class SchedSection(Section):
     restart_mult: float = Field(1.0, ge=1.0, description="each cycle is this much longer than the last")
     restart_decay: float = Field(1.0, gt=0.0, le=1.0, description="each cycle's peak lr is this fraction of the last")
     plateau_patience: int = Field(5, ge=0, description="plateau: validations without gain before lr drops")
+    plateau_cooldown: int = Field(
+        0, ge=0, description="plateau: validations after a drop before patience counts again (torch's cooldown)"
+    )
 
 
 class LossSection(Section):
@@ -271,6 +310,7 @@ class Config(Section):
             _check_multitask(self)
         elif self.model.fusion not in (None, "none"):
             raise ValueError("model.fusion needs task=multitask (it mixes the features of several task heads)")
+        _check_source_fidelity(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -282,6 +322,31 @@ def _explicit_processes(trainer: TrainerSection) -> int:
     devices = trainer.devices
     per_node = len(devices) if isinstance(devices, list) else (devices if isinstance(devices, int) else 1)
     return per_node * trainer.num_nodes
+
+
+def _check_source_fidelity(cfg: Config) -> None:
+    """Keys that reproduce a source's preprocessing exactly, and the keys they need beside them."""
+    aug = cfg.aug
+    if (aug.norm_mean is None) != (aug.norm_std is None):
+        raise ValueError("aug.norm_mean and aug.norm_std go together: set both (e.g. [0.5, 0.5, 0.5] each) or neither")
+    if aug.norm_mean is not None:
+        if len(aug.norm_mean) != len(aug.norm_std or []) or not aug.norm_mean:
+            raise ValueError("aug.norm_mean and aug.norm_std need one value per channel each, of the same length")
+        if any(s <= 0 for s in aug.norm_std or []):
+            raise ValueError(f"aug.norm_std = {aug.norm_std}: every value must be > 0")
+        if aug.mean_subtraction == "pixel":
+            raise ValueError("aug.norm_mean/norm_std replace the data's statistics; drop aug.mean_subtraction=pixel")
+    if aug.rotate_first and not (aug.random_resized_crop is not None and aug.rotation > 0):
+        raise ValueError("aug.rotate_first orders rotation before the crop: it needs aug.rotation and "
+                         "aug.random_resized_crop")  # fmt: skip
+    if cfg.data.train_source_size is not None:
+        if aug.random_resized_crop is None and aug.rotation == 0:
+            raise ValueError(
+                "data.train_source_size needs aug.random_resized_crop or aug.rotation: they resample the larger "
+                "training images to data.image_size"
+            )
+        if aug.mean_subtraction == "pixel" or cfg.data.loader == "stream":
+            raise ValueError("data.train_source_size needs data.loader memory/auto and channel normalisation")
 
 
 def _check_multitask(cfg: Config) -> None:
@@ -503,15 +568,24 @@ _INI_PLAIN = {
     "num_imgs_per_cat": "data.images_per_class",
     "optim": "optim.name",
     "transfer": "model.init_from",
-    "block_op": "model.truncate_at",
     "cutmix_alpha": "aug.cutmix_alpha",
     "cutmix_prob": "aug.mix_prob",
     "labelsmooth": "loss.label_smoothing",
     "hflip": "aug.flip",
-    "autoaug": "aug.autoaugment",
     "resize": "data.image_size",
 }
-_INI_SPECIAL = ("model", "depth", "gpus", "unsuper", "dataset", "scheduler", "criterion", "no_head")
+_INI_SPECIAL = (
+    "model",
+    "depth",
+    "gpus",
+    "unsuper",
+    "dataset",
+    "scheduler",
+    "criterion",
+    "no_head",
+    "block_op",
+    "autoaug",
+)
 _INI_KEYS = tuple(_INI_PLAIN) + _INI_SPECIAL
 
 
@@ -579,13 +653,50 @@ def read_ini(path: Path) -> dict[str, Any]:
     scheduler = values.get("scheduler")
     if scheduler is not None:
         _set_dotted(tree, "sched.name", {"reducelr": "plateau"}.get(str(scheduler).lower(), scheduler))
-    criterion = values.get("criterion")
-    if criterion is not None and str(criterion).lower() != "crossentropy":
-        raise ConfigError(f"{path}: criterion={criterion} is not supported; only 'crossentropy' (with labelsmooth) is")
+    _ini_criterion(path, values.get("criterion"), tree)
+    _ini_block_and_autoaug(path, values, tree)
     gpus = values.get("gpus")
     if gpus is not None:
         _set_dotted(tree, "trainer.devices", _ini_gpus(gpus))
     return tree
+
+
+def _ini_criterion(path: Path, criterion: Any, tree: dict[str, Any]) -> None:
+    """crossentropy is the default loss; focal maps to loss.name where this classlab has that key."""
+    if criterion is None or str(criterion).lower() == "crossentropy":
+        return
+    if str(criterion).lower() == "focal" and "name" in LossSection.model_fields:
+        _set_dotted(tree, "loss.name", "focal")
+        return
+    raise ConfigError(
+        f"{path}: criterion={criterion} is not supported; only 'crossentropy' (with labelsmooth) is"
+        + (
+            " (focal needs the loss.name key, which this version of classlab lacks)"
+            if str(criterion).lower() == "focal"
+            else ""
+        )
+    )
+
+
+def _ini_block_and_autoaug(path: Path, values: dict[str, Any], tree: dict[str, Any]) -> None:
+    """block_op and autoaug as the RotNet-style project meant them.
+
+    ``block_op`` is an inclusive 0-based block index: block_op = 15 keeps blocks 0..15, all 16 of
+    EfficientNet-B0 ("block 15 = the same structure as EfficientNet"), so it keeps block_op + 1
+    blocks (model.truncate_at counts blocks). ``autoaug = true`` takes torchvision's policy for the
+    data: the CIFAR-10 one on CIFAR-10, the ImageNet one (torchvision's default) on anything else.
+    """
+    block_op = values.get("block_op")
+    if block_op is not None:
+        if isinstance(block_op, bool) or not isinstance(block_op, int) or block_op < 0:
+            raise ConfigError(f"{path}: block_op = {block_op!r} must be a block index 0, 1, 2, ... (15: all of B0)")
+        _set_dotted(tree, "model.truncate_at", block_op + 1)
+    autoaug = values.get("autoaug")
+    if autoaug is True:
+        dataset = str(values.get("dataset") or "").lower()
+        _set_dotted(tree, "aug.autoaugment", "cifar10" if dataset in ("cifar10", "cifar100") else "imagenet")
+    elif autoaug not in (None, False):
+        _set_dotted(tree, "aug.autoaugment", autoaug)
 
 
 def _ini_gpus(gpus: Any) -> Any:

@@ -44,7 +44,15 @@ from classlab.engine.metrics import (
     top_k_accuracy,
 )
 from classlab.engine.predict import predict_logits, predict_tasks
-from classlab.engine.tta import TTAPlan, parse_tta, tta_probabilities_batches, tta_probabilities_images, views_per_image
+from classlab.engine.tta import (
+    TTAPlan,
+    parse_tta,
+    scale_protocol_metrics,
+    scale_protocol_probabilities,
+    tta_probabilities_batches,
+    tta_probabilities_images,
+    views_per_image,
+)
 from classlab.errors import ClassLabError
 from classlab.run import (
     RunFolder,
@@ -69,9 +77,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a run's checkpoint on ``split`` (test or val); write eval/<split>/ and return the metrics.
 
-    ``tta``: ``flip``, ``translate``, ``tencrop``, ``multiscale:S1,S2,..`` or several joined by commas;
-    the metrics gain a ``tta`` entry beside the plain top-1/top-5. ``report``: also write per-class
-    precision/recall/F1, the most confidently wrong images and the reliability diagram (ECE).
+    ``tta``: ``flip``, ``translate``, ``tencrop``, ``multiscale:S1,S2,..`` or several joined by commas,
+    or one of the published multi-scale protocols ``perscale:S1,..`` / ``fullconv:S1,..`` (engine.tta);
+    the metrics gain a ``tta`` entry beside the plain top-1/top-5 (with ``per_scale`` rows for those).
+    ``report``: also write per-class precision/recall/F1, the most confidently wrong images and the
+    reliability diagram (ECE).
     """
     if split not in ("test", "val"):
         raise ClassLabError(f"--split {split}: choose 'test' or 'val'")
@@ -141,6 +151,14 @@ def _tta_metrics(
 ) -> torch.Tensor:
     """Score the split again under ``plan``; add its figures to ``metrics`` and return its probabilities."""
     data, part, split, run = where
+    k5 = min(5, len(loaded.classes))
+    if plan.protocol != "average":  # perscale / fullconv: each scale scored at its own resolution
+        source, indices = _originals(loaded.cfg, data, part, split, run)
+        per_scale = scale_protocol_probabilities(
+            loaded.model, lambda: _read_all(source, indices), plan, loaded.channels
+        )
+        metrics["tta"], tta_probs = scale_protocol_metrics(per_scale, labels, plan, k5)
+        return tta_probs
     if plan.needs_originals:
         source, indices = _originals(loaded.cfg, data, part, split, run)
         images = _read_all(source, indices)
@@ -148,7 +166,6 @@ def _tta_metrics(
     else:
         tta_probs, tta_labels = tta_probabilities_batches(loaded.model, loader, plan.batch_modes, loaded.image_size)
         assert torch.equal(tta_labels, labels)
-    k5 = min(5, len(loaded.classes))
     metrics["tta"] = {
         "modes": plan.text,
         "views": views_per_image(plan),

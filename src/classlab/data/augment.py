@@ -143,12 +143,15 @@ def _rrc_boxes(draw: _Draw, n: int, h: int, w: int, scale: tuple[float, float]) 
     return top, left, ch, cw
 
 
-def affine(size: int, scale: tuple[float, float] | None, degrees: float) -> Op:
-    """Random resized crop then rotation, composed into one affine map so each pixel is interpolated once.
+def affine(size: int, scale: tuple[float, float] | None, degrees: float, rotate_first: bool = False) -> Op:
+    """Random resized crop and rotation, composed into one affine map so each pixel is interpolated once.
 
-    Bilinear sampling without antialiasing: the crop is usually enlarged back to the training size, where
-    antialiasing does nothing; it only matters if the cached images are much larger than ``size``.
-    Corners uncovered by the rotation are filled with 0, as torchvision's RandomRotation does.
+    By default the rotation turns the crop about its own centre (crop, then rotate). ``rotate_first``
+    turns the whole image about the image centre and crops the rotated picture, as torchvision's
+    ``RandomRotation`` followed by ``RandomResizedCrop`` does (the STL-10 project's order): crops then
+    hold the black corners the rotation uncovered. Bilinear sampling without antialiasing: the crop is
+    usually enlarged back to the training size, where antialiasing does nothing; it only matters if
+    the cached images are much larger than ``size``. Uncovered pixels are 0, as in RandomRotation.
     """
 
     def op(x: Tensor, draw: _Draw) -> Tensor:
@@ -168,15 +171,29 @@ def affine(size: int, scale: tuple[float, float] | None, degrees: float) -> Op:
             theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
         else:
             theta[:, 0, 0] = theta[:, 1, 1] = 1.0
-        # v: where each output pixel lands in the (square) cropped frame after rotation; then into the source image
-        v = F.affine_grid(theta, [n, c, size, size], align_corners=False)
-        grid = v * half[:, None, None, :] + center[:, None, None, :]
+        if rotate_first:
+            # each output pixel -> its place in the crop box of the rotated image -> the source pixel
+            v = F.affine_grid(_identity(n, x.device), [n, c, size, size], align_corners=False)
+            in_rotated = v * half[:, None, None, :] + center[:, None, None, :]
+            grid = torch.einsum("nij,nhwj->nhwi", theta[:, :, :2], in_rotated)
+            outside = (grid.abs() > 1).any(-1)
+        else:
+            # v: where each output pixel lands in the (square) cropped frame after rotation; then into the source
+            v = F.affine_grid(theta, [n, c, size, size], align_corners=False)
+            grid = v * half[:, None, None, :] + center[:, None, None, :]
+            outside = (v.abs() > 1).any(-1)
         out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
         if degrees > 0:
-            out = out.masked_fill_((v.abs() > 1).any(-1)[:, None], 0.0)
+            out = out.masked_fill_(outside[:, None], 0.0)
         return out.round_().clamp_(0, 255).to(torch.uint8)
 
     return op
+
+
+def _identity(n: int, device: torch.device) -> Tensor:
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    return theta
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,8 +353,11 @@ def build_batch_augment(aug: AugSection, image_size: int, fill: Sequence[int] | 
             scale = (float(aug.random_resized_crop[0]), float(aug.random_resized_crop[1]))
             if not 0 < scale[0] <= scale[1] <= 1:
                 raise ValueError(f"aug.random_resized_crop = {list(scale)}: need 0 < low <= high <= 1")
-        op = affine(image_size, scale, aug.rotation)
-        if scale is not None:
+        op = affine(image_size, scale, aug.rotation, rotate_first=aug.rotate_first)
+        if scale is not None and aug.rotate_first and aug.rotation > 0:
+            ops.append(("rotation", op))
+            ops.append(("random_resized_crop", lambda x, draw: x))  # done by the same resampling, listed for the log
+        elif scale is not None:
             ops.append(("random_resized_crop", op))
             if aug.rotation > 0:
                 ops.append(("rotation", lambda x, draw: x))  # done by the same resampling, listed for the log

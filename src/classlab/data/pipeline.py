@@ -147,7 +147,32 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
         classes = ROTATION_CLASSES
     bundle = DataBundle(classes, size, channels, mode, train, val, test, split, bad=problems, tasks=dataset.tasks)
     bundle.mean, bundle.std = _stats(train, size, cfg.aug.mean_subtraction == "pixel")
+    if cfg.aug.norm_mean is not None and cfg.aug.norm_std is not None:
+        bundle.mean, bundle.std = _fixed_stats(cfg.aug.norm_mean, cfg.aug.norm_std, channels)
+    if cfg.data.train_source_size not in (None, size) and mode == "memory":
+        bundle.train = _at_source_size(dataset.train, cfg, split["train"], train)
     return bundle
+
+
+def _fixed_stats(mean: list[float], std: list[float], channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A source's own Normalize(mean, std) in place of the training split's statistics."""
+    if len(mean) != channels:
+        raise ClassLabError(f"aug.norm_mean has {len(mean)} values for {channels}-channel images: give {channels}")
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+
+def _at_source_size(source: Source, cfg: Config, train_idx: list[int], train: Part) -> Part:
+    """The training images decoded again at data.train_source_size (the crops then come from them).
+
+    torchvision's RandomResizedCrop crops the original picture and resizes the crop; cropping the
+    copy already resized to the training size would lose detail when the original is larger.
+    """
+    big = decode(source, cfg.data.train_source_size, cfg.data.cache_dir, threads=cfg.trainer.threads or 2)
+    index = torch.as_tensor(train_idx, dtype=torch.long)
+    images, labels = big.images[index], big.labels[index]
+    if not torch.equal(labels, train.labels):
+        raise ClassLabError("data.train_source_size: the images decoded at the two sizes differ; fix the bad files")
+    return Part(labels=labels, images=images)
 
 
 def _kept_groups(dataset: Any, whole: Part) -> np.ndarray:

@@ -36,6 +36,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "lr_curve",
+    "lookahead_k",
     "lr_factor_fn",
     "param_groups",
 ]
@@ -221,8 +222,16 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> Optimizer:
         raise ConfigError(f"optim.name={name!r} is not an optimizer classlab knows")
     if (cfg.lookahead and cfg.lookahead_schedule == "constant") or name == "rangerlars":
         # (the cubic schedule is a callback, ScheduledLookahead: it also averages BatchNorm statistics)
-        opt = Lookahead(opt, alpha=cfg.lookahead_alpha, k=cfg.lookahead_k)
+        opt = Lookahead(opt, alpha=cfg.lookahead_alpha, k=lookahead_k(cfg))
     return opt
+
+
+def lookahead_k(cfg: OptimSection) -> int:
+    """Fast steps per slow update: as set, else 6 for rangerlars (mgrankin/over9000's RangerLars, the
+    optimizer the RotNet-style project used) and 5 for the rest (Zhang et al. 2019's default)."""
+    if cfg.lookahead_k is not None:
+        return cfg.lookahead_k
+    return 6 if cfg.name == "rangerlars" else 5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +453,12 @@ def build_scheduler(
         if cfg.gamma >= 1.0:
             raise ConfigError("sched.gamma must be < 1 with sched.name=plateau (it is the factor lr is cut by)")
         plateau = ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg.gamma, patience=cfg.plateau_patience, min_lr=cfg.min_lr
+            optimizer,
+            mode="min",
+            factor=cfg.gamma,
+            patience=cfg.plateau_patience,
+            cooldown=cfg.plateau_cooldown,
+            min_lr=cfg.min_lr,
         )
         return {"scheduler": plateau, "interval": "epoch", "frequency": val_every, "monitor": "val/loss"}
 

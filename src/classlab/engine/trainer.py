@@ -132,11 +132,11 @@ def _checkpoint_callbacks(cfg: Config, run: RunFolder, has_val: bool, steps_per_
 
         callbacks.append(EMACallback(cfg.trainer.ema_decay))
     if cfg.optim.lookahead and cfg.optim.lookahead_schedule == "cubic":
-        from classlab.engine.optim import ScheduledLookahead
+        from classlab.engine.optim import ScheduledLookahead, lookahead_k
 
         total = cfg.epochs * steps_per_epoch
         total = min(total, cfg.trainer.max_steps) if cfg.trainer.max_steps else total
-        callbacks.append(ScheduledLookahead(cfg.optim.lookahead_k, cfg.optim.lookahead_alpha, total))
+        callbacks.append(ScheduledLookahead(lookahead_k(cfg.optim), cfg.optim.lookahead_alpha, total))
     return callbacks
 
 

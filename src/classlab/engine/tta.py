@@ -6,7 +6,15 @@ call :func:`tta_views` inside its own loop. ``tencrop`` and ``multiscale`` need 
 larger size than training saw (a ten-crop of an image already cropped to the training size would
 crop away content that the plain evaluation sees), so they start from the original image:
 :func:`image_views` resizes its shorter side to each scale and takes the four corner crops, the
-centre crop and their mirror images at the training resolution, as in He et al. 2016, section 3.4.
+centre crop and their mirror images at the training resolution, and one softmax average is taken
+over every view of every scale (the standard 10-crop of Krizhevsky et al., repeated per scale).
+
+That is neither of the two published multi-scale protocols, which classlab offers beside it:
+
+- ``perscale:S1,S2,..`` is the ResNet reproduction project's: ten S x S crops at each scale S
+  (the network runs at S px), an accuracy per scale, and the mean of those accuracies;
+- ``fullconv:S1,S2,..`` is He et al. 2016's best-result protocol: the whole image resized to each
+  shorter side, scored fully-convolutionally, softmax averaged over the scales (``flip`` adds mirrors).
 
 Softmax averaging (not logit averaging) is what those papers report, and it keeps a single
 overconfident view from outvoting the rest.
@@ -22,12 +30,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from classlab.data.preprocess import to_mode
+from classlab.engine.metrics import top_k_accuracy
 from classlab.engine.predict import eval_loop
 from classlab.errors import ClassLabError, did_you_mean
 
 BATCH_MODES = ("flip", "translate")
-IMAGE_MODES = ("tencrop", "multiscale")
+IMAGE_MODES = ("tencrop", "multiscale", "perscale", "fullconv")
 MODES = BATCH_MODES + IMAGE_MODES
+SCALE_MODES = ("multiscale", "perscale", "fullconv")  # modes that take shorter-side sizes: mode:S1,S2,...
 
 # ``tencrop`` without scales crops from the image resized to 256/224 of the training size: the
 # ImageNet ratio, which leaves the crops enough room to differ without losing the object.
@@ -36,23 +46,28 @@ TENCROP_RATIO = 256 / 224
 
 @dataclass(frozen=True)
 class TTAPlan:
-    """A parsed ``--tta`` value: which batch-level modes, and the scales of image-level crops."""
+    """A parsed ``--tta`` value: which batch-level modes, the scales of image-level views and how
+    they are scored.
+
+    ``protocol``: ``average`` (ten training-size crops of every scale, one softmax average over all
+    views), ``perscale`` (ten crops of S px at each scale S, an accuracy per scale and their mean:
+    the ResNet reproduction project's protocol) or ``fullconv`` (the whole image at each scale,
+    scored fully-convolutionally, softmax averaged over scales: He et al. 2016's best results).
+    """
 
     text: str
     batch_modes: tuple[str, ...] = ()
     scales: tuple[int, ...] = ()  # empty: no image-level views
     notes: list[str] = field(default_factory=list, compare=False)
+    protocol: str = "average"
 
     @property
     def needs_originals(self) -> bool:
         return bool(self.scales)
 
 
-def parse_tta(text: str, image_size: int) -> TTAPlan:
-    """``flip,translate`` / ``tencrop`` / ``multiscale:224,256,384`` (modes joined by commas).
-
-    Bare numbers after ``multiscale:`` are its scales, so ``flip,multiscale:32,40`` reads as two modes.
-    """
+def _tokens(text: str, image_size: int) -> tuple[list[str], list[int]]:
+    """The mode names of ``text`` in order, and the scales given to its scale-taking mode."""
     tokens = [t.strip() for t in text.split(",") if t.strip()]
     if not tokens:
         raise ClassLabError(f"--tta '{text}': give one or more of {', '.join(MODES)} (e.g. --tta flip,translate)")
@@ -60,7 +75,7 @@ def parse_tta(text: str, image_size: int) -> TTAPlan:
     scales: list[int] = []
     current = None
     for token in tokens:
-        if token.isdigit() and current == "multiscale":
+        if token.isdigit() and current in SCALE_MODES:
             scales.append(int(token))
             continue
         name, _, arg = token.partition(":")
@@ -68,12 +83,12 @@ def parse_tta(text: str, image_size: int) -> TTAPlan:
         if name not in MODES:
             raise ClassLabError(
                 f"--tta: unknown mode '{name}'{did_you_mean(name, MODES)}; choose from {', '.join(MODES)}"
-                " (multiscale takes sizes: multiscale:224,256,384)"
+                " (multiscale, perscale and fullconv take sizes: multiscale:224,256,384)"
             )
-        if name == "multiscale":
+        if name in SCALE_MODES:
             if not arg or not arg.isdigit():
                 raise ClassLabError(
-                    f"--tta multiscale needs the shorter-side sizes, e.g. multiscale:{image_size},"
+                    f"--tta {name} needs the shorter-side sizes, e.g. {name}:{image_size},"
                     f"{round(image_size * TENCROP_RATIO)},{image_size * 2}"
                 )
             scales.append(int(arg))
@@ -82,21 +97,43 @@ def parse_tta(text: str, image_size: int) -> TTAPlan:
         if name not in modes:
             modes.append(name)
         current = name
+    return modes, scales
+
+
+def parse_tta(text: str, image_size: int) -> TTAPlan:
+    """``flip,translate`` / ``tencrop`` / ``multiscale:224,256,384`` / ``perscale:224,256`` /
+    ``fullconv:224,256,384,480,640`` (modes joined by commas).
+
+    Bare numbers after a scale-taking mode are its scales, so ``flip,multiscale:32,40`` reads as two modes.
+    """
+    modes, scales = _tokens(text, image_size)
+    protocols = [m for m in modes if m in ("perscale", "fullconv")]
+    if len(protocols) > 1 or (protocols and ({"multiscale", "tencrop", "translate"} & set(modes))):
+        raise ClassLabError(
+            f"--tta {protocols[0]} is a testing protocol of its own: combine it only with flip"
+            + (" (fullconv)" if protocols[0] == "fullconv" else "")
+        )
     if "tencrop" in modes:
         scales.append(round(image_size * TENCROP_RATIO))
     small = [s for s in scales if s < image_size]
-    if small:
+    if small and not protocols:
         raise ClassLabError(
             f"--tta multiscale: sizes {', '.join(map(str, small))} are below the training resolution {image_size}; "
             f"ten crops of {image_size} px need a shorter side of at least {image_size}"
         )
     batch_modes = tuple(m for m in modes if m in BATCH_MODES)
     notes: list[str] = []
-    if scales and "flip" in batch_modes:
+    if scales and "flip" in batch_modes and protocols != ["fullconv"]:
         # The ten crops already hold the mirror images; flipping again would only repeat views.
         batch_modes = tuple(m for m in batch_modes if m != "flip")
         notes.append("flip is part of the ten crops")
-    return TTAPlan(text=",".join(tokens), batch_modes=batch_modes, scales=tuple(dict.fromkeys(scales)), notes=notes)
+    return TTAPlan(
+        text=",".join(t.strip() for t in text.split(",") if t.strip()),
+        batch_modes=batch_modes,
+        scales=tuple(dict.fromkeys(scales)),
+        notes=notes,
+        protocol=protocols[0] if protocols else "average",
+    )
 
 
 def translate_shift(image_size: int) -> int:
@@ -162,6 +199,11 @@ def image_views(img: Image.Image, scales: Sequence[int], image_size: int, channe
 
 
 def views_per_image(plan: TTAPlan) -> int:
+    """Forward passes behind one image's score (``perscale``: per scale, as each scale is scored alone)."""
+    if plan.protocol == "perscale":
+        return 10
+    if plan.protocol == "fullconv":
+        return len(plan.scales) * (2 if "flip" in plan.batch_modes else 1)
     base = 10 * len(plan.scales) if plan.scales else 1
     if "translate" in plan.batch_modes:
         base *= 5
@@ -234,3 +276,103 @@ def tta_probabilities_images(
 
     outs, _ = eval_loop(model, groups(), step)
     return outs[0] if outs else torch.empty(0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocols that score each scale at its own resolution: perscale (the ResNet reproduction
+# project) and fullconv (He et al. 2016). The network sees S-pixel inputs, so it must pool
+# globally: a cnn or ResNet does, an MLP or a mixer (fixed token count) does not.
+# ---------------------------------------------------------------------------------------------
+
+
+def scale_views(img: Image.Image, scale: int, protocol: str, channels: int = 3) -> torch.Tensor:
+    """uint8 views of one image at one scale: ``perscale`` ten S x S crops of the image resized to a
+    shorter side of S + 1 (the project's RandomShortestSize(S + 1) + TenCrop(S)); ``fullconv`` the
+    whole image resized to a shorter side of S, shape (1, C, H, W)."""
+    import numpy as np
+
+    img = to_mode(img, channels)
+    arr = np.asarray(resize_shorter(img, scale + 1 if protocol == "perscale" else scale), dtype=np.uint8)
+    t = torch.from_numpy((arr[:, :, None] if arr.ndim == 2 else arr).copy()).permute(2, 0, 1)
+    if protocol == "perscale":
+        return torch.stack([c.contiguous() for c in ten_crops(t, scale)])
+    return t.contiguous()[None]
+
+
+def _probabilities_at(
+    model: torch.nn.Module, images: Iterable[Image.Image], scale: int, plan: TTAPlan, channels: int, per_batch: int
+) -> torch.Tensor:
+    """(N, classes): each image's softmax at ``scale``, averaged over its views there."""
+    k = 10 if plan.protocol == "perscale" else 1
+    mirror = ("flip",) if plan.protocol == "fullconv" and "flip" in plan.batch_modes else ()
+
+    def groups() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        pending: list[torch.Tensor] = []
+        for img in images:
+            views = scale_views(img, scale, plan.protocol, channels)
+            if pending and (views.shape[1:] != pending[0].shape[1:] or len(pending) * k >= per_batch):
+                yield torch.cat(pending), torch.zeros(len(pending), dtype=torch.long)
+                pending = []
+            pending.append(views)  # images of another shape (fullconv, non-square data) start a new batch
+        if pending:
+            yield torch.cat(pending), torch.zeros(len(pending), dtype=torch.long)
+
+    def step(views: torch.Tensor) -> torch.Tensor:
+        p = average_softmax(model, tta_views(views, mirror))
+        return p.reshape(-1, k, p.shape[1]).mean(1)
+
+    outs, _ = eval_loop(model, groups(), step)
+    return outs[0] if outs else torch.empty(0, 0)
+
+
+def scale_protocol_probabilities(
+    model: torch.nn.Module,
+    images: Callable[[], Iterable[Image.Image]],
+    plan: TTAPlan,
+    channels: int = 3,
+    views_per_batch: int = 256,
+) -> list[torch.Tensor]:
+    """One (N, classes) softmax per scale of ``plan`` (``images()`` gives the originals afresh each time)."""
+    out = []
+    for scale in plan.scales:
+        try:
+            out.append(_probabilities_at(model, images(), scale, plan, channels, views_per_batch))
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            raise ClassLabError(
+                f"--tta {plan.protocol}: the model cannot score {scale} px inputs ({first}); these protocols need a "
+                "network that pools globally (cnn, resnet_cifar, ...; not mlp or a mixer) and channel normalisation"
+            ) from None
+    return out
+
+
+def scale_protocol_metrics(
+    per_scale: Sequence[torch.Tensor], labels: torch.Tensor, plan: TTAPlan, k5: int
+) -> tuple[dict[str, object], torch.Tensor]:
+    """The figures of a ``perscale`` / ``fullconv`` plan and the probabilities a report should use.
+
+    ``perscale`` reports each scale's accuracy and their mean, as the ResNet reproduction project's
+    table did (its "Avg Top-1"): no views are averaged across scales. ``fullconv`` averages the
+    softmax over the scales (He et al.: "average the scores at multiple scales") and reports that
+    one figure; each scale's own accuracy is listed beside it.
+    """
+    rows = [
+        {"scale": s, "top1": top_k_accuracy(p, labels, 1), "top5": top_k_accuracy(p, labels, k5)}
+        for s, p in zip(plan.scales, per_scale)
+    ]
+    mean_probs = torch.stack(list(per_scale)).mean(0)
+    if plan.protocol == "perscale":
+        top1 = sum(r["top1"] for r in rows) / len(rows)
+        top5 = sum(r["top5"] for r in rows) / len(rows)
+    else:
+        top1, top5 = top_k_accuracy(mean_probs, labels, 1), top_k_accuracy(mean_probs, labels, k5)
+    figures: dict[str, object] = {
+        "modes": plan.text,
+        "protocol": plan.protocol,
+        "views": views_per_image(plan),
+        "scales": list(plan.scales),
+        "per_scale": rows,
+        "top1": top1,
+        "top5": top5,
+    }
+    return figures, mean_probs

@@ -135,10 +135,11 @@ def build_bottleneck_resnet(
     model = ClassifierNet(
         nn.Sequential(*stem_layers), nn.Sequential(*blocks), None, num_classes, in_chans=in_chans, image_size=image_size
     )
-    slope = 0.1 if activation == "leaky_relu" else 0.0
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, a=slope, mode="fan_out", nonlinearity="leaky_relu")
+            # a=0 (gain sqrt(2)) whatever the activation's slope, as the STL-10 project's
+            # kaiming_normal_(mode='fan_out', nonlinearity='leaky_relu') left it (and torchvision does)
+            nn.init.kaiming_normal_(m.weight, a=0.0, mode="fan_out", nonlinearity="leaky_relu")
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)

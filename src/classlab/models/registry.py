@@ -114,10 +114,16 @@ def registered_names() -> list[str]:
 
 
 def resolve_preset_alias(spec: dict[str, Any]) -> dict[str, Any]:
-    """``name: mixer_s4`` means family mlp_mixer with preset mixer_s4: presets are names users know."""
+    """``name: mixer_s4`` means family mlp_mixer with preset mixer_s4: presets are names users know.
+
+    A family with a preset of its own name (``residual_cnn``) means that preset, so ``model.name:
+    residual_cnn`` is the template's network, as ``normal_cnn`` is.
+    """
     name = spec.get("name", "")
-    if name in _REGISTRY or name.startswith(TIMM_PREFIX) or spec.get("preset"):
+    if spec.get("preset") or name.startswith(TIMM_PREFIX):
         return spec
+    if name in _REGISTRY:
+        return {**spec, "preset": name} if name in _REGISTRY[name].presets else spec
     owners = [family for family, entry in _REGISTRY.items() if name in entry.presets]
     if len(owners) == 1:
         return {**spec, "name": owners[0], "preset": name}
