@@ -96,8 +96,22 @@ class ModelSection(BaseModel):
     head: Literal["linear", "conv_fc", "mlp"] = "linear"
     freeze: str = "none"
     init_from: str | None = None
-    pretrained: bool = False
-    pretrained_path: str | None = None
+    pretrained: bool | None = Field(
+        None,
+        description="true: pretrained weights from the torchvision/timm hub (or pretrained_path when set); "
+        "default: true exactly when pretrained_path is set",
+    )
+    pretrained_path: str | None = Field(
+        None, description="local .pth/.pt/.safetensors state dict (classlab, torchvision, timm or efficientnet_pytorch)"
+    )
+    weights: str | None = Field(
+        None,
+        description="hub weights tag: a torchvision weights name (IMAGENET1K_V2) or a timm tag (a1_in1k); "
+        "default: the model's default weights",
+    )
+    unfreeze_at_epoch: int | None = Field(
+        None, ge=1, description="train only the head for this many epochs (backbone frozen, BN in eval), then all"
+    )
     tasks: dict[str, TaskHead] | None = None
     fusion: Literal["none", "attention"] | None = Field(
         None, description="multitask: attention over the task features refines the combined prediction"

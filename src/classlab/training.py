@@ -24,9 +24,10 @@ from classlab.data.pipeline import DataBundle, load_data
 from classlab.data.preprocess import Normalize
 from classlab.engine.callbacks import METRIC_COLUMNS, AtomicCheckpointIO, RunRecorder
 from classlab.engine.evaluate import predict_logits, top_k_accuracy
+from classlab.engine.finetune import UnfreezeBackbone, trainable_at_start
 from classlab.engine.task import ClassifierModel, ClassifyTask
 from classlab.errors import ClassLabError
-from classlab.models import build_model, count_params, load_backbone_weights
+from classlab.models import build_model, count_params, load_backbone_weights, pretrained
 from classlab.run import RunFolder, move_aside, new_run_path, open_run, safe_torch_load
 
 RUN_DIR_ENV = "CLASSLAB_RUN_DIR"  # set by process 0 so that DDP worker processes join its run folder
@@ -91,13 +92,18 @@ def build_network(cfg: Config, data: DataBundle) -> ClassifierModel:
         ckpt = safe_torch_load(resolve_init_from(cfg.model.init_from))
         state = {k.removeprefix("model.net."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.net.")}
         load_backbone_weights(inner, state)
-    normalize = Normalize(data.mean, data.std)
+    # Pretrained weights bring their own normalisation (ImageNet's, timm's pretrained_cfg).
+    normalize = Normalize(*(pretrained.normalization(cfg.model.spec()) or (data.mean, data.std)))
     init_from_data = getattr(inner, "init_from_data", None)
     if callable(init_from_data) and not cfg.model.init_from and data.train.images is not None:
         # Layers set from the data before the first step (fastnet's patch whitening): the same
         # normalised images the network will see, a few thousand of them.
         init_from_data(normalize(data.train.images[:5000]))
     return ClassifierModel(normalize, net)
+
+
+def _pretrained_report(net: torch.nn.Module) -> pretrained.LoadReport | None:
+    return getattr(net, "pretrained_report", None) or getattr(getattr(net, "backbone", None), "pretrained_report", None)
 
 
 def _load_stage_weights(net: torch.nn.Module, path: Path) -> None:
@@ -273,6 +279,7 @@ def _train_one(
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    cfg = pretrained.configure(cfg)  # hub weights fetched (or one error line) before any data is read
 
     data = load_data(cfg, split=saved_split)
     # The model is built (parameter budget, init_from, stage weights) before the run folder exists.
@@ -294,6 +301,8 @@ def _train_one(
 
             atomic_write_text(run.path / "skipped_images.txt", "\n".join(data.bad) + "\n")
     params = count_params(model.net)
+    weights = _pretrained_report(model.net)
+    trainable = trainable_at_start(model.net, cfg.model.unfreeze_at_epoch)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
@@ -323,6 +332,8 @@ def _train_one(
             dataset=cfg.data.dataset,
             model=cfg.model.name,
             params=params,
+            params_trainable=trainable,
+            **({"pretrained": weights.summary()} if weights else {}),
             epochs=cfg.epochs,
             image_size=data.size,
             loader=data.mode,
@@ -332,10 +343,13 @@ def _train_one(
             versions=_versions(),
         )
         console.print(
-            f"[bold]classlab[/bold] {cfg.task} {cfg.model.name} ({params:,} parameters) on {cfg.data.dataset}: "
+            f"[bold]classlab[/bold] {cfg.task} {cfg.model.name} ({params:,} parameters, {trainable:,} trainable) "
+            f"on {cfg.data.dataset}: "
             f"{len(data.train)} train / {len(data.val or [])} val / {len(data.test or [])} test images at "
             f"{data.size}px, {data.mode} loader -> {run.path}"
         )
+        for line in ([weights.line(), *weights.notes] if weights else []) + data.notices:
+            console.print(line)
     metric_columns = getattr(task, "metric_columns", None)
     extra_columns = metric_columns() if callable(metric_columns) else []
     recorder = RunRecorder(
@@ -364,6 +378,7 @@ def _train_one(
             recorder,
             *_checkpoint_callbacks(cfg, run, val_loader is not None, len(train_loader)),
             *_progress(console, cfg.trainer.progress and not quiet),
+            *([UnfreezeBackbone(cfg.model.unfreeze_at_epoch, console)] if cfg.model.unfreeze_at_epoch else []),
         ],
         logger=_tb_logger(run),
         plugins=[AtomicCheckpointIO()],

@@ -68,6 +68,7 @@ class DataBundle:
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
     tasks: dict[str, list[str]] | None = None  # multitask: task -> classes; labels are combined indices
+    notices: list[str] = field(default_factory=list)  # lines to show the user (ignored files, ...)
 
     @property
     def num_classes(self) -> int:
@@ -147,6 +148,7 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
     if cfg.task == "rotation":
         classes = ROTATION_CLASSES
     bundle = DataBundle(classes, size, channels, mode, train, val, test, split, bad=problems, tasks=dataset.tasks)
+    bundle.notices = list(dataset.train.notices)
     bundle.mean, bundle.std = _stats(train, size, cfg.aug.mean_subtraction == "pixel")
     return bundle
 
