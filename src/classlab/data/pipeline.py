@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from classlab.config import Config
-from classlab.data.loaders import MemoryLoader, decode, decoded_bytes, stream_loader
+from classlab.data.loaders import MemoryLoader, available_cores, decode, decoded_bytes, stream_loader
 from classlab.data.preprocess import compute_stats
 from classlab.data.sources import UNLABELED, Source, check_readable, open_dataset, training_size
 from classlab.data.splits import make_split
@@ -79,7 +79,7 @@ def _prepare_source(source: Source, size: int, mode: str, cfg: Config) -> tuple[
     """The whole source as a Part (kept images only) and the list of its problems."""
     problems = list(source.problems)
     if mode == "memory":
-        dec = decode(source, size, cfg.data.cache_dir, threads=cfg.trainer.threads or 2)
+        dec = decode(source, size, cfg.data.cache_dir, threads=cfg.trainer.threads or available_cores())
         return Part(labels=dec.labels, images=dec.images), problems + dec.bad
     bad = check_readable(source)
     kept = np.array([i for i in range(len(source)) if i not in bad], dtype=np.int64)

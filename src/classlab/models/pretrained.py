@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from classlab.config import Config
-from classlab.errors import ClassLabError, ConfigError
+from classlab.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -217,12 +217,13 @@ def _torch_cache() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _offline_error(model: str, cache_dir: Path, exc: BaseException | None) -> ClassLabError:
+def _offline_error(model: str, cache_dir: Path, exc: BaseException | None) -> ConfigError:
     why = "offline (HF_HUB_OFFLINE=1)" if _offline() else "download failed"
     if exc is not None and not _offline():
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
         why = f"download failed: {first}"
-    return ClassLabError(
+    # Exit 2: the fix is in the configuration (model.pretrained_path), as for a wrong file.
+    return ConfigError(
         f"cannot get pretrained weights for model {model!r} ({why}) and they are not in the cache folder "
         f"{cache_dir}: connect once to fill the cache, or set model.pretrained_path to a local weights file"
     )
@@ -394,7 +395,7 @@ def load_into(
     _, layout, aligned, bad = best
     if bad:
         shown = "; ".join(bad[:SHOWN]) + (f"; and {len(bad) - SHOWN} more" if len(bad) > SHOWN else "")
-        raise ClassLabError(
+        raise ConfigError(
             f"{origin} does not fit model {spec['name']!r}: {len(bad)} tensor(s) do not match by name and shape "
             f"({shown}); these weights are for another architecture: set model.name to the one they were saved from"
         )
