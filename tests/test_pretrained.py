@@ -219,7 +219,7 @@ def test_offline_pretrained_is_one_line_exit_2_no_run_folder(
 def test_image_size_defaults_to_the_weights_input_size(tmp_path: Path) -> None:
     cfg = configure(load_config(None, ["model.name=mobilenet_v2", "model.pretrained_path=/nowhere/x.pth"]))
     assert cfg.data.image_size == 224
-    cfg = configure(load_config(None, ["model.name=mobilenet_v2", "model.pretrained=true", "data.image_size=96"]))
+    cfg = configure(load_config(None, ["model.name=mobilenet_v2", "model.pretrained_path=x.pth", "data.image_size=96"]))
     assert cfg.data.image_size == 96  # set by the user: kept
     # timm's pretrained_cfg decides for timm weights (metadata only, nothing downloaded).
     cfg = load_config(None, ["model.name=timm:vit_tiny_patch16_384.augreg_in21k_ft_in1k", "model.pretrained=true"])
@@ -227,7 +227,7 @@ def test_image_size_defaults_to_the_weights_input_size(tmp_path: Path) -> None:
 
     prep = preprocessing(cfg.model.spec())
     assert (prep.input_size, prep.mean, prep.std) == (384, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    assert configure(cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False})})) is not None
+    assert preprocessing({"name": "timm:vit_tiny_patch16_384.augreg_in21k_ft_in1k"}) is None  # no weights
 
 
 def test_run_saves_the_weights_normalisation_and_predict_export_use_it(photos: Path, tmp_path: Path) -> None:

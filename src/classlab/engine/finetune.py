@@ -42,7 +42,8 @@ class UnfreezeBackbone(L.Callback):
             self.frozen = False
             if self.console is not None:
                 self.console.print(
-                    f"epoch {trainer.current_epoch}: backbone unfrozen, {trainable_params(net):,} trainable parameters"
+                    f"epoch {trainer.current_epoch + 1}: backbone unfrozen, "
+                    f"{trainable_params(net):,} trainable parameters"
                 )
 
 
