@@ -20,6 +20,7 @@ from conftest import make_image, run_cli
 
 import classlab
 from classlab.config import load_config
+from classlab.data.preprocess import load_tensor
 from classlab.errors import ClassLabError, ConfigError
 from classlab.models import build_model
 from classlab.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, configure
@@ -252,21 +253,22 @@ def test_run_saves_the_weights_normalisation_and_predict_export_use_it(photos: P
     loaded = classlab.load(run.path)
     image = sorted((photos / "red").iterdir())[0]
     preds = classlab.predict(run.path, [image], keep_rows=True)
-    x = torch.from_numpy(__import__("numpy").asarray(__import__("PIL.Image").Image.open(image).resize((32, 32))))
-    x = x.permute(2, 0, 1)[None].float() / 255
-    by_hand = loaded.model.net(
-        (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
-    )
+    x = load_tensor(image, 32)[None].float() / 255  # the one preprocessing path: resize, crop
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        by_hand = loaded.model.net((x - mean) / std)
     p = by_hand.softmax(1)[0]
     top = loaded.classes[int(p.argmax())]
     assert preds[0]["class"] == top and abs(preds[0]["prob"] - float(p.max())) < 1e-4
 
     # export: the ONNX graph carries the same normalisation (same outputs as the torch model).
     ort = pytest.importorskip("onnxruntime")
-    onnx_path = classlab.export(run.path, "onnx", tmp_path / "m.onnx")
+    from classlab.export import export
+
+    onnx_path = export(run.path, "onnx", tmp_path / "m.onnx")
     session = ort.InferenceSession(str(onnx_path))
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(out), by_hand.detach(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(torch.from_numpy(out), by_hand, rtol=1e-3, atol=1e-3)
 
 
 # -- unfreeze_at_epoch ------------------------------------------------------------------------------

@@ -394,6 +394,10 @@ def load_into(
     assert best is not None
     _, layout, aligned, bad = best
     if bad:
+        # A few of each kind (missing, other shape, extra), so the line shows what the file holds.
+        kinds = [[b for b in bad if tag in b] for tag in ("(not in the file)", " vs model ", "not in the model)")]
+        picked = [b for group in zip(*(k + [""] * len(bad) for k in kinds)) for b in group if b][:SHOWN]
+        bad = picked + [b for b in bad if b not in picked]
         shown = "; ".join(bad[:SHOWN]) + (f"; and {len(bad) - SHOWN} more" if len(bad) > SHOWN else "")
         raise ConfigError(
             f"{origin} does not fit model {spec['name']!r}: {len(bad)} tensor(s) do not match by name and shape "
