@@ -132,9 +132,9 @@ def test_ini_transfer_keys_map_onto_the_schema(tmp_path: Path) -> None:
     tree = read_ini(ini)
     assert tree["model"] == {
         "init_from": "runs/rot:epoch5",
-        "truncate_at": 6,
+        "truncate_at": 7,  # block_op is the last kept block, counted from 0 (seed 000): blocks 0..6
         "name": "efficientnet_b0",
         "head_conv": False,
     }
     cfg = load_config(ini)
-    assert (cfg.model.init_from, cfg.model.truncate_at, cfg.model.head_conv) == ("runs/rot:epoch5", 6, False)
+    assert (cfg.model.init_from, cfg.model.truncate_at, cfg.model.head_conv) == ("runs/rot:epoch5", 7, False)

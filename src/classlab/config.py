@@ -158,8 +158,22 @@ class ModelSection(BaseModel):
     init_from: str | None = Field(
         None, description="start from a run's weights: <run folder>[:<checkpoint>], e.g. runs/rot:epoch5"
     )
-    pretrained: bool = Field(False, description="start from pretrained weights")
-    pretrained_path: str | None = Field(None, description="pretrained weights file (.pth/.pt/.safetensors)")
+    pretrained: bool | None = Field(
+        None,
+        description="true: pretrained weights from the torchvision/timm hub (or pretrained_path when set); "
+        "default: true exactly when pretrained_path is set",
+    )
+    pretrained_path: str | None = Field(
+        None, description="local .pth/.pt/.safetensors state dict (classlab, torchvision, timm or efficientnet_pytorch)"
+    )
+    weights: str | None = Field(
+        None,
+        description="hub weights tag: a torchvision weights name (IMAGENET1K_V2) or a timm tag (a1_in1k); "
+        "default: the model's default weights",
+    )
+    unfreeze_at_epoch: int | None = Field(
+        None, ge=1, description="train only the head for this many epochs (backbone frozen, BN in eval), then all"
+    )
     tasks: dict[str, TaskHead] | None = Field(
         None, description="task=multitask: task name -> {column, weight, classes}"
     )

@@ -24,6 +24,7 @@ from classlab.data.pipeline import DataBundle, load_data
 from classlab.data.tasks import TaskLayout
 from classlab.engine import loggers as tracking
 from classlab.engine.callbacks import METRIC_COLUMNS, RunRecorder
+from classlab.engine.finetune import trainable_at_start
 from classlab.engine.task import ClassifyTask, MultiTaskTask
 from classlab.engine.trainer import (
     accelerator,
@@ -34,7 +35,7 @@ from classlab.engine.trainer import (
     load_stage_weights,
 )
 from classlab.errors import ClassLabError
-from classlab.models import count_params, validate_model_spec
+from classlab.models import count_params, pretrained, validate_model_spec
 from classlab.run import RunFolder, RunLock, RunWriteError, move_aside, new_run_path, safe_torch_load
 
 RUN_DIR_ENV = "CLASSLAB_RUN_DIR"  # set by process 0 so that DDP worker processes join its run folder
@@ -207,7 +208,15 @@ def _write_run_start(run: RunFolder, cfg: Config, data: DataBundle) -> None:
         run.write_skipped(data.bad)
 
 
-def _announce(run: RunFolder, cfg: Config, data: DataBundle, params: int, console: Console) -> None:
+def _pretrained_report(net: torch.nn.Module) -> pretrained.LoadReport | None:
+    return getattr(net, "pretrained_report", None) or getattr(getattr(net, "backbone", None), "pretrained_report", None)
+
+
+def _announce(run: RunFolder, cfg: Config, data: DataBundle, net: torch.nn.Module, console: Console) -> None:
+    """The summary's first fields and the run's first lines: what trains, how much of it, on what."""
+    params = count_params(net)
+    weights = _pretrained_report(net)
+    trainable = trainable_at_start(net, cfg.model.unfreeze_at_epoch)
     run.update_summary(
         status="running",
         exp_name=run.path.name,
@@ -215,6 +224,8 @@ def _announce(run: RunFolder, cfg: Config, data: DataBundle, params: int, consol
         dataset=cfg.data.dataset,
         model=cfg.model.name,
         params=params,
+        params_trainable=trainable,
+        **({"pretrained": weights.summary()} if weights else {}),
         epochs=cfg.epochs,
         image_size=data.size,
         loader=data.mode,
@@ -224,10 +235,12 @@ def _announce(run: RunFolder, cfg: Config, data: DataBundle, params: int, consol
         versions=_versions(),
     )
     console.print(
-        f"[bold]classlab[/bold] {cfg.task} {cfg.model.name} ({params:,} parameters) on {cfg.data.dataset}: "
-        f"{len(data.train)} train / {len(data.val or [])} val / {len(data.test or [])} test images at "
-        f"{data.size}px, {data.mode} loader -> {run.path}"
+        f"[bold]classlab[/bold] {cfg.task} {cfg.model.name} ({params:,} parameters, {trainable:,} trainable) "
+        f"on {cfg.data.dataset}: {len(data.train)} train / {len(data.val or [])} val / {len(data.test or [])} "
+        f"test images at {data.size}px, {data.mode} loader -> {run.path}"
     )
+    for line in ([weights.line(), *weights.notes] if weights else []) + data.notices:
+        console.print(line)
 
 
 def _train_one(
@@ -272,6 +285,7 @@ def _fit_run(
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    cfg = pretrained.configure(cfg)  # hub weights fetched (or one error line) before any data is read
 
     data = load_data(cfg, split=saved_split)
     # The model is built (parameter budget, init_from, stage weights) before the run folder exists.
@@ -282,7 +296,6 @@ def _fit_run(
         with run.creating():  # a write that fails here takes the new folder away again
             lock.acquire()
             _write_run_start(run, cfg, data)
-    params = count_params(model.net)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
@@ -294,7 +307,7 @@ def _fit_run(
     task = build_task(cfg, data, model, len(train_loader))
     task.has_val = val_loader is not None
     if _is_zero():
-        _announce(run, cfg, data, params, console)
+        _announce(run, cfg, data, model.net, console)
     extra_columns = task.metric_columns() if isinstance(task, MultiTaskTask) else []
     recorder = RunRecorder(
         run,

@@ -37,6 +37,14 @@ def default_cache_dir() -> Path:
     return Path(base) / "classlab" / "decoded"
 
 
+def available_cores() -> int:
+    """Cores this process may run on (a container's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def decoded_bytes(n: int, channels: int, size: int) -> int:
     return n * channels * size * size
 
@@ -86,9 +94,13 @@ def _cache_problem(blob: Any, index: dict[str, Any], source: Source) -> str | No
 
 
 def decode(
-    source: Source, size: int, cache_dir: str | Path | None = None, threads: int = 2, verify: bool = False
+    source: Source, size: int, cache_dir: str | Path | None = None, threads: int | None = None, verify: bool = False
 ) -> Decoded:
     """Decode every image of ``source`` once (or load the cached result of an earlier run).
+
+    Files are decoded in parallel threads (PIL releases the GIL while decoding and resizing),
+    JPEGs at the reduced scale that still covers ``size`` (a 12-megapixel photo bound for 128
+    pixels decodes at 1/8 scale), with a progress bar on a terminal.
 
     The cache is keyed by the source's fingerprint (file names, sizes, modification times) and,
     with ``verify`` (``data.cache_verify``), a hash of the files' bytes. An entry that does not
@@ -127,8 +139,8 @@ def decode(
         except BadImage as exc:
             return f"{source.describe(i)}: {exc}"
 
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        results = list(pool.map(one, range(len(source)), chunksize=256))
+    with ThreadPoolExecutor(max_workers=max(1, threads or available_cores())) as pool:
+        results = _with_progress(pool.map(one, range(len(source))), len(source), f"decoding {source.name} at {size}px")
     kept = np.array([i for i, r in enumerate(results) if isinstance(r, torch.Tensor)], dtype=np.int64)
     bad = [r for r in results if isinstance(r, str)]
     images = (
@@ -144,6 +156,23 @@ def decode(
         except (OSError, ClassLabError):
             pass  # a read-only cache folder only costs the next run a decode
     return Decoded(images, labels, kept, bad)
+
+
+def _with_progress(items: Iterator[torch.Tensor | str], total: int, label: str) -> list[torch.Tensor | str]:
+    """Collect ``items``, with a progress bar on stderr when it is a terminal and the work is worth one."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    if total < 500 or not console.is_terminal:
+        return list(items)
+    out = []
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        for item in items:
+            out.append(item)
+            bar.advance(task)
+    return out
 
 
 def _rank_world() -> tuple[int, int]:

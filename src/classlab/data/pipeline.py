@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from classlab.config import Config
-from classlab.data.loaders import MemoryLoader, decode, decoded_bytes, stream_loader
+from classlab.data.loaders import MemoryLoader, available_cores, decode, decoded_bytes, stream_loader
 from classlab.data.preprocess import compute_stats, image_to_tensor
 from classlab.data.sources import UNLABELED, Source, check_readable, open_dataset, training_size
 from classlab.data.splits import make_split
@@ -69,6 +69,7 @@ class DataBundle:
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
     tasks: dict[str, list[str]] | None = None  # multitask: task -> classes; labels are combined indices
+    notices: list[str] = field(default_factory=list)  # lines to show the user (ignored files, ...)
 
     @property
     def num_classes(self) -> int:
@@ -79,7 +80,8 @@ def _prepare_source(source: Source, size: int, mode: str, cfg: Config) -> tuple[
     """The whole source as a Part (kept images only) and the list of its problems."""
     problems = list(source.problems)
     if mode == "memory":
-        dec = decode(source, size, cfg.data.cache_dir, threads=cfg.trainer.threads or 2, verify=cfg.data.cache_verify)
+        threads = cfg.trainer.threads or available_cores()
+        dec = decode(source, size, cfg.data.cache_dir, threads=threads, verify=cfg.data.cache_verify)
         return Part(labels=dec.labels, images=dec.images), problems + dec.bad
     bad = check_readable(source)
     kept = np.array([i for i in range(len(source)) if i not in bad], dtype=np.int64)
@@ -146,6 +148,7 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
     if cfg.task == "rotation":
         classes = ROTATION_CLASSES
     bundle = DataBundle(classes, size, channels, mode, train, val, test, split, bad=problems, tasks=dataset.tasks)
+    bundle.notices = list(dataset.train.notices)
     bundle.mean, bundle.std = _stats(train, size, cfg.aug.mean_subtraction == "pixel")
     if cfg.aug.norm_mean is not None and cfg.aug.norm_std is not None:
         bundle.mean, bundle.std = _fixed_stats(cfg.aug.norm_mean, cfg.aug.norm_std, channels)

@@ -51,6 +51,7 @@ class Source:
     array: np.ndarray | None = None  # uint8 NHWC when the whole set is already in memory
     files: list[Path] | None = None  # the image files, for sources that read files
     problems: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # worth a line, not worth stopping for
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -152,16 +153,24 @@ def _sort_file(path: Path, files: list[Path], problems: list[str]) -> None:
         problems.append(f"{path}: not an image file (extension '{path.suffix or 'none'}')")
 
 
-def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[str]]:
-    """class name -> image files, and the problems seen (empty folders, non-image files)."""
+def _scan_class_folders(root: Path, notices: list[str] | None = None) -> tuple[dict[str, list[Path]], list[str]]:
+    """class name -> image files, and the problems seen (empty folders, non-image files in class folders).
+
+    Non-image files beside the class folders (a README, labels.txt, a notebook) are how people
+    keep folders; like torchvision's ImageFolder they are ignored, with one line in ``notices``.
+    An image there is still a problem: it belongs in a class folder.
+    """
     problems: list[str] = []
     per_class: dict[str, list[Path]] = {}
+    ignored: list[str] = []
     for entry in sorted(root.iterdir(), key=lambda p: natural_key(p.name)):
         if entry.name.startswith("."):
             continue
         if not entry.is_dir():
-            if entry.name.lower() not in IGNORED_FILES:
-                problems.append(f"{entry}: a file beside the class folders (images go in {root}/<class>/)")
+            if entry.suffix.lower() in IMAGE_EXTENSIONS:
+                problems.append(f"{entry}: an image beside the class folders (images go in {root}/<class>/)")
+            elif entry.name.lower() not in IGNORED_FILES:
+                ignored.append(entry.name)
             continue
         files: list[Path] = []
         for dirpath, dirnames, filenames in os.walk(entry):
@@ -171,6 +180,9 @@ def _scan_class_folders(root: Path) -> tuple[dict[str, list[Path]], list[str]]:
         if not files:
             problems.append(f"{entry}: class folder with no images")
         per_class[entry.name] = files
+    if ignored and notices is not None:
+        shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        notices.append(f"note: ignored {len(ignored)} non-image file(s) beside the class folders in {root}: {shown}")
     return per_class, problems
 
 
@@ -203,7 +215,8 @@ def _folder(cfg: DataSection) -> Dataset:
     base = train_dir if split_layout else root
     if not split_layout and not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
         return _flat_folder(root, cfg.max_image_pixels)
-    per_class, problems = _scan_class_folders(base)
+    notices: list[str] = []
+    per_class, problems = _scan_class_folders(base, notices)
     if not per_class:
         raise ClassLabError(f"{base} has no class folders; put images in {base}/<class>/<image files>")
     classes = _order_classes(list(per_class), cfg.classes, str(base))
@@ -218,6 +231,7 @@ def _folder(cfg: DataSection) -> Dataset:
         return _file_source(f"folder:{label}", files, labels, part_root, probs, cfg.max_image_pixels)
 
     train = source(base, per_class, problems, "train")
+    train.notices = notices
     test = None
     if split_layout and test_dir.is_dir():
         test_classes, test_problems = _scan_class_folders(test_dir)

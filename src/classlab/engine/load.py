@@ -85,8 +85,8 @@ def load(run: str | Path | RunFolder, checkpoint: str = "best", device: str = "c
     channels = int(meta.get("channels") or 3)
     num_classes = len(classes)
     spec = cfg.model.spec()
-    spec.pop("init_from", None)
-    spec.pop("pretrained", None)
+    for key in ("init_from", "pretrained", "pretrained_path", "weights"):
+        spec.pop(key, None)  # the checkpoint holds the weights; the source may be gone
     layout = None
     if cfg.task == "multitask":
         layout = read_layout(run)

@@ -22,13 +22,14 @@ from classlab.data.preprocess import Normalize
 from classlab.data.tasks import TaskLayout
 from classlab.engine import loggers as tracking
 from classlab.engine.callbacks import AtomicCheckpointIO, RunRecorder
+from classlab.engine.finetune import UnfreezeBackbone
 from classlab.engine.metrics import task_accuracies, top_k_accuracy
 from classlab.engine.nonfinite import NonFiniteGuard
 from classlab.engine.predict import predict_logits, predict_tasks
 from classlab.engine.task import ClassifyTask, MultiTaskTask
 from classlab.engine.tta import test_with_tta
 from classlab.errors import ClassLabError
-from classlab.models import build_model, load_backbone_weights
+from classlab.models import build_model, load_backbone_weights, pretrained
 from classlab.models.multitask import build_multitask_net
 from classlab.models.net import ClassifierModel
 from classlab.run import RunFolder, open_run, safe_torch_load
@@ -64,7 +65,8 @@ def build_network(cfg: Config, data: DataBundle) -> ClassifierModel:
         net = inner = build_model(cfg.model.spec(), data.num_classes, data.channels, data.size)
     if cfg.model.init_from:
         load_backbone_weights(inner, _net_state(resolve_init_from(cfg.model.init_from)))
-    normalize = Normalize(data.mean, data.std)
+    # Pretrained weights bring their own normalisation (ImageNet's, timm's pretrained_cfg).
+    normalize = Normalize(*(pretrained.normalization(cfg.model.spec()) or (data.mean, data.std)))
     init_from_data = getattr(inner, "init_from_data", None)
     if callable(init_from_data) and not cfg.model.init_from and data.train.images is not None:
         # Layers set from the data before the first step (fastnet's patch whitening): the same
@@ -183,6 +185,7 @@ def build_trainer(
             *_checkpoint_callbacks(cfg, run, has_val, steps_per_epoch),
             *_progress(console, show_progress),
             *tracking.logger_callbacks(loggers or []),
+            *([UnfreezeBackbone(cfg.model.unfreeze_at_epoch, console)] if cfg.model.unfreeze_at_epoch else []),
         ],
         logger=loggers if loggers is not None else tracking.build_loggers(cfg, run),
         plugins=[AtomicCheckpointIO()],

@@ -54,11 +54,15 @@ class EfficientNet(ClassifierNet):
         return renumber_blocks(state, r"blocks\.(\d+)\.(\d+)\.(.*)", self.stage_lengths, 0, prefixes)
 
 
-def _build(variant: int, num_classes: int, in_chans: int, image_size: int, drop_path_rate: float) -> EfficientNet:
+def _build(
+    variant: int, num_classes: int, in_chans: int, image_size: int, drop_path_rate: float, tf_same: bool
+) -> EfficientNet:
     import timm
 
+    # tf_same: timm's TensorFlow port (same key names): 'same' padding and BatchNorm eps 1e-3,
+    # which weights ported from TensorFlow (efficientnet_pytorch's, timm's tf_*) were trained with.
     net = timm.create_model(
-        f"efficientnet_b{variant}",
+        f"tf_efficientnet_b{variant}" if tf_same else f"efficientnet_b{variant}",
         pretrained=False,
         num_classes=num_classes,
         in_chans=in_chans,
@@ -79,8 +83,10 @@ def _register(variant: int) -> None:
         default_image_size=IMAGE_SIZES[variant],
         description=f"EfficientNet-B{variant} (timm), truncatable at any MBConv block",
     )
-    def build(num_classes: int, in_chans: int, image_size: int, drop_path_rate: float = 0.0) -> EfficientNet:
-        return _build(variant, num_classes, in_chans, image_size, drop_path_rate)
+    def build(
+        num_classes: int, in_chans: int, image_size: int, drop_path_rate: float = 0.0, tf_same: bool = False
+    ) -> EfficientNet:
+        return _build(variant, num_classes, in_chans, image_size, drop_path_rate, tf_same)
 
 
 for _v in IMAGE_SIZES:

@@ -32,6 +32,8 @@ GENERIC_KEYS = frozenset(
         "freeze",
         "pretrained",
         "pretrained_path",
+        "weights",
+        "unfreeze_at_epoch",
         "init_from",
         "tasks",
         "fusion",
@@ -147,15 +149,16 @@ def family_params(spec: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(name, str):
         raise ConfigError(f"model.name must be a string: got {name!r}")
     explicit = {k: v for k, v in spec.items() if k not in GENERIC_KEYS}
-    if name.startswith(TIMM_PREFIX):
+    if is_passthrough(name):
+        kind = "timm" if name.startswith(TIMM_PREFIX) else "torchvision"
         if explicit:
             key = sorted(explicit)[0]
             raise ConfigError(
-                f"model.{key} is not used by timm passthrough model {name!r}: remove it "
-                "(timm models take only the generic model keys)"
+                f"model.{key} is not used by {kind} passthrough model {name!r}: remove it "
+                f"({kind} models take only the generic model keys)"
             )
         if spec.get("preset"):
-            raise ConfigError(f"model.preset is not available for timm passthrough model {name!r}: remove it")
+            raise ConfigError(f"model.preset is not available for {kind} passthrough model {name!r}: remove it")
         return {}
     entry = get_entry(name)
     for key in explicit:
@@ -178,6 +181,15 @@ def family_params(spec: dict[str, Any]) -> dict[str, Any]:
         merged.update(entry.presets[preset].params)
     merged.update(explicit)
     return merged
+
+
+def is_passthrough(name: str) -> bool:
+    """``timm:<name>``, or a torchvision classification name that no classlab family claims."""
+    if name.startswith(TIMM_PREFIX):
+        return True
+    from classlab.models.torchvision_net import is_torchvision_name
+
+    return name not in _REGISTRY and is_torchvision_name(name)
 
 
 def count_params(model: nn.Module) -> int:
@@ -236,7 +248,7 @@ def _raw_build(
 
 def build_model(spec: dict[str, Any], num_classes: int, in_chans: int = 3, image_size: int = 32) -> nn.Module:
     """The model described by a config's ``model:`` section, ready to train."""
-    from classlab.models import surgery, timm_net
+    from classlab.models import pretrained, surgery, timm_net, torchvision_net
 
     spec = resolve_preset_alias(spec)
     validate_generic_keys(spec)
@@ -244,18 +256,21 @@ def build_model(spec: dict[str, Any], num_classes: int, in_chans: int = 3, image
     name = spec["name"]
     if name.startswith(TIMM_PREFIX):
         model: nn.Module = timm_net.create(name[len(TIMM_PREFIX) :], num_classes, in_chans, spec)
+    elif is_passthrough(name):
+        model = torchvision_net.create(name, num_classes, in_chans, spec)
     else:
         model = _raw_build(get_entry(name), params, num_classes, in_chans, image_size)
         model = surgery.apply(model, spec)
     model.registry_name = name  # type: ignore[assignment]
-    if spec.get("pretrained"):
-        surgery.load_pretrained(model, spec.get("pretrained_path"))
+    if pretrained.wants_weights(spec):
+        model.pretrained_report = pretrained.apply(model, spec)  # type: ignore[assignment]
     check_param_budget(model, spec.get("max_params"))
     return model
 
 
 def validate_generic_keys(spec: dict[str, Any]) -> None:
     """Type and range checks on the keys build_model handles itself."""
+    from classlab.models.pretrained import check_spec
     from classlab.models.surgery import parse_freeze
 
     head = spec.get("head")
@@ -272,11 +287,7 @@ def validate_generic_keys(spec: dict[str, Any]) -> None:
             raise ConfigError(f"model.{key} must be true or false: got {value!r}")
     if spec.get("freeze") is not None:
         parse_freeze(spec["freeze"])
-    if spec.get("pretrained") and not spec.get("pretrained_path"):
-        raise ConfigError(
-            "model.pretrained: true needs model.pretrained_path (a local weights file); "
-            "classlab never downloads weights"
-        )
+    check_spec(spec)
 
 
 def validate_model_spec(
@@ -299,10 +310,12 @@ def validate_model_spec(
         from classlab.models import timm_net
 
         timm_net.check_spec(name[len(TIMM_PREFIX) :], spec)
-        if num_classes is None:
+        # hf-hub: names need the hub for their architecture: they are built at train time only.
+        if num_classes is None or name.startswith(TIMM_PREFIX + "hf-hub:"):
             return
-    cheap = {k: v for k, v in spec.items() if k != "pretrained" and (k != "max_params" or num_classes)}
-    size = image_size or (224 if name.startswith(TIMM_PREFIX) else get_entry(name).image_size(spec.get("preset")))
+    weight_keys = ("pretrained", "pretrained_path", "weights")
+    cheap = {k: v for k, v in spec.items() if k not in weight_keys and (k != "max_params" or num_classes)}
+    size = image_size or (224 if is_passthrough(name) else get_entry(name).image_size(spec.get("preset")))
     try:
         with torch.device("meta"):
             build_model(cheap, num_classes=num_classes or 10, in_chans=in_chans, image_size=size)

@@ -208,6 +208,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             data = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights only load failed" in first.lower():
+            raise ClassLabError(
+                f"weights file {str(p)!r} holds pickled objects that need code to load, which classlab never runs "
+                "(weights_only): save a plain state dict (torch.save(model.state_dict(), path)) or safetensors"
+            ) from None
         raise ClassLabError(
             f"cannot read weights file {str(p)!r} ({first}): use a state dict saved with torch.save or safetensors"
         ) from exc
@@ -220,17 +225,26 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
-def load_pretrained(model: nn.Module, path: str | Path | None) -> dict[str, list[str]]:
-    """``pretrained: true``: the backbone from a local file, plus the head when it fits."""
-    if not path:
-        raise ConfigError("model.pretrained: true needs model.pretrained_path (a local weights file)")
-    state = read_weights(path)
-    report = load_backbone_weights(model, state)
-    own = model.state_dict()
-    aligned, _ = _align(state, own)
-    head = {k: v for k, v in aligned.items() if k.startswith(_head_prefixes(model)) and k in own}
-    if head and all(tuple(v.shape) == tuple(own[k].shape) for k, v in head.items()):
-        model.load_state_dict(head, strict=False)
-        report["loaded"] = sorted([*report["loaded"], *head])
-        report["skipped"] = [k for k in report["skipped"] if k not in head]
-    return report
+def set_backbone_frozen(net: nn.Module, frozen: bool) -> None:
+    """Freeze (or unfreeze) everything but the classifier, with the frozen BatchNorm kept in eval.
+
+    Used by ``model.unfreeze_at_epoch``: the head trains alone on top of the pretrained
+    features first, so its random start does not push large gradients into the backbone.
+    """
+    from classlab.models.timm_net import WrappedNet
+
+    if isinstance(net, WrappedNet):
+        net.freeze_backbone(frozen)
+        return
+    inner = getattr(net, "backbone", None)  # multi-task: the shared backbone
+    if isinstance(inner, nn.Module) and not isinstance(net, ClassifierNet):
+        set_backbone_frozen(inner, frozen)
+        return
+    if not isinstance(net, ClassifierNet):
+        raise ConfigError(f"model.unfreeze_at_epoch is not supported for model {_name(net)!r}: remove it")
+    names = ["stem", "blocks", "neck"]
+    for name in names:
+        for p in net.get_submodule(name).parameters():
+            p.requires_grad_(not frozen)
+    net._frozen = names if frozen else []
+    net.train(net.training)
