@@ -53,6 +53,8 @@ def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
     config, overrides = _split_config_args(args.items)
     if task:
         overrides = [f"task={task}", *overrides]
+    if getattr(args, "folds", None):
+        overrides = [*overrides, f"data.folds={args.folds}"]
     if args.print_config:
         print(dump_yaml(load_config(config, overrides)), end="")
         return 0
@@ -188,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true", help="move an existing run folder aside and start again")
         p.add_argument("--print-config", action="store_true", help="print the resolved config with every default")
         p.add_argument("--quiet", action="store_true", help="no progress output")
+        p.add_argument(
+            "--folds", type=int, metavar="K", help="k-fold cross-validation: runs/<exp>/fold0..K-1 and oof.csv"
+        )
 
     p = sub.add_parser("train", help="train a model (no arguments: a small CNN on the embedded sample)")
     add_train_args(p)

@@ -19,6 +19,10 @@ How the pieces fit the single-label machinery:
   others'; the mixed states give a correction to the product rule (initialised at zero, so
   training starts from the product rule and only learns dependence between tasks that the
   data supports).
+- ``model.fusion: attention_only`` is the seed's AttentionNet as drawn: the same attention over
+  the task hidden states, and the combined prediction comes from the fused states alone (a
+  linear layer on them, normally initialised); the task heads are trained beside it and give
+  the per-task predictions, but the combined class no longer uses their product.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from classlab.engine.losses import Criterion, build_criterion, class_weight_tensor, task_weight_specs
 from classlab.engine.task import ClassifyTask
 from classlab.errors import ClassLabError, ConfigError
 
@@ -176,13 +181,14 @@ class AttentionFusion(nn.Module):
     the fusion only adds what the tasks' interplay is worth on the data.
     """
 
-    def __init__(self, num_tasks: int, dim: int, num_combined: int) -> None:
+    def __init__(self, num_tasks: int, dim: int, num_combined: int, zero_init: bool = True) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(dim, num_heads=1, batch_first=True)
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(num_tasks * dim, num_combined)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        if zero_init:  # a correction starts at nothing; a prediction of its own (attention_only) does not
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         mixed, _ = self.attn(tokens, tokens, tokens, need_weights=False)
@@ -203,7 +209,8 @@ class MultiTaskNet(nn.Module):
         self.task_names = list(layout.names)
         features = int(backbone.num_features)
         self.num_features = features
-        self.fused = fusion == "attention"
+        self.fused = fusion in ("attention", "attention_only")
+        self.fusion_only = fusion == "attention_only"
         if self.fused:
             dim = fusion_dim(features)
             # Each task first gets its own hidden state: the tokens the fusion attends over.
@@ -211,7 +218,9 @@ class MultiTaskNet(nn.Module):
                 nn.Sequential(nn.Linear(features, dim), nn.ReLU(inplace=True)) for _ in layout.names
             )
             self.heads = nn.ModuleList(nn.Linear(dim, size) for size in layout.sizes)
-            self.fusion: nn.Module | None = AttentionFusion(len(layout.names), dim, layout.num_combined)
+            self.fusion: nn.Module | None = AttentionFusion(
+                len(layout.names), dim, layout.num_combined, zero_init=not self.fusion_only
+            )
         else:
             self.hidden = nn.ModuleList(nn.Identity() for _ in layout.names)
             self.heads = nn.ModuleList(nn.Linear(features, size) for size in layout.sizes)
@@ -222,6 +231,8 @@ class MultiTaskNet(nn.Module):
         features = self.backbone.forward_features(x)
         hidden = [h(features) for h in self.hidden]
         task_logits = [head(h) for head, h in zip(self.heads, hidden)]
+        if self.fusion is not None and self.fusion_only:
+            return task_logits, self.fusion(torch.stack(hidden, dim=1)).float()
         combined = joint_log_probs(task_logits)
         if self.fusion is not None:
             combined = combined + self.fusion(torch.stack(hidden, dim=1)).float()
@@ -269,6 +280,22 @@ def build_multitask_net(spec: dict[str, Any], layout: TaskLayout, in_chans: int,
     return net
 
 
+def task_class_weights(
+    cfg: Config, layout: TaskLayout, train_labels: torch.Tensor | None
+) -> list[torch.Tensor | None]:
+    """Each task's class weights (``loss.class_weights``), counted on the training split's labels."""
+    specs = task_weight_specs(cfg.loss.class_weights, layout.names)
+    if train_labels is None:
+        if any(s is not None for s in specs.values()):
+            raise ClassLabError("loss.class_weights needs the training labels to count classes")
+        return [None] * len(layout.names)
+    per_task = layout.split(torch.as_tensor(train_labels, dtype=torch.long))
+    return [
+        class_weight_tensor(specs[name], labels, list(classes), f"loss.class_weights.{name}")
+        for name, labels, classes in zip(layout.names, per_task, layout.classes)
+    ]
+
+
 def read_layout(run: RunFolder) -> TaskLayout:
     if not (run.path / TASKS_FILE).is_file():
         raise ClassLabError(f"multitask run '{run.path}' has no {TASKS_FILE}; it was not written by this version")
@@ -287,15 +314,23 @@ def multitask_loss(
     layout: TaskLayout,
     label_smoothing: float = 0.0,
     fused: bool = False,
+    criteria: Sequence[Criterion] | None = None,
 ) -> torch.Tensor:
-    """Sum over tasks of weight_t * CE_t; with fusion, plus the CE of the combined prediction.
+    """Sum over tasks of weight_t * loss_t; with fusion, plus the CE of the combined prediction.
 
     Without fusion the combined logits are a function of the task logits, so a combined term
     would only re-weight the task terms; with fusion it is what trains the fusion head.
+    ``criteria`` (one per task: focal loss, class weights) replace plain cross-entropy in training.
     """
+    targets = layout.split(y)
     loss = sum(
-        w * F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-        for w, logits, target in zip(layout.weights, task_logits, layout.split(y))
+        w
+        * (
+            criteria[t](logits, target)
+            if criteria is not None
+            else F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+        )
+        for t, (w, logits, target) in enumerate(zip(layout.weights, task_logits, targets))
     )
     if fused:
         loss = loss + F.cross_entropy(combined, y, label_smoothing=label_smoothing)
@@ -313,10 +348,13 @@ class MultiTaskTask(ClassifyTask):
         image_size: int,
         steps_per_epoch: int,
         fill: tuple[int, ...] | None = None,
+        train_labels: torch.Tensor | None = None,
     ) -> None:
         super().__init__(model, cfg, layout.num_combined, image_size, steps_per_epoch, fill=fill)
         self.layout = layout
-        self.fused = cfg.model.fusion == "attention"
+        self.fused = cfg.model.fusion in ("attention", "attention_only")
+        weights = task_class_weights(cfg, layout, train_labels)
+        self.task_criteria = nn.ModuleList(build_criterion(cfg.loss, w) for w in weights)
         self.task_acc = nn.ModuleDict(
             {
                 f"{stage}_{name}": MulticlassAccuracy(size, average="micro")
@@ -324,9 +362,16 @@ class MultiTaskTask(ClassifyTask):
                 for name, size in zip(layout.names, layout.sizes)
             }
         )
+        self.task_f1 = nn.ModuleDict(
+            {
+                f"{stage}_{name}": MulticlassF1Score(size, average="macro")
+                for stage in ("val", "test")
+                for name, size in zip(layout.names, layout.sizes)
+            }
+        )
 
     def metric_columns(self) -> list[str]:
-        return [f"val/{name}/acc" for name in self.layout.names]
+        return ["val/f1", *(f"val/{name}/{m}" for name in self.layout.names for m in ("acc", "f1"))]
 
     def _forward_tasks(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.model.net.forward_tasks(self.model.normalize(x))
@@ -334,7 +379,9 @@ class MultiTaskTask(ClassifyTask):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         task_logits, combined = self._forward_tasks(x)
-        loss = multitask_loss(task_logits, combined, y, self.layout, self.cfg.loss.label_smoothing, self.fused)
+        loss = multitask_loss(
+            task_logits, combined, y, self.layout, self.cfg.loss.label_smoothing, self.fused, self.task_criteria
+        )
         self.train_loss.update(loss.detach())
         self.train_acc.update(combined.detach(), y)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
@@ -354,8 +401,10 @@ class MultiTaskTask(ClassifyTask):
         loss_metric.update(loss, weight=len(y))
         acc.update(combined, y)
         acc5.update(combined, y)
+        (self.val_f1 if stage == "val" else self.test_f1).update(combined, y)
         for name, logits, target in zip(self.layout.names, task_logits, self.layout.split(y)):
             self.task_acc[f"{stage}_{name}"].update(logits, target)
+            self.task_f1[f"{stage}_{name}"].update(logits, target)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._stage_step(batch, "val")
@@ -366,9 +415,10 @@ class MultiTaskTask(ClassifyTask):
     def _task_metrics(self, stage: str) -> dict[str, float]:
         out = {}
         for name in self.layout.names:
-            metric = self.task_acc[f"{stage}_{name}"]
-            out[f"{stage}/{name}/acc"] = float(metric.compute())
-            metric.reset()
+            for kind, metrics in (("acc", self.task_acc), ("f1", self.task_f1)):
+                metric = metrics[f"{stage}_{name}"]
+                out[f"{stage}/{name}/{kind}"] = float(metric.compute())
+                metric.reset()
         for key, value in out.items():
             self.log(key, value, sync_dist=False)
         return out
@@ -422,6 +472,18 @@ def task_accuracies(
     return {
         f"{prefix}/{name}/acc": float((logits.argmax(1) == target).float().mean())
         for name, logits, target in zip(layout.names, task_logits, layout.split(labels))
+    }
+
+
+def task_f1_scores(
+    layout: TaskLayout, task_logits: Sequence[torch.Tensor], labels: torch.Tensor, prefix: str
+) -> dict[str, float]:
+    """``{prefix}/<task>/f1``: each task's macro-F1 (NaN for no images)."""
+    from classlab.engine.evaluate import macro_f1
+
+    return {
+        f"{prefix}/{name}/f1": macro_f1(logits, target, size) if len(labels) else float("nan")
+        for name, logits, target, size in zip(layout.names, task_logits, layout.split(labels), layout.sizes)
     }
 
 

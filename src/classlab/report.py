@@ -181,7 +181,11 @@ def compare(
         row.update({k: run.config.get(k) for k in by})
         row.update({m: run.summary.get(m) for m in metrics})
         rows.append(row)
+    from classlab.folds import fold_mean_rows
+
+    means = fold_mean_rows(runs, rows, metrics)
     rows.sort(key=lambda r: tuple(_sort_key(r.get(k)) for k in by) + (r["run"],))
+    rows += means
     table = Comparison(["run", "status", *by, *metrics], rows, by, metrics)
     out_dir = Path(out) if out else Path(os.path.commonpath([str(r.path.parent) for r in runs])) / "compare"
     atomic_write_text(out_dir / "compare.csv", table.csv())

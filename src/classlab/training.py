@@ -23,7 +23,7 @@ from classlab.config import Config, load_config, validate
 from classlab.data.pipeline import DataBundle, load_data
 from classlab.data.preprocess import Normalize
 from classlab.engine.callbacks import METRIC_COLUMNS, AtomicCheckpointIO, RunRecorder
-from classlab.engine.evaluate import predict_logits, top_k_accuracy
+from classlab.engine.evaluate import macro_f1, predict_logits, top_k_accuracy
 from classlab.engine.task import ClassifierModel, ClassifyTask
 from classlab.errors import ClassLabError
 from classlab.models import build_model, count_params, load_backbone_weights
@@ -195,6 +195,10 @@ def train(
     Raises ClassLabError/ConfigError on bad input.
     """
     cfg = coerce_config(config, overrides)
+    if cfg.data.folds and cfg.data.fold is None:
+        from classlab.folds import train_folds
+
+        return train_folds(cfg, resume=resume, force=force, quiet=quiet)
     if cfg.stages:
         return _train_stages(cfg, resume=resume, force=force, quiet=quiet)
     return _train_one(cfg, config, overrides, resume=resume, force=force, quiet=quiet)
@@ -310,9 +314,16 @@ def _train_one(
         from classlab.multitask import MultiTaskTask, TaskLayout
 
         layout = TaskLayout.from_config(cfg, data.tasks or {})
-        task: ClassifyTask = MultiTaskTask(model, cfg, layout, data.size, steps_per_epoch=len(train_loader), fill=fill)
+        task: ClassifyTask = MultiTaskTask(
+            model, cfg, layout, data.size, steps_per_epoch=len(train_loader), fill=fill, train_labels=data.train.labels
+        )
     else:
-        task = ClassifyTask(model, cfg, data.num_classes, data.size, steps_per_epoch=len(train_loader), fill=fill)
+        from classlab.engine.losses import class_weight_tensor
+
+        weights = class_weight_tensor(cfg.loss.class_weights, data.train.labels, data.classes)
+        task = ClassifyTask(
+            model, cfg, data.num_classes, data.size, steps_per_epoch=len(train_loader), fill=fill, class_weights=weights
+        )
     task.has_val = val_loader is not None
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     if is_zero:
@@ -448,6 +459,8 @@ def _finish(
     if val_rows:
         best = max(val_rows, key=lambda r: float(r["val/acc"]))
         summary.update(best_val_acc=float(best["val/acc"]), best_epoch=int(best["epoch"]))
+        if best.get("val/f1"):
+            summary.update(best_val_f1=float(best["val/f1"]))
         # Multitask: each task's validation accuracy at that epoch (val/acc is the combined class).
         summary.update({k: float(v) for k, v in best.items() if k.startswith("val/") and k.count("/") == 2 and v})
     if data.test is not None and len(data.test):
@@ -462,15 +475,17 @@ def _finish(
                 logits, labels, tta_probs = _tta_test(task.model, loader, cfg.trainer.test_tta, data.size)
                 summary.update(test_acc_tta=top_k_accuracy(tta_probs, labels, 1), test_tta=cfg.trainer.test_tta)
             elif cfg.task == "multitask":
-                from classlab.multitask import predict_tasks, task_accuracies
+                from classlab.multitask import predict_tasks, task_accuracies, task_f1_scores
 
                 task_logits, logits, labels = predict_tasks(task.model, loader)
                 summary.update(task_accuracies(task.layout, task_logits, labels, "test"))
+                summary.update(task_f1_scores(task.layout, task_logits, labels, "test"))
             else:
                 logits, labels = predict_logits(task.model, loader, rotation=cfg.task == "rotation")
         summary.update(
             test_acc=top_k_accuracy(logits, labels, 1),
             test_acc5=top_k_accuracy(logits, labels, min(5, logits.shape[1])),
+            test_f1=macro_f1(logits, labels),
             test_checkpoint=best_name,
             test_time_s=round(time.perf_counter() - tested, 2),
         )

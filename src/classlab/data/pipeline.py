@@ -68,6 +68,7 @@ class DataBundle:
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
     tasks: dict[str, list[str]] | None = None  # multitask: task -> classes; labels are combined indices
+    train_files: list[str] | None = None  # the usable training images in split-index order (out-of-fold CSVs)
 
     @property
     def num_classes(self) -> int:
@@ -113,6 +114,7 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
         problems += test_problems
     if problems and not cfg.data.skip_bad_images:
         raise DataProblems(problems)
+    train_files = _kept_files(dataset.train, whole, size, mode, cfg, bool(problems))
     classes = dataset.classes
     if cfg.task == "classify" and classes == [UNLABELED]:
         raise ClassLabError(
@@ -132,10 +134,14 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
             class_names=classes,
             groups=groups,
             images_per_class=cfg.data.images_per_class,
+            folds=cfg.data.folds,
+            fold=cfg.data.fold,
         )
         split.update(
             {"seed": cfg.seed, "val_fraction": cfg.data.val_fraction, "images_per_class": cfg.data.images_per_class}
         )
+        if cfg.data.folds:
+            split.update({"folds": cfg.data.folds, "fold": cfg.data.fold or 0})
         split["source_images"] = len(whole)
     elif split.get("source_images") not in (None, len(whole)):
         raise ClassLabError(
@@ -146,9 +152,22 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
     val = _subset(whole, split["val"]) if split["val"] else None
     if cfg.task == "rotation":
         classes = ROTATION_CLASSES
-    bundle = DataBundle(classes, size, channels, mode, train, val, test, split, bad=problems, tasks=dataset.tasks)
+    bundle = DataBundle(
+        classes, size, channels, mode, train, val, test, split, bad=problems, tasks=dataset.tasks, train_files=train_files
+    )
     bundle.mean, bundle.std = _stats(train, size, cfg.aug.mean_subtraction == "pixel")
     return bundle
+
+
+def _kept_files(source: Source, whole: Part, size: int, mode: str, cfg: Config, skipped: bool) -> list[str]:
+    """What each usable training image is (its file), in the order split indices count them."""
+    if whole.indices is not None:
+        kept = whole.indices
+    elif skipped:
+        kept = decode(source, size, cfg.data.cache_dir, threads=cfg.trainer.threads or 2).kept  # the cache answers
+    else:
+        kept = np.arange(len(source))
+    return [source.describe(int(i)) for i in kept]
 
 
 def _kept_groups(dataset: Any, whole: Part) -> np.ndarray:

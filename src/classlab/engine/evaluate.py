@@ -48,3 +48,13 @@ def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
     """counts[true, predicted]."""
     pred = logits.argmax(1)
     return torch.bincount(labels * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def macro_f1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> float:
+    """Macro-averaged F1 of the argmax predictions (torchmetrics'), NaN for no images."""
+    from torchmetrics.functional.classification import multiclass_f1_score
+
+    if len(labels) == 0:
+        return float("nan")
+    k = num_classes or logits.shape[1]
+    return float(multiclass_f1_score(logits.argmax(1), labels, num_classes=k, average="macro"))

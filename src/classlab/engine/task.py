@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from classlab.config import Config
 from classlab.data.augment import build_batch_augment
 from classlab.data.rotation import rotate_batch
+from classlab.engine.losses import build_criterion
 from classlab.engine.mixing import build_mixing
 from classlab.engine.optim import build_optimizer, build_scheduler
 
@@ -41,9 +42,12 @@ class ClassifyTask(L.LightningModule):
         image_size: int,
         steps_per_epoch: int,
         fill: tuple[int, ...] | None = None,
+        class_weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        # loss.name / focal_gamma / class_weights / label_smoothing: the training loss (validation stays plain CE).
+        self.criterion = build_criterion(cfg.loss, class_weights)
         self.cfg = cfg
         self.num_classes = num_classes
         self.steps_per_epoch = steps_per_epoch
@@ -63,6 +67,9 @@ class ClassifyTask(L.LightningModule):
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        # Macro-F1, the usual competition metric on skewed labels: every class counts the same.
+        self.val_f1 = MulticlassF1Score(num_classes, average="macro")
+        self.test_f1 = MulticlassF1Score(num_classes, average="macro")
         self.last_val: dict[str, float] = {}
         self.validated_epoch = -1
         self.has_val = True
@@ -125,7 +132,7 @@ class ClassifyTask(L.LightningModule):
             target = soft.argmax(1)
         else:
             logits = self(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=0.0 if self.rotation else self.cfg.loss.label_smoothing)
+            loss = self.criterion(logits, y, smoothing=0.0 if self.rotation else None)
             target = y
         self.train_loss.update(loss.detach())
         self.train_acc.update(logits.detach(), target)
@@ -135,7 +142,7 @@ class ClassifyTask(L.LightningModule):
         return loss
 
     def _eval_step(
-        self, batch: Any, loss_metric: MeanMetric, acc: MulticlassAccuracy, acc5: MulticlassAccuracy
+        self, batch: Any, loss_metric: MeanMetric, acc: MulticlassAccuracy, acc5: MulticlassAccuracy, f1: Any
     ) -> None:
         x, y = batch
         logits = self(x)
@@ -143,12 +150,17 @@ class ClassifyTask(L.LightningModule):
         loss_metric.update(loss, weight=len(y))
         acc.update(logits, y)
         acc5.update(logits, y)
+        f1.update(logits, y)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_loss, self.val_acc, self.val_acc5)
+        self._eval_step(batch, self.val_loss, self.val_acc, self.val_acc5, self.val_f1)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_loss, self.test_acc, self.test_acc5)
+        self._eval_step(batch, self.test_loss, self.test_acc, self.test_acc5, self.test_f1)
+
+    def metric_columns(self) -> list[str]:
+        """metrics.csv columns beyond the common ones."""
+        return ["val/f1"]
 
     # -- epoch ends -------------------------------------------------------------------------
     def on_validation_epoch_end(self) -> None:
@@ -158,8 +170,9 @@ class ClassifyTask(L.LightningModule):
             "val/loss": float(self.val_loss.compute()),
             "val/acc": float(self.val_acc.compute()),
             "val/acc5": float(self.val_acc5.compute()),
+            "val/f1": float(self.val_f1.compute()),
         }
-        for metric in (self.val_loss, self.val_acc, self.val_acc5):
+        for metric in (self.val_loss, self.val_acc, self.val_acc5, self.val_f1):
             metric.reset()
         self.validated_epoch = self.current_epoch
         for key, value in self.last_val.items():
@@ -170,8 +183,9 @@ class ClassifyTask(L.LightningModule):
             "test/loss": float(self.test_loss.compute()),
             "test/acc": float(self.test_acc.compute()),
             "test/acc5": float(self.test_acc5.compute()),
+            "test/f1": float(self.test_f1.compute()),
         }
-        for metric in (self.test_loss, self.test_acc, self.test_acc5):
+        for metric in (self.test_loss, self.test_acc, self.test_acc5, self.test_f1):
             metric.reset()
         for key, value in self.last_test.items():
             self.log(key, value)

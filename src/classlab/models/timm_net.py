@@ -23,7 +23,8 @@ def check_spec(name: str, spec: dict[str, Any]) -> None:
         hint = did_you_mean(name, timm.list_models())
         raise ConfigError(f"unknown timm model {name!r}{hint}: see timm.list_models() for the names")
     for key, why in _UNSUPPORTED.items():
-        if spec.get(key) is not None:
+        # head_conv: true is the config's default (keep the head conv), which every timm model satisfies.
+        if spec.get(key) is not None and not (key == "head_conv" and spec[key] is True):
             raise ConfigError(f"model.{key} is not supported for timm:{name}: {why}")
     if spec.get("head") not in (None, "linear"):
         raise ConfigError(f"model.head={spec['head']!r} is not supported for timm:{name}: use head: linear")
