@@ -8,7 +8,7 @@ W=benchmarks/_work/faces
 DATA=${UTKFACE:-../shared/data/utkface}
 [ -d "$DATA" ] || DATA=/work/shared/data/utkface
 mkdir -p "$W"
-export PYTHONPATH=src OMP_NUM_THREADS=2
+export PYTHONPATH=src OMP_NUM_THREADS=1
 # 1. An 80/20 seeded holdout of labels.csv, stratified by the combined label: the test set the ensemble is scored on.
 python - "$DATA" "$W" <<'PY'
 import csv, random, sys, collections
@@ -26,8 +26,8 @@ for name, part in (("train", train), ("test", test)):
         w = csv.DictWriter(h, fieldnames=list(rows[0])); w.writeheader(); w.writerows(sorted(part, key=lambda r: r["path"]))
 PY
 SCALE=(data.root="$(realpath "$DATA")" data.csv_file="$(realpath $W/train.csv)" data.test_csv_file="$(realpath $W/test.csv)"
-       run.root=$W/runs data.cache_dir=$W/cache data.image_size=32 "model.name=cnn" "model.layers=[32,p,64,p,128,p,256,p]"
-       epochs=4 trainer.threads=2 trainer.progress=false)
+       run.root=$W/runs data.cache_dir=$W/cache data.image_size=32 "model.name=cnn" "model.layers=[16,p,32,p,64,p,128,p]"
+       epochs=4 trainer.threads=1 trainer.progress=false)
 # 2. Five folds without and with class weights (each fold also scores the holdout test set at its end).
 for cw in none balanced; do
   start=$(date +%s)

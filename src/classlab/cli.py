@@ -67,8 +67,12 @@ def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from classlab.evaluation import evaluate
 
-    metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint, tta=args.tta, report=args.report)
-    print(f"{args.run} [{metrics['split']}, {metrics['checkpoint']}.ckpt, {metrics['images']} images]")
+    runs = _ensemble_runs(args.runs, args.ensemble)
+    metrics = evaluate(runs, split=args.split, checkpoint=args.checkpoint, tta=args.tta, report=args.report)
+    members = f", mean of {len(metrics['members'])} runs" if metrics.get("members") else ""
+    print(
+        f"{' '.join(args.runs)} [{metrics['split']}, {metrics['checkpoint']}.ckpt, {metrics['images']} images{members}]"
+    )
     tta = metrics.get("tta")
     if tta:
         label = f"TTA {tta['modes']} ({tta['views']} views)"
@@ -76,9 +80,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{'top-1':<8}{metrics['top1']:>8.4f}  {tta['top1']:.4f}  ({tta['top1'] - metrics['top1']:+.4f})")
         print(f"{'top-5':<8}{metrics['top5']:>8.4f}  {tta['top5']:.4f}  ({tta['top5'] - metrics['top5']:+.4f})")
     else:
-        print(f"top-1 {metrics['top1']:.4f}   top-5 {metrics['top5']:.4f}")
+        print(f"top-1 {metrics['top1']:.4f}   top-5 {metrics['top5']:.4f}   macro-F1 {metrics['f1']:.4f}")
     for name, acc in (metrics.get("tasks") or {}).items():
-        print(f"task {name}: top-1 {acc:.4f}")
+        print(f"task {name}: top-1 {acc:.4f}   macro-F1 {metrics['tasks_f1'][name]:.4f}")
     width = max(len(c) for c in metrics["per_class"])
     for name, acc in metrics["per_class"].items():
         print(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")
@@ -90,17 +94,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(format_table(metrics["report"]["per_class"]))
         print(f"expected calibration error (15 bins): {metrics['report']['ece']:.4f}")
         written += ", per_class.csv, confident_errors.png, reliability.png, report.json"
-    print(f"wrote {Path(args.run) / 'eval' / metrics['split']}/{{{written}}}")
+    print(f"wrote {metrics['out']}/{{{written}}}")
     return 0
+
+
+def _ensemble_runs(runs: list[str], ensemble: str | None) -> list[str] | str:
+    """Several runs (or a k-fold folder) need ``--ensemble mean``; one run is passed as it is."""
+    from classlab.folds import is_fold_group
+
+    several = len(runs) > 1 or any(is_fold_group(r) for r in runs)
+    if several and ensemble is None:
+        what = f"{len(runs)} runs" if len(runs) > 1 else f"'{runs[0]}' is a k-fold folder (one run per fold)"
+        raise ClassLabError(f"{what}: add --ensemble mean to average their probabilities")
+    return list(runs) if several else runs[0]
+
+
+def _split_runs(items: list[str]) -> tuple[list[str], list[str]]:
+    """``RUN1 RUN2 ... PATHS``: the leading run folders (config.yaml) or k-fold folders, then image paths."""
+    from classlab.folds import is_fold_group
+
+    runs = []
+    for item in items:
+        if (Path(item) / "config.yaml").is_file() or is_fold_group(item):
+            runs.append(item)
+        else:
+            break
+    if not runs:
+        raise ClassLabError(f"'{items[0]}' is not a run folder (no config.yaml); give the run(s) first, then images")
+    if len(runs) == len(items):
+        raise ClassLabError("no images given after the run folder(s); give image files or folders to predict")
+    return runs, items[len(runs) :]
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from classlab.inference import predict
 
+    run_items, paths = _split_runs(args.items)
+    runs = _ensemble_runs(run_items, args.ensemble)
+    if args.template:
+        return _submission(args, runs, paths)
     out = args.out or "predictions.csv"
     result = predict(
-        args.run,
-        args.paths,
+        runs,
+        paths,
         out,
         checkpoint=args.checkpoint,
         top=args.top,
@@ -115,6 +151,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"  {path}: {error}", file=sys.stderr)
         if result.failed_count > 20:
             print(f"  ... and {result.failed_count - 20} more", file=sys.stderr)
+    return 0
+
+
+def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str]) -> int:
+    from classlab.submission import write_submission
+
+    out = args.out or "submission.csv"
+    done = write_submission(
+        runs,
+        paths,
+        args.template,
+        out,
+        id_column=args.id_column,
+        label_column=args.label_column,
+        label_format=args.label_format,
+        allow_missing=args.allow_missing,
+        checkpoint=args.checkpoint,
+        batch_size=args.batch_size,
+    )
+    print(f"wrote {done.rows} rows to {out} ({args.label_column} = class {args.label_format}, template order)")
+    if done.missing:
+        print(f"{len(done.missing)} row(s) left empty (--allow-missing):", file=sys.stderr)
+        for line in done.missing[:20]:
+            print(f"  {line}", file=sys.stderr)
     return 0
 
 
@@ -204,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: cmd_train(a, task=a.pretext))
 
     p = sub.add_parser("eval", help="evaluate a run: top-1, top-5, per-class accuracy, confusion matrix")
-    p.add_argument("run")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="a run folder; several (or a k-fold folder) with --ensemble")
+    p.add_argument("--ensemble", choices=["mean"], help="average the probabilities of several runs (one class map)")
     p.add_argument("--split", default="test", choices=["test", "val"])
     p.add_argument("--checkpoint", default="best", help="best, last, epochN")
     p.add_argument(
@@ -217,9 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="predict image files or folders into a CSV")
-    p.add_argument("run")
-    p.add_argument("paths", nargs="+")
+    p = sub.add_parser("predict", help="predict image files or folders into a CSV (or a submission file)")
+    p.add_argument("items", nargs="+", metavar="RUN... PATH", help="run folder(s), then image files or folders")
+    p.add_argument("--ensemble", choices=["mean"], help="average the probabilities of several runs (one class map)")
+    p.add_argument("--template", help="organisers' CSV to fill in (submission): its rows, order and columns are kept")
+    p.add_argument("--id-column", default="ImageID", help="template column naming each row's image (default ImageID)")
+    p.add_argument("--label-column", default="ans", help="template column to fill with the prediction (default ans)")
+    p.add_argument("--label-format", default="index", choices=["index", "name"], help="class index or class name")
+    p.add_argument("--allow-missing", action="store_true", help="leave rows without a usable image empty")
     p.add_argument("--out", help="CSV file to write (default predictions.csv)")
     p.add_argument("--checkpoint", default="best")
     p.add_argument("--top", type=int, default=3, help="how many classes per image")
@@ -268,7 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `train CONFIG --folds 5 key=value ...`: overrides may follow an option; anything else is argparse's error.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "items") and not any(e.startswith("-") for e in extra):
+            args.items = [*args.items, *extra]
+        else:
+            args = parser.parse_args(argv)
     _quiet_libraries()
     try:
         return int(args.func(args) or 0)

@@ -266,14 +266,18 @@ def _check_folds_and_weights(cfg: Config) -> None:
     if cfg.data.fold is not None and cfg.data.folds is None:
         raise ValueError("data.fold needs data.folds (the number of folds), e.g. data.folds=5 data.fold=0")
     if cfg.data.folds is not None and cfg.data.fold is not None and cfg.data.fold >= cfg.data.folds:
-        raise ValueError(f"data.fold={cfg.data.fold} but data.folds={cfg.data.folds}: folds are 0..{cfg.data.folds - 1}")
+        raise ValueError(
+            f"data.fold={cfg.data.fold} but data.folds={cfg.data.folds}: folds are 0..{cfg.data.folds - 1}"
+        )
     if cfg.data.folds is not None and cfg.data.images_per_class:
         raise ValueError("data.folds and data.images_per_class cannot be combined: folds cover every image")
     if cfg.task == "rotation" and (cfg.loss.class_weights is not None or cfg.data.sampler != "random"):
         raise ValueError("loss.class_weights / data.sampler=balanced do not apply to task=rotation (no labels)")
     mixing = cfg.aug.mixup_alpha > 0 or cfg.aug.cutmix_alpha > 0
     if mixing and (cfg.loss.class_weights is not None or cfg.loss.name != "crossentropy"):
-        raise ValueError("loss.class_weights and loss.name=focal need hard labels: set aug.mixup_alpha/cutmix_alpha to 0")
+        raise ValueError(
+            "loss.class_weights and loss.name=focal need hard labels: set aug.mixup_alpha/cutmix_alpha to 0"
+        )
     weights = cfg.loss.class_weights
     maps = list(weights.values()) if isinstance(weights, dict) else []
     for value in [weights, *maps]:

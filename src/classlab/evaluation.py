@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from PIL import Image
 from classlab.data.pipeline import DataBundle, Part, load_data
 from classlab.data.preprocess import image_to_tensor
 from classlab.data.sources import Source, open_dataset
-from classlab.engine.evaluate import confusion_matrix, predict_logits, top_k_accuracy
+from classlab.engine.evaluate import confusion_matrix, macro_f1, predict_logits, top_k_accuracy
 from classlab.engine.tta import parse_tta, tta_probabilities_batches, tta_probabilities_images, views_per_image
 from classlab.errors import ClassLabError
 from classlab.inference import load
@@ -29,7 +31,7 @@ from classlab.run import RunFolder, atomic_write_bytes, atomic_write_json, atomi
 
 
 def evaluate(
-    run: str | Path | RunFolder,
+    run: str | Path | RunFolder | list[str | Path | RunFolder],
     split: str = "test",
     checkpoint: str = "best",
     *,
@@ -44,8 +46,7 @@ def evaluate(
     """
     if split not in ("test", "val"):
         raise ClassLabError(f"--split {split}: choose 'test' or 'val'")
-    run = run if isinstance(run, RunFolder) else open_run(run)
-    loaded = load(run, checkpoint)
+    loaded, run, out = _load_for_eval(run, checkpoint, split)
     cfg = loaded.cfg
     if (tta or report) and cfg.task == "rotation":
         raise ClassLabError("--tta and --report apply to classifiers; this run is a rotation pretext run")
@@ -59,11 +60,13 @@ def evaluate(
         )
     loader = part.loader(cfg.data.batch_size, shuffle=False, seed=0, size=data.size)
     task_acc: dict[str, float] = {}
+    task_f1: dict[str, float] = {}
     if loaded.tasks is not None:
-        from classlab.multitask import predict_tasks, task_accuracies
+        from classlab.multitask import predict_tasks, task_accuracies, task_f1_scores
 
         task_logits, logits, labels = predict_tasks(loaded.model, loader)
         task_acc = task_accuracies(loaded.tasks, task_logits, labels, split)
+        task_f1 = task_f1_scores(loaded.tasks, task_logits, labels, split)
     else:
         logits, labels = predict_logits(loaded.model, loader, rotation=cfg.task == "rotation")
     classes = loaded.classes
@@ -75,10 +78,12 @@ def evaluate(
         "images": int(len(labels)),
         "top1": top_k_accuracy(logits, labels, 1),
         "top5": top_k_accuracy(logits, labels, min(5, len(classes))),
+        "f1": macro_f1(logits, labels, len(classes)),
         "per_class": per_class,
     }
     if task_acc:  # multitask: top1/top5 are of the combined class, these of each task's own head
         metrics["tasks"] = {key.split("/")[1]: value for key, value in task_acc.items()}
+        metrics["tasks_f1"] = {key.split("/")[1]: value for key, value in task_f1.items()}
     probs = logits.softmax(1)
     if plan is not None:
         if plan.needs_originals:
@@ -97,7 +102,6 @@ def evaluate(
             "top5": top_k_accuracy(tta_probs, labels, min(5, len(classes))),
         }
         probs = tta_probs
-    out = run.path / "eval" / split
     if report:
         from classlab.report_eval import write_report
 
@@ -106,7 +110,10 @@ def evaluate(
             out, probs, labels, classes, image_at, describe=describe, source=f"tta:{plan.text}" if plan else "plain"
         )
         metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
-    atomic_write_json(out / "metrics.json", metrics)
+    if getattr(loaded, "members", None):
+        metrics["members"] = [str(p) for p in loaded.members]
+    atomic_write_json(out / "metrics.json", {k: v for k, v in metrics.items()})
+    metrics["out"] = str(out)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["true\\predicted", *classes])
@@ -115,6 +122,31 @@ def evaluate(
     atomic_write_text(out / "confusion.csv", buffer.getvalue())
     atomic_write_bytes(out / "confusion.png", _confusion_png(cm, classes, metrics["top1"]))
     return metrics
+
+
+def _load_for_eval(run: Any, checkpoint: str, split: str) -> tuple[Any, RunFolder, Path]:
+    """The run (or the ensemble of several runs / a k-fold folder) and where its eval files go.
+
+    An ensemble is scored on the first member's split: its test set is every member's, but fold
+    runs each hold out a different validation fold, so ``--split val`` is refused for them.
+    """
+    from classlab.ensemble import expand_runs
+    from classlab.inference import load_runs
+
+    runs = run if isinstance(run, (list, tuple)) else [run]
+    paths = expand_runs(runs)
+    if len(paths) == 1:
+        folder = open_run(paths[0])
+        return load(folder, checkpoint), folder, folder.path / "eval" / split
+    loaded = load_runs(list(paths), checkpoint)
+    splits = {json.dumps(open_run(p).read_json("split.json").get("val")) for p in paths}
+    if split == "val" and len(splits) > 1:
+        raise ClassLabError(
+            "--split val: the ensemble's runs hold out different validation images (k-fold runs do); "
+            "their out-of-fold figures are in the k-fold folder's oof.csv and summary.json"
+        )
+    common = Path(os.path.commonpath([str(Path(p).resolve()) for p in paths]))
+    return loaded, open_run(paths[0]), common / "ensemble" / "eval" / split
 
 
 def _originals(cfg: Any, data: DataBundle, part: Part, split: str, run: RunFolder) -> tuple[Source, np.ndarray]:

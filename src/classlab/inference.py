@@ -205,8 +205,21 @@ class Predictions:
 MAX_FAILED_KEPT = 1000
 
 
+def load_runs(run: Any, checkpoint: str = "best") -> LoadedRun:
+    """One run, or several runs / a k-fold folder as their mean ensemble (``classlab.ensemble``); a LoadedRun as is."""
+    from classlab.folds import is_fold_group
+
+    if isinstance(run, LoadedRun):
+        return run
+    if isinstance(run, (list, tuple)) or (not isinstance(run, RunFolder) and is_fold_group(run)):
+        from classlab.ensemble import load_ensemble
+
+        return load_ensemble(run if isinstance(run, (list, tuple)) else [run], checkpoint)
+    return load(run, checkpoint)
+
+
 def predict(
-    run: str | Path | RunFolder,
+    run: str | Path | RunFolder | Sequence[str | Path | RunFolder],
     paths: Iterable[str | Path],
     out: str | Path | None = None,
     *,
@@ -227,8 +240,10 @@ def predict(
     """
     if backend not in ("torch", "onnx"):
         raise ClassLabError(f"--backend {backend}: choose 'torch' or 'onnx'")
-    loaded = load(run, checkpoint)
+    loaded = load_runs(run, checkpoint)
     scorer: Any = loaded.probabilities
+    if backend == "onnx" and getattr(loaded, "members", None):
+        raise ClassLabError("--backend onnx runs one exported model; an ensemble predicts with --backend torch")
     layout = loaded.tasks
     if layout is not None and backend == "onnx":
         raise ClassLabError("--backend onnx does not give the per-task predictions of a multitask run; use torch")

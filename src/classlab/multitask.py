@@ -280,9 +280,7 @@ def build_multitask_net(spec: dict[str, Any], layout: TaskLayout, in_chans: int,
     return net
 
 
-def task_class_weights(
-    cfg: Config, layout: TaskLayout, train_labels: torch.Tensor | None
-) -> list[torch.Tensor | None]:
+def task_class_weights(cfg: Config, layout: TaskLayout, train_labels: torch.Tensor | None) -> list[torch.Tensor | None]:
     """Each task's class weights (``loss.class_weights``), counted on the training split's labels."""
     specs = task_weight_specs(cfg.loss.class_weights, layout.names)
     if train_labels is None:

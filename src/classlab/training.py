@@ -302,7 +302,9 @@ def _train_one(
         model = model.to(memory_format=torch.channels_last)
 
     batch = cfg.data.batch_size
-    train_loader = data.train.loader(batch, shuffle=True, seed=cfg.seed, size=data.size, workers=cfg.data.workers)
+    train_loader = data.train.loader(
+        batch, shuffle=True, seed=cfg.seed, size=data.size, workers=cfg.data.workers, sampler=cfg.data.sampler
+    )
     val_loader = (
         data.val.loader(batch, shuffle=False, seed=cfg.seed, size=data.size, workers=cfg.data.workers)
         if data.val

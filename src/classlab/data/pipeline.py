@@ -48,7 +48,21 @@ class Part:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def loader(self, batch_size: int, *, shuffle: bool, seed: int, size: int, workers: int = 0) -> Any:
+    def loader(
+        self, batch_size: int, *, shuffle: bool, seed: int, size: int, workers: int = 0, sampler: str = "random"
+    ) -> Any:
+        """Batches of this part; ``sampler="balanced"`` (training only) draws every class equally often."""
+        if sampler == "balanced":
+            from classlab.data.sampler import BalancedMemoryLoader, BalancedSampler
+
+            if self.images is not None:
+                return BalancedMemoryLoader(
+                    self.images, self.labels, batch_size, shuffle=True, drop_last=True, seed=seed
+                )
+            draw = BalancedSampler(self.labels, seed)
+            return stream_loader(
+                self.source, self.indices, size, batch_size, shuffle=False, workers=workers, seed=seed, sampler=draw
+            )
         if self.images is not None:
             return MemoryLoader(self.images, self.labels, batch_size, shuffle=shuffle, drop_last=shuffle, seed=seed)
         return stream_loader(self.source, self.indices, size, batch_size, shuffle=shuffle, workers=workers, seed=seed)
@@ -153,7 +167,17 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
     if cfg.task == "rotation":
         classes = ROTATION_CLASSES
     bundle = DataBundle(
-        classes, size, channels, mode, train, val, test, split, bad=problems, tasks=dataset.tasks, train_files=train_files
+        classes,
+        size,
+        channels,
+        mode,
+        train,
+        val,
+        test,
+        split,
+        bad=problems,
+        tasks=dataset.tasks,
+        train_files=train_files,
     )
     bundle.mean, bundle.std = _stats(train, size, cfg.aug.mean_subtraction == "pixel")
     return bundle

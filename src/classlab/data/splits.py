@@ -148,8 +148,8 @@ def make_split(
     """Train and val indices into ``labels``, as saved in split.json (k-fold: fold ``fold`` of ``folds``)."""
     labels = np.asarray(labels)
     if folds:
-        fold_of = grouped_folds(labels, groups, folds, seed) if groups is not None else stratified_folds(
-            labels, folds, seed
+        fold_of = (
+            grouped_folds(labels, groups, folds, seed) if groups is not None else stratified_folds(labels, folds, seed)
         )
         train, val = fold_split(fold_of, fold or 0)
     elif groups is not None:

@@ -52,9 +52,7 @@ def class_weight_tensor(
     if isinstance(spec, Mapping):
         unknown = [str(c) for c in spec if str(c) not in classes]
         if unknown:
-            raise ConfigError(
-                f"{where}: unknown class(es) {', '.join(unknown)}; the classes are: {', '.join(classes)}"
-            )
+            raise ConfigError(f"{where}: unknown class(es) {', '.join(unknown)}; the classes are: {', '.join(classes)}")
         weights = torch.ones(len(classes))
         for name, value in spec.items():
             weights[list(classes).index(str(name))] = float(value)
