@@ -18,7 +18,7 @@ from classlab.data.sampler import BalancedMemoryLoader, BalancedSampler, balance
 from classlab.data.splits import grouped_folds, make_split, stratified_folds
 from classlab.engine.losses import balanced_weights, class_weight_tensor, focal_loss
 from classlab.errors import ClassLabError, ConfigError
-from tests.conftest import make_image, run_cli
+from tests.conftest import make_image
 
 # ---------------------------------------------------------------------------------------------
 # Class weights and focal loss
@@ -180,14 +180,23 @@ def _args(tmp: Path, root: Path, *extra: str) -> list[str]:
     ]
 
 
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """The command line in this process (a subprocess would spend most of its time importing torch): (code, stderr)."""
+    from classlab.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def kfold(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 3-fold run with class weights, monitored by macro-F1."""
+    from classlab.training import train
+
     tmp = tmp_path_factory.mktemp("kfold")
     root = _folder(tmp / "colors", COLORS)
-    done = run_cli(
-        "train", *_args(tmp, root, "exp_name=cv", "loss.class_weights=balanced", "trainer.monitor=val/f1"), "--folds", "3"
-    )
-    assert done.returncode == 0, done.stderr
+    extra = ["exp_name=cv", "loss.class_weights=balanced", "trainer.monitor=val/f1", "data.folds=3"]
+    train(None, _args(tmp, root, *extra), quiet=True)
     return tmp, root
 
 
@@ -208,12 +217,15 @@ def test_kfold_run_writes_folds_and_out_of_fold_csv(kfold: tuple[Path, Path]) ->
     assert len(summary["fold_f1"]) == 3 and summary["std_acc"] >= 0
     header = (top / "fold0" / "metrics.csv").read_text().splitlines()[0]
     assert "val/f1" in header.split(",")
-    compared = run_cli("compare", str(top), "--no-plots", "--metric", "best_val_acc,best_val_f1")
-    assert compared.returncode == 0, compared.stderr
-    assert "| cv mean ± std (3 folds) |" in compared.stdout and " ± " in compared.stdout.splitlines()[-2]
+    from classlab.report import compare
+
+    table = compare([str(top)], metrics=["best_val_acc", "best_val_f1"], plots=False)
+    assert table.rows[-1]["run"] == "cv mean ± std (3 folds)"
+    values = [r["best_val_acc"] for r in table.rows[:3]]
+    assert table.rows[-1]["best_val_acc"] == f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
 
 
-def test_ensemble_of_a_run_with_itself_equals_the_run(kfold: tuple[Path, Path]) -> None:
+def test_ensemble_of_a_run_with_itself_equals_the_run(kfold: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
     tmp, root = kfold
     from classlab.inference import predict
 
@@ -225,75 +237,83 @@ def test_ensemble_of_a_run_with_itself_equals_the_run(kfold: tuple[Path, Path]) 
     for a, b in zip(alone, twice):
         assert a["prob"] == pytest.approx(b["prob"], abs=1e-6) and a["top2_prob"] == pytest.approx(b["top2_prob"])
     # The k-fold folder stands for its runs (on the command line only with --ensemble mean).
-    out = tmp / "ens.csv"
-    refused = run_cli("predict", str(tmp / "runs" / "cv"), str(root / "red"), "--out", str(out))
-    assert refused.returncode == 2 and "is a k-fold folder (one run per fold): add --ensemble mean" in refused.stderr
-    done = run_cli("predict", str(tmp / "runs" / "cv"), str(root / "red"), "--ensemble", "mean", "--out", str(out))
-    assert done.returncode == 0, done.stderr
+    out, folds = tmp / "ens.csv", str(tmp / "runs" / "cv")
+    code, err = cli(capsys, "predict", folds, str(root / "red"), "--out", str(out))
+    assert code == 2 and err == (
+        f"error: '{folds}' is a k-fold folder (one run per fold): add --ensemble mean to average their probabilities\n"
+    )
+    code, err = cli(capsys, "predict", folds, str(root / "red"), "--ensemble", "mean", "--out", str(out), "--quiet")
+    assert code == 0, err
     with open(out, newline="") as handle:
         assert [r["class"] for r in csv.DictReader(handle)].count("red") >= 25
 
 
-def test_mismatched_class_maps_are_refused_by_name(kfold: tuple[Path, Path]) -> None:
+def test_mismatched_class_maps_are_refused_by_name(kfold: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
     tmp, root = kfold
+    from classlab.training import train
+
     other = _folder(tmp / "two", {"red": COLORS["red"], "blue": COLORS["blue"]}, n=10)
-    made = run_cli("train", *_args(tmp, other, "exp_name=two", "epochs=1"))
-    assert made.returncode == 0, made.stderr
+    train(None, _args(tmp, other, "exp_name=two", "epochs=1"), quiet=True)
     a, b = tmp / "runs" / "cv" / "fold0", tmp / "runs" / "two"
-    done = run_cli("predict", str(a), str(b), str(root / "red"), "--ensemble", "mean", "--out", str(tmp / "x.csv"))
-    assert done.returncode != 0
-    lines = done.stderr.strip().splitlines()
+    code, err = cli(capsys, "predict", str(a), str(b), str(root / "red"), "--ensemble", "mean", "--out", "x.csv")
+    assert code == 1
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: runs {a} and {b} have different class maps"), lines
-    assert not (tmp / "x.csv").exists()
+    assert lines[0].endswith("an ensemble averages runs trained on the same classes")
+    assert not Path("x.csv").exists()
 
 
-def test_submission_keeps_template_order_and_refuses_missing(kfold: tuple[Path, Path]) -> None:
+def test_submission_keeps_template_order_and_refuses_missing(
+    kfold: tuple[Path, Path], capsys: pytest.CaptureFixture
+) -> None:
     tmp, root = kfold
-    run = tmp / "runs" / "cv" / "fold1"
+    run = str(tmp / "runs" / "cv" / "fold1")
     ids = ["blue/blue4.png", "red1.png", "green7.png", "red/red2.png", "blue9.png"]
     template = tmp / "info.csv"
     template.write_text("ImageID,ans\n" + "".join(f"{i},\n" for i in ids))
     out = tmp / "submission.csv"
-    done = run_cli("predict", str(run), str(root), "--template", str(template), "--out", str(out), "--label-format", "name")
-    assert done.returncode == 0, done.stderr
+    args = ["predict", run, str(root), "--template", str(template), "--out", str(out)]
+    code, err = cli(capsys, *args, "--label-format", "name")
+    assert code == 0, err
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["ImageID"] for r in rows] == ids  # the template's own order, each row once
     assert [r["ans"] for r in rows] == ["blue", "red", "green", "red", "blue"]
-    classes = json.loads((run / "classes.json").read_text())
-    done = run_cli("predict", str(run), str(root), "--template", str(template), "--out", str(out))
+    classes = json.loads((Path(run) / "classes.json").read_text())
+    assert cli(capsys, *args)[0] == 0  # --label-format index (the default)
     with open(out, newline="") as handle:
         assert [classes[r["ans"]] for r in csv.DictReader(handle)] == ["blue", "red", "green", "red", "blue"]
     # A missing image and an unreadable one: listed, nothing written, unless allowed.
-    (root / "broken.png").write_bytes(b"not an image")
+    extra = tmp / "extra"
+    extra.mkdir()
+    (extra / "broken.png").write_bytes(b"not an image")
     template.write_text("ImageID,ans\nred1.png,\nnothere.png,\nbroken.png,\n")
     out2 = tmp / "sub2.csv"
-    refused = run_cli("predict", str(run), str(root), "--template", str(template), "--out", str(out2))
-    assert refused.returncode != 0 and not out2.exists()
-    assert "2 template row(s) have no usable image" in refused.stderr
-    assert "nothere.png: no such image among the given paths" in refused.stderr
-    assert "broken.png: unreadable" in refused.stderr
-    allowed = run_cli(
-        "predict", str(run), str(root), "--template", str(template), "--out", str(out2), "--allow-missing"
-    )
-    assert allowed.returncode == 0, allowed.stderr
+    args = ["predict", run, str(root), str(extra), "--template", str(template), "--out", str(out2)]
+    code, err = cli(capsys, *args)
+    assert code == 1 and not out2.exists()
+    assert err.startswith("error: 2 template row(s) have no usable image; nothing written (add --allow-missing")
+    assert "  nothere.png: no such image among the given paths\n" in err and "  broken.png: unreadable" in err
+    code, err = cli(capsys, *args, "--allow-missing")
+    assert code == 0, err
     with open(out2, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["ImageID"] for r in rows] == ["red1.png", "nothere.png", "broken.png"]
     assert rows[0]["ans"] != "" and rows[1]["ans"] == "" and rows[2]["ans"] == ""
 
 
-def test_eval_ensemble_of_folds_on_a_test_set(kfold: tuple[Path, Path], tmp_path: Path) -> None:
+def test_eval_ensemble_and_macro_f1(kfold: tuple[Path, Path]) -> None:
     tmp, root = kfold
     runs = [str(tmp / "runs" / "cv" / f"fold{i}") for i in range(3)]
     from classlab.evaluation import evaluate
 
     single = evaluate(runs[0], split="val")
-    assert "f1" in single
+    assert 0.0 <= single["f1"] <= 1.0
     with pytest.raises(ClassLabError, match="hold out different validation images"):
         evaluate(runs, split="val")
     same = evaluate([runs[0], runs[0]], split="val")
     assert same["top1"] == pytest.approx(single["top1"]) and same["f1"] == pytest.approx(single["f1"])
+    assert same["members"] == [runs[0], runs[0]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,9 +322,8 @@ def test_eval_ensemble_of_folds_on_a_test_set(kfold: tuple[Path, Path], tmp_path
 
 
 def test_attention_only_fusion_predicts_from_fused_features() -> None:
-    from classlab.multitask import MultiTaskNet, TaskLayout, joint_log_probs
     from classlab.models import build_model
-    from classlab.multitask import _drop_classifier
+    from classlab.multitask import MultiTaskNet, TaskLayout, _drop_classifier, joint_log_probs
 
     layout = TaskLayout(("a", "b"), ("a", "b"), (("x", "y"), ("p", "q", "r")), (1.0, 1.0))
     backbone = build_model({"name": "cnn", "layers": [8, "p"]}, 2, 3, 8)

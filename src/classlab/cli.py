@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, ConfigError
 
 
 def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -105,7 +105,7 @@ def _ensemble_runs(runs: list[str], ensemble: str | None) -> list[str] | str:
     several = len(runs) > 1 or any(is_fold_group(r) for r in runs)
     if several and ensemble is None:
         what = f"{len(runs)} runs" if len(runs) > 1 else f"'{runs[0]}' is a k-fold folder (one run per fold)"
-        raise ClassLabError(f"{what}: add --ensemble mean to average their probabilities")
+        raise ConfigError(f"{what}: add --ensemble mean to average their probabilities")
     return list(runs) if several else runs[0]
 
 
@@ -120,9 +120,9 @@ def _split_runs(items: list[str]) -> tuple[list[str], list[str]]:
         else:
             break
     if not runs:
-        raise ClassLabError(f"'{items[0]}' is not a run folder (no config.yaml); give the run(s) first, then images")
+        raise ConfigError(f"'{items[0]}' is not a run folder (no config.yaml); give the run(s) first, then images")
     if len(runs) == len(items):
-        raise ClassLabError("no images given after the run folder(s); give image files or folders to predict")
+        raise ConfigError("no images given after the run folder(s); give image files or folders to predict")
     return runs, items[len(runs) :]
 
 
