@@ -238,6 +238,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_ensemble_and_submission_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ensemble", choices=["mean"], help="average the probabilities of several runs (one class map)")
+    p.add_argument("--template", help="organisers' CSV to fill in (submission): its rows, order and columns are kept")
+    p.add_argument("--id-column", default="ImageID", help="template column naming each row's image (default ImageID)")
+    p.add_argument("--label-column", default="ans", help="template column to fill with the prediction (default ans)")
+    p.add_argument("--label-format", default="index", choices=["index", "name"], help="class index or class name")
+    p.add_argument("--allow-missing", action="store_true", help="leave rows without a usable image empty")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="classlab", description="Image-classification experiments: one config, one command."
@@ -280,12 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict image files or folders into a CSV (or a submission file)")
     p.add_argument("items", nargs="+", metavar="RUN... PATH", help="run folder(s), then image files or folders")
-    p.add_argument("--ensemble", choices=["mean"], help="average the probabilities of several runs (one class map)")
-    p.add_argument("--template", help="organisers' CSV to fill in (submission): its rows, order and columns are kept")
-    p.add_argument("--id-column", default="ImageID", help="template column naming each row's image (default ImageID)")
-    p.add_argument("--label-column", default="ans", help="template column to fill with the prediction (default ans)")
-    p.add_argument("--label-format", default="index", choices=["index", "name"], help="class index or class name")
-    p.add_argument("--allow-missing", action="store_true", help="leave rows without a usable image empty")
+    _add_ensemble_and_submission_args(p)
     p.add_argument("--out", help="CSV file to write (default predictions.csv)")
     p.add_argument("--checkpoint", default="best")
     p.add_argument("--top", type=int, default=3, help="how many classes per image")

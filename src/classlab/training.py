@@ -320,12 +320,7 @@ def _train_one(
             model, cfg, layout, data.size, steps_per_epoch=len(train_loader), fill=fill, train_labels=data.train.labels
         )
     else:
-        from classlab.engine.losses import class_weight_tensor
-
-        weights = class_weight_tensor(cfg.loss.class_weights, data.train.labels, data.classes)
-        task = ClassifyTask(
-            model, cfg, data.num_classes, data.size, steps_per_epoch=len(train_loader), fill=fill, class_weights=weights
-        )
+        task = _classify_task(cfg, model, data, len(train_loader), fill)
     task.has_val = val_loader is not None
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     if is_zero:
@@ -404,6 +399,18 @@ def _train_one(
     if not trainer.is_global_zero:
         return run
     return _finish(run, cfg, data, task, recorder, console)
+
+
+def _classify_task(
+    cfg: Config, model: ClassifierModel, data: DataBundle, steps: int, fill: tuple[int, ...]
+) -> ClassifyTask:
+    """The single-label LightningModule, with ``loss.class_weights`` counted on the training split."""
+    from classlab.engine.losses import class_weight_tensor
+
+    weights = class_weight_tensor(cfg.loss.class_weights, data.train.labels, data.classes)
+    return ClassifyTask(
+        model, cfg, data.num_classes, data.size, steps_per_epoch=steps, fill=fill, class_weights=weights
+    )
 
 
 def _tb_logger(run: RunFolder) -> Any:
