@@ -118,8 +118,8 @@ def test_ini_unknown_key_and_criterion_rejected(tmp_path: Path) -> None:
     path.write_text("[EXP]\nseeed = 1\n")
     with pytest.raises(ConfigError, match=r"INI key 'seeed' in \[EXP\] is not supported \(did you mean 'seed'\?\)"):
         read_ini(path)
-    path.write_text("[MODEL]\ncriterion = nll\n")
-    with pytest.raises(ConfigError, match="criterion=nll is not supported"):
+    path.write_text("[MODEL]\ncriterion = dice\n")
+    with pytest.raises(ConfigError, match="criterion=dice is not supported; use 'crossentropy' or 'focal'"):
         read_ini(path)
     path.write_text("[TRAIN]\nlr = 1\n")
     with pytest.raises(ConfigError, match=r"unknown INI section \[TRAIN\]"):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, ConfigError
 
 
 def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -83,6 +83,8 @@ def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
     config, overrides = _split_config_args(args.items)
     if task:
         overrides = [f"task={task}", *overrides]
+    if getattr(args, "folds", None):
+        overrides = [*overrides, f"data.folds={args.folds}"]
     if args.explain:
         from classlab.config import explain
 
@@ -98,8 +100,12 @@ def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from classlab.evaluate import evaluate
 
-    metrics = evaluate(args.run, split=args.split, checkpoint=args.checkpoint, tta=args.tta, report=args.report)
-    print(f"{args.run} [{metrics['split']}, {metrics['checkpoint']}.ckpt, {metrics['images']} images]")
+    runs = _ensemble_runs(args.runs, args.ensemble)
+    metrics = evaluate(runs, split=args.split, checkpoint=args.checkpoint, tta=args.tta, report=args.report)
+    members = f", mean of {len(metrics['members'])} runs" if metrics.get("members") else ""
+    print(
+        f"{' '.join(args.runs)} [{metrics['split']}, {metrics['checkpoint']}.ckpt, {metrics['images']} images{members}]"
+    )
     tta = metrics.get("tta")
     if tta:
         label = f"TTA {tta['modes']} ({tta['views']} views)"
@@ -111,9 +117,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if tta.get("protocol") == "perscale":
             print("  (TTA figures are the mean of the per-scale accuracies)")
     else:
-        print(f"top-1 {metrics['top1']:.4f}   top-5 {metrics['top5']:.4f}")
+        print(f"top-1 {metrics['top1']:.4f}   top-5 {metrics['top5']:.4f}   macro-F1 {metrics['f1']:.4f}")
     for name, acc in (metrics.get("tasks") or {}).items():
-        print(f"task {name}: top-1 {acc:.4f}")
+        print(f"task {name}: top-1 {acc:.4f}   macro-F1 {metrics['tasks_f1'][name]:.4f}")
     width = max(len(c) for c in metrics["per_class"])
     for name, acc in metrics["per_class"].items():
         print(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")
@@ -125,17 +131,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(format_table(metrics["report"]["per_class"]))
         print(f"expected calibration error (15 bins): {metrics['report']['ece']:.4f}")
         written += ", per_class.csv, confident_errors.png, reliability.png, report.json"
-    print(f"wrote {Path(args.run) / 'eval' / metrics['split']}/{{{written}}}")
+    print(f"wrote {metrics['out']}/{{{written}}}")
     return 0
+
+
+def _ensemble_runs(runs: list[str], ensemble: str | None) -> list[str] | str:
+    """Several runs (or a k-fold folder) need ``--ensemble mean``; one run is passed as it is."""
+    from classlab.run import is_fold_group
+
+    several = len(runs) > 1 or any(is_fold_group(r) for r in runs)
+    if several and ensemble is None:
+        what = f"{len(runs)} runs" if len(runs) > 1 else f"'{runs[0]}' is a k-fold folder (one run per fold)"
+        raise ConfigError(f"{what}: add --ensemble mean to average their probabilities")
+    return list(runs) if several else runs[0]
+
+
+def _split_runs(items: list[str]) -> tuple[list[str], list[str]]:
+    """``RUN1 RUN2 ... PATHS``: the leading run folders (config.yaml) or k-fold folders, then image paths."""
+    from classlab.run import is_fold_group, is_run_folder
+
+    runs = []
+    for item in items:
+        if is_run_folder(item) or is_fold_group(item):
+            runs.append(item)
+        else:
+            break
+    if not runs:
+        raise ConfigError(f"'{items[0]}' is not a run folder (no config.yaml); give the run(s) first, then images")
+    if len(runs) == len(items):
+        raise ConfigError("no images given after the run folder(s); give image files or folders to predict")
+    return runs, items[len(runs) :]
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from classlab.predict import predict
 
+    run_items, paths = _split_runs(args.items)
+    runs = _ensemble_runs(run_items, args.ensemble)
+    if args.template:
+        return _submission(args, runs, paths)
     out = args.out or "predictions.csv"
     result = predict(
-        args.run,
-        args.paths,
+        runs,
+        paths,
         out,
         checkpoint=args.checkpoint,
         top=args.top,
@@ -150,6 +188,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"  {path}: {error}", file=sys.stderr)
         if result.failed_count > 20:
             print(f"  ... and {result.failed_count - 20} more", file=sys.stderr)
+    return 0
+
+
+def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str]) -> int:
+    from classlab.predict import write_submission
+
+    out = args.out or "submission.csv"
+    done = write_submission(
+        runs,
+        paths,
+        args.template,
+        out,
+        id_column=args.id_column,
+        label_column=args.label_column,
+        label_format=args.label_format,
+        allow_missing=args.allow_missing,
+        checkpoint=args.checkpoint,
+        batch_size=args.batch_size,
+    )
+    print(f"wrote {done.rows} rows to {out} ({args.label_column} = class {args.label_format}, template order)")
+    if done.missing:
+        print(f"{len(done.missing)} row(s) left empty (--allow-missing):", file=sys.stderr)
+        for line in done.missing[:20]:
+            print(f"  {line}", file=sys.stderr)
     return 0
 
 
@@ -245,6 +307,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_ensemble_and_submission_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ensemble", choices=["mean"], help="average the probabilities of several runs (one class map)")
+    p.add_argument("--template", help="organisers' CSV to fill in (submission): its rows, order and columns are kept")
+    p.add_argument("--id-column", default="ImageID", help="template column naming each row's image (default ImageID)")
+    p.add_argument("--label-column", default="ans", help="template column to fill with the prediction (default ans)")
+    p.add_argument("--label-format", default="index", choices=["index", "name"], help="class index or class name")
+    p.add_argument("--allow-missing", action="store_true", help="leave rows without a usable image empty")
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("items", nargs="*", help="[config.yaml|config.ini] [key=value ...], in any order with the flags")
     p.add_argument("--resume", action="store_true", help="continue the run from its last.ckpt")
@@ -256,6 +327,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--explain", metavar="KEY", help="what a config key means, its unit, default and allowed values")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--folds", type=int, metavar="K", help="k-fold cross-validation: runs/<exp>/fold0..K-1 and oof.csv")
 
 
 def _add_run_commands(sub: Any) -> None:
@@ -269,7 +341,8 @@ def _add_run_commands(sub: Any) -> None:
     p.set_defaults(func=lambda a: cmd_train(a, task=a.pretext))
 
     p = sub.add_parser("eval", help="evaluate a run: top-1, top-5, per-class accuracy, confusion matrix")
-    p.add_argument("run", help="run folder")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="a run folder; several (or a k-fold folder) with --ensemble")
+    p.add_argument("--ensemble", choices=["mean"], help="average the probabilities of several runs (one class map)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="images to evaluate (default test)")
     p.add_argument("--checkpoint", default="best", help="best, last, epochN (default best)")
     p.add_argument(
@@ -284,9 +357,9 @@ def _add_run_commands(sub: Any) -> None:
     )
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="predict image files or folders into a CSV")
-    p.add_argument("run", help="run folder")
-    p.add_argument("paths", nargs="+", help="image files and folders (searched recursively)")
+    p = sub.add_parser("predict", help="predict image files or folders into a CSV (or a submission file)")
+    p.add_argument("items", nargs="+", metavar="RUN... PATH", help="run folder(s), then image files or folders")
+    _add_ensemble_and_submission_args(p)
     p.add_argument("--out", help="CSV file to write (default predictions.csv)")
     p.add_argument("--checkpoint", default="best", help="best, last, epochN (default best)")
     p.add_argument("--top", type=int, default=3, help="how many classes per image (default 3)")

@@ -22,7 +22,7 @@ import yaml
 
 from classlab.data.sources import natural_key
 from classlab.errors import ClassLabError, did_you_mean
-from classlab.run import RunFolder, atomic_write_figure, atomic_write_text, is_run_folder, pyplot
+from classlab.run import RunFolder, atomic_write_figure, atomic_write_text, is_fold_group, is_run_folder, pyplot
 
 DEFAULT_METRICS = ("test_acc", "best_val_acc", "epochs_done", "wall_time_s")
 # Keys that differ between runs of a sweep by construction and say nothing about the experiment.
@@ -198,8 +198,9 @@ def comparison(runs: list[RunData], by: list[str], metrics: list[str] | None = N
         row.update({k: run.config.get(k) for k in by})
         row.update({m: run.summary.get(m) for m in metrics})
         rows.append(row)
+    means = fold_mean_rows(runs, rows, metrics)  # k-fold runs: a mean ± std row per k-fold folder
     rows.sort(key=lambda r: tuple(_sort_key(r.get(k)) for k in by) + (r["run"],))
-    return Comparison(["run", "status", *by, *metrics], rows, by, metrics)
+    return Comparison(["run", "status", *by, *metrics], rows + means, by, metrics)
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:
@@ -288,3 +289,21 @@ def plot_metric(runs: list[RunData], x: str, groups: list[str], metric: str, pat
     if len(lines) > 1 or groups:
         ax.legend(fontsize=8, loc="best")
     return _save(fig, path)
+
+
+def fold_mean_rows(runs: list[Any], rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
+    """``classlab compare``: one 'mean ± std' row per k-fold folder whose fold runs are in the table."""
+    out = []
+    by_parent: dict[Path, list[dict[str, Any]]] = {}
+    for run, row in zip(runs, rows):
+        if is_fold_group(run.path.parent) and run.config.get("data.fold") is not None:
+            by_parent.setdefault(run.path.parent, []).append(row)
+    for parent, members in by_parent.items():
+        mean_row: dict[str, Any] = {"run": f"{parent.name} mean ± std ({len(members)} folds)", "status": ""}
+        for m in metrics:
+            values = [float(r[m]) for r in members if isinstance(r.get(m), (int, float))]
+            if values:
+                std = statistics.stdev(values) if len(values) > 1 else 0.0
+                mean_row[m] = f"{statistics.fmean(values):.4f} ± {std:.4f}"
+        out.append(mean_row)
+    return out

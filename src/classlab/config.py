@@ -81,6 +81,15 @@ class DataSection(Section):
         "random_resized_crop/rotation crop the original and resample to data.image_size, as torchvision's "
         "RandomResizedCrop does; val/test stay at data.image_size (memory loader only)",
     )
+    sampler: Literal["random", "balanced"] = Field(
+        "random",
+        description="training order: 'random' (each image once an epoch) or 'balanced' (seeded draws with "
+        "replacement, each class equally likely; same number of images an epoch)",
+    )
+    folds: int | None = Field(
+        None, ge=2, le=100, description="k-fold cross-validation: K folds (stratified, grouped by group_column)"
+    )
+    fold: int | None = Field(None, ge=0, description="which fold (0..K-1) is validation; needs data.folds")
 
 
 class AugSection(Section):
@@ -177,8 +186,10 @@ class ModelSection(BaseModel):
     tasks: dict[str, TaskHead] | None = Field(
         None, description="task=multitask: task name -> {column, weight, classes}"
     )
-    fusion: Literal["none", "attention"] | None = Field(
-        None, description="multitask: attention over the task features refines the combined prediction"
+    fusion: Literal["none", "attention", "attention_only"] | None = Field(
+        None,
+        description="multitask: 'attention' = product of the task heads plus an attention correction; "
+        "'attention_only' = the combined prediction comes from the attention-fused task features alone",
     )
 
     def spec(self) -> dict[str, Any]:
@@ -228,8 +239,20 @@ class SchedSection(Section):
     )
 
 
+ClassWeights = Literal["balanced"] | dict[str, float]
+
+
 class LossSection(Section):
+    name: Literal["crossentropy", "focal"] = Field(
+        "crossentropy", description="'focal': cross-entropy times (1 - p_true)^focal_gamma (Lin et al. 2017)"
+    )
+    focal_gamma: float = Field(2.0, ge=0.0, le=10.0, description="focal loss focusing exponent (0 = cross-entropy)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="label smoothing epsilon (0 = hard labels)")
+    class_weights: ClassWeights | dict[str, ClassWeights] | None = Field(
+        None,
+        description="per-class loss weights: 'balanced' (n / (k * n_class) on the training split) or "
+        "{class: weight} (unlisted classes 1.0); multitask: the same for every task, or {task: ...}",
+    )
 
 
 class TrainerSection(Section):
@@ -318,6 +341,7 @@ class Config(Section):
                 "stages run in one process only (DDP re-launches the whole command per stage); run each stage as "
                 "its own run instead: the second with the stage's keys as overrides and model.init_from=<first run>"
             )
+        _check_folds_and_weights(self)
         if self.task == "multitask" and not self.model.tasks:
             raise ValueError("task=multitask needs model.tasks: a mapping task name -> {column, weight}")
         if self.task == "multitask":
@@ -361,6 +385,30 @@ def _check_source_fidelity(cfg: Config) -> None:
             )
         if aug.mean_subtraction == "pixel" or cfg.data.loader == "stream":
             raise ValueError("data.train_source_size needs data.loader memory/auto and channel normalisation")
+
+
+def _check_folds_and_weights(cfg: Config) -> None:
+    """k-fold keys agree with each other; class weights are numbers above zero."""
+    if cfg.data.fold is not None and cfg.data.folds is None:
+        raise ValueError("data.fold needs data.folds (the number of folds), e.g. data.folds=5 data.fold=0")
+    if cfg.data.folds is not None and cfg.data.fold is not None and cfg.data.fold >= cfg.data.folds:
+        raise ValueError(
+            f"data.fold={cfg.data.fold} but data.folds={cfg.data.folds}: folds are 0..{cfg.data.folds - 1}"
+        )
+    if cfg.data.folds is not None and cfg.data.images_per_class:
+        raise ValueError("data.folds and data.images_per_class cannot be combined: folds cover every image")
+    if cfg.task == "rotation" and (cfg.loss.class_weights is not None or cfg.data.sampler != "random"):
+        raise ValueError("loss.class_weights / data.sampler=balanced do not apply to task=rotation (no labels)")
+    mixing = cfg.aug.mixup_alpha > 0 or cfg.aug.cutmix_alpha > 0
+    if mixing and (cfg.loss.class_weights is not None or cfg.loss.name != "crossentropy"):
+        raise ValueError(
+            "loss.class_weights and loss.name=focal need hard labels: set aug.mixup_alpha/cutmix_alpha to 0"
+        )
+    weights = cfg.loss.class_weights
+    maps = list(weights.values()) if isinstance(weights, dict) else []
+    for value in [weights, *maps]:
+        if isinstance(value, dict) and any(not v > 0 for v in value.values() if isinstance(v, (int, float))):
+            raise ValueError("loss.class_weights: every weight must be above 0")
 
 
 def _check_multitask(cfg: Config) -> None:
@@ -676,20 +724,12 @@ def read_ini(path: Path) -> dict[str, Any]:
 
 
 def _ini_criterion(path: Path, criterion: Any, tree: dict[str, Any]) -> None:
-    """crossentropy is the default loss; focal maps to loss.name where this classlab has that key."""
-    if criterion is None or str(criterion).lower() == "crossentropy":
+    """criterion -> loss.name (crossentropy is the default; focal is Lin et al.'s)."""
+    if criterion is None:
         return
-    if str(criterion).lower() == "focal" and "name" in LossSection.model_fields:
-        _set_dotted(tree, "loss.name", "focal")
-        return
-    raise ConfigError(
-        f"{path}: criterion={criterion} is not supported; only 'crossentropy' (with labelsmooth) is"
-        + (
-            " (focal needs the loss.name key, which this version of classlab lacks)"
-            if str(criterion).lower() == "focal"
-            else ""
-        )
-    )
+    if str(criterion).lower() not in ("crossentropy", "focal"):
+        raise ConfigError(f"{path}: criterion={criterion} is not supported; use 'crossentropy' or 'focal'")
+    _set_dotted(tree, "loss.name", str(criterion).lower())
 
 
 def _ini_block_and_autoaug(path: Path, values: dict[str, Any], tree: dict[str, Any]) -> None:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,13 +36,16 @@ from classlab.data.pipeline import DataBundle, Part, load_data
 from classlab.data.preprocess import image_to_tensor
 from classlab.data.sources import Source, open_dataset
 from classlab.data.tasks import task_columns
+from classlab.engine.ensemble import expand_runs, load_runs
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.metrics import (
     ECE_BINS,
     calibration,
     confusion_matrix,
+    macro_f1,
     per_class_scores,
     task_accuracies,
+    task_f1_scores,
     top_k_accuracy,
 )
 from classlab.engine.predict import predict_logits, predict_tasks
@@ -68,7 +73,7 @@ GRID_IMAGES = 25
 
 
 def evaluate(
-    run: str | Path | RunFolder,
+    run: str | Path | RunFolder | list[str | Path | RunFolder],
     split: str = "test",
     checkpoint: str = "best",
     *,
@@ -85,8 +90,7 @@ def evaluate(
     """
     if split not in ("test", "val"):
         raise ClassLabError(f"--split {split}: choose 'test' or 'val'")
-    run = run if isinstance(run, RunFolder) else open_run(run)
-    loaded = load(run, checkpoint)
+    loaded, run, out = _load_for_eval(run, checkpoint, split)
     cfg = loaded.cfg
     if (tta or report) and cfg.task == "rotation":
         raise ClassLabError("--tta and --report apply to classifiers; this run is a rotation pretext run")
@@ -103,7 +107,8 @@ def evaluate(
     probs = logits.softmax(1)
     if plan is not None:
         probs = _tta_metrics(loaded, plan, loader, (data, part, split, run), labels, metrics)
-    out = run.path / "eval" / split
+    if getattr(loaded, "members", None):
+        metrics["members"] = [str(p) for p in loaded.members]
     if report:
         image_at, describe = _example_reader(data, part)
         rep = write_report(
@@ -118,19 +123,42 @@ def evaluate(
         metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
     atomic_write_json(out / "metrics.json", metrics)
     _write_confusion(out, confusion_matrix(logits, labels, len(loaded.classes)), loaded.classes, metrics["top1"])
-    return metrics
+    return {**metrics, "out": str(out)}
+
+
+def _load_for_eval(run: Any, checkpoint: str, split: str) -> tuple[LoadedRun, RunFolder, Path]:
+    """The run (or the mean ensemble of several runs / a k-fold folder) and where its eval files go.
+
+    An ensemble is scored on the first member's split: its test set is every member's, but fold
+    runs each hold out a different validation fold, so ``--split val`` is refused for them.
+    """
+    paths = expand_runs(run if isinstance(run, (list, tuple)) else [run])
+    if len(paths) == 1:
+        folder = open_run(paths[0])
+        return load(folder, checkpoint), folder, folder.path / "eval" / split
+    loaded = load_runs(list(paths), checkpoint)
+    splits = {json.dumps(open_run(p).read_split().get("val")) for p in paths}
+    if split == "val" and len(splits) > 1:
+        raise ClassLabError(
+            "--split val: the ensemble's runs hold out different validation images (k-fold runs do); "
+            "their out-of-fold figures are in the k-fold folder's oof.csv and summary.json"
+        )
+    common = Path(os.path.commonpath([str(Path(p).resolve()) for p in paths]))
+    return loaded, open_run(paths[0]), common / "ensemble" / "eval" / split
 
 
 def _plain_metrics(
     loaded: LoadedRun, loader: Any, split: str, checkpoint: str
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """(logits, labels, metrics) of the split without test-time augmentation."""
+    task_acc: dict[str, float] = {}
+    task_f1: dict[str, float] = {}
     if loaded.tasks is not None:
         task_logits, logits, labels = predict_tasks(loaded.model, loader)
         task_acc = task_accuracies(loaded.tasks.names, task_logits, loaded.tasks.split(labels), split)
+        task_f1 = task_f1_scores(loaded.tasks, task_logits, labels, split)
     else:
         logits, labels = predict_logits(loaded.model, loader, rotation=loaded.cfg.task == "rotation")
-        task_acc = {}
     classes = loaded.classes
     cm = confusion_matrix(logits, labels, len(classes))
     metrics: dict[str, Any] = {
@@ -139,10 +167,12 @@ def _plain_metrics(
         "images": int(len(labels)),
         "top1": top_k_accuracy(logits, labels, 1),
         "top5": top_k_accuracy(logits, labels, min(5, len(classes))),
+        "f1": macro_f1(logits, labels, len(classes)),
         "per_class": {n: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() > 0 else None) for i, n in enumerate(classes)},
     }
     if task_acc:  # multitask: top1/top5 are of the combined class, these of each task's own head
         metrics["tasks"] = {key.split("/")[1]: value for key, value in task_acc.items()}
+        metrics["tasks_f1"] = {key.split("/")[1]: value for key, value in task_f1.items()}
     return logits, labels, metrics
 
 

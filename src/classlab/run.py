@@ -34,6 +34,8 @@ SUMMARY = "summary.json"
 METRICS = "metrics.csv"
 CHECKPOINTS = "checkpoints"
 TASKS = "tasks.json"
+FOLDS = "folds.json"  # a k-fold folder: the folds' config and K (the folder itself is not a run)
+OOF = "oof.csv"  # a k-fold folder: out-of-fold predictions
 SKIPPED = "skipped_images.txt"
 LAST = "last.ckpt"
 PREVIOUS = "previous.ckpt"  # the last.ckpt before the newest, kept so a damaged last.ckpt is not the end
@@ -595,6 +597,18 @@ def _fmt(value: Any) -> Any:
 
 def is_run_folder(path: str | Path) -> bool:
     return (Path(path) / CONFIG).is_file()
+
+
+def is_fold_group(path: str | Path) -> bool:
+    """A folder made by a k-fold run (it holds fold{i} runs and folds.json)."""
+    return (Path(path) / FOLDS).is_file()
+
+
+def fold_runs(path: str | Path) -> list[Path]:
+    """The fold run folders of a k-fold folder, in fold order (only those that exist)."""
+    folder = Path(path)
+    k = int(RunFolder(folder).read_json(FOLDS)["folds"])
+    return [folder / f"fold{i}" for i in range(k) if is_run_folder(folder / f"fold{i}")]
 
 
 def open_run(path: str | Path) -> RunFolder:

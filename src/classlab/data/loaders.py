@@ -208,13 +208,16 @@ class MemoryLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _indices(self) -> torch.Tensor:
-        n = len(self.images)
+    def _epoch_order(self, n: int) -> torch.Tensor:
+        """The epoch's order of all n images (a subclass may draw it differently: data.sampler)."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
+            return torch.randperm(n, generator=g)
+        return torch.arange(n)
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.images)
+        order = self._epoch_order(n)
         rank, world = _rank_world()
         if world > 1:
             per = -(-n // world)
@@ -250,13 +253,22 @@ class StreamDataset(TorchDataset):
 
 
 def stream_loader(
-    source: Source, indices: np.ndarray, size: int, batch_size: int, *, shuffle: bool, workers: int, seed: int
+    source: Source,
+    indices: np.ndarray,
+    size: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    workers: int,
+    seed: int,
+    sampler: Any = None,
 ) -> DataLoader:
     return DataLoader(
         StreamDataset(source, indices, size),
         batch_size=batch_size,
         shuffle=shuffle,
-        drop_last=shuffle and len(indices) > batch_size,
+        sampler=sampler,
+        drop_last=(shuffle or sampler is not None) and len(indices) > batch_size,
         num_workers=workers,
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed) if shuffle else None,

@@ -49,7 +49,21 @@ class Part:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def loader(self, batch_size: int, *, shuffle: bool, seed: int, size: int, workers: int = 0) -> Any:
+    def loader(
+        self, batch_size: int, *, shuffle: bool, seed: int, size: int, workers: int = 0, sampler: str = "random"
+    ) -> Any:
+        """Batches of this part; ``sampler="balanced"`` (training only) draws every class equally often."""
+        if sampler == "balanced":
+            from classlab.data.sampler import BalancedMemoryLoader, BalancedSampler
+
+            if self.images is not None:
+                return BalancedMemoryLoader(
+                    self.images, self.labels, batch_size, shuffle=True, drop_last=True, seed=seed
+                )
+            draw = BalancedSampler(self.labels, seed)
+            return stream_loader(
+                self.source, self.indices, size, batch_size, shuffle=False, workers=workers, seed=seed, sampler=draw
+            )
         if self.images is not None:
             return MemoryLoader(self.images, self.labels, batch_size, shuffle=shuffle, drop_last=shuffle, seed=seed)
         return stream_loader(self.source, self.indices, size, batch_size, shuffle=shuffle, workers=workers, seed=seed)
@@ -70,6 +84,7 @@ class DataBundle:
     std: torch.Tensor | None = None
     tasks: dict[str, list[str]] | None = None  # multitask: task -> classes; labels are combined indices
     notices: list[str] = field(default_factory=list)  # lines to show the user (ignored files, ...)
+    train_files: list[str] | None = None  # the usable training images in split-index order (out-of-fold CSVs)
 
     @property
     def num_classes(self) -> int:
@@ -114,6 +129,7 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
         problems += test_problems
     if problems and not cfg.data.skip_bad_images:
         raise DataProblems(problems)
+    train_files = _kept_files(dataset.train, whole, size, mode, cfg, bool(problems))
     classes = dataset.classes
     if cfg.task == "classify" and classes == [UNLABELED]:
         raise ClassLabError(
@@ -133,10 +149,14 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
             class_names=classes,
             groups=groups,
             images_per_class=cfg.data.images_per_class,
+            folds=cfg.data.folds,
+            fold=cfg.data.fold,
         )
         split.update(
             {"seed": cfg.seed, "val_fraction": cfg.data.val_fraction, "images_per_class": cfg.data.images_per_class}
         )
+        if cfg.data.folds:
+            split.update({"folds": cfg.data.folds, "fold": cfg.data.fold or 0})
         split["source_images"] = len(whole)
     elif split.get("source_images") not in (None, len(whole)):
         raise ClassLabError(
@@ -147,7 +167,19 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
     val = _subset(whole, split["val"]) if split["val"] else None
     if cfg.task == "rotation":
         classes = ROTATION_CLASSES
-    bundle = DataBundle(classes, size, channels, mode, train, val, test, split, bad=problems, tasks=dataset.tasks)
+    bundle = DataBundle(
+        classes,
+        size,
+        channels,
+        mode,
+        train,
+        val,
+        test,
+        split,
+        bad=problems,
+        tasks=dataset.tasks,
+        train_files=train_files,
+    )
     bundle.notices = list(dataset.train.notices)
     bundle.mean, bundle.std = _stats(train, size, cfg.aug.mean_subtraction == "pixel")
     if cfg.aug.norm_mean is not None and cfg.aug.norm_std is not None:
@@ -176,6 +208,17 @@ def _at_source_size(source: Source, cfg: Config, train_idx: list[int], train: Pa
     if not torch.equal(labels, train.labels):
         raise ClassLabError("data.train_source_size: the images decoded at the two sizes differ; fix the bad files")
     return Part(labels=labels, images=images)
+
+
+def _kept_files(source: Source, whole: Part, size: int, mode: str, cfg: Config, skipped: bool) -> list[str]:
+    """What each usable training image is (its file), in the order split indices count them."""
+    if whole.indices is not None:
+        kept = whole.indices
+    elif skipped:
+        kept = decode(source, size, cfg.data.cache_dir, threads=cfg.trainer.threads or 2).kept  # the cache answers
+    else:
+        kept = np.arange(len(source))
+    return [source.describe(int(i)) for i in kept]
 
 
 def _kept_groups(dataset: Any, whole: Part) -> np.ndarray:

@@ -60,6 +60,60 @@ def grouped_split(
     return np.flatnonzero(~in_val), np.flatnonzero(in_val)
 
 
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Each image's fold (0..k-1): every class dealt round-robin in a seeded order.
+
+    A class of n_c images puts floor(n_c/k) or ceil(n_c/k) into each fold (stratified within
+    one image), and each class starts dealing where the last one stopped, so fold sizes also
+    differ by at most one.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    start = 0
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        rng.shuffle(idx)
+        fold[idx] = (start + np.arange(len(idx))) % k
+        start = (start + len(idx)) % k
+    return fold
+
+
+def grouped_folds(labels: np.ndarray, groups: Sequence[object], k: int, seed: int) -> np.ndarray:
+    """Each image's fold with whole groups in one fold (a person never in two folds).
+
+    Groups are placed largest first (ties in a seeded order), each into the fold where it
+    brings the class counts closest to an even share, which keeps folds near-stratified.
+    """
+    labels = np.asarray(labels)
+    groups = np.asarray(groups, dtype=object)
+    names, inverse = np.unique(np.array([str(g) for g in groups.tolist()]), return_inverse=True)
+    if len(names) < k:
+        raise ClassLabError(
+            f"data.folds={k} but data.group_column has only {len(names)} group(s); use at most {len(names)} folds"
+        )
+    classes, label_idx = np.unique(labels, return_inverse=True)
+    counts = np.zeros((len(names), len(classes)), dtype=np.int64)
+    np.add.at(counts, (inverse, label_idx), 1)
+    target = counts.sum(0) / k
+    rng = np.random.default_rng(seed)
+    order = sorted(rng.permutation(len(names)).tolist(), key=lambda g: -int(counts[g].sum()))
+    have = np.zeros((k, len(classes)), dtype=np.float64)
+    group_fold = np.empty(len(names), dtype=np.int64)
+    for g in order:
+        after = have + counts[g]
+        cost = ((after - target) ** 2).sum(1) - ((have - target) ** 2).sum(1)
+        best = int(np.argmin(cost + 1e-9 * have.sum(1)))
+        group_fold[g] = best
+        have[best] += counts[g]
+    return group_fold[inverse]
+
+
+def fold_split(fold_of: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) indices when fold ``fold`` is validation."""
+    return np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
+
+
 def per_class(labels: np.ndarray, indices: np.ndarray, n: int, seed: int, class_names: Sequence[str]) -> np.ndarray:
     """N training images a class, drawn seeded from ``indices``; too few is an error, not a silent imbalance."""
     rng = np.random.default_rng(seed + 7919)
@@ -88,10 +142,17 @@ def make_split(
     class_names: Sequence[str],
     groups: Sequence[object] | None = None,
     images_per_class: int | None = None,
+    folds: int | None = None,
+    fold: int | None = None,
 ) -> dict[str, list[int]]:
-    """Train and val indices into ``labels``, as saved in split.json."""
+    """Train and val indices into ``labels``, as saved in split.json (k-fold: fold ``fold`` of ``folds``)."""
     labels = np.asarray(labels)
-    if groups is not None:
+    if folds:
+        fold_of = (
+            grouped_folds(labels, groups, folds, seed) if groups is not None else stratified_folds(labels, folds, seed)
+        )
+        train, val = fold_split(fold_of, fold or 0)
+    elif groups is not None:
         train, val = grouped_split(labels, groups, val_fraction, seed)
     else:
         train, val = stratified_split(labels, val_fraction, seed)

@@ -31,6 +31,14 @@ def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> fl
     return float(multiclass_accuracy(logits, labels, num_classes=classes, top_k=min(k, classes), average="micro"))
 
 
+def macro_f1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> float:
+    """Macro-averaged F1 of the arg-max predictions (every class counts the same), NaN for no images."""
+    if len(labels) == 0:
+        return float("nan")
+    k = num_classes or logits.shape[1]
+    return float(multiclass_f1_score(logits.argmax(1), labels, num_classes=k, average="macro"))
+
+
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """counts[true, predicted] of predictions or of scores' arg-max (torchmetrics ``MulticlassConfusionMatrix``)."""
     return multiclass_confusion_matrix(pred, labels, num_classes=num_classes)
@@ -93,3 +101,13 @@ def task_accuracies(
         if len(target):
             out[f"{prefix}/{name}/acc"] = float((logits.argmax(1) == target).float().mean())
     return out
+
+
+def task_f1_scores(
+    layout: Any, task_logits: Sequence[torch.Tensor], labels: torch.Tensor, prefix: str
+) -> dict[str, float]:
+    """``{prefix}/<task>/f1``: each task's macro-F1 of a multi-task run (NaN for no images)."""
+    return {
+        f"{prefix}/{name}/f1": macro_f1(logits, target, size) if len(labels) else float("nan")
+        for name, logits, target, size in zip(layout.names, task_logits, layout.split(labels), layout.sizes)
+    }

@@ -17,14 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from classlab.config import Config
 from classlab.data.augment import build_batch_augment
 from classlab.data.rotation import rotate_batch
 from classlab.data.tasks import TaskLayout
+from classlab.engine.losses import Criterion, build_criterion, class_weight_tensor, task_weight_specs
 from classlab.engine.mixing import build_mixing
 from classlab.engine.optim import build_optimizer, build_scheduler
+from classlab.errors import ClassLabError
 
 
 def seed_for(seed: int, epoch: int, rank: int, stream: int) -> int:
@@ -43,9 +45,12 @@ class ClassifyTask(L.LightningModule):
         image_size: int,
         steps_per_epoch: int,
         fill: tuple[int, ...] | None = None,
+        class_weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        # loss.name / focal_gamma / class_weights / label_smoothing: the training loss (validation stays plain CE).
+        self.criterion = build_criterion(cfg.loss, class_weights)
         self.cfg = cfg
         self.num_classes = num_classes
         self.image_size = image_size
@@ -64,6 +69,8 @@ class ClassifyTask(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5, average="micro")
+        # Macro-F1, the usual competition metric on skewed labels: every class counts the same.
+        self.val_f1 = MulticlassF1Score(num_classes, average="macro")
         self.last_val: dict[str, float] = {}
         self.validated_epoch = -1
         self.has_val = True
@@ -116,12 +123,12 @@ class ClassifyTask(L.LightningModule):
         return torch.where(chosen, x.flip(-1), x)
 
     # -- steps ------------------------------------------------------------------------------
-    def compute_loss(
-        self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, logits) of a batch of uint8 images."""
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) of a batch of uint8 images: the configured loss in training, plain CE in validation."""
         logits = self(x)
-        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits
+        if not training:
+            return F.cross_entropy(logits, y), logits
+        return self.criterion(logits, y, smoothing=0.0 if self.rotation else None), logits
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -131,7 +138,7 @@ class ClassifyTask(L.LightningModule):
             loss = self.mixing.loss(logits, soft)
             target = soft.argmax(1)
         else:
-            loss, logits = self.compute_loss(x, y, 0.0 if self.rotation else self.cfg.loss.label_smoothing)
+            loss, logits = self.compute_loss(x, y, training=True)
             target = y
         self.track_train_loss(loss)
         self.train_acc.update(logits.detach(), target)
@@ -147,13 +154,18 @@ class ClassifyTask(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
-        loss, logits = self.compute_loss(x, y, 0.0)
+        loss, logits = self.compute_loss(x, y, training=False)
         self.update_val(loss, logits, y)
 
     def update_val(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         self.val_loss.update(loss, weight=len(y))
         self.val_acc.update(logits, y)
         self.val_acc5.update(logits, y)
+        self.val_f1.update(logits, y)
+
+    def metric_columns(self) -> list[str]:
+        """metrics.csv columns beyond the common ones."""
+        return ["val/f1"]
 
     # -- epoch ends -------------------------------------------------------------------------
     def on_validation_epoch_end(self) -> None:
@@ -163,8 +175,9 @@ class ClassifyTask(L.LightningModule):
             "val/loss": float(self.val_loss.compute()),
             "val/acc": float(self.val_acc.compute()),
             "val/acc5": float(self.val_acc5.compute()),
+            "val/f1": float(self.val_f1.compute()),
         }
-        for metric in (self.val_loss, self.val_acc, self.val_acc5):
+        for metric in (self.val_loss, self.val_acc, self.val_acc5, self.val_f1):
             metric.reset()
         self.validated_epoch = self.current_epoch
         for key, value in self.last_val.items():
@@ -195,6 +208,20 @@ class ClassifyTask(L.LightningModule):
 # ---------------------------------------------------------------------------------------------
 
 
+def task_class_weights(cfg: Config, layout: TaskLayout, train_labels: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Each task's class weights (``loss.class_weights``), counted on the training split's labels."""
+    specs = task_weight_specs(cfg.loss.class_weights, layout.names)
+    if train_labels is None:
+        if any(s is not None for s in specs.values()):
+            raise ClassLabError("loss.class_weights needs the training labels to count classes")
+        return [None] * len(layout.names)
+    per_task = layout.split(torch.as_tensor(train_labels, dtype=torch.long))
+    return [
+        class_weight_tensor(specs[name], labels, list(classes), f"loss.class_weights.{name}")
+        for name, labels, classes in zip(layout.names, per_task, layout.classes)
+    ]
+
+
 def multitask_loss(
     task_logits: Sequence[torch.Tensor],
     combined: torch.Tensor,
@@ -202,15 +229,22 @@ def multitask_loss(
     layout: TaskLayout,
     label_smoothing: float = 0.0,
     fused: bool = False,
+    criteria: Sequence[Criterion] | None = None,
 ) -> torch.Tensor:
-    """Sum over tasks of weight_t * CE_t; with fusion, plus the CE of the combined prediction.
+    """Sum over tasks of weight_t * loss_t; with fusion, plus the CE of the combined prediction.
 
+    ``criteria`` (one per task: focal loss, class weights) replace plain cross-entropy in training.
     Without fusion the combined logits are a function of the task logits, so a combined term
     would only re-weight the task terms; with fusion it is what trains the fusion head.
     """
     loss = sum(
-        w * F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-        for w, logits, target in zip(layout.weights, task_logits, layout.split(y))
+        w
+        * (
+            criteria[t](logits, target)
+            if criteria is not None
+            else F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+        )
+        for t, (w, logits, target) in enumerate(zip(layout.weights, task_logits, layout.split(y)))
     )
     if fused:
         loss = loss + F.cross_entropy(combined, y, label_smoothing=label_smoothing)
@@ -228,25 +262,32 @@ class MultiTaskTask(ClassifyTask):
         image_size: int,
         steps_per_epoch: int,
         fill: tuple[int, ...] | None = None,
+        train_labels: torch.Tensor | None = None,
     ) -> None:
         super().__init__(model, cfg, layout.num_combined, image_size, steps_per_epoch, fill=fill)
         self.layout = layout
-        self.fused = cfg.model.fusion == "attention"
+        self.fused = cfg.model.fusion in ("attention", "attention_only")
+        self.task_criteria = nn.ModuleList(
+            build_criterion(cfg.loss, w) for w in task_class_weights(cfg, layout, train_labels)
+        )
         self.task_acc = nn.ModuleDict(
             {name: MulticlassAccuracy(size, average="micro") for name, size in zip(layout.names, layout.sizes)}
         )
+        self.task_f1 = nn.ModuleDict(
+            {name: MulticlassF1Score(size, average="macro") for name, size in zip(layout.names, layout.sizes)}
+        )
 
     def metric_columns(self) -> list[str]:
-        return [f"val/{name}/acc" for name in self.layout.names]
+        return ["val/f1", *(f"val/{name}/{m}" for name in self.layout.names for m in ("acc", "f1"))]
 
     def _forward_tasks(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         return self.model.net.forward_tasks(self.model.normalize(x))
 
-    def compute_loss(
-        self, x: torch.Tensor, y: torch.Tensor, label_smoothing: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_loss(self, x: torch.Tensor, y: torch.Tensor, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
         task_logits, combined = self._forward_tasks(x)
-        return multitask_loss(task_logits, combined, y, self.layout, label_smoothing, self.fused), combined
+        smoothing = self.cfg.loss.label_smoothing if training else 0.0
+        criteria = self.task_criteria if training else None
+        return multitask_loss(task_logits, combined, y, self.layout, smoothing, self.fused, criteria), combined
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
@@ -254,13 +295,15 @@ class MultiTaskTask(ClassifyTask):
         self.update_val(multitask_loss(task_logits, combined, y, self.layout, 0.0, self.fused), combined, y)
         for name, logits, target in zip(self.layout.names, task_logits, self.layout.split(y)):
             self.task_acc[name].update(logits, target)
+            self.task_f1[name].update(logits, target)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
         super().on_validation_epoch_end()
         for name in self.layout.names:
-            key = f"val/{name}/acc"
-            self.last_val[key] = float(self.task_acc[name].compute())
-            self.task_acc[name].reset()
-            self.log(key, self.last_val[key], sync_dist=False)
+            for kind, metrics in (("acc", self.task_acc), ("f1", self.task_f1)):
+                key = f"val/{name}/{kind}"
+                self.last_val[key] = float(metrics[name].compute())
+                metrics[name].reset()
+                self.log(key, self.last_val[key], sync_dist=False)

@@ -23,7 +23,8 @@ from classlab.data.tasks import TaskLayout
 from classlab.engine import loggers as tracking
 from classlab.engine.callbacks import AtomicCheckpointIO, RunRecorder
 from classlab.engine.finetune import UnfreezeBackbone
-from classlab.engine.metrics import task_accuracies, top_k_accuracy
+from classlab.engine.losses import class_weight_tensor
+from classlab.engine.metrics import macro_f1, task_accuracies, task_f1_scores, top_k_accuracy
 from classlab.engine.nonfinite import NonFiniteGuard
 from classlab.engine.predict import predict_logits, predict_tasks
 from classlab.engine.task import ClassifyTask, MultiTaskTask
@@ -92,8 +93,14 @@ def build_task(cfg: Config, data: DataBundle, model: ClassifierModel, steps_per_
     fill = tuple(int(round(float(v) * 255)) for v in mean)
     if cfg.task == "multitask":
         layout = TaskLayout.from_config(cfg, data.tasks or {})
-        return MultiTaskTask(model, cfg, layout, data.size, steps_per_epoch=steps_per_epoch, fill=fill)
-    return ClassifyTask(model, cfg, data.num_classes, data.size, steps_per_epoch=steps_per_epoch, fill=fill)
+        return MultiTaskTask(
+            model, cfg, layout, data.size, steps_per_epoch=steps_per_epoch, fill=fill, train_labels=data.train.labels
+        )
+    # loss.class_weights: counted on the training split
+    weights = class_weight_tensor(cfg.loss.class_weights, data.train.labels, data.classes)
+    return ClassifyTask(
+        model, cfg, data.num_classes, data.size, steps_per_epoch=steps_per_epoch, fill=fill, class_weights=weights
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,11 +232,13 @@ def final_test(cfg: Config, task: ClassifyTask, loader: Any) -> dict[str, Any]:
         elif isinstance(task, MultiTaskTask):
             task_logits, logits, labels = predict_tasks(task.model, loader)
             out.update(task_accuracies(task.layout.names, task_logits, task.layout.split(labels), "test"))
+            out.update(task_f1_scores(task.layout, task_logits, labels, "test"))
         else:
             logits, labels = predict_logits(task.model, loader, rotation=cfg.task == "rotation")
     out.update(
         test_acc=top_k_accuracy(logits, labels, 1),
         test_acc5=top_k_accuracy(logits, labels, min(5, logits.shape[1])),
+        test_f1=macro_f1(logits, labels),
         test_time_s=round(time.perf_counter() - started, 2),
     )
     return out

@@ -17,6 +17,10 @@ How the pieces fit the single-label machinery:
   others'; the mixed states give a correction to the product rule (initialised at zero, so
   training starts from the product rule and only learns dependence between tasks that the
   data supports).
+- ``model.fusion: attention_only`` is the competition project's AttentionNet as drawn: the same
+  attention over the task hidden states, and the combined prediction comes from the fused states
+  alone (a linear layer on them, normally initialised); the task heads are trained beside it and
+  give the per-task predictions, but the combined class no longer uses their product.
 """
 
 from __future__ import annotations
@@ -57,13 +61,14 @@ class AttentionFusion(nn.Module):
     the fusion only adds what the tasks' interplay is worth on the data.
     """
 
-    def __init__(self, num_tasks: int, dim: int, num_combined: int) -> None:
+    def __init__(self, num_tasks: int, dim: int, num_combined: int, zero_init: bool = True) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(dim, num_heads=1, batch_first=True)
         self.norm = nn.LayerNorm(dim)
         self.out = nn.Linear(num_tasks * dim, num_combined)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        if zero_init:  # a correction starts at nothing; a prediction of its own (attention_only) does not
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         mixed, _ = self.attn(tokens, tokens, tokens, need_weights=False)
@@ -84,7 +89,8 @@ class MultiTaskNet(nn.Module):
         self.task_names = list(layout.names)
         features = int(backbone.num_features)
         self.num_features = features
-        self.fused = fusion == "attention"
+        self.fused = fusion in ("attention", "attention_only")
+        self.fusion_only = fusion == "attention_only"
         if self.fused:
             dim = fusion_dim(features)
             # Each task first gets its own hidden state: the tokens the fusion attends over.
@@ -92,7 +98,9 @@ class MultiTaskNet(nn.Module):
                 nn.Sequential(nn.Linear(features, dim), nn.ReLU(inplace=True)) for _ in layout.names
             )
             self.heads = nn.ModuleList(nn.Linear(dim, size) for size in layout.sizes)
-            self.fusion: nn.Module | None = AttentionFusion(len(layout.names), dim, layout.num_combined)
+            self.fusion: nn.Module | None = AttentionFusion(
+                len(layout.names), dim, layout.num_combined, zero_init=not self.fusion_only
+            )
         else:
             self.hidden = nn.ModuleList(nn.Identity() for _ in layout.names)
             self.heads = nn.ModuleList(nn.Linear(features, size) for size in layout.sizes)
@@ -103,6 +111,8 @@ class MultiTaskNet(nn.Module):
         features = self.backbone.forward_features(x)
         hidden = [h(features) for h in self.hidden]
         task_logits = [head(h) for head, h in zip(self.heads, hidden)]
+        if self.fusion is not None and self.fusion_only:
+            return task_logits, self.fusion(torch.stack(hidden, dim=1)).float()
         combined = joint_log_probs(task_logits)
         if self.fusion is not None:
             combined = combined + self.fusion(torch.stack(hidden, dim=1)).float()

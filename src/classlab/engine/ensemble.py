@@ -1,0 +1,111 @@
+"""Ensembles: several runs that share a class map, used as one model (``--ensemble mean``).
+
+The common case is the K fold runs of ``classlab train --folds K``: a k-fold folder given where
+a run is expected stands for its fold runs. The members' softmax probabilities are averaged
+(each member with its own normalisation, as it was trained); the ensemble then looks like any
+loaded run whose logits are the log of that mean, so ``predict``, ``eval``, TTA and the
+submission writer use it unchanged. For a multi-task ensemble each task's probabilities are
+averaged as well.
+
+Averaging is only meaningful when index i means the same class in every member: runs with
+different class maps are refused by name, never silently mixed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from classlab.engine.load import LoadedRun, load
+from classlab.errors import ClassLabError
+from classlab.models.net import ClassifierModel
+from classlab.run import RunFolder, fold_runs, is_fold_group
+
+ENSEMBLE_MODES = ("mean",)
+
+
+def expand_runs(runs: Sequence[str | Path | RunFolder]) -> list[Path]:
+    """Run folders as given; a k-fold folder stands for its fold runs."""
+    out: list[Path] = []
+    for run in runs:
+        path = run.path if isinstance(run, RunFolder) else Path(run)
+        if is_fold_group(path):
+            found = fold_runs(path)
+            if not found:
+                raise ClassLabError(f"k-fold folder '{path}' has no finished fold runs yet")
+            out.extend(found)
+        else:
+            out.append(path)
+    return out
+
+
+class EnsembleNet(nn.Module):
+    """Members' mean probabilities as log-probabilities: softmax of the output is that mean."""
+
+    def __init__(self, members: Sequence[ClassifierModel]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
+        return probs.clamp_min(1e-30).log()
+
+    def forward_tasks(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Multitask members: (each task's log mean probabilities, log mean combined probabilities)."""
+        outs = [m.net.forward_tasks(m.normalize(x)) for m in self.members]
+        tasks = [
+            torch.stack([o[0][t].float().softmax(1) for o in outs]).mean(0).clamp_min(1e-30).log()
+            for t in range(len(outs[0][0]))
+        ]
+        combined = torch.stack([o[1].float().softmax(1) for o in outs]).mean(0).clamp_min(1e-30).log()
+        return tasks, combined
+
+
+def _check_compatible(paths: list[Path], loaded: list[Any]) -> None:
+    """One class map (and one input size) for every member, or one line naming the runs that differ."""
+    first = loaded[0]
+    for path, member in zip(paths[1:], loaded[1:]):
+        if member.classes != first.classes:
+            raise ClassLabError(
+                f"runs {paths[0]} and {path} have different class maps ({len(first.classes)} classes: "
+                f"{', '.join(first.classes[:4])}{' ...' if len(first.classes) > 4 else ''} vs {len(member.classes)}: "
+                f"{', '.join(member.classes[:4])}{' ...' if len(member.classes) > 4 else ''}); "
+                "an ensemble averages runs trained on the same classes"
+            )
+        if (member.image_size, member.channels) != (first.image_size, first.channels):
+            raise ClassLabError(
+                f"runs {paths[0]} ({first.image_size} px, {first.channels} channels) and {path} "
+                f"({member.image_size} px, {member.channels} channels) take different inputs; "
+                "an ensemble needs one image size"
+            )
+
+
+def load_ensemble(runs: Sequence[str | Path | RunFolder], checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
+    """Several runs (or k-fold folders) -> one LoadedRun whose probabilities are the members' mean."""
+    paths = expand_runs(runs)
+    if not paths:
+        raise ClassLabError("no runs given for the ensemble")
+    loaded = [load(p, checkpoint, device) for p in paths]
+    if len(loaded) == 1:
+        return loaded[0]
+    _check_compatible(paths, loaded)
+    first = loaded[0]
+    # Each member normalises its own input (fold runs have fold-specific statistics): no outer normalisation.
+    model = ClassifierModel(nn.Identity(), EnsembleNet([m.model for m in loaded])).eval().to(device)
+    ensemble = LoadedRun(first.run, first.cfg, model, first.classes, first.image_size, first.channels)
+    ensemble.tasks = first.tasks
+    ensemble.members = paths  # type: ignore[attr-defined]
+    return ensemble
+
+
+def load_runs(run: Any, checkpoint: str = "best") -> LoadedRun:
+    """One run, or several runs / a k-fold folder as their mean ensemble; a LoadedRun as it is."""
+    if isinstance(run, LoadedRun):
+        return run
+    if isinstance(run, (list, tuple)) or (not isinstance(run, RunFolder) and is_fold_group(run)):
+        return load_ensemble(run if isinstance(run, (list, tuple)) else [run], checkpoint)
+    return load(run, checkpoint)

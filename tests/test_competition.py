@@ -1,0 +1,342 @@
+"""The competition pipeline: class weights, focal loss, the balanced sampler, k-fold splits and runs with
+out-of-fold predictions, macro-F1, ensembles, submission files and attention-only fusion."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import classlab.data.sampler as sampler_module
+from classlab.config import load_config
+from classlab.data.sampler import BalancedMemoryLoader, BalancedSampler, balanced_draw
+from classlab.data.splits import grouped_folds, make_split, stratified_folds
+from classlab.engine.losses import balanced_weights, class_weight_tensor, focal_loss
+from classlab.errors import ClassLabError, ConfigError
+from tests.conftest import make_image
+
+# ---------------------------------------------------------------------------------------------
+# Class weights and focal loss
+# ---------------------------------------------------------------------------------------------
+
+
+def test_balanced_weights_are_n_over_k_n_c() -> None:
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    w = balanced_weights(labels, 3)
+    assert torch.allclose(w, torch.tensor([100 / (3 * 50), 100 / (3 * 30), 100 / (3 * 20)]))
+    # Every class carries the same total weight, and the weights average to 1 per image.
+    assert torch.allclose(w * torch.bincount(labels), torch.full((3,), 100 / 3))
+    assert float((w[labels]).mean()) == pytest.approx(1.0)
+    # A class without training images gets 0 (not inf), and k counts the classes present.
+    w = balanced_weights(torch.tensor([0, 0, 0, 2]), 3)
+    assert w.tolist() == pytest.approx([4 / (2 * 3), 0.0, 4 / (2 * 1)])
+
+
+def test_class_weight_map_and_unknown_class() -> None:
+    w = class_weight_tensor({"black": 3.0}, [0, 1, 2], ["asian", "black", "white"])
+    assert w.tolist() == [1.0, 3.0, 1.0]
+    with pytest.raises(ConfigError, match="unknown class\\(es\\) blak; the classes are: asian, black, white"):
+        class_weight_tensor({"blak": 3.0}, [0], ["asian", "black", "white"])
+    assert class_weight_tensor(None, [0], ["a", "b"]) is None
+
+
+def test_focal_gamma_zero_is_cross_entropy() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(64, 5, generator=g), torch.randint(0, 5, (64,), generator=g)
+    weight = torch.tensor([0.5, 1.0, 2.0, 1.5, 0.7])
+    assert torch.allclose(focal_loss(logits, target, 0.0), F.cross_entropy(logits, target), atol=1e-6)
+    assert torch.allclose(
+        focal_loss(logits, target, 0.0, weight), F.cross_entropy(logits, target, weight=weight), atol=1e-6
+    )
+    # gamma > 0 shrinks every image's term by (1 - p_true)^gamma <= 1.
+    assert focal_loss(logits, target, 2.0) < F.cross_entropy(logits, target)
+    p = logits.softmax(1)[torch.arange(64), target]
+    manual = ((1 - p) ** 2 * F.cross_entropy(logits, target, reduction="none")).mean()
+    assert torch.allclose(focal_loss(logits, target, 2.0), manual, atol=1e-6)
+
+
+def test_config_keys_and_ini_criterion(tmp_path: Path) -> None:
+    cfg = load_config(None, ["loss.name=focal", "loss.focal_gamma=1.5", "loss.class_weights=balanced"])
+    assert (cfg.loss.name, cfg.loss.focal_gamma, cfg.loss.class_weights) == ("focal", 1.5, "balanced")
+    ini = tmp_path / "exp.ini"
+    ini.write_text("[MODEL]\ncriterion = focal\n")
+    assert load_config(ini).loss.name == "focal"
+    with pytest.raises(ConfigError, match="data.fold needs data.folds"):
+        load_config(None, ["data.fold=1"])
+    with pytest.raises(ConfigError, match="data.fold=5 but data.folds=5: folds are 0..4"):
+        load_config(None, ["data.folds=5", "data.fold=5"])
+    with pytest.raises(ConfigError, match="need hard labels"):
+        load_config(None, ["loss.name=focal", "aug.mixup_alpha=0.2"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Balanced sampler
+# ---------------------------------------------------------------------------------------------
+
+
+def test_balanced_sampler_draws_classes_evenly() -> None:
+    """Chi-square of the class counts in 10k draws against uniform, with classes 100:10:1 in the data."""
+    labels = torch.tensor([0] * 10_000 + [1] * 1_000 + [2] * 100)
+    drawn = labels[balanced_draw(labels, seed=0, epoch=0, n=10_000)]
+    counts = torch.bincount(drawn, minlength=3).double()
+    chi2 = float(((counts - 10_000 / 3) ** 2 / (10_000 / 3)).sum())
+    assert chi2 < 13.8, counts  # p = 0.001 at 2 degrees of freedom
+    plain = torch.bincount(labels[torch.randint(0, len(labels), (10_000,))], minlength=3).double()
+    assert float(((plain - 10_000 / 3) ** 2 / (10_000 / 3)).sum()) > 1000  # the unbalanced draw fails it
+
+
+def test_balanced_loader_identical_on_resume_and_split_under_ddp(monkeypatch: pytest.MonkeyPatch) -> None:
+    images = torch.arange(300, dtype=torch.uint8).repeat_interleave(3 * 4 * 4).view(300, 3, 4, 4)
+    labels = torch.tensor([0] * 250 + [1] * 40 + [2] * 10)
+
+    def epoch_batches(epoch: int) -> list[torch.Tensor]:
+        loader = BalancedMemoryLoader(images, labels, 32, shuffle=True, drop_last=True, seed=7)
+        loader.set_epoch(epoch)
+        return [y for _, y in loader]
+
+    first = [epoch_batches(e) for e in range(3)]
+    resumed = epoch_batches(2)  # a fresh loader (a resumed process) at epoch 2
+    assert all(torch.equal(a, b) for a, b in zip(first[2], resumed))
+    assert not torch.equal(torch.cat(first[0]), torch.cat(first[1]))  # epochs differ
+    # Under DDP each process takes every world_size-th draw of the same epoch: together the whole draw.
+    sampler = BalancedSampler(labels, seed=7)
+    sampler.set_epoch(1)
+    monkeypatch.setattr(sampler_module, "_rank_world", lambda: (0, 2))
+    rank0 = list(sampler)
+    monkeypatch.setattr(sampler_module, "_rank_world", lambda: (1, 2))
+    rank1 = list(sampler)
+    whole = balanced_draw(labels, 7, 1).tolist()
+    assert rank0 == whole[0::2] and rank1 == whole[1::2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Folds
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stratified_folds_disjoint_cover_and_stratified() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.choice(4, size=517, p=[0.6, 0.25, 0.1, 0.05])
+    k = 5
+    fold = stratified_folds(labels, k, seed=3)
+    splits = [make_split(labels, val_fraction=0.1, seed=3, class_names=list("abcd"), folds=k, fold=i) for i in range(k)]
+    vals = [set(s["val"]) for s in splits]
+    assert sum(len(v) for v in vals) == len(labels) and set().union(*vals) == set(range(len(labels)))  # cover, disjoint
+    for s in splits:
+        assert not set(s["train"]) & set(s["val"]) and len(s["train"]) + len(s["val"]) == len(labels)
+    for c in range(4):
+        per_fold = np.bincount(fold[labels == c], minlength=k)
+        assert per_fold.max() - per_fold.min() <= 1, (c, per_fold)  # stratified within one image a class
+    sizes = np.bincount(fold, minlength=k)
+    assert sizes.max() - sizes.min() <= 1
+    assert np.array_equal(fold, stratified_folds(labels, k, seed=3))  # seeded
+
+
+def test_grouped_folds_keep_groups_whole() -> None:
+    rng = np.random.default_rng(1)
+    groups = np.repeat([f"person{i}" for i in range(60)], rng.integers(1, 8, size=60))
+    labels = np.array([hash(g) % 3 for g in groups])
+    fold = grouped_folds(labels, groups, 4, seed=0)
+    for g in set(groups.tolist()):
+        assert len(set(fold[groups == g].tolist())) == 1, g  # a person never in two folds
+    assert set(fold.tolist()) == {0, 1, 2, 3}
+    sizes = np.bincount(fold)
+    assert sizes.min() > 0.6 * len(labels) / 4
+    with pytest.raises(ClassLabError, match="data.folds=5 but data.group_column has only 3 group"):
+        grouped_folds(np.zeros(6), ["a", "a", "b", "b", "c", "c"], 5, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs: k-fold training, out-of-fold CSV, compare, ensembles, submission
+# ---------------------------------------------------------------------------------------------
+
+COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+
+
+def _folder(root: Path, colors: dict[str, tuple[int, int, int]], n: int = 30) -> Path:
+    for name, color in colors.items():
+        for i in range(n):
+            make_image(root / name / f"{name}{i}.png", color, size=16)
+    return root
+
+
+def _args(tmp: Path, root: Path, *extra: str) -> list[str]:
+    return [
+        "data.dataset=folder",
+        f"data.root={root}",
+        f"run.root={tmp / 'runs'}",
+        f"data.cache_dir={tmp / 'cache'}",
+        "model.layers=[8,p,16,p]",
+        "data.batch_size=16",
+        "epochs=2",
+        "optim.lr=0.05",
+        "trainer.progress=false",
+        *extra,
+    ]
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """The command line in this process (a subprocess would spend most of its time importing torch): (code, stderr)."""
+    from classlab.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def kfold(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 3-fold run with class weights, monitored by macro-F1."""
+    from classlab.train import train
+
+    tmp = tmp_path_factory.mktemp("kfold")
+    root = _folder(tmp / "colors", COLORS)
+    extra = ["exp_name=cv", "loss.class_weights=balanced", "trainer.monitor=val/f1", "data.folds=3"]
+    train(None, _args(tmp, root, *extra), quiet=True)
+    return tmp, root
+
+
+def test_kfold_run_writes_folds_and_out_of_fold_csv(kfold: tuple[Path, Path]) -> None:
+    tmp, root = kfold
+    top = tmp / "runs" / "cv"
+    assert sorted(p.name for p in top.iterdir() if p.is_dir()) == ["fold0", "fold1", "fold2"]
+    with open(top / "oof.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    # Every training image exactly once, predicted by the fold that held it out.
+    assert len(rows) == 90 and len({r["path"] for r in rows}) == 90
+    assert sorted(int(r["index"]) for r in rows) == list(range(90))
+    for i in range(3):
+        split = json.loads((top / f"fold{i}" / "split.json").read_text())
+        assert {int(r["index"]) for r in rows if r["fold"] == str(i)} == set(split["val"])
+    summary = json.loads((top / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["oof_acc"] > 0.6  # colours: well above chance (1/3)
+    assert len(summary["fold_f1"]) == 3 and summary["std_acc"] >= 0
+    header = (top / "fold0" / "metrics.csv").read_text().splitlines()[0]
+    assert "val/f1" in header.split(",")
+    from classlab.compare import compare
+
+    table = compare([str(top)], metrics=["best_val_acc", "best_val_f1"], plots=False)
+    assert table.rows[-1]["run"] == "cv mean ± std (3 folds)"
+    values = [r["best_val_acc"] for r in table.rows[:3]]
+    assert table.rows[-1]["best_val_acc"] == f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def test_ensemble_of_a_run_with_itself_equals_the_run(kfold: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    tmp, root = kfold
+    from classlab.predict import predict
+
+    run = tmp / "runs" / "cv" / "fold0"
+    images = [root / "red" / "red1.png", root / "blue" / "blue2.png", root / "green" / "green3.png"]
+    alone = predict(run, images, top=3)
+    twice = predict([run, run], images, top=3)
+    assert [r["class"] for r in alone] == [r["class"] for r in twice]
+    for a, b in zip(alone, twice):
+        assert a["prob"] == pytest.approx(b["prob"], abs=1e-6) and a["top2_prob"] == pytest.approx(b["top2_prob"])
+    # The k-fold folder stands for its runs (on the command line only with --ensemble mean).
+    out, folds = tmp / "ens.csv", str(tmp / "runs" / "cv")
+    code, err = cli(capsys, "predict", folds, str(root / "red"), "--out", str(out))
+    assert code == 2 and err == (
+        f"error: '{folds}' is a k-fold folder (one run per fold): add --ensemble mean to average their probabilities\n"
+    )
+    code, err = cli(capsys, "predict", folds, str(root / "red"), "--ensemble", "mean", "--out", str(out), "--quiet")
+    assert code == 0, err
+    with open(out, newline="") as handle:
+        assert [r["class"] for r in csv.DictReader(handle)].count("red") >= 25
+
+
+def test_mismatched_class_maps_are_refused_by_name(kfold: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    tmp, root = kfold
+    from classlab.train import train
+
+    other = _folder(tmp / "two", {"red": COLORS["red"], "blue": COLORS["blue"]}, n=10)
+    train(None, _args(tmp, other, "exp_name=two", "epochs=1"), quiet=True)
+    a, b = tmp / "runs" / "cv" / "fold0", tmp / "runs" / "two"
+    code, err = cli(capsys, "predict", str(a), str(b), str(root / "red"), "--ensemble", "mean", "--out", "x.csv")
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: runs {a} and {b} have different class maps"), lines
+    assert lines[0].endswith("an ensemble averages runs trained on the same classes")
+    assert not Path("x.csv").exists()
+
+
+def test_submission_keeps_template_order_and_refuses_missing(
+    kfold: tuple[Path, Path], capsys: pytest.CaptureFixture
+) -> None:
+    tmp, root = kfold
+    run = str(tmp / "runs" / "cv" / "fold1")
+    ids = ["blue/blue4.png", "red1.png", "green7.png", "red/red2.png", "blue9.png"]
+    template = tmp / "info.csv"
+    template.write_text("ImageID,ans\n" + "".join(f"{i},\n" for i in ids))
+    out = tmp / "submission.csv"
+    args = ["predict", run, str(root), "--template", str(template), "--out", str(out)]
+    code, err = cli(capsys, *args, "--label-format", "name")
+    assert code == 0, err
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["ImageID"] for r in rows] == ids  # the template's own order, each row once
+    assert [r["ans"] for r in rows] == ["blue", "red", "green", "red", "blue"]
+    classes = json.loads((Path(run) / "classes.json").read_text())
+    assert cli(capsys, *args)[0] == 0  # --label-format index (the default)
+    with open(out, newline="") as handle:
+        assert [classes[r["ans"]] for r in csv.DictReader(handle)] == ["blue", "red", "green", "red", "blue"]
+    # A missing image and an unreadable one: listed, nothing written, unless allowed.
+    extra = tmp / "extra"
+    extra.mkdir()
+    (extra / "broken.png").write_bytes(b"not an image")
+    template.write_text("ImageID,ans\nred1.png,\nnothere.png,\nbroken.png,\n")
+    out2 = tmp / "sub2.csv"
+    args = ["predict", run, str(root), str(extra), "--template", str(template), "--out", str(out2)]
+    code, err = cli(capsys, *args)
+    assert code == 1 and not out2.exists()
+    assert err.startswith("error: 2 template row(s) have no usable image; nothing written (add --allow-missing")
+    assert "  nothere.png: no such image among the given paths\n" in err and "  broken.png: unreadable" in err
+    code, err = cli(capsys, *args, "--allow-missing")
+    assert code == 0, err
+    with open(out2, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["ImageID"] for r in rows] == ["red1.png", "nothere.png", "broken.png"]
+    assert rows[0]["ans"] != "" and rows[1]["ans"] == "" and rows[2]["ans"] == ""
+
+
+def test_eval_ensemble_and_macro_f1(kfold: tuple[Path, Path]) -> None:
+    tmp, root = kfold
+    runs = [str(tmp / "runs" / "cv" / f"fold{i}") for i in range(3)]
+    from classlab.evaluate import evaluate
+
+    single = evaluate(runs[0], split="val")
+    assert 0.0 <= single["f1"] <= 1.0
+    with pytest.raises(ClassLabError, match="hold out different validation images"):
+        evaluate(runs, split="val")
+    same = evaluate([runs[0], runs[0]], split="val")
+    assert same["top1"] == pytest.approx(single["top1"]) and same["f1"] == pytest.approx(single["f1"])
+    assert same["members"] == [runs[0], runs[0]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention-only fusion
+# ---------------------------------------------------------------------------------------------
+
+
+def test_attention_only_fusion_predicts_from_fused_features() -> None:
+    from classlab.data.tasks import TaskLayout
+    from classlab.models import build_model
+    from classlab.models.multitask import MultiTaskNet, _drop_classifier, joint_log_probs
+
+    layout = TaskLayout(("a", "b"), ("a", "b"), (("x", "y"), ("p", "q", "r")), (1.0, 1.0))
+    backbone = build_model({"name": "cnn", "layers": [8, "p"]}, 2, 3, 8)
+    _drop_classifier(backbone)
+    torch.manual_seed(0)
+    both = MultiTaskNet(backbone, layout, "attention")
+    only = MultiTaskNet(backbone, layout, "attention_only")
+    x = torch.randn(4, 3, 8, 8)
+    tasks, combined = both.forward_tasks(x)
+    assert torch.allclose(combined, joint_log_probs(tasks))  # the correction starts at zero
+    tasks, combined = only.forward_tasks(x)
+    assert combined.shape == (4, 6)
+    assert not torch.allclose(combined.log_softmax(1), joint_log_probs(tasks), atol=1e-3)
+    hidden = torch.stack([h(backbone.forward_features(x)) for h in only.hidden], 1)
+    assert torch.allclose(combined, only.fusion(hidden))  # from the fused task features alone
