@@ -33,6 +33,16 @@ def make_image(path: Path, color: tuple[int, int, int], size: int = 24, mode: st
     return path
 
 
+def class_folder(
+    root: Path, colors: dict[str, tuple[int, int, int]], n: int, size: int = 24, suffix: str = ".png"
+) -> Path:
+    """root/<class>/<class><i><suffix>: ``n`` noisy images of one colour a class."""
+    for name, color in colors.items():
+        for i in range(n):
+            make_image(root / name / f"{name}{i}{suffix}", color, size=size)
+    return root
+
+
 @pytest.fixture
 def color_folder(tmp_path: Path) -> Path:
     """root/<class>/*.png with three colour classes, 40 images each."""

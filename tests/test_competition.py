@@ -18,7 +18,7 @@ from classlab.data.sampler import BalancedMemoryLoader, BalancedSampler, balance
 from classlab.data.splits import grouped_folds, make_split, stratified_folds
 from classlab.engine.losses import balanced_weights, class_weight_tensor, focal_loss
 from classlab.errors import ClassLabError, ConfigError
-from tests.conftest import make_image
+from tests.conftest import class_folder
 
 # ---------------------------------------------------------------------------------------------
 # Class weights and focal loss
@@ -158,13 +158,6 @@ def test_grouped_folds_keep_groups_whole() -> None:
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 
 
-def _folder(root: Path, colors: dict[str, tuple[int, int, int]], n: int = 30) -> Path:
-    for name, color in colors.items():
-        for i in range(n):
-            make_image(root / name / f"{name}{i}.png", color, size=16)
-    return root
-
-
 def _args(tmp: Path, root: Path, *extra: str) -> list[str]:
     return [
         "data.dataset=folder",
@@ -194,7 +187,7 @@ def kfold(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from classlab.train import train
 
     tmp = tmp_path_factory.mktemp("kfold")
-    root = _folder(tmp / "colors", COLORS)
+    root = class_folder(tmp / "colors", COLORS, 30, size=16)
     extra = ["exp_name=cv", "loss.class_weights=balanced", "trainer.monitor=val/f1", "data.folds=3"]
     train(None, _args(tmp, root, *extra), quiet=True)
     return tmp, root
@@ -252,7 +245,7 @@ def test_mismatched_class_maps_are_refused_by_name(kfold: tuple[Path, Path], cap
     tmp, root = kfold
     from classlab.train import train
 
-    other = _folder(tmp / "two", {"red": COLORS["red"], "blue": COLORS["blue"]}, n=10)
+    other = class_folder(tmp / "two", {"red": COLORS["red"], "blue": COLORS["blue"]}, 10, size=16)
     train(None, _args(tmp, other, "exp_name=two", "epochs=1"), quiet=True)
     a, b = tmp / "runs" / "cv" / "fold0", tmp / "runs" / "two"
     code, err = cli(capsys, "predict", str(a), str(b), str(root / "red"), "--ensemble", "mean", "--out", "x.csv")

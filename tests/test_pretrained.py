@@ -16,7 +16,6 @@ import pytest
 import timm
 import torch
 import torchvision
-from conftest import make_image, run_cli
 
 import classlab
 from classlab.config import load_config
@@ -25,6 +24,7 @@ from classlab.errors import ClassLabError, ConfigError
 from classlab.models import build_model
 from classlab.models.pretrained import IMAGENET_MEAN, IMAGENET_STD, configure
 from classlab.run import safe_torch_load
+from tests.conftest import class_folder, run_cli
 
 
 def _same_logits(source: torch.nn.Module, ours: torch.nn.Module, size: int) -> None:
@@ -156,11 +156,7 @@ def test_contradictory_weight_keys_fail_at_config_time(tmp_path: Path) -> None:
 
 @pytest.fixture
 def photos(tmp_path: Path) -> Path:
-    root = tmp_path / "photos"
-    for name, color in {"red": (220, 40, 40), "blue": (40, 60, 220)}.items():
-        for i in range(12):
-            make_image(root / name / f"{i}.jpg", color, size=40)
-    return root
+    return class_folder(tmp_path / "photos", {"red": (220, 40, 40), "blue": (40, 60, 220)}, 12, 40, ".jpg")
 
 
 def _train_args(photos: Path, tmp_path: Path, *extra: str) -> list[str]:

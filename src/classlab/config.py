@@ -159,33 +159,25 @@ class ModelSection(BaseModel):
         description="family parameter (cnn, mlp): BatchNorm after each conv/linear layer (template: "
         "batch_normalization_use)",
     )
-    activation: str | None = Field(
-        None, description="family parameter (cnn, mlp, bottleneck_resnet): relu or leaky_relu"
-    )
+    activation: str | None = Field(None, description="family parameter (cnn, mlp, bottleneck_resnet): relu, leaky_relu")
     head: str = Field("linear", description="classifier on top: linear, conv_fc or mlp")
     freeze: str = Field("none", description="none, all (the backbone) or up_to:<block> (stem and blocks 0..block-1)")
     init_from: str | None = Field(
-        None, description="start from a run's weights: <run folder>[:<checkpoint>], e.g. runs/rot:epoch5"
+        None, description="start from a run's weights: <run>[:<checkpoint>], e.g. runs/rot:epoch5"
     )
     pretrained: bool | None = Field(
         None,
         description="true: pretrained weights from the torchvision/timm hub (or pretrained_path when set); "
         "default: true exactly when pretrained_path is set",
     )
-    pretrained_path: str | None = Field(
-        None, description="local .pth/.pt/.safetensors state dict (classlab, torchvision, timm or efficientnet_pytorch)"
-    )
+    pretrained_path: str | None = Field(None, description="weights file (.pth/.pt/.safetensors) in any known layout")
     weights: str | None = Field(
         None,
         description="hub weights tag: a torchvision weights name (IMAGENET1K_V2) or a timm tag (a1_in1k); "
         "default: the model's default weights",
     )
-    unfreeze_at_epoch: int | None = Field(
-        None, ge=1, description="train only the head for this many epochs (backbone frozen, BN in eval), then all"
-    )
-    tasks: dict[str, TaskHead] | None = Field(
-        None, description="task=multitask: task name -> {column, weight, classes}"
-    )
+    unfreeze_at_epoch: int | None = Field(None, ge=1, description="epochs of head-only training (backbone frozen)")
+    tasks: dict[str, TaskHead] | None = Field(None, description="task=multitask: name -> {column, weight, classes}")
     fusion: Literal["none", "attention", "attention_only"] | None = Field(
         None,
         description="multitask: 'attention' = product of the task heads plus an attention correction; "

@@ -109,22 +109,15 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, str]) -
     return proto.SerializeToString()
 
 
+IO_NAMES = {"input_names": ["images"], "output_names": ["logits"]}  # what a consumer feeds and reads
+
+
 def _onnx_dynamo(model: nn.Module, example: torch.Tensor) -> Any:
     import onnxscript  # noqa: F401  (the dynamo exporter's dependency: fail early and clearly without it)
 
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.onnx.export(
-        model,
-        (example,),
-        None,
-        dynamo=True,
-        input_names=["images"],
-        output_names=["logits"],
-        dynamic_shapes=({0: batch},),
-        opset_version=OPSET,
-        verbose=False,
-    )
-    return program.model_proto
+    dynamic = {"dynamic_shapes": ({0: batch},), "opset_version": OPSET, "verbose": False}
+    return torch.onnx.export(model, (example,), None, dynamo=True, **IO_NAMES, **dynamic).model_proto
 
 
 def _onnx_legacy(model: nn.Module, example: torch.Tensor) -> bytes:
@@ -136,8 +129,7 @@ def _onnx_legacy(model: nn.Module, example: torch.Tensor) -> bytes:
             (example,),
             buffer,
             dynamo=False,
-            input_names=["images"],
-            output_names=["logits"],
+            **IO_NAMES,
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             opset_version=LEGACY_OPSET,
         )

@@ -255,16 +255,10 @@ class MultiTaskTask(ClassifyTask):
     """ClassifyTask on the combined class (val/acc, best.ckpt), plus each task's loss and accuracy."""
 
     def __init__(
-        self,
-        model: nn.Module,
-        cfg: Config,
-        layout: TaskLayout,
-        image_size: int,
-        steps_per_epoch: int,
-        fill: tuple[int, ...] | None = None,
-        train_labels: torch.Tensor | None = None,
+        self, model: nn.Module, cfg: Config, layout: TaskLayout, train_labels: torch.Tensor | None = None, **task: Any
     ) -> None:
-        super().__init__(model, cfg, layout.num_combined, image_size, steps_per_epoch, fill=fill)
+        """``train_labels`` count the classes of ``loss.class_weights``; ``task``: ClassifyTask's sizes and fill."""
+        super().__init__(model, cfg, layout.num_combined, **task)
         self.layout = layout
         self.fused = cfg.model.fusion in ("attention", "attention_only")
         self.task_criteria = nn.ModuleList(

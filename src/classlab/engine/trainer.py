@@ -94,7 +94,7 @@ def build_task(cfg: Config, data: DataBundle, model: ClassifierModel, steps_per_
     if cfg.task == "multitask":
         layout = TaskLayout.from_config(cfg, data.tasks or {})
         return MultiTaskTask(
-            model, cfg, layout, data.size, steps_per_epoch=steps_per_epoch, fill=fill, train_labels=data.train.labels
+            model, cfg, layout, data.train.labels, image_size=data.size, steps_per_epoch=steps_per_epoch, fill=fill
         )
     # loss.class_weights: counted on the training split
     weights = class_weight_tensor(cfg.loss.class_weights, data.train.labels, data.classes)
