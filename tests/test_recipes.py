@@ -20,8 +20,10 @@ CLASSES = {"cifar10": 10, "stl10": 10, "sample": 10, "cifar100": 100}
 def _forward_shape(cfg: Config) -> tuple[int, ...]:
     """The logits' shape for two images at the recipe's input size, computed on the meta device (no memory)."""
     size = cfg.data.image_size or 32
+    # Shapes only: no weights are fetched (a recipe with pretrained: true would download them).
+    spec = {k: v for k, v in cfg.model.spec().items() if k not in ("pretrained", "pretrained_path", "weights")}
     with torch.device("meta"):
-        model = build_model(cfg.model.spec(), CLASSES.get(cfg.data.dataset, 10), 3, size)
+        model = build_model(spec, CLASSES.get(cfg.data.dataset, 10), 3, size)
         return tuple(model(torch.zeros(2, 3, size, size)).shape)
 
 

@@ -70,6 +70,8 @@ def _quiet_libraries(verbose: int = 0) -> None:
     warnings.filterwarnings("ignore", module=r"lightning\..*")
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+    # An image over the pixel limit is listed as a bad file by classlab; PIL's own warning would say it twice.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
 
     def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
         print(f"warning: {message}", file=sys.stderr)
