@@ -31,7 +31,6 @@ import torch
 from PIL import Image
 
 from classlab.config import Config
-from classlab.data.loaders import decode
 from classlab.data.pipeline import DataBundle, Part, load_data
 from classlab.data.preprocess import image_to_tensor
 from classlab.data.sources import Source, open_dataset
@@ -226,16 +225,9 @@ def _originals(cfg: Config, data: DataBundle, part: Part, split: str, run: RunFo
     source = dataset.test if split == "test" else dataset.train
     if source is None:
         raise ClassLabError(f"the dataset has no {split} part any more; point data.root at the original data")
-    if part.indices is not None:  # streamed: the part already holds source indices
-        indices = np.asarray(part.indices)
-    else:
-        if data.bad:
-            # Skipped bad files shift positions: ask the decoder (its cache answers) which files it kept.
-            threads = cfg.trainer.threads or 2
-            kept = decode(source, data.size, cfg.data.cache_dir, threads=threads, verify=cfg.data.cache_verify).kept
-        else:
-            kept = np.arange(len(source))
-        indices = kept if split == "test" else kept[np.asarray(data.split["val"], dtype=np.int64)]
+    # Skipped bad files shift positions: the loaded data knows which source images it kept.
+    kept = data.kept["test" if split == "test" else "train"]
+    indices = kept if split == "test" else kept[np.asarray(data.split["val"], dtype=np.int64)]
     if len(indices) != len(part) or not np.array_equal(source.labels[indices], part.labels.numpy()):
         raise ClassLabError(
             f"the {split} images no longer match the run's split; point data.root at the data the run was trained on"

@@ -85,24 +85,25 @@ class DataBundle:
     tasks: dict[str, list[str]] | None = None  # multitask: task -> classes; labels are combined indices
     notices: list[str] = field(default_factory=list)  # lines to show the user (ignored files, ...)
     train_files: list[str] | None = None  # the usable training images in split-index order (out-of-fold CSVs)
+    # Source index of each usable image, per source ("train", "test"): bad files skipped shift positions.
+    kept: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
 
-def _prepare_source(source: Source, size: int, mode: str, cfg: Config) -> tuple[Part, list[str]]:
-    """The whole source as a Part (kept images only) and the list of its problems."""
+def _prepare_source(source: Source, size: int, mode: str, cfg: Config) -> tuple[Part, list[str], np.ndarray]:
+    """The whole source as a Part (kept images only), the list of its problems, and the kept images' indices."""
     problems = list(source.problems)
     if mode == "memory":
         threads = cfg.trainer.threads or available_cores()
         dec = decode(source, size, cfg.data.cache_dir, threads=threads, verify=cfg.data.cache_verify)
-        return Part(labels=dec.labels, images=dec.images), problems + dec.bad
+        return Part(labels=dec.labels, images=dec.images), problems + dec.bad, np.asarray(dec.kept, dtype=np.int64)
     bad = check_readable(source)
     kept = np.array([i for i in range(len(source)) if i not in bad], dtype=np.int64)
-    return Part(labels=torch.from_numpy(source.labels[kept]), source=source, indices=kept), problems + list(
-        bad.values()
-    )
+    part = Part(labels=torch.from_numpy(source.labels[kept]), source=source, indices=kept)
+    return part, problems + list(bad.values()), kept
 
 
 def _subset(part: Part, idx: list[int]) -> Part:
@@ -122,14 +123,15 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
     if mode == "auto":
         fits = decoded_bytes(total, channels, size) <= cfg.data.memory_limit_mb * 2**20
         mode = "memory" if fits else "stream"
-    whole, problems = _prepare_source(dataset.train, size, mode, cfg)
+    whole, problems, train_kept = _prepare_source(dataset.train, size, mode, cfg)
+    kept = {"train": train_kept}
     test = None
     if with_test and dataset.test is not None:
-        test, test_problems = _prepare_source(dataset.test, size, mode, cfg)
+        test, test_problems, kept["test"] = _prepare_source(dataset.test, size, mode, cfg)
         problems += test_problems
     if problems and not cfg.data.skip_bad_images:
         raise DataProblems(problems)
-    train_files = _kept_files(dataset.train, whole, size, mode, cfg, bool(problems))
+    train_files = [dataset.train.describe(int(i)) for i in train_kept]
     classes = dataset.classes
     if cfg.task == "classify" and classes == [UNLABELED]:
         raise ClassLabError(
@@ -179,6 +181,7 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
         bad=problems,
         tasks=dataset.tasks,
         train_files=train_files,
+        kept=kept,
     )
     bundle.notices = list(dataset.train.notices)
     bundle.mean, bundle.std = _stats(train, size, cfg.aug.mean_subtraction == "pixel")
@@ -208,17 +211,6 @@ def _at_source_size(source: Source, cfg: Config, train_idx: list[int], train: Pa
     if not torch.equal(labels, train.labels):
         raise ClassLabError("data.train_source_size: the images decoded at the two sizes differ; fix the bad files")
     return Part(labels=labels, images=images)
-
-
-def _kept_files(source: Source, whole: Part, size: int, mode: str, cfg: Config, skipped: bool) -> list[str]:
-    """What each usable training image is (its file), in the order split indices count them."""
-    if whole.indices is not None:
-        kept = whole.indices
-    elif skipped:
-        kept = decode(source, size, cfg.data.cache_dir, threads=cfg.trainer.threads or 2).kept  # the cache answers
-    else:
-        kept = np.arange(len(source))
-    return [source.describe(int(i)) for i in kept]
 
 
 def _kept_groups(dataset: Any, whole: Part) -> np.ndarray:
