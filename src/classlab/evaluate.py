@@ -47,7 +47,7 @@ from classlab.engine.metrics import (
     task_f1_scores,
     top_k_accuracy,
 )
-from classlab.engine.predict import predict_logits, predict_tasks
+from classlab.engine.predict import predict_split
 from classlab.engine.tta import (
     TTAPlan,
     parse_tta,
@@ -152,12 +152,11 @@ def _plain_metrics(
     """(logits, labels, metrics) of the split without test-time augmentation."""
     task_acc: dict[str, float] = {}
     task_f1: dict[str, float] = {}
+    rotation = loaded.cfg.task == "rotation"
+    task_logits, logits, labels = predict_split(loaded.model, loader, loaded.tasks is not None, rotation=rotation)
     if loaded.tasks is not None:
-        task_logits, logits, labels = predict_tasks(loaded.model, loader)
         task_acc = task_accuracies(loaded.tasks.names, task_logits, loaded.tasks.split(labels), split)
         task_f1 = task_f1_scores(loaded.tasks, task_logits, labels, split)
-    else:
-        logits, labels = predict_logits(loaded.model, loader, rotation=loaded.cfg.task == "rotation")
     classes = loaded.classes
     cm = confusion_matrix(logits, labels, len(classes))
     metrics: dict[str, Any] = {

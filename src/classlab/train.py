@@ -30,7 +30,7 @@ from classlab.engine.callbacks import METRIC_COLUMNS, RunRecorder
 from classlab.engine.finetune import trainable_at_start
 from classlab.engine.load import load
 from classlab.engine.metrics import macro_f1, top_k_accuracy
-from classlab.engine.predict import predict_logits, predict_tasks
+from classlab.engine.predict import predict_split
 from classlab.engine.task import ClassifyTask
 from classlab.engine.trainer import (
     accelerator,
@@ -468,12 +468,8 @@ def _predict_fold(run: Path) -> dict[str, Any]:
     if data.val is None:
         raise ClassLabError(f"fold run '{run}' has no validation images")
     loader = data.val.loader(loaded.cfg.data.batch_size, shuffle=False, seed=0, size=data.size)
-    task_probs: list[torch.Tensor] = []
-    if loaded.tasks is not None:
-        task_logits, logits, labels = predict_tasks(loaded.model, loader)
-        task_probs = [t.softmax(1) for t in task_logits]
-    else:
-        logits, labels = predict_logits(loaded.model, loader)
+    task_logits, logits, labels = predict_split(loaded.model, loader, loaded.tasks is not None)
+    task_probs = [t.softmax(1) for t in task_logits]
     return {
         "index": list(split["val"]),
         "files": data.train_files,

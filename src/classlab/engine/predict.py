@@ -83,6 +83,16 @@ def predict_tasks(model: nn.Module, loader: Iterable) -> tuple[list[torch.Tensor
     return outs[:-1], outs[-1], labels
 
 
+def predict_split(
+    model: nn.Module, loader: Iterable, multitask: bool, *, rotation: bool = False
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """(each task's logits, logits, labels) of a loader: the tasks' list is empty for a single-label model."""
+    if multitask:
+        return predict_tasks(model, loader)
+    logits, labels = predict_logits(model, loader, rotation=rotation)
+    return [], logits, labels
+
+
 def task_probabilities(model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Multi-task runs: (combined probabilities, each task's probabilities) of one uint8 batch."""
     with evaluating(model) as device:

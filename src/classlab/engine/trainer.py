@@ -26,7 +26,7 @@ from classlab.engine.finetune import UnfreezeBackbone
 from classlab.engine.losses import class_weight_tensor
 from classlab.engine.metrics import macro_f1, task_accuracies, task_f1_scores, top_k_accuracy
 from classlab.engine.nonfinite import NonFiniteGuard
-from classlab.engine.predict import predict_logits, predict_tasks
+from classlab.engine.predict import predict_split
 from classlab.engine.task import ClassifyTask, MultiTaskTask
 from classlab.engine.tta import test_with_tta
 from classlab.errors import ClassLabError
@@ -229,12 +229,12 @@ def final_test(cfg: Config, task: ClassifyTask, loader: Any) -> dict[str, Any]:
         if cfg.trainer.test_tta and cfg.task != "rotation":
             logits, labels, tta_probs = test_with_tta(task.model, loader, cfg.trainer.test_tta, task.image_size)
             out.update(test_acc_tta=top_k_accuracy(tta_probs, labels, 1), test_tta=cfg.trainer.test_tta)
-        elif isinstance(task, MultiTaskTask):
-            task_logits, logits, labels = predict_tasks(task.model, loader)
-            out.update(task_accuracies(task.layout.names, task_logits, task.layout.split(labels), "test"))
-            out.update(task_f1_scores(task.layout, task_logits, labels, "test"))
         else:
-            logits, labels = predict_logits(task.model, loader, rotation=cfg.task == "rotation")
+            multitask = isinstance(task, MultiTaskTask)
+            task_logits, logits, labels = predict_split(task.model, loader, multitask, rotation=task.rotation)
+            if multitask:
+                out.update(task_accuracies(task.layout.names, task_logits, task.layout.split(labels), "test"))
+                out.update(task_f1_scores(task.layout, task_logits, labels, "test"))
     out.update(
         test_acc=top_k_accuracy(logits, labels, 1),
         test_acc5=top_k_accuracy(logits, labels, min(5, logits.shape[1])),
