@@ -68,6 +68,12 @@ def today() -> str:
     return time.strftime("%Y-%m-%d %H:%M %Z")
 
 
+def section_head(title: str, meta: dict[str, str], notes: list[str]) -> list[str]:
+    """A section's first lines: its title, then date, machine and command, then its own notes as bullets."""
+    stamp = [f"- date: {meta['date']}", f"- machine: {meta['machine']}", f"- command: `{meta['command']}`"]
+    return [f"## {title}", "", *stamp, *(f"- {note}" for note in notes), ""]
+
+
 def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
     from classlab.run import atomic_write_text

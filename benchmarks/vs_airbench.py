@@ -38,7 +38,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, REPO, WORK, command, machine, publish, subset_folder, today  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_DATA,
+    REPO,
+    WORK,
+    command,
+    machine,
+    publish,
+    section_head,
+    subset_folder,
+    today,
+)
 
 AIRBENCH = "airbench==0.1.8"
 AIRBENCH_SDIST = Path("/tmp/ab/airbench-0.1.8.tar.gz")  # used when present: no network needed
@@ -245,15 +255,12 @@ def _stats(values: list[float]) -> str:
 
 
 def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
+    notes = [
+        "wall time: first training step to the final TTA accuracy; decoding and warm-up excluded on both sides",
+        "time to X: the first epoch end whose test accuracy (no TTA) reaches X; evaluation itself not timed",
+    ]
     lines = [
-        "## airbench94 vs classlab fast recipe (CIFAR-10 from cifar10-jpeg, CPU)",
-        "",
-        f"- date: {meta['date']}",
-        f"- machine: {meta['machine']}",
-        f"- command: `{meta['command']}`",
-        "- wall time: first training step to the final TTA accuracy; decoding and warm-up excluded on both sides",
-        "- time to X: the first epoch end whose test accuracy (no TTA) reaches X; evaluation itself not timed",
-        "",
+        *section_head("airbench94 vs classlab fast recipe (CIFAR-10 from cifar10-jpeg, CPU)", meta, notes),
         "| side | seeds | accuracy (TTA) | wall time s | time to 90% s | time to 93% s |",
         "|---|---|---|---|---|---|",
     ]

@@ -75,3 +75,24 @@ def test_recipes_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     # a second call reads the finished run instead of training it again
     assert bench.main(["--smoke", "--only", "stl10_2m", "--work", str(work)]) == 0
     assert "1 finished (skipped)" in capsys.readouterr().out
+
+
+FLOWERS = REPO.parent / "shared" / "data" / "flowers5"
+MOBILENET = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
+
+
+@pytest.mark.skipif(not (FLOWERS.is_dir() and MOBILENET.is_file()), reason="../shared flowers5 or weights not here")
+def test_vs_fastai_smoke_classlab_side(tmp_path: Path) -> None:
+    """The classlab side of both arms on a small copy (fastai is not installed in CI: its side is skipped)."""
+    work = tmp_path / "work"
+    bench = _script("vs_fastai")
+    assert bench.main(["--smoke", "--sides", "classlab", "--work", str(work), "--threads", "1"]) == 0
+    results = json.loads((work / "results.json").read_text())
+    split = json.loads((work / "split.json").read_text())
+    assert len(split["val"]) == 10 and len(split["train"]) == 50  # 20% of 12 a class, stratified: 2 a class
+    assert not set(split["val"]) & set(split["train"])
+    for arm in ("finetune", "scratch"):
+        r = results[arm]["classlab"]
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["wall_s"] > 0 and r["size"] == 64 and r["epochs"] == 2
+    table = bench.markdown(results, {"date": "d", "machine": "m", "command": "c"})
+    assert table.count("| classlab |") == 2 and "| fastai |" not in table
