@@ -45,6 +45,7 @@ WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
 ARMS = ("finetune", "scratch")
 SIDES = ("fastai", "classlab")
 RECIPES = {"finetune": REPO / "configs" / "photos_finetune.yaml", "scratch": REPO / "configs" / "photos_scratch.yaml"}
+FASTAI_VENV = WORK / "vs_fastai" / "venv"  # one fastai environment for full and smoke runs, whatever --work says
 SMOKE = {"per_class": 12, "finetune_size": 64, "scratch_size": 64, "epochs": 2, "batch_size": 16}
 
 
@@ -69,9 +70,9 @@ def shared_split(data: Path, work: Path) -> Path:
     return out
 
 
-def fastai_python(work: Path) -> Path | None:
+def fastai_python() -> Path | None:
     """The fastai environment's interpreter, made on first use; None where fastai cannot be installed."""
-    venv = work.parent / "vs_fastai-venv" if work.name.endswith("smoke") else work / "venv"
+    venv = FASTAI_VENV
     python = venv / "bin" / "python"
     if python.is_file() and _has_fastai(python):
         return python
@@ -274,10 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     results_file = work / "results.json"
     results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
     split = shared_split(data, work)
-    python = fastai_python(work) if "fastai" in args.sides else None
+    python = fastai_python() if "fastai" in args.sides else None
     meta = {"date": today(), "machine": machine(), "command": command()}
-    added = (python.parent.parent / "added.txt") if python else None
-    if added is not None and added.is_file():
+    added = FASTAI_VENV / "added.txt"
+    if python is not None and added.is_file():
         meta["fastai_env"] = "pip install fastai added " + ", ".join(added.read_text().split())
     for arm in args.arms:
         size = args.finetune_size if arm == "finetune" else 128
@@ -297,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         for side in args.sides:
             if side == "fastai" and python is None:
                 continue
-            if results.get(arm, {}).get(side, {}).get("size") == spec["size"]:
+            done = results.get(arm, {}).get(side, {})
+            if (done.get("size"), done.get("epochs")) == (spec["size"], spec["epochs"]):
                 continue  # finished in an earlier call
             print(f"{arm} / {side} ...", flush=True)
             results.setdefault(arm, {})[side] = run_side(side, spec, python)
