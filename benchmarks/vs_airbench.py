@@ -1,7 +1,7 @@
 """airbench94 against classlab's fast recipe on the same machine, the same data, one command.
 
-    python benchmarks/vs_airbench.py --seeds 0             # full: about an hour a side on 2 cores
-    python benchmarks/vs_airbench.py --seeds 0 1 2 --threads 2
+    python benchmarks/vs_airbench.py --seeds 0 1 --threads 2   # full: 20-40 min a side and seed on 2 cores
+    python benchmarks/vs_airbench.py --sides airbench-bf16 classlab --seeds 0 1 --threads 2
     python benchmarks/vs_airbench.py --smoke               # a few steps on a small copy (CI)
 
 What it does, in order:
@@ -13,11 +13,14 @@ What it does, in order:
    runs on the project's own torch (nothing of airbench is copied into classlab);
 3. runs each (side, seed) in a fresh process, skipping those already in the results file, so an
    interrupted benchmark resumes where it stopped. airbench runs unmodified except for the device
-   and dtype map: ``.cuda()`` is a no-op, ``.half()`` means ``.float()``, CUDA events become a wall
-   clock and ``torch.load`` maps to the CPU;
-4. writes mean and spread of the final (TTA) accuracy, the wall time from the first training
-   step to the final TTA accuracy (decoding and warm-up excluded on both sides), and the time to
-   90% and 93% test accuracy (at epoch ends, evaluation not timed) to BENCHMARKS.md.
+   and dtype map: ``.cuda()`` is a no-op, CUDA events become a wall clock, ``torch.load`` maps to
+   the CPU, and ``.half()`` means ``.float()`` (side ``airbench``, the fp32 port) or bf16 (side
+   ``airbench-bf16``: airbench's own half-precision design, BatchNorm kept fp32 as it keeps it);
+4. writes, per side, the mean and spread of the final (TTA) accuracy, the wall time from the
+   first training step to the final TTA accuracy (decoding and warm-up excluded on both sides),
+   and the time to 90% and 93% test accuracy (at epoch ends, evaluation not timed); then
+   classlab's wall-time ratio against each airbench side, the headline against the faster one,
+   to BENCHMARKS.md.
 
 Timing on each side. airbench: its own clock (whitening init + training epochs + final TTA).
 classlab: the run's ``wall_time_s`` (the training loop, per-epoch checkpoints included) +
@@ -54,7 +57,14 @@ AIRBENCH = "airbench==0.1.8"
 AIRBENCH_SDIST = Path("/tmp/ab/airbench-0.1.8.tar.gz")  # used when present: no network needed
 FAST_CONFIG = REPO / "configs" / "cifar10_fast.yaml"
 THRESHOLDS = (0.90, 0.93)
-SIDES = ("airbench", "classlab")
+SIDES = ("airbench", "airbench-bf16", "classlab")
+# airbench's own precision is half (``.half()`` weights and inputs, BatchNorm kept fp32); on a CPU half
+# maps to bf16, the 16-bit type it computes in. "airbench" is the fp32 port.
+HALF_AS = {"airbench": "float32", "airbench-bf16": "bfloat16"}
+PRECISION = {
+    "airbench": "fp32 (its .half() as .float())",
+    "airbench-bf16": "bf16 weights and inputs, BatchNorm fp32",
+}
 
 # --smoke: how small (images per class) and how short (steps)
 SMOKE = {"train_per_class": 20, "test_per_class": 5, "batch_size": 50, "epochs": 1}
@@ -104,15 +114,21 @@ def install_airbench(site: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _map_cuda_to_cpu() -> None:
-    """The device and dtype map, and nothing else: airbench's code runs as published."""
+def _map_cuda_to_cpu(half: str) -> None:
+    """The device and dtype map, and nothing else: airbench's code runs as published.
+
+    ``half`` is the dtype that airbench's ``.half()`` becomes: ``float32`` (the fp32 port) or
+    ``bfloat16`` (its own 16-bit design on a CPU). See ``_half_means`` for the one name airbench's
+    own module must also see.
+    """
     import torch
     from torch import nn
 
+    dtype = getattr(torch, half)
     torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
     nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
-    torch.Tensor.half = lambda self, *a, **k: self.float()  # type: ignore[method-assign]
-    nn.Module.half = lambda self: self.float()  # type: ignore[method-assign]
+    torch.Tensor.half = lambda self, *a, **k: self.to(dtype)  # type: ignore[method-assign]
+    nn.Module.half = lambda self: self.to(dtype)  # type: ignore[method-assign]
 
     class WallEvent:
         """torch.cuda.Event's timing interface on the wall clock (CPU work is synchronous)."""
@@ -132,12 +148,34 @@ def _map_cuda_to_cpu() -> None:
     torch.load = lambda f, *a, map_location=None, **k: load(f, *a, map_location="cpu", **k)  # type: ignore[assignment]
 
 
-def worker_airbench(seed: int, smoke: bool) -> dict[str, Any]:
+def _half_means(module: Any, dtype: Any) -> None:
+    """Inside ``module`` only, ``torch.half`` names ``dtype``.
+
+    airbench's Lookahead averages the parameters whose dtype is ``torch.half`` or ``torch.float``;
+    with bf16 weights it would skip them all. Rebinding ``torch.half`` itself breaks torch (its
+    pickle loader looks the name up), so the module gets a view of torch that differs in that name.
+    """
+    import types
+
+    torch = module.torch
+
+    class TorchView(types.ModuleType):
+        half = dtype
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(torch, name)
+
+    module.torch = TorchView("torch")
+
+
+def worker_airbench(seed: int, smoke: bool, half: str) -> dict[str, Any]:
     import torch
 
-    _map_cuda_to_cpu()
+    _map_cuda_to_cpu(half)
     import airbench
     import airbench.utils as utils
+
+    _half_means(utils, getattr(torch, half))
 
     epochs: list[dict[str, Any]] = []
     show = utils.print_training_details
@@ -231,6 +269,7 @@ def worker_classlab(seed: int, smoke: bool, data: Path, runs: Path) -> dict[str,
         "test_time_s": float(summary["test_time_s"]),
         "epochs": per_epoch,
         "run": str(run.path),
+        "precision": cfg.trainer.precision,
     }
 
 
@@ -254,6 +293,11 @@ def _stats(values: list[float]) -> str:
     return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
 
 
+def _precision(runs: dict[str, Any]) -> str:
+    found = {r.get("precision", "?") for r in runs.values()}
+    return ", ".join(sorted(found)) + " (the recipe's trainer.precision)"
+
+
 def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     notes = [
         "wall time: first training step to the final TTA accuracy; decoding and warm-up excluded on both sides",
@@ -261,8 +305,8 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     ]
     lines = [
         *section_head("airbench94 vs classlab fast recipe (CIFAR-10 from cifar10-jpeg, CPU)", meta, notes),
-        "| side | seeds | accuracy (TTA) | wall time s | time to 90% s | time to 93% s |",
-        "|---|---|---|---|---|---|",
+        "| side | precision | seeds | accuracy (TTA) | wall time s | time to 90% s | time to 93% s |",
+        "|---|---|---|---|---|---|---|",
     ]
     walls: dict[str, float] = {}
     for side in SIDES:
@@ -275,11 +319,19 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         t90 = [t for r in runs.values() if (t := time_to(r["epochs"], 0.90)) is not None]
         t93 = [t for r in runs.values() if (t := time_to(r["epochs"], 0.93)) is not None]
         lines.append(
-            f"| {side} | {', '.join(sorted(runs))} | {_stats(acc)} | {_stats(wall)} "
+            f"| {side} | {PRECISION.get(side) or _precision(runs)} | {', '.join(sorted(runs))} "
+            f"| {_stats(acc)} | {_stats(wall)} "
             f"| {_stats(t90)} ({len(t90)}/{len(runs)}) | {_stats(t93)} ({len(t93)}/{len(runs)}) |"
         )
-    if len(walls) == 2:
-        lines += ["", f"classlab / airbench wall time: {walls['classlab'] / walls['airbench']:.3f}"]
+    if "classlab" in walls:
+        peers = [side for side in HALF_AS if side in walls]
+        for side in peers:
+            lines.append(f"\nclasslab / {side} wall time: {walls['classlab'] / walls[side]:.3f}")
+        if peers:
+            fastest = min(peers, key=walls.__getitem__)
+            lines.append(
+                f"\n**Headline, against the faster airbench ({fastest}): {walls['classlab'] / walls[fastest]:.3f}**"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -303,10 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
-        if args.worker == "airbench":
+        if args.worker in HALF_AS:
             sys.path.insert(0, str(work / "site"))
             os.chdir(work)  # airbench reads ./cifar10/{train,test}.pt
-            out = worker_airbench(args.seed, args.smoke)
+            out = worker_airbench(args.seed, args.smoke, HALF_AS[args.worker])
         else:
             out = worker_classlab(args.seed, args.smoke, data, work / "runs")
         print("RESULT " + json.dumps(out), flush=True)
@@ -317,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work.mkdir(parents=True, exist_ok=True)
     write_airbench_data(data, work / "cifar10")
-    if "airbench" in args.sides:
+    if set(args.sides) & set(HALF_AS):
         install_airbench(work / "site")
     from classlab.run import atomic_write_text
 

@@ -53,9 +53,13 @@ def test_vs_airbench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
         raise
     assert code == 0
     results = json.loads((work / "results.json").read_text())
-    for side in ("airbench", "classlab"):
+    for side in ("airbench", "airbench-bf16", "classlab"):
         r = results[side]["0"]
         assert 0.0 <= r["accuracy"] <= 1.0 and r["wall_s"] > 0 and r["epochs"]
+    table = bench.markdown(results, {"date": "d", "machine": "m", "command": "c"})
+    assert "| airbench-bf16 | bf16 weights and inputs, BatchNorm fp32 | 0 |" in table
+    assert "classlab / airbench wall time:" in table and "classlab / airbench-bf16 wall time:" in table
+    assert "Headline, against the faster airbench" in table
     # a second call finds both sides done and only reports (resumable per side and seed)
     assert bench.main(["--smoke", "--work", str(work), "--sides", "classlab"]) == 0
     assert "done earlier" in capsys.readouterr().out
