@@ -536,6 +536,36 @@ def test_cache_verify_catches_a_file_changed_in_place(tmp_path: Path) -> None:
     assert verified.images[0, 1].float().mean() > 150 and verified.images[0, 2].float().mean() < 100
 
 
+def test_cache_verify_also_covers_the_source_size_copy(tmp_path: Path) -> None:
+    """data.train_source_size decodes the training images a second time: cache_verify must reach that copy too."""
+    from classlab.config import load_config
+    from classlab.data.pipeline import load_data
+
+    root = tmp_path / "bmp"
+    for cls, colour in (("red", (220, 40, 40)), ("blue", (40, 60, 220))):
+        for i in range(6):
+            make_image(root / cls / f"{i}.bmp", colour, noise=0)
+    overrides = [
+        "data.dataset=folder",
+        f"data.root={root}",
+        "data.image_size=16",
+        "data.train_source_size=24",
+        "aug.random_resized_crop=[0.5,1.0]",
+        "data.val_fraction=0",
+        "data.cache_verify=true",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    cfg = load_config(None, overrides)
+    assert load_data(cfg, with_test=False).train.images[:, 1].float().mean() < 100  # no green anywhere
+    for image in (root / "blue").iterdir():  # green now, same size and modification time
+        stat = image.stat()
+        make_image(image, (40, 200, 60), noise=0)
+        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    train = load_data(cfg, with_test=False).train
+    assert train.images.shape[-1] == 24
+    assert (train.images[:, 1].float().mean(dim=(1, 2)) > 150).sum() == 6  # the six changed photos, at 24 px
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. CSV manifests
 # ---------------------------------------------------------------------------------------------

@@ -205,7 +205,13 @@ def _at_source_size(source: Source, cfg: Config, train_idx: list[int], train: Pa
     torchvision's RandomResizedCrop crops the original picture and resizes the crop; cropping the
     copy already resized to the training size would lose detail when the original is larger.
     """
-    big = decode(source, cfg.data.train_source_size, cfg.data.cache_dir, threads=cfg.trainer.threads or 2)
+    big = decode(
+        source,
+        cfg.data.train_source_size,
+        cfg.data.cache_dir,
+        threads=cfg.trainer.threads or 2,
+        verify=cfg.data.cache_verify,
+    )
     index = torch.as_tensor(train_idx, dtype=torch.long)
     images, labels = big.images[index], big.labels[index]
     if not torch.equal(labels, train.labels):
