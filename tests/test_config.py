@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +177,13 @@ def test_explain_a_key() -> None:
         typo.returncode == 2
         and typo.stderr.strip() == "error: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"
     )
+
+
+def test_explain_answers_without_importing_the_training_stack() -> None:
+    """``--explain`` is a lookup in the schema: it must not wait seconds for Lightning (or torch) to import."""
+    code = (
+        "import sys; from classlab.cli import main; code = main(['train', '--explain', 'optim.lr']); "
+        "print(code, 'lightning' in sys.modules, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "0 False False"

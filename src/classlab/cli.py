@@ -80,6 +80,11 @@ def _quiet_libraries(verbose: int = 0) -> None:
 
 
 def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
+    if args.explain:  # answered from the schema alone, before the training stack (Lightning) is imported
+        from classlab.config import explain
+
+        print(explain(args.explain))
+        return 0
     from classlab.train import print_config, train
 
     config, overrides = _split_config_args(args.items)
@@ -87,11 +92,6 @@ def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
         overrides = [f"task={task}", *overrides]
     if getattr(args, "folds", None):
         overrides = [*overrides, f"data.folds={args.folds}"]
-    if args.explain:
-        from classlab.config import explain
-
-        print(explain(args.explain))
-        return 0
     if args.print_config:
         print(print_config(config, overrides), end="")
         return 0
@@ -441,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries(args.verbose)
+    if not getattr(args, "explain", None):  # --explain reads the schema only: no reason to pay Lightning's import
+        _quiet_libraries(args.verbose)
     try:
         return int(args.func(args) or 0)
     except ClassLabError as exc:
