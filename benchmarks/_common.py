@@ -20,6 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "_work"  # git-ignored: downloads, run folders, partial results
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg"
+FLOWERS = REPO.parent / "shared" / "data" / "flowers5"  # real photos in flat class folders
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
@@ -93,17 +94,30 @@ def publish(name: str, body: str, smoke: bool) -> None:
         write_section(name, body)
 
 
-def subset_folder(source: Path, dest: Path, train_per_class: int, test_per_class: int) -> Path:
-    """A small copy of an image folder (``train/`` and ``test/`` by class): the smoke runs' data."""
+def copy_class_folders(source: Path, dest: Path, per_class: int) -> None:
+    """The first ``per_class`` files (by name) of each ``source/<class>/`` folder, into ``dest/<class>/``."""
     import shutil
 
+    for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        out = dest / class_dir.name
+        out.mkdir(parents=True, exist_ok=True)
+        for file in sorted(f for f in class_dir.iterdir() if f.is_file())[:per_class]:
+            shutil.copyfile(file, out / file.name)
+
+
+def subset_folder(source: Path, dest: Path, train_per_class: int, test_per_class: int | None = None) -> Path:
+    """A small copy of an image folder: the smoke runs' data.
+
+    With ``test_per_class`` the source has ``train/`` and ``test/`` (by class) and so has the copy;
+    without it, the source is flat class folders (a photo folder) and so is the copy. A finished copy
+    is marked and reused.
+    """
     if (dest / ".complete").is_file():
         return dest
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for class_dir in sorted(p for p in (source / split).iterdir() if p.is_dir()):
-            out = dest / split / class_dir.name
-            out.mkdir(parents=True, exist_ok=True)
-            for file in sorted(class_dir.iterdir())[:count]:
-                shutil.copyfile(file, out / file.name)
+    if test_per_class is None:
+        copy_class_folders(source, dest, train_per_class)
+    else:
+        for split, count in (("train", train_per_class), ("test", test_per_class)):
+            copy_class_folders(source / split, dest / split, count)
     (dest / ".complete").write_text("ok\n")
     return dest

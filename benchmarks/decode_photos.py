@@ -23,7 +23,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, WORK, command, machine, publish, today  # noqa: E402
+from _common import FLOWERS, WORK, command, machine, publish, today  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Settings
@@ -37,7 +37,6 @@ HYP = {
     "image_size": 128,  # training resolution they are decoded to
 }
 SMOKE = {"photos": 8, "width": 300, "height": 400}
-FLOWERS = DEFAULT_DATA.parent / "flowers5"
 
 
 # ---------------------------------------------------------------------------------------------

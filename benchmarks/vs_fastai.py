@@ -38,9 +38,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, WORK, command, machine, publish, section_head, today  # noqa: E402
+from _common import FLOWERS, REPO, WORK, command, machine, publish, section_head, subset_folder, today  # noqa: E402
 
-FLOWERS = REPO.parent / "shared" / "data" / "flowers5"
 WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
 ARMS = ("finetune", "scratch")
 SIDES = ("fastai", "classlab")
@@ -271,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     data = Path(args.data).resolve()
     if args.smoke:
-        data = _smoke_copy(data, work / "data")
+        data = subset_folder(data, work / "data", SMOKE["per_class"])
     results_file = work / "results.json"
     results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
     split = shared_split(data, work)
@@ -306,17 +305,6 @@ def main(argv: list[str] | None = None) -> int:
             results_file.write_text(json.dumps(results, indent=1))
     publish("vs_fastai", markdown(results, meta), args.smoke)
     return 0
-
-
-def _smoke_copy(source: Path, dest: Path) -> Path:
-    if (dest / ".complete").is_file():
-        return dest
-    for class_dir in sorted(p for p in source.iterdir() if p.is_dir()):
-        (dest / class_dir.name).mkdir(parents=True, exist_ok=True)
-        for f in sorted(class_dir.iterdir())[: SMOKE["per_class"]]:
-            shutil.copyfile(f, dest / class_dir.name / f.name)
-    (dest / ".complete").write_text("ok\n")
-    return dest
 
 
 if __name__ == "__main__":

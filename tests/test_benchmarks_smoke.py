@@ -41,6 +41,26 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     assert res["matmul_gflops"]["fp32"] > 0 and "cores" in res["machine"] and res["command"].startswith("python")
 
 
+FLOWERS = REPO.parent / "shared" / "data" / "flowers5"
+MOBILENET = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
+
+
+@pytest.mark.skipif(not FLOWERS.is_dir(), reason="../shared/data/flowers5 is not here")
+def test_throughput_photos_smoke(tmp_path: Path) -> None:
+    """The photo workload: torchvision's model at 224 px from a flat class folder, all three paths."""
+    out = tmp_path / "throughput.json"
+    bench = _script("throughput")
+    assert bench.main(["--workload", "photos", "--smoke", "--models", "mobilenet_v2", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["workload"] == "photos" and res["settings"]["image_size"] == 224
+    row = res["models"]["mobilenet_v2"]
+    for key in ("a_user_script", "b_classlab", "c_model_alone", "b_classlab_bf16", "c_model_alone_bf16"):
+        assert row[key] > 0
+    assert row["train_gflop_per_image"] == pytest.approx(1.797, rel=0.01)  # 3 x forward (0.30 GMAC = 0.60 GFLOP)
+    assert "photos at 224 px" in bench.markdown(res) and "goal is >= 0.95" in bench.markdown(res)
+    assert bench.main(["--workload", "photos", "--models", "resnet20", "--data", str(FLOWERS), "--smoke"]) != 0
+
+
 @needs_data
 def test_vs_airbench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     work = tmp_path / "work"
@@ -79,10 +99,6 @@ def test_recipes_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     # a second call reads the finished run instead of training it again
     assert bench.main(["--smoke", "--only", "stl10_2m", "--work", str(work)]) == 0
     assert "1 finished (skipped)" in capsys.readouterr().out
-
-
-FLOWERS = REPO.parent / "shared" / "data" / "flowers5"
-MOBILENET = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
 
 
 @pytest.mark.skipif(not (FLOWERS.is_dir() and MOBILENET.is_file()), reason="../shared flowers5 or weights not here")
