@@ -86,6 +86,26 @@ def test_vs_airbench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 @needs_data
+def test_step_profile_smoke(tmp_path: Path) -> None:
+    """Both sides' steps timed by the optimizer hook and profiled; the table has every group for both."""
+    work = tmp_path / "work"
+    bench = _script("step_profile")
+    try:
+        code = bench.main(["--smoke", "--work", str(work)])
+    except SystemExit as exc:
+        if "could not install" in str(exc):
+            pytest.skip("airbench 0.1.8 is not installable here (no sdist in /tmp/ab and no index)")
+        raise
+    assert code == 0
+    summary = json.loads((work / "summary.json").read_text())
+    for side in ("airbench-bf16", "classlab"):
+        assert summary[side]["step_s"] > 0 and summary[side]["ops"]
+        assert "convolutions" in summary[side]["groups"]
+    table = bench.markdown(summary, {"date": "d", "machine": "m", "command": "c"}, 1, 3)
+    assert "| step, s (median, unprofiled) |" in table and "classlab / airbench-bf16 per step:" in table
+
+
+@needs_data
 def test_recipes_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     work = tmp_path / "work"
     bench = _script("recipes")
