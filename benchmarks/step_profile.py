@@ -154,6 +154,7 @@ def summarize(runs: dict[str, Any], n1: int, n2: int) -> dict[str, Any]:
         "groups": groups,
         "top": ranked[:8],
         "ops": ranked,
+        "step_gaps_s": runs["plain"][str(n2)]["step_gaps_s"],
     }
 
 
@@ -185,6 +186,14 @@ def markdown(summary: dict[str, Any], meta: dict[str, str], n1: int, n2: int) ->
         lines += [
             "",
             f"classlab / airbench-bf16 per step: {summary['classlab']['step_s'] / summary[sides[0]]['step_s']:.3f}",
+        ]
+    for s in sides:
+        gaps = summary[s].get("step_gaps_s") or []
+        slow = sorted(gaps)[-3:]
+        lines += [
+            "",
+            f"Steps of {s}, s: mean {sum(gaps) / max(1, len(gaps)):.3f}, slowest "
+            + ", ".join(f"{g:.3f}" for g in slow),
         ]
     for s in sides:
         lines += [
