@@ -75,6 +75,21 @@ def section_head(title: str, meta: dict[str, str], notes: list[str]) -> list[str
     return [f"## {title}", "", *stamp, *(f"- {note}" for note in notes), ""]
 
 
+def run_worker(cmd: list[str]) -> tuple[dict | None, str]:
+    """Run a benchmark's worker process: (its ``RESULT {json}`` line parsed, "") or (None, the tail of its output).
+
+    Each measured run is a fresh process, so one side's warm caches and allocator never time the other's.
+    """
+    import json
+    import subprocess
+
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if done.returncode != 0 or line is None:
+        return None, "\n  ".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+    return json.loads(line[len("RESULT ") :]), ""
+
+
 def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
     from classlab.run import atomic_write_text

@@ -21,14 +21,23 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, WORK, command, machine, publish, section_head, subset_folder, today  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_DATA,
+    WORK,
+    command,
+    machine,
+    publish,
+    run_worker,
+    section_head,
+    subset_folder,
+    today,
+)
 from vs_airbench import (  # noqa: E402
     FAST_CONFIG,
     HALF_AS,
@@ -243,13 +252,11 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += (["--threads", str(args.threads)] if args.threads else []) + (
                     ["--profile"] if mode == "profiled" else []
                 )
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-                if done.returncode != 0 or line is None:
-                    tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-                    print(f"error: {side} ({mode}, {n} steps) failed:\n  " + "\n  ".join(tail))
+                out, tail = run_worker(cmd)
+                if out is None:
+                    print(f"error: {side} ({mode}, {n} steps) failed:\n  {tail}")
                     return 1
-                runs[mode][str(n)] = json.loads(line[len("RESULT ") :])
+                runs[mode][str(n)] = out
                 print(f"[{side}] {mode} {n} steps: {runs[mode][str(n)]['wall_s']:.2f} s", flush=True)
         summary[side] = summarize(runs, n1, n2)
     from classlab.run import atomic_write_text

@@ -48,6 +48,7 @@ from _common import (  # noqa: E402
     command,
     machine,
     publish,
+    run_worker,
     section_head,
     subset_folder,
     today,
@@ -384,13 +385,11 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--worker", side, "--seed", str(seed), "--work", str(work)]
             cmd += ["--data", str(args.data)] + (["--smoke"] if args.smoke else [])
             cmd += ["--threads", str(args.threads)] if args.threads else []
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if done.returncode != 0 or line is None:
-                tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-                print(f"error: {side} seed {seed} failed:\n  " + "\n  ".join(tail))
+            out, tail = run_worker(cmd)
+            if out is None:
+                print(f"error: {side} seed {seed} failed:\n  {tail}")
                 return 1
-            results.setdefault(side, {})[str(seed)] = json.loads(line[len("RESULT ") :])
+            results.setdefault(side, {})[str(seed)] = out
             atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")  # resumable per side and seed
             r = results[side][str(seed)]
             print(f"[{side} seed {seed}] accuracy {r['accuracy']:.4f} in {r['wall_s']:.1f} s", flush=True)
