@@ -227,8 +227,10 @@ def test_ensemble_of_a_run_with_itself_equals_the_run(kfold: tuple[Path, Path], 
     alone = predict(run, images, top=3)
     twice = predict([run, run], images, top=3)
     assert [r["class"] for r in alone] == [r["class"] for r in twice]
+    # The probabilities come rounded to 6 decimals: two values equal to 1e-9 can round one unit apart.
     for a, b in zip(alone, twice):
-        assert a["prob"] == pytest.approx(b["prob"], abs=1e-6) and a["top2_prob"] == pytest.approx(b["top2_prob"])
+        assert a["prob"] == pytest.approx(b["prob"], abs=1.5e-6)
+        assert a["top2_prob"] == pytest.approx(b["top2_prob"], abs=1.5e-6)
     # The k-fold folder stands for its runs (on the command line only with --ensemble mean).
     out, folds = tmp / "ens.csv", str(tmp / "runs" / "cv")
     code, err = cli(capsys, "predict", folds, str(root / "red"), "--out", str(out))
