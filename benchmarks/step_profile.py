@@ -29,13 +29,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     DEFAULT_DATA,
-    WORK,
     command,
     machine,
     publish,
     run_worker,
     section_head,
-    subset_folder,
     today,
 )
 from vs_airbench import (  # noqa: E402
@@ -45,6 +43,7 @@ from vs_airbench import (  # noqa: E402
     _half_means,
     _map_cuda_to_cpu,
     install_airbench,
+    work_and_data,
     write_airbench_data,
 )
 
@@ -76,10 +75,9 @@ def _profiled(fn: Any, profile: bool) -> tuple[float, dict[str, float], list[flo
     import statistics
 
     import torch
-
-    stamps: dict[int, list[float]] = {}
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
+    stamps: dict[int, list[float]] = {}
     hook = register_optimizer_step_post_hook(lambda opt, *_: stamps.setdefault(id(opt), []).append(time.perf_counter()))
     try:
         if not profile:
@@ -223,14 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    work = Path(args.work or WORK / ("step_profile-smoke" if args.smoke else "step_profile")).resolve()
-    data = Path(args.data).resolve()
-    if args.smoke:
-        data = subset_folder(data, WORK / "smoke-data-vs", SMOKE["train_per_class"], SMOKE["test_per_class"])
+    work, data = work_and_data(args, "step_profile")
     if args.worker:
-        import torch
-
-        torch.set_num_threads(args.threads or os.cpu_count() or 1)
         out = worker(args.worker, args.steps, args.profile, work, data, args.smoke)
         print("RESULT " + json.dumps(out), flush=True)
         return 0

@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,16 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TITLES = {"cifar": "CIFAR-10 at 32 px", "photos": "photos at 224 px"}
 
 
+@dataclass(frozen=True)
 class Workload:
-    """What differs between the CIFAR and the photo measurement: data layout, size, batch, models."""
+    """What differs between the CIFAR and the photo measurement: data layout, size, default batch, models."""
 
-    def __init__(self, name: str, data: Path, size: int, batch: int, models: dict[str, Any], flat: bool) -> None:
-        self.name, self.data, self.size, self.batch, self.models, self.flat = name, data, size, batch, models, flat
+    name: str
+    data: Path
+    size: int
+    batch: int  # the workload's default; --batch-size and --smoke choose the run's own
+    models: dict[str, Any]
+    flat: bool  # class folders directly under data (a photo folder), not under data/train
 
     @property
     def train_dir(self) -> Path:
@@ -337,11 +343,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hyp = {**HYP, "batch_size": base.batch, "image_size": base.size}
     data = Path(args.data).resolve() if args.data else base.data
     if args.smoke:
-        hyp.update({k: SMOKE[k] for k in ("batch_size", "warmup_steps", "steps")})
+        hyp.update({k: SMOKE[k] for k in ("warmup_steps", "steps")})
         hyp["batch_size"] = SMOKE["photo_batch"] if base.flat else SMOKE["batch_size"]
         test = None if base.flat else SMOKE["test_per_class"]
         data = subset_folder(data, WORK / f"smoke-data-{base.name}", SMOKE["train_per_class"], test)
-    wl = Workload(base.name, data, base.size, hyp["batch_size"], base.models, base.flat)
+    wl = replace(base, data=data)
     if args.steps:
         hyp["steps"] = args.steps
     if args.batch_size:

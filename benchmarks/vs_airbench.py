@@ -336,6 +336,20 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def work_and_data(args: argparse.Namespace, name: str) -> tuple[Path, Path]:
+    """The work folder and the data of a CIFAR benchmark run (a small copy with ``--smoke``); in a worker
+    process, also its thread count. vs_airbench and step_profile share it, so their smoke data is one copy."""
+    work = Path(args.work or WORK / (f"{name}-smoke" if args.smoke else name)).resolve()
+    data = Path(args.data).resolve()
+    if args.smoke:
+        data = subset_folder(data, WORK / "smoke-data-vs", SMOKE["train_per_class"], SMOKE["test_per_class"])
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    return work, data
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -348,14 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    work = Path(args.work or WORK / ("vs_airbench-smoke" if args.smoke else "vs_airbench")).resolve()
-    data = Path(args.data).resolve()
-    if args.smoke:
-        data = subset_folder(data, WORK / "smoke-data-vs", SMOKE["train_per_class"], SMOKE["test_per_class"])
+    work, data = work_and_data(args, "vs_airbench")
     if args.worker:
-        import torch
-
-        torch.set_num_threads(args.threads or os.cpu_count() or 1)
         if args.worker in HALF_AS:
             sys.path.insert(0, str(work / "site"))
             os.chdir(work)  # airbench reads ./cifar10/{train,test}.pt
