@@ -13,6 +13,7 @@ from torch import nn
 
 from classlab.config import OptimSection, SchedSection
 from classlab.engine.optim import build_optimizer, build_scheduler, lr_curve
+from classlab.errors import ConfigError
 
 SPE = 10  # steps per epoch in the schedule tests
 
@@ -151,14 +152,14 @@ def test_plateau_config():
 
 # -- optimizers -----------------------------------------------------------------------------
 
-OPTIMIZERS = ["sgd", "adam", "adamw", "radam", "lars", "lamb", "rangerlars"]
+OPTIMIZERS = ["sgd", "adam", "adamw", "radam", "lars", "lamb", "rangerlars", "muon"]
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
 def test_each_optimizer_reduces_a_loss(name):
     torch.manual_seed(0)
     model = TwoPart()
-    lr = {"sgd": 0.1, "lars": 1.0}.get(name, 0.01)
+    lr = {"sgd": 0.1, "lars": 1.0, "muon": 0.1}.get(name, 0.01)
     opt = build_optimizer(model, OptimSection(name=name, lr=lr))
     before = loss_of(model).item()
     for _ in range(10):
@@ -196,6 +197,46 @@ def test_zero_backbone_lr_and_frozen_params_are_fine():
     assert {g["name"] for g in build_optimizer(plain, OptimSection()).param_groups} == {"head", "head_no_decay"}
 
 
+def test_muon_takes_the_body_weights_and_sgd_the_rest():
+    """airbench94_muon's split: Muon steps for the body's weight matrices (at muon_lr, no weight decay,
+    held at norm sqrt(out) with fixed_norm), plain SGD steps for biases, norms and the head."""
+    torch.manual_seed(0)
+    model = TwoPart()
+    cfg = OptimSection(name="muon", lr=0.1, muon_lr=0.05, weight_decay=0.01, muon_fixed_norm=True, momentum=0.0)
+    opt = build_optimizer(model, cfg)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["backbone_muon"]["params"] == [model.body[0].weight] and groups["backbone_muon"]["muon"]
+    assert groups["backbone_muon"]["lr"] == 0.05 and groups["backbone_muon"]["weight_decay"] == 0.0
+    assert [p for g in opt.param_groups if not g["muon"] for p in g["params"]] == [
+        *[p for n, p in model.named_parameters() if n != "body.0.weight" and n.startswith("body")],
+        *model.head.parameters(),
+    ]
+    head_before = model.head.weight.detach().clone()
+    opt.zero_grad()
+    loss_of(model).backward()
+    expected_head = head_before - 0.1 * (model.head.weight.grad + 0.01 * head_before)  # SGD, no momentum
+    opt.step()
+    assert torch.allclose(model.head.weight, expected_head)
+    w = model.body[0].weight
+    assert w.norm().item() != pytest.approx(8**0.5, rel=1e-3)  # moved after the rescale
+    opt.zero_grad()
+    loss_of(model, 1).backward()
+    before = w.detach().clone()
+    opt.step()
+    # The Muon step of a renormalised weight: an orthogonalised (8 x 4) update, Frobenius norm sqrt(4), times
+    # lr and Muon's shape factor sqrt(max(1, out / in)) = sqrt(2). Newton-Schulz leaves the singular values
+    # near 1, not at 1: a loose tolerance.
+    step = w.detach() - before * (8**0.5 / before.norm())
+    assert step.norm().item() == pytest.approx(0.05 * 4**0.5 * 2**0.5, rel=0.2)
+
+
+def test_muon_needs_weight_matrices_outside_the_head():
+    model = TwoPart()
+    model.body[0].weight.requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable weight matrices outside its head"):
+        build_optimizer(model, OptimSection(name="muon"))
+
+
 def test_nesterov_only_with_momentum():
     opt = build_optimizer(TwoPart(), OptimSection(name="sgd", momentum=0.0, nesterov=True))
     assert opt.param_groups[0]["nesterov"] is False
@@ -203,7 +244,12 @@ def test_nesterov_only_with_momentum():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(name="sgd", lookahead=True, lookahead_k=2), dict(name="rangerlars", lookahead_k=3), dict(name="lamb")],
+    [
+        dict(name="sgd", lookahead=True, lookahead_k=2),
+        dict(name="rangerlars", lookahead_k=3),
+        dict(name="lamb"),
+        dict(name="muon", muon_lr=0.05, muon_fixed_norm=True),
+    ],
 )
 def test_resumed_optimizer_continues_identically(kwargs, tmp_path):
     cfg = OptimSection(lr=0.05, **kwargs)

@@ -190,7 +190,9 @@ class ModelSection(BaseModel):
 
 
 class OptimSection(Section):
-    name: Literal["sgd", "adam", "adamw", "radam", "lars", "lamb", "rangerlars"] = Field("sgd", description="optimizer")
+    name: Literal["sgd", "adam", "adamw", "radam", "lars", "lamb", "rangerlars", "muon"] = Field(
+        "sgd", description="optimizer (muon: Muon for the body's weight matrices and filters, SGD for the rest)"
+    )
     lr: float = Field(0.05, gt=0.0, le=100.0, description="peak learning rate (per batch of data.batch_size)")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD/LARS momentum")
     nesterov: bool = Field(True, description="SGD: Nesterov momentum")
@@ -208,6 +210,15 @@ class OptimSection(Section):
     backbone_lr_scale: float = Field(1.0, ge=0.0, description="lr multiplier of the backbone (fine-tuning; 0 = frozen)")
     norm_lr_scale: float = Field(
         1.0, gt=0.0, description="lr multiplier of normalization layers' parameters; their weight decay / it"
+    )
+    muon_lr: float = Field(0.02, gt=0.0, le=10.0, description="muon: peak lr of the Muon parameters (same schedule)")
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0, description="muon: momentum of the Muon parameters")
+    muon_ns_steps: int = Field(5, ge=1, le=10, description="muon: Newton-Schulz iterations per step")
+    muon_weight_decay: float = Field(0.0, ge=0.0, description="muon: decoupled weight decay of the Muon parameters")
+    muon_fixed_norm: bool = Field(
+        False,
+        description="muon: rescale each Muon tensor to norm sqrt(out channels) before its step (airbench94_muon; "
+        "only where a normalization layer follows, which makes the scale meaningless)",
     )
 
 

@@ -28,6 +28,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau
 
 from classlab.config import OptimSection, SchedSection
+from classlab.engine.muon import MuonSGD, muon_parameter_ids
 from classlab.errors import ConfigError
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "build_scheduler",
     "lr_curve",
     "lookahead_k",
+    "muon_groups",
     "lr_factor_fn",
     "param_groups",
 ]
@@ -218,12 +220,48 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> Optimizer:
         opt = Lamb(groups, lr=cfg.lr, betas=cfg.betas)
     elif name == "rangerlars":
         opt = RAdamLars(groups, lr=cfg.lr, betas=cfg.betas)
+    elif name == "muon":
+        opt = MuonSGD(
+            muon_groups(model, groups, cfg),
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            muon_momentum=cfg.muon_momentum,
+            ns_steps=cfg.muon_ns_steps,
+            fixed_norm=cfg.muon_fixed_norm,
+        )
     else:  # pragma: no cover - the config's Literal already rejects other names
         raise ConfigError(f"optim.name={name!r} is not an optimizer classlab knows")
     if (cfg.lookahead and cfg.lookahead_schedule == "constant") or name == "rangerlars":
         # (the cubic schedule is a callback, ScheduledLookahead: it also averages BatchNorm statistics)
         opt = Lookahead(opt, alpha=cfg.lookahead_alpha, k=lookahead_k(cfg))
     return opt
+
+
+def muon_groups(model: nn.Module, groups: list[dict[str, Any]], cfg: OptimSection) -> list[dict[str, Any]]:
+    """Each group split in two: its Muon tensors (at ``muon_lr``, the group's share of it, and
+    ``muon_weight_decay``) and the rest, which keep the group's SGD lr and weight decay."""
+    ids = muon_parameter_ids(model)
+    if not ids:
+        raise ConfigError("optim.name=muon: the model has no trainable weight matrices outside its head; use sgd")
+    out = []
+    for group in groups:
+        chosen = [p for p in group["params"] if id(p) in ids]
+        rest = [p for p in group["params"] if id(p) not in ids]
+        if chosen:
+            share = group["lr"] / cfg.lr  # backbone_lr_scale (and norm_lr_scale, never set for weights)
+            out.append(
+                {
+                    "params": chosen,
+                    "lr": cfg.muon_lr * share,
+                    "weight_decay": cfg.muon_weight_decay,
+                    "muon": True,
+                    "name": f"{group['name']}_muon",
+                }
+            )
+        if rest:
+            out.append({**group, "params": rest})
+    return out
 
 
 def lookahead_k(cfg: OptimSection) -> int:
