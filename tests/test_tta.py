@@ -45,6 +45,39 @@ def test_views_first_is_input_and_shapes_hold() -> None:
     assert torch.equal(views[4][..., : 16 - d, : 16 - d], x[..., d:, d:])
 
 
+def test_diagonal_views_and_their_airbench_weights() -> None:
+    """flip,diagonal: the image, its 1-px up-left and down-right shifts, and the mirror of each (airbench's
+    level-2 TTA); the two unshifted views carry half the weight together, the four shifted the other half."""
+    from classlab.engine.tta import test_with_tta, view_weights
+
+    plan = parse_tta("flip,diagonal", 32)
+    assert views_per_image(plan) == 6
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    views = tta_views(x, plan.batch_modes, 32)
+    assert len(views) == 6 and torch.equal(views[0], x) and torch.equal(views[3], x.flip(-1))
+    assert torch.equal(views[1][..., 1:, 1:], x[..., :-1, :-1])  # moved down-right by one pixel
+    assert torch.equal(views[2][..., :-1, :-1], x[..., 1:, 1:])  # moved up-left
+    assert view_weights(plan.batch_modes, 6) == [0.25, 0.125, 0.125, 0.25, 0.125, 0.125]
+    assert view_weights(("diagonal",), 3) == [0.5, 0.25, 0.25]
+
+    class Probe(torch.nn.Module):  # logits from the view's top-left pixel: views tell apart
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(1 / 50))
+
+        def forward(self, v: torch.Tensor) -> torch.Tensor:
+            return torch.stack([v[:, 0, 0, 0].float(), -v[:, 0, 0, 0].float()], 1) * self.scale
+
+    probe = Probe()
+    _, _, probs = test_with_tta(probe, [(x, torch.zeros(2, dtype=torch.long))], "flip,diagonal", 32)
+    weights = [0.25, 0.125, 0.125, 0.25, 0.125, 0.125]
+    with torch.no_grad():
+        expected = sum(w * probe(v).softmax(1) for w, v in zip(weights, views))
+    assert torch.allclose(probs, expected)
+    with pytest.raises(ClassLabError, match="choose one"):
+        parse_tta("translate,diagonal", 32)
+
+
 def test_ten_crops_and_image_views() -> None:
     img = torch.arange(3 * 6 * 8, dtype=torch.uint8).reshape(3, 6, 8)
     crops = ten_crops(img, 4)

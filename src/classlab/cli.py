@@ -350,7 +350,8 @@ def _add_run_commands(sub: Any) -> None:
     p.add_argument(
         "--tta",
         metavar="MODES",
-        help="test-time augmentation: flip, translate, tencrop, multiscale:S1,S2,... (join modes with commas); "
+        help="test-time augmentation: flip, translate (4 shifts), diagonal (2 shifts at airbench's weights), "
+        "tencrop, multiscale:S1,S2,... (join modes with commas); "
         "published multi-scale protocols: perscale:S1,S2,... (ten crops of S at each scale, accuracy per scale "
         "and their mean) or fullconv:S1,S2,... (whole image at each scale, scores averaged; He et al.)",
     )

@@ -1,6 +1,6 @@
 """Test-time augmentation: show the model several views of each image and average its softmax.
 
-Two kinds of view. ``flip`` and ``translate`` work on the uint8 batch the loaders already serve
+Two kinds of view. ``flip``, ``translate`` and ``diagonal`` work on the uint8 batch the loaders already serve
 at the training resolution, so they cost nothing but forward passes and the fast-path recipe can
 call :func:`tta_views` inside its own loop. ``tencrop`` and ``multiscale`` need the picture at a
 larger size than training saw (a ten-crop of an image already cropped to the training size would
@@ -34,7 +34,8 @@ from classlab.engine.metrics import top_k_accuracy
 from classlab.engine.predict import eval_loop
 from classlab.errors import ClassLabError, did_you_mean
 
-BATCH_MODES = ("flip", "translate")
+BATCH_MODES = ("flip", "translate", "diagonal")
+SHIFT_MODES = ("translate", "diagonal")  # two sets of shifted views: a plan takes one
 IMAGE_MODES = ("tencrop", "multiscale", "perscale", "fullconv")
 MODES = BATCH_MODES + IMAGE_MODES
 SCALE_MODES = ("multiscale", "perscale", "fullconv")  # modes that take shorter-side sizes: mode:S1,S2,...
@@ -108,7 +109,12 @@ def parse_tta(text: str, image_size: int) -> TTAPlan:
     """
     modes, scales = _tokens(text, image_size)
     protocols = [m for m in modes if m in ("perscale", "fullconv")]
-    if len(protocols) > 1 or (protocols and ({"multiscale", "tencrop", "translate"} & set(modes))):
+    if len(set(SHIFT_MODES) & set(modes)) > 1:
+        raise ClassLabError(
+            "--tta translate and diagonal are two sets of shifted views: choose one "
+            "(translate: 4 shifts, 5 views; diagonal: 2 shifts at half the weight, airbench's 3 views)"
+        )
+    if len(protocols) > 1 or (protocols and ({"multiscale", "tencrop", *SHIFT_MODES} & set(modes))):
         raise ClassLabError(
             f"--tta {protocols[0]} is a testing protocol of its own: combine it only with flip"
             + (" (fullconv)" if protocols[0] == "fullconv" else "")
@@ -145,8 +151,10 @@ def tta_views(x: torch.Tensor, modes: Iterable[str], image_size: int | None = No
     """Views of a (B, C, H, W) batch for the batch-level modes; the first view is ``x`` itself.
 
     ``flip`` mirrors left-right; ``translate`` shifts by a few pixels in the four diagonal
-    directions with reflection padding (so no black borders the model never saw in training).
-    Modes multiply: ``flip,translate`` gives 2 x 5 = 10 views. Works on uint8 or float batches.
+    directions with reflection padding (so no black borders the model never saw in training);
+    ``diagonal`` shifts by half that, up-left and down-right only (airbench's level-2 TTA; its
+    views carry half the weight together: :func:`view_weights`). Modes multiply: ``flip,translate``
+    gives 2 x 5 = 10 views, ``flip,diagonal`` 2 x 3 = 6. Works on uint8 or float batches.
     """
     modes = list(modes)
     unknown = [m for m in modes if m not in BATCH_MODES]
@@ -159,6 +167,11 @@ def tta_views(x: torch.Tensor, modes: Iterable[str], image_size: int | None = No
         padded = F.pad(x.float(), (d, d, d, d), mode="reflect").to(x.dtype)
         shifted = [padded[..., dy : dy + h, dx : dx + w] for dy, dx in ((0, 0), (0, 2 * d), (2 * d, 0), (2 * d, 2 * d))]
         views = views + [s.contiguous() for s in shifted]
+    if "diagonal" in modes:
+        d = max(1, translate_shift(image_size or x.shape[-1]) // 2)
+        h, w = x.shape[-2:]
+        padded = F.pad(x.float(), (d, d, d, d), mode="reflect").to(x.dtype)
+        views = views + [padded[..., o : o + h, o : o + w].contiguous() for o in (0, 2 * d)]
     if "flip" in modes:
         views = views + [v.flip(-1) for v in views]
     return views
@@ -207,26 +220,50 @@ def views_per_image(plan: TTAPlan) -> int:
     base = 10 * len(plan.scales) if plan.scales else 1
     if "translate" in plan.batch_modes:
         base *= 5
+    if "diagonal" in plan.batch_modes:
+        base *= 3
     if "flip" in plan.batch_modes:
         base *= 2
     return base
 
 
-def average_softmax(model: Callable[[torch.Tensor], torch.Tensor], views: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Mean of the softmax over views of the same batch: (B, classes)."""
+def view_weights(modes: Iterable[str], n_views: int) -> list[float]:
+    """The weight of each of :func:`tta_views`' views: equal, except that with ``diagonal`` the
+    unshifted views (the image and its mirror) carry half the total, as airbench weights them."""
+    if "diagonal" not in modes:
+        return [1.0 / n_views] * n_views
+    per_flip = 3  # the image, then its two diagonal shifts; flip repeats the three mirrored
+    return [(0.5 if i % per_flip == 0 else 0.25) / (n_views // per_flip) for i in range(n_views)]
+
+
+def average_softmax(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    views: Sequence[torch.Tensor],
+    weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Softmax over views of the same batch, averaged (or weighted by ``weights``): (B, classes)."""
+    weights = weights or [1.0 / len(views)] * len(views)
     total = None
-    for v in views:
-        p = model(v).float().softmax(1)
+    for v, w in zip(views, weights, strict=True):
+        p = model(v).float().softmax(1) * w
         total = p if total is None else total + p
     assert total is not None
-    return total / len(views)
+    return total
+
+
+def mode_softmax(
+    model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, modes: Sequence[str], size: int
+) -> torch.Tensor:
+    """The TTA softmax of batch ``x`` under the batch-level ``modes``: their views, weighted."""
+    views = tta_views(x, modes, size)
+    return average_softmax(model, views, view_weights(modes, len(views)))
 
 
 def tta_probabilities_batches(
     model: torch.nn.Module, loader: Iterable, modes: Sequence[str], image_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities, labels) over a loader of uint8 batches, with the batch-level modes."""
-    outs, labels = eval_loop(model, loader, lambda x: average_softmax(model, tta_views(x, modes, image_size)))
+    outs, labels = eval_loop(model, loader, lambda x: mode_softmax(model, x, modes, image_size))
     return (outs[0] if outs else torch.empty(0, 0)), labels
 
 
@@ -236,13 +273,16 @@ def test_with_tta(
     """(plain logits, labels, TTA probabilities) in one pass: the first view is the image itself."""
     plan = parse_tta(modes, image_size)
     if plan.scales:
-        raise ClassLabError(f"trainer.test_tta={modes!r}: only batch-level views (flip, translate) at the final test")
+        raise ClassLabError(
+            f"trainer.test_tta={modes!r}: only batch-level views (flip, translate, diagonal) at the final test"
+        )
 
     def step(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         views = tta_views(x, plan.batch_modes, image_size)
+        weights = view_weights(plan.batch_modes, len(views))
         plain = model(views[0]).float()
-        others = average_softmax(model, views[1:]) * (len(views) - 1) if len(views) > 1 else 0.0
-        return plain, (others + plain.softmax(1)) / len(views)
+        others = average_softmax(model, views[1:], weights[1:]) if len(views) > 1 else 0.0
+        return plain, others + plain.softmax(1) * weights[0]
 
     (plain, probs), labels = eval_loop(model, loader, step)
     return plain, labels, probs
@@ -271,7 +311,7 @@ def tta_probabilities_images(
             yield torch.cat(pending), torch.zeros(len(pending), dtype=torch.long)
 
     def step(crops: torch.Tensor) -> torch.Tensor:
-        p = average_softmax(model, tta_views(crops, plan.batch_modes, image_size))
+        p = mode_softmax(model, crops, plan.batch_modes, image_size)
         return p.reshape(-1, crops_per_image, p.shape[1]).mean(1)
 
     outs, _ = eval_loop(model, groups(), step)
