@@ -2,6 +2,7 @@
 
     python benchmarks/vs_airbench.py --seeds 0 1 --threads 2   # full: 20-40 min a side and seed on 2 cores
     python benchmarks/vs_airbench.py --sides airbench-bf16 classlab --seeds 0 1 --threads 2
+    python benchmarks/vs_airbench.py --sides classlab --set epochs=10 --threads 2   # one lever on its own
     python benchmarks/vs_airbench.py --smoke               # a few steps on a small copy (CI)
 
 What it does, in order:
@@ -58,7 +59,9 @@ AIRBENCH = "airbench==0.1.8"
 AIRBENCH_SDIST = Path("/tmp/ab/airbench-0.1.8.tar.gz")  # used when present: no network needed
 FAST_CONFIG = REPO / "configs" / "cifar10_fast.yaml"
 THRESHOLDS = (0.90, 0.93)
-SIDES = ("airbench", "airbench-bf16", "classlab")
+SIDES = ("airbench", "airbench-bf16", "classlab", "classlab-muon")
+# classlab's sides: its recipes for this race
+RECIPES = {"classlab": FAST_CONFIG, "classlab-muon": REPO / "configs" / "cifar10_fast_muon.yaml"}
 # airbench's own precision is half (``.half()`` weights and inputs, BatchNorm kept fp32); on a CPU half
 # maps to bf16, the 16-bit type it computes in. "airbench" is the fp32 port.
 HALF_AS = {"airbench": "float32", "airbench-bf16": "bfloat16"}
@@ -212,7 +215,9 @@ def worker_airbench(seed: int, smoke: bool, half: str) -> dict[str, Any]:
     }
 
 
-def worker_classlab(seed: int, smoke: bool, data: Path, runs: Path) -> dict[str, Any]:
+def worker_classlab(
+    seed: int, smoke: bool, data: Path, runs: Path, config: Path = FAST_CONFIG, sets: list[str] | None = None
+) -> dict[str, Any]:
     import torch
 
     import classlab
@@ -225,7 +230,7 @@ def worker_classlab(seed: int, smoke: bool, data: Path, runs: Path) -> dict[str,
     from classlab.models import build_model
 
     _quiet_libraries()
-    base = [f"data.root={data}", f"seed={seed}", f"run.root={runs}", "trainer.progress=false"]
+    base = [f"data.root={data}", f"seed={seed}", f"run.root={runs}", "trainer.progress=false", *(sets or [])]
     if smoke:
         base += [f"data.batch_size={SMOKE['batch_size']}", f"epochs={SMOKE['epochs']}"]
     if torch.get_num_threads():
@@ -233,11 +238,11 @@ def worker_classlab(seed: int, smoke: bool, data: Path, runs: Path) -> dict[str,
     # Warm-up, untimed: loads the decoded cache and creates the oneDNN kernels, as airbench's warmup94 does.
     if not smoke:
         classlab.train(
-            FAST_CONFIG, [*base, "exp_name=warmup", "trainer.max_steps=1", "trainer.test_tta="], force=True, quiet=True
+            config, [*base, "exp_name=warmup", "trainer.max_steps=1", "trainer.test_tta="], force=True, quiet=True
         )
 
     # The whitening init happens before classlab's run clock starts: time it on its own and add it.
-    cfg = load_config(FAST_CONFIG, base)
+    cfg = load_config(config, base)
     bundle = load_data(cfg, with_test=False)
     net = build_model(cfg.model.spec(), bundle.num_classes, bundle.channels, bundle.size)
     from classlab.data.preprocess import Normalize
@@ -248,7 +253,7 @@ def worker_classlab(seed: int, smoke: bool, data: Path, runs: Path) -> dict[str,
     del bundle
 
     run = classlab.train(
-        FAST_CONFIG, [*base, f"exp_name=fast_seed{seed}", "trainer.keep_every=1"], force=True, quiet=True
+        config, [*base, f"exp_name={config.stem}_seed{seed}", "trainer.keep_every=1"], force=True, quiet=True
     )
     summary = run.read_json("summary.json")
     test = load_data(cfg, split=run.read_json("split.json")).test
@@ -277,6 +282,11 @@ def worker_classlab(seed: int, smoke: bool, data: Path, runs: Path) -> dict[str,
 # ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
+
+
+def result_key(side: str, sets: list[str]) -> str:
+    """Where a side's results are kept: overrides (``--set``) make a side of their own."""
+    return f"{side} [{' '.join(sets)}]" if sets and side in RECIPES else side
 
 
 def time_to(epochs: list[dict[str, Any]], threshold: float) -> float | None:
@@ -310,8 +320,8 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     walls: dict[str, float] = {}
-    for side in SIDES:
-        runs = results.get(side, {})
+    for side in sorted(results, key=lambda k: (SIDES.index(k.split(" [")[0]), k)):
+        runs = results[side]
         if not runs:
             continue
         acc = [r["accuracy"] for r in runs.values()]
@@ -324,14 +334,16 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
             f"| {_stats(acc)} | {_stats(wall)} "
             f"| {_stats(t90)} ({len(t90)}/{len(runs)}) | {_stats(t93)} ({len(t93)}/{len(runs)}) |"
         )
-    if "classlab" in walls:
-        peers = [side for side in HALF_AS if side in walls]
+    peers = [side for side in HALF_AS if side in walls]
+    ours = [side for side in walls if side.split(" [")[0] in RECIPES]
+    for mine in ours:
         for side in peers:
-            lines.append(f"\nclasslab / {side} wall time: {walls['classlab'] / walls[side]:.3f}")
-        if peers:
-            fastest = min(peers, key=walls.__getitem__)
+            lines.append(f"\n{mine} / {side} wall time: {walls[mine] / walls[side]:.3f}")
+    if peers:
+        fastest = min(peers, key=walls.__getitem__)
+        for mine in (m for m in ours if "[" not in m):
             lines.append(
-                f"\n**Headline, against the faster airbench ({fastest}): {walls['classlab'] / walls[fastest]:.3f}**"
+                f"\n**Headline, {mine} against the faster airbench ({fastest}): {walls[mine] / walls[fastest]:.3f}**"
             )
     return "\n".join(lines) + "\n"
 
@@ -358,6 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads, both sides (default: all)")
     parser.add_argument("--work", default=None, help="work folder (default benchmarks/_work/vs_airbench[-smoke])")
     parser.add_argument("--smoke", action="store_true", help="a few steps on a small copy; no BENCHMARKS.md")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override for classlab's sides (a lever measured on its own; its results are kept apart)",
+    )
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -369,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             os.chdir(work)  # airbench reads ./cifar10/{train,test}.pt
             out = worker_airbench(args.seed, args.smoke, HALF_AS[args.worker])
         else:
-            out = worker_classlab(args.seed, args.smoke, data, work / "runs")
+            out = worker_classlab(args.seed, args.smoke, data, work / "runs", RECIPES[args.worker], args.set)
         print("RESULT " + json.dumps(out), flush=True)
         return 0
 
@@ -385,12 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     results_path = work / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for seed in args.seeds:
-        for side in args.sides:
+        for plain in args.sides:
+            side = result_key(plain, args.set)
             if str(seed) in results.get(side, {}):
                 print(f"[{side} seed {seed}] done earlier: {results[side][str(seed)]['accuracy']:.4f}", flush=True)
                 continue
             print(f"[{side} seed {seed}] running ...", flush=True)
-            cmd = [sys.executable, __file__, "--worker", side, "--seed", str(seed), "--work", str(work)]
+            cmd = [sys.executable, __file__, "--worker", plain, "--seed", str(seed), "--work", str(work)]
+            cmd += [f"--set={kv}" for kv in args.set if plain in RECIPES]
             cmd += ["--data", str(args.data)] + (["--smoke"] if args.smoke else [])
             cmd += ["--threads", str(args.threads)] if args.threads else []
             out, tail = run_worker(cmd)

@@ -77,16 +77,30 @@ def test_vs_airbench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     bench = _script("vs_airbench")
     assert _main_or_skip_without_airbench(bench, ["--smoke", "--work", str(work)]) == 0
     results = json.loads((work / "results.json").read_text())
-    for side in ("airbench", "airbench-bf16", "classlab"):
+    for side in ("airbench", "airbench-bf16", "classlab", "classlab-muon"):
         r = results[side]["0"]
         assert 0.0 <= r["accuracy"] <= 1.0 and r["wall_s"] > 0 and r["epochs"]
-    table = bench.markdown(results, {"date": "d", "machine": "m", "command": "c"})
-    assert "| airbench-bf16 | bf16 weights and inputs, BatchNorm fp32 | 0 |" in table
-    assert "classlab / airbench wall time:" in table and "classlab / airbench-bf16 wall time:" in table
-    assert "Headline, against the faster airbench" in table
-    # a second call finds both sides done and only reports (resumable per side and seed)
+    assert "cifar10_fast_muon_seed0" in results["classlab-muon"]["0"]["run"]
+    # a second call finds both sides done and only reports (resumable per side and seed); an override
+    # (a lever on its own) is a side of its own
+    assert bench.main(["--smoke", "--work", str(work), "--sides", "classlab", "--set", "trainer.test_tta=flip"]) == 0
+    assert "done earlier" not in capsys.readouterr().out
     assert bench.main(["--smoke", "--work", str(work), "--sides", "classlab"]) == 0
     assert "done earlier" in capsys.readouterr().out
+    results = json.loads((work / "results.json").read_text())
+    table = bench.markdown(results, {"date": "d", "machine": "m", "command": "c"})
+    assert "| airbench-bf16 | bf16 weights and inputs, BatchNorm fp32 | 0 |" in table
+    assert "classlab / airbench wall time:" in table and "classlab-muon / airbench-bf16 wall time:" in table
+    assert "classlab [trainer.test_tta=flip] / airbench wall time:" in table
+    assert "Headline, classlab-muon against the faster airbench" in table
+    # the same weights tested with 10, 6 and 2 views
+    views = _script("tta_views")
+    run = results["classlab"]["0"]["run"]
+    assert views.main(["--runs", run, "--smoke"]) == 0
+    measured = {run: views.measure(Path(run), views.MODES)}
+    assert {m: v["views"] for m, v in measured[run].items()} == {"flip,translate": 10, "flip,diagonal": 6, "flip": 2}
+    table = views.markdown(measured, {"date": "d", "machine": "m", "command": "c"})
+    assert "| flip,diagonal | 6 |" in table and "| flip,translate | 10 |" in table
 
 
 @needs_data
