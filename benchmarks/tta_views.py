@@ -60,7 +60,7 @@ def markdown(results: dict[str, Any], meta: dict[str, str]) -> str:
     ]
     lines = [
         *section_head("Test-time views of the fast recipe: cost and accuracy on the same weights", meta, notes),
-        "| views | per image | accuracy (mean of runs) | vs flip,translate, points | seconds | time vs flip,translate |",
+        "| views | per image | accuracy (mean of runs) | vs flip,translate (points) | seconds | time ratio |",
         "|---|---|---|---|---|---|",
     ]
     runs = list(results.values())
