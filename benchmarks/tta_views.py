@@ -31,7 +31,7 @@ def measure(run_path: Path, modes: tuple[str, ...]) -> dict[str, dict[str, float
     from classlab.data.pipeline import load_data
     from classlab.engine.load import load
     from classlab.engine.metrics import top_k_accuracy
-    from classlab.engine.trainer import autocast
+    from classlab.engine.predict import autocast
     from classlab.engine.tta import parse_tta, test_with_tta, views_per_image
 
     cfg = load_config(run_path / "config.yaml")

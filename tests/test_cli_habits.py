@@ -35,8 +35,8 @@ def test_print_config_after_an_override_shows_allowed_values() -> None:
     assert result.returncode == 0, result.stderr
     text = result.stdout
     assert re.search(r"^epochs: 3  # int \(>=1, <=100000\); passes over the training images$", text, re.M)
-    optimizers = r"sgd \| adam \| adamw \| radam \| lars \| lamb \| rangerlars"
-    assert re.search(rf"^  name: adamw  # {optimizers}; optimizer$", text, re.M)
+    optimizers = r"sgd \| adam \| adamw \| radam \| lars \| lamb \| rangerlars \| muon"
+    assert re.search(rf"^  name: adamw  # {optimizers}; optimizer \(muon: Muon for", text, re.M)
     assert "  loggers: [tensorboard]  # [tensorboard | csv | mlflow | wandb, ...]; experiment trackers;" in text
     # The comments are for the reader: the text loads back as the same config.
     assert yaml.safe_load(text) == load_config(None, ["epochs=3", "optim.name=adamw"]).to_dict()

@@ -47,7 +47,7 @@ from classlab.engine.metrics import (
     task_f1_scores,
     top_k_accuracy,
 )
-from classlab.engine.predict import predict_split
+from classlab.engine.predict import autocast, predict_split
 from classlab.engine.tta import (
     TTAPlan,
     parse_tta,
@@ -102,10 +102,13 @@ def evaluate(
             + (" (the dataset has no test part; use --split val)" if split == "test" else " (data.val_fraction was 0)")
         )
     loader = part.loader(cfg.data.batch_size, shuffle=False, seed=0, size=data.size)
-    logits, labels, metrics = _plain_metrics(loaded, loader, split, checkpoint)
-    probs = logits.softmax(1)
-    if plan is not None:
-        probs = _tta_metrics(loaded, plan, loader, (data, part, split, run), labels, metrics)
+    # In the run's precision, as its final test was: the figures match summary.json's, and a bf16 run
+    # evaluates at bf16 speed.
+    with autocast(cfg, next(loaded.model.parameters()).device):
+        logits, labels, metrics = _plain_metrics(loaded, loader, split, checkpoint)
+        probs = logits.softmax(1)
+        if plan is not None:
+            probs = _tta_metrics(loaded, plan, loader, (data, part, split, run), labels, metrics)
     if getattr(loaded, "members", None):
         metrics["members"] = [str(p) for p in loaded.members]
     if report:

@@ -8,12 +8,15 @@ the model's own mode restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
+from classlab.config import Config
 from classlab.data.rotation import rotate_batch
 
 Outputs = torch.Tensor | Sequence[torch.Tensor]
@@ -29,6 +32,14 @@ def evaluating(model: nn.Module) -> Iterator[torch.device]:
             yield next(model.parameters()).device
     finally:
         model.train(was_training)
+
+
+def autocast(cfg: Config, device: torch.device) -> Any:
+    """The run's inference precision: bf16 autocast for a bf16 run (its weights were trained to work
+    in bf16, and it is the fast path), else full precision."""
+    if cfg.trainer.precision.startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def eval_loop(

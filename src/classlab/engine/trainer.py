@@ -7,7 +7,6 @@ of the best checkpoint through the same eval loop as ``classlab eval``.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from classlab.engine.finetune import UnfreezeBackbone
 from classlab.engine.losses import class_weight_tensor
 from classlab.engine.metrics import macro_f1, task_accuracies, task_f1_scores, top_k_accuracy
 from classlab.engine.nonfinite import NonFiniteGuard
-from classlab.engine.predict import predict_split
+from classlab.engine.predict import autocast, predict_split
 from classlab.engine.task import ClassifyTask, MultiTaskTask
 from classlab.engine.tta import test_with_tta
 from classlab.errors import ClassLabError
@@ -214,12 +213,6 @@ def build_trainer(
 # ---------------------------------------------------------------------------------------------
 # The final test
 # ---------------------------------------------------------------------------------------------
-
-
-def autocast(cfg: Config, device: torch.device) -> Any:
-    if cfg.trainer.precision.startswith("bf16"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def final_test(cfg: Config, task: ClassifyTask, loader: Any) -> dict[str, Any]:
