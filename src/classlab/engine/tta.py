@@ -163,18 +163,20 @@ def tta_views(x: torch.Tensor, modes: Iterable[str], image_size: int | None = No
     views = [x]
     if "translate" in modes:
         d = translate_shift(image_size or x.shape[-1])
-        h, w = x.shape[-2:]
-        padded = F.pad(x.float(), (d, d, d, d), mode="reflect").to(x.dtype)
-        shifted = [padded[..., dy : dy + h, dx : dx + w] for dy, dx in ((0, 0), (0, 2 * d), (2 * d, 0), (2 * d, 2 * d))]
-        views = views + [s.contiguous() for s in shifted]
+        views = views + _shifted(x, d, ((0, 0), (0, 2 * d), (2 * d, 0), (2 * d, 2 * d)))
     if "diagonal" in modes:
         d = max(1, translate_shift(image_size or x.shape[-1]) // 2)
-        h, w = x.shape[-2:]
-        padded = F.pad(x.float(), (d, d, d, d), mode="reflect").to(x.dtype)
-        views = views + [padded[..., o : o + h, o : o + w].contiguous() for o in (0, 2 * d)]
+        views = views + _shifted(x, d, ((0, 0), (2 * d, 2 * d)))
     if "flip" in modes:
         views = views + [v.flip(-1) for v in views]
     return views
+
+
+def _shifted(x: torch.Tensor, d: int, corners: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
+    """Crops of ``x`` reflect-padded by ``d``, each at a (top, left) corner of the padded batch."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x.float(), (d, d, d, d), mode="reflect").to(x.dtype)
+    return [padded[..., dy : dy + h, dx : dx + w].contiguous() for dy, dx in corners]
 
 
 def ten_crops(img: torch.Tensor, size: int) -> list[torch.Tensor]:
