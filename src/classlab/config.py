@@ -125,6 +125,12 @@ class AugSection(Section):
     norm_std: list[float] | None = Field(
         None, description="fixed per-channel std in [0, 1] pixel units, e.g. [0.5, 0.5, 0.5] or [1, 1, 1]"
     )
+    size_schedule: list[tuple[int, int]] | None = Field(
+        None,
+        description="progressive resizing within one run: [[epoch, size], ...], from each epoch on the "
+        "augmented training batches are resized to size px (e.g. [[0, 24], [4, 32]]); one lr schedule and "
+        "optimizer throughout; validation and test stay at data.image_size",
+    )
     mixup_alpha: float = Field(0.0, ge=0.0, description="mixup Beta(alpha, alpha) (0 = off)")
     cutmix_alpha: float = Field(0.0, ge=0.0, description="CutMix Beta(alpha, alpha) (0 = off)")
     mix_prob: float = Field(1.0, ge=0.0, le=1.0, description="probability that a batch is mixed (mixup/CutMix)")
@@ -377,6 +383,7 @@ def _check_source_fidelity(cfg: Config) -> None:
             raise ValueError(f"aug.norm_std = {aug.norm_std}: every value must be > 0")
         if aug.mean_subtraction == "pixel":
             raise ValueError("aug.norm_mean/norm_std replace the data's statistics; drop aug.mean_subtraction=pixel")
+    _check_size_schedule(cfg)
     if aug.rotate_first and not (aug.random_resized_crop is not None and aug.rotation > 0):
         raise ValueError("aug.rotate_first orders rotation before the crop: it needs aug.rotation and "
                          "aug.random_resized_crop")  # fmt: skip
@@ -388,6 +395,27 @@ def _check_source_fidelity(cfg: Config) -> None:
             )
         if aug.mean_subtraction == "pixel" or cfg.data.loader == "stream":
             raise ValueError("data.train_source_size needs data.loader memory/auto and channel normalisation")
+
+
+def _check_size_schedule(cfg: Config) -> None:
+    """A progressive-resizing schedule starts at epoch 0, moves forward, and never exceeds the decoded size."""
+    schedule = cfg.aug.size_schedule
+    if schedule is None:
+        return
+    example = "e.g. aug.size_schedule=[[0,24],[4,32]]"
+    if not schedule or schedule[0][0] != 0:
+        raise ValueError(f"aug.size_schedule must start at epoch 0 ({example})")
+    epochs = [epoch for epoch, _ in schedule]
+    if any(b <= a for a, b in zip(epochs, epochs[1:], strict=False)):
+        raise ValueError(f"aug.size_schedule epochs must increase, got {epochs} ({example})")
+    limit = cfg.data.image_size
+    for _, size in schedule:
+        if size < 8 or (limit is not None and size > limit):
+            bound = f"data.image_size={limit}" if limit is not None else "the decoded size"
+            raise ValueError(
+                f"aug.size_schedule size {size} px: sizes run from 8 up to {bound} (training images are "
+                "resized down; test-time size stays data.image_size)"
+            )
 
 
 def _check_folds_and_weights(cfg: Config) -> None:

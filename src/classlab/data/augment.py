@@ -388,3 +388,32 @@ def build_batch_augment(aug: AugSection, image_size: int, fill: Sequence[int] | 
     if not ops:
         return None
     return BatchAugment(ops, image_size, resamples=aug.random_resized_crop is not None or aug.rotation > 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progressive resizing
+# ---------------------------------------------------------------------------------------------
+
+
+def scheduled_size(schedule: Sequence[Sequence[int]] | None, epoch: int) -> int | None:
+    """The training size ``aug.size_schedule`` gives this epoch (the last stage begun), or None without one."""
+    size = None
+    for start, stage_size in schedule or ():
+        if epoch >= start:
+            size = int(stage_size)
+    return size
+
+
+def resize_batch(x: Tensor, size: int) -> Tensor:
+    """A uint8 batch resized to ``size`` x ``size`` with antialiased bilinear filtering, still uint8.
+
+    Downscaling after augmentation keeps every augmentation exactly as configured and costs one
+    resampling; antialiasing matters when shrinking (without it 32 -> 24 px aliases fine texture).
+    """
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    if x.device.type == "cpu":
+        # torch resamples uint8 directly on CPU (the path torchvision's Resize uses): no float copy.
+        return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    y = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return y.round_().clamp_(0, 255).to(torch.uint8)

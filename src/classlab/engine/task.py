@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from classlab.config import Config
-from classlab.data.augment import build_batch_augment
+from classlab.data.augment import build_batch_augment, resize_batch, scheduled_size
 from classlab.data.rotation import rotate_batch
 from classlab.data.tasks import TaskLayout
 from classlab.engine.losses import Criterion, build_criterion, class_weight_tensor, task_weight_specs
@@ -98,6 +98,11 @@ class ClassifyTask(L.LightningModule):
             x = self._alternate_flip(x)
         if self.trainer.training and self.augment is not None:
             x = self.augment(x, self._generator)
+        if self.trainer.training and self.cfg.aug.size_schedule:
+            # aug.size_schedule (progressive resizing): this epoch's size, after every augmentation.
+            size = scheduled_size(self.cfg.aug.size_schedule, self.current_epoch)
+            if size is not None:
+                x = resize_batch(x, size)
         if self.rotation:
             x, y = rotate_batch(x)
         if self.cfg.trainer.channels_last and x.ndim == 4:

@@ -28,7 +28,7 @@ from classlab.engine.nonfinite import NonFiniteGuard
 from classlab.engine.predict import autocast, predict_split
 from classlab.engine.task import ClassifyTask, MultiTaskTask
 from classlab.engine.tta import test_with_tta
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, ConfigError
 from classlab.models import build_model, load_backbone_weights, pretrained
 from classlab.models.multitask import build_multitask_net
 from classlab.models.net import ClassifierModel
@@ -86,8 +86,36 @@ def load_stage_weights(net: torch.nn.Module, path: Path) -> None:
     net.load_state_dict(fitting, strict=False)
 
 
+def check_size_schedule(cfg: Config, model: ClassifierModel, channels: int, size: int) -> None:
+    """Every size of ``aug.size_schedule`` fits the data and goes through the network, before the first step."""
+    sizes = sorted({s for _, s in cfg.aug.size_schedule or ()})
+    if not sizes:
+        return
+    if sizes[-1] > size:
+        raise ConfigError(
+            f"aug.size_schedule asks for {sizes[-1]} px but images are decoded at {size} px: keep every size "
+            f"at most {size}, or raise data.image_size"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in sizes:
+                try:
+                    model(torch.zeros(1, channels, s, s, dtype=torch.uint8))
+                except (RuntimeError, ValueError) as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    raise ConfigError(
+                        f"aug.size_schedule: model {cfg.model.name} cannot take {s} px inputs ({first}); "
+                        "progressive resizing needs a network that pools its features (cnn, resnet, fastnet, ...)"
+                    ) from exc
+    finally:
+        model.train(was_training)
+
+
 def build_task(cfg: Config, data: DataBundle, model: ClassifierModel, steps_per_epoch: int) -> ClassifyTask:
     """The LightningModule of ``cfg.task``; erased boxes are filled with the data's mean colour."""
+    check_size_schedule(cfg, model, data.channels, data.size)
     mean = data.mean if data.mean.ndim == 1 else data.mean.mean((1, 2))
     fill = tuple(int(round(float(v) * 255)) for v in mean)
     if cfg.task == "multitask":
