@@ -239,6 +239,22 @@ def test_random_resized_crop_zooms_into_a_gradient() -> None:
     assert (out.diff(dim=-1).int() >= 0).all()  # still a ramp, never mirrored or rotated
 
 
+def test_random_resized_crop_is_torchvisions_on_the_same_boxes() -> None:
+    """Crop then antialiased resize, as RandomResizedCrop(antialias=True): shrinking and enlarging alike."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from classlab.data.augment import _crop_resize, _Draw, _rrc_boxes
+
+    x = noise(n=8, size=40)
+    top, left, ch, cw = _rrc_boxes(_Draw(torch.Generator().manual_seed(3), x.device), 8, 40, 40, (0.05, 1.0))
+    for size in (SIZE, 48):  # boxes larger and smaller than the output
+        out = _crop_resize(x, top, left, ch, cw, size)
+        for i in range(8):
+            box = int(top[i]), int(left[i]), int(ch[i]), int(cw[i])
+            ref = TF.resized_crop(x[i], *box, [size, size], antialias=True)
+            assert (out[i].int() - ref.int()).abs().max() <= 1
+
+
 def test_rotation_fills_corners_and_keeps_the_center() -> None:
     x = torch.full((8, 3, SIZE, SIZE), 200, dtype=torch.uint8)
     out = run(only(rotation=180.0), x)

@@ -71,6 +71,17 @@ def test_csv_writer_discarded_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_metrics_keep_one_line_ending_through_a_resume(tmp_path: Path) -> None:
+    """Rows appended after a resume's cut end like the rows the cut rewrote: no mixed line endings."""
+    run = RunFolder(tmp_path / "run")
+    run.path.mkdir()
+    for epoch in range(3):
+        run.append_metrics({"epoch": epoch, "step": 10 * epoch}, ["epoch", "step"])
+    run.truncate_metrics(keep_epochs_below=2)
+    run.append_metrics({"epoch": 2, "step": 21}, ["epoch", "step"])
+    assert run.metrics_path.read_bytes() == b"epoch,step\n0,0\n1,10\n2,21\n"
+
+
 def test_figure_written_as_png_and_closed(tmp_path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots()

@@ -384,7 +384,7 @@ class RunFolder:
         """
         new = not self.metrics_path.is_file()
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore")
+        writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
         if new:
             writer.writeheader()
         writer.writerow({k: _fmt(row.get(k)) for k in columns})
