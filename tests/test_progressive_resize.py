@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 from unittest.mock import PropertyMock, patch
 
@@ -14,7 +13,7 @@ from classlab.config import load_config
 from classlab.data.augment import resize_batch, scheduled_size
 from classlab.errors import ConfigError
 from tests.conftest import REPO, run_cli, tiny_config
-from tests.test_train import _rows, _train_until_rows
+from tests.test_train import kill_and_resume
 
 
 def test_scheduled_size_follows_the_last_stage_begun() -> None:
@@ -91,11 +90,4 @@ def test_progressive_run_learns_and_resumes_exactly(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "runs" / "straight" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["test_acc"] > 0.2  # ten classes, chance 0.1
 
-    metrics = tmp_path / "runs" / "killed" / "metrics.csv"
-    proc = _train_until_rows([*args, "exp_name=killed"], metrics, 1)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert len(_rows(metrics)) < 3
-    resumed = run_cli("train", *args, "exp_name=killed", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _rows(metrics) == _rows(tmp_path / "runs" / "straight" / "metrics.csv")
+    kill_and_resume(args, tmp_path / "runs", after_rows=1, epochs=3)

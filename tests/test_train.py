@@ -154,18 +154,24 @@ def _train_until_rows(args: list[str], metrics: Path, rows: int) -> subprocess.P
     return proc
 
 
+def kill_and_resume(args: list[str], runs: Path, after_rows: int, epochs: int) -> None:
+    """Kill a run after ``after_rows`` epochs, resume it, and check it ends as the uninterrupted run
+    ``runs/straight`` did: the same metrics.csv row for row."""
+    metrics = runs / "killed" / "metrics.csv"
+    proc = _train_until_rows([*args, "exp_name=killed"], metrics, after_rows)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert len(_rows(metrics)) < epochs
+    resumed = run_cli("train", *args, "exp_name=killed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _rows(metrics) == _rows(runs / "straight" / "metrics.csv")
+
+
 def test_resume_after_kill_matches_uninterrupted(tmp_path: Path) -> None:
     args = tiny_config(tmp_path, epochs=4, **{"data.images_per_class": 150})
     straight = run_cli("train", *args, "exp_name=straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
-    metrics = tmp_path / "runs" / "killed" / "metrics.csv"
-    proc = _train_until_rows([*args, "exp_name=killed"], metrics, 2)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert len(_rows(metrics)) < 4
-    resumed = run_cli("train", *args, "exp_name=killed", "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _rows(metrics) == _rows(tmp_path / "runs" / "straight" / "metrics.csv")
+    kill_and_resume(args, tmp_path / "runs", after_rows=2, epochs=4)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs signals")
