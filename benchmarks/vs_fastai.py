@@ -207,7 +207,9 @@ def run_side(side: str, spec: dict[str, Any], python: Path | None) -> dict[str, 
         result = read_classlab(spec)
     else:
         result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {**result, "wall_s": round(wall, 1), "size": spec["size"], "epochs": spec["epochs"]}
+    # results accumulate over calls: each row keeps the call (and its date) that measured it
+    stamp = {"command": command(), "date": today()}
+    return {**result, "wall_s": round(wall, 1), "size": spec["size"], "epochs": spec["epochs"], **stamp}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +223,11 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         " the same files on both sides. Wall time: the whole process, start to final validation figure.",
         f"fastai environment: {meta.get('fastai_env', 'not installed')}",
     ]
+    measured = sorted(
+        {f"`{r['command']}` ({r['date']})" for arm in results.values() for r in arm.values() if "command" in r}
+    )
+    if measured:
+        notes.append("rows measured by: " + "; ".join(measured))
     lines = [
         *section_head("fastai vs classlab on a photo folder (flowers5)", meta, notes),
         "| arm | side | what | val accuracy (final) | wall | classlab / fastai time | accuracy gap |",
