@@ -15,8 +15,10 @@ model a fixed number of training steps is timed
       ``ClassifyTask.on_after_batch_transfer``, the Lightning training loop with its logging;
   (c) the model alone: float batches already in memory, forward + backward + optimizer step.
 
-(b) / (c) is the share of a step that is model work: the data path and Lightning's per-step
-overhead cost the rest. Achieved GFLOP/s is the training FLOPs of a step (3 x the forward FLOPs
+(b) and (c) run alternately, ``--rounds`` times each (2 by default), and each reports the median of
+its rounds, so that the machine's drift over a run does not decide their ratio. (b) / (c) is the share
+of a step that is model work: the data path and Lightning's per-step overhead cost the rest. Achieved
+GFLOP/s is the training FLOPs of a step (3 x the forward FLOPs
 that ``torch.utils.flop_counter`` counts, a multiply-add as 2) divided by its time, next to
 the machine's measured matmul GFLOP/s. bf16 autocast and ``torch.compile`` (with its compile
 time) are measured on (c) and (b).
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -59,8 +62,17 @@ HYP = {
     "steps": 12,  # timed steps per measurement
     "user_workers": 2,  # DataLoader workers of the user-script baseline
     "matmul_size": 2048,  # square matmul for the peak GFLOP/s
+    "rounds": 2,  # (b) and (c) measured this many times each, alternately; the median of each is reported
 }
-SMOKE = {"batch_size": 16, "warmup_steps": 1, "steps": 2, "train_per_class": 8, "test_per_class": 2, "photo_batch": 4}
+SMOKE = {
+    "batch_size": 16,
+    "warmup_steps": 1,
+    "steps": 2,
+    "rounds": 1,
+    "train_per_class": 8,
+    "test_per_class": 2,
+    "photo_batch": 4,
+}
 
 MODELS = {
     "resnet20": {
@@ -343,7 +355,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hyp = {**HYP, "batch_size": base.batch, "image_size": base.size}
     data = Path(args.data).resolve() if args.data else base.data
     if args.smoke:
-        hyp.update({k: SMOKE[k] for k in ("warmup_steps", "steps")})
+        hyp.update({k: SMOKE[k] for k in ("warmup_steps", "steps", "rounds")})
         hyp["batch_size"] = SMOKE["photo_batch"] if base.flat else SMOKE["batch_size"]
         test = None if base.flat else SMOKE["test_per_class"]
         data = subset_folder(data, WORK / f"smoke-data-{base.name}", SMOKE["train_per_class"], test)
@@ -352,6 +364,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         hyp["steps"] = args.steps
     if args.batch_size:
         hyp["batch_size"] = args.batch_size
+    if args.rounds:
+        hyp["rounds"] = args.rounds
     b, w, s = hyp["batch_size"], hyp["warmup_steps"], hyp["steps"]
     out: dict[str, Any] = {
         "workload": wl.name,
@@ -370,13 +384,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row: dict[str, Any] = {"train_gflop_per_image": train_gflop_per_image(wl, name)}
         print(f"[{name}] {row['train_gflop_per_image']:.3f} GFLOP per training image", flush=True)
         row["a_user_script"] = user_script(wl, name, b, w, s, hyp["user_workers"])
-        row["b_classlab"] = classlab_loop(wl, name, b, w, s, "32-true")
-        row["c_model_alone"], _ = model_alone(wl, name, b, w, s)
-        row["b_classlab_bf16"] = classlab_loop(wl, name, b, w, s, "bf16-mixed")
-        row["c_model_alone_bf16"], _ = model_alone(wl, name, b, w, s, bf16=True)
+        for suffix, precision in (("", "32-true"), ("_bf16", "bf16-mixed")):
+            # (b) and (c) alternate, round after round: a drift in the machine's speed (another
+            # tenant, the clock) then lands on both sides instead of deciding their ratio.
+            runs_b, runs_c = [], []
+            for _ in range(hyp["rounds"]):
+                runs_b.append(classlab_loop(wl, name, b, w, s, precision))
+                runs_c.append(model_alone(wl, name, b, w, s, bf16=bool(suffix))[0])
+            row[f"b_classlab{suffix}"] = statistics.median(runs_b)
+            row[f"c_model_alone{suffix}"] = statistics.median(runs_c)
+            row[f"b_over_c{suffix}_rounds"] = [x / y for x, y in zip(runs_b, runs_c)]
         if args.compile:
             row["c_model_alone_compiled"], row["compile_s"] = model_alone(wl, name, b, w, s, compile=True)
-        for key in [k for k in row if k.startswith(("b_", "c_"))]:
+        for key in [k for k in row if k.startswith(("b_", "c_")) and not k.endswith("_rounds")]:
             row[f"gflops_{key}"] = row[key] * row["train_gflop_per_image"]
         row["b_over_c"] = row["b_classlab"] / row["c_model_alone"]
         row["b_over_c_bf16"] = row["b_classlab_bf16"] / row["c_model_alone_bf16"]
@@ -392,8 +412,13 @@ def markdown(res: dict[str, Any]) -> str:
         f"settings: {json.dumps(res['settings'])}",
         f"measured matmul GFLOP/s (torch.mm / as a oneDNN 1x1 conv): fp32 {mm['fp32']:.0f} / "
         f"{mm['fp32_1x1conv']:.0f}, bf16 {mm['bf16']:.0f} / {mm['bf16_1x1conv']:.0f}",
-        "(b)/(c): the share of a training step that is the model's own work; the goal is >= 0.95",
+        "(b)/(c): the share of a training step that is the model's own work; the goal is >= 0.95. "
+        "(b) and (c) ran alternately, round after round; each figure is the median of its rounds",
     ]
+    for name, r in res["models"].items():
+        if "b_over_c_rounds" in r:
+            per_round = [", ".join(f"{v:.3f}" for v in r[f"b_over_c{p}_rounds"]) for p in ("", "_bf16")]
+            notes.append(f"{name}: (b)/(c) round by round: fp32 {per_round[0]}; bf16 {per_round[1]}")
     title = f"Throughput: user script vs classlab vs the model alone ({TITLES[res.get('workload', 'cifar')]})"
     lines = [
         *section_head(title, res, notes),
@@ -422,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=None, help="default: the workload's two models")
     parser.add_argument("--steps", type=int, default=None, help=f"timed steps (default {HYP['steps']})")
     parser.add_argument("--batch-size", type=int, default=None, help=f"default {HYP['batch_size']}")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help=f"alternate (b) and (c) this many times (default {HYP['rounds']})"
+    )
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes on 2 cores)")
     parser.add_argument(
