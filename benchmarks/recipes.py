@@ -200,6 +200,9 @@ def markdown(results: dict[str, list[dict[str, Any]]], data: Path) -> str:
         f"- command: `{command()}` (data: `{data}`)",
         "- Test accuracy is on the 10,000 test images with the run's best.ckpt (chosen on its validation split), "
         "no TTA. s/epoch is the run's clock (training plus validation) over its epochs.",
+        "- A recipe missing here has not been run in its present setup: configs/README.md gives its command, and "
+        "the section below keeps the figures measured at commit 19001d2, before the recipes were brought to "
+        "their sources.",
         "",
     ]
     for name, rows in results.items():
