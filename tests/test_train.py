@@ -176,10 +176,18 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs signals")
 def test_ctrl_c_marks_interrupted(tmp_path: Path) -> None:
-    args = tiny_config(tmp_path, epochs=50, exp_name="ctrlc")
+    # Epochs enough that a loaded machine cannot finish the run between the first row and the signal
+    # (50 tiny epochs once did, and the signal met a process that had already ended).
+    args = tiny_config(tmp_path, epochs=1000, exp_name="ctrlc")
     proc = _train_until_rows(args, tmp_path / "runs" / "ctrlc" / "metrics.csv", 1)
+    assert proc.poll() is None, "the run ended before Ctrl-C could be sent"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("Ctrl-C did not stop the run within 120 s")
     assert proc.returncode == 130, err[-2000:]
     summary = json.loads((tmp_path / "runs" / "ctrlc" / "summary.json").read_text())
     assert summary["status"] == "interrupted"
