@@ -139,6 +139,10 @@ def test_same_seed_same_metrics(tmp_path: Path) -> None:
     assert _rows(a.metrics_path) == _rows(b.metrics_path)
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _train_until_rows(args: list[str], metrics: Path, rows: int) -> subprocess.Popen:
     """Start `classlab train` in a process of its own and return once metrics.csv has ``rows`` rows."""
     proc = subprocess.Popen(
@@ -147,6 +151,9 @@ def _train_until_rows(args: list[str], metrics: Path, rows: int) -> subprocess.P
         stderr=subprocess.PIPE,
         text=True,
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        # As from a terminal: a suite started in the background (`cmd &`) has SIGINT ignored, the child would
+        # inherit that, and Python then never raises KeyboardInterrupt for it.
+        preexec_fn=None if os.name == "nt" else _sigint_default,
     )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and (not metrics.exists() or len(_rows(metrics)) < rows):
@@ -176,8 +183,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs signals")
 def test_ctrl_c_marks_interrupted(tmp_path: Path) -> None:
-    # Epochs enough that a loaded machine cannot finish the run between the first row and the signal
-    # (50 tiny epochs once did, and the signal met a process that had already ended).
+    # Epochs enough that a run which missed the signal cannot end before the test notices.
     args = tiny_config(tmp_path, epochs=1000, exp_name="ctrlc")
     proc = _train_until_rows(args, tmp_path / "runs" / "ctrlc" / "metrics.csv", 1)
     assert proc.poll() is None, "the run ended before Ctrl-C could be sent"
