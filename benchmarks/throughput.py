@@ -393,10 +393,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 runs_c.append(model_alone(wl, name, b, w, s, bf16=bool(suffix))[0])
             row[f"b_classlab{suffix}"] = statistics.median(runs_b)
             row[f"c_model_alone{suffix}"] = statistics.median(runs_c)
-            row[f"b_over_c{suffix}_rounds"] = [x / y for x, y in zip(runs_b, runs_c)]
+            row[f"rounds_b_over_c{suffix}"] = [x / y for x, y in zip(runs_b, runs_c)]
         if args.compile:
             row["c_model_alone_compiled"], row["compile_s"] = model_alone(wl, name, b, w, s, compile=True)
-        for key in [k for k in row if k.startswith(("b_", "c_")) and not k.endswith("_rounds")]:
+        for key in [k for k in row if k.startswith(("b_", "c_"))]:
             row[f"gflops_{key}"] = row[key] * row["train_gflop_per_image"]
         row["b_over_c"] = row["b_classlab"] / row["c_model_alone"]
         row["b_over_c_bf16"] = row["b_classlab_bf16"] / row["c_model_alone_bf16"]
@@ -416,8 +416,8 @@ def markdown(res: dict[str, Any]) -> str:
         "(b) and (c) ran alternately, round after round; each figure is the median of its rounds",
     ]
     for name, r in res["models"].items():
-        if "b_over_c_rounds" in r:
-            per_round = [", ".join(f"{v:.3f}" for v in r[f"b_over_c{p}_rounds"]) for p in ("", "_bf16")]
+        if "rounds_b_over_c" in r:
+            per_round = [", ".join(f"{v:.3f}" for v in r[f"rounds_b_over_c{p}"]) for p in ("", "_bf16")]
             notes.append(f"{name}: (b)/(c) round by round: fp32 {per_round[0]}; bf16 {per_round[1]}")
     title = f"Throughput: user script vs classlab vs the model alone ({TITLES[res.get('workload', 'cifar')]})"
     lines = [

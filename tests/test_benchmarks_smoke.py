@@ -49,7 +49,7 @@ def test_throughput_smoke(tmp_path: Path) -> None:
     for key in ("a_user_script", "b_classlab", "c_model_alone", "b_classlab_bf16", "c_model_alone_bf16"):
         assert row[key] > 0
     # (b) and (c) alternate: one ratio per round, each figure the median of its rounds
-    assert len(row["b_over_c_rounds"]) == 2 and len(row["b_over_c_bf16_rounds"]) == 2
+    assert len(row["rounds_b_over_c"]) == 2 and len(row["rounds_b_over_c_bf16"]) == 2
     assert "fastnet: (b)/(c) round by round: fp32 " in bench.markdown(res)
     assert row["train_gflop_per_image"] == pytest.approx(0.708, rel=0.01)  # fwd + bwd of fastnet at 32 px
     assert res["matmul_gflops"]["fp32"] > 0 and "cores" in res["machine"] and res["command"].startswith("python")
