@@ -13,6 +13,7 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -73,6 +74,18 @@ def section_head(title: str, meta: dict[str, str], notes: list[str]) -> list[str
     """A section's first lines: its title, then date, machine and command, then its own notes as bullets."""
     stamp = [f"- date: {meta['date']}", f"- machine: {meta['machine']}", f"- command: `{meta['command']}`"]
     return [f"## {title}", "", *stamp, *(f"- {note}" for note in notes), ""]
+
+
+def measured_by(rows: Iterable[dict]) -> list[str]:
+    """The note that names the call (and date) behind each row, as a list of zero or one notes.
+
+    A section is rewritten by whichever call ran last, while its rows may come from earlier calls
+    (``--sides``/``--arms`` measure part of a table); the reader must see which command made each figure.
+    """
+    calls = sorted(
+        {f"`{r['command']}`" + (f" ({r['date']})" if r.get("date") else "") for r in rows if r.get("command")}
+    )
+    return ["rows measured by: " + "; ".join(calls)] if calls else []
 
 
 def run_worker(cmd: list[str]) -> tuple[dict | None, str]:

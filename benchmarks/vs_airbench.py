@@ -48,6 +48,7 @@ from _common import (  # noqa: E402
     WORK,
     command,
     machine,
+    measured_by,
     publish,
     run_worker,
     section_head,
@@ -314,9 +315,7 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "wall time: first training step to the final TTA accuracy; decoding and warm-up excluded on both sides",
         "time to X: the first epoch end whose test accuracy (no TTA) reaches X; evaluation itself not timed",
     ]
-    earlier = sorted({r["command"] for runs in results.values() for r in runs.values() if r.get("command")})
-    if earlier:
-        notes.append("rows measured by: " + "; ".join(f"`{c}`" for c in earlier))
+    notes += measured_by(r for runs in results.values() for r in runs.values())
     lines = [
         *section_head("airbench94 vs classlab fast recipe (CIFAR-10 from cifar10-jpeg, CPU)", meta, notes),
         "| side | precision | seeds | accuracy (TTA) | wall time s | time to 90% s | time to 93% s |",
@@ -421,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             if out is None:
                 print(f"error: {side} seed {seed} failed:\n  {tail}")
                 return 1
-            out["command"] = command()  # results accumulate over calls: each row says which call measured it
+            out.update(command=command(), date=today())  # results accumulate over calls: each row names its call
             results.setdefault(side, {})[str(seed)] = out
             atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")  # resumable per side and seed
             r = results[side][str(seed)]

@@ -38,7 +38,18 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import FLOWERS, REPO, WORK, command, machine, publish, section_head, subset_folder, today  # noqa: E402
+from _common import (  # noqa: E402
+    FLOWERS,
+    REPO,
+    WORK,
+    command,
+    machine,
+    measured_by,
+    publish,
+    section_head,
+    subset_folder,
+    today,
+)
 
 WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
 ARMS = ("finetune", "scratch")
@@ -223,11 +234,7 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         " the same files on both sides. Wall time: the whole process, start to final validation figure.",
         f"fastai environment: {meta.get('fastai_env', 'not installed')}",
     ]
-    measured = sorted(
-        {f"`{r['command']}` ({r['date']})" for arm in results.values() for r in arm.values() if "command" in r}
-    )
-    if measured:
-        notes.append("rows measured by: " + "; ".join(measured))
+    notes += measured_by(r for arm in results.values() for r in arm.values())
     lines = [
         *section_head("fastai vs classlab on a photo folder (flowers5)", meta, notes),
         "| arm | side | what | val accuracy (final) | wall | classlab / fastai time | accuracy gap |",

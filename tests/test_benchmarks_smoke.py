@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -97,6 +98,9 @@ def test_vs_airbench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "classlab / airbench wall time:" in table and "classlab-muon / airbench-bf16 wall time:" in table
     assert "classlab [trainer.test_tta=flip] / airbench wall time:" in table
     assert "Headline, classlab-muon against the faster airbench" in table
+    # the table is rewritten by the last call, but each row keeps the call (and date) that measured it
+    # (here every call is this test's process, so the note names pytest's command line)
+    assert re.search(r"- rows measured by: `python [^`]+pytest[^`]*` \(\d{4}-\d\d-\d\d \d\d:\d\d", table)
     # the same weights tested with 10, 6 and 2 views
     views = _script("tta_views")
     run = results["classlab"]["0"]["run"]
@@ -152,3 +156,4 @@ def test_vs_fastai_smoke_classlab_side(tmp_path: Path) -> None:
         assert 0.0 <= r["accuracy"] <= 1.0 and r["wall_s"] > 0 and r["size"] == 64 and r["epochs"] == 2
     table = bench.markdown(results, {"date": "d", "machine": "m", "command": "c"})
     assert table.count("| classlab |") == 2 and "| fastai |" not in table
+    assert re.search(r"- rows measured by: `python [^`]+pytest[^`]*` \(\d{4}-\d\d-\d\d \d\d:\d\d", table)
