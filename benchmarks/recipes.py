@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, REPO, WORK, command, machine, publish, subset_folder, today  # noqa: E402
+from _common import DEFAULT_DATA, REPO, WORK, command, machine, measured_by, publish, subset_folder, today  # noqa: E402
 
 from classlab.run import atomic_write_text  # noqa: E402
 
@@ -184,6 +184,22 @@ def measure(run: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _stamped(rows: list[dict[str, Any]], before: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with the call (and date) that measured them: a row that this call only found finished keeps its stamp.
+
+    The section is rewritten by whichever call ran last, so its header names that call; each recipe's
+    rows must still name the call that trained them.
+    """
+    earlier = {r["run"]: r for r in before}
+    stamp = {"command": command(), "date": today()}
+    out = []
+    for row in rows:
+        old = earlier.get(row["run"], {})
+        same = old and json.dumps({k: old.get(k) for k in row}) == json.dumps(row)  # NaN-safe
+        out.append({**row, **({k: old[k] for k in stamp if k in old} if same and "command" in old else stamp)})
+    return out
+
+
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.2f}%"
 
@@ -198,8 +214,9 @@ def markdown(results: dict[str, list[dict[str, Any]]], data: Path) -> str:
         "",
         f"- date: {today()}, machine: {machine()}",
         f"- command: `{command()}` (data: `{data}`)",
-        "- Test accuracy is on the 10,000 test images with the run's best.ckpt (chosen on its validation split), "
-        "no TTA. s/epoch is the run's clock (training plus validation) over its epochs.",
+        "- Test accuracy is on the 10,000 test images with the run's best.ckpt (chosen on its validation split; "
+        "the last weights where the recipe keeps no validation split), no TTA. s/epoch is the run's clock "
+        "(training plus validation) over its epochs, so it includes any time the cores were shared.",
         "- A recipe missing here has not been run in its present setup: configs/README.md gives its command, and "
         "the section below keeps the figures measured at commit 19001d2, before the recipes were brought to "
         "their sources.",
@@ -211,6 +228,8 @@ def markdown(results: dict[str, list[dict[str, Any]]], data: Path) -> str:
             f"### `configs/{recipe.config}`",
             "",
             f"Scaled: {recipe.scaled}.",
+            "",
+            *(f"{note[0].upper()}{note[1:]}." for note in measured_by(rows)),
             "",
             "| run | model | params | px | train images | epochs | s/epoch | best val | test |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -242,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         print(f"== {name}: {RECIPES[name].scaled}", flush=True)
         runs = run_recipe(name, data, args.work / "runs", args.smoke)
-        results[name] = [row for run in runs for row in measure(run)]
+        rows = [row for run in runs for row in measure(run)]
+        results[name] = _stamped(rows, results.get(name, []))
         atomic_write_text(results_file, json.dumps(results, indent=1))  # a killed call keeps the earlier figures
     ordered = {n: results[n] for n in RECIPES if n in results}
     text = markdown(ordered, data)

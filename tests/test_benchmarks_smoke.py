@@ -136,9 +136,20 @@ def test_recipes_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert all(r["params"] == 1_996_986 and r["model"] == "bottleneck_resnet" for r in rows)
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)
     assert "| preset=stl10_2m stage 2 | bottleneck_resnet | 1,996,986 | 48 |" in capsys.readouterr().out
-    # a second call reads the finished run instead of training it again
+    assert all(r["command"].startswith("python ") and r["date"] for r in rows)
+    # a second call reads the finished run instead of training it again, and a row it only found keeps
+    # the call that measured it; a row whose figures differ from the stored ones is stamped anew
+    rows[0]["command"] = rows[1]["command"] = "python benchmarks/recipes.py --earlier-call"
+    rows[1]["test_acc"] = -1.0
+    (work / "results.json").write_text(json.dumps({"stl10_2m": rows}))
     assert bench.main(["--smoke", "--only", "stl10_2m", "--work", str(work)]) == 0
-    assert "1 finished (skipped)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "1 finished (skipped)" in out
+    again = json.loads((work / "results.json").read_text())["stl10_2m"]
+    assert again[0]["command"] == "python benchmarks/recipes.py --earlier-call"
+    assert again[1]["command"] != "python benchmarks/recipes.py --earlier-call" and again[1]["test_acc"] >= 0.0
+    note = out.split("Rows measured by: ", 1)[1].splitlines()[0]
+    assert "`python benchmarks/recipes.py --earlier-call` (" in note and note.count("`") == 4  # both calls
 
 
 @pytest.mark.skipif(not (FLOWERS.is_dir() and MOBILENET.is_file()), reason="../shared flowers5 or weights not here")
