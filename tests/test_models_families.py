@@ -124,6 +124,26 @@ def test_efficientnet_b0_blocks_neck_and_truncation() -> None:
         validate_model_spec({"name": "efficientnet_b0", "truncate_at": 17})
 
 
+def test_freeze_all_leaves_a_rebuilt_neck_trainable_until_weights_fill_it() -> None:
+    """The RotNet study's "conv + fc" classifier on frozen features cut after block_op 2: the new 1x1 conv trains."""
+    cut = build_model({"name": "efficientnet_b0", "truncate_at": 3, "freeze": "all"}, num_classes=10, image_size=64)
+    assert not any(p.requires_grad for m in (cut.stem, cut.blocks) for p in m.parameters())
+    assert all(p.requires_grad for p in cut.neck.parameters()) and cut.neck.conv_head.in_channels == 24
+    cut.train()
+    assert cut.neck.bn2.training and not cut.blocks[0].bn1.training
+    # weights from a run truncated the same way fit the new neck: then it is frozen with the rest
+    source = build_model({"name": "efficientnet_b0", "truncate_at": 3}, num_classes=4, image_size=64)
+    report = load_backbone_weights(cut, source.state_dict())
+    assert "neck.conv_head.weight" in report["loaded"]
+    assert not any(p.requires_grad for p in cut.neck.parameters())
+    assert all(p.requires_grad for p in cut.head.parameters())
+    cut.train()
+    assert not cut.neck.bn2.training
+    # the full model's neck is the family's own (pretrained or loaded with the blocks): frozen as asked
+    full = build_model({"name": "efficientnet_b0", "freeze": "all"}, num_classes=10, image_size=64)
+    assert not any(p.requires_grad for p in full.neck.parameters())
+
+
 def test_efficientnet_loads_timm_weights_exactly() -> None:
     import timm
 

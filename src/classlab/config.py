@@ -167,7 +167,11 @@ class ModelSection(BaseModel):
     )
     activation: str | None = Field(None, description="family parameter (cnn, mlp, bottleneck_resnet): relu, leaky_relu")
     head: str = Field("linear", description="classifier on top: linear, conv_fc or mlp")
-    freeze: str = Field("none", description="none, all (the backbone) or up_to:<block> (stem and blocks 0..block-1)")
+    freeze: str = Field(
+        "none",
+        description="none, all (the backbone; a neck rebuilt by truncate_at trains unless weights fill it) "
+        "or up_to:<block> (stem and blocks 0..block-1)",
+    )
     init_from: str | None = Field(
         None, description="start from a run's weights: <run>[:<checkpoint>], e.g. runs/rot:epoch5"
     )

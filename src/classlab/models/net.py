@@ -118,6 +118,7 @@ class ClassifierNet(nn.Module):
         self.head_kind = "linear"
         self._frozen: list[str] = []  # submodules kept in eval mode (see train)
         self._fresh: list[str] = []  # key prefixes rebuilt by surgery, not in the family's weights
+        self._freeze_when_loaded: list[str] = []  # frozen parts waiting for weights (surgery.freeze)
         self.num_features = self.infer_features()
         self.head = Head("linear", self.num_features, num_classes, layout, head_dropout)
 

@@ -75,7 +75,11 @@ def freeze(model: nn.Module, value: Any) -> None:
     if not isinstance(model, ClassifierNet):
         raise ConfigError(f"model.freeze is not supported for model {_name(model)!r}: remove model.freeze")
     if mode == "all":
-        names = ["stem", "blocks", "neck"]
+        # A neck rebuilt by truncation holds no weights yet: frozen it would be a fixed random projection.
+        # It trains unless a weights file fills it later (load_backbone_weights then freezes it too).
+        fresh_neck = "neck." in model._fresh and not isinstance(model.neck, nn.Identity)
+        names = ["stem", "blocks"] + ([] if fresh_neck else ["neck"])
+        model._freeze_when_loaded = ["neck"] if fresh_neck else []
     else:
         total = len(model.blocks)
         if k > total:
@@ -187,11 +191,23 @@ def load_backbone_weights(model: nn.Module, state_dict: dict[str, torch.Tensor])
         )
     model.load_state_dict(take, strict=False)
     used = set(take)
+    _freeze_filled(model, used)
     return {
         "loaded": sorted(used),
         "skipped": sorted(k for k in aligned if k not in used),
         "missing": sorted(backbone - used),
     }
+
+
+def _freeze_filled(model: nn.Module, loaded: set[str]) -> None:
+    """Freeze the parts that ``freeze(all)`` left trainable only because they had no weights, once weights fill them."""
+    waiting = getattr(model, "_freeze_when_loaded", [])
+    for name in [n for n in waiting if any(k.startswith(n + ".") for k in loaded)]:
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(False)
+        model._frozen.append(name)
+        waiting.remove(name)
+    model.train(model.training)
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
