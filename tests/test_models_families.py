@@ -154,6 +154,7 @@ def test_efficientnet_loads_timm_weights_exactly() -> None:
     assert torch.equal(model.stem.conv_stem.weight, src.conv_stem.weight)
     assert torch.equal(model.blocks[4].conv_pw.weight, src.blocks[2][1].conv_pw.weight)  # stages: 1, 2, 2, ...
     assert "neck.conv_head.weight" in report["skipped"]  # 320-channel head conv does not fit block 5
+    assert "neck.bn2.weight" in report["skipped"]  # nor does its BatchNorm, though its shape would
 
 
 # -- timm passthrough --------------------------------------------------------------------------------

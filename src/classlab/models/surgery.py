@@ -172,7 +172,11 @@ def load_backbone_weights(model: nn.Module, state_dict: dict[str, torch.Tensor])
     backbone = {k for k in own if not k.startswith(heads)}
     take = {k: v for k, v in aligned.items() if k in backbone}
     fresh = tuple(getattr(model, "_fresh", ()))
-    take = {k: v for k, v in take.items() if not (k.startswith(fresh) and v.shape != own[k].shape)} if fresh else take
+    for prefix in fresh:
+        # A rebuilt part takes the weights whole or not at all: the BatchNorm of a conv that did not fit
+        # describes that conv's outputs, not the new one's.
+        if any(k.startswith(prefix) and v.shape != own[k].shape for k, v in take.items()):
+            take = {k: v for k, v in take.items() if not k.startswith(prefix)}
     bad = [
         f"{k} (checkpoint {list(v.shape)} vs model {list(own[k].shape)})"
         for k, v in take.items()
