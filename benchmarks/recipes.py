@@ -112,6 +112,27 @@ RECIPES: dict[str, Recipe] = {
         "every N the same 2,400 RangerLars steps at batch 64 (epochs linked to N), bf16 autocast",
         smoke_grid=["data.images_per_class,epochs=[5,2],[10,2]"],
     ),
+    "effb0_rotation": Recipe(
+        "efficientnet_b0_rotation.yaml",
+        ["epochs=10", "data.images_per_class=1000", BF16],
+        ["model.name=efficientnet_b0"],
+        "the pretext on 10,000 of the training images (1,000 a class, labels unused; 10% of them measure rotation "
+        "accuracy) for 10 of the 100 epochs, cosine over those 10, bf16 autocast",
+    ),
+    "effb0_rotation_transfer": Recipe(
+        "efficientnet_b0_fewshot.yaml",
+        [
+            "data.images_per_class=70",
+            "epochs=60",
+            "model.init_from=<runs>/effb0_rotation/name=efficientnet_b0",
+            "model.freeze=all",
+            BF16,
+        ],
+        ["model.truncate_at=3,5,11,16", "model.head_conv=true,false"],
+        "the transfer arm at N = 70 a class: effb0_rotation's frozen features cut after block_op 2 / 4 / 10 / 15 "
+        "(truncate_at 3 / 5 / 11 / 16), with and without the 1x1 conv head, the recipe's 60 epochs (600 steps), bf16",
+        smoke_grid=["model.truncate_at,model.head_conv=[3,true],[16,false]"],
+    ),
     "resnet32_seed": Recipe(
         "cifar10_resnet32_seed.yaml",
         ["epochs=30", "sched.milestones=[10.29,15.44]", BF16],
@@ -132,7 +153,8 @@ def run_recipe(name: str, data: Path, root: Path, smoke: bool) -> list[Path]:
 
     _quiet_libraries()
     recipe = RECIPES[name]
-    overrides = [*recipe.overrides, *_data_overrides(data), f"run.root={root}", f"exp_name={name}"]
+    own = [o.replace("<runs>", str(root)) for o in recipe.overrides]  # an earlier recipe's runs, e.g. its weights
+    overrides = [*own, *_data_overrides(data), f"run.root={root}", f"exp_name={name}"]
     if smoke:
         overrides += [
             "trainer.max_steps=2",

@@ -168,3 +168,20 @@ def test_vs_fastai_smoke_classlab_side(tmp_path: Path) -> None:
     table = bench.markdown(results, {"date": "d", "machine": "m", "command": "c"})
     assert table.count("| classlab |") == 2 and "| fastai |" not in table
     assert re.search(r"- rows measured by: `python [^`]+pytest[^`]*` \(\d{4}-\d\d-\d\d \d\d:\d\d", table)
+
+
+@needs_data
+def test_recipes_smoke_rotation_transfer(tmp_path: Path) -> None:
+    """The EfficientNet arm: the pretext run's weights reach the transfer runs, whose rebuilt neck trains."""
+    work = tmp_path / "work"
+    bench = _script("recipes")
+    assert bench.main(["--smoke", "--only", "effb0_rotation", "effb0_rotation_transfer", "--work", str(work)]) == 0
+    results = json.loads((work / "results.json").read_text())
+    assert [r["run"] for r in results["effb0_rotation"]] == ["name=efficientnet_b0"]
+    runs = work / "runs" / "effb0_rotation_transfer"
+    cut = json.loads((runs / "truncate_at=3,head_conv=true" / "summary.json").read_text())
+    full = json.loads((runs / "truncate_at=16,head_conv=false" / "summary.json").read_text())
+    assert cut["params_trainable"] == (24 * 1280 + 2 * 1280) + (1280 * 10 + 10)  # the new 1x1 conv + BN, then fc
+    assert full["params_trainable"] == 320 * 10 + 10  # frozen B0, a linear head on its 320 channels
+    config = (runs / "truncate_at=3,head_conv=true" / "config.yaml").read_text()
+    assert str(work / "runs" / "effb0_rotation" / "name=efficientnet_b0") in config
