@@ -87,10 +87,16 @@ def freeze(model: nn.Module, value: Any) -> None:
                 f"model.freeze=up_to:{k} is beyond the {total} blocks of model {_name(model)!r}: use up_to:0..{total}"
             )
         names = ["stem"] + [f"blocks.{i}" for i in range(k)]
+    model._frozen = []
+    _freeze_parts(model, names)
+
+
+def _freeze_parts(model: ClassifierNet, names: list[str]) -> None:
+    """No gradient into these submodules, and BatchNorm in them kept in eval mode (ClassifierNet.train)."""
     for name in names:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(False)
-    model._frozen = names
+    model._frozen += names
     model.train(model.training)
 
 
@@ -206,12 +212,10 @@ def load_backbone_weights(model: nn.Module, state_dict: dict[str, torch.Tensor])
 def _freeze_filled(model: nn.Module, loaded: set[str]) -> None:
     """Freeze the parts that ``freeze(all)`` left trainable only because they had no weights, once weights fill them."""
     waiting = getattr(model, "_freeze_when_loaded", [])
-    for name in [n for n in waiting if any(k.startswith(n + ".") for k in loaded)]:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(False)
-        model._frozen.append(name)
-        waiting.remove(name)
-    model.train(model.training)
+    filled = [n for n in waiting if any(k.startswith(n + ".") for k in loaded)]
+    if filled:
+        model._freeze_when_loaded = [n for n in waiting if n not in filled]
+        _freeze_parts(model, filled)
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
