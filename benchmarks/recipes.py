@@ -29,6 +29,7 @@ from _common import DEFAULT_DATA, REPO, WORK, command, machine, measured_by, pub
 from classlab.run import atomic_write_text  # noqa: E402
 
 CONFIGS = REPO / "configs"
+FIGURES = REPO / "benchmarks" / "figures"  # committed: the recipes section of BENCHMARKS.md shows them
 BF16 = "trainer.precision=bf16-mixed"  # 1.7-1.8x on this CPU's AVX512-BF16 (BENCHMARKS.md, fast-knobs)
 
 
@@ -42,6 +43,7 @@ class Recipe:
     scaled: str  # what differs from the published schedule, in words
     smoke: list[str] = field(default_factory=list)  # extra overrides for --smoke
     smoke_grid: list[str] | None = None  # --smoke's grid where the real one needs more images
+    plot: tuple[str, str] | None = None  # (x key, one line per value of this key): test accuracy as a figure
 
 
 RECIPES: dict[str, Recipe] = {
@@ -132,6 +134,7 @@ RECIPES: dict[str, Recipe] = {
         "the transfer arm at N = 70 a class: effb0_rotation's frozen features cut after block_op 2 / 4 / 10 / 15 "
         "(truncate_at 3 / 5 / 11 / 16), with and without the 1x1 conv head, the recipe's 60 epochs (600 steps), bf16",
         smoke_grid=["model.truncate_at,model.head_conv=[3,true],[16,false]"],
+        plot=("model.truncate_at", "model.head_conv"),
     ),
     "resnet32_seed": Recipe(
         "cifar10_resnet32_seed.yaml",
@@ -169,6 +172,15 @@ def run_recipe(name: str, data: Path, root: Path, smoke: bool) -> list[Path]:
     if failed:
         raise SystemExit(f"recipe {name}: runs did not finish: {', '.join(failed)} (see their folders under {root})")
     return [p.path for p in points]
+
+
+def draw(name: str, root: Path, out: Path) -> None:
+    """The recipe's test accuracy against its plot's x key, one line per value of the other (classlab compare)."""
+    import classlab
+
+    if RECIPES[name].plot is not None:
+        x, line = RECIPES[name].plot
+        classlab.compare([str(root / name)], by=[x, line], metrics=["test_acc"], out=out, x=x, group=[line])
 
 
 def _epoch_seconds(run: Path) -> tuple[int, float]:
@@ -230,7 +242,7 @@ def _num(value: float) -> str:
     return "-" if value != value else f"{value:.1f}"  # NaN: no epoch ended
 
 
-def markdown(results: dict[str, list[dict[str, Any]]], data: Path) -> str:
+def markdown(results: dict[str, list[dict[str, Any]]], data: Path, figures: dict[str, str] | None = None) -> str:
     lines = [
         "## Recipes on cifar10-jpeg, scaled to 2 CPU cores",
         "",
@@ -261,6 +273,8 @@ def markdown(results: dict[str, list[dict[str, Any]]], data: Path) -> str:
                 f"| {r['run']} | {r['model']} | {r['params']:,} | {r['image_size']} | {r['train_images']:,} | "
                 f"{r['epochs']} | {_num(r['s_per_epoch'])} | {_pct(r['best_val_acc'])} | {_pct(r['test_acc'])} |"
             )
+        if name in (figures or {}):
+            lines += ["", f"![test accuracy, {name}]({figures[name]})"]
         lines.append("")
     return "\n".join(lines)
 
@@ -287,7 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = _stamped(rows, results.get(name, []))
         atomic_write_text(results_file, json.dumps(results, indent=1))  # a killed call keeps the earlier figures
     ordered = {n: results[n] for n in RECIPES if n in results}
-    text = markdown(ordered, data)
+    figures_dir = args.work / "figures" if args.smoke else FIGURES
+    figures = {}
+    for name in ordered:
+        if name in names:
+            draw(name, args.work / "runs", figures_dir / name)
+        drawn = sorted((figures_dir / name).glob("test_acc_vs_*.png"))  # this call's, or an earlier call's
+        if drawn:
+            figures[name] = drawn[0].relative_to(REPO).as_posix() if drawn[0].is_relative_to(REPO) else str(drawn[0])
+    text = markdown(ordered, data, figures)
     publish("recipes", text, args.smoke)
     return 0
 

@@ -171,7 +171,7 @@ def test_vs_fastai_smoke_classlab_side(tmp_path: Path) -> None:
 
 
 @needs_data
-def test_recipes_smoke_rotation_transfer(tmp_path: Path) -> None:
+def test_recipes_smoke_rotation_transfer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The EfficientNet arm: the pretext run's weights reach the transfer runs, whose rebuilt neck trains."""
     work = tmp_path / "work"
     bench = _script("recipes")
@@ -185,3 +185,9 @@ def test_recipes_smoke_rotation_transfer(tmp_path: Path) -> None:
     assert full["params_trainable"] == 320 * 10 + 10  # frozen B0, a linear head on its 320 channels
     config = (runs / "truncate_at=3,head_conv=true" / "config.yaml").read_text()
     assert str(work / "runs" / "effb0_rotation" / "name=efficientnet_b0") in config
+    # the arm's figure: test accuracy against the cut, a line with and one without the conv head
+    figure = work / "figures" / "effb0_rotation_transfer" / "test_acc_vs_model_truncate_at.png"
+    assert figure.is_file() and figure.read_bytes()[:4] == b"\x89PNG"
+    table = (figure.parent / "compare.md").read_text()
+    assert "truncate_at=3,head_conv=true" in table and "truncate_at=16,head_conv=false" in table
+    assert f"![test accuracy, effb0_rotation_transfer]({figure})" in capsys.readouterr().out
