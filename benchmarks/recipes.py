@@ -136,6 +136,21 @@ RECIPES: dict[str, Recipe] = {
         smoke_grid=["model.truncate_at,model.head_conv=[3,true],[16,false]"],
         plot=("model.truncate_at", "model.head_conv"),
     ),
+    "effb0_rotation_transfer_epoch5": Recipe(
+        "efficientnet_b0_fewshot.yaml",
+        [
+            "data.images_per_class=70",
+            "epochs=60",
+            "model.init_from=<runs>/effb0_rotation/name=efficientnet_b0:epoch5",
+            "model.freeze=all",
+            BF16,
+        ],
+        ["model.truncate_at,model.head_conv=[16,true],[16,false]"],
+        "the source's early-checkpoint finding: the transfer at block_op 15 (all of B0), with and without the conv "
+        "head, from effb0_rotation's epoch-5 checkpoint instead of its best (epoch 10), otherwise as "
+        "effb0_rotation_transfer",
+        smoke=["model.init_from=<runs>/effb0_rotation/name=efficientnet_b0:last"],  # 2 steps keep no epoch5
+    ),
     "resnet32_seed": Recipe(
         "cifar10_resnet32_seed.yaml",
         ["epochs=30", "sched.milestones=[10.29,15.44]", BF16],
@@ -156,16 +171,12 @@ def run_recipe(name: str, data: Path, root: Path, smoke: bool) -> list[Path]:
 
     _quiet_libraries()
     recipe = RECIPES[name]
-    own = [o.replace("<runs>", str(root)) for o in recipe.overrides]  # an earlier recipe's runs, e.g. its weights
-    overrides = [*own, *_data_overrides(data), f"run.root={root}", f"exp_name={name}"]
+    own = recipe.overrides
     if smoke:
-        overrides += [
-            "trainer.max_steps=2",
-            "epochs=1",
-            "data.images_per_class=null",
-            "data.val_fraction=0.2",
-            *recipe.smoke,
-        ]
+        own = [*own, "trainer.max_steps=2", "epochs=1", "data.images_per_class=null", "data.val_fraction=0.2"]
+        own += recipe.smoke
+    own = [o.replace("<runs>", str(root)) for o in own]  # an earlier recipe's runs, e.g. its weights
+    overrides = [*own, *_data_overrides(data), f"run.root={root}", f"exp_name={name}"]
     grid = recipe.smoke_grid if smoke and recipe.smoke_grid else recipe.grid
     points = classlab.sweep(str(CONFIGS / recipe.config), grid, overrides, quiet=True)
     failed = [p.name for p in points if p.status != "finished"]

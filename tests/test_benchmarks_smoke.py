@@ -175,7 +175,8 @@ def test_recipes_smoke_rotation_transfer(tmp_path: Path, capsys: pytest.CaptureF
     """The EfficientNet arm: the pretext run's weights reach the transfer runs, whose rebuilt neck trains."""
     work = tmp_path / "work"
     bench = _script("recipes")
-    assert bench.main(["--smoke", "--only", "effb0_rotation", "effb0_rotation_transfer", "--work", str(work)]) == 0
+    arms = ["effb0_rotation", "effb0_rotation_transfer", "effb0_rotation_transfer_epoch5"]
+    assert bench.main(["--smoke", "--only", *arms, "--work", str(work)]) == 0
     results = json.loads((work / "results.json").read_text())
     assert [r["run"] for r in results["effb0_rotation"]] == ["name=efficientnet_b0"]
     runs = work / "runs" / "effb0_rotation_transfer"
@@ -185,6 +186,11 @@ def test_recipes_smoke_rotation_transfer(tmp_path: Path, capsys: pytest.CaptureF
     assert full["params_trainable"] == 320 * 10 + 10  # frozen B0, a linear head on its 320 channels
     config = (runs / "truncate_at=3,head_conv=true" / "config.yaml").read_text()
     assert str(work / "runs" / "effb0_rotation" / "name=efficientnet_b0") in config
+    # the early-checkpoint runs name a checkpoint of the pretext run (--smoke: last; the real one: epoch5)
+    early = work / "runs" / "effb0_rotation_transfer_epoch5" / "truncate_at=16,head_conv=true" / "config.yaml"
+    assert f"{work / 'runs' / 'effb0_rotation' / 'name=efficientnet_b0'}:last" in early.read_text()
+    runs_early = [r["run"] for r in results["effb0_rotation_transfer_epoch5"]]
+    assert runs_early == ["truncate_at=16,head_conv=true", "truncate_at=16,head_conv=false"]
     # the arm's figure: test accuracy against the cut, a line with and one without the conv head
     figure = work / "figures" / "effb0_rotation_transfer" / "test_acc_vs_model_truncate_at.png"
     assert figure.is_file() and figure.read_bytes()[:4] == b"\x89PNG"
