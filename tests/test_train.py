@@ -169,9 +169,14 @@ def kill_and_resume(args: list[str], runs: Path, after_rows: int, epochs: int) -
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert len(_rows(metrics)) < epochs
+    # as a SIGTERM (a session ending) leaves it: the finished run must not keep that attempt's error
+    summary_path = runs / "killed" / "summary.json"
+    summary_path.write_text(json.dumps(dict(json.loads(summary_path.read_text()), status="failed", error="SIGTERM")))
     resumed = run_cli("train", *args, "exp_name=killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert _rows(metrics) == _rows(runs / "straight" / "metrics.csv")
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "finished" and "error" not in summary
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path: Path) -> None:

@@ -351,7 +351,10 @@ class RunFolder:
             pass
 
     def update_summary(self, **fields: Any) -> dict[str, Any]:
+        """Merge ``fields`` into summary.json; a run that starts again or finishes sheds an earlier attempt's error."""
         summary = self.read_json(SUMMARY) if (self.path / SUMMARY).is_file() else {}
+        if fields.get("status") in ("running", "finished") and "error" not in fields:
+            summary.pop("error", None)
         summary.update(fields)
         self.write_json(SUMMARY, summary)
         return summary
