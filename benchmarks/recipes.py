@@ -151,6 +151,15 @@ RECIPES: dict[str, Recipe] = {
         "effb0_rotation_transfer",
         smoke=["model.init_from=<runs>/effb0_rotation/name=efficientnet_b0:last"],  # 2 steps keep no epoch5
     ),
+    "effb0_random_transfer": Recipe(
+        "efficientnet_b0_fewshot.yaml",
+        ["data.images_per_class=70", "epochs=60", "model.freeze=all", BF16],
+        ["model.truncate_at=3,5,11,16", "model.head_conv=true,false"],
+        "the transfer arm's control: the same frozen cuts and trained classifiers on a randomly initialised B0 "
+        "(no pretext), so the figure shows what the rotation features add",
+        smoke_grid=["model.truncate_at,model.head_conv=[3,true]"],
+        plot=("model.truncate_at", "model.head_conv"),
+    ),
     "resnet32_seed": Recipe(
         "cifar10_resnet32_seed.yaml",
         ["epochs=30", "sched.milestones=[10.29,15.44]", BF16],
