@@ -43,7 +43,8 @@ class Recipe:
     scaled: str  # what differs from the published schedule, in words
     smoke: list[str] = field(default_factory=list)  # extra overrides for --smoke
     smoke_grid: list[str] | None = None  # --smoke's grid where the real one needs more images
-    plot: tuple[str, str] | None = None  # (x key, one line per value of this key): test accuracy as a figure
+    plot: tuple[str, ...] | None = None  # (x key, *line keys): test accuracy against x, a line per combination
+    plot_with: tuple[str, ...] = ()  # other recipes whose runs the figure draws too (a control beside its arm)
 
 
 RECIPES: dict[str, Recipe] = {
@@ -158,7 +159,8 @@ RECIPES: dict[str, Recipe] = {
         "the transfer arm's control: the same frozen cuts and trained classifiers on a randomly initialised B0 "
         "(no pretext), so the figure shows what the rotation features add",
         smoke_grid=["model.truncate_at,model.head_conv=[3,true]"],
-        plot=("model.truncate_at", "model.head_conv"),
+        plot=("model.truncate_at", "model.init_from", "model.head_conv"),
+        plot_with=("effb0_rotation_transfer",),  # random (init_from none) beside rotation features
     ),
     "resnet32_seed": Recipe(
         "cifar10_resnet32_seed.yaml",
@@ -195,12 +197,14 @@ def run_recipe(name: str, data: Path, root: Path, smoke: bool) -> list[Path]:
 
 
 def draw(name: str, root: Path, out: Path) -> None:
-    """The recipe's test accuracy against its plot's x key, one line per value of the other (classlab compare)."""
+    """The recipe's test accuracy against its plot's x key, a line per combination of the others (classlab compare)."""
     import classlab
 
-    if RECIPES[name].plot is not None:
-        x, line = RECIPES[name].plot
-        classlab.compare([str(root / name)], by=[x, line], metrics=["test_acc"], out=out, x=x, group=[line])
+    recipe = RECIPES[name]
+    if recipe.plot is not None:
+        x, *lines = recipe.plot
+        runs = [str(root / r) for r in (name, *recipe.plot_with) if (root / r).is_dir()]
+        classlab.compare(runs, by=[x, *lines], metrics=["test_acc"], out=out, x=x, group=lines)
 
 
 def _epoch_seconds(run: Path) -> tuple[int, float]:
@@ -279,7 +283,7 @@ def markdown(results: dict[str, list[dict[str, Any]]], data: Path, figures: dict
     for name, rows in results.items():
         recipe = RECIPES[name]
         lines += [
-            f"### `configs/{recipe.config}`",
+            f"### {name}: `configs/{recipe.config}`",
             "",
             f"Scaled: {recipe.scaled}.",
             "",

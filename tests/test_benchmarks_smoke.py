@@ -175,7 +175,7 @@ def test_recipes_smoke_rotation_transfer(tmp_path: Path, capsys: pytest.CaptureF
     """The EfficientNet arm: the pretext run's weights reach the transfer runs, whose rebuilt neck trains."""
     work = tmp_path / "work"
     bench = _script("recipes")
-    arms = ["effb0_rotation", "effb0_rotation_transfer", "effb0_rotation_transfer_epoch5"]
+    arms = ["effb0_rotation", "effb0_rotation_transfer", "effb0_rotation_transfer_epoch5", "effb0_random_transfer"]
     assert bench.main(["--smoke", "--only", *arms, "--work", str(work)]) == 0
     results = json.loads((work / "results.json").read_text())
     assert [r["run"] for r in results["effb0_rotation"]] == ["name=efficientnet_b0"]
@@ -196,4 +196,10 @@ def test_recipes_smoke_rotation_transfer(tmp_path: Path, capsys: pytest.CaptureF
     assert figure.is_file() and figure.read_bytes()[:4] == b"\x89PNG"
     table = (figure.parent / "compare.md").read_text()
     assert "truncate_at=3,head_conv=true" in table and "truncate_at=16,head_conv=false" in table
-    assert f"![test accuracy, effb0_rotation_transfer]({figure})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"![test accuracy, effb0_rotation_transfer]({figure})" in out
+    # the control's figure draws its random-weight runs beside the rotation-initialised ones
+    control = (work / "figures" / "effb0_random_transfer" / "compare.md").read_text().splitlines()
+    assert sum("| 3 |  | True |" in row for row in control) == 1  # init_from none: an empty cell
+    assert sum(f"| 3 | {work / 'runs' / 'effb0_rotation' / 'name=efficientnet_b0'} | True |" in r for r in control) == 1
+    assert "![test accuracy, effb0_random_transfer](" in out
