@@ -148,7 +148,7 @@ RECIPES: dict[str, Recipe] = {
         ],
         ["model.truncate_at,model.head_conv=[16,true],[16,false]"],
         "the source's early-checkpoint finding: the transfer at block_op 15 (all of B0), with and without the conv "
-        "head, from effb0_rotation's epoch-5 checkpoint instead of its best (epoch 10), otherwise as "
+        "head, from effb0_rotation's epoch-5 checkpoint instead of its best (epoch 9), otherwise as "
         "effb0_rotation_transfer",
         smoke=["model.init_from=<runs>/effb0_rotation/name=efficientnet_b0:last"],  # 2 steps keep no epoch5
     ),
@@ -231,6 +231,7 @@ def measure(run: Path) -> list[dict[str, Any]]:
                 "run": run.name + (f" stage {k}" if stages else ""),
                 "model": s.get("model"),
                 "params": s.get("params"),
+                "trainable": s.get("params_trainable"),
                 "image_size": s.get("image_size"),
                 "train_images": (s.get("images") or {}).get("train"),
                 "epochs": epochs,
@@ -253,13 +254,18 @@ def _stamped(rows: list[dict[str, Any]], before: list[dict[str, Any]]) -> list[d
     out = []
     for row in rows:
         old = earlier.get(row["run"], {})
-        same = old and json.dumps({k: old.get(k) for k in row}) == json.dumps(row)  # NaN-safe
+        # NaN-safe; a column added since the row was stored does not make it new
+        same = old and all(json.dumps(old[k]) == json.dumps(v) for k, v in row.items() if k in old)
         out.append({**row, **({k: old[k] for k in stamp if k in old} if same and "command" in old else stamp)})
     return out
 
 
 def _pct(value: Any) -> str:
     return "-" if value is None else f"{100 * float(value):.2f}%"
+
+
+def _count(value: Any) -> str:
+    return "-" if value is None else f"{value:,}"  # rows stored before the column was added
 
 
 def _num(value: float) -> str:
@@ -289,12 +295,13 @@ def markdown(results: dict[str, list[dict[str, Any]]], data: Path, figures: dict
             "",
             *(f"{note[0].upper()}{note[1:]}." for note in measured_by(rows)),
             "",
-            "| run | model | params | px | train images | epochs | s/epoch | best val | test |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| run | model | params | trainable | px | train images | epochs | s/epoch | best val | test |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
             lines.append(
-                f"| {r['run']} | {r['model']} | {r['params']:,} | {r['image_size']} | {r['train_images']:,} | "
+                f"| {r['run']} | {r['model']} | {r['params']:,} | {_count(r.get('trainable'))} | {r['image_size']} | "
+                f"{r['train_images']:,} | "
                 f"{r['epochs']} | {_num(r['s_per_epoch'])} | {_pct(r['best_val_acc'])} | {_pct(r['test_acc'])} |"
             )
         if name in (figures or {}):

@@ -135,7 +135,7 @@ def test_recipes_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert [r["image_size"] for r in rows] == [32, 48]
     assert all(r["params"] == 1_996_986 and r["model"] == "bottleneck_resnet" for r in rows)
     assert all(0.0 <= r["test_acc"] <= 1.0 for r in rows)
-    assert "| preset=stl10_2m stage 2 | bottleneck_resnet | 1,996,986 | 48 |" in capsys.readouterr().out
+    assert "| preset=stl10_2m stage 2 | bottleneck_resnet | 1,996,986 | 1,996,986 | 48 |" in capsys.readouterr().out
     assert all(r["command"].startswith("python ") and r["date"] for r in rows)
     # a second call reads the finished run instead of training it again, and a row it only found keeps
     # the call that measured it; a row whose figures differ from the stored ones is stamped anew
