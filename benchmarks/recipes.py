@@ -346,4 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:  # Ctrl-C or a SIGTERM: the run in progress keeps its last.ckpt
+        raise SystemExit("recipes.py: interrupted; the same command resumes where it stopped") from None

@@ -231,6 +231,28 @@ def test_nan_loss_stops_at_that_step(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert [r["epoch"] for r in _rows(run / "metrics.csv")] == ["1"]
 
 
+def test_nan_loss_names_the_epoch_an_interval_checkpoint_keeps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    # last.ckpt written on an interval (trainer.checkpoint_every_s): here only after epoch 1; the loss
+    # goes NaN at step 14, in epoch 3, so the file holds one epoch fewer than metrics.csv.
+    from classlab.engine.callbacks import RunRecorder
+
+    monkeypatch.setattr(RunRecorder, "_last_due", lambda self, trainer: trainer.current_epoch == 0)
+    nan_loss_at(monkeypatch, {13})
+    code, _, err = cli(capsys, "train", *small_run(tmp_path, exp_name="nan", epochs=4), "--quiet")
+    assert code == 1
+    (line,) = error_lines(err)
+    assert "at epoch 3, step 14 (batch 2 of 6)" in line
+    assert "checkpoints/last.ckpt keeps epoch 1 (written every trainer.checkpoint_every_s), a good one" in line
+    run = tmp_path / "runs" / "nan"
+    assert _epochs_in(run / "checkpoints" / "last.ckpt") == 1 and len(_rows(run / "metrics.csv")) == 2
+    monkeypatch.undo()
+    code, _, err = cli(capsys, "train", *small_run(tmp_path, exp_name="nan", epochs=4), "--resume", "--quiet")
+    assert code == 0, err
+    assert [r["epoch"] for r in _rows(run / "metrics.csv")] == ["1", "2", "3", "4"]
+
+
 def test_skip_batch_skips_counts_and_reports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     nan_loss_at(monkeypatch, {2, 6})
     args = small_run(tmp_path, exp_name="skip", **{"trainer.on_nonfinite": "skip_batch"})

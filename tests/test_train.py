@@ -186,6 +186,27 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path: Path) -> None:
     kill_and_resume(args, tmp_path / "runs", after_rows=2, epochs=4)
 
 
+def test_last_ckpt_on_an_interval_keeps_the_end_and_resumes_exactly(tmp_path: Path) -> None:
+    """trainer.checkpoint_every_s longer than the run: last.ckpt is written once, at the end; a run stopped
+    by max_steps mid-schedule is written where it stopped; a kill before any write resumes from nothing."""
+    hour = {"trainer.checkpoint_every_s": 3600}
+    run = classlab.train(None, tiny_config(tmp_path, exp_name="hourly", **hour), quiet=True)
+    ckpts = run.path / "checkpoints"
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["classlab"]["epochs_done"] == 3
+    assert not (ckpts / "previous.ckpt").exists()  # one write: epochs 1 and 2 were not written
+    assert len(_rows(run.path / "metrics.csv")) == 3
+
+    stopped = tiny_config(tmp_path, exp_name="steps", **hour, **{"trainer.max_steps": 20})
+    steps = classlab.train(None, stopped, quiet=True)
+    ckpt = torch.load(steps.path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 20 and ckpt["classlab"]["epochs_done"] == 2
+
+    args = tiny_config(tmp_path, epochs=4, **{"data.images_per_class": 150}, **hour)
+    straight = run_cli("train", *args, "exp_name=straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    kill_and_resume(args, tmp_path / "runs", after_rows=2, epochs=4)
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGINT"), reason="needs signals")
 def test_ctrl_c_marks_interrupted(tmp_path: Path) -> None:
     # Epochs enough that a run which missed the signal cannot end before the test notices.

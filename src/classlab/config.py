@@ -285,6 +285,12 @@ class TrainerSection(Section):
     clip_grad: float | None = Field(None, gt=0.0, description="clip the gradient norm to this value")
     ema_decay: float | None = Field(None, gt=0.0, lt=1.0, description="keep an exponential moving average of weights")
     keep_every: int | None = Field(None, ge=1, description="also keep checkpoints/epochN.ckpt every N epochs")
+    checkpoint_every_s: float = Field(
+        10.0,
+        ge=0.0,
+        description="least seconds of training between two last.ckpt writes (0 = every epoch): short epochs then "
+        "train instead of writing; the final epoch is always written, a kill loses at most this much training",
+    )
     deterministic: bool = Field(True, description="deterministic kernels (exact reruns and resume)")
     channels_last: bool = Field(True, description="NHWC memory layout (faster convolutions on CPU and GPU)")
     compile: bool = Field(False, description="torch.compile the network")

@@ -334,6 +334,7 @@ def _fit_run(
         run,
         extra={"classes": data.classes, "image_size": data.size, "channels": data.channels, "task": cfg.task},
         keep_every=cfg.trainer.keep_every,
+        last_every_s=cfg.trainer.checkpoint_every_s,
         console=console if _is_zero() else None,
         columns=[*METRIC_COLUMNS, *extra_columns] if extra_columns else None,
     )

@@ -15,6 +15,7 @@ make the forward pass itself non-finite can still leave them damaged, which only
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning as L
@@ -35,11 +36,16 @@ class NonFiniteGuard(L.Callback):
     """Stops (``stop``) or skips (``skip_batch``) a training step whose loss is NaN or infinite."""
 
     def __init__(
-        self, mode: Literal["stop", "skip_batch"], run: RunFolder | None = None, console: Console | None = None
+        self,
+        mode: Literal["stop", "skip_batch"],
+        run: RunFolder | None = None,
+        console: Console | None = None,
+        saved_epochs: Callable[[], int] | None = None,
     ) -> None:
         self.mode = mode
         self.run = run
         self.console = console
+        self.saved_epochs = saved_epochs  # the epochs last.ckpt holds (RunRecorder writes it on an interval)
         self.skipped = 0  # over the whole run, carried across --resume in the checkpoint
         self._epoch_skipped = 0
         self._loss: torch.Tensor | None = None
@@ -91,11 +97,13 @@ class NonFiniteGuard(L.Callback):
         kind = "NaN" if math.isnan(value) else "infinite"
         lr = optimizer.param_groups[0]["lr"]
         done = trainer.current_epoch
-        kept = (
-            f"checkpoints/last.ckpt keeps epoch {done}, the last good one"
-            if done
-            else "no epoch had finished, so there is no checkpoint"
-        )
+        saved = self.saved_epochs() if self.saved_epochs is not None else done
+        if saved == done and done:
+            kept = f"checkpoints/last.ckpt keeps epoch {done}, the last good one"
+        elif saved:
+            kept = f"checkpoints/last.ckpt keeps epoch {saved} (written every trainer.checkpoint_every_s), a good one"
+        else:
+            kept = "no checkpoint had been written yet"
         return (
             f"the loss became {kind} at epoch {done + 1}, step {trainer.global_step + 1} "
             f"(batch {self._batch + 1} of {trainer.num_training_batches}) with learning rate {lr:.4g}: "

@@ -215,7 +215,12 @@ def build_trainer(
         deterministic=deterministic,
         callbacks=[
             recorder,
-            NonFiniteGuard(cfg.trainer.on_nonfinite, run if zero else None, console if zero else None),
+            NonFiniteGuard(
+                cfg.trainer.on_nonfinite,
+                run if zero else None,
+                console if zero else None,
+                saved_epochs=lambda: recorder.saved_epochs,
+            ),
             *_checkpoint_callbacks(cfg, run, has_val, steps_per_epoch),
             *_progress(console, show_progress),
             *tracking.logger_callbacks(loggers or []),
