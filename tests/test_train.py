@@ -201,6 +201,13 @@ def test_last_ckpt_on_an_interval_keeps_the_end_and_resumes_exactly(tmp_path: Pa
     ckpt = torch.load(steps.path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 20 and ckpt["classlab"]["epochs_done"] == 2
 
+    # An early stop is written where it stopped: an MLP (no BatchNorm) at lr 1e-9 never improves val/acc.
+    still = {"model.name": "mlp", "model.layers": "[32]", "optim.lr": 1e-9, "trainer.patience": 1, "epochs": 10}
+    early = classlab.train(None, tiny_config(tmp_path, exp_name="early", **hour, **still), quiet=True)
+    assert len(_rows(early.path / "metrics.csv")) == 2
+    ckpt = torch.load(early.path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["classlab"]["epochs_done"] == 2
+
     args = tiny_config(tmp_path, epochs=4, **{"data.images_per_class": 150}, **hour)
     straight = run_cli("train", *args, "exp_name=straight")
     assert straight.returncode == 0, straight.stderr[-2000:]

@@ -31,7 +31,7 @@ class RunRecorder(L.Callback):
     """Appends a metrics.csv row per validated epoch, keeps last.ckpt and epochN.ckpt, marks the summary.
 
     last.ckpt is written at the end of an epoch once ``last_every_s`` seconds have passed since the
-    previous write: a few-shot run of 2,400 one-step epochs would otherwise spend a third of its time
+    previous write: a few-shot run of 2,400 one-step epochs otherwise spent about 30% of its time
     writing checkpoints. The final epoch, an early stop and Ctrl-C are always written; a resume from an
     older last.ckpt drops the later metrics.csv rows and retrains them identically.
     """

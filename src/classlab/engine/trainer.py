@@ -160,7 +160,11 @@ def _checkpoint_callbacks(cfg: Config, run: RunFolder, has_val: bool, steps_per_
             )
         )
         if cfg.trainer.patience:
-            callbacks.append(EarlyStopping(monitor=cfg.trainer.monitor, mode=mode, patience=cfg.trainer.patience))
+            # Decided when validation ends, so RunRecorder sees trainer.should_stop and writes that last epoch.
+            stop = EarlyStopping(
+                monitor=cfg.trainer.monitor, mode=mode, patience=cfg.trainer.patience, check_on_train_epoch_end=False
+            )
+            callbacks.append(stop)
     elif cfg.trainer.patience:
         raise ClassLabError("trainer.patience needs a validation set; set data.val_fraction above 0")
     if cfg.trainer.ema_decay:
