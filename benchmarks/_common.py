@@ -23,6 +23,18 @@ WORK = REPO / "benchmarks" / "_work"  # git-ignored: downloads, run folders, par
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg"
 FLOWERS = REPO.parent / "shared" / "data" / "flowers5"  # real photos in flat class folders
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+RESULTS = REPO / "benchmarks" / "results"  # committed: figures that later calls (and sessions) add to
+
+
+def results_path(name: str, work: Path, local: bool) -> Path:
+    """Where a benchmark keeps the rows it has measured, which its BENCHMARKS.md section is rebuilt from.
+
+    Committed (``benchmarks/results/<name>.json``) by default, because the section is rewritten from
+    this file: a store under the git-ignored work folder is gone in the next fresh checkout, and the
+    next call would publish only what it measured itself. ``local`` (smoke runs, an explicit --work)
+    keeps it in the work folder.
+    """
+    return work / "results.json" if local else RESULTS / f"{name}.json"
 
 
 def cpu_model() -> str:

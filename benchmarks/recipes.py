@@ -24,13 +24,29 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, REPO, WORK, command, machine, measured_by, publish, subset_folder, today  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_DATA,
+    REPO,
+    WORK,
+    command,
+    machine,
+    measured_by,
+    publish,
+    results_path,
+    subset_folder,
+    today,
+)
 
 from classlab.run import atomic_write_text  # noqa: E402
 
 CONFIGS = REPO / "configs"
 FIGURES = REPO / "benchmarks" / "figures"  # committed: the recipes section of BENCHMARKS.md shows them
+RESULTS = results_path("recipes", WORK, local=False)
+LONG_RUNS = REPO / "benchmarks" / "long_runs"  # committed run folders: a sweep longer than a session (README there)
 BF16 = "trainer.precision=bf16-mixed"  # 1.7-1.8x on this CPU's AVX512-BF16 (BENCHMARKS.md, fast-knobs)
+# cheapest first, so a session that cannot run them all finishes whole runs: on 2 AVX2 cores in fp32 an epoch
+# takes 1.4 / 0.4 / 1.4 / 3.8 / 18 / 32 min (patch-2 mixers: 256 tokens)
+TEMPLATE_MODELS = "model.name=normal_cnn,residual_cnn,mixer_s4,mixer_b4,mixer_s2,mixer_b2"
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,7 @@ class Recipe:
     smoke_grid: list[str] | None = None  # --smoke's grid where the real one needs more images
     plot: tuple[str, ...] | None = None  # (x key, *line keys): test accuracy against x, a line per combination
     plot_with: tuple[str, ...] = ()  # other recipes whose runs the figure draws too (a control beside its arm)
+    long_run: bool = False  # hours of runs: they live in LONG_RUNS, committed, so the next session continues them
 
 
 RECIPES: dict[str, Recipe] = {
@@ -75,17 +92,17 @@ RECIPES: dict[str, Recipe] = {
     ),
     "template_compare": Recipe(
         "cifar10_template_compare.yaml",
-        ["epochs=6", BF16],
-        ["model.name=normal_cnn,residual_cnn,mixer_s4,mixer_s2,mixer_b4,mixer_b2"],
+        ["epochs=6"],
+        [TEMPLATE_MODELS],
         "6 of the source's 600 epochs (600 Adam steps at batch 500, constant lr, so only the length is cut) "
-        "for each of the six models, bf16 autocast",
+        "for each of the six models, fp32 as in the source",
         ["data.batch_size=20"],
+        long_run=True,
     ),
     "template_compare_defaults": Recipe(
         "cifar10_template_compare.yaml",
         [
             "epochs=6",
-            BF16,
             "aug.crop_padding=4",
             "aug.flip=true",
             "aug.norm_mean=null",
@@ -93,10 +110,11 @@ RECIPES: dict[str, Recipe] = {
             "data.val_fraction=0.1",
             "optim.decay_norm_and_bias=false",
         ],
-        ["model.name=normal_cnn,residual_cnn,mixer_s4,mixer_s2,mixer_b4,mixer_b2"],
+        [TEMPLATE_MODELS],
         "the second table: classlab's defaults in place of the source's fixed setup (crop + flip, the training "
-        "split's statistics, a 10% validation split picking best.ckpt, no decay on norms and biases), 6 epochs",
+        "split's statistics, a 10% validation split picking best.ckpt, no decay on norms and biases), 6 epochs, fp32",
         ["data.batch_size=20"],
+        long_run=True,
     ),
     "efficientnet_b0_fewshot": Recipe(
         "efficientnet_b0_fewshot.yaml",
@@ -114,6 +132,7 @@ RECIPES: dict[str, Recipe] = {
         ],
         "every N the same 2,400 RangerLars steps at batch 64 (epochs linked to N), bf16 autocast",
         smoke_grid=["data.images_per_class,epochs=[5,2],[10,2]"],
+        long_run=True,
     ),
     "effb0_rotation": Recipe(
         "efficientnet_b0_rotation.yaml",
@@ -175,25 +194,29 @@ def _data_overrides(data: Path) -> list[str]:
     return ["data.dataset=folder", f"data.root={data}", "trainer.progress=false"]
 
 
-def run_recipe(name: str, data: Path, root: Path, smoke: bool) -> list[Path]:
-    """Run (or continue) one recipe's sweep; return its run folders."""
+def run_recipe(name: str, data: Path, root: Path, smoke: bool, finished_only: bool = False) -> list[Any]:
+    """Run (or continue) one recipe's sweep; return its points (``finished_only``: start none, read the folders)."""
     import classlab
     from classlab.cli import _quiet_libraries
+    from classlab.sweep import plan
 
     _quiet_libraries()
     recipe = RECIPES[name]
     own = recipe.overrides
-    if smoke:
+    if smoke:  # the wiring, in fp32: bf16 is emulated on a CPU without bf16 instructions, 12-60x slower a step
+        own = [o for o in own if o != BF16]
         own = [*own, "trainer.max_steps=2", "epochs=1", "data.images_per_class=null", "data.val_fraction=0.2"]
         own += recipe.smoke
     own = [o.replace("<runs>", str(root)) for o in own]  # an earlier recipe's runs, e.g. its weights
     overrides = [*own, *_data_overrides(data), f"run.root={root}", f"exp_name={name}"]
     grid = recipe.smoke_grid if smoke and recipe.smoke_grid else recipe.grid
+    if finished_only:
+        return plan(str(CONFIGS / recipe.config), overrides, grid)[1]
     points = classlab.sweep(str(CONFIGS / recipe.config), grid, overrides, quiet=True)
     failed = [p.name for p in points if p.status != "finished"]
     if failed:
         raise SystemExit(f"recipe {name}: runs did not finish: {', '.join(failed)} (see their folders under {root})")
-    return [p.path for p in points]
+    return points
 
 
 def draw(name: str, root: Path, out: Path) -> None:
@@ -215,6 +238,11 @@ def _epoch_seconds(run: Path) -> tuple[int, float]:
         return 0, float("nan")
     epochs = int(float(rows[-1]["epoch"]))
     return epochs, float(rows[-1]["time"]) / max(epochs, 1)
+
+
+def pending(name: str) -> dict[str, Any]:
+    """The row of a run the sweep has not finished: the table lists every run the recipe plans."""
+    return {"run": name, "pending": True}
 
 
 def measure(run: Path) -> list[dict[str, Any]]:
@@ -253,6 +281,9 @@ def _stamped(rows: list[dict[str, Any]], before: list[dict[str, Any]]) -> list[d
     stamp = {"command": command(), "date": today()}
     out = []
     for row in rows:
+        if row.get("pending"):  # no figures, so no call made them
+            out.append(row)
+            continue
         old = earlier.get(row["run"], {})
         # NaN-safe; a column added since the row was stored does not make it new
         same = old and all(json.dumps(old[k]) == json.dumps(v) for k, v in row.items() if k in old)
@@ -298,7 +329,17 @@ def markdown(results: dict[str, list[dict[str, Any]]], data: Path, figures: dict
             "| run | model | params | trainable | px | train images | epochs | s/epoch | best val | test |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
+        waiting = [r["run"] for r in rows if r.get("pending")]
+        if waiting:
+            lines[-2:-2] = [
+                f"{len(rows) - len(waiting)} of {len(rows)} runs finished; not run yet: {', '.join(waiting)} "
+                "(the recipe's command runs them).",
+                "",
+            ]
         for r in rows:
+            if r.get("pending"):
+                lines.append(f"| {r['run']} | not run yet |" + " |" * 8)
+                continue
             lines.append(
                 f"| {r['run']} | {r['model']} | {r['params']:,} | {_count(r.get('trainable'))} | {r['image_size']} | "
                 f"{r['train_images']:,} | "
@@ -310,33 +351,45 @@ def markdown(results: dict[str, list[dict[str, Any]]], data: Path, figures: dict
     return "\n".join(lines)
 
 
+def _root(name: str, work: Path, smoke: bool) -> Path:
+    """Where a recipe's run folders live: a long recipe's in LONG_RUNS (committed), the others' under --work."""
+    return LONG_RUNS if RECIPES[name].long_run and not smoke else work / "runs"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(RECIPES), help="run these recipes (default: all)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="cifar10-jpeg-style folder")
-    parser.add_argument("--work", type=Path, default=WORK / "recipes", help="run folders and results.json")
+    parser.add_argument("--work", type=Path, default=WORK / "recipes", help="run folders of the shorter recipes")
+    parser.add_argument("--results", type=Path, help="stored rows (default benchmarks/results/recipes.json)")
     parser.add_argument("--smoke", action="store_true", help="2 steps a run on a small copy; no BENCHMARKS.md")
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="start no run: table the runs that have finished, the others as not run yet (a long sweep's progress)",
+    )
     args = parser.parse_args(argv)
     if not (args.data / "train").is_dir():
         raise SystemExit(f"{args.data}/train is not there: give --data a folder with train/<class>/ and test/<class>/")
     data = subset_folder(args.data, args.work / "data", 20, 10) if args.smoke else args.data.resolve()
     names = args.only or list(RECIPES)
     results: dict[str, list[dict[str, Any]]] = {}
-    results_file = args.work / "results.json"
+    results_file = args.results or results_path("recipes", args.work, local=args.smoke)
     if results_file.is_file():
         results = json.loads(results_file.read_text(encoding="utf-8"))
     for name in names:
         print(f"== {name}: {RECIPES[name].scaled}", flush=True)
-        runs = run_recipe(name, data, args.work / "runs", args.smoke)
-        rows = [row for run in runs for row in measure(run)]
+        points = run_recipe(name, data, _root(name, args.work, args.smoke), args.smoke, args.finished_only)
+        rows = [row for p in points for row in (measure(p.path) if p.status == "finished" else [pending(p.name)])]
         results[name] = _stamped(rows, results.get(name, []))
-        atomic_write_text(results_file, json.dumps(results, indent=1))  # a killed call keeps the earlier figures
+        results_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(results_file, json.dumps(results, indent=1) + "\n")  # a killed call keeps the earlier figures
     ordered = {n: results[n] for n in RECIPES if n in results}
     figures_dir = args.work / "figures" if args.smoke else FIGURES
     figures = {}
     for name in ordered:
         if name in names:
-            draw(name, args.work / "runs", figures_dir / name)
+            draw(name, _root(name, args.work, args.smoke), figures_dir / name)
         drawn = sorted((figures_dir / name).glob("test_acc_vs_*.png"))  # this call's, or an earlier call's
         if drawn:
             figures[name] = drawn[0].relative_to(REPO).as_posix() if drawn[0].is_relative_to(REPO) else str(drawn[0])

@@ -55,6 +55,9 @@ from _common import (  # noqa: E402
     subset_folder,
     today,
 )
+from _common import (
+    results_path as stored_results,
+)
 
 AIRBENCH = "airbench==0.1.8"
 AIRBENCH_SDIST = Path("/tmp/ab/airbench-0.1.8.tar.gz")  # used when present: no network needed
@@ -403,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         install_airbench(work / "site")
     from classlab.run import atomic_write_text
 
-    results_path = work / "results.json"
+    results_path = stored_results("vs_airbench", work, args.smoke or args.work is not None)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for seed in args.seeds:
         for plain in args.sides:

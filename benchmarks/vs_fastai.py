@@ -50,6 +50,9 @@ from _common import (  # noqa: E402
     subset_folder,
     today,
 )
+from _common import (
+    results_path as stored_results,
+)
 
 WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
 ARMS = ("finetune", "scratch")
@@ -285,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data).resolve()
     if args.smoke:
         data = subset_folder(data, work / "data", SMOKE["per_class"])
-    results_file = work / "results.json"
+    from classlab.run import atomic_write_text
+
+    results_file = stored_results("vs_fastai", work, args.smoke or args.work is not None)
+    results_file.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
     split = shared_split(data, work)
     python = fastai_python() if "fastai" in args.sides else None
@@ -316,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue  # finished in an earlier call
             print(f"{arm} / {side} ...", flush=True)
             results.setdefault(arm, {})[side] = run_side(side, spec, python)
-            results_file.write_text(json.dumps(results, indent=1))
+            atomic_write_text(results_file, json.dumps(results, indent=1) + "\n")
     publish("vs_fastai", markdown(results, meta), args.smoke)
     return 0
 

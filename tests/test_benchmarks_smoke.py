@@ -152,6 +152,32 @@ def test_recipes_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert "`python benchmarks/recipes.py --earlier-call` (" in note and note.count("`") == 4  # both calls
 
 
+@needs_data
+def test_recipes_finished_only_tables_a_long_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A sweep longer than a session is tabled as it stands: finished runs with figures, the rest as not run yet."""
+    work = tmp_path / "work"
+    bench = _script("recipes")
+    # a long recipe's runs live in the committed long_runs folder, so a fresh checkout continues them
+    assert bench._root("efficientnet_b0_equal_steps", work, smoke=False) == REPO / "benchmarks" / "long_runs"
+    assert bench.RESULTS == REPO / "benchmarks" / "results" / "recipes.json"
+    argv = ["--smoke", "--only", "efficientnet_b0_equal_steps", "--work", str(work)]
+    assert bench.main([*argv, "--finished-only"]) == 0
+    out = capsys.readouterr().out
+    assert "0 of 2 runs finished; not run yet: images_per_class=5,epochs=2, images_per_class=10,epochs=2" in out
+    assert not (work / "runs" / "efficientnet_b0_equal_steps").exists()  # nothing was started
+    assert bench.main(argv) == 0
+    runs = work / "runs" / "efficientnet_b0_equal_steps"
+    (runs / "images_per_class=10,epochs=2" / "summary.json").unlink()  # as a run killed before it finished
+    capsys.readouterr()
+    assert bench.main([*argv, "--finished-only"]) == 0
+    out = capsys.readouterr().out
+    assert "1 of 2 runs finished; not run yet: images_per_class=10,epochs=2" in out
+    assert "| images_per_class=5,epochs=2 | efficientnet_b0 | 4,020,358 |" in out
+    assert "| images_per_class=10,epochs=2 | not run yet |" in out
+    rows = json.loads((work / "results.json").read_text())["efficientnet_b0_equal_steps"]
+    assert rows[1] == {"run": "images_per_class=10,epochs=2", "pending": True} and "command" in rows[0]
+
+
 @pytest.mark.skipif(not (FLOWERS.is_dir() and MOBILENET.is_file()), reason="../shared flowers5 or weights not here")
 def test_vs_fastai_smoke_classlab_side(tmp_path: Path) -> None:
     """The classlab side of both arms on a small copy (fastai is not installed in CI: its side is skipped)."""
