@@ -39,6 +39,7 @@ from classlab.engine.trainer import (
     build_trainer,
     final_test,
     load_stage_weights,
+    precision_notice,
 )
 from classlab.errors import ClassLabError
 from classlab.models import count_params, pretrained, validate_model_spec
@@ -258,7 +259,8 @@ def _announce(run: RunFolder, cfg: Config, data: DataBundle, net: torch.nn.Modul
         f"on {cfg.data.dataset}: {len(data.train)} train / {len(data.val or [])} val / {len(data.test or [])} "
         f"test images at {data.size}px, {data.mode} loader -> {run.path}"
     )
-    for line in ([weights.line(), *weights.notes] if weights else []) + data.notices:
+    notice = precision_notice(cfg)
+    for line in ([weights.line(), *weights.notes] if weights else []) + data.notices + ([notice] if notice else []):
         console.print(line)
 
 

@@ -7,6 +7,7 @@ of the best checkpoint through the same eval loop as ``classlab eval``.
 
 from __future__ import annotations
 
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,39 @@ def accelerator(cfg: Config) -> str:
     if cfg.trainer.accelerator != "auto":
         return "gpu" if cfg.trainer.accelerator == "cuda" else cfg.trainer.accelerator
     return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this x86 CPU computes bf16 in hardware (AVX512-BF16 or AMX); other CPUs are not judged (True)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True  # ARM's bf16 support is not exposed by torch; say nothing rather than guess
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not any(callable(probe) for probe in probes):
+        return True  # a torch without the probes: no claim either way
+    return any(callable(probe) and probe() for probe in probes)
+
+
+def precision_notice(cfg: Config) -> str | None:
+    """One line when the chosen precision is emulated on this CPU, where it is slower than fp32, not faster.
+
+    bf16 autocast pays off on CPUs with bf16 instructions (1.7-1.8x on the fast recipe, BENCHMARKS.md);
+    on an AVX2-only CPU the same run measured 12-60x *slower* than fp32 a step (three template nets), and
+    a recipe written on one machine is often run on the other.
+    """
+    precision = str(cfg.trainer.precision)
+    if accelerator(cfg) != "cpu" or not precision.startswith(("bf16", "16")):
+        return None
+    if precision.startswith("16"):
+        return (
+            f"note: trainer.precision={precision} on the CPU: float16 has no fast CPU kernels; "
+            "use trainer.precision=32-true (or bf16-mixed on a CPU with AVX512-BF16 or AMX)"
+        )
+    if cpu_has_bf16():
+        return None
+    return (
+        f"note: trainer.precision={precision} on a CPU without bf16 instructions (no AVX512-BF16 or AMX): "
+        "bf16 is emulated here, many times slower than fp32; use trainer.precision=32-true on this machine"
+    )
 
 
 def _checkpoint_callbacks(cfg: Config, run: RunFolder, has_val: bool, steps_per_epoch: int) -> list[L.Callback]:
