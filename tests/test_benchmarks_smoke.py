@@ -229,3 +229,21 @@ def test_recipes_smoke_rotation_transfer(tmp_path: Path, capsys: pytest.CaptureF
     assert sum("| 3 |  | True |" in row for row in control) == 1  # init_from none: an empty cell
     assert sum(f"| 3 | {work / 'runs' / 'effb0_rotation' / 'name=efficientnet_b0'} | True |" in r for r in control) == 1
     assert "![test accuracy, effb0_random_transfer](" in out
+
+
+def test_precision_cpu_smoke(tmp_path: Path) -> None:
+    """bf16 against fp32 a step: rows kept per machine, so a second machine's call adds to the table."""
+    bench = _script("precision_cpu")
+    work = tmp_path / "work"
+    store = work / "results.json"
+    store.parent.mkdir(parents=True)
+    other = {"net": "normal_cnn", "batch": 128, "fp32_s": 0.5, "bf16_s": 0.25, "command": "python x", "date": "d"}
+    store.write_text(json.dumps({"an AMX machine": {"bf16_isa": "amx_bf16", "rows": [other]}}))
+    assert bench.main(["--smoke", "--work", str(work)]) == 0
+    results = json.loads(store.read_text())
+    assert set(results) == {"an AMX machine", bench.machine()}  # the earlier machine's rows are kept
+    row = results[bench.machine()]["rows"][0]
+    assert row["net"] == "resnet_cifar depth 20" and row["fp32_s"] > 0 and row["bf16_s"] > 0
+    table = bench.markdown(results)
+    assert "| an AMX machine | amx_bf16 | normal_cnn | 128 | 0.500 | 0.250 | 0.50x |" in table
+    assert f"| {bench.machine()} |" in table and "| resnet_cifar depth 20 | 4 |" in table
