@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or WORK / ("precision_cpu-smoke" if args.smoke else "precision_cpu")
     store = stored_results("precision_cpu", work, args.smoke or args.work is not None)
     results: dict[str, Any] = json.loads(store.read_text()) if store.is_file() else {}
-    rows = []
+    rows, stamp = [], {"command": command(), "date": today()}  # one call, one stamp
     for label, spec in nets.items():
         figures = step_seconds(spec, batch, steps, rounds)
-        rows.append({"net": label, "batch": batch, **figures, "command": command(), "date": today()})
+        rows.append({"net": label, "batch": batch, **figures, **stamp})
         print(f"{label}: fp32 {figures['fp32_s']:.3f} s, bf16 {figures['bf16_s']:.3f} s a step", flush=True)
     isa = [f for f in ("avx512_bf16", "amx_bf16") if f in cpu_flags()]
     results[machine()] = {"bf16_isa": ", ".join(isa), "rows": rows}

@@ -203,7 +203,7 @@ def run_recipe(name: str, data: Path, root: Path, smoke: bool, finished_only: bo
     _quiet_libraries()
     recipe = RECIPES[name]
     own = recipe.overrides
-    if smoke:  # the wiring, in fp32: bf16 is emulated on a CPU without bf16 instructions, 12-60x slower a step
+    if smoke:  # the wiring, in fp32: bf16 is emulated on a CPU without bf16 instructions, 12-41x slower a step
         own = [o for o in own if o != BF16]
         own = [*own, "trainer.max_steps=2", "epochs=1", "data.images_per_class=null", "data.val_fraction=0.2"]
         own += recipe.smoke

@@ -156,7 +156,7 @@ def precision_notice(cfg: Config) -> str | None:
     """One line when the chosen precision is emulated on this CPU, where it is slower than fp32, not faster.
 
     bf16 autocast pays off on CPUs with bf16 instructions (1.7-1.8x on the fast recipe, BENCHMARKS.md);
-    on an AVX2-only CPU the same run measured 12-60x *slower* than fp32 a step (three template nets), and
+    on an AVX2-only CPU a step of the recipe nets measured 12-41x *slower* than fp32 (benchmarks/precision_cpu.py), and
     a recipe written on one machine is often run on the other.
     """
     precision = str(cfg.trainer.precision)
