@@ -75,7 +75,8 @@ PRECISION = {
 }
 
 # --smoke: how small (images per class) and how short (steps)
-SMOKE = {"train_per_class": 20, "test_per_class": 5, "batch_size": 50, "epochs": 1}
+# (small: on a CPU without bf16 instructions the bf16 sides' steps are emulated, 12-41x slower, BENCHMARKS.md)
+SMOKE = {"train_per_class": 8, "test_per_class": 5, "batch_size": 20, "epochs": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +360,8 @@ def work_and_data(args: argparse.Namespace, name: str) -> tuple[Path, Path]:
     work = Path(args.work or WORK / (f"{name}-smoke" if args.smoke else name)).resolve()
     data = Path(args.data).resolve()
     if args.smoke:
-        data = subset_folder(data, WORK / "smoke-data-vs", SMOKE["train_per_class"], SMOKE["test_per_class"])
+        per_class = SMOKE["train_per_class"]
+        data = subset_folder(data, WORK / f"smoke-data-vs{per_class}", per_class, SMOKE["test_per_class"])
     if args.worker:
         import torch
 
