@@ -271,14 +271,15 @@ def measure(run: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _stamped(rows: list[dict[str, Any]], before: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _stamped(rows: list[dict[str, Any]], before: list[dict[str, Any]], call: str | None = None) -> list[dict[str, Any]]:
     """Rows with the call (and date) that measured them: a row that this call only found finished keeps its stamp.
 
     The section is rewritten by whichever call ran last, so its header names that call; each recipe's
-    rows must still name the call that trained them.
+    rows must still name the call that trained them (``call``: a --finished-only call names the command
+    whose runs it tabled, which trains exactly those folders).
     """
     earlier = {r["run"]: r for r in before}
-    stamp = {"command": command(), "date": today()}
+    stamp = {"command": call or command(), "date": today()}
     out = []
     for row in rows:
         if row.get("pending"):  # no figures, so no call made them
@@ -381,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {RECIPES[name].scaled}", flush=True)
         points = run_recipe(name, data, _root(name, args.work, args.smoke), args.smoke, args.finished_only)
         rows = [row for p in points for row in (measure(p.path) if p.status == "finished" else [pending(p.name)])]
-        results[name] = _stamped(rows, results.get(name, []))
+        call = command().replace(" --finished-only", "") if args.finished_only else None
+        results[name] = _stamped(rows, results.get(name, []), call)
         results_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(results_file, json.dumps(results, indent=1) + "\n")  # a killed call keeps the earlier figures
     ordered = {n: results[n] for n in RECIPES if n in results}
