@@ -28,8 +28,17 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import WORK, command, cpu_flags, machine, measured_by, publish, section_head, today  # noqa: E402
-from _common import results_path as stored_results  # noqa: E402
+from _common import (  # noqa: E402
+    WORK,
+    command,
+    cpu_flags,
+    machine,
+    measured_by,
+    publish,
+    results_path,
+    section_head,
+    today,
+)
 
 NETS = {  # the recipes' nets at 32 px (configs/cifar10_resnet32.yaml, cifar10_template_compare.yaml)
     "resnet_cifar depth 20": {"name": "resnet_cifar", "depth": 20},
@@ -104,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     nets = dict(list(NETS.items())[:1]) if args.smoke else NETS
     batch, steps, rounds = (4, 1, 1) if args.smoke else (args.batch, args.steps, args.rounds)
     work = args.work or WORK / ("precision_cpu-smoke" if args.smoke else "precision_cpu")
-    store = stored_results("precision_cpu", work, args.smoke or args.work is not None)
+    store = results_path("precision_cpu", work, args.smoke or args.work is not None)
     results: dict[str, Any] = json.loads(store.read_text()) if store.is_file() else {}
     rows, stamp = [], {"command": command(), "date": today()}  # one call, one stamp
     for label, spec in nets.items():

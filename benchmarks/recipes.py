@@ -378,11 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     results_file = args.results or results_path("recipes", args.work, local=args.smoke)
     if results_file.is_file():
         results = json.loads(results_file.read_text(encoding="utf-8"))
+    call = command().replace(" --finished-only", "") if args.finished_only else None  # the command that trains them
     for name in names:
         print(f"== {name}: {RECIPES[name].scaled}", flush=True)
         points = run_recipe(name, data, _root(name, args.work, args.smoke), args.smoke, args.finished_only)
         rows = [row for p in points for row in (measure(p.path) if p.status == "finished" else [pending(p.name)])]
-        call = command().replace(" --finished-only", "") if args.finished_only else None
         results[name] = _stamped(rows, results.get(name, []), call)
         results_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(results_file, json.dumps(results, indent=1) + "\n")  # a killed call keeps the earlier figures

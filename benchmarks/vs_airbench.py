@@ -50,13 +50,11 @@ from _common import (  # noqa: E402
     machine,
     measured_by,
     publish,
+    results_path,
     run_worker,
     section_head,
     subset_folder,
     today,
-)
-from _common import (
-    results_path as stored_results,
 )
 
 AIRBENCH = "airbench==0.1.8"
@@ -408,9 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         install_airbench(work / "site")
     from classlab.run import atomic_write_text
 
-    results_path = stored_results("vs_airbench", work, args.smoke or args.work is not None)
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results_file = results_path("vs_airbench", work, args.smoke or args.work is not None)
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for seed in args.seeds:
         for plain in args.sides:
             side = result_key(plain, args.set)
@@ -428,13 +426,13 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             out.update(command=command(), date=today())  # results accumulate over calls: each row names its call
             results.setdefault(side, {})[str(seed)] = out
-            atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")  # resumable per side and seed
+            atomic_write_text(results_file, json.dumps(results, indent=2) + "\n")  # resumable per side and seed
             r = results[side][str(seed)]
             print(f"[{side} seed {seed}] accuracy {r['accuracy']:.4f} in {r['wall_s']:.1f} s", flush=True)
     meta = {"date": today(), "machine": machine(), "command": command()}
     table = markdown(results, meta)
     publish("vs_airbench", table, args.smoke)
-    print(f"results: {results_path}")
+    print(f"results: {results_file}")
     return 0
 
 

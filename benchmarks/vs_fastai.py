@@ -46,12 +46,10 @@ from _common import (  # noqa: E402
     machine,
     measured_by,
     publish,
+    results_path,
     section_head,
     subset_folder,
     today,
-)
-from _common import (
-    results_path as stored_results,
 )
 
 WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
@@ -290,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         data = subset_folder(data, work / "data", SMOKE["per_class"])
     from classlab.run import atomic_write_text
 
-    results_file = stored_results("vs_fastai", work, args.smoke or args.work is not None)
+    results_file = results_path("vs_fastai", work, args.smoke or args.work is not None)
     results_file.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = json.loads(results_file.read_text()) if results_file.is_file() else {}
     split = shared_split(data, work)
