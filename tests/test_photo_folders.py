@@ -4,6 +4,7 @@ large photos decode once, in parallel, in the same order whatever the thread cou
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from classlab.config import load_config
 from classlab.data.loaders import decode
 from classlab.data.pipeline import DataProblems, load_data
 from classlab.data.sources import open_dataset
+from classlab.errors import ClassLabError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,3 +103,52 @@ def test_decode_photos_benchmark_smoke(tmp_path: Path) -> None:
     assert module.main(["--smoke", "--source", str(source), "--work", str(tmp_path / "work")]) == 0
     photos = sorted((tmp_path / "work" / "photos_300x400").rglob("*.jpg"))
     assert len(photos) == 8 and Image.open(photos[0]).size == (300, 400)
+
+
+def _presplit(tmp_path: Path, val_name: str = "val", test_labelled: bool = True) -> Path:
+    """The layout of ImageNet, Kaggle and fastai downloads: train/, a validation folder, test/."""
+    root = tmp_path / "presplit"
+    colors = {"cat": (200, 60, 40), "dog": (40, 60, 200)}
+    for part, n in (("Train", 8), (val_name, 3)):
+        for name, color in colors.items():
+            for i in range(n):
+                make_image(root / part / name / f"{part}{i}.jpg", color, size=16)
+    for i in range(4):  # a competition's test/: images without labels, or with class folders
+        make_image(root / "test" / ("cat" if test_labelled else "") / f"t{i}.jpg", colors["cat"], size=16)
+    return root
+
+
+def test_the_datas_own_validation_folder_is_the_validation_split(tmp_path: Path, capsys) -> None:
+    root = _presplit(tmp_path, "valid")
+    bundle = load_data(_cfg(root, tmp_path))
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (16, 6, 4)
+    files = bundle.train_files
+    assert sorted(Path(files[i]).parent.parent.name for i in bundle.split["val"]) == ["valid"] * 6
+    assert {Path(files[i]).parent.parent.name for i in bundle.split["train"]} == {"Train"}
+    assert bundle.split["val_folder"] == str(root / "valid") and bundle.split["val_fraction"] is None
+    run = classlab.train(_cfg(root, tmp_path, "epochs=2", "model.layers=[8,p]", "trainer.progress=false"))
+    out = capsys.readouterr().out
+    assert f"note: validating on {root / 'valid'} (6 images), the data's own validation folder" in out
+    assert "16 train / 6 val / 4 test images" in out
+    saved = json.loads((run.path / "split.json").read_text())
+    assert saved["val"] == bundle.split["val"] and saved["val_folder"] == str(root / "valid")
+    assert len(load_data(_cfg(root, tmp_path), split=saved).val) == 6  # eval and resume serve the saved split
+    with pytest.raises(ClassLabError, match=r"data.folds=3 makes its own validation folds.*move its class"):
+        load_data(_cfg(root, tmp_path, "data.folds=3", "data.fold=0"))
+
+
+def test_an_unlabelled_test_folder_is_named_not_a_stop(tmp_path: Path) -> None:
+    root = _presplit(tmp_path, test_labelled=False)
+    bundle = load_data(_cfg(root, tmp_path))
+    assert bundle.test is None and len(bundle.val) == 6
+    assert any(
+        f"{root / 'test'} has no class folders, so its images have no labels and are not scored; predict them" in line
+        for line in bundle.notices
+    )
+
+
+def test_two_validation_folders_are_ambiguous(tmp_path: Path) -> None:
+    root = _presplit(tmp_path)
+    (root / "validation" / "cat").mkdir(parents=True)
+    with pytest.raises(ClassLabError, match=r"has val/, validation/: which one holds the data is ambiguous"):
+        open_dataset(_cfg(root, tmp_path).data)

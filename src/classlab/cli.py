@@ -342,7 +342,9 @@ def _add_run_commands(sub: Any) -> None:
     _add_train_args(p)
     p.set_defaults(func=lambda a: cmd_train(a, task=a.pretext))
 
-    p = sub.add_parser("eval", help="evaluate a run: top-1, top-5, per-class accuracy, confusion matrix")
+    p = sub.add_parser(
+        "eval", aliases=["evaluate"], help="evaluate a run: top-1, top-5, per-class accuracy, confusion matrix"
+    )
     p.add_argument("runs", nargs="+", metavar="RUN", help="a run folder; several (or a k-fold folder) with --ensemble")
     p.add_argument("--ensemble", choices=["mean"], help="average the probabilities of several runs (one class map)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="images to evaluate (default test)")
@@ -434,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("completion", help="print a shell completion script: `classlab completion bash > ~/.classlab`")
     p.add_argument("shell", choices=["bash", "zsh", "tcsh"], help="the shell")
     p.set_defaults(func=cmd_completion)
-    for p in sub.choices.values():
+    for p in {id(p): p for p in sub.choices.values()}.values():  # an alias (evaluate) is the same parser
         _common(p)
     return parser
 

@@ -144,6 +144,7 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
         groups = None
         if dataset.train.groups is not None:
             groups = dataset.train.groups[whole.indices] if whole.indices is not None else _kept_groups(dataset, whole)
+        given = dataset.train.given_val
         split = make_split(
             whole.labels.numpy(),
             val_fraction=cfg.data.val_fraction,
@@ -153,10 +154,13 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
             images_per_class=cfg.data.images_per_class,
             folds=cfg.data.folds,
             fold=cfg.data.fold,
+            given_val=given[train_kept] if given is not None else None,
         )
         split.update(
             {"seed": cfg.seed, "val_fraction": cfg.data.val_fraction, "images_per_class": cfg.data.images_per_class}
         )
+        if given is not None:
+            split.update({"val_fraction": None, "val_folder": dataset.train.given_val_from})
         if cfg.data.folds:
             split.update({"folds": cfg.data.folds, "fold": cfg.data.fold or 0})
         split["source_images"] = len(whole)
@@ -184,6 +188,11 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
         kept=kept,
     )
     bundle.notices = list(dataset.train.notices)
+    if split.get("val_folder"):
+        bundle.notices.append(
+            f"note: validating on {split['val_folder']} ({len(split['val'])} images), the data's own validation "
+            "folder, in place of data.val_fraction"
+        )
     bundle.mean, bundle.std = _stats(train, size, cfg.aug.mean_subtraction == "pixel")
     if cfg.aug.norm_mean is not None and cfg.aug.norm_std is not None:
         bundle.mean, bundle.std = _fixed_stats(cfg.aug.norm_mean, cfg.aug.norm_std, channels)

@@ -52,6 +52,8 @@ class Source:
     files: list[Path] | None = None  # the image files, for sources that read files
     problems: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)  # worth a line, not worth stopping for
+    given_val: np.ndarray | None = None  # bool per image: from the data's own validation folder (root/val/)
+    given_val_from: str | None = None  # that folder, for split.json and the notice
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -204,16 +206,31 @@ def _file_source(
     )
 
 
+VAL_FOLDERS = ("val", "valid", "validation")  # the names people give a validation split's folder
+
+
+def _part_folder(root: Path, names: tuple[str, ...]) -> Path | None:
+    """root's sub-folder with one of ``names`` (any case: Train/, TEST/); two of them is ambiguous."""
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.lower() in names]
+    if len(found) > 1:
+        shown = ", ".join(sorted(p.name + "/" for p in found))
+        raise ClassLabError(f"{root} has {shown}: which one holds the data is ambiguous; keep one of them")
+    return found[0] if found else None
+
+
+def _has_class_folders(folder: Path) -> bool:
+    return any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+
+
 def _folder(cfg: DataSection) -> Dataset:
     root = Path(cfg.root or "")
     if not root.is_dir():
         raise ClassLabError(
             f"data.root '{root}' is not a folder; expected {root}/<class>/<images> or {root}/train/<class>/"
         )
-    train_dir, test_dir = root / "train", root / "test"
-    split_layout = train_dir.is_dir()
-    base = train_dir if split_layout else root
-    if not split_layout and not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+    train_dir = _part_folder(root, ("train",))
+    base = train_dir or root
+    if train_dir is None and not _has_class_folders(root):
         return _flat_folder(root, cfg.max_image_pixels)
     notices: list[str] = []
     per_class, problems = _scan_class_folders(base, notices)
@@ -221,6 +238,13 @@ def _folder(cfg: DataSection) -> Dataset:
         raise ClassLabError(f"{base} has no class folders; put images in {base}/<class>/<image files>")
     classes = _order_classes(list(per_class), cfg.classes, str(base))
     index = {c: i for i, c in enumerate(classes)}
+
+    def labelled(part: Path) -> tuple[dict[str, list[Path]], list[str]]:
+        scanned, probs = _scan_class_folders(part)
+        unknown = [c for c in scanned if c not in index]
+        if unknown:
+            raise ClassLabError(f"{part} has class folders not in {base}: {', '.join(unknown)}")
+        return scanned, probs
 
     def source(part_root: Path, scanned: dict[str, list[Path]], probs: list[str], label: str) -> Source:
         files, labels = [], []
@@ -230,15 +254,28 @@ def _folder(cfg: DataSection) -> Dataset:
                 labels.append(index[cls])
         return _file_source(f"folder:{label}", files, labels, part_root, probs, cfg.max_image_pixels)
 
-    train = source(base, per_class, problems, "train")
+    val_dir = _part_folder(root, VAL_FOLDERS) if train_dir is not None else None
+    given: list[bool] = [False] * sum(len(v) for v in per_class.values())
+    if val_dir is not None:
+        # The data's own validation images join the training source after its images, marked, so
+        # one decode, one cache and one split.json (indices) serve both; make_split keeps them apart.
+        val_scanned, val_problems = labelled(val_dir)
+        merged = {c: per_class.get(c, []) + val_scanned.get(c, []) for c in classes}
+        given = [f.is_relative_to(val_dir) for c in classes for f in merged[c]]
+        per_class, problems = merged, problems + val_problems
+    train = source(root if val_dir is not None else base, per_class, problems, "train")
     train.notices = notices
+    if val_dir is not None:
+        train.given_val, train.given_val_from = np.array(given, dtype=bool), str(val_dir)
     test = None
-    if split_layout and test_dir.is_dir():
-        test_classes, test_problems = _scan_class_folders(test_dir)
-        unknown = [c for c in test_classes if c not in index]
-        if unknown:
-            raise ClassLabError(f"{test_dir} has class folders not in {train_dir}: {', '.join(unknown)}")
-        test = source(test_dir, test_classes, test_problems, "test")
+    test_dir = _part_folder(root, ("test",)) if train_dir is not None else None
+    if test_dir is not None and not _has_class_folders(test_dir):
+        notices.append(
+            f"note: {test_dir} has no class folders, so its images have no labels and are not scored; "
+            f"predict them after training: classlab predict <run folder> {test_dir} --out predictions.csv"
+        )
+    elif test_dir is not None:
+        test = source(test_dir, *labelled(test_dir), "test")
     return Dataset(classes, train, test, None)
 
 

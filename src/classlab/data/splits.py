@@ -144,10 +144,22 @@ def make_split(
     images_per_class: int | None = None,
     folds: int | None = None,
     fold: int | None = None,
+    given_val: np.ndarray | None = None,
 ) -> dict[str, list[int]]:
-    """Train and val indices into ``labels``, as saved in split.json (k-fold: fold ``fold`` of ``folds``)."""
+    """Train and val indices into ``labels``, as saved in split.json (k-fold: fold ``fold`` of ``folds``).
+
+    ``given_val`` marks the images of the data's own validation set (a ``val/`` folder): they are
+    the validation split as they are, since the person who made them chose them for a reason.
+    """
     labels = np.asarray(labels)
-    if folds:
+    if given_val is not None and folds:
+        raise ClassLabError(
+            f"data.folds={folds} makes its own validation folds, but the data has its own validation folder: "
+            "move its class folders into train/ to fold over both, or leave data.folds unset"
+        )
+    if given_val is not None:
+        train, val = np.flatnonzero(~given_val), np.flatnonzero(given_val)
+    elif folds:
         fold_of = (
             grouped_folds(labels, groups, folds, seed) if groups is not None else stratified_folds(labels, folds, seed)
         )
