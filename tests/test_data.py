@@ -176,6 +176,34 @@ def test_csv_test_manifest_is_the_test_split(tmp_path: Path) -> None:
         load_config(None, ["data.test_csv_file=test.csv"])
 
 
+def test_csv_val_manifest_is_the_validation_split(tmp_path: Path) -> None:
+    """fastai's and Kaggle's habit: a validation list chosen by the data's maker, used as it is."""
+    root = tmp_path / "img"
+    colors = {"red": (220, 0, 0), "blue": (0, 0, 220), "green": (0, 200, 0)}
+    rows = {"train": ["path,label"], "val": ["path,label"]}
+    for i in range(30):
+        label = list(colors)[i % 3]
+        make_image(root / f"{i}.png", colors[label])
+        rows["val" if i >= 24 else "train"].append(f"{i}.png,{label}")
+    for part, lines in rows.items():
+        (root / f"{part}.csv").write_text("\n".join(lines) + "\n")
+    base = ["data.dataset=csv", f"data.root={root}", "data.csv_file=train.csv", "data.image_size=16"]
+    bundle = load_data(load_config(None, [*base, "data.val_csv_file=val.csv"]))
+    assert (len(bundle.train), len(bundle.val)) == (24, 6)
+    assert sorted(Path(bundle.train_files[i]).name for i in bundle.split["val"]) == [f"{i}.png" for i in range(24, 30)]
+    assert bundle.split["val_folder"] == str(root / "val.csv")
+    assert any("validating on" in line and "val.csv (6 images)" in line for line in bundle.notices)
+    # a row in both lists would be trained on and scored: named, like any bad row
+    (root / "overlap.csv").write_text("path,label\n0.png,red\n25.png,blue\n")
+    with pytest.raises(DataProblems, match=r"0.png: listed in both train.csv and overlap.csv"):
+        load_data(load_config(None, [*base, "data.val_csv_file=overlap.csv"]))
+    (root / "odd.csv").write_text("path,label\n24.png,purple\n")
+    with pytest.raises(ClassLabError, match=r"odd.csv: labels not in the training manifest's classes: purple"):
+        open_dataset(load_config(None, [*base, "data.val_csv_file=odd.csv"]).data)
+    with pytest.raises(ConfigError, match=r"data.val_csv_file needs data.dataset=csv"):
+        load_config(None, ["data.val_csv_file=val.csv"])
+
+
 def test_torchvision_missing_files_named(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.dataset=cifar10", f"data.root={tmp_path}"])
     with pytest.raises(ClassLabError, match=r"cifar10 not found in .*cifar-10-batches-py/.*data.download=true"):

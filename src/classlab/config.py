@@ -38,6 +38,11 @@ class DataSection(Section):
     root: str | None = Field(None, description="dataset folder; relative paths resolve against the config file")
     csv_file: str | None = Field(None, description="csv: the manifest, relative to data.root")
     test_csv_file: str | None = Field(None, description="csv: manifest of the labelled test images (same columns)")
+    val_csv_file: str | None = Field(
+        None,
+        description="csv: manifest of the labelled validation images (same columns), used as they are in place of "
+        "data.val_fraction",
+    )
     path_column: str = Field("path", description="csv: column holding each image's path, relative to data.root")
     label_column: str = Field("label", description="csv: column holding each image's class name")
     group_column: str | None = Field(
@@ -353,6 +358,8 @@ class Config(Section):
             raise ValueError("data.csv_file is required for data.dataset=csv: the manifest with path and label columns")
         if self.data.test_csv_file and self.data.dataset != "csv":
             raise ValueError("data.test_csv_file needs data.dataset=csv (folders take their test set from root/test)")
+        if self.data.val_csv_file and self.data.dataset != "csv":
+            raise ValueError("data.val_csv_file needs data.dataset=csv (folders: root/val/ is the validation set)")
         if self.data.group_column and self.data.dataset != "csv":
             raise ValueError("data.group_column needs data.dataset=csv (groups come from a manifest column)")
         if self.stages and _explicit_processes(self.trainer) > 1:

@@ -387,13 +387,16 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
     the tasks' classes), so splitting, stratifying on the combination, caching and batching all
     work on one integer as for plain classification; ``data.tasks`` takes it apart.
     ``data.test_csv_file`` is a second manifest with the same columns: the held-out test set,
-    labelled with the training manifest's classes.
+    labelled with the training manifest's classes; ``data.val_csv_file`` a third, the validation set.
     """
     root = Path(cfg.root or "").resolve()
     train = _read_manifest(cfg, _manifest_path(cfg, cfg.csv_file or "", "data.csv_file"), tasks)
-    test = None
+    own_rows = len(train.files)  # rows of a validation manifest come after these
+    test = val = None
     if cfg.test_csv_file:
         test = _read_manifest(cfg, _manifest_path(cfg, cfg.test_csv_file, "data.test_csv_file"), tasks)
+    if cfg.val_csv_file:
+        val = _read_manifest(cfg, _manifest_path(cfg, cfg.val_csv_file, "data.val_csv_file"), tasks)
     task_classes: dict[str, list[str]] | None = None
     if tasks:
         if not train.files:
@@ -405,16 +408,20 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
         if few:
             raise ClassLabError(f"{train.path}: each task needs at least 2 classes; these have one: {'; '.join(few)}")
         classes = combined_names(task_classes)
-        if test is not None:
+        for held in (m for m in (test, val) if m is not None):
             for t, name in enumerate(tasks):
-                _check_test_labels(test, [v[t] for v in test.task_values], task_classes[name], f"task {name}")
+                _check_test_labels(held, [v[t] for v in held.task_values], task_classes[name], f"task {name}")
+        if val is not None:
+            train = _with_given_val(train, val)
         labels = combined_index(task_classes, train.task_values)
         test_labels = combined_index(task_classes, test.task_values) if test is not None else []
     else:
         classes = _order_classes(sorted(set(train.labels)), cfg.classes, str(train.path))
         index = {c: i for i, c in enumerate(classes)}
-        if test is not None:
-            _check_test_labels(test, test.labels, classes, "classes")
+        for held in (m for m in (test, val) if m is not None):
+            _check_test_labels(held, held.labels, classes, "classes")
+        if val is not None:
+            train = _with_given_val(train, val)
         labels = [index[lab] for lab in train.labels]
         test_labels = [index[lab] for lab in test.labels] if test is not None else []
 
@@ -427,18 +434,39 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
     source = manifest_source("csv:train", train, labels)
     if cfg.group_column:
         source.groups = np.array(train.groups, dtype=object)
+    if val is not None:
+        source.given_val = np.arange(len(train.files)) >= own_rows
+        source.given_val_from = str(val.path)
+        source.fingerprint = _digest(source.fingerprint, val.path.read_bytes())
     test_source = manifest_source("csv:test", test, test_labels) if test is not None else None
     return Dataset(classes, source, test_source, None, tasks=task_classes)
 
 
-def _check_test_labels(test: _Manifest, labels: list[str], known: list[str], what: str) -> None:
+def _check_test_labels(held: _Manifest, labels: list[str], known: list[str], what: str) -> None:
     unknown = sorted(set(labels) - set(known), key=natural_key)
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise ClassLabError(
-            f"{test.path}: labels not in the training manifest's {what}: {shown}; "
-            f"the test set can only use classes the model is trained on"
+            f"{held.path}: labels not in the training manifest's {what}: {shown}; "
+            f"a held-out set can only use classes the model is trained on"
         )
+
+
+def _with_given_val(train: _Manifest, val: _Manifest) -> _Manifest:
+    """The training manifest with the validation manifest's rows after its own (one source, one cache)."""
+    listed = set(train.files)
+    twice = [f for f in val.files if f in listed]
+    problems = train.problems + val.problems
+    problems += [f"{f}: listed in both {train.path.name} and {val.path.name}" for f in twice]
+    keep = [i for i, f in enumerate(val.files) if f not in listed]
+    return _Manifest(
+        train.path,
+        train.files + [val.files[i] for i in keep],
+        train.labels + [val.labels[i] for i in keep],
+        train.task_values + [val.task_values[i] for i in keep] if val.task_values else train.task_values,
+        train.groups + [val.groups[i] for i in keep],
+        problems,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
