@@ -173,3 +173,39 @@ def test_eval_with_the_published_protocols(tiny_run: Path) -> None:
     assert [r["scale"] for r in rows] == [32, 40] and metrics["tta"]["protocol"] == "perscale"
     assert metrics["tta"]["top1"] == pytest.approx((rows[0]["top1"] + rows[1]["top1"]) / 2)
     assert "scale    40 px  top-1" in result.stdout and "mean of the per-scale accuracies" in result.stdout
+
+
+def test_predict_with_tta_averages_each_images_views(tiny_run: Path, tmp_path: Path) -> None:
+    """predict --tta scores unlabelled files as eval --tta scores a split: the same views, the same weights."""
+    import csv
+
+    import numpy as np
+
+    from classlab.data.preprocess import open_image
+    from classlab.engine.load import load
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i, (w, h) in enumerate([(32, 32), (48, 40), (40, 56)]):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(files[-1])
+    loaded = load(tiny_run)
+    x = torch.stack([loaded.to_tensor(f) for f in files])
+    plain = loaded.probabilities(x)
+    flip = (plain + loaded.probabilities(x.flip(-1))) / 2
+    got = classlab.predict(tiny_run, files, tta="flip", keep_rows=True)
+    assert [r["prob"] for r in got] == pytest.approx(flip.max(1).values.tolist(), abs=1e-5)
+    assert not torch.allclose(flip, plain)  # the views were scored, not the image alone
+    crops = [image_views(open_image(f), [37], 32) for f in files]
+    tencrop = torch.stack([loaded.probabilities(c).mean(0) for c in crops])
+    got = classlab.predict(tiny_run, files, tta="tencrop", keep_rows=True, batch_size=7)  # crops over two passes
+    assert [r["prob"] for r in got] == pytest.approx(tencrop.max(1).values.tolist(), abs=1e-5)
+    assert [r["class"] for r in got] == [loaded.classes[int(i)] for i in tencrop.argmax(1)]
+    out = tmp_path / "preds.csv"
+    result = run_cli("predict", str(tiny_run), str(tmp_path), "--tta", "flip", "--out", str(out), "--quiet")
+    assert result.returncode == 0 and "TTA flip" in result.stdout, result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [float(r["prob"]) for r in rows] == pytest.approx(flip.max(1).values.tolist(), abs=1e-5)
+    result = run_cli("predict", str(tiny_run), str(tmp_path), "--tta", "perscale:32,40", "--out", str(out))
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
+    assert "to predict, average the scales' views: --tta multiscale:32,40" in result.stderr

@@ -182,8 +182,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         backend=args.backend,
         batch_size=args.batch_size,
+        tta=args.tta,
     )
-    print(f"wrote {result.count} predictions to {out} ({result.images_per_s:.0f} images/s, {args.backend})")
+    how = args.backend + (f", TTA {args.tta}" if args.tta else "")
+    print(f"wrote {result.count} predictions to {out} ({result.images_per_s:.0f} images/s, {how})")
     if result.failed_count:
         print(f"{result.failed_count} file(s) could not be read (see the error column):", file=sys.stderr)
         for path, error in result.failed[:20]:
@@ -208,6 +210,7 @@ def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str
         allow_missing=args.allow_missing,
         checkpoint=args.checkpoint,
         batch_size=args.batch_size,
+        tta=args.tta,
     )
     print(f"wrote {done.rows} rows to {out} ({args.label_column} = class {args.label_format}, template order)")
     if done.missing:
@@ -373,6 +376,12 @@ def _add_run_commands(sub: Any) -> None:
         "--backend", default="torch", choices=["torch", "onnx"], help="onnx: run the exported model in onnxruntime"
     )
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument(
+        "--tta",
+        metavar="MODES",
+        help="average each image's views: flip, translate or diagonal, tencrop, multiscale:S1,S2,... "
+        "(joined with commas, as in eval --tta)",
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a run's model: ONNX or torch.export (pt2)")

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
-from classlab.data.preprocess import IMAGE_EXTENSIONS, BadImage
+from classlab.data.preprocess import IMAGE_EXTENSIONS, BadImage, open_image
 from classlab.data.sources import natural_key
 from classlab.engine.ensemble import load_runs
 from classlab.engine.load import LoadedRun, load
+from classlab.engine.tta import TTAPlan, image_views, prediction_plan, views_probabilities
 from classlab.errors import ClassLabError
 from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_text
 
@@ -43,8 +44,12 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def _decode(loaded: LoadedRun, path: Path) -> tuple[torch.Tensor | None, str]:
+def _decode(loaded: LoadedRun, path: Path, plan: TTAPlan | None = None) -> tuple[torch.Tensor | None, str]:
+    """The image as the model takes it; with image-level TTA its crops at every scale (V, C, S, S)."""
     try:
+        if plan is not None and plan.scales:
+            img = open_image(path, max(plan.scales), loaded.cfg.data.max_image_pixels)
+            return image_views(img, plan.scales, loaded.image_size, loaded.channels), ""
         return loaded.to_tensor(path), ""
     except BadImage as exc:
         return None, str(exc) or "unreadable image"
@@ -53,7 +58,7 @@ def _decode(loaded: LoadedRun, path: Path) -> tuple[torch.Tensor | None, str]:
 
 
 def _batches(
-    paths: Sequence[Path], loaded: LoadedRun, batch_size: int, threads: int = 2
+    paths: Sequence[Path], loaded: LoadedRun, batch_size: int, threads: int = 2, plan: TTAPlan | None = None
 ) -> Iterator[tuple[Sequence[Path], torch.Tensor | None, list[str]]]:
     """Decoded batches; unreadable files come back with an error text instead of a tensor.
 
@@ -65,7 +70,7 @@ def _batches(
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
 
         def submit(chunk: Sequence[Path]) -> list[Future]:
-            return [pool.submit(_decode, loaded, p) for p in chunk]
+            return [pool.submit(_decode, loaded, p, plan) for p in chunk]
 
         current = next(chunks, None)
         pending = submit(current) if current is not None else []
@@ -113,8 +118,18 @@ class Predictions:
 MAX_FAILED_KEPT = 1000
 
 
-def _scorer(loaded: LoadedRun, backend: str, checkpoint: str) -> Any:
-    """uint8 batch -> probabilities, in PyTorch or in onnxruntime on the run's exported file."""
+def _scorer(loaded: LoadedRun, backend: str, checkpoint: str, plan: TTAPlan | None = None, chunk: int = 256) -> Any:
+    """uint8 batch -> probabilities, in PyTorch or in onnxruntime on the run's exported file;
+    with a TTA plan, the weighted mean over each image's views."""
+    plain = _plain_scorer(loaded, backend, checkpoint)
+    if plan is None:
+        return plain
+    if loaded.tasks is not None:
+        raise ClassLabError("--tta gives one probability per class, not the per-task predictions of a multitask run")
+    return lambda batch: views_probabilities(plain, batch, plan, loaded.image_size, chunk)
+
+
+def _plain_scorer(loaded: LoadedRun, backend: str, checkpoint: str) -> Any:
     if backend not in ("torch", "onnx"):
         raise ClassLabError(f"--backend {backend}: choose 'torch' or 'onnx'")
     if backend == "torch":
@@ -129,6 +144,11 @@ def _scorer(loaded: LoadedRun, backend: str, checkpoint: str) -> Any:
     if onnx_model.classes and onnx_model.classes != loaded.classes:
         raise ClassLabError(f"{onnx_model.path} has other class names than the run; delete it to re-export")
     return lambda batch: onnx_model.logits(batch).softmax(1)
+
+
+def _images_a_batch(batch_size: int, plan: TTAPlan | None) -> int:
+    """Images decoded together: with image-level views, few enough that their crops make about one batch."""
+    return max(1, batch_size // (10 * len(plan.scales))) if plan is not None and plan.scales else batch_size
 
 
 def _columns(k: int, layout: Any) -> list[str]:
@@ -165,16 +185,19 @@ def predict(
     backend: str = "torch",
     keep_rows: bool | None = None,
     threads: int | None = None,
+    tta: str | None = None,
 ) -> Predictions:
     """Predict every image; stream the predictions CSV (``path,class,prob,top2_class,...,error``) to ``out``.
 
     The CSV is written to a temporary file beside ``out`` and renamed at the end, so a reader
     never sees half a file. Unreadable images do not stop the run: they get an ``error`` and
     are listed in the result. ``backend="onnx"`` runs the run's exported ONNX file (exported
-    first if missing) in onnxruntime instead of PyTorch.
+    first if missing) in onnxruntime instead of PyTorch. ``tta`` averages each image's
+    views (``flip``, ``translate``, ``diagonal``, ``tencrop``, ``multiscale:S1,S2``) as ``eval --tta`` does.
     """
     loaded = load_runs(run, checkpoint)
-    scorer = _scorer(loaded, backend, checkpoint)
+    plan = prediction_plan(tta, loaded.image_size) if tta else None
+    scorer = _scorer(loaded, backend, checkpoint, plan, batch_size)
     files = expand_paths(paths)
     k = max(1, min(top, len(loaded.classes)))
     columns = _columns(k, loaded.tasks)
@@ -183,7 +206,8 @@ def predict(
     started, shown = time.time(), 0.0
     writer = AtomicCsvWriter(out, columns) if out is not None else None
     try:
-        for chunk, batch, errors in _batches(files, loaded, batch_size, threads or min(4, os.cpu_count() or 1)):
+        threads = threads or min(4, os.cpu_count() or 1)
+        for chunk, batch, errors in _batches(files, loaded, _images_a_batch(batch_size, plan), threads, plan):
             task_probs: list[torch.Tensor] = []
             if batch is not None and loaded.tasks is not None:
                 probs, task_probs = loaded.task_probabilities(batch)
@@ -303,6 +327,7 @@ def write_submission(
     allow_missing: bool = False,
     checkpoint: str = "best",
     batch_size: int = 256,
+    tta: str | None = None,
 ) -> Submission:
     """Predict the template's images (one run or an ensemble) and write the filled template to ``out``."""
     if label_format not in ("index", "name"):
@@ -313,7 +338,7 @@ def write_submission(
     missing = {i: "no such image among the given paths" for i in ids if i not in index}
     wanted = list(dict.fromkeys(index[i] for i in ids if i in index))
     loaded = load_runs(runs, checkpoint)
-    result = predict(loaded, wanted, None, checkpoint=checkpoint, top=1, batch_size=batch_size, keep_rows=True)
+    result = predict(loaded, wanted, None, checkpoint=checkpoint, top=1, batch_size=batch_size, keep_rows=True, tta=tta)
     by_path = {row["path"]: row for row in result.rows or []}
     for image_id in ids:
         pred = by_path.get(str(index[image_id])) if image_id in index else None

@@ -261,6 +261,39 @@ def mode_softmax(
     return average_softmax(model, views, view_weights(modes, len(views)))
 
 
+def prediction_plan(text: str, image_size: int) -> TTAPlan:
+    """A ``--tta`` plan for unlabelled images: the views averaged into one score per image.
+
+    perscale and fullconv are testing protocols of a labelled split (an accuracy per scale);
+    a prediction needs one probability per image, which multiscale gives from the same scales.
+    """
+    plan = parse_tta(text, image_size)
+    if plan.protocol != "average":
+        raise ClassLabError(
+            f"--tta {plan.protocol} scores a labelled split scale by scale (classlab eval --tta); to predict, "
+            f"average the scales' views: --tta multiscale:{','.join(map(str, plan.scales))}"
+        )
+    return plan
+
+
+def views_probabilities(
+    score: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor, plan: TTAPlan, image_size: int, chunk: int
+) -> torch.Tensor:
+    """One probability row per image of ``batch`` under ``plan``, at most ``chunk`` views a forward pass.
+
+    ``score`` maps a uint8 batch to probabilities (a model's softmax, an ensemble's mean,
+    onnxruntime); ``batch`` is (N, C, S, S), or (N, V, C, S, S) with :func:`image_views` per image.
+    """
+    flat = batch.flatten(0, 1) if batch.ndim == 5 else batch
+    parts = []
+    for start in range(0, len(flat), max(1, chunk)):
+        views = tta_views(flat[start : start + chunk], plan.batch_modes, image_size)
+        weights = view_weights(plan.batch_modes, len(views))
+        parts.append(sum(score(v).float() * w for v, w in zip(views, weights)))
+    probs = torch.cat(parts)
+    return probs.reshape(batch.shape[0], -1, probs.shape[-1]).mean(1) if batch.ndim == 5 else probs
+
+
 def tta_probabilities_batches(
     model: torch.nn.Module, loader: Iterable, modes: Sequence[str], image_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
