@@ -110,14 +110,16 @@ def test_readme_documents_every_environment_variable() -> None:
 
 
 # Import name -> distribution name, where they differ.
-DISTRIBUTIONS = {"PIL": "pillow", "yaml": "PyYAML"}
+DISTRIBUTIONS = {"PIL": "pillow", "yaml": "PyYAML", "pillow_heif": "pillow-heif"}
 # What each optional feature imports (the code imports these lazily, inside the feature).
 EXTRAS = {
     "export": {"onnx", "onnxruntime", "onnxscript"},
     "ray": {"ray"},
     "mlflow": {"mlflow"},
     "wandb": {"wandb"},
-    "test": {"pytest", "ruff", "efficientnet_pytorch"},  # the last builds a source model in test_pretrained
+    "heic": {"pillow-heif"},
+    # efficientnet_pytorch builds a source model in test_pretrained; pillow-heif reads the HEIC photo of test_data
+    "test": {"pytest", "ruff", "efficientnet_pytorch", "pillow-heif"},
 }
 
 

@@ -11,7 +11,7 @@ import torch
 from classlab.config import load_config
 from classlab.data.loaders import MemoryLoader, decode
 from classlab.data.pipeline import DataProblems, load_data
-from classlab.data.preprocess import image_to_tensor, open_image
+from classlab.data.preprocess import BadImage, image_to_tensor, open_image
 from classlab.data.sources import open_dataset
 from classlab.data.splits import make_split
 from classlab.errors import ClassLabError, ConfigError
@@ -75,6 +75,35 @@ def test_modes_converted(tmp_path: Path) -> None:
         path = make_image(tmp_path / f"{i}.png" if mode != "CMYK" else tmp_path / f"{i}.jpg", (10, 200, 30), mode=mode)
         t = image_to_tensor(open_image(path), 16, 3)
         assert t.shape == (3, 16, 16) and t.dtype == torch.uint8
+
+
+def test_phone_formats_heic_and_avif_are_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An iPhone folder holds .heic, a web download .avif: both train like JPEGs; without pillow-heif
+    a .heic file is a bad file whose line says what to install, not 'not an image file'."""
+    from PIL import Image
+
+    from classlab.data import preprocess
+
+    pillow_heif = pytest.importorskip("pillow_heif")  # in the test extra
+    root = tmp_path / "phone"
+    colors = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    for name, color in colors.items():
+        for i in range(3):
+            make_image(root / name / f"{i}.jpg", color, size=24)
+        img = Image.new("RGB", (40, 30), color)
+        pillow_heif.from_pillow(img).save(root / name / "IMG_0001.HEIC", quality=90)
+        img.save(root / name / "web.avif", quality=90)
+    cfg = load_config(None, ["data.dataset=folder", f"data.root={root}", "data.image_size=16", "data.val_fraction=0"])
+    bundle = load_data(cfg)
+    files = bundle.train_files
+    assert len(files) == 10 and sum(f.endswith((".HEIC", ".avif")) for f in files) == 4
+    images = bundle.train.images.float()
+    for i, f in enumerate(files):  # each decoded to its class colour, the lossy formats within a few levels
+        color = colors[Path(f).parent.name]
+        assert images[i].mean((1, 2)).tolist() == pytest.approx(color, abs=12)
+    monkeypatch.setattr(preprocess, "_HEIF", [False])  # a machine without pillow-heif
+    with pytest.raises(BadImage, match=r"a HEIC/HEIF photo, which Pillow reads through pillow-heif: pip install"):
+        open_image(root / "red" / "IMG_0001.HEIC")
 
 
 def test_resize_shorter_side_then_centre_crop(tmp_path: Path) -> None:

@@ -18,7 +18,11 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import nn
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+# .heic/.heif: phone cameras' default format, read through the optional pillow-heif package (extra "heic").
+HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".ppm", ".pgm"} | HEIF_EXTENSIONS
+)
 IGNORED_FILES = frozenset({"thumbs.db", "desktop.ini"})
 
 # Truncated files must fail loudly, not decode into grey half-images.
@@ -30,6 +34,25 @@ class BadImage(Exception):
 
 
 _PIL_LIMIT = threading.Lock()
+_HEIF: list[bool] = []  # [registered?] once pillow-heif was looked for
+_HEIF_LOOKUP = threading.Lock()
+
+
+def heif_readable() -> bool:
+    """Whether PIL reads HEIC/HEIF here: pillow-heif installed, its opener registered (once, on first use)."""
+    with _HEIF_LOOKUP:
+        if not _HEIF:
+            try:
+                import pillow_heif
+            except ImportError:
+                _HEIF.append(False)
+            else:
+                pillow_heif.register_heif_opener()
+                _HEIF.append(True)
+    return _HEIF[0]
+
+
+NO_HEIF = "a HEIC/HEIF photo, which Pillow reads through pillow-heif: pip install pillow-heif, or convert it to JPEG"
 
 
 def pixel_limit(max_pixels: int | None = None) -> int | None:
@@ -79,6 +102,8 @@ def open_image(source: str | Path | bytes, size: int | None = None, max_pixels: 
     Phone photos carry their orientation in EXIF; it is applied so images train upright.
     An image declaring more than ``max_pixels`` (default: PIL's limit) is a BadImage, undecoded.
     """
+    if not heif_readable() and not isinstance(source, bytes) and Path(source).suffix.lower() in HEIF_EXTENSIONS:
+        raise BadImage(NO_HEIF)
     try:
         handle = io.BytesIO(source) if isinstance(source, bytes) else source
         with _open_limited(handle, max_pixels) as img:
