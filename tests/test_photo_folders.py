@@ -152,3 +152,12 @@ def test_two_validation_folders_are_ambiguous(tmp_path: Path) -> None:
     (root / "validation" / "cat").mkdir(parents=True)
     with pytest.raises(ClassLabError, match=r"has val/, validation/: which one holds the data is ambiguous"):
         open_dataset(_cfg(root, tmp_path).data)
+
+
+def test_a_downloaded_archive_as_root_says_how_to_unpack_it(tmp_path: Path) -> None:
+    for name, command in (("flowers.zip", "unzip '{a}' -d '{f}'"), ("flowers.tar.gz", "tar -xf '{a}' -C '{f}'")):
+        archive = tmp_path / name
+        archive.write_bytes(b"PK\x03\x04")
+        with pytest.raises(ClassLabError, match=r"is an archive; unpack it once and point data.root at") as e:
+            open_dataset(_cfg(archive, tmp_path).data)
+        assert command.format(a=archive, f=tmp_path / "flowers") in str(e.value)

@@ -207,6 +207,7 @@ def _file_source(
 
 
 VAL_FOLDERS = ("val", "valid", "validation")  # the names people give a validation split's folder
+ARCHIVES = (".zip", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")
 
 
 def _part_folder(root: Path, names: tuple[str, ...]) -> Path | None:
@@ -218,12 +219,25 @@ def _part_folder(root: Path, names: tuple[str, ...]) -> Path | None:
     return found[0] if found else None
 
 
+def _unpack(archive: Path) -> str:
+    """The shell line that unpacks a downloaded archive beside itself (reading through it every epoch would be slow)."""
+    name = archive.name.lower()
+    folder = archive.parent / archive.name[: len(archive.name) - len(next(a for a in ARCHIVES if name.endswith(a)))]
+    if name.endswith(".zip"):
+        return f"unzip '{archive}' -d '{folder}'"
+    return f"mkdir -p '{folder}' && tar -xf '{archive}' -C '{folder}'"
+
+
 def _has_class_folders(folder: Path) -> bool:
     return any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
 
 
 def _folder(cfg: DataSection) -> Dataset:
     root = Path(cfg.root or "")
+    if root.is_file() and root.name.lower().endswith(ARCHIVES):
+        raise ClassLabError(
+            f"data.root '{root}' is an archive; unpack it once and point data.root at the folder: {_unpack(root)}"
+        )
     if not root.is_dir():
         raise ClassLabError(
             f"data.root '{root}' is not a folder; expected {root}/<class>/<images> or {root}/train/<class>/"
