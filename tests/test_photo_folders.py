@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -145,6 +146,12 @@ def test_an_unlabelled_test_folder_is_named_not_a_stop(tmp_path: Path) -> None:
         f"{root / 'test'} has no class folders, so its images have no labels and are not scored; predict them" in line
         for line in bundle.notices
     )
+    shutil.rmtree(root / "val")
+    (root / "val").mkdir()  # an empty validation folder: the split falls back to data.val_fraction, saying so
+    bundle = load_data(_cfg(root, tmp_path))
+    assert (len(bundle.train), len(bundle.val)) == (12, 4) and "val_folder" not in bundle.split
+    empty = f"note: {root / 'val'} is empty; validating on data.val_fraction of {root / 'Train'} instead"
+    assert empty in bundle.notices
 
 
 def test_two_validation_folders_are_ambiguous(tmp_path: Path) -> None:

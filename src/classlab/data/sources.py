@@ -270,6 +270,9 @@ def _folder(cfg: DataSection) -> Dataset:
 
     val_dir = _part_folder(root, VAL_FOLDERS) if train_dir is not None else None
     given: list[bool] = [False] * sum(len(v) for v in per_class.values())
+    if val_dir is not None and not any(val_dir.iterdir()):
+        notices.append(f"note: {val_dir} is empty; validating on data.val_fraction of {base} instead")
+        val_dir = None
     if val_dir is not None:
         # The data's own validation images join the training source after its images, marked, so
         # one decode, one cache and one split.json (indices) serve both; make_split keeps them apart.
