@@ -100,6 +100,16 @@ labelsmooth = 0.1
 """
 
 
+def test_a_root_alone_means_that_folder_not_the_sample(tmp_path: Path) -> None:
+    """`classlab train data.root=photos/` trained on the embedded sample, ignoring the folder, until it inferred it."""
+    assert load_config(None, [f"data.root={tmp_path}"]).data.dataset == "folder"
+    assert load_config(None, [f"data.root={tmp_path}", "data.csv_file=train.csv"]).data.dataset == "csv"
+    assert load_config(None, [f"data.root={tmp_path}", "data.dataset=cifar10"]).data.dataset == "cifar10"
+    assert load_config(None, []).data.dataset == "sample"
+    with pytest.raises(ConfigError, match=r"is not read by data.dataset=sample .*set data.dataset=folder"):
+        load_config(None, [f"data.root={tmp_path}", "data.dataset=sample"])
+
+
 def test_ini_maps_onto_schema(tmp_path: Path) -> None:
     path = tmp_path / "exp.ini"
     path.write_text(INI)

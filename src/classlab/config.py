@@ -33,7 +33,9 @@ class RunSection(Section):
 
 class DataSection(Section):
     dataset: Literal["sample", "cifar10", "cifar100", "stl10", "mnist", "fashion_mnist", "folder", "csv"] = Field(
-        "sample", description="where images come from: the embedded sample, a torchvision set, a folder or a CSV"
+        "sample",
+        description="where images come from: the embedded sample, a torchvision set, a folder or a CSV "
+        "(unset with data.root given: folder, or csv with data.csv_file)",
     )
     root: str | None = Field(None, description="dataset folder; relative paths resolve against the config file")
     csv_file: str | None = Field(None, description="csv: the manifest, relative to data.root")
@@ -95,6 +97,14 @@ class DataSection(Section):
         None, ge=2, le=100, description="k-fold cross-validation: K folds (stratified, grouped by group_column)"
     )
     fold: int | None = Field(None, ge=0, description="which fold (0..K-1) is validation; needs data.folds")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_from_root(cls, data: Any) -> Any:
+        """``data.root=photos/`` alone means that folder (or, with a manifest, that CSV), not the embedded sample."""
+        if isinstance(data, dict) and data.get("root") and "dataset" not in data:
+            data = {**data, "dataset": "csv" if data.get("csv_file") else "folder"}
+        return data
 
 
 class AugSection(Section):
@@ -350,6 +360,11 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        if self.data.dataset == "sample" and self.data.root:
+            raise ValueError(
+                f"data.root={self.data.root} is not read by data.dataset=sample (the embedded sample); "
+                "set data.dataset=folder (or csv) to train on it, or drop data.root"
+            )
         if self.data.dataset in ("folder", "csv") and not self.data.root:
             raise ValueError(
                 f"data.root is required for data.dataset={self.data.dataset}: the folder holding the images"
