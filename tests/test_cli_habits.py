@@ -30,6 +30,24 @@ def test_flags_and_overrides_in_any_order() -> None:
     assert args.items == ["epochs=1", "seed=3"] and args.grid == ["optim.lr=0.1,0.2"] and args.jobs == 2
 
 
+def test_habits_from_other_tools_get_the_classlab_spelling(tmp_path: Path, capsys) -> None:
+    """`--data.root=x` (Hydra, fire) and `classlab train photos/` name the key=value form instead of failing oddly."""
+    parser = build_parser()
+    for argv in (["train", "--data.root=photos"], ["sweep", "epochs=1", "--epochs=3"]):
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args(argv)
+        assert info.value.code == 2
+        assert "overrides take no dashes: " + argv[-1][2:] in capsys.readouterr().err
+    assert parser.parse_args(["eval", "runs/a", "--tta=flip", "--check=last"]).checkpoint == "last"  # real flags
+    result = run_cli("train", str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"'{tmp_path}' is a folder, not a config file; to train on its images: classlab train data.root=" in (
+        result.stderr
+    )
+    result = run_cli("evaluate", str(tmp_path / "nowhere"))  # the verb's full name is the same command
+    assert result.returncode == 1 and "nowhere" in result.stderr and "invalid choice" not in result.stderr
+
+
 def test_print_config_after_an_override_shows_allowed_values() -> None:
     result = run_cli("train", "epochs=3", "--print-config", "optim.name=adamw")
     assert result.returncode == 0, result.stderr

@@ -25,6 +25,10 @@ def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
     for item in items:
         if "=" in item and not Path(item).exists():
             overrides.append(item)
+        elif Path(item).is_dir():
+            raise ClassLabError(
+                f"'{item}' is a folder, not a config file; to train on its images: classlab train data.root={item}"
+            )
         elif config is None:
             config = item
         else:
@@ -46,6 +50,14 @@ class IntermixedParser(argparse.ArgumentParser):
     ) -> tuple[argparse.Namespace, list[str]]:
         if self._inside:  # parse_known_intermixed_args calls back into this method
             return super().parse_known_args(args, namespace)
+        options = self._option_string_actions
+        dashed = [
+            a
+            for a in args or ()
+            if a.startswith("--") and "=" in a and not any(o.startswith(a.split("=", 1)[0]) for o in options)
+        ]
+        if dashed and self.get_default("takes_overrides"):  # --data.root=x: a key=value override as a flag
+            self.error(f"overrides take no dashes: {dashed[0][2:]} (key=value, e.g. data.root=photos)")
         self._inside = True
         try:
             return self.parse_known_intermixed_args(args, namespace)
@@ -323,6 +335,7 @@ def _add_ensemble_and_submission_args(p: argparse.ArgumentParser) -> None:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("items", nargs="*", help="[config.yaml|config.ini] [key=value ...], in any order with the flags")
+    p.set_defaults(takes_overrides=True)
     p.add_argument("--resume", action="store_true", help="continue the run from its last.ckpt")
     p.add_argument("--force", action="store_true", help="move an existing run folder aside and start again")
     p.add_argument(
@@ -395,6 +408,7 @@ def _add_run_commands(sub: Any) -> None:
 def _add_study_commands(sub: Any) -> None:
     p = sub.add_parser("sweep", help="run a grid of configs, one run folder each; a second call continues it")
     p.add_argument("items", nargs="*", help="[config.yaml|config.ini] [key=value ...] shared by every run")
+    p.set_defaults(takes_overrides=True)
     p.add_argument(
         "--grid",
         action="append",
