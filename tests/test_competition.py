@@ -18,7 +18,7 @@ from classlab.data.sampler import BalancedMemoryLoader, BalancedSampler, balance
 from classlab.data.splits import grouped_folds, make_split, stratified_folds
 from classlab.engine.losses import balanced_weights, class_weight_tensor, focal_loss
 from classlab.errors import ClassLabError, ConfigError
-from tests.conftest import class_folder
+from tests.conftest import class_folder, make_image
 
 # ---------------------------------------------------------------------------------------------
 # Class weights and focal loss
@@ -295,6 +295,19 @@ def test_submission_keeps_template_order_and_refuses_missing(
         rows = list(csv.DictReader(handle))
     assert [r["ImageID"] for r in rows] == ["red1.png", "nothere.png", "broken.png"]
     assert rows[0]["ans"] != "" and rows[1]["ans"] == "" and rows[2]["ans"] == ""
+
+
+def test_submission_ids_without_extension_and_ambiguous_ones(tmp_path: Path) -> None:
+    """Kaggle's ids are often file names without .jpg; an id two files answer to is refused, not guessed."""
+    from classlab.predict import index_images
+
+    for rel in ("test/0a1b.jpg", "test/sub/7f.png", "test/dup.jpg", "test/dup.png", "other/x.jpg"):
+        make_image(tmp_path / rel, (10, 20, 30), size=8)
+    index = index_images([tmp_path / "test", tmp_path / "other" / "x.jpg"])
+    assert index["0a1b"] == index["0a1b.jpg"] == tmp_path / "test" / "0a1b.jpg"
+    assert index["7f"] == index["sub/7f"] == index["sub/7f.png"] == tmp_path / "test" / "sub" / "7f.png"
+    assert index["x"] == tmp_path / "other" / "x.jpg" and index["dup.png"] == tmp_path / "test" / "dup.png"
+    assert index["dup"] == [tmp_path / "test" / "dup.jpg", tmp_path / "test" / "dup.png"]
 
 
 def test_eval_ensemble_and_macro_f1(kfold: tuple[Path, Path]) -> None:

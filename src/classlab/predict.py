@@ -292,22 +292,27 @@ def read_template(path: str | Path, id_column: str) -> tuple[list[str], list[dic
     return columns, rows
 
 
-def index_images(paths: Sequence[str | Path]) -> dict[str, Path]:
-    """id -> image file: each file by its path relative to a given folder and by its name.
+def index_images(paths: Sequence[str | Path]) -> dict[str, Path | list[Path]]:
+    """id -> image file: each file by its path relative to a given folder and by its name, each
+    also without its extension (many competitions' ids are file names without ``.jpg``).
 
-    A name shared by two files is kept out of the index (its relative path still works), so
+    A name shared by two files maps to both (its relative path still works) and is refused, so
     an id never silently picks one of two images.
     """
-    by_rel: dict[str, Path] = {}
-    by_name: dict[str, list[Path]] = {}
+    exact: dict[str, Path] = {}  # paths relative to a given folder: one file each
+    loose: dict[str, set[Path]] = {}  # names, and every key without its extension: kept when one file has it
     for raw in paths:
         root = Path(raw)
         for file in expand_paths([root]):
             if root.is_dir():
-                by_rel[file.relative_to(root).as_posix()] = file
-            by_name.setdefault(file.name, []).append(file)
-    index = {name: files[0] for name, files in by_name.items() if len(files) == 1}
-    index.update(by_rel)
+                rel = file.relative_to(root)
+                exact[rel.as_posix()] = file
+                loose.setdefault(rel.with_suffix("").as_posix(), set()).add(file)
+            for key in (file.name, file.stem):
+                loose.setdefault(key, set()).add(file)
+    index: dict[str, Path | list[Path]] = {key: sorted(files) for key, files in loose.items() if len(files) > 1}
+    index.update({key: next(iter(files)) for key, files in loose.items() if len(files) == 1})
+    index.update(exact)
     return index
 
 
@@ -333,9 +338,15 @@ def write_submission(
     if label_format not in ("index", "name"):
         raise ClassLabError(f"--label-format {label_format}: choose 'index' or 'name'")
     columns, rows = read_template(template, id_column)
-    index = index_images(paths)
+    found = index_images(paths)
     ids = [row[id_column].strip() for row in rows]
-    missing = {i: "no such image among the given paths" for i in ids if i not in index}
+    missing = {i: "no such image among the given paths" for i in ids if i not in found}
+    for i in ids:
+        several = found.get(i)
+        if isinstance(several, list):
+            shown = ", ".join(str(f) for f in several[:3]) + (" ..." if len(several) > 3 else "")
+            missing[i] = f"matches {len(several)} files ({shown}); give the path relative to the folder as the id"
+    index = {i: f for i, f in found.items() if isinstance(f, Path)}
     wanted = list(dict.fromkeys(index[i] for i in ids if i in index))
     loaded = load_runs(runs, checkpoint)
     result = predict(loaded, wanted, None, checkpoint=checkpoint, top=1, batch_size=batch_size, keep_rows=True, tta=tta)
