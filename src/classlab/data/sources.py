@@ -212,7 +212,7 @@ ARCHIVES = (".zip", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")
 
 def _part_folder(root: Path, names: tuple[str, ...]) -> Path | None:
     """root's sub-folder with one of ``names`` (any case: Train/, TEST/); two of them is ambiguous."""
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.lower() in names]
+    found = [p for p in root.iterdir() if p.name.lower() in names and p.is_dir()]
     if len(found) > 1:
         shown = ", ".join(sorted(p.name + "/" for p in found))
         raise ClassLabError(f"{root} has {shown}: which one holds the data is ambiguous; keep one of them")
