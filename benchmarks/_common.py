@@ -94,9 +94,11 @@ def measured_by(rows: Iterable[dict]) -> list[str]:
     A section is rewritten by whichever call ran last, while its rows may come from earlier calls
     (``--sides``/``--arms`` measure part of a table); the reader must see which command made each figure.
     """
-    calls = sorted(
-        {f"`{r['command']}`" + (f" ({r['date']})" if r.get("date") else "") for r in rows if r.get("command")}
-    )
+    dates: dict[str, set[str]] = {}  # one command run on several dates (a long sweep across sessions): named once
+    for r in rows:
+        if r.get("command"):
+            dates.setdefault(r["command"], set()).update([r["date"]] if r.get("date") else [])
+    calls = [f"`{c}`" + (f" ({', '.join(sorted(d))})" if d else "") for c, d in sorted(dates.items())]
     return ["rows measured by: " + "; ".join(calls)] if calls else []
 
 
