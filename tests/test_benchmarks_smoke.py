@@ -248,3 +248,19 @@ def test_precision_cpu_smoke(tmp_path: Path) -> None:
     table = bench.markdown(results)
     assert "| an AMX machine | amx_bf16 | normal_cnn | 128 | 0.500 | 0.250 | 0.50x |" in table
     assert f"| {bench.machine()} |" in table and "| resnet_cifar depth 20 | 4 |" in table
+
+
+def test_measured_by_names_a_command_once_with_each_date() -> None:
+    """A long sweep finished across sessions: one command, several dates; two commands stay two."""
+    common = _script("_common")
+    rows = [
+        {"command": "python benchmarks/recipes.py --only a", "date": "2026-12-03 23:21 UTC"},
+        {"command": "python benchmarks/recipes.py --only a", "date": "2026-12-04 02:57 UTC"},
+        {"command": "python benchmarks/recipes.py --only a", "date": "2026-12-04 02:57 UTC"},
+        {"command": "python benchmarks/recipes.py --only b", "date": "2026-12-01 10:00 UTC"},
+        {"pending": True},
+    ]
+    assert common.measured_by(rows) == [
+        "rows measured by: `python benchmarks/recipes.py --only a` (2026-12-03 23:21 UTC, 2026-12-04 02:57 UTC); "
+        "`python benchmarks/recipes.py --only b` (2026-12-01 10:00 UTC)"
+    ]
