@@ -113,6 +113,34 @@ def _subset(part: Part, idx: list[int]) -> Part:
     return Part(labels=part.labels[index], source=part.source, indices=part.indices[np.asarray(idx, dtype=np.int64)])
 
 
+def _new_split(cfg: Config, dataset: Any, whole: Part, train_kept: np.ndarray) -> dict[str, Any]:
+    """A fresh split.json: train/val indices into the kept training images, and what made them."""
+    groups = None
+    if dataset.train.groups is not None:
+        groups = dataset.train.groups[whole.indices] if whole.indices is not None else _kept_groups(dataset, whole)
+    given = dataset.train.given_val
+    split: dict[str, Any] = make_split(
+        whole.labels.numpy(),
+        val_fraction=cfg.data.val_fraction,
+        seed=cfg.seed,
+        class_names=dataset.classes,
+        groups=groups,
+        images_per_class=cfg.data.images_per_class,
+        folds=cfg.data.folds,
+        fold=cfg.data.fold,
+        given_val=given[train_kept] if given is not None else None,
+    )
+    split.update({"seed": cfg.seed, "images_per_class": cfg.data.images_per_class})
+    if given is not None:
+        split.update({"val_fraction": None, "val_folder": dataset.train.given_val_from})
+    else:
+        split["val_fraction"] = cfg.data.val_fraction
+    if cfg.data.folds:
+        split.update({"folds": cfg.data.folds, "fold": cfg.data.fold or 0})
+    split["source_images"] = len(whole)
+    return split
+
+
 def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool = True) -> DataBundle:
     """The configured data, checked, split and decoded."""
     dataset = open_dataset(cfg.data, tasks=task_columns(cfg))
@@ -141,29 +169,7 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
     if cfg.task == "classify" and len(classes) < 2:
         raise ClassLabError(f"found {len(classes)} class(es) ({', '.join(classes)}); classification needs at least 2")
     if split is None:
-        groups = None
-        if dataset.train.groups is not None:
-            groups = dataset.train.groups[whole.indices] if whole.indices is not None else _kept_groups(dataset, whole)
-        given = dataset.train.given_val
-        split = make_split(
-            whole.labels.numpy(),
-            val_fraction=cfg.data.val_fraction,
-            seed=cfg.seed,
-            class_names=classes,
-            groups=groups,
-            images_per_class=cfg.data.images_per_class,
-            folds=cfg.data.folds,
-            fold=cfg.data.fold,
-            given_val=given[train_kept] if given is not None else None,
-        )
-        split.update(
-            {"seed": cfg.seed, "val_fraction": cfg.data.val_fraction, "images_per_class": cfg.data.images_per_class}
-        )
-        if given is not None:
-            split.update({"val_fraction": None, "val_folder": dataset.train.given_val_from})
-        if cfg.data.folds:
-            split.update({"folds": cfg.data.folds, "fold": cfg.data.fold or 0})
-        split["source_images"] = len(whole)
+        split = _new_split(cfg, dataset, whole, train_kept)
     elif split.get("source_images") not in (None, len(whole)):
         raise ClassLabError(
             f"the data changed since this run was made: {len(whole)} usable training images now, "
