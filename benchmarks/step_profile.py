@@ -40,9 +40,11 @@ from vs_airbench import (  # noqa: E402
     FAST_CONFIG,
     HALF_AS,
     SMOKE,
+    SMOKE_FP32,
     _half_means,
     _map_cuda_to_cpu,
     install_airbench,
+    smoke_in_fp32,
     work_and_data,
     write_airbench_data,
 )
@@ -108,6 +110,8 @@ def worker(side: str, steps: int, profile: bool, work: Path, data: Path, smoke: 
         base.append("trainer.val_every=1000")
         if smoke:
             base.append(f"data.batch_size={SMOKE['batch_size']}")
+        if smoke_in_fp32(smoke):
+            base.append("trainer.precision=32-true")
 
         def train(n: int) -> None:
             classlab.train(FAST_CONFIG, [*base, f"exp_name=steps{n}", f"trainer.max_steps={n}"], force=True, quiet=True)
@@ -115,13 +119,14 @@ def worker(side: str, steps: int, profile: bool, work: Path, data: Path, smoke: 
     else:
         import torch
 
-        _map_cuda_to_cpu(HALF_AS[side])
+        half = "float32" if smoke_in_fp32(smoke) else HALF_AS[side]
+        _map_cuda_to_cpu(half)
         sys.path.insert(0, str(work / "site"))
         os.chdir(work)
         import airbench
         import airbench.utils as utils
 
-        _half_means(utils, getattr(torch, HALF_AS[side]))
+        _half_means(utils, getattr(torch, half))
         kwargs: dict[str, Any] = {}
         if smoke:
             kwargs["train_loader"] = airbench.CifarLoader(
@@ -173,6 +178,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, str], n1: int, n2: int) ->
         "groups: operators' own CPU time per step from torch.profiler, by the same difference; shares are of the"
         " profiled step (the profiler itself adds a little to the 'outside operators' share)",
     ]
+    if any(summary[s].get("smoke_fp32") for s in summary):
+        notes.append(SMOKE_FP32.format("bf16"))
     sides = [s for s in SIDES if s in summary]
     lines = [*section_head("Where a fast-recipe step goes: airbench94-bf16 vs classlab", meta, notes)]
     lines += ["| | " + " | ".join(sides) + " |", "|---" * (len(sides) + 1) + "|"]
@@ -251,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs[mode][str(n)] = out
                 print(f"[{side}] {mode} {n} steps: {runs[mode][str(n)]['wall_s']:.2f} s", flush=True)
         summary[side] = summarize(runs, n1, n2)
+        summary[side]["smoke_fp32"] = smoke_in_fp32(args.smoke)
     from classlab.run import atomic_write_text
 
     atomic_write_text(work / "summary.json", json.dumps(summary, indent=2) + "\n")

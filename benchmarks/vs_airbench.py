@@ -73,8 +73,16 @@ PRECISION = {
 }
 
 # --smoke: how small (images per class) and how short (steps)
-# (small: on a CPU without bf16 instructions the bf16 sides' steps are emulated, 12-41x slower, BENCHMARKS.md)
 SMOKE = {"train_per_class": 8, "test_per_class": 5, "batch_size": 20, "epochs": 1}
+SMOKE_FP32 = "fp32 in this smoke run: no bf16 instructions on this CPU (the side's own: {})"
+
+
+def smoke_in_fp32(smoke: bool) -> bool:
+    """A smoke run checks the wiring; on a CPU without bf16 instructions a bf16 step is emulated, 12-41x
+    slower than fp32 (BENCHMARKS.md "precision_cpu"), so there the bf16 sides' smoke steps run in fp32."""
+    from classlab.engine.trainer import cpu_has_bf16
+
+    return smoke and not cpu_has_bf16()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +244,10 @@ def worker_classlab(
     base = [f"data.root={data}", f"seed={seed}", f"run.root={runs}", "trainer.progress=false", *(sets or [])]
     if smoke:
         base += [f"data.batch_size={SMOKE['batch_size']}", f"epochs={SMOKE['epochs']}"]
+    own_precision = load_config(config, base).trainer.precision
+    fp32 = smoke_in_fp32(smoke) and own_precision != "32-true"
+    if fp32:
+        base.append("trainer.precision=32-true")
     if torch.get_num_threads():
         base.append(f"trainer.threads={torch.get_num_threads()}")
     # Warm-up, untimed: loads the decoded cache and creates the oneDNN kernels, as airbench's warmup94 does.
@@ -278,7 +290,8 @@ def worker_classlab(
         "test_time_s": float(summary["test_time_s"]),
         "epochs": per_epoch,
         "run": str(run.path),
-        "precision": cfg.trainer.precision,
+        "precision": own_precision,
+        "smoke_fp32": fp32,
     }
 
 
@@ -312,6 +325,11 @@ def _precision(runs: dict[str, Any]) -> str:
     return ", ".join(sorted(found)) + " (the recipe's trainer.precision)"
 
 
+def _label(side: str, runs: dict[str, Any]) -> str:
+    own = PRECISION.get(side.split(" [")[0]) or _precision(runs)
+    return SMOKE_FP32.format(own) if any(r.get("smoke_fp32") for r in runs.values()) else own
+
+
 def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
     notes = [
         "wall time: first training step to the final TTA accuracy; decoding and warm-up excluded on both sides",
@@ -334,7 +352,7 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         t90 = [t for r in runs.values() if (t := time_to(r["epochs"], 0.90)) is not None]
         t93 = [t for r in runs.values() if (t := time_to(r["epochs"], 0.93)) is not None]
         lines.append(
-            f"| {side} | {PRECISION.get(side) or _precision(runs)} | {', '.join(sorted(runs))} "
+            f"| {side} | {_label(side, runs)} | {', '.join(sorted(runs))} "
             f"| {_stats(acc)} | {_stats(wall)} "
             f"| {_stats(t90)} ({len(t90)}/{len(runs)}) | {_stats(t93)} ({len(t93)}/{len(runs)}) |"
         )
@@ -391,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.worker in HALF_AS:
             sys.path.insert(0, str(work / "site"))
             os.chdir(work)  # airbench reads ./cifar10/{train,test}.pt
-            out = worker_airbench(args.seed, args.smoke, HALF_AS[args.worker])
+            fp32 = smoke_in_fp32(args.smoke) and HALF_AS[args.worker] != "float32"
+            out = worker_airbench(args.seed, args.smoke, "float32" if fp32 else HALF_AS[args.worker])
+            out["smoke_fp32"] = fp32
         else:
             out = worker_classlab(args.seed, args.smoke, data, work / "runs", RECIPES[args.worker], args.set)
         print("RESULT " + json.dumps(out), flush=True)

@@ -94,7 +94,9 @@ def test_vs_airbench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "done earlier" in capsys.readouterr().out
     results = json.loads((work / "results.json").read_text())
     table = bench.markdown(results, {"date": "d", "machine": "m", "command": "c"})
-    assert "| airbench-bf16 | bf16 weights and inputs, BatchNorm fp32 | 0 |" in table
+    own = "bf16 weights and inputs, BatchNorm fp32"
+    assert f"| airbench-bf16 | {bench.SMOKE_FP32.format(own) if bench.smoke_in_fp32(True) else own} | 0 |" in table
+    assert results["airbench"]["0"]["smoke_fp32"] is False  # the fp32 side is fp32 anyway
     assert "classlab / airbench wall time:" in table and "classlab-muon / airbench-bf16 wall time:" in table
     assert "classlab [trainer.test_tta=flip] / airbench wall time:" in table
     assert "Headline, classlab-muon against the faster airbench" in table
@@ -123,6 +125,7 @@ def test_step_profile_smoke(tmp_path: Path) -> None:
         assert "convolutions" in summary[side]["groups"]
     table = bench.markdown(summary, {"date": "d", "machine": "m", "command": "c"}, 1, 3)
     assert "| step, s (median, unprofiled) |" in table and "classlab / airbench-bf16 per step:" in table
+    assert ("fp32 in this smoke run: no bf16 instructions on this CPU" in table) == bench.smoke_in_fp32(True)
 
 
 @needs_data

@@ -175,7 +175,7 @@ def test_eval_with_the_published_protocols(tiny_run: Path) -> None:
     assert "scale    40 px  top-1" in result.stdout and "mean of the per-scale accuracies" in result.stdout
 
 
-def test_predict_with_tta_averages_each_images_views(tiny_run: Path, tmp_path: Path) -> None:
+def test_predict_with_tta_averages_each_images_views(tiny_run: Path, tmp_path: Path, capsys) -> None:
     """predict --tta scores unlabelled files as eval --tta scores a split: the same views, the same weights."""
     import csv
 
@@ -201,11 +201,13 @@ def test_predict_with_tta_averages_each_images_views(tiny_run: Path, tmp_path: P
     got = classlab.predict(tiny_run, files, tta="tencrop", keep_rows=True, batch_size=7)  # crops over two passes
     assert [r["prob"] for r in got] == pytest.approx(tencrop.max(1).values.tolist(), abs=1e-5)
     assert [r["class"] for r in got] == [loaded.classes[int(i)] for i in tencrop.argmax(1)]
+    from classlab.cli import main  # in this process: a subprocess would spend its time importing torch
+
     out = tmp_path / "preds.csv"
-    result = run_cli("predict", str(tiny_run), str(tmp_path), "--tta", "flip", "--out", str(out), "--quiet")
-    assert result.returncode == 0 and "TTA flip" in result.stdout, result.stderr
+    assert main(["predict", str(tiny_run), str(tmp_path), "--tta", "flip", "--out", str(out), "--quiet"]) == 0
+    assert "TTA flip" in capsys.readouterr().out
     rows = list(csv.DictReader(out.open()))
     assert [float(r["prob"]) for r in rows] == pytest.approx(flip.max(1).values.tolist(), abs=1e-5)
-    result = run_cli("predict", str(tiny_run), str(tmp_path), "--tta", "perscale:32,40", "--out", str(out))
-    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0
-    assert "to predict, average the scales' views: --tta multiscale:32,40" in result.stderr
+    assert main(["predict", str(tiny_run), str(tmp_path), "--tta", "perscale:32,40", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "to predict, average the scales' views: --tta multiscale:32,40" in err
