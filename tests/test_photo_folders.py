@@ -168,3 +168,19 @@ def test_a_downloaded_archive_as_root_says_how_to_unpack_it(tmp_path: Path) -> N
         with pytest.raises(ClassLabError, match=r"is an archive; unpack it once and point data.root at") as e:
             open_dataset(_cfg(archive, tmp_path).data)
         assert command.format(a=archive, f=tmp_path / "flowers") in str(e.value)
+
+
+def test_what_macos_and_notebooks_leave_behind_is_passed_over(tmp_path: Path) -> None:
+    """A zip made on a Mac unpacks with __MACOSX/ (._ twins of every photo); Jupyter leaves .ipynb_checkpoints/.
+    Neither is a class, a bad file or a photo to predict."""
+    from classlab.predict import expand_paths
+
+    root = _folder(tmp_path)
+    for name in ("cat", "dog"):
+        (root / "__MACOSX" / name).mkdir(parents=True)
+        (root / "__MACOSX" / name / "._0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        (root / name / "._0.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    make_image(root / "cat" / ".ipynb_checkpoints" / "0-checkpoint.jpg", (0, 0, 0), size=24)
+    dataset = open_dataset(_cfg(root, tmp_path).data)
+    assert dataset.classes == ["cat", "dog"] and len(dataset.train) == 20 and not dataset.train.problems
+    assert len(expand_paths([root])) == 20

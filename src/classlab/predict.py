@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from classlab.data.preprocess import IMAGE_EXTENSIONS, BadImage, open_image
+from classlab.data.preprocess import IMAGE_EXTENSIONS, BadImage, is_system_file, open_image
 from classlab.data.sources import natural_key
 from classlab.engine.ensemble import load_runs
 from classlab.engine.load import LoadedRun, load
@@ -30,12 +30,19 @@ from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_text
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
-    """Files as given; folders walked recursively for image files, in natural order."""
+    """Files as given; folders walked recursively for image files, in natural order, passing over what
+    training passes over (hidden files and folders, macOS's ._ twins and __MACOSX)."""
     out: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+            found = [
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS
+                and not any(is_system_file(part) for part in p.relative_to(path).parts)
+                and p.is_file()
+            ]
             out.extend(sorted(found, key=lambda p: natural_key(str(p))))
         elif path.exists():
             out.append(path)

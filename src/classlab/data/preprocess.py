@@ -24,6 +24,15 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".ppm", ".pgm"} | HEIF_EXTENSIONS
 )
 IGNORED_FILES = frozenset({"thumbs.db", "desktop.ini"})
+# What operating systems leave in folders: dotfiles (.DS_Store, macOS's ._photo.jpg twins), these files, and the
+# __MACOSX folder a macOS zip unpacks to beside the data. Never data, never a problem.
+SYSTEM_FOLDERS = frozenset({"__macosx"})
+
+
+def is_system_file(name: str) -> bool:
+    """A file or folder name the OS or a tool made (hidden, Thumbs.db, __MACOSX), passed over everywhere."""
+    return name.startswith(".") or name.lower() in IGNORED_FILES or name.lower() in SYSTEM_FOLDERS
+
 
 # Truncated files must fail loudly, not decode into grey half-images.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

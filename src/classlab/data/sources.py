@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from classlab.config import DataSection
-from classlab.data.preprocess import IGNORED_FILES, IMAGE_EXTENSIONS, BadImage, open_image
+from classlab.data.preprocess import IMAGE_EXTENSIONS, BadImage, is_system_file, open_image
 from classlab.data.tasks import combined_index, combined_names
 from classlab.errors import ClassLabError
 
@@ -147,7 +147,7 @@ def _zip_array(path: str, members: tuple[str, ...]) -> np.ndarray:
 
 def _sort_file(path: Path, files: list[Path], problems: list[str]) -> None:
     """An image joins ``files``; hidden and system files are passed over; anything else is a problem."""
-    if path.name.startswith(".") or path.name.lower() in IGNORED_FILES:
+    if is_system_file(path.name):
         return
     if path.suffix.lower() in IMAGE_EXTENSIONS:
         files.append(path)
@@ -166,17 +166,17 @@ def _scan_class_folders(root: Path, notices: list[str] | None = None) -> tuple[d
     per_class: dict[str, list[Path]] = {}
     ignored: list[str] = []
     for entry in sorted(root.iterdir(), key=lambda p: natural_key(p.name)):
-        if entry.name.startswith("."):
+        if is_system_file(entry.name):
             continue
         if not entry.is_dir():
             if entry.suffix.lower() in IMAGE_EXTENSIONS:
                 problems.append(f"{entry}: an image beside the class folders (images go in {root}/<class>/)")
-            elif entry.name.lower() not in IGNORED_FILES:
+            else:
                 ignored.append(entry.name)
             continue
         files: list[Path] = []
         for dirpath, dirnames, filenames in os.walk(entry):
-            dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=natural_key)
+            dirnames[:] = sorted((d for d in dirnames if not is_system_file(d)), key=natural_key)
             for name in sorted(filenames, key=natural_key):
                 _sort_file(Path(dirpath) / name, files, problems)
         if not files:
@@ -229,7 +229,7 @@ def _unpack(archive: Path) -> str:
 
 
 def _has_class_folders(folder: Path) -> bool:
-    return any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir())
+    return any(p.is_dir() and not is_system_file(p.name) for p in folder.iterdir())
 
 
 def _folder(cfg: DataSection) -> Dataset:
