@@ -233,6 +233,26 @@ def test_csv_val_manifest_is_the_validation_split(tmp_path: Path) -> None:
         load_config(None, ["data.val_csv_file=val.csv"])
 
 
+def test_csv_ids_without_extension_find_their_image(tmp_path: Path) -> None:
+    """Kaggle's labels.csv often names `0a1b` for train/0a1b.jpg: the one image with that name is used;
+    two candidates (0a1b.jpg and 0a1b.png) are a problem that asks for the extension."""
+    root = tmp_path / "train"
+    rows = ["id,breed"]
+    for i in range(12):
+        make_image(root / f"id{i}.jpg", (200, 0, 0) if i % 2 else (0, 0, 200))
+        rows.append(f"id{i},{'red' if i % 2 else 'blue'}")
+    make_image(root / "id0.png", (0, 0, 200))
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    base = ["data.dataset=csv", f"data.root={root}", f"data.csv_file={tmp_path / 'labels.csv'}"]
+    cfg = load_config(None, [*base, "data.path_column=id", "data.label_column=breed"])
+    with pytest.raises(DataProblems, match=r"line 2: 'id0' could be id0.jpg, id0.png; write the extension"):
+        load_data(cfg)
+    (root / "id0.png").unlink()
+    source = open_dataset(cfg.data).train
+    assert [Path(source.describe(i)).name for i in range(3)] == ["id0.jpg", "id1.jpg", "id2.jpg"]
+    assert len(source) == 12 and not source.problems
+
+
 def test_torchvision_missing_files_named(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.dataset=cifar10", f"data.root={tmp_path}"])
     with pytest.raises(ClassLabError, match=r"cifar10 not found in .*cifar-10-batches-py/.*data.download=true"):

@@ -338,6 +338,25 @@ def _manifest_path(cfg: DataSection, name: str, key: str) -> Path:
     return manifest
 
 
+def _with_image_extension(path: Path, listings: dict[Path, dict[str, list[str]]]) -> tuple[Path, list[str]]:
+    """``train/0a1b`` -> ``train/0a1b.jpg`` (many competitions' id columns are file names without the
+    extension): the path with the one image extension that exists, and every candidate found.
+
+    Each folder is listed once (``listings``), not probed with a stat per extension per row.
+    """
+    folder = path.parent
+    if folder not in listings:
+        by_stem: dict[str, list[str]] = {}
+        if folder.is_dir():
+            for name in os.listdir(folder):
+                stem, ext = os.path.splitext(name)
+                if ext.lower() in IMAGE_EXTENSIONS:
+                    by_stem.setdefault(stem, []).append(name)
+        listings[folder] = by_stem
+    found = sorted(listings[folder].get(path.name, []))
+    return (folder / found[0] if len(found) == 1 else path), found
+
+
 def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | None) -> _Manifest:
     root = Path(cfg.root or "").resolve()
     with open(manifest, newline="", encoding="utf-8-sig") as handle:
@@ -357,12 +376,19 @@ def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | Non
         raise ClassLabError(f"{manifest} has no rows")
     out = _Manifest(manifest, [], [], [], [], [])
     first_line: dict[Path, int] = {}
+    listings: dict[Path, dict[str, list[str]]] = {}  # folder -> image files by name without extension
     for line, row in enumerate(rows, start=2):
         rel = (row.get(cfg.path_column) or "").strip()
         path = (root / rel).resolve()
         if not rel:
             out.problems.append(f"{manifest}, line {line}: empty path (column '{cfg.path_column}')")
             continue
+        if path.suffix.lower() not in IMAGE_EXTENSIONS and not path.is_file():
+            path, found = _with_image_extension(path, listings)
+            if len(found) > 1:
+                shown = ", ".join(found)
+                out.problems.append(f"{manifest}, line {line}: '{rel}' could be {shown}; write the extension")
+                continue
         if not path.is_relative_to(root):
             raise ClassLabError(
                 f"{manifest}, line {line}: path '{rel}' is outside data.root {root}; paths must stay inside it"
