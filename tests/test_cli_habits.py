@@ -49,6 +49,26 @@ def test_habits_from_other_tools_get_the_classlab_spelling(tmp_path: Path, capsy
     assert "nowhere" in err and "invalid choice" not in err and err.count("\n") == 1
 
 
+def test_counts_are_checked_before_any_work_and_out_may_be_a_folder(tmp_path: Path, capsys) -> None:
+    """--top 0 and --batch-size 0 were taken (as 1, or as a ValueError after loading the run); --out results/
+    failed with IsADirectoryError after predicting every image."""
+    from classlab.cli import _output_file
+
+    parser = build_parser()
+    for argv, said in (
+        (["predict", "runs/a", "x.jpg", "--top", "0"], "argument --top: 0 is below 1"),
+        (["predict", "runs/a", "x.jpg", "--batch-size", "many"], "argument --batch-size: 'many' is not a whole number"),
+        (["sweep", "--jobs", "0"], "argument --jobs: 0 is below 1"),
+        (["train", "--folds", "1"], "argument --folds: 1 is below 2"),
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert said in capsys.readouterr().err
+    assert _output_file(str(tmp_path), "predictions.csv") == str(tmp_path / "predictions.csv")
+    assert _output_file("new/", "submission.csv") == str(Path("new") / "submission.csv")
+    assert _output_file(str(tmp_path / "p.csv"), "predictions.csv") == str(tmp_path / "p.csv")
+
+
 def test_print_config_after_an_override_shows_allowed_values() -> None:
     result = run_cli("train", "epochs=3", "--print-config", "optim.name=adamw")
     assert result.returncode == 0, result.stderr

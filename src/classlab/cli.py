@@ -184,7 +184,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     runs = _ensemble_runs(run_items, args.ensemble)
     if args.template:
         return _submission(args, runs, paths)
-    out = args.out or "predictions.csv"
+    out = _output_file(args.out or ".", "predictions.csv")
     result = predict(
         runs,
         paths,
@@ -210,7 +210,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str]) -> int:
     from classlab.predict import write_submission
 
-    out = args.out or "submission.csv"
+    out = _output_file(args.out or ".", "submission.csv")
     done = write_submission(
         runs,
         paths,
@@ -313,6 +313,29 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least(low: int) -> Any:
+    """An argparse type: a whole number >= ``low`` (argparse's error then names the option)."""
+
+    def whole(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    whole.__name__ = "number"
+    return whole
+
+
+def _output_file(out: str, default_name: str) -> str:
+    """``--out results/`` (an existing folder, or a path ending in a slash) means results/<default_name>."""
+    if out.endswith(("/", os.sep)) or Path(out).is_dir():
+        return str(Path(out) / default_name)
+    return out
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     # SUPPRESS: `classlab -v train` and `classlab train -v` both count; the subparser must not reset it.
     p.add_argument(
@@ -345,7 +368,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--explain", metavar="KEY", help="what a config key means, its unit, default and allowed values")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--folds", type=int, metavar="K", help="k-fold cross-validation: runs/<exp>/fold0..K-1 and oof.csv")
+    p.add_argument(
+        "--folds", type=_at_least(2), metavar="K", help="k-fold cross-validation: runs/<exp>/fold0..K-1 and oof.csv"
+    )
 
 
 def _add_run_commands(sub: Any) -> None:
@@ -383,12 +408,12 @@ def _add_run_commands(sub: Any) -> None:
     _add_ensemble_and_submission_args(p)
     p.add_argument("--out", help="CSV file to write (default predictions.csv)")
     p.add_argument("--checkpoint", default="best", help="best, last, epochN (default best)")
-    p.add_argument("--top", type=int, default=3, help="how many classes per image (default 3)")
+    p.add_argument("--top", type=_at_least(1), default=3, help="how many classes per image (default 3)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--backend", default="torch", choices=["torch", "onnx"], help="onnx: run the exported model in onnxruntime"
     )
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--batch-size", type=_at_least(1), default=256, help="images per forward pass (default 256)")
     p.add_argument(
         "--tta",
         metavar="MODES",
@@ -415,7 +440,7 @@ def _add_study_commands(sub: Any) -> None:
         metavar="KEY=V1,V2",
         help="one axis of the grid (repeat for more); YAML values; linked keys: k1,k2=[a1,a2],[b1,b2]",
     )
-    p.add_argument("--jobs", type=int, default=1, help="runs at once on this machine, as subprocesses")
+    p.add_argument("--jobs", type=_at_least(1), default=1, help="runs at once on this machine, as subprocesses")
     p.add_argument("--ray", metavar="ADDRESS", help="send the runs to a Ray cluster (auto, ray://host:port, local)")
     p.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs Ray reserves per run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
