@@ -235,7 +235,8 @@ def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str
 def cmd_export(args: argparse.Namespace) -> int:
     from classlab.export import export
 
-    path = export(args.run, args.format, args.out, checkpoint=args.checkpoint)
+    out = _output_file(args.out, f"model.{args.format}") if args.out else None
+    path = export(args.run, args.format, out, checkpoint=args.checkpoint)
     print(f"wrote {path} (float32 NCHW RGB in [0, 1], dynamic batch, normalization and class names included)")
     return 0
 
@@ -301,7 +302,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from classlab.report import write_html_report
 
-    path = write_html_report(args.runs, args.out, split=args.split)
+    path = write_html_report(args.runs, _output_file(args.out, "report.html"), split=args.split)
     print(f"wrote {path} (one self-contained page: open it in any browser)")
     return 0
 
@@ -330,7 +331,8 @@ def _at_least(low: int) -> Any:
 
 
 def _output_file(out: str, default_name: str) -> str:
-    """``--out results/`` (an existing folder, or a path ending in a slash) means results/<default_name>."""
+    """``--out results/`` (an existing folder, or a path ending in a slash) means results/<default_name>,
+    for every command that writes one file (predict, export, report)."""
     if out.endswith(("/", os.sep)) or Path(out).is_dir():
         return str(Path(out) / default_name)
     return out
