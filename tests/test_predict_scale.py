@@ -100,3 +100,12 @@ def test_ten_thousand_images_bounded_memory(tiny_run: Path, tmp_path: Path) -> N
     assert peak_mb < 1500, f"peak resident memory {peak_mb} MB"
     with open(out) as handle:
         assert sum(1 for _ in handle) == 10_021
+
+
+def test_rate_reads_well_for_a_handful_of_images() -> None:
+    """Three images after a second of model loading: "0.4 images/s", not "0 images/s"."""
+    from classlab.predict import rate_text
+
+    assert rate_text(3, 7.5) == "0.4 images/s"
+    assert rate_text(300, 2.0) == "150 images/s"
+    assert rate_text(0, 0.0) == "0.0 images/s"

@@ -197,7 +197,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         tta=args.tta,
     )
     how = args.backend + (f", TTA {args.tta}" if args.tta else "")
-    print(f"wrote {result.count} predictions to {out} ({result.images_per_s:.0f} images/s, {how})")
+    print(f"wrote {result.count} predictions to {out} ({result.rate}, {how})")
     if result.failed_count:
         print(f"{result.failed_count} file(s) could not be read (see the error column):", file=sys.stderr)
         for path, error in result.failed[:20]:

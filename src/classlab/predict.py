@@ -110,6 +110,11 @@ class Predictions:
     def images_per_s(self) -> float:
         return self.count / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def rate(self) -> str:
+        """The speed as a person reads it: "0.4 images/s" for a handful, not "0 images/s"."""
+        return rate_text(self.count, self.seconds)
+
     def __len__(self) -> int:
         return self.count
 
@@ -251,10 +256,15 @@ def predict(
     return result
 
 
+def rate_text(count: int, seconds: float) -> str:
+    rate = count / seconds if seconds > 0 else 0.0
+    return f"{rate:.0f} images/s" if rate >= 10 else f"{rate:.1f} images/s"
+
+
 def _show_progress(result: Predictions, total: int, seconds: float) -> None:
-    rate = result.count / max(1e-9, seconds)
     bad = f", {result.failed_count} unreadable" if result.failed_count else ""
-    print(f"\r{result.count}/{total} images, {rate:.0f} images/s{bad}", end="", file=sys.stderr, flush=True)
+    line = f"\r{result.count}/{total} images, {rate_text(result.count, seconds)}{bad}"
+    print(line, end="", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
