@@ -41,6 +41,19 @@ def test_wrong_type_and_range_name_key_value_and_allowed() -> None:
         load_config(None, ["sched.name=cosin"])
 
 
+def test_a_key_of_several_forms_lists_them_under_its_own_name() -> None:
+    """pydantic tags a union's failed member onto the path (aug.flip.bool); the user sees the key and its forms."""
+    with pytest.raises(ConfigError, match=r"^config key 'aug\.flip' = 'maybe': allowed: true \| false \| alternate$"):
+        load_config(None, ["aug.flip=maybe"])
+    with pytest.raises(ConfigError, match=r"write a list in brackets: optim\.betas=\[0\.9,0\.99\]$"):
+        load_config(None, ["optim.betas=0.9,0.99"])
+
+
+@pytest.mark.parametrize(("spelled", "meant"), [("bf16", "bf16-mixed"), ("16", "16-mixed"), ("fp32", "32-true")])
+def test_precision_spellings_from_lightning_and_papers(spelled: str, meant: str) -> None:
+    assert load_config(None, [f"trainer.precision={spelled}"]).trainer.precision == meant
+
+
 def test_relative_root_resolved_against_config_file(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     path = tmp_path / "sub" / "cfg.yaml"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import copy
+import re
 import types
 import warnings
 from pathlib import Path
@@ -283,16 +284,36 @@ class LossSection(Section):
     )
 
 
+PRECISION_SPELLINGS = {
+    "bf16": "bf16-mixed",
+    "16": "16-mixed",
+    "fp16": "16-mixed",
+    "float16": "16-mixed",
+    "half": "16-mixed",
+    "fp32": "32-true",
+    "float32": "32-true",
+    "32": "32-true",
+    "32-mixed": "32-true",
+}
+
+
 class TrainerSection(Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = Field(
         "auto", description="hardware to train on (auto: a GPU when there is one)"
     )
     devices: int | list[int] | Literal["auto"] = Field(1, description="processes/devices per node (>1: DDP)")
     num_nodes: int = Field(1, ge=1, description="machines in a multi-node DDP run")
-    precision: Literal["32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
+    precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
         "32-true", description="numeric precision (bf16-mixed: bfloat16 autocast, fp32 weights)"
     )
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_notebook"] = Field("auto", description="Lightning strategy")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_spelling(cls, value: Any) -> Any:
+        """The spellings people bring from Lightning and papers (bf16, 16, fp16, fp32) mean their mixed/true forms."""
+        return PRECISION_SPELLINGS.get(str(value).strip().lower(), value) if isinstance(value, str | int) else value
+
     threads: int | None = Field(None, ge=1, le=1024, description="intra-op CPU threads (None = all cores)")
     val_every: int = Field(1, ge=1, description="validate every N epochs")
     monitor: str = Field("val/acc", description="metric that picks best.ckpt and drives early stopping")
@@ -600,8 +621,27 @@ def _one_line(error: ValidationError, tree: dict[str, Any]) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "literal_error":
         msg = "allowed: " + msg.removeprefix("Input should be ")
+    keys = [str(p) for p in err["loc"] if not _UNION_TAG.match(str(p))]
+    if len(keys) < len(err["loc"]) or err["type"] in ("tuple_type", "list_type"):
+        loc, msg = ".".join(keys), _allowed_line(keys, value, msg)
     shown = repr(value) if not isinstance(value, dict) else "a section"
     return f"config key '{loc}' = {shown}: {msg}"
+
+
+# pydantic names the member of a union that failed in the error's path (aug.flip.bool); a user never wrote it
+_UNION_TAG = re.compile(r"^(bool|int|float|str|none|list|dict|tuple|.*\[.*\])$")
+
+
+def _allowed_line(keys: list[str], value: Any, msg: str) -> str:
+    """For a key with several forms (true | false | alternate) or a list, what it takes, not pydantic's first miss."""
+    try:
+        field = _field(".".join(k for k in keys if not k.isdigit()))
+    except ConfigError:
+        return msg
+    line = "allowed: " + _allowed(field)
+    if isinstance(value, str) and "," in value and _allowed(field).startswith("["):
+        line += f"; write a list in brackets: {'.'.join(keys)}=[{value.strip('()[] ')}]"
+    return line
 
 
 def validate(tree: dict[str, Any]) -> Config:
