@@ -304,7 +304,9 @@ class TrainerSection(Section):
     devices: int | list[int] | Literal["auto"] = Field(1, description="processes/devices per node (>1: DDP)")
     num_nodes: int = Field(1, ge=1, description="machines in a multi-node DDP run")
     precision: Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true"] = Field(
-        "32-true", description="numeric precision (bf16-mixed: bfloat16 autocast, fp32 weights)"
+        "32-true",
+        description="numeric precision (bf16-mixed: bfloat16 autocast, fp32 weights; "
+        "bf16, 16 and fp32 are read as bf16-mixed, 16-mixed and 32-true)",
     )
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_notebook"] = Field("auto", description="Lightning strategy")
 
