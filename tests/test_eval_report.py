@@ -11,7 +11,7 @@ import torch
 
 import classlab
 from classlab.engine.metrics import calibration, per_class_scores
-from tests.conftest import run_cli
+from tests.conftest import make_image, run_cli
 
 
 def test_per_class_scores_by_hand() -> None:
@@ -62,3 +62,19 @@ def test_report_with_tta_uses_tta_predictions(tiny_run: Path) -> None:
     metrics = classlab.evaluate(tiny_run, split="val", tta="flip", report=True)
     report = json.loads((tiny_run / "eval" / "val" / "report.json").read_text())
     assert report["predictions"] == "tta:flip" and "tta" in metrics
+
+
+def test_a_runs_own_files_stand_for_the_run(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Tab completion ends at checkpoints/last.ckpt or config.yaml: eval, predict and export take them as the run
+    (a checkpoint as --checkpoint), where they said "is not a run folder"."""
+    from classlab.cli import main
+
+    last = tiny_run / "checkpoints" / "last.ckpt"
+    assert main(["eval", str(last), "--split", "val"]) == 0
+    assert "last.ckpt" in capsys.readouterr().out
+    image = make_image(tmp_path / "one.png", (200, 30, 30))
+    assert main(["predict", str(tiny_run / "config.yaml"), str(image), "--out", str(tmp_path), "--quiet"]) == 0
+    assert (tmp_path / "predictions.csv").read_text().count("\n") == 2
+    assert main(["predict", str(last), str(image), "--checkpoint", "best", "--out", str(tmp_path)]) == 0
+    assert main(["predict", str(last), str(image), "--checkpoint", "epoch1", "--out", str(tmp_path)]) == 2
+    assert "last.ckpt given with --checkpoint epoch1: keep one of the two" in capsys.readouterr().err

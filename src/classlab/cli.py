@@ -114,7 +114,7 @@ def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from classlab.evaluate import evaluate
 
-    runs = _ensemble_runs(args.runs, args.ensemble)
+    runs = _ensemble_runs(_runs_named(args.runs, args), args.ensemble)
     metrics = evaluate(runs, split=args.split, checkpoint=args.checkpoint, tta=args.tta, report=args.report)
     members = f", mean of {len(metrics['members'])} runs" if metrics.get("members") else ""
     print(
@@ -160,13 +160,35 @@ def _ensemble_runs(runs: list[str], ensemble: str | None) -> list[str] | str:
     return list(runs) if several else runs[0]
 
 
-def _split_runs(items: list[str]) -> tuple[list[str], list[str]]:
+def _runs_named(items: list[str], args: argparse.Namespace) -> list[str]:
+    """Run folders for ``items``, where a run's checkpoint file also sets ``--checkpoint``."""
+    from classlab.run import run_of
+
+    runs, picked = [], set()
+    for item in items:
+        run, checkpoint = run_of(item)
+        runs.append(run)
+        if checkpoint:
+            picked.add(checkpoint)
+    if len(picked) > 1:
+        raise ConfigError(
+            f"checkpoints {', '.join(sorted(picked))} given: give the run folders and one --checkpoint for all of them"
+        )
+    if picked:
+        (checkpoint,) = picked
+        if args.checkpoint not in ("best", checkpoint):
+            raise ConfigError(f"{checkpoint}.ckpt given with --checkpoint {args.checkpoint}: keep one of the two")
+        args.checkpoint = checkpoint
+    return runs
+
+
+def _split_runs(items: list[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """``RUN1 RUN2 ... PATHS``: the leading run folders (config.yaml) or k-fold folders, then image paths."""
-    from classlab.run import is_fold_group, is_run_folder
+    from classlab.run import is_fold_group, is_run_folder, run_of
 
     runs = []
     for item in items:
-        if is_run_folder(item) or is_fold_group(item):
+        if is_run_folder(run_of(item)[0]) or is_fold_group(item):
             runs.append(item)
         else:
             break
@@ -174,13 +196,13 @@ def _split_runs(items: list[str]) -> tuple[list[str], list[str]]:
         raise ConfigError(f"'{items[0]}' is not a run folder (no config.yaml); give the run(s) first, then images")
     if len(runs) == len(items):
         raise ConfigError("no images given after the run folder(s); give image files or folders to predict")
-    return runs, items[len(runs) :]
+    return _runs_named(runs, args), items[len(runs) :]
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from classlab.predict import predict
 
-    run_items, paths = _split_runs(args.items)
+    run_items, paths = _split_runs(args.items, args)
     runs = _ensemble_runs(run_items, args.ensemble)
     if args.template:
         return _submission(args, runs, paths)
@@ -236,7 +258,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from classlab.export import export
 
     out = _output_file(args.out, f"model.{args.format}") if args.out else None
-    path = export(args.run, args.format, out, checkpoint=args.checkpoint)
+    (run,) = _runs_named([args.run], args)
+    path = export(run, args.format, out, checkpoint=args.checkpoint)
     print(f"wrote {path} (float32 NCHW RGB in [0, 1], dynamic batch, normalization and class names included)")
     return 0
 
@@ -425,7 +448,7 @@ def _add_run_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a run's model: ONNX or torch.export (pt2)")
-    p.add_argument("run", help="run folder")
+    p.add_argument("run", help="run folder (or one of its checkpoint files)")
     p.add_argument("--format", default="onnx", choices=["onnx", "pt2"], help="file format (default onnx)")
     p.add_argument("--out", help="file to write (default RUN/export/model.<format>)")
     p.add_argument("--checkpoint", default="best", help="best, last, epochN (default best)")

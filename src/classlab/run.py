@@ -602,6 +602,20 @@ def is_run_folder(path: str | Path) -> bool:
     return (Path(path) / CONFIG).is_file()
 
 
+def run_of(path: str | Path) -> tuple[str, str | None]:
+    """A run's own file (its config.yaml, summary.json, or a checkpoint) -> that run folder and the checkpoint's name.
+
+    People tab-complete to the file they think of as "the model" (checkpoints/best.ckpt); anything
+    else comes back as given.
+    """
+    p = Path(path)
+    if p.is_file() and p.suffix == ".ckpt" and p.parent.name == CHECKPOINTS and is_run_folder(p.parent.parent):
+        return str(p.parent.parent), p.stem
+    if p.is_file() and p.name in (CONFIG, SUMMARY) and is_run_folder(p.parent):
+        return str(p.parent), None
+    return str(path), None
+
+
 def is_fold_group(path: str | Path) -> bool:
     """A folder made by a k-fold run (it holds fold{i} runs and folds.json)."""
     return (Path(path) / FOLDS).is_file()
