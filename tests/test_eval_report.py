@@ -78,3 +78,16 @@ def test_a_runs_own_files_stand_for_the_run(tiny_run: Path, tmp_path: Path, caps
     assert main(["predict", str(last), str(image), "--checkpoint", "best", "--out", str(tmp_path)]) == 0
     assert main(["predict", str(last), str(image), "--checkpoint", "epoch1", "--out", str(tmp_path)]) == 2
     assert "last.ckpt given with --checkpoint epoch1: keep one of the two" in capsys.readouterr().err
+
+
+def test_tables_align_korean_class_names() -> None:
+    """A Hangul character takes two terminal columns; padding by characters pushed the figures out of line."""
+    from classlab.evaluate import display_width, format_table
+
+    rows = [
+        {"class": name, "precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 3}
+        for name in ("고양이", "dog house", "Ünïcode")
+    ]
+    lines = format_table(rows).splitlines()
+    assert display_width("고양이") == 6
+    assert len({display_width(line) for line in lines}) == 1, lines  # every row ends in the same column

@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from classlab.evaluate import evaluate
+    from classlab.evaluate import display_width, evaluate, pad
 
     runs = _ensemble_runs(_runs_named(args.runs, args), args.ensemble)
     metrics = evaluate(runs, split=args.split, checkpoint=args.checkpoint, tta=args.tta, report=args.report)
@@ -134,9 +134,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"top-1 {metrics['top1']:.4f}   top-5 {metrics['top5']:.4f}   macro-F1 {metrics['f1']:.4f}")
     for name, acc in (metrics.get("tasks") or {}).items():
         print(f"task {name}: top-1 {acc:.4f}   macro-F1 {metrics['tasks_f1'][name]:.4f}")
-    width = max(len(c) for c in metrics["per_class"])
+    width = max(display_width(c) for c in metrics["per_class"])
     for name, acc in metrics["per_class"].items():
-        print(f"  {name:<{width}}  {acc:.4f}" if acc is not None else f"  {name:<{width}}  (no images)")
+        print(f"  {pad(name, width)}  {acc:.4f}" if acc is not None else f"  {pad(name, width)}  (no images)")
     written = "metrics.json, confusion.csv, confusion.png"
     if "report" in metrics:
         from classlab.evaluate import format_table

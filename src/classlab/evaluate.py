@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -291,12 +292,22 @@ def _confusion_figure(cm: Any, classes: list[str], top1: float) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+def display_width(text: str) -> int:
+    """Columns a terminal gives ``text``: Korean, Chinese and Japanese class names take two a character."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def pad(text: str, width: int) -> str:
+    """``text`` left-aligned in ``width`` terminal columns (str.ljust counts characters, not columns)."""
+    return text + " " * max(0, width - display_width(text))
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    width = max([len("class"), *(len(r["class"]) for r in rows)])
-    lines = [f"  {'class':<{width}}  precision  recall     f1  support"]
+    width = max([len("class"), *(display_width(r["class"]) for r in rows)])
+    lines = [f"  {'class':<{width}}  precision  recall      f1  support"]
     for r in rows:
         lines.append(
-            f"  {r['class']:<{width}}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:.4f}  {r['support']:7d}"
+            f"  {pad(r['class'], width)}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:.4f}  {r['support']:7d}"
         )
     macro = {k: sum(r[k] for r in rows) / max(1, len(rows)) for k in ("precision", "recall", "f1")}
     lines.append(
