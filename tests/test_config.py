@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from classlab.config import load_config, read_ini
-from classlab.errors import ConfigError
+from classlab.errors import ClassLabError, ConfigError
 from tests.conftest import run_cli
 
 
@@ -210,3 +210,20 @@ def test_explain_answers_without_importing_the_training_stack() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[-1] == "0 False False"
+
+
+def test_text_files_from_windows_editors(tmp_path: Path) -> None:
+    """Notepad's BOM is read; a CP949 file (Korean Windows, Excel's plain CSV there) is one line asking for UTF-8,
+    where it was 'unexpected UnicodeDecodeError'."""
+    from classlab.data.sources import open_dataset
+
+    (tmp_path / "bom.yaml").write_bytes(b"\xef\xbb\xbfepochs: 2\n")
+    assert load_config(tmp_path / "bom.yaml").epochs == 2
+    (tmp_path / "old.ini").write_bytes("[EXP]\n# 회전 실험\nepochs=2\n".encode("cp949"))
+    said = r"old\.ini: not UTF-8 text \(byte 0x[0-9a-f]{2} at offset \d+\); save it as UTF-8"
+    with pytest.raises(ConfigError, match=said):
+        load_config(tmp_path / "old.ini")
+    (tmp_path / "train.csv").write_bytes("path,label\n고양이.jpg,고양이\n".encode("cp949"))
+    cfg = load_config(None, [f"data.root={tmp_path}", "data.csv_file=train.csv"])
+    with pytest.raises(ClassLabError, match=r"train\.csv: not UTF-8 text .*Excel: CSV UTF-8"):
+        open_dataset(cfg.data)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from classlab.errors import ConfigError, did_you_mean
+from classlab.errors import ConfigError, did_you_mean, utf8_text
 
 
 class Section(BaseModel):
@@ -552,8 +552,9 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    text = utf8_text(path, ConfigError)
     try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+        tree = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -790,7 +791,7 @@ def read_ini(path: Path) -> dict[str, Any]:
     """Map an ``[EXP] [DATASET] [MODEL]`` INI file onto the config tree (DESIGN.md's table)."""
     parser = configparser.ConfigParser(inline_comment_prefixes=("#", ";"), interpolation=None)
     try:
-        parser.read(path, encoding="utf-8")
+        parser.read_string(utf8_text(path, ConfigError), source=str(path))
     except configparser.Error as exc:
         raise ConfigError(f"{path}: not a valid INI file: {str(exc).splitlines()[0]}") from None
     values: dict[str, Any] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class ClassLabError(Exception):
@@ -32,3 +33,18 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A ' (did you mean X?)' suffix for an error message, or ''."""
     close = nearest(word, choices)
     return f" (did you mean '{close}'?)" if close else ""
+
+
+def utf8_text(path: str | Path, error: type[ClassLabError] = ClassLabError) -> str:
+    """A text file a user wrote (config, CSV manifest, template): UTF-8, with or without Excel's and Notepad's BOM.
+
+    Excel and editors on Korean or Japanese Windows save CP949 / Shift-JIS; guessing an encoding would
+    misread class names without a word, so that is one line asking for UTF-8 instead.
+    """
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8 "
+            "(Excel: CSV UTF-8; editors on Korean or Japanese Windows may have saved it as CP949 / Shift-JIS)"
+        ) from None

@@ -25,7 +25,7 @@ from classlab.data.sources import natural_key
 from classlab.engine.ensemble import load_runs
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.tta import TTAPlan, image_views, prediction_plan, views_probabilities
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, utf8_text
 from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_text
 
 
@@ -298,10 +298,9 @@ def read_template(path: str | Path, id_column: str) -> tuple[list[str], list[dic
     path = Path(path)
     if not path.is_file():
         raise ClassLabError(f"--template '{path}' not found; give the organisers' CSV (e.g. info.csv)")
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = list(reader.fieldnames or [])
-        rows = list(reader)
+    reader = csv.DictReader(io.StringIO(utf8_text(path), newline=""))
+    columns = list(reader.fieldnames or [])
+    rows = list(reader)
     if id_column not in columns:
         raise ClassLabError(f"{path}: no column '{id_column}' (--id-column); its columns are: {', '.join(columns)}")
     if not rows:

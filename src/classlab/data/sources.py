@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import re
 import zipfile
@@ -25,7 +26,7 @@ from PIL import Image
 from classlab.config import DataSection
 from classlab.data.preprocess import IMAGE_EXTENSIONS, BadImage, is_system_file, open_image
 from classlab.data.tasks import combined_index, combined_names
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, utf8_text
 
 SAMPLE_ZIP = Path(__file__).parent / "sample" / "cifar10_sample.zip"
 NATIVE_SIZE = {"sample": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "mnist": 28, "fashion_mnist": 28}
@@ -359,10 +360,9 @@ def _with_image_extension(path: Path, listings: dict[Path, dict[str, list[str]]]
 
 def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | None) -> _Manifest:
     root = Path(cfg.root or "").resolve()
-    with open(manifest, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        rows = list(reader)
+    reader = csv.DictReader(io.StringIO(utf8_text(manifest), newline=""))
+    columns = reader.fieldnames or []
+    rows = list(reader)
     for key, col in (
         ("path_column", cfg.path_column),
         ("label_column", None if tasks else cfg.label_column),
