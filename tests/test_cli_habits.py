@@ -49,6 +49,21 @@ def test_habits_from_other_tools_get_the_classlab_spelling(tmp_path: Path, capsy
     assert "nowhere" in err and "invalid choice" not in err and err.count("\n") == 1
 
 
+def test_misspelt_commands_and_flags_get_the_nearest_spelling(capsys: pytest.CaptureFixture) -> None:
+    parser = build_parser()
+    for argv, said in (
+        (["trian"], "invalid choice: 'trian' (choose from 'train', 'pretrain'"),
+        (["trian"], "(did you mean 'train'?)"),
+        (["train", "--reusme"], "unrecognized arguments: --reusme (did you mean '--resume'?)"),
+        (["predict", "runs/a", "x.jpg", "--tpo", "3"], "(did you mean '--top'?)"),
+        (["eval", "runs/a", "--split", "tset"], "(did you mean 'test'?)"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and said in err, err
+
+
 def test_counts_are_checked_before_any_work_and_out_may_be_a_folder(tmp_path: Path, capsys) -> None:
     """--top 0 and --batch-size 0 were taken (as 1, or as a ValueError after loading the run); --out results/
     failed with IsADirectoryError after predicting every image."""

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from classlab.errors import ClassLabError, ConfigError
 
@@ -36,7 +37,29 @@ def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
     return config, overrides
 
 
-class IntermixedParser(argparse.ArgumentParser):
+class SuggestingParser(argparse.ArgumentParser):
+    """argparse's errors with the nearest spelling: `classlab trian`, `train --reusme` (Python 3.11 suggests none)."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        from classlab.errors import did_you_mean
+
+        chosen = re.search(r"invalid choice: '?([^'\s]+)'? \(choose from (.*)\)", message)
+        if chosen:
+            message += did_you_mean(chosen.group(1), re.findall(r"[\w-]+", chosen.group(2)))
+        unknown = re.match(r"unrecognized arguments: (-\S+)", message)
+        if unknown:
+            message += did_you_mean(unknown.group(1).split("=")[0], self._every_option())
+        super().error(message)
+
+    def _every_option(self) -> list[str]:
+        options = list(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                options += [o for parser in action.choices.values() for o in parser._option_string_actions]
+        return [o for o in options if o.startswith("--")]
+
+
+class IntermixedParser(SuggestingParser):
     """Options and positionals in any order: ``train exp_name=x --force data.root=y`` as well as flags last.
 
     argparse stops collecting a ``nargs="*"`` positional at the first option; the intermixed parse
@@ -494,9 +517,7 @@ def _add_study_commands(sub: Any) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
-    parser = argparse.ArgumentParser(
-        prog="classlab", description="Image-classification experiments: one config, one command."
-    )
+    parser = SuggestingParser(prog="classlab", description="Image-classification experiments: one config, one command.")
     parser.add_argument(
         "--version", action="version", version=f"classlab {version('classlab')}", help="print the version"
     )
