@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
 import subprocess
 import sys
@@ -69,6 +70,22 @@ def test_api_streams_unless_rows_wanted(tiny_run: Path, tmp_path: Path) -> None:
     assert kept.rows is not None and len(list(kept)) == 42
     csv_rows = list(csv.DictReader(open(tmp_path / "p.csv")))
     assert [r["class"] for r in csv_rows] == [r["class"] for r in kept]
+
+
+def test_file_names_that_are_not_utf8(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A CP949 name unzipped on Linux (bytes that are not UTF-8) failed the whole CSV with UnicodeEncodeError;
+    now its row shows the bytes as \\xNN, the CSV stays UTF-8, and one note says how to rename."""
+    from classlab.cli import main
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (24, 24), (200, 20, 20)).save(os.fsdecode(os.fsencode(folder) + b"/\xc7\xd1.png"))
+    Image.new("RGB", (24, 24), (20, 200, 20)).save(folder / "고양이.png")
+    assert main(["predict", str(tiny_run), str(folder), "--out", str(tmp_path / "p.csv"), "--quiet"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "p.csv", encoding="utf-8")))
+    assert sorted(Path(r["path"]).name for r in rows) == ["\\xc7\\xd1.png", "고양이.png"]
+    assert all(r["class"] and not r["error"] for r in rows)
+    assert "note: 1 file name(s) are not UTF-8" in capsys.readouterr().err
 
 
 def test_failure_leaves_no_partial_csv(tiny_run: Path, tmp_path: Path) -> None:

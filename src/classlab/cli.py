@@ -243,6 +243,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     how = args.backend + (f", TTA {args.tta}" if args.tta else "")
     print(f"wrote {result.count} predictions to {out} ({result.rate}, {how})")
+    if result.odd_names:
+        print(
+            f"note: {result.odd_names} file name(s) are not UTF-8 (an old Windows or zip tool wrote them); "
+            "the CSV shows their bytes as \\xNN: rename them to UTF-8: convmv -f cp949 -t utf-8 -r --notest FOLDER",
+            file=sys.stderr,
+        )
     if result.failed_count:
         print(f"{result.failed_count} file(s) could not be read (see the error column):", file=sys.stderr)
         for path, error in result.failed[:20]:

@@ -26,7 +26,7 @@ from classlab.engine.ensemble import load_runs
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.tta import TTAPlan, image_views, prediction_plan, views_probabilities
 from classlab.errors import ClassLabError, utf8_text
-from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_text
+from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_text, is_utf8_name, shown_path
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
@@ -105,6 +105,7 @@ class Predictions:
     seconds: float
     columns: list[str]
     rows: list[dict[str, Any]] | None = None
+    odd_names: int = 0  # file names that are not UTF-8: their bytes show as \xNN in the CSV
 
     @property
     def images_per_s(self) -> float:
@@ -228,11 +229,12 @@ def predict(
             batch_rows, j = [], 0
             for path, error in zip(chunk, errors):
                 row: dict[str, Any] = dict.fromkeys(columns, "")
-                row["path"], row["error"] = str(path), error
+                row["path"], row["error"] = shown_path(path), error
+                result.odd_names += not is_utf8_name(path)
                 if error:
                     result.failed_count += 1
                     if len(result.failed) < MAX_FAILED_KEPT:
-                        result.failed.append((str(path), error))
+                        result.failed.append((shown_path(path), error))
                 else:
                     _fill(row, probs[j], [tp[j] for tp in task_probs], loaded, k)
                     j += 1

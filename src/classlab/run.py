@@ -106,7 +106,17 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    # surrogateescape: a file name that is not UTF-8 (old Windows and zip tools) is written as the bytes it has on disk
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` as UTF-8 text; a name that is not UTF-8 shows its bytes as \\xNN instead of failing the write."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def is_utf8_name(path: str | Path) -> bool:
+    return shown_path(path) == str(path)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -162,7 +172,7 @@ class AtomicCsvWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self.tmp = _temp_beside(self.path)
-        self.handle = os.fdopen(fd, "w", newline="", encoding="utf-8")
+        self.handle = os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace")
         self.writer = csv.DictWriter(self.handle, fieldnames=columns, lineterminator="\n")
         self.writer.writeheader()
         self.done = False
