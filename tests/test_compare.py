@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -94,6 +96,17 @@ def test_errors_are_one_line(runs: Path, tmp_path: Path) -> None:
         compare([str(runs)], by=["model.init_frm"], plots=False)
     result = run_cli("compare", str(tmp_path / "missing"))
     assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_a_killed_run_reads_cut_off_not_running(tmp_path: Path) -> None:
+    """kill -9 or a machine's end leaves summary.json at "running" (and a lock of a dead process) for ever."""
+    root = tmp_path / "runs"
+    killed = _fake_run(root, "killed", 10, None, 0.1, status="running")
+    (killed / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(), "owner": "x"}))
+    live = _fake_run(root, "live", 10, None, 0.1, status="running")
+    (live / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "owner": "y"}))
+    rows = {r["run"]: r["status"] for r in compare([str(root)], out=tmp_path / "out", plots=False).rows}
+    assert rows == {"killed": "cut off", "live": "running"}
 
 
 def test_rows_sort_naturally_and_legends_name_runs_by_folder() -> None:

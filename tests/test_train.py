@@ -108,7 +108,7 @@ def test_existing_run_refused_then_forced(trained: Path, tmp_path: Path) -> None
     args = tiny_config(tmp_path, exp_name="tiny", epochs=1)
     result = run_cli("train", *args)
     assert result.returncode == 1
-    assert "run folder" in result.stderr and "already exists" in result.stderr and "--resume" in result.stderr
+    assert "already exists and has finished; use --resume with more epochs to train it on, --force" in result.stderr
     assert (root / "tiny" / "summary.json").read_text() == old_summary
 
     result = run_cli("train", *args, "--force")

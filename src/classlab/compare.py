@@ -22,7 +22,15 @@ import yaml
 
 from classlab.data.sources import natural_key
 from classlab.errors import ClassLabError, did_you_mean
-from classlab.run import RunFolder, atomic_write_figure, atomic_write_text, is_fold_group, is_run_folder, pyplot
+from classlab.run import (
+    RunFolder,
+    RunLock,
+    atomic_write_figure,
+    atomic_write_text,
+    is_fold_group,
+    is_run_folder,
+    pyplot,
+)
 
 DEFAULT_METRICS = ("test_acc", "best_val_acc", "epochs_done", "wall_time_s")
 # Keys that differ between runs of a sweep by construction and say nothing about the experiment.
@@ -127,11 +135,16 @@ class RunData:
     metrics: list[dict[str, str]]
 
 
+CUT_OFF = "cut off"  # says "running" in its summary, but no live process holds the folder; --resume continues it
+
+
 def read_runs(paths: list[Path]) -> list[RunData]:
     runs = []
     for path, label in zip(paths, _labels(paths), strict=True):
         run = RunFolder(path)
         summary = run.summary(default={"status": "unknown"})
+        if summary.get("status") == "running" and RunLock(path).owner() is None:
+            summary = {**summary, "status": CUT_OFF}  # killed (kill -9, power, a session's end): no process holds it
         runs.append(RunData(label, path, flatten(run.read_config_tree()), summary, run.read_metrics()))
     return runs
 

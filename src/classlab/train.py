@@ -114,8 +114,11 @@ def _make_run(cfg: Config, resume: bool, force: bool) -> tuple[RunFolder, Config
     if path.exists():
         RunLock(path).check_free()  # never refuse with "use --resume" or move aside a folder in use
         if not force:
+            status = RunFolder(path).summary(default={}).get("status")
+            how = {"running": " and was cut off", "finished": " and has finished"}.get(status, "")
+            resume = "--resume with more epochs to train it on" if status == "finished" else "--resume to continue it"
             raise ClassLabError(
-                f"run folder '{path}' already exists; use --resume to continue it, --force to move it aside, "
+                f"run folder '{path}' already exists{how}; use {resume}, --force to move it aside, "
                 f"or choose another exp_name"
             )
         moved = move_aside(path)
