@@ -49,6 +49,16 @@ def _cfg(root: Path, tmp_path: Path, *extra: str):
     )
 
 
+def test_a_class_too_small_for_validation_is_named(tmp_path: Path) -> None:
+    """One image of 'rare': it trains, validation has none of it, and the user is told val/acc leaves it out."""
+    root = _folder(tmp_path)
+    make_image(root / "rare" / "only.jpg", (40, 200, 60), size=24)
+    bundle = load_data(_cfg(root, tmp_path))
+    assert "rare" in bundle.classes and len(bundle.val) == 4
+    assert bundle.notices[-1].startswith("note: no validation image of 1 class(es): rare (too few images to spare one)")
+    assert not any("no validation image" in n for n in load_data(_cfg(_folder(tmp_path / "b"), tmp_path)).notices)
+
+
 def test_notes_beside_class_folders_are_ignored_with_one_notice(tmp_path: Path, capsys) -> None:
     root = _folder(tmp_path)
     bundle = load_data(_cfg(root, tmp_path))

@@ -141,6 +141,22 @@ def _new_split(cfg: Config, dataset: Any, whole: Part, train_kept: np.ndarray) -
     return split
 
 
+def _unvalidated(cfg: Config, whole: Part, split: dict[str, Any], classes: list[str]) -> list[str]:
+    """A note naming the classes with no validation image (too few images): val/acc says nothing about them."""
+    labels = whole.labels.numpy()
+    if cfg.task != "classify" or not split["val"] or labels.ndim != 1:
+        return []
+    seen = set(labels[split["val"]].tolist())
+    missing = [name for i, name in enumerate(classes) if i not in seen and (labels == i).any()]
+    if not missing:
+        return []
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return [
+        f"note: no validation image of {len(missing)} class(es): {shown} (too few images to spare one); "
+        "val/acc does not cover them: add images, or give the data a val/ folder"
+    ]
+
+
 def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool = True) -> DataBundle:
     """The configured data, checked, split and decoded."""
     dataset = open_dataset(cfg.data, tasks=task_columns(cfg))
@@ -193,7 +209,7 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
         train_files=train_files,
         kept=kept,
     )
-    bundle.notices = list(dataset.train.notices)
+    bundle.notices = list(dataset.train.notices) + _unvalidated(cfg, whole, split, classes)
     if split.get("val_folder"):
         bundle.notices.append(
             f"note: validating on {split['val_folder']} ({len(split['val'])} images), the data's own validation "
