@@ -227,3 +227,22 @@ def test_text_files_from_windows_editors(tmp_path: Path) -> None:
     cfg = load_config(None, [f"data.root={tmp_path}", "data.csv_file=train.csv"])
     with pytest.raises(ClassLabError, match=r"train\.csv: not UTF-8 text .*Excel: CSV UTF-8"):
         open_dataset(cfg.data)
+
+
+def test_yaml_aliases_cannot_expand_into_billions(tmp_path: Path) -> None:
+    """Nine lines of nested aliases are 9**9 values: validation and its error line would never end (or fill memory)."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 8)]
+    lines.append(f"epochs: [{', '.join(['*a7'] * 9)}]")
+    (tmp_path / "laughs.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=r"laughs\.yaml: expands to more than 100,000 values \(YAML anchors"):
+        load_config(tmp_path / "laughs.yaml")
+    anchors = "[&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1], &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a], "
+    anchors += "&c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b], &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c], "
+    anchors += "[*d, *d, *d, *d, *d, *d, *d, *d, *d, *d, *d]]"
+    with pytest.raises(ConfigError, match=r"override 'epochs': expands to more than"):
+        load_config(None, [f"epochs={anchors}"])
+    with pytest.raises(ConfigError) as info:  # a large value that is merely wrong: the line stays short
+        load_config(None, [f"epochs=[{', '.join(['1'] * 5000)}]"])
+    assert len(str(info.value)) < 160 and str(info.value).endswith("...]: Input should be a valid integer")
+    assert load_config(None, ["model.layers=[&w 8, p, *w]"]).model.layers == [8, "p", 8]  # a plain alias still works

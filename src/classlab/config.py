@@ -540,7 +540,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    return key, value
+    return key, _bounded(value, f"override '{key}'")
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -548,6 +548,27 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+    return tree
+
+
+MAX_CONFIG_VALUES = 100_000  # far above any real config; YAML aliases can expand a few lines into billions
+
+
+def _bounded(tree: Any, where: str) -> Any:
+    """``tree`` unchanged, or ConfigError when its aliases expand past MAX_CONFIG_VALUES ("billion laughs")."""
+    stack, seen = [tree], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{where}: expands to more than {MAX_CONFIG_VALUES:,} values (YAML anchors and aliases nested "
+                "inside each other); write the values out"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
     return tree
 
 
@@ -563,7 +584,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys (exp_name: ..., data: ...)")
-    return tree
+    return _bounded(tree, str(path))
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -627,7 +648,7 @@ def _one_line(error: ValidationError, tree: dict[str, Any]) -> str:
     keys = [str(p) for p in err["loc"] if not _UNION_TAG.match(str(p))]
     if len(keys) < len(err["loc"]) or err["type"] in ("tuple_type", "list_type"):
         loc, msg = ".".join(keys), _allowed_line(keys, value, msg)
-    shown = repr(value) if not isinstance(value, dict) else "a section"
+    shown = _short(repr(value)) if not isinstance(value, dict) else "a section"
     return f"config key '{loc}' = {shown}: {msg}"
 
 
@@ -647,8 +668,16 @@ def _allowed_line(keys: list[str], value: Any, msg: str) -> str:
     return line
 
 
+def _short(text: str, limit: int = 80) -> str:
+    """An error line stays one readable line whatever value was given."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - 5] + " ...]" if text.startswith("[") else text[: limit - 4] + " ..."
+
+
 def validate(tree: dict[str, Any]) -> Config:
     """Validate a raw config tree; raise ConfigError with one line on the first problem."""
+    _bounded(tree, "the config")  # a run folder's config.yaml reaches here without _read_yaml
     try:
         cfg = Config.model_validate(tree)
     except ValidationError as exc:
