@@ -88,6 +88,14 @@ def test_file_names_that_are_not_utf8(tiny_run: Path, tmp_path: Path, capsys: py
     assert "note: 1 file name(s) are not UTF-8" in capsys.readouterr().err
 
 
+def test_a_url_is_named_as_one() -> None:
+    """People paste an image's address; 'does not exist' would send them looking for a file."""
+    from classlab.predict import expand_paths
+
+    with pytest.raises(ClassLabError, match=r"'https://x\.org/cat\.jpg' is a URL; predict reads files: download"):
+        expand_paths(["https://x.org/cat.jpg"])
+
+
 def test_failure_leaves_no_partial_csv(tiny_run: Path, tmp_path: Path) -> None:
     images = tmp_path / "imgs"
     make_folder(images, 10, 0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,6 +47,8 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
             out.extend(sorted(found, key=lambda p: natural_key(str(p))))
         elif path.exists():
             out.append(path)
+        elif re.match(r"^[a-z][a-z0-9+.-]*://", str(raw), re.IGNORECASE):
+            raise ClassLabError(f"'{raw}' is a URL; predict reads files: download it first (curl -O '{raw}')")
         else:
             raise ClassLabError(f"'{path}' does not exist; give image files or folders")
     return out
