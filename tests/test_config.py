@@ -246,3 +246,11 @@ def test_yaml_aliases_cannot_expand_into_billions(tmp_path: Path) -> None:
         load_config(None, [f"epochs=[{', '.join(['1'] * 5000)}]"])
     assert len(str(info.value)) < 160 and str(info.value).endswith("...]: Input should be a valid integer")
     assert load_config(None, ["model.layers=[&w 8, p, *w]"]).model.layers == [8, "p", 8]  # a plain alias still works
+
+
+def test_a_url_where_a_path_goes_is_named() -> None:
+    """Resolved as a path, data.root=https://... became '<cwd>/https:/...' and 'is not a folder'."""
+    with pytest.raises(ConfigError, match=r"^data\.root 'https://x\.org/photos\.zip' is a URL; classlab reads local"):
+        load_config(None, ["data.root=https://x.org/photos.zip"])
+    with pytest.raises(ConfigError, match=r"^model\.pretrained_path 's3://bucket/w\.pth' is a URL"):
+        load_config(None, ["model.pretrained_path=s3://bucket/w.pth"])

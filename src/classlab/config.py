@@ -720,16 +720,30 @@ def stage_config(cfg: Config, k: int) -> Config:
     return validate(tree)
 
 
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+
+
+def _local(key: str, value: str, base: Path) -> str:
+    """A path key made absolute; a URL pasted there is named (resolved, it became 'cwd/https:/...')."""
+    if _URL.match(value):
+        raise ConfigError(
+            f"{key} '{value}' is a URL; classlab reads local files: download (and unpack) it once and give its path"
+        )
+    return str((base / Path(value).expanduser()).resolve())
+
+
 def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
     data = tree.get("data")
     if isinstance(data, dict):
-        for key in ("root", "csv_file", "cache_dir"):
+        for key in ("root", "csv_file", "val_csv_file", "cache_dir"):
             value = data.get(key)
-            if isinstance(value, str) and value and key != "csv_file":
-                data[key] = str((base / Path(value).expanduser()).resolve())
+            if isinstance(value, str) and value:
+                resolved = _local(f"data.{key}", value, base)
+                if key in ("root", "cache_dir"):
+                    data[key] = resolved
     model = tree.get("model")
     if isinstance(model, dict) and isinstance(model.get("pretrained_path"), str):
-        model["pretrained_path"] = str((base / Path(model["pretrained_path"]).expanduser()).resolve())
+        model["pretrained_path"] = _local("model.pretrained_path", model["pretrained_path"], base)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
