@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from classlab.errors import ClassLabError, ConfigError
+from classlab.errors import ClassLabError, ConfigError, did_you_mean
 
 
 def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -41,8 +41,6 @@ class SuggestingParser(argparse.ArgumentParser):
     """argparse's errors with the nearest spelling: `classlab trian`, `train --reusme` (Python 3.11 suggests none)."""
 
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
-        from classlab.errors import did_you_mean
-
         chosen = re.search(r"invalid choice: '?([^'\s]+)'? \(choose from (.*)\)", message)
         if chosen:
             message += did_you_mean(chosen.group(1), re.findall(r"[\w-]+", chosen.group(2)))

@@ -723,9 +723,14 @@ def stage_config(cfg: Config, k: int) -> Config:
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 
 
+def is_url(text: str) -> bool:
+    """``text`` is an address (https://, s3://), not a path: people paste them where a file goes."""
+    return bool(_URL.match(text))
+
+
 def _local(key: str, value: str, base: Path) -> str:
     """A path key made absolute; a URL pasted there is named (resolved, it became 'cwd/https:/...')."""
-    if _URL.match(value):
+    if is_url(value):
         raise ConfigError(
             f"{key} '{value}' is a URL; classlab reads local files: download (and unpack) it once and give its path"
         )

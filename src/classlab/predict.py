@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import re
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,13 +20,14 @@ from typing import Any
 
 import torch
 
+from classlab.config import is_url
 from classlab.data.preprocess import IMAGE_EXTENSIONS, BadImage, is_system_file, open_image
 from classlab.data.sources import natural_key
 from classlab.engine.ensemble import load_runs
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.tta import TTAPlan, image_views, prediction_plan, views_probabilities
 from classlab.errors import ClassLabError, utf8_text
-from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_text, is_utf8_name, shown_path
+from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_text, shown_path
 
 
 def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
@@ -47,7 +47,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
             out.extend(sorted(found, key=lambda p: natural_key(str(p))))
         elif path.exists():
             out.append(path)
-        elif re.match(r"^[a-z][a-z0-9+.-]*://", str(raw), re.IGNORECASE):
+        elif is_url(str(raw)):
             raise ClassLabError(f"'{raw}' is a URL; predict reads files: download it first (curl -O '{raw}')")
         else:
             raise ClassLabError(f"'{path}' does not exist; give image files or folders")
@@ -232,12 +232,13 @@ def predict(
             batch_rows, j = [], 0
             for path, error in zip(chunk, errors):
                 row: dict[str, Any] = dict.fromkeys(columns, "")
-                row["path"], row["error"] = shown_path(path), error
-                result.odd_names += not is_utf8_name(path)
+                written = shown_path(path)
+                row["path"], row["error"] = written, error
+                result.odd_names += written != str(path)
                 if error:
                     result.failed_count += 1
                     if len(result.failed) < MAX_FAILED_KEPT:
-                        result.failed.append((shown_path(path), error))
+                        result.failed.append((written, error))
                 else:
                     _fill(row, probs[j], [tp[j] for tp in task_probs], loaded, k)
                     j += 1
