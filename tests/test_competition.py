@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import classlab.data.sampler as sampler_module
+import classlab.data.loaders as loaders_module
 from classlab.config import load_config
 from classlab.data.sampler import BalancedMemoryLoader, BalancedSampler, balanced_draw
 from classlab.data.splits import grouped_folds, make_split, stratified_folds
@@ -106,9 +106,9 @@ def test_balanced_loader_identical_on_resume_and_split_under_ddp(monkeypatch: py
     # Under DDP each process takes every world_size-th draw of the same epoch: together the whole draw.
     sampler = BalancedSampler(labels, seed=7)
     sampler.set_epoch(1)
-    monkeypatch.setattr(sampler_module, "_rank_world", lambda: (0, 2))
+    monkeypatch.setattr(loaders_module, "_rank_world", lambda: (0, 2))
     rank0 = list(sampler)
-    monkeypatch.setattr(sampler_module, "_rank_world", lambda: (1, 2))
+    monkeypatch.setattr(loaders_module, "_rank_world", lambda: (1, 2))
     rank1 = list(sampler)
     whole = balanced_draw(labels, 7, 1).tolist()
     assert rank0 == whole[0::2] and rank1 == whole[1::2]

@@ -361,3 +361,41 @@ def test_atomic_write_leaves_no_temp_and_normal_permissions(tmp_path: Path) -> N
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+
+
+def test_loaders_resume_an_epoch_at_the_batch_they_stopped_after() -> None:
+    """A loader restored from its state_dict serves the rest of that epoch, the batches an unbroken one would;
+    a state from another epoch is ignored (the new epoch starts at its first batch)."""
+    images = torch.arange(100, dtype=torch.uint8).repeat_interleave(3).view(100, 3, 1, 1)
+    labels = torch.arange(100) % 10
+    whole = MemoryLoader(images, labels, 8, shuffle=True, drop_last=True, seed=3)
+    whole.set_epoch(4)
+    batches = [y for _, y in whole]
+    partial = iter(whole)
+    for _ in range(5):
+        next(partial)
+    state = whole.state_dict()
+    assert state == {"epoch": 4, "batches": 5}
+    restored = MemoryLoader(images, labels, 8, shuffle=True, drop_last=True, seed=3)
+    restored.load_state_dict(state)
+    rest = [y for _, y in restored]
+    assert len(rest) == len(batches) - 5 and all(torch.equal(a, b) for a, b in zip(rest, batches[5:]))
+    restored.load_state_dict(state)
+    restored.set_epoch(5)
+    assert len([y for _, y in restored]) == len(batches)
+
+    # The streaming loader: its sampler starts past the served batches and reads nothing it skips.
+    from classlab.data.loaders import EpochSampler, ResumableLoader
+
+    data = torch.utils.data.TensorDataset(labels)
+
+    def loader() -> ResumableLoader:
+        return ResumableLoader(data, batch_size=8, sampler=EpochSampler(100, seed=3), drop_last=True)
+
+    first = loader()
+    first.sampler.set_epoch(4)
+    streamed = [b[0] for b in first]
+    assert len(streamed) == len(batches)
+    again = loader()
+    again.load_state_dict({"epoch": 4, "batches": 5})
+    assert all(torch.equal(a, b[0]) for a, b in zip(streamed[5:], again, strict=True))

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data import Dataset as TorchDataset
 
 from classlab.data.preprocess import BadImage, array_to_tensor, image_to_tensor
@@ -186,7 +186,9 @@ class MemoryLoader:
 
     The order of epoch ``e`` is a pure function of (seed, e), so a resumed run sees exactly the
     batches an uninterrupted one would. Under DDP each process takes every world_size-th sample
-    of the same permutation (padded to equal length so no process waits on another).
+    of the same permutation (padded to equal length so no process waits on another). It keeps
+    how many batches of the epoch it has handed out (``state_dict``): a run stopped between two
+    batches (Ctrl-C) resumes with the next one, not with the epoch's first.
     """
 
     def __init__(
@@ -204,25 +206,23 @@ class MemoryLoader:
         # Dropping a ragged last batch keeps BatchNorm away from batches of one; never drop everything.
         self.drop_last = drop_last and len(images) > batch_size
         self.epoch = 0
+        self.position = EpochPosition()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def state_dict(self) -> dict[str, int]:
+        return self.position.state_dict(self.epoch)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = self.position.load_state_dict(state)
+
     def _epoch_order(self, n: int) -> torch.Tensor:
         """The epoch's order of all n images (a subclass may draw it differently: data.sampler)."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            return torch.randperm(n, generator=g)
-        return torch.arange(n)
+        return epoch_permutation(n, self.seed, self.epoch) if self.shuffle else torch.arange(n)
 
     def _indices(self) -> torch.Tensor:
-        n = len(self.images)
-        order = self._epoch_order(n)
-        rank, world = _rank_world()
-        if world > 1:
-            per = -(-n // world)
-            order = torch.cat([order, order[: per * world - n]])[rank::world]
-        return order
+        return share_of(self._epoch_order(len(self.images)))
 
     def __len__(self) -> int:
         _, world = _rank_world()
@@ -231,9 +231,112 @@ class MemoryLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._indices()
-        for b in range(len(self)):
+        for b in self.position.batches(self.epoch, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self.images[idx], self.labels[idx]
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of epoch ``epoch``: the same for a run and its resumption."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def share_of(order: torch.Tensor) -> torch.Tensor:
+    """This process's share of an epoch's order under DDP: every world_size-th, padded to equal length."""
+    rank, world = _rank_world()
+    if world == 1:
+        return order
+    n = len(order)
+    per = -(-n // world)
+    return torch.cat([order, order[: per * world - n]])[rank::world]
+
+
+class EpochPosition:
+    """How far into an epoch a training loader has served: saved in a checkpoint, it resumes there.
+
+    Lightning asks a loader for ``state_dict`` when it writes a checkpoint and hands it back when
+    it resumes mid-epoch; a loader that cannot skip would restart the epoch's order from its first
+    batch and show some images twice. Lightning's own fetcher does not read ahead of a loader
+    with a length, so the batches served are the batches trained.
+    """
+
+    def __init__(self) -> None:
+        self.served = 0
+        self._resume: tuple[int, int] | None = None
+
+    def state_dict(self, epoch: int) -> dict[str, int]:
+        return {"epoch": epoch, "batches": self.served}
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        """Remember where to start; returns the epoch the state belongs to."""
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+        return self._resume[0]
+
+    def start(self, epoch: int) -> int:
+        """The first batch to serve in ``epoch``: past the saved position if it is this epoch's."""
+        resume, self._resume = self._resume, None
+        self.served = resume[1] if resume is not None and resume[0] == epoch else 0
+        return self.served
+
+    def batches(self, epoch: int, total: int) -> Iterator[int]:
+        for b in range(self.start(epoch), total):
+            self.served = b + 1
+            yield b
+
+
+class EpochSampler(DistributedSampler):
+    """The streaming loader's order: epoch ``e``'s is a pure function of (seed, e), as in memory.
+
+    A DistributedSampler, so that Lightning calls ``set_epoch`` and leaves it in place instead of
+    wrapping it in a second distributed split; rank and world size are read when iterating, after
+    the processes have joined. ``skip`` images at the start of the next iteration are passed over
+    (a resumed epoch), without being read.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        super().__init__(range(n), num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
+        self.n = n
+        self.skip = 0
+
+    def _epoch_order(self) -> torch.Tensor:
+        return epoch_permutation(self.n, self.seed, self.epoch) if self.shuffle else torch.arange(self.n)
+
+    def __len__(self) -> int:
+        _, world = _rank_world()
+        return -(-self.n // world)
+
+    def __iter__(self) -> Iterator[int]:
+        start, self.skip = self.skip, 0
+        return iter(share_of(self._epoch_order())[start:].tolist())
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that resumes mid-epoch: it counts the batches it hands out, and a restored
+    position starts its sampler (an EpochSampler) past them."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = EpochPosition()
+
+    def state_dict(self) -> dict[str, int]:
+        return self.position.state_dict(getattr(self.sampler, "epoch", 0))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch = self.position.load_state_dict(state)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = getattr(self.sampler, "epoch", 0)
+        first = self.position.start(epoch)
+        if isinstance(self.sampler, EpochSampler):
+            self.sampler.skip = first * self.batch_size  # type: ignore[operator]
+        else:
+            first = 0
+        self.position.served = first
+        for batch in super().__iter__():
+            self.position.served += 1
+            yield batch
 
 
 class StreamDataset(TorchDataset):
@@ -261,15 +364,16 @@ def stream_loader(
     shuffle: bool,
     workers: int,
     seed: int,
-    sampler: Any = None,
+    sampler: EpochSampler | None = None,
 ) -> DataLoader:
-    return DataLoader(
+    """Per-image reading; a training loader (shuffled or with a sampler) orders each epoch as the memory path does."""
+    if sampler is None and shuffle:
+        sampler = EpochSampler(len(indices), seed)
+    return ResumableLoader(
         StreamDataset(source, indices, size),
         batch_size=batch_size,
-        shuffle=shuffle,
         sampler=sampler,
-        drop_last=(shuffle or sampler is not None) and len(indices) > batch_size,
+        drop_last=sampler is not None and len(indices) > batch_size,
         num_workers=workers,
         persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
     )

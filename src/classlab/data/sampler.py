@@ -13,12 +13,9 @@ one balanced epoch, not world_size overlapping ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
-from torch.utils.data import DistributedSampler
 
-from classlab.data.loaders import MemoryLoader, _rank_world
+from classlab.data.loaders import EpochSampler, MemoryLoader
 
 
 def balanced_draw(labels: torch.Tensor, seed: int, epoch: int, n: int | None = None) -> torch.Tensor:
@@ -37,25 +34,12 @@ class BalancedMemoryLoader(MemoryLoader):
         return balanced_draw(self.labels, self.seed, self.epoch, n)
 
 
-class BalancedSampler(DistributedSampler):
-    """The same draw for the streaming DataLoader, this process's share of it.
-
-    A DistributedSampler so that Lightning leaves it in place (and calls ``set_epoch``) instead
-    of wrapping it in a second distributed split; rank and world size are read when iterating,
-    after the processes have joined.
-    """
+class BalancedSampler(EpochSampler):
+    """The same draw for the streaming DataLoader, this process's share of it."""
 
     def __init__(self, labels: torch.Tensor, seed: int) -> None:
-        super().__init__(range(len(labels)), num_replicas=1, rank=0, shuffle=True, seed=seed)
+        super().__init__(len(labels), seed)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
 
-    def __len__(self) -> int:
-        _, world = _rank_world()
-        return -(-len(self.labels) // world)
-
-    def __iter__(self) -> Iterator[int]:
-        rank, world = _rank_world()
-        order = balanced_draw(self.labels, self.seed, self.epoch)
-        per = -(-len(order) // world)
-        order = torch.cat([order, order[: per * world - len(order)]])[rank::world]
-        return iter(order.tolist())
+    def _epoch_order(self) -> torch.Tensor:
+        return balanced_draw(self.labels, self.seed, self.epoch)

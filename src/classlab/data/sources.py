@@ -119,8 +119,7 @@ def _sample(cfg: DataSection) -> Dataset:
         labels = np.array([index[n.split("/")[1]] for n in members], dtype=np.int64)
 
         def read(i: int, size: int | None = None) -> Image.Image:
-            with zipfile.ZipFile(SAMPLE_ZIP) as archive:
-                return open_image(archive.read(members[i]), size)
+            return open_image(_open_zip(str(SAMPLE_ZIP), os.getpid()).read(members[i]), size)
 
         return Source(
             name=f"sample/{split}",
@@ -132,6 +131,13 @@ def _sample(cfg: DataSection) -> Dataset:
         )
 
     return Dataset(classes, part("train"), part("test"), NATIVE_SIZE["sample"])
+
+
+@cache
+def _open_zip(path: str, pid: int) -> zipfile.ZipFile:
+    """The sample's archive, opened once per process (a loader worker has its own): reading its index
+    again for every image made streaming the sample about a hundred times slower than decoding it."""
+    return zipfile.ZipFile(path)
 
 
 @cache
