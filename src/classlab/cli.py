@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from classlab.errors import ClassLabError, ConfigError, did_you_mean
+from classlab.errors import ClassLabError, ConfigError, RunInterrupted, did_you_mean
 
 
 def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -553,8 +553,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `classlab models | head`: the reader left; that is not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except RunInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("\ninterrupted: last.ckpt written, run marked interrupted; continue with --resume", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a bare traceback
         if os.environ.get("CLASSLAB_DEBUG"):

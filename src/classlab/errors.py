@@ -23,6 +23,14 @@ class ConfigError(ClassLabError):
     exit_code = 2
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C or SIGTERM; the message says what last.ckpt holds. Exit 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def nearest(word: str, choices: Iterable[str]) -> str | None:
     """The closest valid spelling of ``word`` among ``choices``, if any is close."""
     found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)

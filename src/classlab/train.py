@@ -11,6 +11,7 @@ import csv
 import io
 import os
 import platform
+import signal
 import statistics
 import sys
 import time
@@ -26,7 +27,7 @@ from classlab.config import Config, annotated_yaml, apply_overrides, load_config
 from classlab.data.pipeline import DataBundle, load_data
 from classlab.data.tasks import TaskLayout
 from classlab.engine import loggers as tracking
-from classlab.engine.callbacks import METRIC_COLUMNS, RunRecorder
+from classlab.engine.callbacks import METRIC_COLUMNS, GracefulStop, RunRecorder
 from classlab.engine.finetune import trainable_at_start
 from classlab.engine.load import load
 from classlab.engine.metrics import macro_f1, top_k_accuracy
@@ -41,7 +42,7 @@ from classlab.engine.trainer import (
     load_stage_weights,
     precision_notice,
 )
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, RunInterrupted
 from classlab.models import count_params, pretrained, validate_model_spec
 from classlab.run import (
     FOLDS,
@@ -372,13 +373,21 @@ def _fit(trainer: L.Trainer, task: ClassifyTask, train_loader: Any, val_loader: 
         trainer.fit(
             task, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=last_ckpt, weights_only=True
         )
-    except SystemExit:
-        # Lightning turns Ctrl-C into sys.exit(1) after its callbacks ran (RunRecorder saved last.ckpt).
+    except (SystemExit, KeyboardInterrupt):
+        # Lightning ends a stop asked for (SIGTERMException) and a Ctrl-C (sys.exit(1)) after its callbacks
+        # ran: RunRecorder wrote what could be written and says what last.ckpt holds.
         if trainer.interrupted:
-            raise KeyboardInterrupt from None
+            raise _interrupted(trainer) from None
         raise
     if trainer.interrupted:
-        raise KeyboardInterrupt
+        raise _interrupted(trainer)
+
+
+def _interrupted(trainer: L.Trainer) -> RunInterrupted:
+    note = next((c.stop_note for c in trainer.callbacks if isinstance(c, RunRecorder) and c.stop_note), "")
+    asked = next((c.requested for c in trainer.callbacks if isinstance(c, GracefulStop) and c.requested), None)
+    code = 128 + int(getattr(signal, asked or "SIGINT"))
+    return RunInterrupted(f"{note or 'stopped'}; continue with --resume", code)
 
 
 def _finish(

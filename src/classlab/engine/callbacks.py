@@ -6,11 +6,15 @@ are written by process 0 only; checkpoints go through the trainer, atomically.
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 import time
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
 from classlab.engine.loggers import log_epoch
@@ -55,6 +59,8 @@ class RunRecorder(L.Callback):
         self.elapsed_before = 0.0
         self.saved_epochs = 0  # the epochs last.ckpt holds
         self._saved_at = time.monotonic()
+        self._mid_epoch = False
+        self.stop_note = ""  # how an interrupted run stopped and what last.ckpt holds (for the user's line)
 
     def state_dict(self) -> dict[str, Any]:
         return {"elapsed": self.elapsed_before + time.time() - self.started}
@@ -70,7 +76,12 @@ class RunRecorder(L.Callback):
         return self.elapsed_before + time.time() - self.started
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint["classlab"] = dict(self.extra, epochs_done=trainer.current_epoch + 1)
+        if self._mid_epoch:
+            # Stopped between two batches: the epoch has no metrics row yet and resumes at the next batch.
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            checkpoint["classlab"] = dict(self.extra, epochs_done=trainer.current_epoch, batches_done=done)
+        else:
+            checkpoint["classlab"] = dict(self.extra, epochs_done=trainer.current_epoch + 1)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -100,22 +111,40 @@ class RunRecorder(L.Callback):
             or trainer.should_stop
             or 0 < trainer.max_steps <= trainer.global_step
         )
-        if ending:
+        if ending or trainer.received_sigterm:  # a stop asked for (GracefulStop) ends the run here
             return True
         # Every process must take the same decision: saving is collective under DDP.
         return bool(trainer.strategy.broadcast(time.monotonic() - self._saved_at >= self.last_every_s, src=0))
 
-    def _save_last(self, trainer: L.Trainer) -> None:
+    def _save_last(self, trainer: L.Trainer, mid_epoch: bool = False) -> None:
         if trainer.is_global_zero:
             self.run.keep_previous()  # a last.ckpt damaged later costs one write interval, not the run
-        trainer.save_checkpoint(self.run.checkpoint_path("last"), weights_only=False)
-        self.saved_epochs = trainer.current_epoch + 1
+        self._mid_epoch = mid_epoch
+        try:
+            trainer.save_checkpoint(self.run.checkpoint_path("last"), weights_only=False)
+        finally:
+            self._mid_epoch = False
+        self.saved_epochs = trainer.current_epoch + (0 if mid_epoch else 1)
         self._saved_at = time.monotonic()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        interrupted = isinstance(exception, KeyboardInterrupt)
-        if interrupted:
-            self._save_last(trainer)
+        # A stop asked for between two batches (GracefulStop, or Lightning's SIGTERM under DDP) leaves a
+        # consistent state to write; a KeyboardInterrupt may have landed inside an optimizer step, so the
+        # last.ckpt written before it stands.
+        stopped = isinstance(exception, SIGTERMException)
+        interrupted = stopped or isinstance(exception, KeyboardInterrupt)
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if stopped and 0 < done < trainer.num_training_batches:
+            self._save_last(trainer, mid_epoch=True)
+            self.stop_note = (
+                f"stopped after batch {done} of epoch {trainer.current_epoch + 1}; last.ckpt holds that point"
+            )
+        elif interrupted:
+            # At an epoch's end last.ckpt was just written (a stop asked for makes it due); anywhere else
+            # (a second Ctrl-C, DDP's SIGTERM inside validation) the last one written stands.
+            how = "stopped" if stopped and self.saved_epochs == trainer.current_epoch else "stopped at once"
+            held = f"last.ckpt holds epoch {self.saved_epochs}" if self.saved_epochs else "no checkpoint written yet"
+            self.stop_note = f"{how}; {held}"
         if trainer.is_global_zero:
             # An exception may name the status it means (the non-finite guard's ``diverged``).
             status = "interrupted" if interrupted else getattr(exception, "run_status", "failed")
@@ -123,3 +152,74 @@ class RunRecorder(L.Callback):
             if not isinstance(exception, ClassLabError):
                 error = f"{type(exception).__name__}: {exception}"
             self.run.mark_failed(status, None if interrupted else error[:500], wall_time_s=round(self.elapsed(), 2))
+
+
+class GracefulStop(L.Callback):
+    """Ctrl-C or SIGTERM (a scheduler's notice, ``timeout``, ``docker stop``) stops training between two batches.
+
+    A KeyboardInterrupt raised wherever the signal lands can cut an optimizer step in half, and a
+    checkpoint written then resumes into a different run. So the first signal only asks: the run
+    stops once the batch in hand is done (a signal during validation: once the epoch is), last.ckpt
+    holds exactly that point, and ``--resume`` continues from the next batch as if never stopped. A
+    second Ctrl-C, later than a second after the first, stops at once and writes nothing (the last
+    checkpoint written stands); within that second it is the same request, as when a terminal's
+    Ctrl-C reaches a sweep and its runs together and the sweep passes it on.
+
+    The stop itself is Lightning's: its SIGTERM flag, checked where a batch or an epoch is complete.
+    Under DDP Lightning's own SIGTERM handling stands (it broadcasts the flag to every process).
+    """
+
+    SECOND_SIGNAL_AFTER_S = 1.0
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._asked_at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._ask)
+
+    def _ask(self, signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if self.requested is None:
+            self.requested, self._asked_at = signal.Signals(signum).name, now
+            key = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+            print(
+                f"\n{key}: stopping after this batch and writing last.ckpt (Ctrl-C again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif signum == signal.SIGINT and now - self._asked_at > self.SECOND_SIGNAL_AFTER_S:
+            self._restore()
+            raise KeyboardInterrupt
+
+    def _flag(self, trainer: L.Trainer) -> None:
+        connector = getattr(trainer, "_signal_connector", None)
+        if self.requested is not None and connector is not None:
+            connector.received_sigterm = True
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        # Lightning stops after a batch when the flag is up, except after the epoch's last (validation
+        # comes next, and it would stop in its middle): that one is left to the epoch's end.
+        if batch_idx + 1 < trainer.num_training_batches:
+            self._flag(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._flag(trainer)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()

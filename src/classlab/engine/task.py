@@ -74,6 +74,7 @@ class ClassifyTask(L.LightningModule):
         self.last_val: dict[str, float] = {}
         self.validated_epoch = -1
         self.has_val = True
+        self._resume_mid_epoch: dict[str, Any] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -91,6 +92,42 @@ class ClassifyTask(L.LightningModule):
         net_epoch = getattr(self.model.net, "set_epoch", None)
         if callable(net_epoch):
             net_epoch(epoch)
+
+    # -- stopping between two batches and resuming there (engine.callbacks.GracefulStop) -----
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Mid-epoch, also what the epoch has drawn and summed so far: the random streams and the train metrics."""
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if not 0 < done < self.trainer.num_training_batches or self._generator is None:
+            return
+        checkpoint["classlab_mid_epoch"] = {
+            "batches_done": done,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "generator": self._generator.get_state(),
+            "generator_device": str(self._generator.device),
+            "metrics": {name: _metric_state(m) for name, m in self._train_metrics().items()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resume_mid_epoch = checkpoint.get("classlab_mid_epoch")
+
+    def on_train_start(self) -> None:
+        # A restart mid-epoch skips on_train_epoch_start (Lightning's loop), so the epoch's streams come back here.
+        state, self._resume_mid_epoch = self._resume_mid_epoch, None
+        if state is None or self.trainer.fit_loop.epoch_loop.batch_progress.current.completed != state["batches_done"]:
+            return
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        device = self.device if state["generator_device"] != "cpu" else torch.device("cpu")
+        self._generator = torch.Generator(device=device)
+        self._generator.set_state(state["generator"])
+        for name, metric in self._train_metrics().items():
+            if name in state["metrics"]:
+                _load_metric_state(metric, state["metrics"][name], self.device)
+
+    def _train_metrics(self) -> dict[str, Any]:
+        return {"train_loss": self.train_loss, "train_acc": self.train_acc}
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         x, y = batch
@@ -254,6 +291,22 @@ def multitask_loss(
     if fused:
         loss = loss + F.cross_entropy(combined, y, label_smoothing=label_smoothing)
     return loss
+
+
+def _metric_state(metric: Any) -> dict[str, Any]:
+    """A torchmetrics metric's running sums (not part of its state_dict), on the CPU."""
+    state = {name: getattr(metric, name) for name in metric._defaults}
+    return {
+        "update_count": metric._update_count,
+        "state": {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state.items()},
+    }
+
+
+def _load_metric_state(metric: Any, saved: dict[str, Any], device: torch.device) -> None:
+    for name, value in saved["state"].items():
+        setattr(metric, name, value.to(device) if isinstance(value, torch.Tensor) else value)
+    metric._update_count = saved["update_count"]
+    metric._computed = None
 
 
 class MultiTaskTask(ClassifyTask):

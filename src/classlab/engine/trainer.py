@@ -21,7 +21,7 @@ from classlab.data.pipeline import DataBundle
 from classlab.data.preprocess import Normalize
 from classlab.data.tasks import TaskLayout
 from classlab.engine import loggers as tracking
-from classlab.engine.callbacks import AtomicCheckpointIO, RunRecorder
+from classlab.engine.callbacks import AtomicCheckpointIO, GracefulStop, RunRecorder
 from classlab.engine.finetune import UnfreezeBackbone
 from classlab.engine.losses import class_weight_tensor
 from classlab.engine.metrics import macro_f1, task_accuracies, task_f1_scores, top_k_accuracy
@@ -252,6 +252,7 @@ def build_trainer(
         gradient_clip_val=cfg.trainer.clip_grad,
         deterministic=deterministic,
         callbacks=[
+            GracefulStop(),  # first: a stop asked for is seen by the recorder's epoch end
             recorder,
             NonFiniteGuard(
                 cfg.trainer.on_nonfinite,
