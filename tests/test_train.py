@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import classlab
+from classlab.config import validate
 from classlab.errors import ClassLabError
 from tests.conftest import SHARED_CIFAR, make_image, run_cli, tiny_config
 
@@ -321,3 +323,27 @@ def test_deterministic_run_without_the_nan_fill_of_fresh_memory(tmp_path: Path) 
     finally:
         torch.utils.deterministic.fill_uninitialized_memory = before
         torch.use_deterministic_algorithms(False)
+
+
+def test_resume_refuses_a_different_model_and_records_other_changes(tmp_path: Path) -> None:
+    """--resume with overrides: what shaped the weights or the data (model, data, seed, task) is refused in one
+    line with nothing touched; anything else (more epochs, another lr) is said, kept in config.yaml, and
+    summary.json records when it changed."""
+    args = tiny_config(tmp_path, epochs=1, exp_name="r", **{"data.images_per_class": 30})
+    assert run_cli("train", *args).returncode == 0
+    run = tmp_path / "runs" / "r"
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "summary.json", "metrics.csv")}
+    for override, key in (("model.batchnorm=false", "model.batchnorm"), ("data.images_per_class=40", "data.images_per_class")):
+        refused = run_cli("train", *args, override, "epochs=2", "--resume")
+        assert refused.returncode == 1
+        assert refused.stderr.startswith(f"error: --resume: {key} was ") and "Traceback" not in refused.stderr
+        assert "drop that override" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+        assert {name: (run / name).read_bytes() for name in before} == before
+
+    changed = run_cli("train", *args, "epochs=2", "optim.lr=0.02", "--resume")
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert "resuming with changes: epochs 1 -> 2; optim.lr 0.05 -> 0.02" in changed.stdout
+    assert validate(yaml.safe_load((run / "config.yaml").read_text())).optim.lr == 0.02
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_with"] == [{"epochs_done": 1, "changes": ["epochs 1 -> 2", "optim.lr 0.05 -> 0.02"]}]
+    assert summary["status"] == "finished" and len(_rows(run / "metrics.csv")) == 2

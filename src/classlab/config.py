@@ -707,6 +707,18 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def changed_keys(before: Config, after: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value before, value after) for each key whose value differs, in key order."""
+
+    def flat(tree: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(tree, dict) and tree:
+            return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): tree}
+
+    a, b = flat(before.to_dict(), ""), flat(after.to_dict(), "")
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
 def stage_config(cfg: Config, k: int) -> Config:
     """Stage k of a multi-stage run: the base config with the stage's overrides laid over it."""
     base = cfg.to_dict()

@@ -23,7 +23,15 @@ import lightning as L
 import torch
 from rich.console import Console
 
-from classlab.config import Config, annotated_yaml, apply_overrides, load_config, stage_config, validate
+from classlab.config import (
+    Config,
+    annotated_yaml,
+    apply_overrides,
+    changed_keys,
+    load_config,
+    stage_config,
+    validate,
+)
 from classlab.data.pipeline import DataBundle, load_data
 from classlab.data.tasks import TaskLayout
 from classlab.engine import loggers as tracking
@@ -202,10 +210,39 @@ def _is_zero() -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
+# What --resume may not change: what shaped the weights and the data so far (the split is kept by
+# index, the schedule counts steps by batch size). Where the data lie and how they are read may change.
+RESUME_KEEPS = ("task", "seed", "stages", "model.", "data.")
+RESUME_MAY_MOVE = {
+    f"data.{key}"
+    for key in (
+        "root", "csv_file", "test_csv_file", "val_csv_file", "download", "loader", "memory_limit_mb",
+        "cache_dir", "cache_verify", "max_image_pixels", "workers", "skip_bad_images",
+    )
+}  # fmt: skip
+RESUME_UNSAID = {"trainer.progress", "trainer.threads", "data.workers", "data.cache_dir", "data.loader", "run.root"}
+
+
+def _resume_changes(saved: Config, cfg: Config, run: RunFolder) -> list[str]:
+    """The changes a resumed run takes, as 'key old -> new'; one line refusing any it cannot take."""
+    changes = changed_keys(saved, cfg)
+    kept = [c for c in changes if c[0].startswith(RESUME_KEEPS) and c[0] not in RESUME_MAY_MOVE]
+    if kept:
+        key, old, new = kept[0]
+        others = f" (and {', '.join(k for k, _, _ in kept[1:])})" if len(kept) > 1 else ""
+        raise ClassLabError(
+            f"--resume: {key} was {old!r} in '{run.path}', here {new!r}{others}; a resumed run keeps its model, "
+            "data, seed and task: drop that override, or train a new run (another exp_name, or --force to move this "
+            "one aside)"
+        )
+    return [f"{k} {old!r} -> {new!r}" for k, old, new in changes if k not in RESUME_UNSAID]
+
+
 def _resume_state(
     run: RunFolder, lock: RunLock, cfg: Config, config: Config | str | Path | dict | None, overrides: list[str] | None
-) -> tuple[Config, Any, Path | None]:
-    """(the run's saved config with any new overrides, its saved split, the checkpoint to continue from).
+) -> tuple[Config, Any, Path | None, list[str]]:
+    """(the run's saved config with any new overrides, its saved split, the checkpoint to continue from, the
+    changes the overrides make).
 
     The checkpoint is the newest that loads (a damaged last.ckpt falls back to previous.ckpt;
     none at all: the run starts over). metrics.csv loses the rows of epochs that checkpoint had
@@ -213,12 +250,18 @@ def _resume_state(
     """
     if _is_zero():
         lock.acquire()  # a second process on this folder stops here, before it reads or writes anything
+    saved = validate(run.read_config_tree())
     if not isinstance(config, Config):
         cfg = validate(apply_overrides(run.read_config_tree(), overrides or []))
+    changes = _resume_changes(saved, cfg, run)
     last_ckpt, done = run.resume_checkpoint(set_damaged_aside=_is_zero())
     if _is_zero():
         run.truncate_metrics(done + 1)
-    return cfg, run.read_split(), last_ckpt
+        if changes:  # config.yaml says how the run goes on; the summary keeps when it changed, and what
+            run.write_config(cfg.to_dict())
+            earlier = run.summary(default={}).get("resumed_with", [])
+            run.update_summary(resumed_with=[*earlier, {"epochs_done": done, "changes": changes}])
+    return cfg, run.read_split(), last_ckpt, changes
 
 
 def _write_run_start(run: RunFolder, cfg: Config, data: DataBundle) -> None:
@@ -306,7 +349,9 @@ def _fit_run(
     console = Console(quiet=quiet, stderr=False, highlight=False, soft_wrap=True)
     saved_split, last_ckpt = None, None
     if resume:
-        cfg, saved_split, last_ckpt = _resume_state(run, lock, cfg, config, overrides)
+        cfg, saved_split, last_ckpt, changes = _resume_state(run, lock, cfg, config, overrides)
+        if changes:
+            console.print(f"resuming with changes: {'; '.join(changes)}")
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
