@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -194,3 +195,28 @@ def test_what_macos_and_notebooks_leave_behind_is_passed_over(tmp_path: Path) ->
     dataset = open_dataset(_cfg(root, tmp_path).data)
     assert dataset.classes == ["cat", "dog"] and len(dataset.train) == 20 and not dataset.train.problems
     assert len(expand_paths([root])) == 20
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_pipes_and_dangling_links_named_like_images_are_named_not_opened(tmp_path: Path) -> None:
+    """Opening a named pipe waits for a writer for ever; a link whose target was not copied is a lost file.
+    Training lists both as problems; predict gives each an error row and predicts the rest."""
+    from classlab.predict import predict
+
+    root = _folder(tmp_path)
+    os.mkfifo(root / "cat" / "pipe.jpg")
+    (root / "dog" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.raises(DataProblems) as info:
+        load_data(_cfg(root, tmp_path))
+    text = str(info.value)
+    assert "2 problem(s)" in text
+    assert f"{root / 'cat' / 'pipe.jpg'}: not a regular file (a pipe, socket or device)" in text
+    assert f"{root / 'dog' / 'gone.jpg'}: a link to '{tmp_path / 'nowhere.jpg'}', which does not exist" in text
+
+    run = classlab.train(
+        _cfg(root, tmp_path, "epochs=1", "model.layers=[8,p]", "trainer.progress=false", "data.skip_bad_images=true")
+    )
+    rows = {"/".join(Path(r["path"]).parts[-2:]): r for r in predict(run.path, [root, root / "cat" / "pipe.jpg"])}
+    assert len(rows) == 22 and rows["cat/0.jpg"]["class"] in ("cat", "dog") and not rows["cat/0.jpg"]["error"]
+    assert rows["cat/pipe.jpg"]["error"].startswith("not a regular file") and not rows["cat/pipe.jpg"]["class"]
+    assert rows["dog/gone.jpg"]["error"].startswith("a link to")

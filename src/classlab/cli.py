@@ -240,7 +240,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         tta=args.tta,
     )
     how = args.backend + (f", TTA {args.tta}" if args.tta else "")
-    print(f"wrote {result.count} predictions to {out} ({result.rate}, {how})")
+    print(f"wrote {result.count} prediction{'' if result.count == 1 else 's'} to {out} ({result.rate}, {how})")
     if result.odd_names:
         print(
             f"note: {result.odd_names} file name(s) are not UTF-8 (an old Windows or zip tool wrote them); "

@@ -22,7 +22,7 @@ import torch
 
 from classlab.config import is_url
 from classlab.data.preprocess import IMAGE_EXTENSIONS, BadImage, is_system_file, open_image
-from classlab.data.sources import natural_key
+from classlab.data.sources import natural_key, unreadable_kind
 from classlab.engine.ensemble import load_runs
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.tta import TTAPlan, image_views, prediction_plan, views_probabilities
@@ -42,7 +42,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
                 for p in path.rglob("*")
                 if p.suffix.lower() in IMAGE_EXTENSIONS
                 and not any(is_system_file(part) for part in p.relative_to(path).parts)
-                and p.is_file()
+                and not p.is_dir()  # a pipe or a dangling link stays: an error row says what it is
             ]
             out.extend(sorted(found, key=lambda p: natural_key(str(p))))
         elif path.exists():
@@ -56,6 +56,8 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 def _decode(loaded: LoadedRun, path: Path, plan: TTAPlan | None = None) -> tuple[torch.Tensor | None, str]:
     """The image as the model takes it; with image-level TTA its crops at every scale (V, C, S, S)."""
+    if not path.is_file():  # never open a pipe (it would wait for ever)
+        return None, unreadable_kind(path)
     try:
         if plan is not None and plan.scales:
             img = open_image(path, max(plan.scales), loaded.cfg.data.max_image_pixels)

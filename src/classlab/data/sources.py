@@ -152,12 +152,24 @@ def _zip_array(path: str, members: tuple[str, ...]) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def unreadable_kind(path: Path) -> str:
+    """What a path with an image's name is when it is not a regular file."""
+    if path.is_symlink() and not path.exists():
+        return f"a link to '{os.readlink(path)}', which does not exist"
+    if path.is_dir():
+        return "a folder named like an image"
+    return "not a regular file (a pipe, socket or device), so it cannot be read as an image"
+
+
 def _sort_file(path: Path, files: list[Path], problems: list[str]) -> None:
     """An image joins ``files``; hidden and system files are passed over; anything else is a problem."""
     if is_system_file(path.name):
         return
     if path.suffix.lower() in IMAGE_EXTENSIONS:
-        files.append(path)
+        if path.is_file():
+            files.append(path)
+        else:  # opening a pipe would wait for ever; a dangling link is a file lost in a copy
+            problems.append(f"{path}: {unreadable_kind(path)}")
     else:
         problems.append(f"{path}: not an image file (extension '{path.suffix or 'none'}')")
 
@@ -419,7 +431,8 @@ def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | Non
             out.problems.append(f"{manifest}, line {line}: empty label")
             continue
         if not path.is_file():
-            out.problems.append(f"{path}: file listed in {manifest.name} (line {line}) does not exist")
+            what = "does not exist" if not path.exists() and not path.is_symlink() else f"is {unreadable_kind(path)}"
+            out.problems.append(f"{path}: file listed in {manifest.name} (line {line}) {what}")
             continue
         out.files.append(path)
         out.labels.append(label)
