@@ -553,12 +553,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # `classlab models | head`: the reader left; that is not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except RunInterrupted as exc:
-        print(f"interrupted: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # A run says where it stopped (RunInterrupted); a Ctrl-C before training began has nothing to add.
+        how = "run the same command again to continue the sweep" if args.func is cmd_sweep else "continue with --resume"
+        what = f"{exc}; {how}" if isinstance(exc, RunInterrupted) else how if args.func is cmd_sweep else ""
+        print(f"\ninterrupted{': ' + what if what else ''}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a bare traceback
         if os.environ.get("CLASSLAB_DEBUG"):
             raise

@@ -24,7 +24,7 @@ class ConfigError(ClassLabError):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Training stopped by Ctrl-C or SIGTERM; the message says what last.ckpt holds. Exit 128 + the signal."""
+    """Training stopped by Ctrl-C or SIGTERM; the message says where and what last.ckpt holds. Exit 128 + signal."""
 
     def __init__(self, message: str, exit_code: int = 130) -> None:
         super().__init__(message)

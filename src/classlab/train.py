@@ -432,7 +432,7 @@ def _interrupted(trainer: L.Trainer) -> RunInterrupted:
     note = next((c.stop_note for c in trainer.callbacks if isinstance(c, RunRecorder) and c.stop_note), "")
     asked = next((c.requested for c in trainer.callbacks if isinstance(c, GracefulStop) and c.requested), None)
     code = 128 + int(getattr(signal, asked or "SIGINT"))
-    return RunInterrupted(f"{note or 'stopped'}; continue with --resume", code)
+    return RunInterrupted(note or "stopped", code)
 
 
 def _finish(
