@@ -222,7 +222,7 @@ def test_stop_between_batches_resumes_exactly(tmp_path: Path, sig: str, loader: 
     """Ctrl-C (or a scheduler's SIGTERM) in the middle of an epoch: the run stops after the batch in hand,
     last.ckpt holds that point, and --resume ends with the metrics of a run never stopped, row for row."""
     # 3,000 images in 46 batches an epoch: the signal lands inside epoch 2's training batches.
-    args = tiny_config(tmp_path, epochs=3, **{"data.images_per_class": 300, "data.loader": loader})
+    args = tiny_config(tmp_path, epochs=2, **{"data.images_per_class": 300, "data.loader": loader})
     straight = run_cli("train", *args, "exp_name=straight")
     assert straight.returncode == 0, straight.stderr[-2000:]
     run = tmp_path / "runs" / "stopped"
@@ -243,7 +243,7 @@ def test_stop_between_batches_resumes_exactly(tmp_path: Path, sig: str, loader: 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted"
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["classlab"]["epochs_done"] == len(_rows(run / "metrics.csv")) < 3
+    assert ckpt["classlab"]["epochs_done"] == len(_rows(run / "metrics.csv")) == 1
     assert 0 < ckpt["classlab"]["batches_done"] < 46, line
 
     resumed = run_cli("train", *args, "exp_name=stopped", "--resume")
