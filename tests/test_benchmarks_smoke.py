@@ -113,6 +113,7 @@ def test_vs_airbench_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert "| flip,diagonal | 6 |" in table and "| flip,translate | 10 |" in table
 
 
+@pytest.mark.slow  # 90 s of profiling on 2 cores; vs_airbench's smoke runs both sides in the default suite
 @needs_data
 def test_step_profile_smoke(tmp_path: Path) -> None:
     """Both sides' steps timed by the optimizer hook and profiled; the table has every group for both."""
