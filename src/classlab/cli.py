@@ -556,8 +556,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         # A run says where it stopped (RunInterrupted); a Ctrl-C before training began has nothing to add.
         how = "run the same command again to continue the sweep" if args.func is cmd_sweep else "continue with --resume"
-        what = f"{exc}; {how}" if isinstance(exc, RunInterrupted) else how if args.func is cmd_sweep else ""
-        print(f"\ninterrupted{': ' + what if what else ''}", file=sys.stderr)
+        if isinstance(exc, RunInterrupted):
+            print(f"\ninterrupted: {exc}; {how}", file=sys.stderr)
+        else:
+            print("\ninterrupted" + (f": {how}" if args.func is cmd_sweep else ""), file=sys.stderr)
         return getattr(exc, "exit_code", 130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a bare traceback
         if os.environ.get("CLASSLAB_DEBUG"):

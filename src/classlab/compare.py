@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from classlab.config import flatten
 from classlab.data.sources import natural_key
 from classlab.errors import ClassLabError, did_you_mean
 from classlab.run import (
@@ -104,20 +105,6 @@ def find_runs(patterns: list[str]) -> list[Path]:
     if not unique:
         raise ClassLabError("no run folders found (a run folder holds config.yaml)")
     return unique
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}; lists stay values."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, name))
-        else:
-            flat[name] = value
-    return flat
 
 
 def _labels(paths: list[Path]) -> list[str]:

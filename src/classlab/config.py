@@ -707,15 +707,23 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}; lists stay values."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
 def changed_keys(before: Config, after: Config) -> list[tuple[str, Any, Any]]:
     """(dotted key, value before, value after) for each key whose value differs, in key order."""
-
-    def flat(tree: Any, prefix: str) -> dict[str, Any]:
-        if isinstance(tree, dict) and tree:
-            return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
-        return {prefix.rstrip("."): tree}
-
-    a, b = flat(before.to_dict(), ""), flat(after.to_dict(), "")
+    a, b = flatten(before.to_dict()), flatten(after.to_dict())
     return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 

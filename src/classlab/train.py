@@ -250,9 +250,10 @@ def _resume_state(
     """
     if _is_zero():
         lock.acquire()  # a second process on this folder stops here, before it reads or writes anything
-    saved = validate(run.read_config_tree())
+    tree = run.read_config_tree()
+    saved = validate(tree)
     if not isinstance(config, Config):
-        cfg = validate(apply_overrides(run.read_config_tree(), overrides or []))
+        cfg = validate(apply_overrides(tree, overrides or []))  # a copy: tree stays the saved one
     changes = _resume_changes(saved, cfg, run)
     last_ckpt, done = run.resume_checkpoint(set_damaged_aside=_is_zero())
     if _is_zero():
