@@ -269,6 +269,36 @@ def test_skip_batch_skips_counts_and_reports(tmp_path: Path, monkeypatch: pytest
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
+def test_skip_batch_count_survives_a_stop_in_the_middle_of_the_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A batch skipped before a SIGTERM in epoch 1 is still counted in epoch 1's line after --resume."""
+    import signal
+
+    from classlab.engine.callbacks import GracefulStop
+    from classlab.engine.task import ClassifyTask
+
+    nan_loss_at(monkeypatch, {2, 6})
+    skipping = ClassifyTask.training_step
+
+    def training_step(self: ClassifyTask, batch: object, batch_idx: int) -> object:
+        if self.trainer.global_step == 4:  # epoch 1, batch 5 of 6: as if a scheduler sent SIGTERM here
+            stop = next(c for c in self.trainer.callbacks if isinstance(c, GracefulStop))
+            if stop.requested is None:
+                stop._ask(signal.SIGTERM, None)
+        return skipping(self, batch, batch_idx)
+
+    monkeypatch.setattr(ClassifyTask, "training_step", training_step)
+    args = small_run(tmp_path, exp_name="skip", **{"trainer.on_nonfinite": "skip_batch"})
+    code, out, err = cli(capsys, "train", *args)
+    assert code == 143, err
+    assert "stopped after batch 5 of epoch 1" in err and "skipped" not in out
+    code, out, err = cli(capsys, "train", *args, "--resume")
+    assert code == 0, err
+    assert "epoch 1: skipped 1 of 6 batches" in out and "epoch 2: skipped 1 of 6 batches" in out
+    assert _summary(tmp_path / "runs" / "skip")["nonfinite_batches_skipped"] == 2
+
+
 def test_a_real_divergence_stops_diverged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The user's case: plain SGD far too fast (lr 100, momentum 0.99) on an MLP without BatchNorm."""
     args = small_run(

@@ -47,15 +47,23 @@ class NonFiniteGuard(L.Callback):
         self.console = console
         self.saved_epochs = saved_epochs  # the epochs last.ckpt holds (RunRecorder writes it on an interval)
         self.skipped = 0  # over the whole run, carried across --resume in the checkpoint
-        self._epoch_skipped = 0
+        self._epoch_skipped = 0  # in epoch _count_epoch; a checkpoint cut mid-epoch carries both
+        self._count_epoch = -1
         self._loss: torch.Tensor | None = None
         self._batch = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped}
+        return {"skipped": self.skipped, "epoch": self._count_epoch, "epoch_skipped": self._epoch_skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped = int(state.get("skipped", 0))
+        self._count_epoch = int(state.get("epoch", -1))
+        self._epoch_skipped = int(state.get("epoch_skipped", 0))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed in the middle of an epoch goes on counting that epoch's skipped batches.
+        if self._count_epoch != trainer.current_epoch:
+            self._count_epoch, self._epoch_skipped = trainer.current_epoch, 0
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
