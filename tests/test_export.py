@@ -140,3 +140,67 @@ def test_legacy_exporter_only_as_a_fallback_that_says_so(
     monkeypatch.setattr(export_module, "_onnx_dynamo", refuse)
     with pytest.warns(UserWarning, match=r"failed \(cannot capture this model\); exported with the legacy"):
         classlab.export(tiny_run, "onnx", tmp_path / "legacy2.onnx")
+
+
+def test_the_exported_file_alone_predicts_as_its_run_did(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The file a user ships, copied away from its run folder, predicts what the run predicts (in onnxruntime)."""
+    from tests.faults import cli, error_lines
+
+    images = tmp_path / "imgs"
+    for i, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200), (128, 128, 128)]):
+        make_image(images / f"{i}.png", color, size=40)
+    (images / "broken.jpg").write_bytes(b"not a jpeg")
+    shipped = tmp_path / "elsewhere" / "shipped.onnx"
+    shipped.parent.mkdir()
+    shipped.write_bytes(export(tiny_run, "onnx", tmp_path / "m.onnx").read_bytes())
+
+    by_run = classlab.predict(tiny_run, [images], tta="flip")
+    code, out, err = cli(
+        capsys, "predict", str(shipped), str(images), "--out", str(tmp_path / "p.csv"), "--tta", "flip"
+    )
+    assert code == 0, err
+    assert out.startswith("wrote 5 predictions to ") and "onnx, TTA flip" in out
+    by_file = list(csv.DictReader(open(tmp_path / "p.csv")))
+    assert [r["class"] for r in by_file] == [r["class"] for r in by_run]
+    for a, b in zip(by_run, by_file):
+        assert (
+            (float(a["prob"]) == pytest.approx(float(b["prob"]), abs=1e-4)) if b["prob"] else a["error"] and b["error"]
+        )
+
+    template = tmp_path / "info.csv"
+    template.write_text("ImageID\n2.png\n0.png\n")
+    done = classlab.predict.write_submission(shipped, [images], template, tmp_path / "sub.csv", label_format="name")
+    assert done.rows == 2
+    assert (tmp_path / "sub.csv").read_text().splitlines()[1:] == [
+        f"2.png,{by_run[2]['class']}",
+        f"0.png,{by_run[0]['class']}",
+    ]
+
+    import onnx
+
+    foreign = onnx.load(str(shipped))
+    del foreign.metadata_props[:]
+    onnx.save(foreign, str(tmp_path / "foreign.onnx"))
+    export(tiny_run, "pt2", tmp_path / "m.pt2")
+    refusals = {
+        (str(shipped), "--backend", "torch"): "runs in onnxruntime; for --backend torch give the run folder",
+        (str(shipped), "--checkpoint", "last"): "is one exported model: drop --checkpoint last, or give the run folder",
+        (str(shipped), str(tiny_run), "--ensemble", "mean"): "an ensemble averages run folders; give the runs, not",
+        (str(tmp_path / "foreign.onnx"),): "was not written by classlab export (no class names or input size in its",
+        (str(tmp_path / "m.pt2"),): "is a .pt2 export; predict runs .onnx files (classlab export RUN --format onnx)",
+    }
+    for args, expected in refusals.items():
+        code, _, err = cli(capsys, "predict", *args, str(images), "--out", str(tmp_path / "no.csv"))
+        assert code != 0 and len(error_lines(err)) == 1 and expected in err, (args, err)
+    assert not (tmp_path / "no.csv").exists()
+
+
+def test_export_takes_its_format_as_a_word_too(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    from tests.faults import cli
+
+    code, out, err = cli(capsys, "export", str(tiny_run), "pt2", "--out", str(tmp_path / "a.pt2"))
+    assert code == 0 and (tmp_path / "a.pt2").is_file(), err
+    code, _, err = cli(capsys, "export", str(tiny_run), "pt2", "--format", "onnx")
+    assert code == 2 and err.strip() == "error: pt2 and --format onnx given: keep one of the two"

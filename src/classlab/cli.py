@@ -205,16 +205,20 @@ def _runs_named(items: list[str], args: argparse.Namespace) -> list[str]:
 
 def _split_runs(items: list[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """``RUN1 RUN2 ... PATHS``: the leading run folders (config.yaml) or k-fold folders, then image paths."""
+    from classlab.engine.exported import is_exported_file
     from classlab.run import is_fold_group, is_run_folder, run_of
 
     runs = []
     for item in items:
-        if is_run_folder(run_of(item)[0]) or is_fold_group(item):
+        if is_run_folder(run_of(item)[0]) or is_fold_group(item) or is_exported_file(item):
             runs.append(item)
         else:
             break
     if not runs:
-        raise ConfigError(f"'{items[0]}' is not a run folder (no config.yaml); give the run(s) first, then images")
+        raise ConfigError(
+            f"'{items[0]}' is not a run folder (no config.yaml) nor an exported .onnx file; "
+            "give the run(s) first, then images"
+        )
     if len(runs) == len(items):
         raise ConfigError("no images given after the run folder(s); give image files or folders to predict")
     return _runs_named(runs, args), items[len(runs) :]
@@ -239,7 +243,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         tta=args.tta,
     )
-    how = args.backend + (f", TTA {args.tta}" if args.tta else "")
+    how = result.backend + (f", TTA {args.tta}" if args.tta else "")
     print(f"wrote {result.count} prediction{'' if result.count == 1 else 's'} to {out} ({result.rate}, {how})")
     if result.odd_names:
         print(
@@ -284,9 +288,12 @@ def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str
 def cmd_export(args: argparse.Namespace) -> int:
     from classlab.export import export
 
-    out = _output_file(args.out, f"model.{args.format}") if args.out else None
+    if args.format and args.format_word and args.format != args.format_word:
+        raise ConfigError(f"{args.format_word} and --format {args.format} given: keep one of the two")
+    fmt = args.format_word or args.format or "onnx"
+    out = _output_file(args.out, f"model.{fmt}") if args.out else None
     (run,) = _runs_named([args.run], args)
-    path = export(run, args.format, out, checkpoint=args.checkpoint)
+    path = export(run, fmt, out, checkpoint=args.checkpoint)
     print(f"wrote {path} (float32 NCHW RGB in [0, 1], dynamic batch, normalization and class names included)")
     return 0
 
@@ -456,14 +463,21 @@ def _add_run_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="predict image files or folders into a CSV (or a submission file)")
-    p.add_argument("items", nargs="+", metavar="RUN... PATH", help="run folder(s), then image files or folders")
+    p.add_argument(
+        "items",
+        nargs="+",
+        metavar="RUN... PATH",
+        help="run folder(s) or a file written by classlab export (.onnx), then image files or folders",
+    )
     _add_ensemble_and_submission_args(p)
     p.add_argument("--out", help="CSV file to write (default predictions.csv)")
     p.add_argument("--checkpoint", default="best", help="best, last, epochN (default best)")
     p.add_argument("--top", type=_at_least(1), default=3, help="how many classes per image (default 3)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
-        "--backend", default="torch", choices=["torch", "onnx"], help="onnx: run the exported model in onnxruntime"
+        "--backend",
+        choices=["torch", "onnx"],
+        help="onnx: run the run's exported model in onnxruntime (default torch; onnx for an .onnx file)",
     )
     p.add_argument("--batch-size", type=_at_least(1), default=256, help="images per forward pass (default 256)")
     p.add_argument(
@@ -476,7 +490,8 @@ def _add_run_commands(sub: Any) -> None:
 
     p = sub.add_parser("export", help="export a run's model: ONNX or torch.export (pt2)")
     p.add_argument("run", help="run folder (or one of its checkpoint files)")
-    p.add_argument("--format", default="onnx", choices=["onnx", "pt2"], help="file format (default onnx)")
+    p.add_argument("format_word", nargs="?", choices=["onnx", "pt2"], metavar="FORMAT", help="the same as --format")
+    p.add_argument("--format", choices=["onnx", "pt2"], help="file format (default onnx)")
     p.add_argument("--out", help="file to write (default RUN/export/model.<format>)")
     p.add_argument("--checkpoint", default="best", help="best, last, epochN (default best)")
     p.set_defaults(func=cmd_export)

@@ -24,14 +24,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from classlab.engine.exported import INSTALL_HINT, OnnxModel
 from classlab.engine.load import LoadedRun, load
 from classlab.errors import ClassLabError
 from classlab.run import RunFolder, atomic_write_bytes, open_run
 
 FORMATS = ("onnx", "pt2")
+__all__ = ["FORMATS", "OnnxModel", "export", "ensure_onnx", "load_pt2", "read_onnx_metadata"]
 OPSET = 18  # the dynamo exporter's lowest
 LEGACY_OPSET = 17
-INSTALL_HINT = "pip install 'classlab[export]'"
 
 
 def default_path(run: RunFolder, fmt: str, checkpoint: str = "best") -> Path:
@@ -159,32 +160,6 @@ def load_pt2(path: str | Path) -> tuple[Any, dict[str, str]]:
     extra = {"classlab.json": ""}
     program = torch.export.load(str(path), extra_files=extra)
     return program, json.loads(extra["classlab.json"] or "{}")
-
-
-class OnnxModel:
-    """An exported ONNX file run by onnxruntime: float [0, 1] NCHW in, logits out."""
-
-    def __init__(self, path: str | Path) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ClassLabError(f"--backend onnx needs onnxruntime: {INSTALL_HINT}") from None
-        self.path = Path(path)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001 - a damaged file should be one line, not a traceback
-            raise ClassLabError(f"{path} is not a usable ONNX model ({str(exc).splitlines()[0][:160]})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        self.classes: list[str] = json.loads(meta.get("classlab.classes", "[]"))
-        self.input_name = self.session.get_inputs()[0].name
-
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 or [0, 1] float NCHW batch -> logits."""
-        x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
-        (out,) = self.session.run(None, {self.input_name: x.contiguous().numpy()})
-        return torch.from_numpy(out)
 
 
 def ensure_onnx(run: RunFolder, checkpoint: str = "best") -> Path:

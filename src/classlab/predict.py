@@ -24,6 +24,7 @@ from classlab.config import is_url
 from classlab.data.preprocess import IMAGE_EXTENSIONS, BadImage, is_system_file, open_image
 from classlab.data.sources import natural_key, unreadable_kind
 from classlab.engine.ensemble import load_runs
+from classlab.engine.exported import ExportedRun, OnnxModel, is_exported_file
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.tta import TTAPlan, image_views, prediction_plan, views_probabilities
 from classlab.errors import ClassLabError, utf8_text
@@ -60,7 +61,7 @@ def _decode(loaded: LoadedRun, path: Path, plan: TTAPlan | None = None) -> tuple
         return None, unreadable_kind(path)
     try:
         if plan is not None and plan.scales:
-            img = open_image(path, max(plan.scales), loaded.cfg.data.max_image_pixels)
+            img = open_image(path, max(plan.scales), loaded.max_image_pixels)
             return image_views(img, plan.scales, loaded.image_size, loaded.channels), ""
         return loaded.to_tensor(path), ""
     except BadImage as exc:
@@ -111,6 +112,7 @@ class Predictions:
     columns: list[str]
     rows: list[dict[str, Any]] | None = None
     odd_names: int = 0  # file names that are not UTF-8: their bytes show as \xNN in the CSV
+    backend: str = "torch"  # what ran the model: torch, or onnxruntime on an exported file
 
     @property
     def images_per_s(self) -> float:
@@ -150,18 +152,36 @@ def _scorer(loaded: LoadedRun, backend: str, checkpoint: str, plan: TTAPlan | No
 def _plain_scorer(loaded: LoadedRun, backend: str, checkpoint: str) -> Any:
     if backend not in ("torch", "onnx"):
         raise ClassLabError(f"--backend {backend}: choose 'torch' or 'onnx'")
+    if isinstance(loaded, ExportedRun):
+        if backend == "torch":
+            raise ClassLabError(f"{loaded.path} runs in onnxruntime; for --backend torch give the run folder")
+        return loaded.probabilities
     if backend == "torch":
         return loaded.probabilities
     if loaded.tasks is not None:
         raise ClassLabError("--backend onnx does not give the per-task predictions of a multitask run; use torch")
     if getattr(loaded, "members", None):
         raise ClassLabError("--backend onnx runs one exported model; an ensemble predicts with --backend torch")
-    from classlab.export import OnnxModel, ensure_onnx
+    from classlab.export import ensure_onnx
 
     onnx_model = OnnxModel(ensure_onnx(loaded.run, checkpoint))
     if onnx_model.classes and onnx_model.classes != loaded.classes:
         raise ClassLabError(f"{onnx_model.path} has other class names than the run; delete it to re-export")
     return lambda batch: onnx_model.logits(batch).softmax(1)
+
+
+def load_predictor(run: Any, checkpoint: str = "best") -> LoadedRun:
+    """Run folder(s) or a k-fold folder (an ensemble), or an ONNX file written by ``classlab export``."""
+    if isinstance(run, (str, Path)) and is_exported_file(run):
+        if checkpoint != "best":
+            raise ClassLabError(
+                f"{run} is one exported model: drop --checkpoint {checkpoint}, "
+                "or give the run folder to pick its checkpoint"
+            )
+        return ExportedRun(run)
+    if isinstance(run, (list, tuple)) and any(isinstance(r, (str, Path)) and is_exported_file(r) for r in run):
+        raise ClassLabError("an ensemble averages run folders; give the runs, not their exported files")
+    return load_runs(run, checkpoint)
 
 
 def _images_a_batch(batch_size: int, plan: TTAPlan | None) -> int:
@@ -200,7 +220,7 @@ def predict(
     top: int = 3,
     batch_size: int = 256,
     progress: bool = False,
-    backend: str = "torch",
+    backend: str | None = None,
     keep_rows: bool | None = None,
     threads: int | None = None,
     tta: str | None = None,
@@ -210,16 +230,18 @@ def predict(
     The CSV is written to a temporary file beside ``out`` and renamed at the end, so a reader
     never sees half a file. Unreadable images do not stop the run: they get an ``error`` and
     are listed in the result. ``backend="onnx"`` runs the run's exported ONNX file (exported
-    first if missing) in onnxruntime instead of PyTorch. ``tta`` averages each image's
+    first if missing) in onnxruntime instead of PyTorch; ``run`` may also be such a file itself
+    (``RUN/export/model.onnx``, or a copy anywhere), which always runs in onnxruntime. ``tta`` averages each image's
     views (``flip``, ``translate``, ``diagonal``, ``tencrop``, ``multiscale:S1,S2``) as ``eval --tta`` does.
     """
-    loaded = load_runs(run, checkpoint)
+    loaded = load_predictor(run, checkpoint)
+    backend = backend or ("onnx" if isinstance(loaded, ExportedRun) else "torch")
     plan = prediction_plan(tta, loaded.image_size) if tta else None
     scorer = _scorer(loaded, backend, checkpoint, plan, batch_size)
     files = expand_paths(paths)
     k = max(1, min(top, len(loaded.classes)))
     columns = _columns(k, loaded.tasks)
-    result = Predictions(Path(out) if out is not None else None, 0, [], 0, 0.0, columns)
+    result = Predictions(Path(out) if out is not None else None, 0, [], 0, 0.0, columns, backend=backend)
     result.rows = [] if (out is None if keep_rows is None else keep_rows) else None
     started, shown = time.time(), 0.0
     writer = AtomicCsvWriter(out, columns) if out is not None else None
@@ -372,7 +394,7 @@ def write_submission(
             missing[i] = f"matches {len(several)} files ({shown}); give the path relative to the folder as the id"
     index = {i: f for i, f in found.items() if isinstance(f, Path)}
     wanted = list(dict.fromkeys(index[i] for i in ids if i in index))
-    loaded = load_runs(runs, checkpoint)
+    loaded = load_predictor(runs, checkpoint)
     result = predict(loaded, wanted, None, checkpoint=checkpoint, top=1, batch_size=batch_size, keep_rows=True, tta=tta)
     by_path = {row["path"]: row for row in result.rows or []}
     for image_id in ids:
@@ -397,4 +419,13 @@ def write_submission(
     return Submission(Path(out), len(rows), [f"{i}: {why}" for i, why in missing.items()])
 
 
-__all__ = ["LoadedRun", "Predictions", "load", "load_runs", "predict", "expand_paths", "write_submission"]
+__all__ = [
+    "LoadedRun",
+    "Predictions",
+    "load",
+    "load_runs",
+    "load_predictor",
+    "predict",
+    "expand_paths",
+    "write_submission",
+]

@@ -38,11 +38,12 @@ class LoadedRun:
     ):
         self.run, self.cfg, self.model, self.classes = run, cfg, model, classes
         self.image_size, self.channels = size, channels
+        self.max_image_pixels = cfg.data.max_image_pixels if cfg is not None else None
 
     def to_tensor(self, image: Any) -> torch.Tensor:
         """PIL image, HWC array, CHW uint8 tensor or a path -> the uint8 tensor the model takes."""
         if isinstance(image, (str, Path)):
-            image = open_image(image, self.image_size, self.cfg.data.max_image_pixels)
+            image = open_image(image, self.image_size, self.max_image_pixels)
             return image_to_tensor(image, self.image_size, self.channels)
         if isinstance(image, Image.Image):
             return image_to_tensor(image, self.image_size, self.channels)

@@ -1,0 +1,87 @@
+"""An exported ONNX file used as a trained run: predict with the very file that will be deployed.
+
+``classlab export`` writes the class names, the input size and the channels into the file, and
+the model carries its own normalisation, so the file alone is enough to predict: decode, resize
+the shorter side, centre-crop (``data.preprocess``, the one path training used) and run it in
+onnxruntime. Predicting with the file, not the run, is how a user checks what they ship (after a
+quantisation, on another machine, without the run folder) against what the run measured.
+
+Loading an ONNX file never executes code: onnxruntime reads a graph of operators.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from classlab.engine.load import LoadedRun
+from classlab.errors import ClassLabError
+
+INSTALL_HINT = "pip install 'classlab[export]'"
+ONNX_SUFFIX = ".onnx"
+EXPORT_SUFFIXES = (ONNX_SUFFIX, ".pt2")
+
+
+def is_exported_file(path: str | Path) -> bool:
+    """A file named like an export (``.onnx``, ``.pt2``): given where a run is expected, it stands for one."""
+    return Path(path).suffix.lower() in EXPORT_SUFFIXES and not Path(path).is_dir()
+
+
+class OnnxModel:
+    """An exported ONNX file run by onnxruntime: float [0, 1] NCHW in, logits out."""
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ClassLabError(f"--backend onnx needs onnxruntime: {INSTALL_HINT}") from None
+        self.path = Path(path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - a damaged file should be one line, not a traceback
+            raise ClassLabError(f"{path} is not a usable ONNX model ({str(exc).splitlines()[0][:160]})") from None
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.classes: list[str] = json.loads(self.metadata.get("classlab.classes", "[]"))
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float NCHW batch -> logits."""
+        x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+        (out,) = self.session.run(None, {self.input_name: x.contiguous().numpy()})
+        return torch.from_numpy(out)
+
+
+class ExportedRun(LoadedRun):
+    """An ONNX file written by ``classlab export``, looking like a loaded run to predict and the submission writer.
+
+    It has no run folder, config or PyTorch model: ``run``, ``cfg`` and ``model`` are None, and
+    images are read with the default pixel limit (``data.max_image_pixels``'s default).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ClassLabError(f"'{path}' does not exist; give a run folder or a file written by classlab export")
+        if path.suffix.lower() != ONNX_SUFFIX:
+            raise ClassLabError(
+                f"'{path}' is a {path.suffix} export; predict runs .onnx files (classlab export RUN --format onnx) "
+                "or the run folder itself"
+            )
+        self.onnx = OnnxModel(path)
+        meta = self.onnx.metadata
+        if not self.onnx.classes or "classlab.image_size" not in meta:
+            raise ClassLabError(
+                f"{path} was not written by classlab export (no class names or input size in its metadata); "
+                "export the run again: classlab export RUN"
+            )
+        size, channels = int(meta["classlab.image_size"]), int(meta.get("classlab.channels", "3"))
+        super().__init__(None, None, None, self.onnx.classes, size, channels)  # type: ignore[arg-type]
+        self.path = path
+        self.max_image_pixels = None
+
+    def probabilities(self, images: object) -> torch.Tensor:
+        return self.onnx.logits(self._batch(images)).softmax(1)  # type: ignore[arg-type]
