@@ -30,6 +30,7 @@ def _fake_run(root: Path, name: str, ipc: int, init: str | None, test_acc: float
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     summary = {"status": status, "test_acc": test_acc, "best_val_acc": test_acc + 0.01, "epochs_done": 3}
+    summary["wall_time_s"] = 12.3456
     (run / "summary.json").write_text(json.dumps(summary))
     rows = ["epoch,step,lr,train/loss,train/acc,val/loss,val/acc,val/acc5,time"]
     rows += [f"{e},{e * 10},0.1,1.0,0.5,1.0,{test_acc * e / 3:.4f},0.9,{e}" for e in (1, 2, 3)]
@@ -66,6 +67,7 @@ def test_table_matches_the_summaries_and_configs(runs: Path, tmp_path: Path) -> 
     markdown = (tmp_path / "out" / "compare.md").read_text()
     assert markdown.splitlines()[0].startswith("| run | status | data.images_per_class | model.init_from | test_acc")
     assert "| images_per_class=500,init_from=rot | finished | 500 | runs/rot | 0.6200 |" in markdown
+    assert "| 12.3 |" in markdown and "12.3456" not in markdown  # seconds to a tenth, accuracies to 4 places
     for png in ("curves.png", "test_acc_vs_data_images_per_class.png"):
         assert (tmp_path / "out" / png).read_bytes().startswith(PNG)
 

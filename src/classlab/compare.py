@@ -51,7 +51,7 @@ class Comparison:
     def markdown(self) -> str:
         head = "| " + " | ".join(self.columns) + " |"
         rule = "|" + "|".join("---:" if c in self.metrics else "---" for c in self.columns) + "|"
-        body = ["| " + " | ".join(_cell(r.get(c)) for c in self.columns) + " |" for r in self.rows]
+        body = ["| " + " | ".join(_cell(r.get(c), c) for c in self.columns) + " |" for r in self.rows]
         return "\n".join([head, rule, *body]) + "\n"
 
     def csv(self) -> str:
@@ -63,10 +63,12 @@ class Comparison:
         return out.getvalue()
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, column: str = "") -> str:
     if value is None:
         return ""
     if isinstance(value, float):
+        if column.endswith("_s") and abs(value) < 1000:  # seconds: a tenth is as fine as a clock is read
+            return f"{value:.1f}"
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
     if isinstance(value, list | dict):
         value = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
