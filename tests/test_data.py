@@ -253,6 +253,32 @@ def test_csv_ids_without_extension_find_their_image(tmp_path: Path) -> None:
     assert len(source) == 12 and not source.problems
 
 
+def test_csv_image_dir_and_a_manifest_beside_its_image_folder(tmp_path: Path) -> None:
+    """A competition's folder: train.csv beside train_images/. Without data.image_dir not one listed file exists:
+    one line names the folder that holds them and the setting; with it the manifest reads as listed."""
+    root = tmp_path / "comp"
+    rows = ["image_id,label"]
+    for i in range(8):
+        make_image(root / "train_images" / f"im{i}.jpg", (200, 0, 0) if i % 2 else (0, 0, 200))
+        rows.append(f"im{i},{'red' if i % 2 else 'blue'}")
+    (root / "test_images").mkdir()
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    base = ["data.dataset=csv", f"data.root={root}", "data.csv_file=train.csv", "data.path_column=image_id"]
+    with pytest.raises(ClassLabError) as caught:
+        open_dataset(load_config(None, base).data)
+    assert str(caught.value) == (
+        f"{root / 'train.csv'}: none of its 8 image paths exist under {root}; they are in "
+        f"{root / 'train_images'}: set data.image_dir=train_images"
+    )
+    source = open_dataset(load_config(None, [*base, "data.image_dir=train_images"]).data).train
+    assert len(source) == 8 and not source.problems
+    assert Path(source.describe(0)) == root / "train_images" / "im0.jpg"
+    with pytest.raises(ClassLabError, match=r"data.image_dir 'nope' is not a folder under data.root"):
+        open_dataset(load_config(None, [*base, "data.image_dir=nope"]).data)
+    with pytest.raises(ClassLabError, match=r"data.image_dir needs data.dataset=csv"):
+        load_config(None, ["data.dataset=folder", f"data.root={root}", "data.image_dir=train_images"])
+
+
 def test_torchvision_missing_files_named(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.dataset=cifar10", f"data.root={tmp_path}"])
     with pytest.raises(ClassLabError, match=r"cifar10 not found in .*cifar-10-batches-py/.*data.download=true"):

@@ -46,7 +46,15 @@ class DataSection(Section):
         description="csv: manifest of the labelled validation images (same columns), used as they are in place of "
         "data.val_fraction",
     )
-    path_column: str = Field("path", description="csv: column holding each image's path, relative to data.root")
+    image_dir: str | None = Field(
+        None,
+        description="csv: folder the manifests' paths are relative to, itself relative to data.root "
+        "(default: data.root itself); e.g. train_images",
+    )
+    path_column: str = Field(
+        "path",
+        description="csv: column holding each image's path (or its name without extension), relative to data.image_dir",
+    )
     label_column: str = Field("label", description="csv: column holding each image's class name")
     group_column: str | None = Field(
         None, description="csv: images sharing this column's value (a person) stay on one side of every split"
@@ -398,6 +406,8 @@ class Config(Section):
             raise ValueError("data.test_csv_file needs data.dataset=csv (folders take their test set from root/test)")
         if self.data.val_csv_file and self.data.dataset != "csv":
             raise ValueError("data.val_csv_file needs data.dataset=csv (folders: root/val/ is the validation set)")
+        if self.data.image_dir and self.data.dataset != "csv":
+            raise ValueError("data.image_dir needs data.dataset=csv (a folder data set's images are under data.root)")
         if self.data.group_column and self.data.dataset != "csv":
             raise ValueError("data.group_column needs data.dataset=csv (groups come from a manifest column)")
         if self.stages and _explicit_processes(self.trainer) > 1:

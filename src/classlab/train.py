@@ -216,7 +216,7 @@ RESUME_KEEPS = ("task", "seed", "stages", "model.", "data.")
 RESUME_MAY_MOVE = {
     f"data.{key}"
     for key in (
-        "root", "csv_file", "test_csv_file", "val_csv_file", "download", "loader", "memory_limit_mb",
+        "root", "csv_file", "test_csv_file", "val_csv_file", "image_dir", "download", "loader", "memory_limit_mb",
         "cache_dir", "cache_verify", "max_image_pixels", "workers", "skip_bad_images",
     )
 }  # fmt: skip

@@ -376,6 +376,34 @@ def _with_image_extension(path: Path, listings: dict[Path, dict[str, list[str]]]
     return (folder / found[0] if len(found) == 1 else path), found
 
 
+def _image_dir(cfg: DataSection) -> Path:
+    """The folder a manifest's paths are relative to: ``data.image_dir`` under data.root, else data.root."""
+    root = Path(cfg.root or "").resolve()
+    if not cfg.image_dir:
+        return root
+    folder = (root / cfg.image_dir).resolve()
+    if not folder.is_dir():
+        raise ClassLabError(f"data.image_dir '{cfg.image_dir}' is not a folder under data.root {root}")
+    return folder
+
+
+def _where_listed_images_are(base: Path, rels: list[str]) -> Path | None:
+    """The sub-folder of ``base`` where most of ``rels`` exist: the usual slip with a competition's
+    manifest, whose ids name files in ``train_images/``, not beside the CSV."""
+    sample = rels[:20]
+    candidates = [p for p in sorted(base.iterdir()) if p.is_dir() and not is_system_file(p.name)]
+    best, best_found = None, len(sample) // 2
+    for folder in candidates:
+        listings: dict[Path, dict[str, list[str]]] = {}
+        found = 0
+        for rel in sample:
+            path = folder / rel
+            found += path.is_file() or len(_with_image_extension(path, listings)[1]) == 1
+        if found > best_found:
+            best, best_found = folder, found
+    return best
+
+
 def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | None) -> _Manifest:
     root = Path(cfg.root or "").resolve()
     reader = csv.DictReader(io.StringIO(utf8_text(manifest), newline=""))
@@ -392,12 +420,14 @@ def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | Non
             raise ClassLabError(f"{manifest}: no column '{col}' ({where}); its columns are: {', '.join(columns)}")
     if not rows:
         raise ClassLabError(f"{manifest} has no rows")
+    base = _image_dir(cfg)
     out = _Manifest(manifest, [], [], [], [], [])
+    missing: list[str] = []  # paths as listed, of files that do not exist
     first_line: dict[Path, int] = {}
     listings: dict[Path, dict[str, list[str]]] = {}  # folder -> image files by name without extension
     for line, row in enumerate(rows, start=2):
         rel = (row.get(cfg.path_column) or "").strip()
-        path = (root / rel).resolve()
+        path = (base / rel).resolve()
         if not rel:
             out.problems.append(f"{manifest}, line {line}: empty path (column '{cfg.path_column}')")
             continue
@@ -433,13 +463,28 @@ def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | Non
         if not path.is_file():
             what = "does not exist" if not path.exists() and not path.is_symlink() else f"is {unreadable_kind(path)}"
             out.problems.append(f"{path}: file listed in {manifest.name} (line {line}) {what}")
+            missing.append(rel)
             continue
         out.files.append(path)
         out.labels.append(label)
         if tasks:
             out.task_values.append(values)
         out.groups.append((row.get(cfg.group_column) or "") if cfg.group_column else "")
+    if missing and not out.files:
+        _none_found(manifest, base, root, missing)
     return out
+
+
+def _none_found(manifest: Path, base: Path, root: Path, missing: list[str]) -> None:
+    """Not one listed file exists: say where they are, when a sub-folder holds them, in place of a list of misses."""
+    folder = _where_listed_images_are(base, missing) if base.is_dir() else None
+    if folder is None:
+        return
+    where = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else str(folder)
+    raise ClassLabError(
+        f"{manifest}: none of its {len(missing)} image paths exist under {base}; they are in {folder}: "
+        f"set data.image_dir={where}"
+    )
 
 
 def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
