@@ -85,6 +85,8 @@ def test_resnet_cifar_matches_paper_param_counts(depth: int, millions: float) ->
     model = build_model({"name": "resnet_cifar", "depth": depth}, num_classes=10)
     assert count_params(model) == pytest.approx(millions * 1e6, rel=0.02)
     assert len(model.blocks) == 3 * (depth - 2) // 6
+    by_name = build_model({"name": f"resnet{depth}"}, num_classes=10)  # the paper's names are presets
+    assert count_params(by_name) == count_params(model)
 
 
 def test_resnet_cifar_rejects_depth_not_6n_plus_2() -> None:
@@ -251,6 +253,7 @@ def test_pretrained_loads_only_from_a_local_file(tmp_path) -> None:
             {"name": "resnet_cifr"},
             r"unknown model.name 'resnet_cifr' \(did you mean 'resnet_cifar'\?\).*classlab models",
         ),
+        ({"name": "resnet_56"}, r"unknown model.name 'resnet_56' \(did you mean 'resnet56'\?\)"),
         ({"name": "resnet_cifar", "dpth": 20}, r"model.dpth .*'resnet_cifar' \(did you mean 'depth'\?\)"),
         ({"name": "cnn", "preset": "normal_cn"}, r"unknown model.preset 'normal_cn'.*did you mean 'normal_cnn'"),
         ({"name": "cnn", "layers": [16, "q"]}, r"model.layers entries .* got 'q'"),

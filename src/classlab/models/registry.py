@@ -8,6 +8,7 @@ under a name here, presets are named bundles of that builder's keywords, and
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,10 +133,20 @@ def resolve_preset_alias(spec: dict[str, Any]) -> dict[str, Any]:
     return spec
 
 
+def _natural(name: str) -> tuple[Any, ...]:
+    """resnet20 before resnet110: digits compare as numbers."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def _known_names() -> list[str]:
+    """Families and their presets: what ``model.name`` takes (a typo is matched against both)."""
+    return sorted({*_REGISTRY, *(p for entry in _REGISTRY.values() for p in entry.presets)})
+
+
 def get_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
         raise ConfigError(
-            f"unknown model.name {name!r}{did_you_mean(name, _REGISTRY)}: "
+            f"unknown model.name {name!r}{did_you_mean(name, _known_names())}: "
             "run `classlab models` for the list, or use timm:<name> for any timm model"
         )
     return _REGISTRY[name]
@@ -329,7 +340,7 @@ def list_models() -> list[ModelInfo]:
     rows = []
     for name in registered_names():
         entry = _REGISTRY[name]
-        for preset in [None, *sorted(entry.presets)]:
+        for preset in [None, *sorted(entry.presets, key=_natural)]:
             size = entry.image_size(preset)
             spec = {"name": name, **({"preset": preset} if preset else {})}
             with torch.device("meta"):

@@ -13,7 +13,7 @@ from torch import nn
 
 from classlab.errors import ConfigError
 from classlab.models.net import ClassifierNet
-from classlab.models.registry import register_model
+from classlab.models.registry import Preset, register_model
 
 PAPER_DEPTHS = (20, 32, 44, 56, 110)
 
@@ -59,7 +59,12 @@ def he_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-@register_model("resnet_cifar", default_image_size=32, description="He et al. 2016 CIFAR ResNet, depth 6n+2")
+@register_model(
+    "resnet_cifar",
+    presets={f"resnet{d}": Preset({"depth": d}, description=f"He et al.'s ResNet-{d} (Table 6)") for d in PAPER_DEPTHS},
+    default_image_size=32,
+    description="He et al. 2016 CIFAR ResNet, depth 6n+2",
+)
 def build_resnet_cifar(num_classes: int, in_chans: int, image_size: int, depth: int = 20) -> ClassifierNet:
     """Blocks are the 3n basic blocks across the three stages (16, 32, 64 channels)."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
