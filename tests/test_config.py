@@ -76,6 +76,28 @@ def test_cli_config_errors_exit_2_one_line_no_traceback(tmp_path: Path) -> None:
     assert result.returncode == 2 and "not valid YAML" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_key_given_twice_and_tab_indents_are_named(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys: a second optim: block would silently drop the first."""
+    two = tmp_path / "two.yaml"
+    two.write_text("optim:\n  lr: 0.1\ndata:\n  batch_size: 64\noptim:\n  name: adamw\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(two)
+    assert str(caught.value) == (
+        f"{two}: not valid YAML at line 5, column 1: key 'optim' given twice (first on line 1): keep one"
+    )
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("optim:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"line 3, column 3: key 'lr' given twice \(first on line 2\)"):
+        load_config(nested)
+    merged = tmp_path / "merged.yaml"  # a merge key is not a repeat: the mapping's own lr wins, as YAML says
+    merged.write_text("optim: &o {lr: 0.1, name: sgd}\nsched: {name: cosine}\nstages:\n- {optim: {<<: *o, lr: 0.2}}\n")
+    assert load_config(merged).optim.lr == 0.1
+    tabs = tmp_path / "tabs.yaml"
+    tabs.write_text("data:\n\tdataset: sample\n")
+    with pytest.raises(ConfigError, match=r"line 2, column 1: .*'\\t'.*: YAML indents with spaces, not tabs$"):
+        load_config(tabs)
+
+
 def test_print_config_shows_every_default() -> None:
     result = run_cli("train", "--print-config", "epochs=4")
     assert result.returncode == 0, result.stderr

@@ -582,14 +582,34 @@ def _bounded(tree: Any, where: str) -> Any:
     return tree
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping: PyYAML keeps the last silently, so a second
+    ``optim:`` block would drop the first one's every key without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[str, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if key_node.value in seen:
+                first = seen[key_node.value].start_mark.line + 1
+                problem = f"key '{key_node.value}' given twice (first on line {first}): keep one"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            seen[key_node.value] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     text = utf8_text(path, ConfigError)
     try:
-        tree = yaml.safe_load(text)
+        tree = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = str(getattr(exc, "problem", exc))
+        if "'\\t'" in problem:
+            problem += ": YAML indents with spaces, not tabs"
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if tree is None:
         return {}
     if not isinstance(tree, dict):
