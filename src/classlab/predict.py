@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,13 @@ from typing import Any
 import torch
 
 from classlab.config import is_url
-from classlab.data.preprocess import IMAGE_EXTENSIONS, BadImage, is_system_file, open_image
-from classlab.data.sources import natural_key, unreadable_kind
+from classlab.data.preprocess import IMAGE_EXTENSIONS, is_system_file
+from classlab.data.sources import natural_key
 from classlab.engine.ensemble import load_runs
 from classlab.engine.exported import ExportedRun, OnnxModel, is_exported_file
+from classlab.engine.file_batches import file_batches, images_a_batch
 from classlab.engine.load import LoadedRun, load
-from classlab.engine.tta import TTAPlan, image_views, prediction_plan, views_probabilities
+from classlab.engine.tta import TTAPlan, prediction_plan, views_probabilities
 from classlab.errors import ClassLabError, utf8_text
 from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_text, shown_path
 
@@ -53,47 +53,6 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
         else:
             raise ClassLabError(f"'{path}' does not exist; give image files or folders")
     return out
-
-
-def _decode(loaded: LoadedRun, path: Path, plan: TTAPlan | None = None) -> tuple[torch.Tensor | None, str]:
-    """The image as the model takes it; with image-level TTA its crops at every scale (V, C, S, S)."""
-    if not path.is_file():  # never open a pipe (it would wait for ever)
-        return None, unreadable_kind(path)
-    try:
-        if plan is not None and plan.scales:
-            img = open_image(path, max(plan.scales), loaded.max_image_pixels)
-            return image_views(img, plan.scales, loaded.image_size, loaded.channels), ""
-        return loaded.to_tensor(path), ""
-    except BadImage as exc:
-        return None, str(exc) or "unreadable image"
-    except OSError as exc:  # vanished or unreadable between listing and reading
-        return None, (exc.strerror or type(exc).__name__)
-
-
-def _batches(
-    paths: Sequence[Path], loaded: LoadedRun, batch_size: int, threads: int = 2, plan: TTAPlan | None = None
-) -> Iterator[tuple[Sequence[Path], torch.Tensor | None, list[str]]]:
-    """Decoded batches; unreadable files come back with an error text instead of a tensor.
-
-    Decoding runs on a thread pool one batch ahead of the model (PIL releases the GIL while it
-    decodes and resizes), and at most two batches are ever decoded at once, so memory stays
-    bounded however many files there are.
-    """
-    chunks = (paths[s : s + batch_size] for s in range(0, len(paths), batch_size))
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-
-        def submit(chunk: Sequence[Path]) -> list[Future]:
-            return [pool.submit(_decode, loaded, p, plan) for p in chunk]
-
-        current = next(chunks, None)
-        pending = submit(current) if current is not None else []
-        while current is not None:
-            following = next(chunks, None)
-            ahead = submit(following) if following is not None else []
-            results = [f.result() for f in pending]
-            good = [t for t, _ in results if t is not None]
-            yield current, (torch.stack(good) if good else None), [e for _, e in results]
-            current, pending = following, ahead
 
 
 @dataclass
@@ -184,11 +143,6 @@ def load_predictor(run: Any, checkpoint: str = "best") -> LoadedRun:
     return load_runs(run, checkpoint)
 
 
-def _images_a_batch(batch_size: int, plan: TTAPlan | None) -> int:
-    """Images decoded together: with image-level views, few enough that their crops make about one batch."""
-    return max(1, batch_size // (10 * len(plan.scales))) if plan is not None and plan.scales else batch_size
-
-
 def _columns(k: int, layout: Any) -> list[str]:
     columns = ["path", "class", "prob"]
     for i in range(2, k + 1):
@@ -247,7 +201,7 @@ def predict(
     writer = AtomicCsvWriter(out, columns) if out is not None else None
     try:
         threads = threads or min(4, os.cpu_count() or 1)
-        for chunk, batch, errors in _batches(files, loaded, _images_a_batch(batch_size, plan), threads, plan):
+        for chunk, batch, errors in file_batches(files, loaded, images_a_batch(batch_size, plan), threads, plan):
             task_probs: list[torch.Tensor] = []
             if batch is not None and loaded.tasks is not None:
                 probs, task_probs = loaded.task_probabilities(batch)
