@@ -21,7 +21,7 @@ def test_per_class_scores_by_hand() -> None:
     assert rows["a"]["precision"] == pytest.approx(2 / 4) and rows["a"]["recall"] == pytest.approx(2 / 3)
     assert rows["a"]["f1"] == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
     assert rows["b"]["precision"] == pytest.approx(1 / 2) and rows["b"]["recall"] == pytest.approx(1 / 2)
-    assert rows["c"] == {"class": "c", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert rows["c"] == {"class": "c", "precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1, "predicted": 0}
 
 
 def test_ece_by_hand() -> None:
@@ -91,3 +91,66 @@ def test_tables_align_korean_class_names() -> None:
     lines = format_table(rows).splitlines()
     assert display_width("고양이") == 6
     assert len({display_width(line) for line in lines}) == 1, lines  # every row ends in the same column
+
+
+def _sample_folder(root: Path, per_class: dict[str, int]) -> Path:
+    """The embedded sample's test photos of some classes, as a user's labelled folder (class folders)."""
+    import zipfile
+
+    from classlab.data.sources import SAMPLE_ZIP
+
+    with zipfile.ZipFile(SAMPLE_ZIP) as archive:
+        for name, count in per_class.items():
+            for member in sorted(n for n in archive.namelist() if n.startswith(f"test/{name}/"))[:count]:
+                target = root / name / Path(member).name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(member))
+    return root
+
+
+def test_eval_on_a_labelled_folder_the_run_never_saw(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    """eval --data scores a folder of class folders (a subset of the run's classes) against the run's class
+    map: the figures agree with predict's classes for the same files, and the report's macro average leaves
+    out the classes that are in neither the labels nor the predictions, as macro-F1 does."""
+    from tests.faults import cli, error_lines
+
+    folder = _sample_folder(tmp_path / "new_photos", {"cat": 12, "ship": 10, "truck": 8})
+    (folder / "ship" / "broken.jpg").write_bytes(b"not a jpeg")
+    code, out, err = cli(capsys, "eval", str(tiny_run), "--data", str(folder), "--report", "--tta", "flip")
+    assert code == 0, err
+    assert out.startswith(f"{tiny_run} [{folder}, best.ckpt, 30 images]")
+    assert "1 file(s) could not be read and are left out:" in err and "broken.jpg: " in err
+    metrics = json.loads((tiny_run / "eval" / "data-new_photos" / "metrics.json").read_text())
+    rows = classlab.predict(tiny_run, [folder])
+    truth = {"cat": "cat", "ship": "ship", "truck": "truck"}
+    right = [r["class"] == truth[Path(r["path"]).parent.name] for r in rows if not r["error"]]
+    assert len(right) == 30 and metrics["top1"] == pytest.approx(sum(right) / 30)
+    for name in truth:  # each folder's images scored as that class of the run (not the folder's own order)
+        mine = [r["class"] == name for r in rows if Path(r["path"]).parent.name == name and not r["error"]]
+        assert metrics["per_class"][name] == pytest.approx(sum(mine) / len(mine))
+    assert metrics["per_class"]["airplane"] is None and metrics["per_class"]["cat"] is not None
+    assert metrics["tta"]["modes"] == "flip" and metrics["tta"]["views"] == 2
+    report = json.loads((tiny_run / "eval" / "data-new_photos" / "report.json").read_text())
+    occurring = [r for r in report["per_class"] if r["support"] or r["predicted"]]
+    assert len(occurring) < 10 and report["macro_f1"] == pytest.approx(sum(r["f1"] for r in occurring) / len(occurring))
+
+    manifest = tmp_path / "new.csv"  # the same photos as a manifest with the run's columns
+    manifest.write_text("path,label\n" + "".join(f"new_photos/cat/{p.name},cat\n" for p in (folder / "cat").iterdir()))
+    assert classlab.evaluate(tiny_run, data=manifest)["images"] == 12
+
+    _sample_folder(tmp_path / "odd", {"cat": 2})
+    (tmp_path / "odd" / "unicorn").mkdir()
+    (tmp_path / "odd" / "unicorn" / "u.png").write_bytes((folder / "cat" / "0000.jpg").read_bytes())
+    _sample_folder(tmp_path / "flat" / "x", {"cat": 2})
+    for image in (tmp_path / "flat" / "x" / "cat").iterdir():
+        image.rename(tmp_path / "flat" / image.name)
+    (tmp_path / "flat" / "x" / "cat").rmdir()
+    (tmp_path / "flat" / "x").rmdir()
+    for args, expected in {
+        ("--data", str(tmp_path / "odd")): "class(es) the run was not trained on: unicorn; the run's classes are",
+        ("--data", str(tmp_path / "flat")): "has images but no class folders: eval needs <folder>/<class>/ images",
+        ("--data", str(tmp_path / "nowhere")): "does not exist; give labelled images: FOLDER/<class>/*.jpg or a CSV",
+        ("data.root=x",): "data.root=x: eval takes no key=value overrides (it reads the run's own config.yaml)",
+    }.items():
+        code, _, err = cli(capsys, "eval", str(tiny_run), *args)
+        assert code != 0 and len(error_lines(err)) == 1 and expected in err, (args, err)

@@ -135,12 +135,23 @@ def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from classlab.evaluate import display_width, evaluate, pad
 
+    overrides = [item for item in args.runs if "=" in item and not Path(item).exists()]
+    if overrides:
+        raise ConfigError(
+            f"{overrides[0]}: eval takes no key=value overrides (it reads the run's own config.yaml); give run folders"
+        )
     runs = _ensemble_runs(_runs_named(args.runs, args), args.ensemble)
-    metrics = evaluate(runs, split=args.split, checkpoint=args.checkpoint, tta=args.tta, report=args.report)
-    members = f", mean of {len(metrics['members'])} runs" if metrics.get("members") else ""
-    print(
-        f"{' '.join(args.runs)} [{metrics['split']}, {metrics['checkpoint']}.ckpt, {metrics['images']} images{members}]"
+    metrics = evaluate(
+        runs, split=args.split, checkpoint=args.checkpoint, tta=args.tta, report=args.report, data=args.data
     )
+    members = f", mean of {len(metrics['members'])} runs" if metrics.get("members") else ""
+    part = metrics.get("data") or metrics["split"]
+    print(f"{' '.join(args.runs)} [{part}, {metrics['checkpoint']}.ckpt, {metrics['images']} images{members}]")
+    skipped = metrics.get("skipped") or []
+    if skipped:
+        print(f"{len(skipped)} file(s) could not be read and are left out:", file=sys.stderr)
+        for line in skipped[:20]:
+            print(f"  {line}", file=sys.stderr)
     tta = metrics.get("tta")
     if tta:
         label = f"TTA {tta['modes']} ({tta['views']} views)"
@@ -448,6 +459,12 @@ def _add_run_commands(sub: Any) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="a run folder; several (or a k-fold folder) with --ensemble")
     p.add_argument("--ensemble", choices=["mean"], help="average the probabilities of several runs (one class map)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="images to evaluate (default test)")
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="labelled images the run never saw instead of a split: FOLDER/<class>/*.jpg (its test/ part when it "
+        "has one) or a CSV manifest with the run's columns",
+    )
     p.add_argument("--checkpoint", default="best", help="best, last, epochN (default best)")
     p.add_argument(
         "--tta",

@@ -32,17 +32,20 @@ import torch
 from PIL import Image
 
 from classlab.config import Config
-from classlab.data.pipeline import DataBundle, Part, load_data
+from classlab.data.labelled_files import labelled_files
+from classlab.data.pipeline import DataBundle, DataProblems, Part, load_data
 from classlab.data.preprocess import image_to_tensor
 from classlab.data.sources import Source, open_dataset
 from classlab.data.tasks import task_columns
 from classlab.engine.ensemble import expand_runs, load_runs
+from classlab.engine.file_batches import file_batches, images_a_batch
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.metrics import (
     ECE_BINS,
     calibration,
     confusion_matrix,
     macro_f1,
+    macro_mean,
     per_class_scores,
     task_accuracies,
     task_f1_scores,
@@ -57,6 +60,7 @@ from classlab.engine.tta import (
     tta_probabilities_batches,
     tta_probabilities_images,
     views_per_image,
+    views_probabilities,
 )
 from classlab.errors import ClassLabError
 from classlab.run import (
@@ -79,8 +83,13 @@ def evaluate(
     *,
     tta: str | None = None,
     report: bool = False,
+    data: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's checkpoint on ``split`` (test or val); write eval/<split>/ and return the metrics.
+
+    ``data``: labelled images the run never saw instead of a split (a folder of class folders, its
+    test/ part when it has one, or a CSV manifest), scored through the prediction path (any image
+    size, unreadable files listed and left out); written to eval/data-<name>/.
 
     ``tta``: ``flip``, ``translate``, ``tencrop``, ``multiscale:S1,S2,..`` or several joined by commas,
     or one of the published multi-scale protocols ``perscale:S1,..`` / ``fullconv:S1,..`` (engine.tta);
@@ -90,6 +99,8 @@ def evaluate(
     """
     if split not in ("test", "val"):
         raise ClassLabError(f"--split {split}: choose 'test' or 'val'")
+    if data is not None:
+        return _evaluate_files(run, data, checkpoint, tta, report)
     loaded, run, out = _load_for_eval(run, checkpoint, split)
     cfg = loaded.cfg
     if (tta or report) and cfg.task == "rotation":
@@ -161,9 +172,16 @@ def _plain_metrics(
     if loaded.tasks is not None:
         task_acc = task_accuracies(loaded.tasks.names, task_logits, loaded.tasks.split(labels), split)
         task_f1 = task_f1_scores(loaded.tasks, task_logits, labels, split)
-    classes = loaded.classes
+    metrics = _scores(logits, labels, loaded.classes, split, checkpoint)
+    if task_acc:  # multitask: top1/top5 are of the combined class, these of each task's own head
+        metrics["tasks"] = {key.split("/")[1]: value for key, value in task_acc.items()}
+        metrics["tasks_f1"] = {key.split("/")[1]: value for key, value in task_f1.items()}
+    return logits, labels, metrics
+
+
+def _scores(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], split: str, checkpoint: str) -> dict:
     cm = confusion_matrix(logits, labels, len(classes))
-    metrics: dict[str, Any] = {
+    return {
         "split": split,
         "checkpoint": checkpoint,
         "images": int(len(labels)),
@@ -172,10 +190,71 @@ def _plain_metrics(
         "f1": macro_f1(logits, labels, len(classes)),
         "per_class": {n: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() > 0 else None) for i, n in enumerate(classes)},
     }
-    if task_acc:  # multitask: top1/top5 are of the combined class, these of each task's own head
-        metrics["tasks"] = {key.split("/")[1]: value for key, value in task_acc.items()}
-        metrics["tasks_f1"] = {key.split("/")[1]: value for key, value in task_f1.items()}
-    return logits, labels, metrics
+
+
+def _tta_figures(plan: TTAPlan, probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict[str, Any]:
+    return {
+        "modes": plan.text,
+        "views": views_per_image(plan),
+        "scales": list(plan.scales),
+        "top1": top_k_accuracy(probs, labels, 1),
+        "top5": top_k_accuracy(probs, labels, min(5, len(classes))),
+    }
+
+
+def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None, report: bool) -> dict[str, Any]:
+    """``--data``: a labelled folder or manifest outside the run, read as predict reads files."""
+    name = Path(data).stem if Path(data).suffix.lower() == ".csv" else Path(data).resolve().name
+    loaded, _, out = _load_for_eval(run, checkpoint, f"data-{name or 'root'}")
+    if loaded.cfg.task != "classify":
+        raise ClassLabError(f"--data scores a classifier; this is a {loaded.cfg.task} run: evaluate its own split")
+    found = labelled_files(loaded.cfg.data, data, loaded.classes)
+    if found.problems and not loaded.cfg.data.skip_bad_images:
+        raise DataProblems(found.problems)
+    plan = parse_tta(tta, loaded.image_size) if tta else None
+    if plan is not None and plan.protocol != "average":
+        raise ClassLabError(f"--tta {plan.protocol} scores the run's own splits; with --data use multiscale:S1,S2,...")
+    probs, labels, files, skipped = _score_files(loaded, found.files, found.labels, None)
+    if not files:
+        raise ClassLabError(f"--data '{data}': no readable image among {len(found.files)} file(s)")
+    metrics = _scores(probs.clamp_min(1e-30).log(), labels, loaded.classes, "data", checkpoint)
+    metrics |= {"data": found.where, "skipped": [f"{p}: {e}" for p, e in skipped]}
+    if plan is not None:
+        probs, labels, _, _ = _score_files(loaded, files, [int(v) for v in labels], plan)
+        metrics["tta"] = _tta_figures(plan, probs, labels, loaded.classes)
+    if getattr(loaded, "members", None):
+        metrics["members"] = [str(p) for p in loaded.members]
+    if report:
+        source = f"tta:{plan.text}" if plan else "plain"
+        rep = write_report(
+            out, probs, labels, loaded.classes, lambda i: loaded.to_tensor(files[i]), describe=lambda i: str(files[i]),
+            source=source,
+        )  # fmt: skip
+        metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
+    atomic_write_json(out / "metrics.json", metrics)
+    cm = confusion_matrix(probs, labels, len(loaded.classes))
+    _write_confusion(out, cm, loaded.classes, metrics["top1"])
+    return {**metrics, "out": str(out)}
+
+
+def _score_files(
+    loaded: LoadedRun, files: list[Path], labels: list[int], plan: TTAPlan | None
+) -> tuple[torch.Tensor, torch.Tensor, list[Path], list[tuple[str, str]]]:
+    """(probabilities, labels, files) of the readable files, and (file, why) of the others."""
+    batch_size = loaded.cfg.data.batch_size
+    label_of = dict(zip(files, labels))
+    probs, kept, skipped = [], [], []
+    with autocast(loaded.cfg, next(loaded.model.parameters()).device):
+        for chunk, batch, errors in file_batches(files, loaded, images_a_batch(batch_size, plan), 4, plan):
+            skipped += [(str(f), e) for f, e in zip(chunk, errors) if e]
+            kept += [f for f, e in zip(chunk, errors) if not e]
+            if batch is not None and plan is None:
+                probs.append(loaded.probabilities(batch).float())
+            elif batch is not None:
+                probs.append(views_probabilities(loaded.probabilities, batch, plan, loaded.image_size, batch_size))
+    n = len(loaded.classes)
+    out = torch.cat(probs) if probs else torch.empty(0, n)
+    return out, torch.tensor([label_of[f] for f in kept], dtype=torch.long), kept, skipped
 
 
 def _tta_metrics(
@@ -198,13 +277,7 @@ def _tta_metrics(
     else:
         tta_probs, tta_labels = tta_probabilities_batches(loaded.model, loader, plan.batch_modes, loaded.image_size)
         assert torch.equal(tta_labels, labels)
-    metrics["tta"] = {
-        "modes": plan.text,
-        "views": views_per_image(plan),
-        "scales": list(plan.scales),
-        "top1": top_k_accuracy(tta_probs, labels, 1),
-        "top5": top_k_accuracy(tta_probs, labels, k5),
-    }
+    metrics["tta"] = _tta_figures(plan, tta_probs, labels, loaded.classes)
     return tta_probs
 
 
@@ -309,7 +382,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"  {pad(r['class'], width)}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:.4f}  {r['support']:7d}"
         )
-    macro = {k: sum(r[k] for r in rows) / max(1, len(rows)) for k in ("precision", "recall", "f1")}
+    macro = {k: macro_mean(rows, k) for k in ("precision", "recall", "f1")}
     lines.append(
         f"  {'macro avg':<{width}}  {macro['precision']:9.4f}  {macro['recall']:6.4f}  {macro['f1']:.4f}"
         f"  {sum(r['support'] for r in rows):7d}"
@@ -334,7 +407,8 @@ def write_report(
     pred = probs.argmax(1)
     rows = per_class_scores(pred, labels, classes)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["class", "precision", "recall", "f1", "support"], lineterminator="\n")
+    columns = ["class", "precision", "recall", "f1", "support", "predicted"]
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for r in rows:
         writer.writerow({**r, **{k: f"{r[k]:.6f}" for k in ("precision", "recall", "f1")}})
@@ -364,7 +438,7 @@ def write_report(
         "predictions": source,
         "ece": cal["ece"],
         "ece_bins": ECE_BINS,
-        "macro_f1": sum(r["f1"] for r in rows) / max(1, len(rows)),
+        "macro_f1": macro_mean(rows, "f1"),
         "per_class": rows,
         "confident_errors": errors,
         "calibration_bins": cal["bins"],

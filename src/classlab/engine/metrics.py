@@ -55,10 +55,18 @@ def per_class_scores(pred: torch.Tensor, labels: torch.Tensor, classes: list[str
         for metric in (multiclass_precision, multiclass_recall, multiclass_f1_score)
     ]
     support = torch.bincount(labels, minlength=n).tolist()
+    predicted = torch.bincount(pred, minlength=n).tolist()
     return [
-        {"class": name, "precision": p, "recall": r, "f1": f1, "support": int(s)}
-        for name, p, r, f1, s in zip(classes, *scores, support)
+        {"class": name, "precision": p, "recall": r, "f1": f1, "support": int(s), "predicted": int(k)}
+        for name, p, r, f1, s, k in zip(classes, *scores, support, predicted)
     ]
+
+
+def macro_mean(rows: list[dict[str, Any]], key: str) -> float:
+    """The macro average of per_class_scores' ``key`` over the classes that occur (as labels or predictions):
+    a class absent from both (a subset of a run's classes scored) is not a zero, as in ``macro_f1``."""
+    present = [r[key] for r in rows if r["support"] or r.get("predicted", 1)]
+    return sum(present) / max(1, len(present))
 
 
 def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict[str, Any]:

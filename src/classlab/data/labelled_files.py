@@ -1,0 +1,62 @@
+"""Labelled images a run never saw, read against the run's class map (``classlab eval RUN --data FOLDER``).
+
+The question after training is often not the run's own test split but "how does it do on these?":
+photos from another camera, a month later, a partner's set. They come as the data sets training
+reads (class folders, or a CSV manifest with the run's path and label columns), so they are
+opened by the same code, with the same checks; their class names are then mapped to the run's
+class indices by name. A subset of the run's classes is fine (a folder of roses only); a class the
+run never learnt cannot be scored and is refused by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from classlab.config import DataSection
+from classlab.data.sources import UNLABELED, open_dataset
+from classlab.errors import ClassLabError
+
+# Keys of the run's data section that describe its own data set, not how images are read.
+_RUN_DATA_KEYS = ("classes", "csv_file", "test_csv_file", "val_csv_file", "group_column", "image_dir")
+
+
+@dataclass
+class LabelledFiles:
+    files: list[Path]
+    labels: list[int]  # the run's class indices
+    where: str  # what was read, for the user's line: "flowers/ (its test/ folder)"
+    problems: list[str]
+
+
+def labelled_files(section: DataSection, path: str | Path, classes: list[str]) -> LabelledFiles:
+    """The images of a folder of class folders (its test/ part when it has one) or of a CSV manifest."""
+    path = Path(path)
+    update: dict[str, object] = dict.fromkeys(_RUN_DATA_KEYS)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        update |= {"dataset": "csv", "root": str(path.parent.resolve()), "csv_file": path.name}
+    elif path.is_dir():
+        update |= {"dataset": "folder", "root": str(path.resolve())}
+    else:
+        what = "does not exist" if not path.exists() else "is neither a folder of class folders nor a .csv manifest"
+        raise ClassLabError(f"--data '{path}' {what}; give labelled images: FOLDER/<class>/*.jpg or a CSV manifest")
+    dataset = open_dataset(section.model_copy(update=update))
+    source = dataset.test if dataset.test is not None else dataset.train
+    if dataset.classes == [UNLABELED]:
+        raise ClassLabError(
+            f"--data '{path}' has images but no class folders: eval needs <folder>/<class>/ images to score; "
+            "`classlab predict` reads unlabelled images"
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    unknown = [c for c in dataset.classes if c not in index]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        known = ", ".join(classes[:8]) + (" ..." if len(classes) > 8 else "")
+        raise ClassLabError(
+            f"--data '{path}': class(es) the run was not trained on: {shown}; the run's classes are {known} "
+            "(a folder's name is its class: rename or leave out the others)"
+        )
+    files = list(source.files or [])
+    labels = [index[dataset.classes[int(label)]] for label in source.labels]
+    where = f"{path} (its test/ folder)" if dataset.test is not None else str(path)
+    return LabelledFiles(files, labels, where, list(source.problems))
