@@ -204,3 +204,16 @@ def test_export_takes_its_format_as_a_word_too(tiny_run: Path, tmp_path: Path, c
     assert code == 0 and (tmp_path / "a.pt2").is_file(), err
     code, _, err = cli(capsys, "export", str(tiny_run), "pt2", "--format", "onnx")
     assert code == 2 and err.strip() == "error: pt2 and --format onnx given: keep one of the two"
+
+
+def test_the_python_api_takes_what_the_command_line_takes(tiny_run: Path, tmp_path: Path) -> None:
+    """A run's checkpoint file stands for the run (and picks the checkpoint); an exported .onnx file loads too."""
+    images = [make_image(tmp_path / f"{i}.png", color, size=40) for i, color in enumerate([(200, 30, 30), (9, 9, 240)])]
+    by_file = classlab.load(tiny_run / "checkpoints" / "last.ckpt").probabilities(images)
+    torch.testing.assert_close(by_file, classlab.load(tiny_run, "last").probabilities(images))
+    assert classlab.export(tiny_run / "checkpoints" / "last.ckpt") == tiny_run / "export" / "model-last.onnx"
+    shipped = classlab.load(tiny_run / "export" / "model-last.onnx")
+    torch.testing.assert_close(shipped.probabilities(images), by_file, rtol=1e-4, atol=1e-4)
+    assert shipped(images[0])[0] == classlab.load(tiny_run, "last")(images[0])[0]
+    with pytest.raises(ClassLabError, match=r"^last.ckpt given with checkpoint='epoch3': keep one of the two$"):
+        classlab.load(tiny_run / "checkpoints" / "last.ckpt", "epoch3")

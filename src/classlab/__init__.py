@@ -46,5 +46,5 @@ def __getattr__(name: str) -> Any:
     if name in VERBS:
         return importlib.import_module(f"{__name__}.{name}")
     if name == "load":
-        return importlib.import_module(f"{__name__}.engine.load").load
+        return importlib.import_module(f"{__name__}.engine.ensemble").load_runs
     raise AttributeError(f"module 'classlab' has no attribute '{name}'")

@@ -71,6 +71,7 @@ from classlab.run import (
     atomic_write_text,
     open_run,
     pyplot,
+    run_and_checkpoint,
 )
 
 GRID_IMAGES = 25
@@ -99,6 +100,8 @@ def evaluate(
     """
     if split not in ("test", "val"):
         raise ClassLabError(f"--split {split}: choose 'test' or 'val'")
+    if isinstance(run, (str, Path)):
+        run, checkpoint = run_and_checkpoint(run, checkpoint)  # a run's checkpoint file stands for the run
     if data is not None:
         return _evaluate_files(run, data, checkpoint, tta, report)
     loaded, run, out = _load_for_eval(run, checkpoint, split)

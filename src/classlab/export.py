@@ -27,7 +27,7 @@ from torch import nn
 from classlab.engine.exported import INSTALL_HINT, OnnxModel
 from classlab.engine.load import LoadedRun, load
 from classlab.errors import ClassLabError
-from classlab.run import RunFolder, atomic_write_bytes, open_run
+from classlab.run import RunFolder, atomic_write_bytes, open_run, run_and_checkpoint
 
 FORMATS = ("onnx", "pt2")
 __all__ = ["FORMATS", "OnnxModel", "export", "ensure_onnx", "load_pt2", "read_onnx_metadata"]
@@ -70,7 +70,9 @@ def export(
     """Export a run's checkpoint; returns the written file (default ``RUN/export/model.<fmt>``)."""
     if fmt not in FORMATS:
         raise ClassLabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    run = run if isinstance(run, RunFolder) else open_run(run)
+    if not isinstance(run, RunFolder):
+        path, checkpoint = run_and_checkpoint(run, checkpoint)
+        run = open_run(path)
     loaded = load(run, checkpoint)
     if loaded.cfg.task == "rotation":
         raise ClassLabError("this is a rotation pretext run; export the classifier trained from it instead")

@@ -23,7 +23,7 @@ from classlab.config import is_url
 from classlab.data.preprocess import IMAGE_EXTENSIONS, is_system_file
 from classlab.data.sources import natural_key
 from classlab.engine.ensemble import load_runs
-from classlab.engine.exported import ExportedRun, OnnxModel, is_exported_file
+from classlab.engine.exported import ExportedRun, OnnxModel
 from classlab.engine.file_batches import file_batches, images_a_batch
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.tta import TTAPlan, prediction_plan, views_probabilities
@@ -129,20 +129,6 @@ def _plain_scorer(loaded: LoadedRun, backend: str, checkpoint: str) -> Any:
     return lambda batch: onnx_model.logits(batch).softmax(1)
 
 
-def load_predictor(run: Any, checkpoint: str = "best") -> LoadedRun:
-    """Run folder(s) or a k-fold folder (an ensemble), or an ONNX file written by ``classlab export``."""
-    if isinstance(run, (str, Path)) and is_exported_file(run):
-        if checkpoint != "best":
-            raise ClassLabError(
-                f"{run} is one exported model: drop --checkpoint {checkpoint}, "
-                "or give the run folder to pick its checkpoint"
-            )
-        return ExportedRun(run)
-    if isinstance(run, (list, tuple)) and any(isinstance(r, (str, Path)) and is_exported_file(r) for r in run):
-        raise ClassLabError("an ensemble averages run folders; give the runs, not their exported files")
-    return load_runs(run, checkpoint)
-
-
 def _columns(k: int, layout: Any) -> list[str]:
     columns = ["path", "class", "prob"]
     for i in range(2, k + 1):
@@ -188,7 +174,7 @@ def predict(
     (``RUN/export/model.onnx``, or a copy anywhere), which always runs in onnxruntime. ``tta`` averages each image's
     views (``flip``, ``translate``, ``diagonal``, ``tencrop``, ``multiscale:S1,S2``) as ``eval --tta`` does.
     """
-    loaded = load_predictor(run, checkpoint)
+    loaded = load_runs(run, checkpoint)
     backend = backend or ("onnx" if isinstance(loaded, ExportedRun) else "torch")
     plan = prediction_plan(tta, loaded.image_size) if tta else None
     scorer = _scorer(loaded, backend, checkpoint, plan, batch_size)
@@ -348,7 +334,7 @@ def write_submission(
             missing[i] = f"matches {len(several)} files ({shown}); give the path relative to the folder as the id"
     index = {i: f for i, f in found.items() if isinstance(f, Path)}
     wanted = list(dict.fromkeys(index[i] for i in ids if i in index))
-    loaded = load_predictor(runs, checkpoint)
+    loaded = load_runs(runs, checkpoint)
     result = predict(loaded, wanted, None, checkpoint=checkpoint, top=1, batch_size=batch_size, keep_rows=True, tta=tta)
     by_path = {row["path"]: row for row in result.rows or []}
     for image_id in ids:
@@ -378,7 +364,6 @@ __all__ = [
     "Predictions",
     "load",
     "load_runs",
-    "load_predictor",
     "predict",
     "expand_paths",
     "write_submission",

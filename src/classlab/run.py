@@ -622,6 +622,16 @@ def run_of(path: str | Path) -> tuple[str, str | None]:
     return str(path), None
 
 
+def run_and_checkpoint(run: str | Path, checkpoint: str = "best") -> tuple[str, str]:
+    """``run_of`` for the Python API: a checkpoint file given as the run also picks the checkpoint."""
+    folder, picked = run_of(run)
+    if picked is None or checkpoint == picked:
+        return folder, checkpoint
+    if checkpoint != "best":
+        raise ClassLabError(f"{picked}.ckpt given with checkpoint={checkpoint!r}: keep one of the two")
+    return folder, picked
+
+
 def is_fold_group(path: str | Path) -> bool:
     """A folder made by a k-fold run (it holds fold{i} runs and folds.json)."""
     return (Path(path) / FOLDS).is_file()

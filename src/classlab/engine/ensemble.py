@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from classlab.engine.exported import ExportedRun, is_exported_file
 from classlab.engine.load import LoadedRun, load
 from classlab.errors import ClassLabError
 from classlab.models.net import ClassifierModel
@@ -102,10 +103,23 @@ def load_ensemble(runs: Sequence[str | Path | RunFolder], checkpoint: str = "bes
     return ensemble
 
 
-def load_runs(run: Any, checkpoint: str = "best") -> LoadedRun:
-    """One run, or several runs / a k-fold folder as their mean ensemble; a LoadedRun as it is."""
+def load_runs(run: Any, checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
+    """What a trained model may be given as (``classlab.load``, predict): a run folder or one of its
+    checkpoint files; several runs or a k-fold folder (their mean ensemble); an ONNX file written by
+    ``classlab export`` (run in onnxruntime); a LoadedRun as it is."""
     if isinstance(run, LoadedRun):
         return run
-    if isinstance(run, (list, tuple)) or (not isinstance(run, RunFolder) and is_fold_group(run)):
-        return load_ensemble(run if isinstance(run, (list, tuple)) else [run], checkpoint)
-    return load(run, checkpoint)
+    if isinstance(run, (str, Path)) and is_exported_file(run):
+        if checkpoint != "best":
+            raise ClassLabError(
+                f"{run} is one exported model: drop --checkpoint {checkpoint}, "
+                "or give the run folder to pick its checkpoint"
+            )
+        return ExportedRun(run)
+    if isinstance(run, (list, tuple)):
+        if any(isinstance(r, (str, Path)) and is_exported_file(r) for r in run):
+            raise ClassLabError("an ensemble averages run folders; give the runs, not their exported files")
+        return load_ensemble(run, checkpoint, device)
+    if not isinstance(run, RunFolder) and is_fold_group(run):
+        return load_ensemble([run], checkpoint, device)
+    return load(run, checkpoint, device)

@@ -22,7 +22,7 @@ from classlab.errors import ClassLabError
 from classlab.models import build_model
 from classlab.models.multitask import build_multitask_net
 from classlab.models.net import ClassifierModel
-from classlab.run import RunFolder, open_run, safe_torch_load
+from classlab.run import RunFolder, open_run, run_and_checkpoint, safe_torch_load
 
 
 class LoadedRun:
@@ -73,8 +73,10 @@ class LoadedRun:
 
 
 def load(run: str | Path | RunFolder, checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
-    """Rebuild a run's model from its folder (weights only, no code executed)."""
-    run = run if isinstance(run, RunFolder) else open_run(run)
+    """Rebuild a run's model from its folder, or from one of its checkpoint files (weights only, no code executed)."""
+    if not isinstance(run, RunFolder):
+        path, checkpoint = run_and_checkpoint(run, checkpoint)
+        run = open_run(path)
     cfg = validate(run.read_config_tree())
     classes = run.read_classes()
     ckpt = safe_torch_load(run.checkpoint(checkpoint))
