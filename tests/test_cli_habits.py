@@ -197,3 +197,17 @@ def test_pyproject_declares_what_the_code_imports() -> None:
     assert third_party - core - optional == set()  # nothing imported that no requirement installs
     assert {"safetensors", "shtab", "lightning", "torchmetrics", "tensorboard"} <= core
     assert optional - EXTRAS["test"] <= third_party  # each extra's packages are used by some feature
+
+
+def test_ctrl_c_while_the_libraries_load_is_an_interrupt_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lightning's import takes seconds on a busy machine: a user who sees a typo presses Ctrl-C right then."""
+    import classlab.cli
+
+    def slow_import(verbose: int = 0) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(classlab.cli, "_quiet_libraries", slow_import)
+    code = classlab.cli.main(["train", "epochs=1"])
+    assert code == 130 and capsys.readouterr().err.strip() == "interrupted"

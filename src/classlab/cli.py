@@ -574,9 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "explain", None):  # --explain reads the schema only: no reason to pay Lightning's import
-        _quiet_libraries(args.verbose)
     try:
+        if not getattr(args, "explain", None):  # --explain reads the schema only: no reason to pay Lightning's import
+            _quiet_libraries(args.verbose)  # inside: a Ctrl-C during this slow import is an interrupt, not a traceback
         return int(args.func(args) or 0)
     except ClassLabError as exc:
         print(f"error: {exc}", file=sys.stderr)
