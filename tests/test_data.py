@@ -77,6 +77,27 @@ def test_modes_converted(tmp_path: Path) -> None:
         assert t.shape == (3, 16, 16) and t.dtype == torch.uint8
 
 
+def test_16_bit_and_float_images_keep_their_brightness(tmp_path: Path) -> None:
+    """Pillow's convert clips a 16-bit image to 255 (white) and a float one in [0, 1] to 0 (black): microscopy,
+    medical and depth images would train on nothing. They are scaled instead, file and array alike."""
+    from PIL import Image
+
+    from classlab.data.preprocess import array_to_tensor
+
+    ramp16 = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    Image.fromarray(ramp16).save(tmp_path / "ramp16.png")
+    Image.fromarray((ramp16 / 65535).astype(np.float32)).save(tmp_path / "ramp.tif")
+    expected = np.tile(np.linspace(0, 255, 64), (64, 1)).mean()
+    for name in ("ramp16.png", "ramp.tif"):
+        t = image_to_tensor(open_image(tmp_path / name), 64, 3)
+        assert t.shape == (3, 64, 64)
+        assert abs(t.float().mean().item() - expected) < 2, name
+        assert t[0, 0, 0] == 0 and t[0, 0, -1] == 255, name  # black stays black, full scale is white
+    assert abs(array_to_tensor(ramp16, 64).float().mean().item() - expected) < 2
+    eight_bit_as_int = np.tile(np.arange(0, 256, 4), (64, 1)).astype(np.int64)  # 0..252 in an int64 array
+    assert array_to_tensor(eight_bit_as_int, 64)[0, 0, -1] == 252
+
+
 def test_phone_formats_heic_and_avif_are_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An iPhone folder holds .heic, a web download .avif: both train like JPEGs; without pillow-heif
     a .heic file is a bad file whose line says what to install, not 'not an image file'."""

@@ -29,7 +29,7 @@ from classlab.data.sources import Source
 from classlab.errors import ClassLabError
 from classlab.run import atomic_torch_save, safe_torch_load
 
-CACHE_VERSION = 2  # 2: entries carry their index and a checksum of the pixels
+CACHE_VERSION = 3  # 2: entries carry their index and a checksum of the pixels; 3: 16-bit and float images scaled
 
 
 def default_cache_dir() -> Path:

@@ -128,8 +128,31 @@ def open_image(source: str | Path | bytes, size: int | None = None, max_pixels: 
         raise BadImage(text[:120]) from None
 
 
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer images (microscopy, medical, depth) and float images as 8-bit grayscale.
+
+    Pillow's ``convert`` clips them to 0..255: a 16-bit photo turns white, a float one in [0, 1] black.
+    Integers are scaled from the full 16-bit range (value / 256, as torchvision scales uint16), the
+    same for every image, so relative brightness across a data set is kept; floats in [0, 1] are
+    scaled by 255, others clipped to 0..255.
+    """
+    if img.mode in HIGH_DEPTH_MODES:
+        values = np.asarray(img.convert("I") if img.mode != "I" else img, dtype=np.int64)
+        return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L")
+    if img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.max() <= 1.0:
+            values = values * 255.0
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    return img
+
+
 def to_mode(img: Image.Image, channels: int) -> Image.Image:
     """Grayscale, palette and alpha images become ``channels``-channel images; alpha is laid on white."""
+    img = to_8bit(img)
     if channels == 1:
         return img.convert("L")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -168,7 +191,13 @@ def array_to_tensor(arr: np.ndarray | torch.Tensor, size: int, channels: int = 3
             t = t.permute(1, 2, 0)
         arr = t.cpu().numpy()
     arr = np.asarray(arr)
-    if arr.dtype != np.uint8:
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8:
+        # uint16 (or wider values) as a 16-bit file reads (to_8bit); other integers in 0..255 as they are
+        wide = arr.dtype == np.uint16 or arr.max(initial=0) > 255
+        arr = (np.clip(arr, 0, 65535).astype(np.int64) >> (8 if wide else 0)).astype(np.uint8)
+    elif arr.dtype != np.uint8:
         scale = 255.0 if arr.max() <= 1.0 else 1.0
         arr = np.clip(arr * scale, 0, 255).round().astype(np.uint8)
     if arr.ndim == 3 and arr.shape[2] == 1:
