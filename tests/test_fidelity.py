@@ -54,6 +54,16 @@ def test_ini_autoaug_true_takes_the_data_sets_policy(tmp_path: Path, dataset: st
     assert "aug" not in read_ini(path)
 
 
+def test_ini_rot_is_the_random_rotation_in_degrees(tmp_path: Path) -> None:
+    """Seed 000's supervised pipeline is RandomResizedCrop, flip and RandomRotation; its INI names the last rot."""
+    path = tmp_path / "exp.ini"
+    path.write_text("[DATASET]\nhflip = true\nrot = 15\n")
+    assert read_ini(path)["aug"] == {"flip": True, "rotation": 15}
+    path.write_text("[DATASET]\nrot = true\n")
+    with pytest.raises(ConfigError, match=r"rot = true: give the rotation's degrees \(rot = 15\)"):
+        read_ini(path)
+
+
 def test_ini_focal_criterion(tmp_path: Path) -> None:
     path = tmp_path / "exp.ini"
     path.write_text("[MODEL]\ncriterion = focal\n")

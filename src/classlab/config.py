@@ -839,6 +839,7 @@ _INI_PLAIN = {
     "labelsmooth": "loss.label_smoothing",
     "hflip": "aug.flip",
     "resize": "data.image_size",
+    "rot": "aug.rotation",  # the source's RandomRotation (its degrees), with crop and flip
 }
 _INI_SPECIAL = (
     "model",
@@ -902,6 +903,8 @@ def read_ini(path: Path) -> dict[str, Any]:
                     f"{path}: INI key '{key}' in [{section}] is not supported{did_you_mean(key, _INI_KEYS)}"
                 )
             values[key] = _ini_value(raw)
+    if values.get("rot") is True:
+        raise ConfigError(f"{path}: rot = true: give the rotation's degrees (rot = 15), as aug.rotation takes them")
     tree: dict[str, Any] = {}
     for key, dotted in _INI_PLAIN.items():
         if values.get(key) is not None:
