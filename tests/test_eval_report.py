@@ -134,6 +134,9 @@ def test_eval_on_a_labelled_folder_the_run_never_saw(tiny_run: Path, tmp_path: P
     occurring = [r for r in report["per_class"] if r["support"] or r["predicted"]]
     assert len(occurring) < 10 and report["macro_f1"] == pytest.approx(sum(r["f1"] for r in occurring) / len(occurring))
 
+    page = classlab.report(tiny_run, tmp_path / "page.html", labelled=folder).read_text()
+    assert f"Error analysis: {folder}, 30 images, best.ckpt" in page  # classlab report RUN --data FOLDER
+
     manifest = tmp_path / "new.csv"  # the same photos as a manifest with the run's columns
     manifest.write_text("path,label\n" + "".join(f"new_photos/cat/{p.name},cat\n" for p in (folder / "cat").iterdir()))
     assert classlab.evaluate(tiny_run, data=manifest)["images"] == 12

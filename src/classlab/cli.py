@@ -370,7 +370,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from classlab.report import write_html_report
 
-    path = write_html_report(args.runs, _output_file(args.out, "report.html"), split=args.split)
+    out = _output_file(args.out, "report.html")
+    path = write_html_report(args.runs, out, split=args.split, labelled=args.data)
     print(f"wrote {path} (one self-contained page: open it in any browser)")
     return 0
 
@@ -547,6 +548,7 @@ def _add_study_commands(sub: Any) -> None:
     p.add_argument(
         "--split", default="test", choices=["test", "val"], help="images of the single-run analysis (default test)"
     )
+    p.add_argument("--data", metavar="PATH", help="labelled images for the single-run analysis (as eval --data)")
     p.set_defaults(func=cmd_report)
 
 

@@ -163,22 +163,26 @@ def _errors(folder: Path, errors: list[dict[str, Any]]) -> str:
     return '<div class="errors">' + "".join(figures) + "</div>"
 
 
-def _analysis(run: RunData, split: str) -> str:
-    """The single run's error analysis, computed first (``eval --report``) if the run folder lacks it."""
-    folder = run.path / "eval" / split
-    if not (folder / "report.json").is_file() or not (folder / "errors").is_dir():
-        from classlab.evaluate import evaluate
+def _analysis(run: RunData, split: str, labelled: str | Path | None = None) -> str:
+    """The single run's error analysis, computed first (``eval --report``) if the run folder lacks it;
+    ``labelled``: of those images instead of a split (``eval --data``), computed every time."""
+    from classlab.evaluate import evaluate
 
+    folder = run.path / "eval" / split
+    if labelled is not None:
+        folder = Path(evaluate(run.path, report=True, data=labelled)["out"])  # an error here is the user's to see
+    elif not (folder / "report.json").is_file() or not (folder / "errors").is_dir():
         try:
             evaluate(run.path, split=split, report=True)
         except ClassLabError as exc:
             return f'<h2>Error analysis</h2><p class="note">not available: {_esc(exc)}</p>'
     report = json.loads((folder / "report.json").read_text())
     metrics = json.loads((folder / "metrics.json").read_text())
+    what = f"{metrics['data']}" if metrics.get("data") else f"{split} split"
     per_class = [{k: r[k] for k in ("class", "precision", "recall", "f1", "support")} for r in report["per_class"]]
     return "\n".join(
         [
-            f"<h2>Error analysis: {_esc(split)} split, {metrics['images']} images, "
+            f"<h2>Error analysis: {_esc(what)}, {metrics['images']} images, "
             f"{_esc(metrics['checkpoint'])}.ckpt, {_esc(report['predictions'])} predictions</h2>",
             f"<p>top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, macro F1 {report['macro_f1']:.4f}, "
             f"expected calibration error {report['ece']:.4f} ({report['ece_bins']} bins)</p>",
@@ -201,8 +205,12 @@ def write_html_report(
     split: str = "test",
     by: list[str] | None = None,
     metrics: list[str] | None = None,
+    labelled: str | Path | None = None,
 ) -> Path:
-    """Write the page for ``runs`` (run folders, sweep folders or globs) to ``out``; return its path."""
+    """Write the page for ``runs`` (run folders, sweep folders or globs) to ``out``; return its path.
+
+    ``labelled``: the single run's error analysis on these labelled images (``eval --data``) instead of ``split``.
+    """
     from importlib.metadata import version
 
     patterns = [str(runs)] if isinstance(runs, str | Path) else [str(r) for r in runs]
@@ -210,7 +218,9 @@ def write_html_report(
     table = comparison(data, list(by) if by else varying_keys(data), metrics)
     sections = ["<h2>Runs</h2>", _table(table.columns, table.rows, "runs"), _curves(data)]
     if len(data) == 1:
-        sections.append(_analysis(data[0], split))
+        sections.append(_analysis(data[0], split, labelled))
+    elif labelled is not None:
+        raise ClassLabError("--data analyses one run: give a single run folder")
     title = f"classlab report: {data[0].label}" if len(data) == 1 else f"classlab report: {len(data)} runs"
     page = PAGE.format(
         title=_esc(title),
