@@ -10,12 +10,14 @@ run never learnt cannot be scored and is refused by name.
 
 from __future__ import annotations
 
+import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from classlab.config import DataSection
 from classlab.data.sources import UNLABELED, open_dataset
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, utf8_text
 
 # Keys of the run's data section that describe its own data set, not how images are read.
 _RUN_DATA_KEYS = ("classes", "csv_file", "test_csv_file", "val_csv_file", "group_column", "image_dir")
@@ -29,11 +31,25 @@ class LabelledFiles:
     problems: list[str]
 
 
+def _check_columns(path: Path, section: DataSection) -> None:
+    """The manifest names its columns as the run's config does (eval takes no overrides to rename them)."""
+    header = next(csv.reader(io.StringIO(utf8_text(path))), [])
+    wanted = [section.path_column, section.label_column]
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise ClassLabError(
+            f"--data '{path}': no column {', '.join(repr(c) for c in missing)}; its columns are "
+            f"{', '.join(header) or 'none'}: name them {wanted[0]},{wanted[1]} as the run's data.path_column and "
+            "data.label_column do"
+        )
+
+
 def labelled_files(section: DataSection, path: str | Path, classes: list[str]) -> LabelledFiles:
     """The images of a folder of class folders (its test/ part when it has one) or of a CSV manifest."""
     path = Path(path)
     update: dict[str, object] = dict.fromkeys(_RUN_DATA_KEYS)
     if path.is_file() and path.suffix.lower() == ".csv":
+        _check_columns(path, section)
         update |= {"dataset": "csv", "root": str(path.parent.resolve()), "csv_file": path.name}
     elif path.is_dir():
         update |= {"dataset": "folder", "root": str(path.resolve())}
