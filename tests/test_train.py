@@ -163,9 +163,9 @@ def _train_until_rows(args: list[str], metrics: Path, rows: int) -> subprocess.P
     return proc
 
 
-def kill_and_resume(args: list[str], runs: Path, after_rows: int, epochs: int) -> None:
+def kill_and_resume(args: list[str], runs: Path, after_rows: int, epochs: int, straight: Path | None = None) -> None:
     """Kill a run after ``after_rows`` epochs, resume it, and check it ends as the uninterrupted run
-    ``runs/straight`` did: the same metrics.csv row for row."""
+    (``straight``: its metrics.csv, default ``runs/straight``'s) did: the same metrics.csv row for row."""
     metrics = runs / "killed" / "metrics.csv"
     proc = _train_until_rows([*args, "exp_name=killed"], metrics, after_rows)
     proc.send_signal(signal.SIGKILL)
@@ -176,19 +176,24 @@ def kill_and_resume(args: list[str], runs: Path, after_rows: int, epochs: int) -
     summary_path.write_text(json.dumps(dict(json.loads(summary_path.read_text()), status="failed", error="SIGTERM")))
     resumed = run_cli("train", *args, "exp_name=killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert _rows(metrics) == _rows(runs / "straight" / "metrics.csv")
+    assert _rows(metrics) == _rows(straight or runs / "straight" / "metrics.csv")
     summary = json.loads(summary_path.read_text())
     assert summary["status"] == "finished" and "error" not in summary
 
 
-def test_resume_after_kill_matches_uninterrupted(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def straight_4_epochs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The metrics.csv of one uninterrupted 4-epoch run, which every kill-and-resume below must end level with."""
+    args = tiny_config(tmp_path_factory.mktemp("straight"), epochs=4, **{"data.images_per_class": 150})
+    return classlab.train(None, [*args, "exp_name=straight"], quiet=True).path / "metrics.csv"
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path: Path, straight_4_epochs: Path) -> None:
     args = tiny_config(tmp_path, epochs=4, **{"data.images_per_class": 150})
-    straight = run_cli("train", *args, "exp_name=straight")
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    kill_and_resume(args, tmp_path / "runs", after_rows=2, epochs=4)
+    kill_and_resume(args, tmp_path / "runs", after_rows=2, epochs=4, straight=straight_4_epochs)
 
 
-def test_last_ckpt_on_an_interval_keeps_the_end_and_resumes_exactly(tmp_path: Path) -> None:
+def test_last_ckpt_on_an_interval_keeps_the_end_and_resumes_exactly(tmp_path: Path, straight_4_epochs: Path) -> None:
     """trainer.checkpoint_every_s longer than the run: last.ckpt is written once, at the end; a run stopped
     by max_steps mid-schedule is written where it stopped; a kill before any write resumes from nothing."""
     hour = {"trainer.checkpoint_every_s": 3600}
@@ -211,9 +216,7 @@ def test_last_ckpt_on_an_interval_keeps_the_end_and_resumes_exactly(tmp_path: Pa
     assert ckpt["classlab"]["epochs_done"] == 2
 
     args = tiny_config(tmp_path, epochs=4, **{"data.images_per_class": 150}, **hour)
-    straight = run_cli("train", *args, "exp_name=straight")
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    kill_and_resume(args, tmp_path / "runs", after_rows=2, epochs=4)
+    kill_and_resume(args, tmp_path / "runs", after_rows=2, epochs=4, straight=straight_4_epochs)
 
 
 @pytest.mark.skipif(os.name == "nt", reason="needs POSIX signals")
@@ -223,8 +226,7 @@ def test_stop_between_batches_resumes_exactly(tmp_path: Path, sig: str, loader: 
     last.ckpt holds that point, and --resume ends with the metrics of a run never stopped, row for row."""
     # 3,000 images in 46 batches an epoch: the signal lands inside epoch 2's training batches.
     args = tiny_config(tmp_path, epochs=2, **{"data.images_per_class": 300, "data.loader": loader})
-    straight = run_cli("train", *args, "exp_name=straight")
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    classlab.train(None, [*args, "exp_name=straight"], quiet=True)  # in this process: one interpreter start less
     run = tmp_path / "runs" / "stopped"
     proc = _train_until_rows([*args, "exp_name=stopped"], run / "metrics.csv", 1)
     assert proc.poll() is None, "the run ended before it could be stopped"
@@ -325,25 +327,29 @@ def test_deterministic_run_without_the_nan_fill_of_fresh_memory(tmp_path: Path) 
         torch.use_deterministic_algorithms(False)
 
 
-def test_resume_refuses_a_different_model_and_records_other_changes(tmp_path: Path) -> None:
+def test_resume_refuses_a_different_model_and_records_other_changes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--resume with overrides: what shaped the weights or the data (model, data, seed, task) is refused in one
     line with nothing touched; anything else (more epochs, another lr) is said, kept in config.yaml, and
     summary.json records when it changed."""
+    from tests.faults import cli
+
     args = tiny_config(tmp_path, epochs=1, exp_name="r", **{"data.images_per_class": 30})
-    assert run_cli("train", *args).returncode == 0
+    assert cli(capsys, "train", *args)[0] == 0
     run = tmp_path / "runs" / "r"
     before = {name: (run / name).read_bytes() for name in ("config.yaml", "summary.json", "metrics.csv")}
-    refused = run_cli("train", *args, "model.batchnorm=false", "epochs=2", "--resume")
-    assert refused.returncode == 1
-    assert refused.stderr.startswith("error: --resume: model.batchnorm was ") and "Traceback" not in refused.stderr
-    assert "drop that override" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    code, _, err = cli(capsys, "train", *args, "model.batchnorm=false", "epochs=2", "--resume")
+    assert code == 1
+    assert err.startswith("error: --resume: model.batchnorm was ") and "Traceback" not in err
+    assert "drop that override" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(ClassLabError, match=r"^--resume: data.images_per_class was 30 in .*, here 40"):
         classlab.train(None, [*args, "data.images_per_class=40", "epochs=2"], resume=True, quiet=True)
     assert {name: (run / name).read_bytes() for name in before} == before
 
-    changed = run_cli("train", *args, "epochs=2", "optim.lr=0.02", "--resume")
-    assert changed.returncode == 0, changed.stderr[-2000:]
-    assert "resuming with changes: epochs 1 -> 2; optim.lr 0.05 -> 0.02" in changed.stdout
+    code, out, err = cli(capsys, "train", *args, "epochs=2", "optim.lr=0.02", "--resume")
+    assert code == 0, err[-2000:]
+    assert "resuming with changes: epochs 1 -> 2; optim.lr 0.05 -> 0.02" in out
     assert validate(yaml.safe_load((run / "config.yaml").read_text())).optim.lr == 0.02
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_with"] == [{"epochs_done": 1, "changes": ["epochs 1 -> 2", "optim.lr 0.05 -> 0.02"]}]
