@@ -130,6 +130,9 @@ def test_eval_on_a_labelled_folder_the_run_never_saw(tiny_run: Path, tmp_path: P
         assert metrics["per_class"][name] == pytest.approx(sum(mine) / len(mine))
     assert metrics["per_class"]["airplane"] is None and metrics["per_class"]["cat"] is not None
     assert metrics["tta"]["modes"] == "flip" and metrics["tta"]["views"] == 2
+    confusion = list(csv.reader(open(tiny_run / "eval" / "data-new_photos" / "confusion.csv")))[1:]
+    diagonal = sum(int(row[i + 1]) for i, row in enumerate(confusion))
+    assert diagonal / 30 == pytest.approx(metrics["top1"])  # the confusion matrix is of the plain predictions
     report = json.loads((tiny_run / "eval" / "data-new_photos" / "report.json").read_text())
     occurring = [r for r in report["per_class"] if r["support"] or r["predicted"]]
     assert len(occurring) < 10 and report["macro_f1"] == pytest.approx(sum(r["f1"] for r in occurring) / len(occurring))

@@ -217,11 +217,12 @@ def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None
     plan = parse_tta(tta, loaded.image_size) if tta else None
     if plan is not None and plan.protocol != "average":
         raise ClassLabError(f"--tta {plan.protocol} scores the run's own splits; with --data use multiscale:S1,S2,...")
-    probs, labels, files, skipped = _score_files(loaded, found.files, found.labels, None)
+    plain, labels, files, skipped = _score_files(loaded, found.files, found.labels, None)
     if not files:
         raise ClassLabError(f"--data '{data}': no readable image among {len(found.files)} file(s)")
-    metrics = _scores(probs.clamp_min(1e-30).log(), labels, loaded.classes, "data", checkpoint)
+    metrics = _scores(plain.clamp_min(1e-30).log(), labels, loaded.classes, "data", checkpoint)
     metrics |= {"data": found.where, "skipped": [f"{p}: {e}" for p, e in skipped]}
+    probs = plain  # the report's predictions: the TTA ones when asked, as eval --report on a split
     if plan is not None:
         probs, labels, _, _ = _score_files(loaded, files, [int(v) for v in labels], plan)
         metrics["tta"] = _tta_figures(plan, probs, labels, loaded.classes)
@@ -235,8 +236,7 @@ def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None
         )  # fmt: skip
         metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
     atomic_write_json(out / "metrics.json", metrics)
-    cm = confusion_matrix(probs, labels, len(loaded.classes))
-    _write_confusion(out, cm, loaded.classes, metrics["top1"])
+    _write_confusion(out, confusion_matrix(plain, labels, len(loaded.classes)), loaded.classes, metrics["top1"])
     return {**metrics, "out": str(out)}
 
 
