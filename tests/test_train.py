@@ -181,15 +181,20 @@ def kill_and_resume(args: list[str], runs: Path, after_rows: int, epochs: int, s
     assert summary["status"] == "finished" and "error" not in summary
 
 
+# A run trained in this process is compared with one trained in a child: both use the same number of threads
+# (float sums differ with it), whatever another test module set in this process.
+EQUAL_THREADS = {"trainer.threads": 2}
+
+
 @pytest.fixture(scope="module")
 def straight_4_epochs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The metrics.csv of one uninterrupted 4-epoch run, which every kill-and-resume below must end level with."""
-    args = tiny_config(tmp_path_factory.mktemp("straight"), epochs=4, **{"data.images_per_class": 150})
+    args = tiny_config(tmp_path_factory.mktemp("straight"), epochs=4, **EQUAL_THREADS, **{"data.images_per_class": 150})
     return classlab.train(None, [*args, "exp_name=straight"], quiet=True).path / "metrics.csv"
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path: Path, straight_4_epochs: Path) -> None:
-    args = tiny_config(tmp_path, epochs=4, **{"data.images_per_class": 150})
+    args = tiny_config(tmp_path, epochs=4, **EQUAL_THREADS, **{"data.images_per_class": 150})
     kill_and_resume(args, tmp_path / "runs", after_rows=2, epochs=4, straight=straight_4_epochs)
 
 
@@ -215,7 +220,7 @@ def test_last_ckpt_on_an_interval_keeps_the_end_and_resumes_exactly(tmp_path: Pa
     ckpt = torch.load(early.path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["classlab"]["epochs_done"] == 2
 
-    args = tiny_config(tmp_path, epochs=4, **{"data.images_per_class": 150}, **hour)
+    args = tiny_config(tmp_path, epochs=4, **{"data.images_per_class": 150}, **hour, **EQUAL_THREADS)
     kill_and_resume(args, tmp_path / "runs", after_rows=2, epochs=4, straight=straight_4_epochs)
 
 
@@ -225,8 +230,10 @@ def test_stop_between_batches_resumes_exactly(tmp_path: Path, sig: str, loader: 
     """Ctrl-C (or a scheduler's SIGTERM) in the middle of an epoch: the run stops after the batch in hand,
     last.ckpt holds that point, and --resume ends with the metrics of a run never stopped, row for row."""
     # 3,000 images in 46 batches an epoch: the signal lands inside epoch 2's training batches.
-    args = tiny_config(tmp_path, epochs=2, **{"data.images_per_class": 300, "data.loader": loader})
+    args = tiny_config(tmp_path, epochs=2, **EQUAL_THREADS, **{"data.images_per_class": 300, "data.loader": loader})
+    torch.set_num_threads(1)
     classlab.train(None, [*args, "exp_name=straight"], quiet=True)  # in this process: one interpreter start less
+    assert torch.get_num_threads() == 1  # trainer.threads held for the run only
     run = tmp_path / "runs" / "stopped"
     proc = _train_until_rows([*args, "exp_name=stopped"], run / "metrics.csv", 1)
     assert proc.poll() is None, "the run ended before it could be stopped"

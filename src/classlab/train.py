@@ -326,6 +326,7 @@ def _train_one(
     tracking.check_loggers(cfg.trainer.loggers)  # a missing package fails before the run folder exists
     run, cfg = _make_run(cfg, resume, force)
     lock = run.lock()
+    threads = torch.get_num_threads()  # trainer.threads is this run's: a notebook's later work keeps its own
     try:
         return _fit_run(run, lock, cfg, config, overrides, resume=resume, quiet=quiet, start_from=start_from)
     except RunWriteError as exc:
@@ -334,6 +335,7 @@ def _train_one(
         raise
     finally:
         lock.release()
+        torch.set_num_threads(threads)
 
 
 def _fit_run(
