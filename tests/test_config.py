@@ -41,6 +41,17 @@ def test_wrong_type_and_range_name_key_value_and_allowed() -> None:
         load_config(None, ["sched.name=cosin"])
 
 
+def test_a_percentage_where_a_fraction_goes_names_the_fraction() -> None:
+    with pytest.raises(ConfigError, match=r"'10%': .*; takes a fraction of 1: data\.val_fraction=0\.1 for 10%$"):
+        load_config(None, ["data.val_fraction=10%"])
+    with pytest.raises(ConfigError, match=r"= 25: .*less than or equal to 1; .*aug\.random_erasing=0\.25 for 25%$"):
+        load_config(None, ["aug.random_erasing=25"])
+    for not_a_share in ("optim.lr=5%", "data.batch_size=10%", "data.val_fraction=1.5"):
+        with pytest.raises(ConfigError) as exc:
+            load_config(None, [not_a_share])
+        assert "fraction of 1" not in str(exc.value)
+
+
 def test_a_key_of_several_forms_lists_them_under_its_own_name() -> None:
     """pydantic tags a union's failed member onto the path (aug.flip.bool); the user sees the key and its forms."""
     with pytest.raises(ConfigError, match=r"^config key 'aug\.flip' = 'maybe': allowed: true \| false \| alternate$"):

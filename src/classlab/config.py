@@ -679,7 +679,34 @@ def _one_line(error: ValidationError, tree: dict[str, Any]) -> str:
     if len(keys) < len(err["loc"]) or err["type"] in ("tuple_type", "list_type"):
         loc, msg = ".".join(keys), _allowed_line(keys, value, msg)
     shown = _short(repr(value)) if not isinstance(value, dict) else "a section"
-    return f"config key '{loc}' = {shown}: {msg}"
+    return f"config key '{loc}' = {shown}: {msg}{_as_fraction(loc, value, err)}"
+
+
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
+
+
+def _as_fraction(loc: str, value: Any, err: Any) -> str:
+    """A share written as a percentage (10% or a whole 10 where the key takes 0..1): the fraction it meant."""
+    if not _takes_a_fraction(loc):
+        return ""
+    match = _PERCENT.match(value) if isinstance(value, str) else None
+    if match:
+        percent = float(match.group(1))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and 1 < value <= 100 and value == int(value):
+        percent = float(value)
+    else:
+        return ""
+    return f"; takes a fraction of 1: {loc}={percent / 100:g} for {percent:g}%"
+
+
+def _takes_a_fraction(key: str) -> bool:
+    """A float key bounded above by 1 (val_fraction, label_smoothing, random_erasing, ...)."""
+    try:
+        field = _field(key)
+    except ConfigError:
+        return False
+    bounds = [getattr(m, name, None) for m in field.metadata for name in ("le", "lt")]
+    return field.annotation is float and 1 in bounds
 
 
 # pydantic names the member of a union that failed in the error's path (aug.flip.bool); a user never wrote it
