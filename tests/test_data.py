@@ -300,6 +300,32 @@ def test_csv_image_dir_and_a_manifest_beside_its_image_folder(tmp_path: Path) ->
         load_config(None, ["data.dataset=folder", f"data.root={root}", "data.image_dir=train_images"])
 
 
+def test_a_manifest_alone_is_the_data_and_paths_from_the_folder_above_are_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.csv_file given alone trains on that manifest (the embedded sample was trained, the key unread);
+    paths a script wrote relative to the project folder, not the manifest's, get the two keys that read them."""
+    project = tmp_path / "project"
+    rows = ["path,label"]
+    for i in range(8):
+        make_image(project / "photos" / f"im{i}.jpg", (200, 0, 0) if i % 2 else (0, 0, 200))
+        rows.append(f"photos/im{i}.jpg,{'red' if i % 2 else 'blue'}")
+    (project / "lists").mkdir()
+    (project / "lists" / "train.csv").write_text("\n".join(rows) + "\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.csv_file=project/lists/train.csv"])
+    assert (cfg.data.dataset, cfg.data.root, cfg.data.csv_file) == ("csv", str(project / "lists"), "train.csv")
+    with pytest.raises(ClassLabError) as caught:
+        open_dataset(cfg.data)
+    assert str(caught.value).endswith(
+        f"they are relative to {project}: set data.root=project data.csv_file=lists/train.csv"
+    )
+    source = open_dataset(load_config(None, ["data.root=project", "data.csv_file=lists/train.csv"]).data).train
+    assert len(source) == 8 and not source.problems
+    with pytest.raises(ConfigError, match=r"data.csv_file=train.csv is not read by data.dataset=sample; set data."):
+        load_config(None, ["data.dataset=sample", "data.csv_file=train.csv"])
+
+
 def test_torchvision_missing_files_named(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.dataset=cifar10", f"data.root={tmp_path}"])
     with pytest.raises(ClassLabError, match=r"cifar10 not found in .*cifar-10-batches-py/.*data.download=true"):

@@ -396,6 +396,11 @@ class Config(Section):
                 f"data.root={self.data.root} is not read by data.dataset=sample (the embedded sample); "
                 "set data.dataset=folder (or csv) to train on it, or drop data.root"
             )
+        if self.data.csv_file and self.data.dataset != "csv":
+            raise ValueError(
+                f"data.csv_file={self.data.csv_file} is not read by data.dataset={self.data.dataset}; "
+                "set data.dataset=csv to train on the manifest, or drop data.csv_file"
+            )
         if self.data.dataset in ("folder", "csv") and not self.data.root:
             raise ValueError(
                 f"data.root is required for data.dataset={self.data.dataset}: the folder holding the images"
@@ -817,6 +822,7 @@ def _local(key: str, value: str, base: Path) -> str:
 def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
     data = tree.get("data")
     if isinstance(data, dict):
+        _root_from_manifest(data)
         for key in ("root", "csv_file", "val_csv_file", "cache_dir"):
             value = data.get(key)
             if isinstance(value, str) and value:
@@ -828,6 +834,16 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
         model["pretrained_path"] = _local("model.pretrained_path", model["pretrained_path"], base)
 
 
+def _root_from_manifest(data: dict[str, Any]) -> None:
+    """``data.csv_file=comp/train.csv`` alone means that manifest, its paths read from its own folder (the
+    embedded sample was trained instead, the key unread)."""
+    csv_file = data.get("csv_file")
+    if isinstance(csv_file, str) and csv_file and not data.get("root") and data.get("dataset", "csv") == "csv":
+        data["dataset"] = "csv"
+        data["root"] = str(Path(csv_file).parent)
+        data["csv_file"] = Path(csv_file).name
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML or INI file (or the defaults), apply overrides and validate."""
     tree: dict[str, Any] = {}
@@ -835,6 +851,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file '{path}' not found; give a YAML or INI file, or no file for the defaults")
+        _not_a_data_file(path)
         if path.suffix.lower() in (".ini", ".cfg"):
             tree = read_ini(path)
         else:
@@ -843,6 +860,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree = apply_overrides(tree, overrides or [])
     _resolve_paths(tree, Path.cwd())
     return validate(tree)
+
+
+_PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif")
+_WEIGHTS_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
+
+
+def _not_a_data_file(path: Path) -> None:
+    """An image, a manifest or a weights file given where the config goes: what it is and the key it belongs to
+    (read as YAML, an image gave a 'not UTF-8 text' line that pointed at text encodings)."""
+    suffix = path.suffix.lower()
+    if suffix in _PICTURE_SUFFIXES:
+        fix = f"to train on a folder of images: classlab train data.root={path.parent}"
+        raise ConfigError(f"'{path}' is an image, not a config file; {fix}")
+    if suffix in (".csv", ".tsv"):
+        fix = f"to train on the images it lists: classlab train data.csv_file={path}"
+        raise ConfigError(f"'{path}' is a CSV manifest, not a config file; {fix}")
+    if suffix in _WEIGHTS_SUFFIXES:
+        fix = f"to start from these weights: classlab train model.pretrained_path={path}"
+        raise ConfigError(f"'{path}' is a weights file, not a config file; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------

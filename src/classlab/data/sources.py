@@ -479,12 +479,26 @@ def _none_found(manifest: Path, base: Path, root: Path, missing: list[str]) -> N
     """Not one listed file exists: say where they are, when a sub-folder holds them, in place of a list of misses."""
     folder = _where_listed_images_are(base, missing) if base.is_dir() else None
     if folder is None:
+        _above(manifest, base, missing)
         return
     where = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else str(folder)
     raise ClassLabError(
         f"{manifest}: none of its {len(missing)} image paths exist under {base}; they are in {folder}: "
         f"set data.image_dir={where}"
     )
+
+
+def _above(manifest: Path, base: Path, missing: list[str]) -> None:
+    """Listed paths relative to a folder above the manifest's (the project folder a script wrote it from):
+    that folder is the data.root to give, the manifest named under it."""
+    sample = missing[:20]
+    for folder in list(base.parents)[:3]:
+        if sum((folder / rel).is_file() for rel in sample) > len(sample) // 2:
+            shown = os.path.relpath(folder) if folder.is_relative_to(Path.cwd()) else str(folder)
+            raise ClassLabError(
+                f"{manifest}: none of its {len(missing)} image paths exist under {base}; they are relative to "
+                f"{folder}: set data.root={shown} data.csv_file={manifest.resolve().relative_to(folder).as_posix()}"
+            )
 
 
 def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
