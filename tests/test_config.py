@@ -10,7 +10,7 @@ import pytest
 
 from classlab.config import load_config, read_ini
 from classlab.errors import ClassLabError, ConfigError
-from tests.conftest import run_cli
+from tests.conftest import make_image, run_cli
 
 
 def test_defaults_validate() -> None:
@@ -85,6 +85,18 @@ def test_cli_config_errors_exit_2_one_line_no_traceback(tmp_path: Path) -> None:
     bad_yaml.write_text("data: [unclosed\n")
     result = run_cli("train", str(bad_yaml))
     assert result.returncode == 2 and "not valid YAML" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_data_files_given_as_the_config_say_what_they_are(tmp_path: Path) -> None:
+    """Read as YAML, a photo gave a 'not UTF-8 text' line about text encodings."""
+    photo = make_image(tmp_path / "photos" / "cat" / "0.JPG", (200, 0, 0))
+    root = photo.parents[1]
+    with pytest.raises(ConfigError, match=rf"^'{photo}' is an image, not a config file; .*data.root={root}$"):
+        load_config(photo)
+    for name, key in (("train.csv", "data.csv_file"), ("resnet.pth", "model.pretrained_path")):
+        (tmp_path / name).write_bytes(b"\xff\x00")
+        with pytest.raises(ConfigError, match=rf"not a config file; .*: classlab train {key}={tmp_path / name}$"):
+            load_config(tmp_path / name)
 
 
 def test_a_key_given_twice_and_tab_indents_are_named(tmp_path: Path) -> None:

@@ -871,7 +871,8 @@ def _not_a_data_file(path: Path) -> None:
     (read as YAML, an image gave a 'not UTF-8 text' line that pointed at text encodings)."""
     suffix = path.suffix.lower()
     if suffix in _PICTURE_SUFFIXES:
-        fix = f"to train on a folder of images: classlab train data.root={path.parent}"
+        root = path.parent.parent if path.parent.name else "FOLDER"  # photos/cat/0.jpg: photos holds the classes
+        fix = f"to train on its folder of class folders: classlab train data.root={root}"
         raise ConfigError(f"'{path}' is an image, not a config file; {fix}")
     if suffix in (".csv", ".tsv"):
         fix = f"to train on the images it lists: classlab train data.csv_file={path}"
