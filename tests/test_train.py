@@ -335,7 +335,7 @@ def test_deterministic_run_without_the_nan_fill_of_fresh_memory(tmp_path: Path) 
 
 
 def test_resume_refuses_a_different_model_and_records_other_changes(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--resume with overrides: what shaped the weights or the data (model, data, seed, task) is refused in one
     line with nothing touched; anything else (more epochs, another lr) is said, kept in config.yaml, and
@@ -354,10 +354,12 @@ def test_resume_refuses_a_different_model_and_records_other_changes(
         classlab.train(None, [*args, "data.images_per_class=40", "epochs=2"], resume=True, quiet=True)
     assert {name: (run / name).read_bytes() for name in before} == before
 
-    code, out, err = cli(capsys, "train", *args, "epochs=2", "optim.lr=0.02", "--resume")
+    monkeypatch.chdir(tmp_path)  # a path given on resume is resolved as on a first run, not kept relative
+    code, out, err = cli(capsys, "train", *args, "epochs=2", "optim.lr=0.02", "data.cache_dir=cache", "--resume")
     assert code == 0, err[-2000:]
     assert "resuming with changes: epochs 1 -> 2; optim.lr 0.05 -> 0.02" in out
-    assert validate(yaml.safe_load((run / "config.yaml").read_text())).optim.lr == 0.02
+    resumed = validate(yaml.safe_load((run / "config.yaml").read_text()))
+    assert resumed.optim.lr == 0.02 and resumed.data.cache_dir == str(tmp_path / "cache")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_with"] == [{"epochs_done": 1, "changes": ["epochs 1 -> 2", "optim.lr 0.05 -> 0.02"]}]
     assert summary["status"] == "finished" and len(_rows(run / "metrics.csv")) == 2

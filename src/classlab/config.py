@@ -566,6 +566,14 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
+def with_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A config tree with overrides applied and its paths resolved against the working directory, as
+    load_config resolves them: a run's config.yaml never holds a path that means something else elsewhere."""
+    tree = apply_overrides(tree, overrides)
+    _resolve_paths(tree, Path.cwd())
+    return tree
+
+
 MAX_CONFIG_VALUES = 100_000  # far above any real config; YAML aliases can expand a few lines into billions
 
 
@@ -857,9 +865,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         else:
             tree = _read_yaml(path)
         _resolve_paths(tree, path.parent.resolve())
-    tree = apply_overrides(tree, overrides or [])
-    _resolve_paths(tree, Path.cwd())
-    return validate(tree)
+    return validate(with_overrides(tree, overrides or []))
 
 
 _PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif")

@@ -26,11 +26,11 @@ from rich.console import Console
 from classlab.config import (
     Config,
     annotated_yaml,
-    apply_overrides,
     changed_keys,
     load_config,
     stage_config,
     validate,
+    with_overrides,
 )
 from classlab.data.pipeline import DataBundle, load_data
 from classlab.data.tasks import TaskLayout
@@ -71,9 +71,9 @@ RUN_DIR_ENV = "CLASSLAB_RUN_DIR"  # set by process 0 so that DDP worker processe
 def coerce_config(config: Config | str | Path | dict | None, overrides: list[str] | None = None) -> Config:
     """Accept a Config, a path to YAML/INI, a plain dict, or nothing (the defaults)."""
     if isinstance(config, Config):
-        cfg = validate(apply_overrides(config.to_dict(), overrides)) if overrides else config
+        cfg = validate(with_overrides(config.to_dict(), overrides)) if overrides else config
     elif isinstance(config, dict):
-        cfg = validate(apply_overrides(config, overrides or []))
+        cfg = validate(with_overrides(config, overrides or []))
     else:
         cfg = load_config(config, overrides)
     check_models(cfg)
@@ -253,7 +253,7 @@ def _resume_state(
     tree = run.read_config_tree()
     saved = validate(tree)
     if not isinstance(config, Config):
-        cfg = validate(apply_overrides(tree, overrides or []))  # a copy: tree stays the saved one
+        cfg = validate(with_overrides(tree, overrides or []))  # a copy: tree stays the saved one
     changes = _resume_changes(saved, cfg, run)
     last_ckpt, done = run.resume_checkpoint(set_damaged_aside=_is_zero())
     if _is_zero():
