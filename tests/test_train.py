@@ -363,3 +363,6 @@ def test_resume_refuses_a_different_model_and_records_other_changes(
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_with"] == [{"epochs_done": 1, "changes": ["epochs 1 -> 2", "optim.lr 0.05 -> 0.02"]}]
     assert summary["status"] == "finished" and len(_rows(run / "metrics.csv")) == 2
+    code, out, err = cli(capsys, "train", *args, "epochs=2", "optim.lr=0.02", "--resume")  # a finished run
+    assert code == 0 and "already finished its 2 epochs: nothing to train; to train it longer: --resume epochs=3" in out
+    assert len(_rows(run / "metrics.csv")) == 2

@@ -355,6 +355,12 @@ def _fit_run(
         cfg, saved_split, last_ckpt, changes = _resume_state(run, lock, cfg, config, overrides)
         if changes:
             console.print(f"resuming with changes: {'; '.join(changes)}")
+        done = len(run.read_metrics())
+        if done >= cfg.epochs and run.summary(default={}).get("status") == "finished":
+            console.print(
+                f"{run.path} already finished its {cfg.epochs} epochs: nothing to train; "
+                f"to train it longer: --resume epochs={cfg.epochs + max(1, cfg.epochs // 2)}"
+            )
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
