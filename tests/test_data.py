@@ -23,6 +23,31 @@ def folder_cfg(root: Path, *extra: str, tmp: Path | None = None):
     return load_config(None, ["data.dataset=folder", f"data.root={root}", "data.image_size=16", *cache, *extra])
 
 
+def test_class_names_typed_on_a_mac_and_elsewhere_are_one_class(tmp_path: Path) -> None:
+    """macOS stores a Korean folder name decomposed (NFD); typed on Linux or Windows, or in a CSV, it is composed."""
+    import unicodedata
+
+    cat, dog = "고양이", "강아지"
+    nfd = unicodedata.normalize("NFD", cat)
+    assert nfd != cat  # the two spellings differ byte for byte, and look alike
+    root = tmp_path / "pets"
+    for i in range(3):
+        make_image(root / nfd / f"mac{i}.png", (200, 0, 0))
+        make_image(root / dog / f"d{i}.png", (0, 0, 200))
+    make_image(root / cat / "linux0.png", (200, 0, 0))  # a second copy, made on Linux, beside the Mac's
+    ds = open_dataset(folder_cfg(root, f"data.classes=[{cat},{dog}]").data)
+    assert ds.classes == [cat, dog]
+    assert np.bincount(np.asarray(ds.train.labels)).tolist() == [4, 3]
+    rows = ["path,label", *(f"{nfd}/mac{i}.png,{nfd}" for i in range(3)), f"{cat}/linux0.png,{cat}"]
+    rows += [f"{dog}/d{i}.png,{dog}" for i in range(3)]
+    (root / "labels.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    manifest = open_dataset(load_config(None, [f"data.csv_file={root / 'labels.csv'}"]).data)
+    assert manifest.classes == [dog, cat] and len(manifest.train) == 7  # one class each, in natural order
+    from classlab.engine.losses import class_weight_tensor
+
+    assert class_weight_tensor({nfd: 2.0}, [0, 1], [cat, dog]).tolist() == [2.0, 1.0]  # loss.class_weights keys
+
+
 def test_natural_class_order(tmp_path: Path) -> None:
     for c in range(18):
         make_image(tmp_path / "d" / str(c) / "a.png", (c * 10, 0, 0))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from classlab.config import DataSection
-from classlab.data.sources import UNLABELED, open_dataset
+from classlab.data.sources import UNLABELED, class_name, open_dataset
 from classlab.errors import ClassLabError, utf8_text
 
 # Keys of the run's data section that describe its own data set, not how images are read.
@@ -63,7 +63,7 @@ def labelled_files(section: DataSection, path: str | Path, classes: list[str]) -
             f"--data '{path}' has images but no class folders: eval needs <folder>/<class>/ images to score; "
             "`classlab predict` reads unlabelled images"
         )
-    index = {name: i for i, name in enumerate(classes)}
+    index = {class_name(name): i for i, name in enumerate(classes)}  # a run trained before names were composed
     unknown = [c for c in dataset.classes if c not in index]
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")

@@ -13,6 +13,7 @@ import hashlib
 import io
 import os
 import re
+import unicodedata
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,10 +84,17 @@ def _digest(*parts: object) -> str:
     return h.hexdigest()[:16]
 
 
+def class_name(text: str) -> str:
+    """A class as one string however it was typed or stored: macOS writes a Korean folder name decomposed (NFD),
+    Linux, Windows and a CSV typed anywhere composed (NFC); the same word looked alike and matched nothing."""
+    return unicodedata.normalize("NFC", text)
+
+
 def _order_classes(found: list[str], wanted: list[str] | None, where: str) -> list[str]:
     found = sorted(found, key=natural_key)
     if wanted is None:
         return found
+    wanted = [class_name(c) for c in wanted]
     missing = [c for c in wanted if c not in found]
     extra = [c for c in found if c not in wanted]
     if len(set(wanted)) != len(wanted):
@@ -200,7 +208,7 @@ def _scan_class_folders(root: Path, notices: list[str] | None = None) -> tuple[d
                 _sort_file(Path(dirpath) / name, files, problems)
         if not files:
             problems.append(f"{entry}: class folder with no images")
-        per_class[entry.name] = files
+        per_class.setdefault(class_name(entry.name), []).extend(files)  # a copy from a Mac beside one from Linux
     if ignored and notices is not None:
         shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
         notices.append(f"note: ignored {len(ignored)} non-image file(s) beside the class folders in {root}: {shown}")
@@ -449,14 +457,14 @@ def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | Non
         first_line[path] = line
         values: tuple[str, ...] = ()
         if tasks:
-            values = tuple((row.get(col) or "").strip() for col in tasks.values())
+            values = tuple(class_name((row.get(col) or "").strip()) for col in tasks.values())
             empty = [name for name, v in zip(tasks, values) if not v]
             if empty:
                 out.problems.append(f"{manifest}, line {line}: empty label of task(s) {', '.join(empty)}")
                 continue
             label = "|".join(values)
         else:
-            label = (row.get(cfg.label_column) or "").strip()
+            label = class_name((row.get(cfg.label_column) or "").strip())
         if not label:
             out.problems.append(f"{manifest}, line {line}: empty label")
             continue

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from classlab.data.sources import class_name
 from classlab.errors import ConfigError
 
 
@@ -50,12 +51,13 @@ def class_weight_tensor(
     if spec == "balanced":
         return balanced_weights(labels, len(classes))
     if isinstance(spec, Mapping):
-        unknown = [str(c) for c in spec if str(c) not in classes]
+        given = {class_name(str(c)): value for c, value in spec.items()}
+        unknown = [c for c in given if c not in classes]
         if unknown:
             raise ConfigError(f"{where}: unknown class(es) {', '.join(unknown)}; the classes are: {', '.join(classes)}")
         weights = torch.ones(len(classes))
-        for name, value in spec.items():
-            weights[list(classes).index(str(name))] = float(value)
+        for name, value in given.items():
+            weights[list(classes).index(name)] = float(value)
         return weights
     raise ConfigError(f"{where} = {spec!r}: use 'balanced' or a mapping {{class: weight}}")
 
