@@ -351,6 +351,20 @@ def test_a_manifest_alone_is_the_data_and_paths_from_the_folder_above_are_found(
         load_config(None, ["data.dataset=sample", "data.csv_file=train.csv"])
 
 
+def test_a_manifest_written_on_windows_reads_its_backslash_paths(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    rows = ["path,label"]
+    for i in range(4):
+        make_image(root / "photos" / "red" / f"{i}.jpg", (200, 0, 0))
+        rows.append(f"photos\\red\\{i}.jpg,red")
+    make_image(root / "photos" / "blue" / "0.jpg", (0, 0, 200))
+    rows.append("photos/blue/0.jpg,blue")
+    (root / "train.csv").write_bytes(("\r\n".join(rows) + "\r\n").encode())
+    source = open_dataset(load_config(None, [f"data.csv_file={root / 'train.csv'}"]).data).train
+    assert len(source) == 5 and not source.problems
+    assert Path(source.describe(0)) == root / "photos" / "red" / "0.jpg"
+
+
 def test_torchvision_missing_files_named(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.dataset=cifar10", f"data.root={tmp_path}"])
     with pytest.raises(ClassLabError, match=r"cifar10 not found in .*cifar-10-batches-py/.*data.download=true"):

@@ -412,6 +412,14 @@ def _where_listed_images_are(base: Path, rels: list[str]) -> Path | None:
     return best
 
 
+def _portable(rel: str, base: Path) -> str:
+    """A path a Windows machine wrote (photos\\cat\\1.jpg) read with forward slashes, unless a file of that very
+    name exists (a backslash is a legal, if rare, character in a Linux file name)."""
+    if "\\" not in rel or os.sep == "\\" or (base / rel).exists():
+        return rel
+    return rel.replace("\\", "/")
+
+
 def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | None) -> _Manifest:
     root = Path(cfg.root or "").resolve()
     reader = csv.DictReader(io.StringIO(utf8_text(manifest), newline=""))
@@ -434,7 +442,7 @@ def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | Non
     first_line: dict[Path, int] = {}
     listings: dict[Path, dict[str, list[str]]] = {}  # folder -> image files by name without extension
     for line, row in enumerate(rows, start=2):
-        rel = (row.get(cfg.path_column) or "").strip()
+        rel = _portable((row.get(cfg.path_column) or "").strip(), base)
         path = (base / rel).resolve()
         if not rel:
             out.problems.append(f"{manifest}, line {line}: empty path (column '{cfg.path_column}')")
