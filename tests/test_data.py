@@ -365,6 +365,18 @@ def test_a_manifest_written_on_windows_reads_its_backslash_paths(tmp_path: Path)
     assert Path(source.describe(0)) == root / "photos" / "red" / "0.jpg"
 
 
+@pytest.mark.parametrize(("name", "sep"), [("semicolons.csv", ";"), ("tabs.tsv", "\t")])
+def test_a_manifest_separated_by_semicolons_or_tabs(tmp_path: Path, name: str, sep: str) -> None:
+    """A spreadsheet set to German or French saves CSV with semicolons; a .tsv has tabs."""
+    rows = [f"path{sep}label"]
+    for i in range(4):
+        make_image(tmp_path / f"{i}.jpg", (200, 0, 0) if i % 2 else (0, 0, 200))
+        rows.append(f"{i}.jpg{sep}{'red' if i % 2 else 'blue'}")
+    (tmp_path / name).write_text("\n".join(rows) + "\n")
+    ds = open_dataset(load_config(None, [f"data.csv_file={tmp_path / name}"]).data)
+    assert ds.classes == ["blue", "red"] and len(ds.train) == 4 and not ds.train.problems
+
+
 def test_torchvision_missing_files_named(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.dataset=cifar10", f"data.root={tmp_path}"])
     with pytest.raises(ClassLabError, match=r"cifar10 not found in .*cifar-10-batches-py/.*data.download=true"):

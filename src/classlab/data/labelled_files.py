@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from classlab.config import DataSection
-from classlab.data.sources import UNLABELED, class_name, open_dataset
+from classlab.data.sources import UNLABELED, class_name, delimiter, open_dataset
 from classlab.errors import ClassLabError, utf8_text
 
 # Keys of the run's data section that describe its own data set, not how images are read.
@@ -33,7 +33,8 @@ class LabelledFiles:
 
 def _check_columns(path: Path, section: DataSection) -> None:
     """The manifest names its columns as the run's config does (eval takes no overrides to rename them)."""
-    header = next(csv.reader(io.StringIO(utf8_text(path))), [])
+    text = utf8_text(path)
+    header = next(csv.reader(io.StringIO(text), delimiter=delimiter(text)), [])
     wanted = [section.path_column, section.label_column]
     missing = [c for c in wanted if c not in header]
     if missing:
@@ -48,7 +49,7 @@ def labelled_files(section: DataSection, path: str | Path, classes: list[str]) -
     """The images of a folder of class folders (its test/ part when it has one) or of a CSV manifest."""
     path = Path(path)
     update: dict[str, object] = dict.fromkeys(_RUN_DATA_KEYS)
-    if path.is_file() and path.suffix.lower() == ".csv":
+    if path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
         _check_columns(path, section)
         update |= {"dataset": "csv", "root": str(path.parent.resolve()), "csv_file": path.name}
     elif path.is_dir():

@@ -412,6 +412,15 @@ def _where_listed_images_are(base: Path, rels: list[str]) -> Path | None:
     return best
 
 
+def delimiter(text: str) -> str:
+    """The manifest's separator, read off its header: a comma, or the semicolon of a spreadsheet set to a
+    language that writes decimal commas (German, French), or a tab (.tsv)."""
+    header = text.split("\n", 1)[0]
+    if "," in header:
+        return ","
+    return next((sep for sep in (";", "\t") if sep in header), ",")
+
+
 def _portable(rel: str, base: Path) -> str:
     """A path a Windows machine wrote (photos\\cat\\1.jpg) read with forward slashes, unless a file of that very
     name exists (a backslash is a legal, if rare, character in a Linux file name)."""
@@ -422,7 +431,8 @@ def _portable(rel: str, base: Path) -> str:
 
 def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | None) -> _Manifest:
     root = Path(cfg.root or "").resolve()
-    reader = csv.DictReader(io.StringIO(utf8_text(manifest), newline=""))
+    text = utf8_text(manifest)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter(text))
     columns = reader.fieldnames or []
     rows = list(reader)
     for key, col in (
