@@ -120,6 +120,16 @@ def test_a_run_of_the_previous_version_evaluates_the_same(old_run: Path) -> None
     assert metrics["per_class"] == pytest.approx(expected["per_class"])
 
 
+def test_a_saved_key_an_earlier_version_never_read_does_not_stop_the_run_loading(old_run: Path) -> None:
+    """data.csv_file beside data.dataset=sample was saved unread before it was refused; such a run still loads."""
+    import yaml
+
+    tree = yaml.safe_load((old_run / "config.yaml").read_text())
+    tree["data"]["csv_file"] = "train.csv"
+    (old_run / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert classlab.load(old_run).cfg.data.csv_file is None
+
+
 def test_a_run_of_the_previous_version_predicts_the_same(old_run: Path, tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()

@@ -71,19 +71,37 @@ class IntermixedParser(SuggestingParser):
     ) -> tuple[argparse.Namespace, list[str]]:
         if self._inside:  # parse_known_intermixed_args calls back into this method
             return super().parse_known_args(args, namespace)
-        options = self._option_string_actions
-        dashed = [
-            a
-            for a in args or ()
-            if a.startswith("--") and "=" in a and not any(o.startswith(a.split("=", 1)[0]) for o in options)
-        ]
-        if dashed and self.get_default("takes_overrides"):  # --data.root=x: a key=value override as a flag
-            self.error(f"overrides take no dashes: {dashed[0][2:]} (key=value, e.g. data.root=photos)")
+        if self.get_default("takes_overrides"):
+            _no_key_options(self, list(args or ()))
         self._inside = True
         try:
             return self.parse_known_intermixed_args(args, namespace)
         finally:
             self._inside = False
+
+
+def _no_key_options(parser: SuggestingParser, args: list[str]) -> None:
+    """``--epochs 5``, ``--lr=0.1``, ``--config x.yaml``: the habits of argparse scripts, named with the form
+    classlab takes (argparse suggested the nearest option: --epochs, did you mean --report?)."""
+    from classlab.config import key_named
+
+    options = parser._option_string_actions
+    for i, arg in enumerate(args):
+        if not arg.startswith("-") or arg in ("-", "--") or any(o.startswith(arg.split("=", 1)[0]) for o in options):
+            continue  # not a flag, or one of this command's own (argparse takes --res for --resume)
+        name, _, value = arg.lstrip("-").partition("=")
+        if not value and i + 1 < len(args) and not args[i + 1].startswith("-") and "=" not in args[i + 1]:
+            value = args[i + 1]
+        if name in ("config", "c", "cfg"):
+            parser.error(
+                f"{arg}: the config file goes first, without a flag: classlab {parser.prog.split()[-1]} "
+                f"{value or 'CONFIG'} [key=value ...]"
+            )
+        key = key_named(name)
+        if key is None and "=" in arg and arg.startswith("--"):
+            key = name  # --optim.lrr=3: the key's own check names its spelling next
+        if key is not None:
+            parser.error(f"{arg}: config keys are set as key=value, without dashes: {key}={value or 'VALUE'}")
 
 
 def _quiet_libraries(verbose: int = 0) -> None:

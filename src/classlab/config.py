@@ -640,6 +640,16 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def key_named(word: str) -> str | None:
+    """The config key a command-line word names (``epochs``, ``batch-size``, ``optim.lr``, ``lr``), if exactly one."""
+    word = word.replace("-", "_")
+    keys = _known_keys(Config)
+    if word in keys:
+        return word
+    leaf = [k for k in keys if k.rsplit(".", 1)[-1] == word]
+    return leaf[0] if len(leaf) == 1 else None
+
+
 def _field(key: str) -> Any:
     """The pydantic field of a dotted key, or a ConfigError naming the nearest key."""
     model: type[BaseModel] = Config
@@ -743,6 +753,15 @@ def _short(text: str, limit: int = 80) -> str:
     if len(text) <= limit:
         return text
     return text[: limit - 5] + " ...]" if text.startswith("[") else text[: limit - 4] + " ..."
+
+
+def saved_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    """A run folder's config.yaml less what an earlier classlab saved but never read (a data.csv_file beside
+    another data set, refused since), so that run still loads and resumes."""
+    data = tree.get("data")
+    if isinstance(data, dict) and data.get("csv_file") and data.get("dataset") not in (None, "csv"):
+        tree = {**tree, "data": {k: v for k, v in data.items() if k != "csv_file"}}
+    return tree
 
 
 def validate(tree: dict[str, Any]) -> Config:

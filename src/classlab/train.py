@@ -28,6 +28,7 @@ from classlab.config import (
     annotated_yaml,
     changed_keys,
     load_config,
+    saved_tree,
     stage_config,
     validate,
     with_overrides,
@@ -250,7 +251,7 @@ def _resume_state(
     """
     if _is_zero():
         lock.acquire()  # a second process on this folder stops here, before it reads or writes anything
-    tree = run.read_config_tree()
+    tree = saved_tree(run.read_config_tree())
     saved = validate(tree)
     if not isinstance(config, Config):
         cfg = validate(with_overrides(tree, overrides or []))  # a copy: tree stays the saved one

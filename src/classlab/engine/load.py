@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from classlab.config import Config, validate
+from classlab.config import Config, saved_tree, validate
 from classlab.data.preprocess import Normalize, array_to_tensor, image_to_tensor, open_image
 from classlab.data.tasks import read_layout
 from classlab.engine.predict import probabilities, task_probabilities
@@ -77,7 +77,7 @@ def load(run: str | Path | RunFolder, checkpoint: str = "best", device: str = "c
     if not isinstance(run, RunFolder):
         path, checkpoint = run_and_checkpoint(run, checkpoint)
         run = open_run(path)
-    cfg = validate(run.read_config_tree())
+    cfg = validate(saved_tree(run.read_config_tree()))
     classes = run.read_classes()
     ckpt = safe_torch_load(run.checkpoint(checkpoint))
     meta = ckpt.get("classlab", {})
