@@ -77,6 +77,20 @@ def test_list_models_reports_sizes_without_building_real_weights() -> None:
     assert rows[("resnet_cifar", None)].mflops == pytest.approx(count_flops(real, 32) / 1e6)
 
 
+def test_models_pattern_searches_families_and_both_hubs(capsys: pytest.CaptureFixture[str]) -> None:
+    """`classlab models mobilenet`: the names model.name takes, torchvision's and timm's included."""
+    from classlab.cli import main
+
+    assert main(["models", "MobileNet"]) == 0
+    out = capsys.readouterr().out
+    assert "torchvision (3): mobilenet_v2, mobilenet_v3_large, mobilenet_v3_small" in out
+    assert "timm:mobilenetv2_100" in out and "name " not in out  # no family matches: no empty table
+    assert main(["models", "resnet20"]) == 0
+    assert "He et al.'s ResNet-20" in capsys.readouterr().out
+    assert main(["models", "zzzq"]) == 1
+    assert "no model name contains 'zzzq'" in capsys.readouterr().err
+
+
 # -- published sizes -----------------------------------------------------------------
 
 

@@ -329,15 +329,29 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from classlab.models import list_models
+    from classlab.models.registry import hub_names
 
-    rows = list_models()
-    print(f"{'name':<22} {'preset':<14} {'params':>12} {'MFLOPs':>10}  input  description")
+    pattern = (args.pattern or "").lower()
+    rows = list_models(pattern)
+    if rows:
+        print(f"{'name':<22} {'preset':<14} {'params':>12} {'MFLOPs':>10}  input  description")
     for info in rows:
         preset = info.preset or ""
         mflops = f"{info.mflops:,.1f}" if info.mflops is not None else "-"
         params = f"{info.params:,}" if info.params is not None else "-"
         print(f"{info.name:<22} {preset:<14} {params:>12} {mflops:>10}  {info.image_size:>5}  {info.description}")
-    print("any timm model: model.name=timm:<name>")
+    if not pattern:
+        print("and every torchvision classification model by its name (mobilenet_v2, convnext_tiny, ...), any timm")
+        print("model as timm:<name>: `classlab models PATTERN` lists the names that contain PATTERN")
+        return 0
+    hubs = hub_names(pattern)
+    for hub, names in hubs.items():
+        if names:
+            shown = ", ".join(names[:40]) + (f" and {len(names) - 40} more" if len(names) > 40 else "")
+            print(f"{hub} ({len(names)}): {shown}")
+    if not rows and not any(hubs.values()):
+        print(f"no model name contains '{args.pattern}'; `classlab models` lists the families", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -581,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=IntermixedParser, metavar="COMMAND")
     _add_run_commands(sub)
     _add_study_commands(sub)
-    p = sub.add_parser("models", help="list registered models with parameters and MFLOPs")
+    p = sub.add_parser("models", help="list registered models with parameters and MFLOPs; PATTERN searches the hubs")
+    p.add_argument("pattern", nargs="?", help="list only names containing this, torchvision's and timm's too")
     p.set_defaults(func=cmd_models)
     p = sub.add_parser("completion", help="print a shell completion script: `classlab completion bash > ~/.classlab`")
     p.add_argument("shell", choices=["bash", "zsh", "tcsh"], help="the shell")

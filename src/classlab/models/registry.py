@@ -203,6 +203,21 @@ def is_passthrough(name: str) -> bool:
     return name not in _REGISTRY and is_torchvision_name(name)
 
 
+def hub_names(pattern: str) -> dict[str, list[str]]:
+    """Names a model.name reaches beyond the registered families, containing ``pattern`` (any case): torchvision's
+    classification models by their own name, timm's as timm:<name>. Names only: building them to count
+    parameters would take minutes for timm's thousand."""
+    import timm
+
+    from classlab.models.torchvision_net import torchvision_names
+
+    low = pattern.lower()
+    return {
+        "torchvision": sorted(n for n in torchvision_names() if low in n.lower() and n not in _REGISTRY),
+        "timm": [TIMM_PREFIX + n for n in timm.list_models(f"*{low}*")],
+    }
+
+
 def count_params(model: nn.Module) -> int:
     """Every parameter, trainable or frozen, counted once (shared tensors once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -335,12 +350,16 @@ def validate_model_spec(
             raise
 
 
-def list_models() -> list[ModelInfo]:
-    """Every registered model and preset with its size at its default input, 10 classes."""
+def list_models(pattern: str = "") -> list[ModelInfo]:
+    """Every registered model and preset (whose name or preset contains ``pattern``, any case) with its size
+    at its default input, 10 classes."""
     rows = []
+    low = pattern.lower()
     for name in registered_names():
         entry = _REGISTRY[name]
         for preset in [None, *sorted(entry.presets, key=_natural)]:
+            if low not in name.lower() and low not in (preset or "").lower():
+                continue
             size = entry.image_size(preset)
             spec = {"name": name, **({"preset": preset} if preset else {})}
             with torch.device("meta"):
