@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -299,14 +300,21 @@ def test_csv_ids_without_extension_find_their_image(tmp_path: Path) -> None:
     assert len(source) == 12 and not source.problems
 
 
+def _blue_red_rows(folder: Path, n: int, path_of: Callable[[int], str], sep: str = ",") -> list[str]:
+    """``n`` images in ``folder`` (im0.jpg, ...), blue and red in turn; their manifest rows, each path as
+    ``path_of(i)`` writes it."""
+    rows = []
+    for i in range(n):
+        make_image(folder / f"im{i}.jpg", (200, 0, 0) if i % 2 else (0, 0, 200))
+        rows.append(f"{path_of(i)}{sep}{'red' if i % 2 else 'blue'}")
+    return rows
+
+
 def test_csv_image_dir_and_a_manifest_beside_its_image_folder(tmp_path: Path) -> None:
     """A competition's folder: train.csv beside train_images/. Without data.image_dir not one listed file exists:
     one line names the folder that holds them and the setting; with it the manifest reads as listed."""
     root = tmp_path / "comp"
-    rows = ["image_id,label"]
-    for i in range(8):
-        make_image(root / "train_images" / f"im{i}.jpg", (200, 0, 0) if i % 2 else (0, 0, 200))
-        rows.append(f"im{i},{'red' if i % 2 else 'blue'}")
+    rows = ["image_id,label", *_blue_red_rows(root / "train_images", 8, lambda i: f"im{i}")]
     (root / "test_images").mkdir()
     (root / "train.csv").write_text("\n".join(rows) + "\n")
     base = ["data.dataset=csv", f"data.root={root}", "data.csv_file=train.csv", "data.path_column=image_id"]
@@ -331,10 +339,7 @@ def test_a_manifest_alone_is_the_data_and_paths_from_the_folder_above_are_found(
     """data.csv_file given alone trains on that manifest (the embedded sample was trained, the key unread);
     paths a script wrote relative to the project folder, not the manifest's, get the two keys that read them."""
     project = tmp_path / "project"
-    rows = ["path,label"]
-    for i in range(8):
-        make_image(project / "photos" / f"im{i}.jpg", (200, 0, 0) if i % 2 else (0, 0, 200))
-        rows.append(f"photos/im{i}.jpg,{'red' if i % 2 else 'blue'}")
+    rows = ["path,label", *_blue_red_rows(project / "photos", 8, lambda i: f"photos/im{i}.jpg")]
     (project / "lists").mkdir()
     (project / "lists" / "train.csv").write_text("\n".join(rows) + "\n")
     monkeypatch.chdir(tmp_path)
@@ -368,10 +373,7 @@ def test_a_manifest_written_on_windows_reads_its_backslash_paths(tmp_path: Path)
 @pytest.mark.parametrize(("name", "sep"), [("semicolons.csv", ";"), ("tabs.tsv", "\t")])
 def test_a_manifest_separated_by_semicolons_or_tabs(tmp_path: Path, name: str, sep: str) -> None:
     """A spreadsheet set to German or French saves CSV with semicolons; a .tsv has tabs."""
-    rows = [f"path{sep}label"]
-    for i in range(4):
-        make_image(tmp_path / f"{i}.jpg", (200, 0, 0) if i % 2 else (0, 0, 200))
-        rows.append(f"{i}.jpg{sep}{'red' if i % 2 else 'blue'}")
+    rows = [f"path{sep}label", *_blue_red_rows(tmp_path, 4, lambda i: f"im{i}.jpg", sep)]
     (tmp_path / name).write_text("\n".join(rows) + "\n")
     ds = open_dataset(load_config(None, [f"data.csv_file={tmp_path / name}"]).data)
     assert ds.classes == ["blue", "red"] and len(ds.train) == 4 and not ds.train.problems
