@@ -278,6 +278,24 @@ def test_submission_keeps_template_order_and_refuses_missing(
     assert cli(capsys, *args)[0] == 0  # --label-format index (the default)
     with open(out, newline="") as handle:
         assert [classes[r["ans"]] for r in csv.DictReader(handle)] == ["blue", "red", "green", "red", "blue"]
+    # A template from a spreadsheet set to German or French: read and written with its semicolons.
+    template.write_text("ImageID;ans;Usage\n" + "".join(f"{i};;Public\n" for i in ids))
+    assert cli(capsys, *args, "--label-format", "name")[0] == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "ImageID;ans;Usage" and lines[1] == "blue/blue4.png;blue;Public", lines
+    # A column name that differs only in case: named, nothing written.
+    out.unlink()
+    code, err = cli(capsys, *args, "--id-column", "imageid")
+    assert (
+        code == 1
+        and err == f"error: {template}: no column 'imageid' (--id-column); did you mean --id-column 'ImageID'?\n"
+    )
+    code, err = cli(capsys, *args, "--label-column", "Ans")
+    assert (
+        code == 1
+        and err == f"error: {template}: no column 'Ans' (--label-column); did you mean --label-column 'ans'?\n"
+    )
+    assert not out.exists()
     # A missing image and an unreadable one: listed, nothing written, unless allowed.
     extra = tmp / "extra"
     extra.mkdir()

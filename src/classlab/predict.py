@@ -21,7 +21,7 @@ import torch
 
 from classlab.config import is_url
 from classlab.data.preprocess import IMAGE_EXTENSIONS, is_system_file
-from classlab.data.sources import natural_key
+from classlab.data.sources import delimiter, natural_key
 from classlab.engine.ensemble import load_runs
 from classlab.engine.exported import ExportedRun, OnnxModel
 from classlab.engine.file_batches import file_batches, images_a_batch
@@ -263,19 +263,24 @@ class Submission:
     missing: list[str] = field(default_factory=list)  # "id: why" for rows left empty
 
 
-def read_template(path: str | Path, id_column: str) -> tuple[list[str], list[dict[str, str]]]:
-    """The template's columns and rows, in its own order."""
+def read_template(path: str | Path, id_column: str) -> tuple[list[str], list[dict[str, str]], str]:
+    """The template's columns, rows (in its own order) and separator: the submission is written with the
+    organisers' separator, since a leaderboard that wrote semicolons reads semicolons."""
     path = Path(path)
     if not path.is_file():
         raise ClassLabError(f"--template '{path}' not found; give the organisers' CSV (e.g. info.csv)")
-    reader = csv.DictReader(io.StringIO(utf8_text(path), newline=""))
+    text = utf8_text(path)
+    sep = delimiter(text)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sep)
     columns = list(reader.fieldnames or [])
     rows = list(reader)
     if id_column not in columns:
-        raise ClassLabError(f"{path}: no column '{id_column}' (--id-column); its columns are: {', '.join(columns)}")
+        near = [c for c in columns if c.strip().lower() == id_column.strip().lower()]
+        hint = f"did you mean --id-column '{near[0]}'?" if near else f"its columns are: {', '.join(columns)}"
+        raise ClassLabError(f"{path}: no column '{id_column}' (--id-column); {hint}")
     if not rows:
         raise ClassLabError(f"{path} has no rows")
-    return columns, rows
+    return columns, rows, sep
 
 
 def index_images(paths: Sequence[str | Path]) -> dict[str, Path | list[Path]]:
@@ -323,7 +328,12 @@ def write_submission(
     """Predict the template's images (one run or an ensemble) and write the filled template to ``out``."""
     if label_format not in ("index", "name"):
         raise ClassLabError(f"--label-format {label_format}: choose 'index' or 'name'")
-    columns, rows = read_template(template, id_column)
+    columns, rows, sep = read_template(template, id_column)
+    near = [c for c in columns if c != label_column and c.strip().lower() == label_column.strip().lower()]
+    if near:  # the label would go into a second, new column beside the organisers' own
+        raise ClassLabError(
+            f"{template}: no column '{label_column}' (--label-column); did you mean --label-column '{near[0]}'?"
+        )
     found = index_images(paths)
     ids = [row[id_column].strip() for row in rows]
     missing = {i: "no such image among the given paths" for i in ids if i not in found}
@@ -350,7 +360,7 @@ def write_submission(
         )
     out_columns = columns if label_column in columns else [*columns, label_column]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=out_columns, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=out_columns, delimiter=sep, lineterminator="\n")
     writer.writeheader()
     for row, image_id in zip(rows, ids):
         pred = by_path.get(str(index.get(image_id))) if image_id not in missing else None
