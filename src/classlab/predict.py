@@ -329,8 +329,8 @@ def write_submission(
     if label_format not in ("index", "name"):
         raise ClassLabError(f"--label-format {label_format}: choose 'index' or 'name'")
     columns, rows, sep = read_template(template, id_column)
-    near = [c for c in columns if c != label_column and c.strip().lower() == label_column.strip().lower()]
-    if near:  # the label would go into a second, new column beside the organisers' own
+    near = [c for c in columns if c.strip().lower() == label_column.strip().lower()]
+    if near and label_column not in columns:  # the label would go into a second, new column beside the organisers' own
         raise ClassLabError(
             f"{template}: no column '{label_column}' (--label-column); did you mean --label-column '{near[0]}'?"
         )
