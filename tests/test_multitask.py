@@ -217,3 +217,27 @@ def test_test_manifest_uses_the_training_tasks_classes(manifest: Path, tmp_path:
     (manifest / "odd_mt.csv").write_text("path,mask,sex,age,person\np0_wear.png,wear,female,teen,p0\n")
     with pytest.raises(ClassLabError, match=r"labels not in the training manifest's task age: teen"):
         load_data(load_config(None, _overrides(manifest, tmp_path, "data.test_csv_file=odd_mt.csv")))
+
+
+def test_the_exported_file_predicts_every_task_as_the_run_does(manifest: Path, tmp_path: Path) -> None:
+    """Before: the .onnx of a multitask run wrote only the combined class; the mask/gender/age columns were gone."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    run = classlab.train(None, _overrides(manifest, tmp_path, "exp_name=mt_onnx", "epochs=1"), quiet=True)
+    onnx_file = classlab.export(run, "onnx")
+    images = [manifest / "p0_wear.png", manifest / "p5_none.png", manifest / "p10_incorrect.png"]
+    by_torch = classlab.predict(run.path, images, tmp_path / "torch.csv")
+    by_onnx = classlab.predict(onnx_file, images, tmp_path / "onnx.csv")
+    assert by_onnx.backend == "onnx" and by_onnx.columns == by_torch.columns
+    torch_rows = list(csv.DictReader(open(tmp_path / "torch.csv")))
+    onnx_rows = list(csv.DictReader(open(tmp_path / "onnx.csv")))
+    for mine, theirs in zip(torch_rows, onnx_rows, strict=True):
+        for task in ("mask", "gender", "age"):
+            assert theirs[f"{task}_class"] == mine[f"{task}_class"] != ""
+            assert float(theirs[f"{task}_prob"]) == pytest.approx(float(mine[f"{task}_prob"]), abs=1e-4)
+        assert theirs["class"] == mine["class"]
+    # A consumer that reads one output still gets the combined logits first.
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "logits_mask", "logits_gender", "logits_age"]

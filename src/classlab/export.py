@@ -50,6 +50,7 @@ def metadata(loaded: LoadedRun, checkpoint: str) -> dict[str, str]:
         "classlab.output": "logits (softmax for probabilities)",
         "classlab.run": str(loaded.run.path),
         "classlab.checkpoint": checkpoint,
+        **({"classlab.tasks": json.dumps(loaded.tasks.to_json())} if loaded.tasks is not None else {}),
     }
 
 
@@ -62,6 +63,27 @@ class _Float01(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+
+class _Float01Tasks(nn.Module):
+    """A multitask run: the combined logits first (what a one-output consumer reads), then each task's.
+
+    Without the task outputs the exported file could only name the combined class, and a copy of it
+    would predict less than the run it came from (``predict`` writes every task's class).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        task_logits, combined = self.model.net.forward_tasks(self.model.normalize(images))
+        return (combined, *task_logits)
+
+
+def output_names(loaded: LoadedRun) -> list[str]:
+    """``logits``, then ``logits_<task>`` for each task of a multitask run."""
+    return ["logits", *(f"logits_{name}" for name in (loaded.tasks.names if loaded.tasks is not None else ()))]
 
 
 def export(
@@ -77,24 +99,24 @@ def export(
     if loaded.cfg.task == "rotation":
         raise ClassLabError("this is a rotation pretext run; export the classifier trained from it instead")
     path = Path(out) if out else default_path(run, fmt, checkpoint)
-    model = _Float01(loaded.model).eval()
+    model = (_Float01Tasks if loaded.tasks is not None else _Float01)(loaded.model).eval()
     example = torch.rand(2, loaded.channels, loaded.image_size, loaded.image_size)
     meta = metadata(loaded, checkpoint)
     if fmt == "onnx":
-        atomic_write_bytes(path, _onnx_bytes(model, example, meta))
+        atomic_write_bytes(path, _onnx_bytes(model, example, meta, output_names(loaded)))
     else:
         atomic_write_bytes(path, _pt2_bytes(model, example, meta))
     return path
 
 
-def _onnx_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, str]) -> bytes:
+def _onnx_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, str], outputs: list[str]) -> bytes:
     """ONNX through the dynamo exporter (torch.export + onnxscript), the TorchScript one only as a fallback."""
     try:
         import onnx
     except ImportError:
         raise ClassLabError(f"ONNX export needs the onnx package: {INSTALL_HINT}") from None
     try:
-        proto, exporter = _onnx_dynamo(model, example), "dynamo"
+        proto, exporter = _onnx_dynamo(model, example, outputs), "dynamo"
     except Exception as exc:  # noqa: BLE001 - any capture failure falls back, saying why
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         if isinstance(exc, ImportError):
@@ -104,7 +126,7 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, str]) -
             UserWarning,
             stacklevel=3,
         )
-        proto, exporter = onnx.load_from_string(_onnx_legacy(model, example)), "torchscript"
+        proto, exporter = onnx.load_from_string(_onnx_legacy(model, example, outputs)), "torchscript"
     for key, value in {**meta, "classlab.exporter": exporter}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -112,18 +134,19 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, str]) -
     return proto.SerializeToString()
 
 
-IO_NAMES = {"input_names": ["images"], "output_names": ["logits"]}  # what a consumer feeds and reads
+INPUT_NAME = "images"  # what a consumer feeds; it reads ``logits`` (and ``logits_<task>``, see output_names)
 
 
-def _onnx_dynamo(model: nn.Module, example: torch.Tensor) -> Any:
+def _onnx_dynamo(model: nn.Module, example: torch.Tensor, outputs: list[str]) -> Any:
     import onnxscript  # noqa: F401  (the dynamo exporter's dependency: fail early and clearly without it)
 
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     dynamic = {"dynamic_shapes": ({0: batch},), "opset_version": OPSET, "verbose": False}
-    return torch.onnx.export(model, (example,), None, dynamo=True, **IO_NAMES, **dynamic).model_proto
+    names = {"input_names": [INPUT_NAME], "output_names": outputs}
+    return torch.onnx.export(model, (example,), None, dynamo=True, **names, **dynamic).model_proto
 
 
-def _onnx_legacy(model: nn.Module, example: torch.Tensor) -> bytes:
+def _onnx_legacy(model: nn.Module, example: torch.Tensor, outputs: list[str]) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its deprecation notice: the fallback already said so
@@ -132,8 +155,9 @@ def _onnx_legacy(model: nn.Module, example: torch.Tensor) -> bytes:
             (example,),
             buffer,
             dynamo=False,
-            **IO_NAMES,
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            input_names=[INPUT_NAME],
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
             opset_version=LEGACY_OPSET,
         )
     return buffer.getvalue()

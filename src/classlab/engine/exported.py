@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from classlab.data.tasks import TaskLayout
 from classlab.engine.load import LoadedRun
 from classlab.errors import ClassLabError
 
@@ -48,11 +49,14 @@ class OnnxModel:
         self.classes: list[str] = json.loads(self.metadata.get("classlab.classes", "[]"))
         self.input_name = self.session.get_inputs()[0].name
 
+    def outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """uint8 or [0, 1] float NCHW batch -> every output: the logits, then a multitask run's task logits."""
+        x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+        return [torch.from_numpy(out) for out in self.session.run(None, {self.input_name: x.contiguous().numpy()})]
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] float NCHW batch -> logits."""
-        x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
-        (out,) = self.session.run(None, {self.input_name: x.contiguous().numpy()})
-        return torch.from_numpy(out)
+        return self.outputs(images)[0]
 
 
 class ExportedRun(LoadedRun):
@@ -82,6 +86,14 @@ class ExportedRun(LoadedRun):
         super().__init__(None, None, None, self.onnx.classes, size, channels)  # type: ignore[arg-type]
         self.path = path
         self.max_image_pixels = None
+        if "classlab.tasks" in meta:  # a multitask run: its file predicts each task as the run does
+            self.tasks = TaskLayout.from_json(json.loads(meta["classlab.tasks"]))
 
     def probabilities(self, images: object) -> torch.Tensor:
         return self.onnx.logits(self._batch(images)).softmax(1)  # type: ignore[arg-type]
+
+    def task_probabilities(self, images: object) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.tasks is None:
+            raise ClassLabError(f"{self.path} is not a multitask model; use probabilities()")
+        outs = self.onnx.outputs(self._batch(images))  # type: ignore[arg-type]
+        return outs[0].softmax(1), [out.softmax(1) for out in outs[1:]]
