@@ -125,3 +125,15 @@ def test_rows_sort_naturally_and_legends_name_runs_by_folder() -> None:
     assert sorted([10, 2.5, None, 100], key=_sort_key) == [None, 2.5, 10, 100]
     assert _legend_value("runs/study/rotation:epoch5") == "rotation:epoch5"
     assert _legend_value(None) == "none" and _legend_value("conv_fc") == "conv_fc"
+
+
+def test_a_file_is_named_as_a_file_and_a_runs_own_file_stands_for_it(runs: Path, tmp_path: Path) -> None:
+    note = tmp_path / "notes.txt"
+    note.write_text("not a run")
+    # Before: "run folder 'notes.txt' not found" about a file that is right there.
+    result = run_cli("compare", str(note))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr == f"error: '{note}' is a file, not a run folder; give the folder that holds config.yaml\n"
+    run = runs / "images_per_class=10,init_from=rot"
+    table = compare([str(run / "summary.json")], plots=False, out=tmp_path / "cmp")
+    assert [r["run"] for r in table.rows] == [run.name] and table.rows[0]["test_acc"] == 0.28

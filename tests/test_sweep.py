@@ -8,11 +8,22 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, tiny_config
+from conftest import make_image, run_cli, tiny_config
 
 from classlab.compare import compare
 from classlab.errors import ClassLabError, ConfigError
-from classlab.sweep import expand, name_value, parse_axis, plan, split_top_level, sweep
+from classlab.run import RunFolder
+from classlab.sweep import (
+    Point,
+    expand,
+    name_value,
+    overridden_by_grid,
+    parse_axis,
+    plan,
+    split_top_level,
+    sweep,
+)
+from classlab.train import coerce_config
 
 
 def test_grid_values_are_yaml_and_brackets_do_not_split() -> None:
@@ -144,3 +155,76 @@ def test_public_api_names_stay_functions_after_every_module_is_imported() -> Non
     for name in classlab.__all__:
         if name != "__version__":
             assert callable(getattr(classlab, name)), f"classlab.{name} is {getattr(classlab, name)!r}"
+
+
+def test_an_override_the_grid_replaces_is_said_and_a_swept_folder_name_refused(tmp_path: Path) -> None:
+    # Before: the grid's value silently replaced epochs=5 at every point, and the user read a table of
+    # runs that were not trained as they had typed.
+    base = tiny_config(tmp_path)  # optim.lr=0.05 among them
+    assert overridden_by_grid(["epochs=1,2", "seed=0"], [*base, "epochs=5", "seed=0"]) == [
+        "note: epochs=3 does not apply: --grid epochs sets epochs for every run",
+        "note: epochs=5 does not apply: --grid epochs sets epochs for every run",
+    ]
+    assert overridden_by_grid(["optim.lr=0.05"], base) == []  # the same value: nothing replaced
+    assert overridden_by_grid(["data.images_per_class,optim.lr=[10,0.1]"], ["optim={name: adamw, lr: 0.01}"]) == [
+        "note: optim={name: adamw, lr: 0.01} does not apply: --grid data.images_per_class,optim.lr sets optim.lr "
+        "for every run"
+    ]
+    result = run_cli("sweep", *base, "--grid", "exp_name=a,b")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: --grid exp_name: the sweep names each run's folder itself")
+    assert not (tmp_path / "runs").exists()
+
+
+def _finished_point(root: Path, point: Point) -> None:
+    """A grid point's folder as a finished run leaves it (the sweep reads only config.yaml and summary.json)."""
+    cfg = coerce_config(None, point.overrides)
+    folder = RunFolder(root / point.name)
+    folder.path.mkdir(parents=True)
+    folder.write_config(cfg.to_dict())
+    folder.update_summary(status="finished", test_acc=0.5)
+
+
+def test_a_second_call_with_other_settings_is_refused(tmp_path: Path) -> None:
+    base = [*tiny_config(tmp_path), "exp_name=sw"]
+    root, points = plan(None, base, ["seed=0,1"])
+    _finished_point(root, points[0])
+    # The same sweep again, on more cores: the finished point is skipped.
+    _, again = plan(None, [*base, "trainer.threads=2"], ["seed=0,1"])
+    assert [p.status for p in again] == ["finished", "new"]
+    # Before: another learning rate skipped the finished run and reported it as a result of the new setting.
+    result = run_cli("sweep", *base, "optim.lr=0.5", "--grid", "seed=0,1")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert f"sweep '{root}' was run with other settings: its run seed=0 has optim.lr=0.05, this call 0.5" in (
+        result.stderr
+    )
+    assert "or another exp_name for a new sweep" in result.stderr
+    assert not (root / "seed=1").exists()
+
+
+def test_a_k_fold_point_is_skipped_once_finished_and_compared_fold_by_fold(tmp_path: Path) -> None:
+    for name, color in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        for i in range(6):
+            make_image(tmp_path / "data" / name / f"{i}.png", color, size=16)
+    overrides = tiny_config(tmp_path, epochs=1, **{"data.images_per_class": "null", "model.layers": "[8,p]"})
+    overrides += [f"data.root={tmp_path / 'data'}", "data.folds=2", "exp_name=kf"]
+    points = sweep(None, ["seed=0,1"], overrides, quiet=True, say=lambda _: None)
+    # Before: the k-fold folder (folds.json, no config.yaml) read as broken: "failed" here, then moved
+    # aside and trained again on every later call.
+    assert [p.status for p in points] == ["finished", "finished"]
+    root = tmp_path / "runs" / "kf"
+    said: list[str] = []
+    sweep(None, ["seed=0,1"], [*overrides, "seed=7"], quiet=True, say=said.append)
+    assert said[0].endswith("2 runs, 2 finished (skipped), 0 to resume, 0 to start")
+    assert said[1] == "note: seed=7 does not apply: --grid seed sets seed for every run"
+    assert not list(root.glob("*.old-*"))
+    # Before: "'runs/kf' is not a run folder and holds none"; now a row a fold and a mean a k-fold point.
+    table = compare([str(root)], metrics=["best_val_acc"], plots=False, out=tmp_path / "cmp")
+    assert [r["run"] for r in table.rows] == [
+        "seed=0/fold0",
+        "seed=0/fold1",
+        "seed=1/fold0",
+        "seed=1/fold1",
+        "seed=0 mean ± std (2 folds)",
+        "seed=1 mean ± std (2 folds)",
+    ]

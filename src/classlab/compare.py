@@ -28,9 +28,11 @@ from classlab.run import (
     RunLock,
     atomic_write_figure,
     atomic_write_text,
+    fold_runs,
     is_fold_group,
     is_run_folder,
     pyplot,
+    run_of,
 )
 
 DEFAULT_METRICS = ("test_acc", "best_val_acc", "epochs_done", "wall_time_s")
@@ -93,20 +95,34 @@ def find_runs(patterns: list[str]) -> list[Path]:
         matches = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
         if not matches:
             raise ClassLabError(f"'{pattern}' matches nothing; give run folders, a sweep folder or a glob")
-        for match in map(Path, matches):
+        for match in (Path(run_of(m)[0]) for m in matches):  # runs/x/summary.json stands for runs/x
             if is_run_folder(match):
                 found.append(match)
             elif match.is_dir():
-                inner = sorted(p for p in match.iterdir() if p.is_dir() and is_run_folder(p))
+                inner = _runs_inside(match)
                 if not inner and not any(ch in pattern for ch in "*?["):
                     raise ClassLabError(f"'{match}' is not a run folder and holds none (no config.yaml)")
                 found.extend(inner)
+            elif match.is_file() and not any(ch in pattern for ch in "*?["):
+                raise ClassLabError(f"'{match}' is a file, not a run folder; give the folder that holds config.yaml")
             elif not any(ch in pattern for ch in "*?["):
                 raise ClassLabError(f"run folder '{match}' not found")
     unique = list(dict.fromkeys(p.resolve() for p in found))
     if not unique:
         raise ClassLabError("no run folders found (a run folder holds config.yaml)")
     return unique
+
+
+def _runs_inside(folder: Path) -> list[Path]:
+    """The runs a folder of runs holds; a k-fold point of a sweep (``--grid ... data.folds=5``) is a
+    folder of fold runs one level further down, and each fold is a row of its own."""
+    inner = []
+    for path in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if is_run_folder(path):
+            inner.append(path)
+        elif is_fold_group(path):
+            inner.extend(fold_runs(path))
+    return inner
 
 
 def _labels(paths: list[Path]) -> list[str]:

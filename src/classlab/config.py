@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import copy
+import json
 import re
 import types
 import warnings
@@ -541,6 +542,17 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"cannot set '{dotted}': '{part}' holds a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def yaml_text(value: Any) -> str:
+    """A value as override text that reads back as the same value."""
+    if isinstance(value, str):
+        try:
+            if yaml.safe_load(value) == value and "," not in value:
+                return value
+        except yaml.YAMLError:
+            pass
+    return json.dumps(value)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

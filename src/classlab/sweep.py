@@ -34,9 +34,10 @@ from typing import Any
 
 import yaml
 
+from classlab.config import Config, changed_keys, flatten, parse_override, saved_tree, validate, yaml_text
 from classlab.errors import ClassLabError, ConfigError
-from classlab.run import RunFolder, RunLock, atomic_write_json, is_run_folder
-from classlab.train import coerce_config, train
+from classlab.run import FOLDS, RunFolder, RunLock, atomic_write_json, is_fold_group, is_run_folder
+from classlab.train import RESUME_MAY_MOVE, RESUME_UNSAID, coerce_config, train
 
 MAX_NAME = 150  # characters of a run folder name before it is shortened with a hash
 SWEEP_FILE = "sweep.json"
@@ -104,17 +105,6 @@ def parse_axis(text: str) -> Axis:
     if len(set(rendered)) != len(rendered):
         raise ConfigError(f"--grid {head}: a value is listed twice")
     return Axis(keys, tuple(values))
-
-
-def yaml_text(value: Any) -> str:
-    """A value as override text that reads back as the same value."""
-    if isinstance(value, str):
-        try:
-            if yaml.safe_load(value) == value and "," not in value:
-                return value
-        except yaml.YAMLError:
-            pass
-    return json.dumps(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,10 +181,14 @@ def expand(axes: list[Axis]) -> list[dict[str, Any]]:
 
 
 def _state(path: Path) -> tuple[str, dict[str, Any]]:
-    """What a point's folder says: new, finished, resume (unfinished run) or broken (no config)."""
+    """What a point's folder says: new, finished, resume (unfinished run) or broken (no config).
+
+    A k-fold point (``data.folds``) is a folder of fold runs with folds.json and no config.yaml of
+    its own; taking it for broken would move every finished fold aside and train them all again.
+    """
     if not path.exists():
         return "new", {}
-    if not is_run_folder(path):
+    if not is_run_folder(path) and not is_fold_group(path):
         return "broken", {}
     try:
         summary = RunFolder(path).summary()
@@ -212,6 +206,7 @@ def plan(
         raise ConfigError("sweep needs at least one --grid key=v1,v2")
     assignments = expand(axes)
     base = coerce_config(config, overrides)
+    _check_grid_keys(axes)
     exp = base.exp_name or (Path(config).stem if config else f"{base.data.dataset}_{base.model.name}")
     exp = re.sub(r"[^A-Za-z0-9._+@=,-]", "-", exp.replace(":", "_"))
     root = (Path(base.run.root) / exp).resolve()
@@ -227,12 +222,82 @@ def plan(
         if threads and base.trainer.threads is None:
             point_overrides.append(f"trainer.threads={threads}")
         try:
-            coerce_config(config, point_overrides)
+            point_cfg = coerce_config(config, point_overrides)
         except ConfigError as exc:
             raise ConfigError(f"grid point {name}: {exc}") from None
         state, summary = _state(root / name)
+        if state in ("finished", "resume"):
+            _check_same_settings(root, name, point_cfg)
         points.append(Point(name, assignment, point_overrides, root / name, state, summary=summary))
     return root, points
+
+
+# Set by the sweep itself for every point: a value for them in --grid would be overwritten unseen.
+SWEEP_SETS = ("exp_name", "run.root")
+# What may differ between two calls of one sweep: how it runs, not what it trains.
+SWEEP_MAY_DIFFER = RESUME_UNSAID | RESUME_MAY_MOVE | {"exp_name"}
+
+
+def _check_grid_keys(axes: list[Axis]) -> None:
+    for key in (k for axis in axes for k in axis.keys):
+        if key in SWEEP_SETS:
+            raise ConfigError(
+                f"--grid {key}: the sweep names each run's folder itself (<run.root>/<exp_name>/<grid values>); "
+                "sweep another key, or set exp_name and run.root once as overrides"
+            )
+
+
+def overridden_by_grid(grid: list[str], overrides: list[str]) -> list[str]:
+    """A line for each override that a --grid value replaces at some point, so ``epochs=3`` beside
+    ``--grid epochs=1,2`` is not dropped unseen. A notice, not a refusal: a base setting that the grid
+    refines (``benchmarks/recipes.py --smoke`` sets ``epochs=1`` under a grid of epochs) is a fair use."""
+    lines = []
+    axes = [parse_axis(g) for g in grid]
+    for text in overrides:
+        given = flatten(dict([parse_override(text)]))  # optim={lr: 0.1} and optim.lr=0.1 alike
+        for axis in axes:
+            clash = next(
+                (
+                    k
+                    for values in axis.values
+                    for k, v in flatten(dict(zip(axis.keys, values, strict=True))).items()
+                    if k in given and v != given[k]
+                ),
+                None,
+            )
+            if clash:
+                lines.append(f"note: {text} does not apply: --grid {','.join(axis.keys)} sets {clash} for every run")
+                break
+    return lines
+
+
+def _check_same_settings(root: Path, name: str, cfg: Config) -> None:
+    """A point already in the folder was trained with the settings of an earlier call; skipping or resuming
+    it under other settings would mix two experiments in one table without a word.
+
+    A key this call leaves at its default is not compared: a default that a later classlab changed must
+    not stop a sweep begun with the earlier one (config.yaml holds every key, defaults included).
+    """
+    folder = RunFolder(root / name)
+    try:
+        tree = folder.read_json(FOLDS)["config"] if is_fold_group(folder.path) else folder.read_config_tree()
+        saved = validate(saved_tree(tree))
+    except (ClassLabError, KeyError, TypeError):
+        return  # unreadable: resuming it reports that in its own words
+    defaults = flatten(Config().to_dict())
+    changes = [
+        (key, old, new)
+        for key, old, new in changed_keys(saved, cfg)
+        if key not in SWEEP_MAY_DIFFER and new is not None and (key not in defaults or new != defaults[key])
+    ]
+    if changes:
+        key, old, new = changes[0]
+        more = f" (and {len(changes) - 1} more: {', '.join(k for k, _, _ in changes[1:4])})" if len(changes) > 1 else ""
+        raise ConfigError(
+            f"sweep '{root}' was run with other settings: its run {name} has {key}={old!r}, this call "
+            f"{new!r}{more}; give the config and overrides it was started with ({SWEEP_FILE} lists them), "
+            "or another exp_name for a new sweep"
+        )
 
 
 def _record(root: Path, config: str | None, overrides: list[str], grid: list[str], points: list[Point]) -> None:
@@ -414,6 +479,8 @@ def sweep(
         f"sweep {root}: {len(points)} runs, {len(done)} finished (skipped), {resumed} to resume, "
         f"{len(todo) - resumed} to start"
     )
+    for line in overridden_by_grid(grid, overrides):
+        say(line)
     root.mkdir(parents=True, exist_ok=True)
     # One sweep per folder; its jobs inherit the lock's owner (CLASSLAB_LOCK_OWNER) and lock their own runs.
     lock = RunLock(root, "sweep").acquire()
