@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,9 +76,34 @@ def test_a_runs_own_files_stand_for_the_run(tiny_run: Path, tmp_path: Path, caps
     image = make_image(tmp_path / "one.png", (200, 30, 30))
     assert main(["predict", str(tiny_run / "config.yaml"), str(image), "--out", str(tmp_path), "--quiet"]) == 0
     assert (tmp_path / "predictions.csv").read_text().count("\n") == 2
-    assert main(["predict", str(last), str(image), "--checkpoint", "best", "--out", str(tmp_path)]) == 0
+    assert main(["predict", str(last), str(image), "--checkpoint", "last", "--out", str(tmp_path)]) == 0
     assert main(["predict", str(last), str(image), "--checkpoint", "epoch1", "--out", str(tmp_path)]) == 2
     assert "last.ckpt given with --checkpoint epoch1: keep one of the two" in capsys.readouterr().err
+    # An explicit --checkpoint best is not the default: it contradicts the file given, as any other name does.
+    assert main(["predict", str(last), str(image), "--checkpoint", "best", "--out", str(tmp_path)]) == 2
+    assert "last.ckpt given with --checkpoint best: keep one of the two" in capsys.readouterr().err
+
+
+def test_checkpoint_given_as_a_path(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--checkpoint takes a name; a path to the run's own file means that file, another run's file is named."""
+    import shutil
+
+    from classlab.cli import main
+
+    assert main(["eval", str(tiny_run), "--split", "val", "--checkpoint", str(tiny_run / "checkpoints/last.ckpt")]) == 0
+    assert "last.ckpt" in capsys.readouterr().out
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other)
+    given = str(other / "checkpoints" / "last.ckpt")
+    assert main(["eval", str(tiny_run), "--checkpoint", given]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --checkpoint {given}: that file belongs to run '{other}'; give that folder as the run, "
+        "or a checkpoint name of this run (best, last, epochN)\n"
+    )
+    loose = tmp_path / "model.ckpt"
+    loose.write_bytes(b"x")
+    assert main(["export", str(tiny_run), "--checkpoint", str(loose)]) == 2
+    assert "give a checkpoint's name in the run (best, last, epochN), not a file path" in capsys.readouterr().err
 
 
 def test_tables_align_korean_class_names() -> None:
@@ -162,3 +188,31 @@ def test_eval_on_a_labelled_folder_the_run_never_saw(tiny_run: Path, tmp_path: P
     }.items():
         code, _, err = cli(capsys, "eval", str(tiny_run), *args)
         assert code != 0 and len(error_lines(err)) == 1 and expected in err, (args, err)
+
+
+def test_a_checkpoint_from_another_run_is_named_as_such(tiny_run: Path, tmp_path: Path) -> None:
+    """Before: 'does not fit the run's model: Error(s) in loading state_dict for ClassifierModel:' and nothing more."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval", "export"))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    state = ckpt["state_dict"]
+    head = next(k for k, v in reversed(state.items()) if v.ndim == 2 and v.shape[0] == 10)
+    rotation = dict(ckpt, state_dict={**state, head: state[head][:4], head.replace("weight", "bias"): torch.zeros(4)})
+    rotation["classlab"] = dict(ckpt["classlab"], task="rotation", classes=["0", "90", "180", "270"])
+    torch.save(rotation, run / "checkpoints" / "epoch7.ckpt")
+    result = run_cli("eval", str(run), "--checkpoint", "epoch7")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(
+        f"error: {run / 'checkpoints' / 'epoch7.ckpt'} comes from another run: a rotation run with 4 classes "
+        f"(0, 90, 180, 270), while '{run}' is a classify run with 10; give the run folder that wrote it"
+    )
+    # The same classes but another network: the first tensor that differs, with both shapes.
+    first = next(k for k, v in state.items() if v.ndim == 4)
+    other = dict(ckpt, state_dict={**state, first: state[first][:1]})
+    torch.save(other, run / "checkpoints" / "epoch8.ckpt")
+    result = run_cli("predict", str(run / "checkpoints" / "epoch8.ckpt"), str(tmp_path))
+    shape = list(state[first].shape)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert f"does not fit the model of '{run}' ({first.removeprefix('model.')} is [1, {shape[1]}" in result.stderr
+    assert f"in it, {shape} in the model)" in result.stderr
+    assert not (tmp_path / "predictions.csv").exists()

@@ -224,11 +224,25 @@ def _runs_named(items: list[str], args: argparse.Namespace) -> list[str]:
         raise ConfigError(
             f"checkpoints {', '.join(sorted(picked))} given: give the run folders and one --checkpoint for all of them"
         )
+    given = args.checkpoint
+    if given is not None and ("/" in given or os.sep in given) and Path(given).is_file():
+        # --checkpoint runs/x/checkpoints/last.ckpt: a path, where a name in the run is meant
+        folder, name = run_of(given)
+        if name is None or Path(folder).resolve() not in {Path(r).resolve() for r in runs}:
+            raise ConfigError(
+                f"--checkpoint {given}: that file belongs to run '{folder}'; give that folder as the run, or a "
+                "checkpoint name of this run (best, last, epochN)"
+                if name
+                else f"--checkpoint {given}: give a checkpoint's name in the run (best, last, epochN), not a file path"
+            )
+        given = args.checkpoint = name
     if picked:
         (checkpoint,) = picked
-        if args.checkpoint not in ("best", checkpoint):
-            raise ConfigError(f"{checkpoint}.ckpt given with --checkpoint {args.checkpoint}: keep one of the two")
+        if given not in (None, checkpoint):
+            raise ConfigError(f"{checkpoint}.ckpt given with --checkpoint {given}: keep one of the two")
         args.checkpoint = checkpoint
+    if args.checkpoint is None:
+        args.checkpoint = "best"
     return runs
 
 
@@ -498,7 +512,7 @@ def _add_run_commands(sub: Any) -> None:
         help="labelled images the run never saw instead of a split: FOLDER/<class>/*.jpg (its test/ part when it "
         "has one) or a CSV manifest with the run's columns",
     )
-    p.add_argument("--checkpoint", default="best", help="best, last, epochN (default best)")
+    p.add_argument("--checkpoint", help="best, last, epochN (default best)")
     p.add_argument(
         "--tta",
         metavar="MODES",
@@ -521,7 +535,7 @@ def _add_run_commands(sub: Any) -> None:
     )
     _add_ensemble_and_submission_args(p)
     p.add_argument("--out", help="CSV file to write (default predictions.csv)")
-    p.add_argument("--checkpoint", default="best", help="best, last, epochN (default best)")
+    p.add_argument("--checkpoint", help="best, last, epochN (default best)")
     p.add_argument("--top", type=_at_least(1), default=3, help="how many classes per image (default 3)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
@@ -543,7 +557,7 @@ def _add_run_commands(sub: Any) -> None:
     p.add_argument("format_word", nargs="?", choices=["onnx", "pt2"], metavar="FORMAT", help="the same as --format")
     p.add_argument("--format", choices=["onnx", "pt2"], help="file format (default onnx)")
     p.add_argument("--out", help="file to write (default RUN/export/model.<format>)")
-    p.add_argument("--checkpoint", default="best", help="best, last, epochN (default best)")
+    p.add_argument("--checkpoint", help="best, last, epochN (default best)")
     p.set_defaults(func=cmd_export)
 
 

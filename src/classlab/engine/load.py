@@ -101,11 +101,49 @@ def load(run: str | Path | RunFolder, checkpoint: str = "best", device: str = "c
     weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     try:
         model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise ClassLabError(
-            f"{run.checkpoint(checkpoint)} does not fit the run's model: {str(exc).splitlines()[0]}"
-        ) from None
+    except RuntimeError:
+        raise ClassLabError(_misfit(run, checkpoint, meta, classes, cfg.task, model, weights)) from None
     model.eval().to(device)
     loaded = LoadedRun(run, cfg, model, classes, size, channels)
     loaded.tasks = layout
     return loaded
+
+
+def _misfit(
+    run: RunFolder,
+    checkpoint: str,
+    meta: dict[str, Any],
+    classes: list[str],
+    task: str,
+    model: torch.nn.Module,
+    weights: dict[str, torch.Tensor],
+) -> str:
+    """Why a checkpoint's weights do not fit the run's model, in one line.
+
+    torch's own message is a multi-line list whose first line says nothing; the usual cause is a
+    checkpoint copied from another run, which its saved task and classes show.
+    """
+    path = run.checkpoint(checkpoint)
+    theirs = meta.get("classes")
+    if isinstance(theirs, list) and (theirs != classes or meta.get("task", task) != task):
+        shown = ", ".join(map(str, theirs[:4])) + (", ..." if len(theirs) > 4 else "")
+        return (
+            f"{path} comes from another run: a {meta.get('task', 'classify')} run with {len(theirs)} classes "
+            f"({shown}), while '{run.path}' is a {task} run with {len(classes)}; give the run folder that "
+            "wrote it, or that run's checkpoint file"
+        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    extra = [k for k in weights if k not in own]
+    shapes = [k for k in own if k in weights and own[k].shape != weights[k].shape]
+    if shapes:
+        key = shapes[0]
+        problem = f"{key} is {list(weights[key].shape)} in it, {list(own[key].shape)} in the model"
+    elif missing:
+        problem = f"it lacks {missing[0]}" + (f" and {len(missing) - 1} more tensors" if len(missing) > 1 else "")
+    else:
+        problem = f"it has {extra[0]} the model lacks" if extra else "its tensors differ"
+    return (
+        f"{path} does not fit the model of '{run.path}' ({problem}); it was written by another run or another "
+        "classlab version: give the run folder that wrote it"
+    )
