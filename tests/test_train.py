@@ -366,3 +366,44 @@ def test_resume_refuses_a_different_model_and_records_other_changes(
     code, out, err = cli(capsys, "train", *args, "epochs=2", "optim.lr=0.02", "--resume")  # a finished run
     assert code == 0 and "already finished its 2 epochs: nothing to train; to train it longer: --resume epochs=3" in out
     assert len(_rows(run / "metrics.csv")) == 2
+
+
+def test_resume_says_config_file_edits_it_does_not_apply(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--resume reads the run's own config.yaml; an edit to the config file (epochs: 3) looked applied and was not."""
+    from tests.faults import cli
+
+    config = tmp_path / "exp.yaml"
+    config.write_text("exp_name: e\nepochs: 1\noptim: {lr: 0.05}\n")
+    args = [a for a in tiny_config(tmp_path, **{"data.images_per_class": 10}) if not a.startswith(("epochs", "optim"))]
+    assert cli(capsys, "train", str(config), *args)[0] == 0
+    config.write_text("exp_name: e\nepochs: 3\noptim: {lr: 0.02}\n")
+    code, out, err = cli(capsys, "train", str(config), *args, "optim.lr=0.02", "--resume")
+    assert code == 0, err
+    assert (
+        f"note: {config} differs from the run's own config.yaml in epochs (file 3, run 1); --resume goes on with "
+        "the run's settings: give a change as an override (epochs=3), as for any resumed run"
+    ) in out
+    assert "optim.lr" not in out.split("note:")[1]  # given as an override: applied, so not an unapplied edit
+    assert len(_rows(tmp_path / "runs" / "e" / "metrics.csv")) == 1
+
+
+def test_the_returned_run_is_found_after_the_notebook_changes_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a relative run.root gave RunFolder('runs/nb'); after os.chdir, evaluate() said it was not found."""
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    cfg = {
+        "exp_name": "nb",
+        "epochs": 1,
+        "run": {"root": "runs"},
+        "data": {"images_per_class": 10, "cache_dir": str(tmp_path / "cache")},
+        "model": {"layers": [8, "p"]},
+        "trainer": {"progress": False},
+    }
+    run = classlab.train(cfg, quiet=True)
+    assert run.path == tmp_path / "project" / "runs" / "nb"
+    monkeypatch.chdir(tmp_path)
+    summary = json.loads((Path(run) / "summary.json").read_text())  # Path(run): a RunFolder is a path too
+    assert classlab.evaluate(run)["top1"] == pytest.approx(summary["test_acc"])
+    assert os.fspath(run) == str(tmp_path / "project" / "runs" / "nb")

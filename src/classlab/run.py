@@ -203,6 +203,10 @@ class RunFolder:
     def __repr__(self) -> str:
         return f"RunFolder('{self.path}')"
 
+    def __fspath__(self) -> str:
+        """``classlab.train`` returns a RunFolder: ``Path(run) / "export"`` and ``open`` take it as its path."""
+        return str(self.path)
+
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
@@ -667,8 +671,10 @@ def new_run_path(root: str | Path, exp_name: str | None, default_name: str, numb
     """Where a new run goes: ``root/exp_name``; without a name, the first free ``default_name[-N]``.
 
     Returns the path and whether the name was chosen by the user (then a taken name is refused).
+    The path is absolute: ``classlab.train`` returns it, and a notebook that changes its working
+    folder afterwards must still find the run (a relative ``run.root`` means the folder at the call).
     """
-    root = Path(root)
+    root = Path(root).absolute()
     if exp_name:
         return root / exp_name, True
     candidate = root / default_name

@@ -32,6 +32,7 @@ from classlab.config import (
     stage_config,
     validate,
     with_overrides,
+    yaml_text,
 )
 from classlab.data.pipeline import DataBundle, load_data
 from classlab.data.tasks import TaskLayout
@@ -239,6 +240,25 @@ def _resume_changes(saved: Config, cfg: Config, run: RunFolder) -> list[str]:
     return [f"{k} {old!r} -> {new!r}" for k, old, new in changes if k not in RESUME_UNSAID]
 
 
+def _say_file_edits(config: str | Path, cfg: Config, from_file: Config, console: Console) -> None:
+    """A config file edited since the run began (epochs: 300) is not what --resume reads: the run goes on with
+    its own config.yaml, and only overrides change it. Unsaid, the edit looks applied and is not."""
+    edits = [
+        (key, run_value, file_value)
+        for key, run_value, file_value in changed_keys(cfg, from_file)
+        if key not in RESUME_UNSAID and key not in RESUME_MAY_MOVE and key != "exp_name"
+    ]
+    if not edits:
+        return
+    shown = ", ".join(f"{k} (file {new!r}, run {old!r})" for k, old, new in edits[:3])
+    more = f" and {len(edits) - 3} more" if len(edits) > 3 else ""
+    key, _, value = edits[0]
+    console.print(
+        f"note: {config} differs from the run's own config.yaml in {shown}{more}; --resume goes on with the run's "
+        f"settings: give a change as an override ({key}={yaml_text(value)}), as for any resumed run"
+    )
+
+
 def _resume_state(
     run: RunFolder, lock: RunLock, cfg: Config, config: Config | str | Path | dict | None, overrides: list[str] | None
 ) -> tuple[Config, Any, Path | None, list[str]]:
@@ -353,9 +373,12 @@ def _fit_run(
     console = Console(quiet=quiet, stderr=False, highlight=False, soft_wrap=True)
     saved_split, last_ckpt = None, None
     if resume:
+        from_file = cfg
         cfg, saved_split, last_ckpt, changes = _resume_state(run, lock, cfg, config, overrides)
         if changes:
             console.print(f"resuming with changes: {'; '.join(changes)}")
+        if isinstance(config, str | Path) and _is_zero():
+            _say_file_edits(config, cfg, from_file, console)
         _say_if_finished(run, cfg, console)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
