@@ -11,8 +11,8 @@ from conftest import tiny_config
 import classlab
 from classlab.config import load_config, read_ini
 from classlab.data.pipeline import load_data
-from classlab.engine.trainer import build_network
-from classlab.errors import ClassLabError
+from classlab.engine.trainer import build_network, init_from_line
+from classlab.errors import ClassLabError, ConfigError
 from classlab.models import build_model, load_backbone_weights
 from classlab.run import safe_torch_load
 
@@ -138,3 +138,48 @@ def test_ini_transfer_keys_map_onto_the_schema(tmp_path: Path) -> None:
     }
     cfg = load_config(ini)
     assert (cfg.model.init_from, cfg.model.truncate_at, cfg.model.head_conv) == ("runs/rot:epoch5", 7, False)
+
+
+def test_init_from_says_what_it_loaded_and_refuses_to_freeze_what_it_did_not(workdir: Path, rot_run: Path) -> None:
+    """A transfer that took only part of the backbone was silent; frozen, the rest stayed random for good."""
+    deeper = "model.layers=[16,p,32,p,64,p,64]"  # one conv more than the rotation run has
+    with pytest.raises(ConfigError) as err:
+        cfg = _cfg(workdir, f"model.init_from={rot_run}", deeper, "model.freeze=all")
+        build_network(cfg, load_data(cfg))
+    assert str(err.value).startswith(
+        f"model.init_from={rot_run}: model.freeze=all would freeze 3 tensor(s) that run's checkpoint does not hold "
+        "(blocks.6.0.weight, blocks.6.1.weight, blocks.6.1.bias), leaving them random"
+    )
+    cfg = _cfg(workdir, f"model.init_from={rot_run}", deeper, "model.freeze=up_to:6")
+    net = build_network(cfg, load_data(cfg)).net
+    report = net.init_report
+    assert report["task"] == "rotation" and report["checkpoint"] == "best.ckpt"
+    assert report["loaded_tensors"] == 18 and "blocks.6.0.weight" in report["left"]
+    assert init_from_line(report).startswith(
+        f"model.init_from: rotation run {rot_run} (best.ckpt): loaded 18 backbone tensors, left 6 at their initial "
+        "values: "
+    )
+    with pytest.raises(ClassLabError, match=rf"^model.init_from={workdir}/runs/nope: run folder .* not found"):
+        cfg = _cfg(workdir, f"model.init_from={workdir}/runs/nope")
+        build_network(cfg, load_data(cfg))
+
+
+def test_force_moves_the_old_run_only_once_the_new_one_can_start(workdir: Path) -> None:
+    """--force with a refused setting (class weights of a class that does not exist, early stopping without
+    validation) moved the old run aside and left no run, or a half-made one, under the name."""
+    overrides = tiny_config(workdir, epochs=1, **{"data.images_per_class": 20, "model.layers": LAYERS})
+    old = workdir / "runs" / "kept"
+    old.mkdir(parents=True)
+    (old / "summary.json").write_text('{"status": "finished"}')
+    refused = [
+        ("loss.class_weights={lion: 2.0}", r"loss.class_weights: unknown class\(es\) lion"),
+        ("data.val_fraction=0", "trainer.patience needs a validation set"),
+    ]
+    for override, message in refused:
+        with pytest.raises(ClassLabError, match=message):
+            classlab.train(None, [*overrides, "exp_name=kept", "trainer.patience=2", override], force=True, quiet=True)
+        assert sorted(p.name for p in old.parent.iterdir() if p.name.startswith("kept")) == ["kept"]
+        assert (old / "summary.json").read_text() == '{"status": "finished"}'
+    with pytest.raises(ClassLabError, match="trainer.patience needs a validation set"):
+        classlab.train(None, [*overrides, "exp_name=fresh", "data.val_fraction=0", "trainer.patience=2"], quiet=True)
+    assert not (workdir / "runs" / "fresh").exists()

@@ -49,6 +49,7 @@ from classlab.engine.trainer import (
     build_task,
     build_trainer,
     final_test,
+    init_from_line,
     load_stage_weights,
     precision_notice,
 )
@@ -112,7 +113,9 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _make_run(cfg: Config, resume: bool, force: bool) -> tuple[RunFolder, Config]:
+def _make_run(cfg: Config, resume: bool, force: bool, *, move_now: bool = True) -> tuple[RunFolder, Config]:
+    """The run's folder and the config named after it; ``--force`` moves an old run aside here, or, with
+    ``move_now=False``, only once the new run is about to be written (``_replace_old``)."""
     joined = os.environ.get(RUN_DIR_ENV)
     if joined and os.environ.get("LOCAL_RANK", "0") != "0":
         return RunFolder(joined), cfg
@@ -132,9 +135,28 @@ def _make_run(cfg: Config, resume: bool, force: bool) -> tuple[RunFolder, Config
                 f"run folder '{path}' already exists{how}; use {resume}, --force to move it aside, "
                 f"or choose another exp_name"
             )
-        moved = move_aside(path)
-        print(f"moved the old run to {moved}", file=sys.stderr)
+        if move_now:
+            _replace_old(path)
     return RunFolder(path), cfg.model_copy(update={"exp_name": path.name})
+
+
+def _create_run(run: RunFolder, lock: RunLock, cfg: Config, data: DataBundle, force: bool) -> None:
+    """The new run's folder and first files, once everything that can refuse the run has passed."""
+    if force:
+        _replace_old(run.path)
+    with run.creating():  # a write that fails here takes the new folder away again
+        lock.acquire()
+        _write_run_start(run, cfg, data)
+
+
+def _replace_old(path: Path) -> None:
+    """``--force``: the old run moves aside only when the new one is ready to be written, so a run refused
+    for its data, class weights or ``model.init_from`` leaves the old one where it was."""
+    if not path.exists():
+        return
+    RunLock(path).check_free()
+    moved = move_aside(path)
+    print(f"moved the old run to {moved}", file=sys.stderr)
 
 
 def train(
@@ -305,6 +327,7 @@ def _announce(run: RunFolder, cfg: Config, data: DataBundle, net: torch.nn.Modul
     """The summary's first fields and the run's first lines: what trains, how much of it, on what."""
     params = count_params(net)
     weights = _pretrained_report(net)
+    transfer = getattr(net, "init_report", None)
     trainable = trainable_at_start(net, cfg.model.unfreeze_at_epoch)
     run.update_summary(
         status="running",
@@ -315,6 +338,7 @@ def _announce(run: RunFolder, cfg: Config, data: DataBundle, net: torch.nn.Modul
         params=params,
         params_trainable=trainable,
         **({"pretrained": weights.summary()} if weights else {}),
+        **({"init_from": transfer} if transfer else {}),
         epochs=cfg.epochs,
         image_size=data.size,
         loader=data.mode,
@@ -329,7 +353,9 @@ def _announce(run: RunFolder, cfg: Config, data: DataBundle, net: torch.nn.Modul
         f"test images at {data.size}px, {data.mode} loader -> {run.path}"
     )
     notice = precision_notice(cfg)
-    for line in ([weights.line(), *weights.notes] if weights else []) + data.notices + ([notice] if notice else []):
+    lines = [weights.line(), *weights.notes] if weights else []
+    lines += [init_from_line(transfer)] if transfer else []
+    for line in lines + data.notices + ([notice] if notice else []):
         console.print(line)
 
 
@@ -345,11 +371,13 @@ def _train_one(
 ) -> RunFolder:
     """One run in one folder, which process 0 holds locked (run.lock) from start to end."""
     tracking.check_loggers(cfg.trainer.loggers)  # a missing package fails before the run folder exists
-    run, cfg = _make_run(cfg, resume, force)
+    run, cfg = _make_run(cfg, resume, force, move_now=False)
     lock = run.lock()
     threads = torch.get_num_threads()  # trainer.threads is this run's: a notebook's later work keeps its own
     try:
-        return _fit_run(run, lock, cfg, config, overrides, resume=resume, quiet=quiet, start_from=start_from)
+        return _fit_run(
+            run, lock, cfg, config, overrides, resume=resume, force=force, quiet=quiet, start_from=start_from
+        )
     except RunWriteError as exc:
         if lock.held:  # a full disk or a read-only folder outside the fit loop (summary, test)
             run.mark_failed("failed", str(exc))
@@ -367,6 +395,7 @@ def _fit_run(
     overrides: list[str] | None,
     *,
     resume: bool,
+    force: bool,
     quiet: bool,
     start_from: Path | None,
 ) -> RunFolder:
@@ -390,10 +419,6 @@ def _fit_run(
     model = build_network(cfg, data)
     if start_from is not None and not resume:
         load_stage_weights(model.net, start_from)
-    if _is_zero() and not resume:
-        with run.creating():  # a write that fails here takes the new folder away again
-            lock.acquire()
-            _write_run_start(run, cfg, data)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
@@ -404,8 +429,11 @@ def _fit_run(
     val_loader = (
         data.val.loader(batch, shuffle=False, seed=cfg.seed, size=data.size, workers=workers) if data.val else None
     )
+    # The task checks what needs the data's classes (loss.class_weights) before the run folder exists.
     task = build_task(cfg, data, model, len(train_loader))
     task.has_val = val_loader is not None
+    if _is_zero() and not resume:
+        _create_run(run, lock, cfg, data, force)
     if _is_zero():
         _announce(run, cfg, data, model.net, console)
     extra_columns = task.metric_columns()

@@ -55,6 +55,45 @@ def _net_state(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model.net."): v for k, v in state.items() if k.startswith("model.net.")}
 
 
+def _load_init_from(net: torch.nn.Module, spec: str, freeze: str) -> dict[str, Any]:
+    """The backbone of another run; what was loaded is said in the run's first lines, since a transfer
+    that silently took half the tensors (another depth, a truncated source) looks like a poor result.
+    A frozen layer the run did not fill would stay random for good, so that is refused."""
+    try:
+        path = resolve_init_from(spec)
+        loaded = load_backbone_weights(net, _net_state(path))
+    except ClassLabError as exc:
+        raise type(exc)(f"model.init_from={spec}: {exc}") from None
+    left = set(loaded["missing"])
+    frozen = [k for k, p in net.named_parameters() if not p.requires_grad and k in left]
+    if frozen:
+        shown = ", ".join(frozen[:3]) + (f" and {len(frozen) - 3} more" if len(frozen) > 3 else "")
+        raise ConfigError(
+            f"model.init_from={spec}: model.freeze={freeze} would freeze {len(frozen)} tensor(s) that run's "
+            f"checkpoint does not hold ({shown}), leaving them random: build the model as that run did, cut it "
+            "to the blocks it has (model.truncate_at), or freeze fewer blocks (model.freeze=up_to:K)"
+        )
+    source = RunFolder(path.parent.parent)
+    return {
+        "run": str(source.path),
+        "checkpoint": path.name,
+        "task": source.read_config_tree().get("task") or "classify",
+        "loaded_tensors": len(loaded["loaded"]),
+        "left": loaded["missing"],
+    }
+
+
+def init_from_line(report: dict[str, Any]) -> str:
+    """One line: which run's weights, how many tensors, which backbone tensors kept their initial values."""
+    left = report["left"]
+    shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
+    return (
+        f"model.init_from: {report['task']} run {report['run']} ({report['checkpoint']}): loaded "
+        f"{report['loaded_tensors']} backbone tensors, left {len(left)} at their initial values"
+        + (f": {shown}" if left else "")
+    )
+
+
 def build_network(cfg: Config, data: DataBundle) -> ClassifierModel:
     """Normalisation + the configured network, with init_from weights and data-set layers set."""
     if cfg.task == "multitask":
@@ -65,7 +104,7 @@ def build_network(cfg: Config, data: DataBundle) -> ClassifierModel:
     else:
         net = inner = build_model(cfg.model.spec(), data.num_classes, data.channels, data.size)
     if cfg.model.init_from:
-        load_backbone_weights(inner, _net_state(resolve_init_from(cfg.model.init_from)))
+        net.init_report = _load_init_from(inner, cfg.model.init_from, cfg.model.freeze)
     # Pretrained weights bring their own normalisation (ImageNet's, timm's pretrained_cfg).
     normalize = Normalize(*(pretrained.normalization(cfg.model.spec()) or (data.mean, data.std)))
     init_from_data = getattr(inner, "init_from_data", None)
@@ -115,7 +154,12 @@ def check_size_schedule(cfg: Config, model: ClassifierModel, channels: int, size
 
 
 def build_task(cfg: Config, data: DataBundle, model: ClassifierModel, steps_per_epoch: int) -> ClassifyTask:
-    """The LightningModule of ``cfg.task``; erased boxes are filled with the data's mean colour."""
+    """The LightningModule of ``cfg.task``; erased boxes are filled with the data's mean colour.
+
+    Everything it refuses (class weights, sizes, early stopping) is refused before the run folder exists.
+    """
+    if cfg.trainer.patience and not data.val:
+        raise ClassLabError("trainer.patience needs a validation set; set data.val_fraction above 0")
     check_size_schedule(cfg, model, data.channels, data.size)
     mean = data.mean if data.mean.ndim == 1 else data.mean.mean((1, 2))
     fill = tuple(int(round(float(v) * 255)) for v in mean)
@@ -199,8 +243,6 @@ def _checkpoint_callbacks(cfg: Config, run: RunFolder, has_val: bool, steps_per_
                 monitor=cfg.trainer.monitor, mode=mode, patience=cfg.trainer.patience, check_on_train_epoch_end=False
             )
             callbacks.append(stop)
-    elif cfg.trainer.patience:
-        raise ClassLabError("trainer.patience needs a validation set; set data.val_fraction above 0")
     if cfg.trainer.ema_decay:
         from classlab.engine.ema import EMACallback
 
