@@ -189,8 +189,22 @@ def test_images_per_class() -> None:
     labels = np.repeat(np.arange(3), 30)
     split = make_split(labels, val_fraction=0.1, seed=0, class_names=list("abc"), images_per_class=5)
     assert np.bincount(labels[split["train"]]).tolist() == [5, 5, 5]
-    with pytest.raises(ClassLabError, match="images_per_class=40"):
+    with pytest.raises(ClassLabError, match="images_per_class=40") as err:
         make_split(labels, val_fraction=0.1, seed=0, class_names=list("abc"), images_per_class=40)
+    # The line names the fix: 27 of each class's 30 are left for training after the validation split.
+    assert str(err.value).endswith(
+        "a (27), b (27), c (27); use data.images_per_class=27 or less, or lower data.val_fraction"
+    )
+
+
+def test_images_per_class_passes_over_combinations_the_data_never_has() -> None:
+    """Multi-task classes are every combination of the tasks' classes; one that no image carries has nothing to
+    draw, and counting it short made every data.images_per_class refuse."""
+    labels = np.repeat([0, 1, 3], 10)  # class 2 (say age=60+|gender=male) occurs nowhere
+    split = make_split(labels, val_fraction=0.2, seed=0, class_names=list("abcd"), images_per_class=4)
+    assert np.bincount(labels[split["train"]], minlength=4).tolist() == [4, 4, 0, 4]
+    with pytest.raises(ClassLabError, match=r"^data.images_per_class=9 .*: a \(8\), b \(8\), d \(8\); use"):
+        make_split(labels, val_fraction=0.2, seed=0, class_names=list("abcd"), images_per_class=9)
 
 
 def test_csv_manifest_groups_and_escape(tmp_path: Path) -> None:
@@ -219,6 +233,43 @@ def test_csv_manifest_groups_and_escape(tmp_path: Path) -> None:
     cfg2 = load_config(None, ["data.dataset=csv", f"data.root={root}", "data.csv_file=evil.csv"])
     with pytest.raises(ClassLabError, match="outside data.root"):
         open_dataset(cfg2.data)
+
+
+def test_csv_images_through_a_linked_folder_inside_the_root(tmp_path: Path) -> None:
+    """data/images -> /mnt/disk/images is a common layout; the path as written stays inside data.root, so the
+    manifest reads. Written paths that leave the root ('../') are still refused."""
+    disk = tmp_path / "disk" / "images"
+    for i in range(6):
+        make_image(disk / f"{i}.png", (200, 0, 0) if i % 2 else (0, 0, 200))
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "images").symlink_to(disk, target_is_directory=True)
+    rows = [f"images/{i}.png,{'red' if i % 2 else 'blue'}" for i in range(6)]
+    (root / "train.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    cfg = load_config(None, ["data.dataset=csv", f"data.root={root}", "data.csv_file=train.csv"])
+    source = open_dataset(cfg.data)
+    assert len(source.train.files or []) == 6 and source.classes == ["blue", "red"]
+    (root / "up.csv").write_text("path,label\nimages/../../disk/images/0.png,blue\n")
+    cfg2 = load_config(None, ["data.dataset=csv", f"data.root={root}", "data.csv_file=up.csv"])
+    with pytest.raises(ClassLabError, match="path 'images/../../disk/images/0.png' is outside data.root"):
+        open_dataset(cfg2.data)
+
+
+def test_blank_group_ids_are_named_not_pooled(tmp_path: Path) -> None:
+    """Rows with an empty data.group_column used to form one silent group of unrelated images."""
+    root = tmp_path / "img"
+    rows = ["path,label,person"]
+    for i in range(8):
+        make_image(root / f"{i}.png", (200, 0, 0) if i % 2 else (0, 0, 200))
+        rows.append(f"{i}.png,{'a' if i % 2 else 'b'},{'' if i in (2, 5) else f'p{i // 2}'}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    overrides = ["data.dataset=csv", f"data.root={root}", "data.csv_file=train.csv", "data.group_column=person"]
+    with pytest.raises(DataProblems) as err:
+        load_data(load_config(None, [*overrides, f"data.cache_dir={tmp_path / 'c'}"]))
+    text = str(err.value)
+    assert "2 problem(s)" in text
+    assert "train.csv, line 4: empty group (column 'person'); give every image its group" in text
+    assert "train.csv, line 7: empty group" in text
 
 
 def test_csv_test_manifest_is_the_test_split(tmp_path: Path) -> None:

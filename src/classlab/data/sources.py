@@ -429,7 +429,17 @@ def _portable(rel: str, base: Path) -> str:
     return rel.replace("\\", "/")
 
 
-def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | None) -> _Manifest:
+def _empty_group(manifest: Path, line: int, column: str) -> str:
+    """Blank group ids would all be one group: unrelated images kept together on one side of the split."""
+    return (
+        f"{manifest}, line {line}: empty group (column '{column}'); give every image its group "
+        "(an image that shares none with others gets an id of its own)"
+    )
+
+
+def _read_manifest(
+    cfg: DataSection, manifest: Path, tasks: dict[str, str] | None, *, splits_by_group: bool = False
+) -> _Manifest:
     root = Path(cfg.root or "").resolve()
     text = utf8_text(manifest)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter(text))
@@ -447,6 +457,9 @@ def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | Non
     if not rows:
         raise ClassLabError(f"{manifest} has no rows")
     base = _image_dir(cfg)
+    # Containment is judged on the path as written: a folder under data.root that is a link to another
+    # disk (images/ -> /mnt/big/images) is the user's layout, while '../' or an absolute path leaves the root.
+    written_base = Path(os.path.normpath(root / (cfg.image_dir or "")))
     out = _Manifest(manifest, [], [], [], [], [])
     missing: list[str] = []  # paths as listed, of files that do not exist
     first_line: dict[Path, int] = {}
@@ -463,7 +476,7 @@ def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | Non
                 shown = ", ".join(found)
                 out.problems.append(f"{manifest}, line {line}: '{rel}' could be {shown}; write the extension")
                 continue
-        if not path.is_relative_to(root):
+        if not Path(os.path.normpath(written_base / rel)).is_relative_to(root):
             raise ClassLabError(
                 f"{manifest}, line {line}: path '{rel}' is outside data.root {root}; paths must stay inside it"
             )
@@ -486,6 +499,10 @@ def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | Non
         if not label:
             out.problems.append(f"{manifest}, line {line}: empty label")
             continue
+        group = (row.get(cfg.group_column) or "").strip() if cfg.group_column else ""
+        if splits_by_group and not group:
+            out.problems.append(_empty_group(manifest, line, cfg.group_column or ""))
+            continue
         if not path.is_file():
             what = "does not exist" if not path.exists() and not path.is_symlink() else f"is {unreadable_kind(path)}"
             out.problems.append(f"{path}: file listed in {manifest.name} (line {line}) {what}")
@@ -495,7 +512,7 @@ def _read_manifest(cfg: DataSection, manifest: Path, tasks: dict[str, str] | Non
         out.labels.append(label)
         if tasks:
             out.task_values.append(values)
-        out.groups.append((row.get(cfg.group_column) or "") if cfg.group_column else "")
+        out.groups.append(group)
     if missing and not out.files:
         _none_found(manifest, base, root, missing)
     return out
@@ -537,7 +554,10 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
     labelled with the training manifest's classes; ``data.val_csv_file`` a third, the validation set.
     """
     root = Path(cfg.root or "").resolve()
-    train = _read_manifest(cfg, _manifest_path(cfg, cfg.csv_file or "", "data.csv_file"), tasks)
+    grouped = bool(cfg.group_column) and not cfg.val_csv_file
+    train = _read_manifest(
+        cfg, _manifest_path(cfg, cfg.csv_file or "", "data.csv_file"), tasks, splits_by_group=grouped
+    )
     own_rows = len(train.files)  # rows of a validation manifest come after these
     test = val = None
     if cfg.test_csv_file:

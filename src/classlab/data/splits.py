@@ -115,21 +115,31 @@ def fold_split(fold_of: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def per_class(labels: np.ndarray, indices: np.ndarray, n: int, seed: int, class_names: Sequence[str]) -> np.ndarray:
-    """N training images a class, drawn seeded from ``indices``; too few is an error, not a silent imbalance."""
+    """N training images a class, drawn seeded from ``indices``; too few is an error, not a silent imbalance.
+
+    A class no image of the data carries (a multi-task combination that never occurs) has nothing to draw
+    and is passed over: counting it short would make every N impossible.
+    """
     rng = np.random.default_rng(seed + 7919)
+    present = set(np.unique(labels).tolist())
     chosen = []
-    short = []
+    short: list[tuple[str, int]] = []
     for cls in range(len(class_names)):
         idx = indices[labels[indices] == cls]
+        if cls not in present:
+            continue
         if len(idx) < n:
-            short.append(f"{class_names[cls]} ({len(idx)})")
+            short.append((class_names[cls], len(idx)))
             continue
         chosen.append(rng.choice(idx, size=n, replace=False))
     if short:
+        fewest = min(count for _, count in short)
+        fix = f"use data.images_per_class={fewest} or less" if fewest else "every class needs a training image"
         raise ClassLabError(
             f"data.images_per_class={n} but these classes have fewer training images after the validation split: "
-            + ", ".join(short[:10])
+            + ", ".join(f"{name} ({count})" for name, count in short[:10])
             + (" ..." if len(short) > 10 else "")
+            + f"; {fix}, or lower data.val_fraction"
         )
     return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
 
