@@ -27,6 +27,18 @@ def test_overrides_apply_with_types(tmp_path: Path) -> None:
     assert cfg.model.layers == [8, "p"]
 
 
+def test_a_mapping_override_without_the_space_after_its_colons_says_so() -> None:
+    """YAML reads {black:3.0} as the key 'black:3.0' with no value; the error was "= a section: allowed: ..."."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["loss.class_weights={race:{black:3.0}}"])
+    assert str(err.value) == (
+        "override 'loss.class_weights={race:{black:3.0}}': YAML reads 'black:3.0' as one key with no value; "
+        "put a space after each colon: loss.class_weights={race: {black: 3.0}}"
+    )
+    cfg = load_config(None, ["loss.class_weights={race: {black: 3.0}}", "data.cache_dir=C:/cache"])
+    assert cfg.loss.class_weights == {"race": {"black": 3.0}}
+
+
 def test_unknown_key_names_nearest() -> None:
     with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lrr' \(did you mean 'optim\.lr'\?\)"):
         load_config(None, ["optim.lrr=0.1"])

@@ -567,7 +567,26 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    glued = _glued_key(value)
+    if glued is not None:
+        spaced = re.sub(r":(?=[^\s])", ": ", raw.strip())
+        raise ConfigError(
+            f"override '{text}': YAML reads '{glued}' as one key with no value; put a space after each colon: "
+            f"{key}={spaced}"
+        )
     return key, _bounded(value, f"override '{key}'")
+
+
+def _glued_key(value: Any) -> str | None:
+    """A mapping key like 'black:3.0' with no value: {black:3.0} typed without YAML's space after the colon."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if v is None and isinstance(k, str) and ":" in k:
+                return k
+            inner = _glued_key(v)
+            if inner is not None:
+                return inner
+    return None
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
