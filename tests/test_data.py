@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -443,6 +444,14 @@ def test_decode_cache_reused(tmp_path: Path, color_folder: Path) -> None:
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     second = decode(source, 16, tmp_path / "cache")
     assert torch.equal(first.images, second.images)
+    # The same files labelled otherwise (data.classes reordered, a CSV corrected): their pixels are reused,
+    # without a warning, and the labels are the source's own, never the cached ones.
+    source.labels = (source.labels + 1) % (source.labels.max() + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        third = decode(source, 16, tmp_path / "cache")
+    assert torch.equal(third.images, first.images)
+    assert third.labels.tolist() == source.labels[third.kept].tolist() != first.labels.tolist()
 
 
 def test_memory_loader_order_is_function_of_seed_and_epoch() -> None:

@@ -80,14 +80,12 @@ def _cache_problem(blob: Any, index: dict[str, Any], source: Source) -> str | No
         return "is not a decode cache entry"
     if blob["index"] != index:
         return "does not match its index (another source, size or version)"
-    images, labels, kept = blob["images"], blob["labels"], np.asarray(blob["kept"], dtype=np.int64)
+    images, kept = blob["images"], np.asarray(blob["kept"], dtype=np.int64)
     expected = (len(kept), index["channels"], index["size"], index["size"])
     if images.dtype != torch.uint8 or tuple(images.shape) != expected:
         return f"holds images of shape {tuple(images.shape)}, not {expected}"
     if len(kept) + len(blob["bad"]) != len(source) or (len(kept) and (kept.min() < 0 or kept.max() >= len(source))):
         return "does not cover the source's images"
-    if not torch.equal(labels, torch.from_numpy(source.labels[kept])):
-        return "holds other labels than the source"
     if _pixels_crc(images) != blob["crc"]:
         return "has pixels that fail their checksum (cut short or overwritten)"
     return None
@@ -127,8 +125,9 @@ def decode(
                 problem = _cache_problem(blob, index, source)
             except Exception as exc:  # noqa: BLE001 - a broken cache is rebuilt, never trusted
                 problem = f"does not load ({str(exc)[:120]})"
-            if problem is None:
-                return Decoded(blob["images"], blob["labels"], np.asarray(blob["kept"]), list(blob["bad"]))
+            if problem is None:  # labels come from the source: relabelling the same files reuses their pixels
+                kept = np.asarray(blob["kept"], dtype=np.int64)
+                return Decoded(blob["images"], torch.from_numpy(source.labels[kept].copy()), kept, list(blob["bad"]))
             warnings.warn(f"decode cache {cache_path} {problem}; decoding the images again", stacklevel=2)
 
     def one(i: int) -> torch.Tensor | str:
