@@ -236,6 +236,25 @@ def test_csv_manifest_groups_and_escape(tmp_path: Path) -> None:
         open_dataset(cfg2.data)
 
 
+def test_labels_that_read_as_missing_values_are_noted(tmp_path: Path) -> None:
+    """R's write.csv writes a missing label as NA; trained, it is a class the model learns to predict."""
+    root = tmp_path / "img"
+    rows = ["path,label"]
+    for i in range(9):
+        make_image(root / f"{i}.png", (20 * i, 0, 0))
+        rows.append(f"{i}.png,{['cat', 'dog', 'NA'][i % 3]}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    args = ["data.dataset=csv", f"data.root={root}", "data.csv_file=train.csv", f"data.cache_dir={tmp_path / 'c'}"]
+    bundle = load_data(load_config(None, [*args, "data.val_fraction=0"]))
+    assert bundle.classes == ["cat", "dog", "NA"]
+    assert bundle.notices == [
+        "note: 3 row(s) of train.csv have 'NA' in column 'label', trained as a class of its own; if it marks a "
+        "missing label, remove those rows from the manifest"
+    ]
+    (root / "train.csv").write_text("\n".join(r.replace(",NA", ",bird") for r in rows) + "\n")
+    assert load_data(load_config(None, [*args, "data.val_fraction=0"])).notices == []
+
+
 def test_csv_images_through_a_linked_folder_inside_the_root(tmp_path: Path) -> None:
     """data/images -> /mnt/disk/images is a common layout; the path as written stays inside data.root, so the
     manifest reads. Written paths that leave the root ('../') are still refused."""

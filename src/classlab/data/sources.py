@@ -599,6 +599,8 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
         return source
 
     source = manifest_source("csv:train", train, labels)
+    columns = {name: [v[t] for v in train.task_values] for t, name in enumerate(tasks)} if tasks else None
+    source.notices += _missing_markers(train.path, columns or {cfg.label_column: train.labels})
     if cfg.group_column:
         source.groups = np.array(train.groups, dtype=object)
     if val is not None:
@@ -607,6 +609,24 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
         source.fingerprint = _digest(source.fingerprint, val.path.read_bytes())
     test_source = manifest_source("csv:test", test, test_labels) if test is not None else None
     return Dataset(classes, source, test_source, None, tasks=task_classes)
+
+
+# How R, pandas, spreadsheets and databases write a missing value; as a label it is a class like any other.
+MISSING_MARKERS = frozenset({"na", "n/a", "nan", "null", "none", "missing", "?", "-"})
+
+
+def _missing_markers(manifest: Path, columns: dict[str, list[str]]) -> list[str]:
+    """A note for each label that reads like a missing value (R's write.csv writes NA): trained as a class of
+    its own, it would be a class the model learns to predict, though the user never meant it as one."""
+    notes = []
+    for column, values in columns.items():
+        for value in sorted({v for v in values if v.strip().lower() in MISSING_MARKERS}):
+            rows = sum(1 for v in values if v == value)
+            notes.append(
+                f"note: {rows} row(s) of {manifest.name} have '{value}' in column '{column}', trained as a class of "
+                "its own; if it marks a missing label, remove those rows from the manifest"
+            )
+    return notes
 
 
 def _check_test_labels(held: _Manifest, labels: list[str], known: list[str], what: str) -> None:
