@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from classlab.config import load_config, read_ini
+from classlab.config import load_config, read_ini, stage_config
 from classlab.errors import ClassLabError, ConfigError
 from tests.conftest import make_image, run_cli
 
@@ -131,6 +131,22 @@ def test_a_key_given_twice_and_tab_indents_are_named(tmp_path: Path) -> None:
     tabs.write_text("data:\n\tdataset: sample\n")
     with pytest.raises(ConfigError, match=r"line 2, column 1: .*'\\t'.*: YAML indents with spaces, not tabs$"):
         load_config(tabs)
+
+
+def test_a_stage_keeps_the_runs_data_and_split() -> None:
+    """A stage that redraws the split (another val_fraction or seed) would validate on images an earlier stage
+    trained on; it is refused when the config is read, before any stage trains."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["stages=[{}, {data.image_size: 48, data.val_fraction: 0.2}]"])
+    assert str(caught.value) == (
+        "stages[1]: data.val_fraction=0.2 where the run has 0.1: every stage trains and validates on the run's own "
+        "data and split (else a later stage validates on images an earlier one trained on); set data.val_fraction "
+        "at the top of the config, and in a stage only what changes (size, epochs, optimiser)"
+    )
+    with pytest.raises(ConfigError, match=r"^stages\[0\]: seed=1 where the run has 0: "):
+        load_config(None, ["stages=[{seed: 1}]"])
+    cfg = load_config(None, ["stages=[{}, {data.image_size: 48, data.images_per_class: 20, epochs: 2}]"])
+    assert stage_config(cfg, 1).data.image_size == 48
 
 
 def test_print_config_shows_every_default() -> None:

@@ -857,7 +857,30 @@ def stage_config(cfg: Config, k: int) -> Config:
     tree = deep_merge(base, stage)
     if "stages" in stage:
         raise ConfigError("a stage cannot have stages of its own")
-    return validate(tree)
+    staged = validate(tree)
+    before, after = flatten(base), flatten(staged.to_dict())
+    moved = [key for key in STAGE_KEEPS if before.get(key) != after.get(key)]
+    if moved:
+        key = moved[0]
+        raise ConfigError(
+            f"{key}={after.get(key)!r} where the run has {before.get(key)!r}: every stage trains and validates on the "
+            "run's own data and split (else a later stage validates on images an earlier one trained on); set "
+            f"{key} at the top of the config, and in a stage only what changes (size, epochs, optimiser)"
+        )
+    return staged
+
+
+# What draws the data and its validation split: one value for all of a run's stages.
+STAGE_KEEPS = (
+    "seed",
+    "data.dataset",
+    "data.root",
+    "data.csv_file",
+    "data.val_csv_file",
+    "data.val_fraction",
+    "data.group_column",
+    "data.folds",
+)
 
 
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
