@@ -194,7 +194,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"per-class precision / recall / F1 ({'TTA' if tta else 'plain'} predictions):")
         print(format_table(metrics["report"]["per_class"]))
         print(f"expected calibration error (15 bins): {metrics['report']['ece']:.4f}")
-        written += ", per_class.csv, confident_errors.png, reliability.png, report.json"
+        written += ", per_class.csv, confident_errors.png, errors/, reliability.png, report.json"
     print(f"wrote {metrics['out']}/{{{written}}}")
     return 0
 
