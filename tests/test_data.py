@@ -290,6 +290,11 @@ def test_blank_group_ids_are_named_not_pooled(tmp_path: Path) -> None:
     assert "2 problem(s)" in text
     assert "train.csv, line 4: empty group (column 'person'); give every image its group" in text
     assert "train.csv, line 7: empty group" in text
+    # A test manifest (a competition's test.csv) has no group column: groups only decide the validation split.
+    (root / "train.csv").write_text("\n".join(r for k, r in enumerate(rows) if k not in (3, 6)) + "\n")
+    (root / "test.csv").write_text("path,label\n2.png,b\n5.png,a\n")
+    bundle = load_data(load_config(None, [*overrides, "data.test_csv_file=test.csv", f"data.cache_dir={tmp_path}"]))
+    assert len(bundle.test) == 2
 
 
 def test_csv_test_manifest_is_the_test_split(tmp_path: Path) -> None:

@@ -448,7 +448,7 @@ def _read_manifest(
     for key, col in (
         ("path_column", cfg.path_column),
         ("label_column", None if tasks else cfg.label_column),
-        ("group_column", cfg.group_column),
+        ("group_column", cfg.group_column if splits_by_group else None),  # a test manifest needs no groups
         *((f"model.tasks.{name}.column", col) for name, col in (tasks or {}).items()),
     ):
         if col is not None and col not in columns:
