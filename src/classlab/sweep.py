@@ -37,7 +37,7 @@ import yaml
 from classlab.config import Config, changed_keys, flatten, parse_override, saved_tree, validate, yaml_text
 from classlab.errors import ClassLabError, ConfigError
 from classlab.run import FOLDS, RunFolder, RunLock, atomic_write_json, is_fold_group, is_run_folder
-from classlab.train import RESUME_MAY_MOVE, RESUME_UNSAID, coerce_config, train
+from classlab.train import NOT_WHAT_TRAINS, coerce_config, train
 
 MAX_NAME = 150  # characters of a run folder name before it is shortened with a hash
 SWEEP_FILE = "sweep.json"
@@ -234,8 +234,6 @@ def plan(
 
 # Set by the sweep itself for every point: a value for them in --grid would be overwritten unseen.
 SWEEP_SETS = ("exp_name", "run.root")
-# What may differ between two calls of one sweep: how it runs, not what it trains.
-SWEEP_MAY_DIFFER = RESUME_UNSAID | RESUME_MAY_MOVE | {"exp_name"}
 
 
 def _check_grid_keys(axes: list[Axis]) -> None:
@@ -288,7 +286,7 @@ def _check_same_settings(root: Path, name: str, cfg: Config) -> None:
     changes = [
         (key, old, new)
         for key, old, new in changed_keys(saved, cfg)
-        if key not in SWEEP_MAY_DIFFER and new is not None and (key not in defaults or new != defaults[key])
+        if key not in NOT_WHAT_TRAINS and new is not None and (key not in defaults or new != defaults[key])
     ]
     if changes:
         key, old, new = changes[0]

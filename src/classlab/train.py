@@ -245,6 +245,8 @@ RESUME_MAY_MOVE = {
     )
 }  # fmt: skip
 RESUME_UNSAID = {"trainer.progress", "trainer.threads", "data.workers", "data.cache_dir", "data.loader", "run.root"}
+# How a run executes and where it lives, not what it trains: two configs differing only here train the same run.
+NOT_WHAT_TRAINS = RESUME_UNSAID | RESUME_MAY_MOVE | {"exp_name"}
 
 
 def _resume_changes(saved: Config, cfg: Config, run: RunFolder) -> list[str]:
@@ -268,7 +270,7 @@ def _say_file_edits(config: str | Path, cfg: Config, from_file: Config, console:
     edits = [
         (key, run_value, file_value)
         for key, run_value, file_value in changed_keys(cfg, from_file)
-        if key not in RESUME_UNSAID and key not in RESUME_MAY_MOVE and key != "exp_name"
+        if key not in NOT_WHAT_TRAINS
     ]
     if not edits:
         return
