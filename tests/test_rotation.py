@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -81,6 +82,18 @@ def test_pretrain_rotation_on_an_unlabelled_folder(tmp_path: Path, flat_folder: 
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1].split(",")[0] == "1"
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
+    # Its predictions are angles, said so, and its ONNX file says the same (it was refused once while predict ran).
+    out = tmp_path / "angles.csv"
+    result = run_cli("predict", str(run), str(flat_folder), "--out", str(out), "-q")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "rotation pretext model" in result.stderr and f"model.init_from={run}" in result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 60 and {r["class"] for r in rows} <= {"0", "90", "180", "270"}
+    result = run_cli("export", str(run))
+    assert result.returncode == 0 and "rotation pretext model" in result.stderr, result.stderr[-2000:]
+    result = run_cli("predict", str(run / "export" / "model.onnx"), str(flat_folder), "--out", str(out), "-q")
+    assert result.returncode == 0 and "model.init_from=RUN" in result.stderr, result.stderr[-2000:]
+    assert [r["class"] for r in csv.DictReader(out.open())] == [r["class"] for r in rows]
     # The same folder cannot be classified: one line saying what to do instead.
     result = run_cli("train", *args, "data.dataset=folder", f"data.root={flat_folder}", "exp_name=cls")
     assert result.returncode != 0

@@ -268,6 +268,8 @@ def _split_runs(items: list[str], args: argparse.Namespace) -> tuple[list[str], 
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from classlab.engine.exported import is_exported_file
+    from classlab.engine.load import rotation_note
     from classlab.predict import predict
 
     run_items, paths = _split_runs(args.items, args)
@@ -288,6 +290,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     how = result.backend + (f", TTA {args.tta}" if args.tta else "")
     print(f"wrote {result.count} prediction{'' if result.count == 1 else 's'} to {out} ({result.rate}, {how})")
+    if result.task == "rotation":
+        folders = [r for r in run_items if not is_exported_file(r)]
+        print(rotation_note(" + ".join(run_items), folders[0] if len(folders) == 1 else None), file=sys.stderr)
     if result.odd_names:
         print(
             f"note: {result.odd_names} file name(s) are not UTF-8 (an old Windows or zip tool wrote them); "
@@ -329,7 +334,9 @@ def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from classlab.engine.load import rotation_note
     from classlab.export import export
+    from classlab.run import open_run
 
     if args.format and args.format_word and args.format != args.format_word:
         raise ConfigError(f"{args.format_word} and --format {args.format} given: keep one of the two")
@@ -338,6 +345,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     (run,) = _runs_named([args.run], args)
     path = export(run, fmt, out, checkpoint=args.checkpoint)
     print(f"wrote {path} (float32 NCHW RGB in [0, 1], dynamic batch, normalization and class names included)")
+    if open_run(run).read_config_tree().get("task") == "rotation":
+        print(rotation_note(run, run), file=sys.stderr)
     return 0
 
 
@@ -484,7 +493,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         help="print the resolved config with every default, each key's allowed values as a comment",
     )
     p.add_argument("--explain", metavar="KEY", help="what a config key means, its unit, default and allowed values")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument(
         "--folds", type=_at_least(2), metavar="K", help="k-fold cross-validation: runs/<exp>/fold0..K-1 and oof.csv"
     )
@@ -537,7 +546,7 @@ def _add_run_commands(sub: Any) -> None:
     p.add_argument("--out", help="CSV file to write (default predictions.csv)")
     p.add_argument("--checkpoint", help="best, last, epochN (default best)")
     p.add_argument("--top", type=_at_least(1), default=3, help="how many classes per image (default 3)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--backend",
         choices=["torch", "onnx"],
@@ -574,7 +583,7 @@ def _add_study_commands(sub: Any) -> None:
     p.add_argument("--jobs", type=_at_least(1), default=1, help="runs at once on this machine, as subprocesses")
     p.add_argument("--ray", metavar="ADDRESS", help="send the runs to a Ray cluster (auto, ray://host:port, local)")
     p.add_argument("--ray-cpus", type=float, default=1.0, help="CPUs Ray reserves per run")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("compare", help="table (Markdown + CSV) and plots across run folders")

@@ -941,7 +941,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return validate(with_overrides(tree, overrides or []))
 
 
-_PICTURE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif")
+# The file suffixes read as images, everywhere (folders, manifests, predict, and a picture given as the config);
+# here at the ground so that the config's checks and the data layer share one list.
+# .heic/.heif: phone cameras' default format, read through the optional pillow-heif package (extra "heic").
+HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".ppm", ".pgm"} | HEIF_EXTENSIONS
+)
 _WEIGHTS_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
 
 
@@ -949,7 +955,7 @@ def _not_a_data_file(path: Path) -> None:
     """An image, a manifest or a weights file given where the config goes: what it is and the key it belongs to
     (read as YAML, an image gave a 'not UTF-8 text' line that pointed at text encodings)."""
     suffix = path.suffix.lower()
-    if suffix in _PICTURE_SUFFIXES:
+    if suffix in IMAGE_EXTENSIONS:
         root = path.parent.parent if path.parent.name else "FOLDER"  # photos/cat/0.jpg: photos holds the classes
         fix = f"to train on its folder of class folders: classlab train data.root={root}"
         raise ConfigError(f"'{path}' is an image, not a config file; {fix}")

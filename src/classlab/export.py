@@ -40,6 +40,10 @@ def default_path(run: RunFolder, fmt: str, checkpoint: str = "best") -> Path:
     return run.path / "export" / f"model{suffix}.{fmt}"
 
 
+ROTATION = "rotation"
+ROTATION_OUTPUT = " over the quarter turns each image shows; classes: degrees anticlockwise from upright"
+
+
 def metadata(loaded: LoadedRun, checkpoint: str) -> dict[str, str]:
     """What a consumer needs besides the weights: names, input layout and where it came from."""
     return {
@@ -47,7 +51,8 @@ def metadata(loaded: LoadedRun, checkpoint: str) -> dict[str, str]:
         "classlab.image_size": str(loaded.image_size),
         "classlab.channels": str(loaded.channels),
         "classlab.input": "float32 NCHW in [0, 1]; resize the shorter side, centre-crop, divide by 255",
-        "classlab.output": "logits (softmax for probabilities)",
+        "classlab.output": "logits (softmax for probabilities)" + (ROTATION_OUTPUT if loaded.task == ROTATION else ""),
+        "classlab.task": loaded.task,
         "classlab.run": str(loaded.run.path),
         "classlab.checkpoint": checkpoint,
         **({"classlab.tasks": json.dumps(loaded.tasks.to_json())} if loaded.tasks is not None else {}),
@@ -96,8 +101,6 @@ def export(
         path, checkpoint = run_and_checkpoint(run, checkpoint)
         run = open_run(path)
     loaded = load(run, checkpoint)
-    if loaded.cfg.task == "rotation":
-        raise ClassLabError("this is a rotation pretext run; export the classifier trained from it instead")
     path = Path(out) if out else default_path(run, fmt, checkpoint)
     model = (_Float01Tasks if loaded.tasks is not None else _Float01)(loaded.model).eval()
     example = torch.rand(2, loaded.channels, loaded.image_size, loaded.image_size)

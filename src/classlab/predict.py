@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from classlab.config import is_url
-from classlab.data.preprocess import IMAGE_EXTENSIONS, is_system_file
+from classlab.config import IMAGE_EXTENSIONS, is_url
+from classlab.data.preprocess import is_system_file
 from classlab.data.sources import delimiter, natural_key
 from classlab.engine.ensemble import load_runs
 from classlab.engine.exported import ExportedRun, OnnxModel
@@ -72,6 +72,7 @@ class Predictions:
     rows: list[dict[str, Any]] | None = None
     odd_names: int = 0  # file names that are not UTF-8: their bytes show as \xNN in the CSV
     backend: str = "torch"  # what ran the model: torch, or onnxruntime on an exported file
+    task: str = "classify"  # what the model predicts (LoadedRun.task): its classes are angles for "rotation"
 
     @property
     def images_per_s(self) -> float:
@@ -181,7 +182,9 @@ def predict(
     files = expand_paths(paths)
     k = max(1, min(top, len(loaded.classes)))
     columns = _columns(k, loaded.tasks)
-    result = Predictions(Path(out) if out is not None else None, 0, [], 0, 0.0, columns, backend=backend)
+    result = Predictions(
+        Path(out) if out is not None else None, 0, [], 0, 0.0, columns, backend=backend, task=loaded.task
+    )
     result.rows = [] if (out is None if keep_rows is None else keep_rows) else None
     started, shown = time.time(), 0.0
     writer = AtomicCsvWriter(out, columns) if out is not None else None

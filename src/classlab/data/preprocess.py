@@ -18,11 +18,8 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import nn
 
-# .heic/.heif: phone cameras' default format, read through the optional pillow-heif package (extra "heic").
-HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif", ".ppm", ".pgm"} | HEIF_EXTENSIONS
-)
+from classlab.config import HEIF_EXTENSIONS
+
 IGNORED_FILES = frozenset({"thumbs.db", "desktop.ini"})
 # What operating systems leave in folders: dotfiles (.DS_Store, macOS's ._photo.jpg twins), these files, and the
 # __MACOSX folder a macOS zip unpacks to beside the data. Never data, never a problem.

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from classlab.config import DataSection
-from classlab.data.preprocess import IMAGE_EXTENSIONS, BadImage, is_system_file, open_image
+from classlab.config import IMAGE_EXTENSIONS, DataSection
+from classlab.data.preprocess import BadImage, is_system_file, open_image
 from classlab.data.tasks import combined_index, combined_names
 from classlab.errors import ClassLabError, utf8_text
 

@@ -89,6 +89,10 @@ class ExportedRun(LoadedRun):
         if "classlab.tasks" in meta:  # a multitask run: its file predicts each task as the run does
             self.tasks = TaskLayout.from_json(json.loads(meta["classlab.tasks"]))
 
+    @property
+    def task(self) -> str:
+        return self.onnx.metadata.get("classlab.task", "multitask" if self.tasks is not None else "classify")
+
     def probabilities(self, images: object) -> torch.Tensor:
         return self.onnx.logits(self._batch(images)).softmax(1)  # type: ignore[arg-type]
 

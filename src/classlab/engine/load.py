@@ -25,6 +25,17 @@ from classlab.models.net import ClassifierModel
 from classlab.run import RunFolder, open_run, run_and_checkpoint, safe_torch_load
 
 
+def rotation_note(where: object, run: object = None) -> str:
+    """What a rotation pretext run's predictions mean, said wherever one is predicted or exported: its classes are
+    angles, which a user who meant its classifier would otherwise take for class names. ``run``: the run folder to
+    train a classifier from (None for an exported file, whose folder may be elsewhere)."""
+    return (
+        f"note: {where} is a rotation pretext model: its class is the quarter turn each image shows (degrees "
+        f"anticlockwise from upright; turn it back clockwise by that); to classify images, train from its run: "
+        f"classlab train model.init_from={run or 'RUN'}"
+    )
+
+
 class LoadedRun:
     """A trained model with its class names and preprocessing: call it on images.
 
@@ -39,6 +50,12 @@ class LoadedRun:
         self.run, self.cfg, self.model, self.classes = run, cfg, model, classes
         self.image_size, self.channels = size, channels
         self.max_image_pixels = cfg.data.max_image_pixels if cfg is not None else None
+
+    @property
+    def task(self) -> str:
+        """What the model predicts: 'classify', 'multitask', or 'rotation' (a pretext run: how far each image
+        is turned from upright, its classes the angles in degrees anticlockwise)."""
+        return self.cfg.task if self.cfg is not None else "classify"
 
     def to_tensor(self, image: Any) -> torch.Tensor:
         """PIL image, HWC array, CHW uint8 tensor or a path -> the uint8 tensor the model takes."""
