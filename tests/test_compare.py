@@ -137,3 +137,15 @@ def test_a_file_is_named_as_a_file_and_a_runs_own_file_stands_for_it(runs: Path,
     run = runs / "images_per_class=10,init_from=rot"
     table = compare([str(run / "summary.json")], plots=False, out=tmp_path / "cmp")
     assert [r["run"] for r in table.rows] == [run.name] and table.rows[0]["test_acc"] == 0.28
+
+
+def test_a_rotation_run_is_never_shown_as_a_classifier(tmp_path: Path) -> None:
+    """Its accuracy is over four angles: beside a classifier's with no task column it reads as the better model."""
+    root = tmp_path / "runs"
+    _fake_run(root, "cls", 10, None, 0.30)
+    rot = _fake_run(root, "rot", 10, None, 0.52)
+    tree = yaml.safe_load((rot / "config.yaml").read_text())
+    (rot / "config.yaml").write_text(yaml.safe_dump({**tree, "task": "rotation"}))
+    table = compare([str(root)], by=["model.name"], out=tmp_path / "out", plots=False)
+    assert table.by == ["model.name", "task"]
+    assert {r["run"]: r["task"] for r in table.rows} == {"cls": None, "rot": "rotation"}

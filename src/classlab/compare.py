@@ -182,7 +182,10 @@ def compare(
 ) -> Comparison:
     """Table of ``metrics`` (summary.json) and ``by`` keys (config.yaml); CSV, Markdown and PNGs under ``out``."""
     runs = read_runs(find_runs(patterns))
-    by = list(by) if by else varying_keys(runs)
+    varying = varying_keys(runs)
+    by = list(by) if by else varying
+    if "task" in varying and "task" not in by:
+        by.append("task")  # a rotation run's accuracy is over angles: never beside a classifier's unlabelled
     known = set().union(*(r.config for r in runs))
     unknown = [k for k in by + ([x] if x else []) + list(group or []) if k not in known]
     if unknown:
