@@ -47,6 +47,7 @@ from classlab.engine.metrics import (
     macro_f1,
     macro_mean,
     per_class_scores,
+    rounded,
     task_accuracies,
     task_f1_scores,
     top_k_accuracy,
@@ -138,7 +139,7 @@ def evaluate(
             source=f"tta:{plan.text}" if plan else "plain",
         )
         metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", rounded(metrics))
     _write_confusion(out, confusion_matrix(logits, labels, len(loaded.classes)), loaded.classes, metrics["top1"])
     return {**metrics, "out": str(out)}
 
@@ -235,7 +236,7 @@ def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None
             source=source,
         )  # fmt: skip
         metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(out / "metrics.json", rounded(metrics))
     _write_confusion(out, confusion_matrix(plain, labels, len(loaded.classes)), loaded.classes, metrics["top1"])
     return {**metrics, "out": str(out)}
 
@@ -446,7 +447,7 @@ def write_report(
         "confident_errors": errors,
         "calibration_bins": cal["bins"],
     }
-    atomic_write_json(out / "report.json", report)
+    atomic_write_json(out / "report.json", rounded(report))
     return report
 
 

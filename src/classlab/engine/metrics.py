@@ -21,6 +21,18 @@ from torchmetrics.functional.classification import (
 )
 
 ECE_BINS = 15
+PLACES = 6  # what a written figure keeps: a float32 fraction reads 0.3050000071525574 otherwise
+
+
+def rounded(tree: Any) -> Any:
+    """``tree`` with every float rounded to PLACES decimals, for the JSON files a person reads (summary, eval)."""
+    if isinstance(tree, float):
+        return round(tree, PLACES)
+    if isinstance(tree, dict):
+        return {k: rounded(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [rounded(v) for v in tree]
+    return tree
 
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:

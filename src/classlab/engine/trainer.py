@@ -24,7 +24,7 @@ from classlab.engine import loggers as tracking
 from classlab.engine.callbacks import AtomicCheckpointIO, GracefulStop, RunRecorder
 from classlab.engine.finetune import UnfreezeBackbone
 from classlab.engine.losses import class_weight_tensor
-from classlab.engine.metrics import macro_f1, task_accuracies, task_f1_scores, top_k_accuracy
+from classlab.engine.metrics import macro_f1, rounded, task_accuracies, task_f1_scores, top_k_accuracy
 from classlab.engine.nonfinite import NonFiniteGuard
 from classlab.engine.predict import autocast, predict_split
 from classlab.engine.task import ClassifyTask, MultiTaskTask
@@ -353,4 +353,4 @@ def final_test(cfg: Config, task: ClassifyTask, loader: Any) -> dict[str, Any]:
         test_f1=macro_f1(logits, labels),
         test_time_s=round(time.perf_counter() - started, 2),
     )
-    return out
+    return rounded(out)
