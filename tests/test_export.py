@@ -217,3 +217,14 @@ def test_the_python_api_takes_what_the_command_line_takes(tiny_run: Path, tmp_pa
     assert shipped(images[0])[0] == classlab.load(tiny_run, "last")(images[0])[0]
     with pytest.raises(ClassLabError, match=r"^last.ckpt given with checkpoint='epoch3': keep one of the two$"):
         classlab.load(tiny_run / "checkpoints" / "last.ckpt", "epoch3")
+    # "best" said outright beside last.ckpt is a contradiction too (it read as the default once, and last was used).
+    for call in (
+        classlab.load,
+        lambda r, c: classlab.evaluate(r, checkpoint=c),
+        lambda r, c: classlab.predict(r, images, checkpoint=c),
+    ):
+        with pytest.raises(ClassLabError, match=r"^last.ckpt given with checkpoint='best': keep one of the two$"):
+            call(tiny_run / "checkpoints" / "last.ckpt", "best")
+    # predict with --backend onnx on a run's last.ckpt runs that checkpoint's export, not best's.
+    rows = classlab.predict(tiny_run / "checkpoints" / "last.ckpt", images, backend="onnx")
+    assert [r["class"] for r in rows] == [c for c, _ in classlab.load(tiny_run, "last")(images)]

@@ -81,7 +81,7 @@ GRID_IMAGES = 25
 def evaluate(
     run: str | Path | RunFolder | list[str | Path | RunFolder],
     split: str = "test",
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
     *,
     tta: str | None = None,
     report: bool = False,
@@ -103,6 +103,7 @@ def evaluate(
         raise ClassLabError(f"--split {split}: choose 'test' or 'val'")
     if isinstance(run, (str, Path)):
         run, checkpoint = run_and_checkpoint(run, checkpoint)  # a run's checkpoint file stands for the run
+    checkpoint = checkpoint or "best"
     if data is not None:
         return _evaluate_files(run, data, checkpoint, tta, report)
     loaded, run, out = _load_for_eval(run, checkpoint, split)

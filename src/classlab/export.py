@@ -92,12 +92,15 @@ def output_names(loaded: LoadedRun) -> list[str]:
 
 
 def export(
-    run: str | Path | RunFolder, fmt: str = "onnx", out: str | Path | None = None, *, checkpoint: str = "best"
+    run: str | Path | RunFolder, fmt: str = "onnx", out: str | Path | None = None, *, checkpoint: str | None = None
 ) -> Path:
-    """Export a run's checkpoint; returns the written file (default ``RUN/export/model.<fmt>``)."""
+    """Export a run's checkpoint (None: best, or the file ``run`` names); returns the written file (default
+    ``RUN/export/model.<fmt>``)."""
     if fmt not in FORMATS:
         raise ClassLabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    if not isinstance(run, RunFolder):
+    if isinstance(run, RunFolder):
+        checkpoint = checkpoint or "best"
+    else:
         path, checkpoint = run_and_checkpoint(run, checkpoint)
         run = open_run(path)
     loaded = load(run, checkpoint)

@@ -157,7 +157,7 @@ def predict(
     paths: Iterable[str | Path],
     out: str | Path | None = None,
     *,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
     top: int = 3,
     batch_size: int = 256,
     progress: bool = False,
@@ -176,6 +176,7 @@ def predict(
     views (``flip``, ``translate``, ``diagonal``, ``tencrop``, ``multiscale:S1,S2``) as ``eval --tta`` does.
     """
     loaded = load_runs(run, checkpoint)
+    checkpoint = loaded.checkpoint  # what was loaded: a run's last.ckpt given as the run picks last for --backend onnx
     backend = backend or ("onnx" if isinstance(loaded, ExportedRun) else "torch")
     plan = prediction_plan(tta, loaded.image_size) if tta else None
     scorer = _scorer(loaded, backend, checkpoint, plan, batch_size)
@@ -324,7 +325,7 @@ def write_submission(
     label_column: str = "ans",
     label_format: str = "index",
     allow_missing: bool = False,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
     batch_size: int = 256,
     tta: str | None = None,
 ) -> Submission:

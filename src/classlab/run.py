@@ -626,12 +626,16 @@ def run_of(path: str | Path) -> tuple[str, str | None]:
     return str(path), None
 
 
-def run_and_checkpoint(run: str | Path, checkpoint: str = "best") -> tuple[str, str]:
-    """``run_of`` for the Python API: a checkpoint file given as the run also picks the checkpoint."""
+def run_and_checkpoint(run: str | Path, checkpoint: str | None = None) -> tuple[str, str]:
+    """``run_of`` for the Python API: a checkpoint file given as the run also picks the checkpoint.
+
+    ``checkpoint`` None means best, unless the run is given as one of its files; a name given beside a file
+    that names another is refused (an explicit "best" beside last.ckpt was once read as the default, and lost).
+    """
     folder, picked = run_of(run)
-    if picked is None or checkpoint == picked:
-        return folder, checkpoint
-    if checkpoint != "best":
+    if picked is None:
+        return folder, checkpoint or "best"
+    if checkpoint not in (None, picked):
         raise ClassLabError(f"{picked}.ckpt given with checkpoint={checkpoint!r}: keep one of the two")
     return folder, picked
 

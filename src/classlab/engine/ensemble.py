@@ -85,7 +85,9 @@ def _check_compatible(paths: list[Path], loaded: list[Any]) -> None:
             )
 
 
-def load_ensemble(runs: Sequence[str | Path | RunFolder], checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
+def load_ensemble(
+    runs: Sequence[str | Path | RunFolder], checkpoint: str | None = None, device: str = "cpu"
+) -> LoadedRun:
     """Several runs (or k-fold folders) -> one LoadedRun whose probabilities are the members' mean."""
     paths = expand_runs(runs)
     if not paths:
@@ -99,18 +101,19 @@ def load_ensemble(runs: Sequence[str | Path | RunFolder], checkpoint: str = "bes
     model = ClassifierModel(nn.Identity(), EnsembleNet([m.model for m in loaded])).eval().to(device)
     ensemble = LoadedRun(first.run, first.cfg, model, first.classes, first.image_size, first.channels)
     ensemble.tasks = first.tasks
+    ensemble.checkpoint = first.checkpoint
     ensemble.members = paths  # type: ignore[attr-defined]
     return ensemble
 
 
-def load_runs(run: Any, checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
+def load_runs(run: Any, checkpoint: str | None = None, device: str = "cpu") -> LoadedRun:
     """What a trained model may be given as (``classlab.load``, predict): a run folder or one of its
     checkpoint files; several runs or a k-fold folder (their mean ensemble); an ONNX file written by
     ``classlab export`` (run in onnxruntime); a LoadedRun as it is."""
     if isinstance(run, LoadedRun):
         return run
     if isinstance(run, (str, Path)) and is_exported_file(run):
-        if checkpoint != "best":
+        if checkpoint not in (None, "best"):
             raise ClassLabError(
                 f"{run} is one exported model: drop --checkpoint {checkpoint}, "
                 "or give the run folder to pick its checkpoint"

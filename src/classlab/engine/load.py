@@ -43,6 +43,7 @@ class LoadedRun:
     """
 
     tasks: Any = None
+    checkpoint: str = "best"  # the checkpoint the weights came from (the run's file name, without .ckpt)
 
     def __init__(
         self, run: RunFolder, cfg: Config, model: ClassifierModel, classes: list[str], size: int, channels: int
@@ -89,9 +90,13 @@ class LoadedRun:
         return out[0] if single else out
 
 
-def load(run: str | Path | RunFolder, checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
-    """Rebuild a run's model from its folder, or from one of its checkpoint files (weights only, no code executed)."""
-    if not isinstance(run, RunFolder):
+def load(run: str | Path | RunFolder, checkpoint: str | None = None, device: str = "cpu") -> LoadedRun:
+    """Rebuild a run's model from its folder, or from one of its checkpoint files (weights only, no code executed).
+
+    ``checkpoint``: best, last, epochN; None: best, or the file ``run`` names."""
+    if isinstance(run, RunFolder):
+        checkpoint = checkpoint or "best"
+    else:
         path, checkpoint = run_and_checkpoint(run, checkpoint)
         run = open_run(path)
     cfg = validate(saved_tree(run.read_config_tree()))
@@ -123,6 +128,7 @@ def load(run: str | Path | RunFolder, checkpoint: str = "best", device: str = "c
     model.eval().to(device)
     loaded = LoadedRun(run, cfg, model, classes, size, channels)
     loaded.tasks = layout
+    loaded.checkpoint = checkpoint
     return loaded
 
 
