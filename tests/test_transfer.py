@@ -164,6 +164,24 @@ def test_init_from_says_what_it_loaded_and_refuses_to_freeze_what_it_did_not(wor
         build_network(cfg, load_data(cfg))
 
 
+def test_init_from_says_when_the_source_normalised_otherwise(workdir: Path, rot_run: Path) -> None:
+    """The backbone learned on inputs at the source's scale: a run on other statistics gets the values to set."""
+    cfg = _cfg(workdir, f"model.init_from={rot_run}")
+    assert build_network(cfg, load_data(cfg)).net.init_report["normalization_note"] is None  # same data: silent
+    cfg = _cfg(workdir, f"model.init_from={rot_run}", "aug.norm_mean=[0.5,0.5,0.5]", "aug.norm_std=[0.5,0.5,0.5]")
+    assert build_network(cfg, load_data(cfg)).net.init_report.get("normalization_note") is None  # set: the user's
+    source = safe_torch_load(rot_run / "checkpoints" / "best.ckpt")["state_dict"]
+    mean = ",".join(f"{v:.4f}" for v in source["model.normalize.mean"].flatten().tolist())
+    std = ",".join(f"{v:.4f}" for v in source["model.normalize.std"].flatten().tolist())
+    data = load_data(cfg)
+    data.mean, data.std = data.mean * 0 + 0.9, data.std  # a much brighter data set
+    net = build_network(_cfg(workdir, f"model.init_from={rot_run}"), data).net
+    note = net.init_report["normalization_note"]
+    assert note.startswith(f"note: model.init_from={rot_run} normalised its inputs with mean [{mean}] std [{std}]")
+    assert note.endswith(f"aug.norm_mean=[{mean}] aug.norm_std=[{std}]")
+    assert load_config(None, [f"aug.norm_mean=[{mean}]", f"aug.norm_std=[{std}]"]).aug.norm_std  # the fix parses
+
+
 def test_force_moves_the_old_run_only_once_the_new_one_can_start(workdir: Path) -> None:
     """--force with a refused setting (class weights of a class that does not exist, early stopping without
     validation) moved the old run aside and left no run, or a half-made one, under the name."""

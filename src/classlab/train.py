@@ -340,7 +340,7 @@ def _announce(run: RunFolder, cfg: Config, data: DataBundle, net: torch.nn.Modul
         params=params,
         params_trainable=trainable,
         **({"pretrained": weights.summary()} if weights else {}),
-        **({"init_from": transfer} if transfer else {}),
+        **({"init_from": {k: v for k, v in transfer.items() if k != "normalization_note"}} if transfer else {}),
         epochs=cfg.epochs,
         image_size=data.size,
         loader=data.mode,
@@ -357,6 +357,7 @@ def _announce(run: RunFolder, cfg: Config, data: DataBundle, net: torch.nn.Modul
     notice = precision_notice(cfg)
     lines = [weights.line(), *weights.notes] if weights else []
     lines += [init_from_line(transfer)] if transfer else []
+    lines += [transfer["normalization_note"]] if transfer and transfer.get("normalization_note") else []
     for line in lines + data.notices + ([notice] if notice else []):
         console.print(line)
 

@@ -49,10 +49,36 @@ def resolve_init_from(spec: str, base: Path | None = None) -> Path:
     return open_run(path).checkpoint(name or "best")
 
 
-def _net_state(path: Path) -> dict[str, torch.Tensor]:
+def _net_state(path: Path, state: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The network's tensors of a classlab checkpoint, under the network's own names."""
-    state = safe_torch_load(path)["state_dict"]
+    state = safe_torch_load(path)["state_dict"] if state is None else state
     return {k.removeprefix("model.net."): v for k, v in state.items() if k.startswith("model.net.")}
+
+
+NORMALIZATION_DRIFT = 0.02  # in [0, 1] pixel units: mean or std farther apart than this is worth a note
+
+
+def _normalization_note(spec: str, state: dict[str, Any], normalize: Normalize) -> str | None:
+    """A note when the run ``init_from`` names normalised its inputs otherwise than this run will: the backbone
+    learned on inputs of that scale (another data set, a fixed Normalize). The figure stays the user's choice:
+    classlab's transfer recipes were measured with the new data's statistics, so this run keeps them."""
+    mean, std = state.get("model.normalize.mean"), state.get("model.normalize.std")
+    if not isinstance(mean, torch.Tensor) or not isinstance(std, torch.Tensor) or mean.shape != normalize.mean.shape:
+        return None
+    if mean.shape[-2:] != (1, 1) or std.shape != normalize.std.shape:
+        return None  # a per-pixel mean image: nothing a user could set in aug.norm_mean
+    drift = max(float((mean - normalize.mean).abs().max()), float((std - normalize.std).abs().max()))
+    if drift <= NORMALIZATION_DRIFT:
+        return None
+
+    def shown(t: torch.Tensor) -> str:
+        return "[" + ",".join(f"{v:.4f}" for v in t.flatten().tolist()) + "]"
+
+    return (
+        f"note: model.init_from={spec} normalised its inputs with mean {shown(mean)} std {shown(std)}, this run "
+        f"with {shown(normalize.mean)} / {shown(normalize.std)} (its training split's); to feed the backbone "
+        f"inputs as it learned them: aug.norm_mean={shown(mean)} aug.norm_std={shown(std)}"
+    )
 
 
 def _load_init_from(net: torch.nn.Module, spec: str, freeze: str) -> dict[str, Any]:
@@ -61,7 +87,8 @@ def _load_init_from(net: torch.nn.Module, spec: str, freeze: str) -> dict[str, A
     A frozen layer the run did not fill would stay random for good, so that is refused."""
     try:
         path = resolve_init_from(spec)
-        loaded = load_backbone_weights(net, _net_state(path))
+        state = safe_torch_load(path)["state_dict"]
+        loaded = load_backbone_weights(net, _net_state(path, state))
     except ClassLabError as exc:
         raise type(exc)(f"model.init_from={spec}: {exc}") from None
     left = set(loaded["missing"])
@@ -80,6 +107,7 @@ def _load_init_from(net: torch.nn.Module, spec: str, freeze: str) -> dict[str, A
         "task": source.read_config_tree().get("task") or "classify",
         "loaded_tensors": len(loaded["loaded"]),
         "left": loaded["missing"],
+        "source_state": state,  # for the normalisation note (build_network); not written to the summary
     }
 
 
@@ -107,6 +135,10 @@ def build_network(cfg: Config, data: DataBundle) -> ClassifierModel:
         net.init_report = _load_init_from(inner, cfg.model.init_from, cfg.model.freeze)
     # Pretrained weights bring their own normalisation (ImageNet's, timm's pretrained_cfg).
     normalize = Normalize(*(pretrained.normalization(cfg.model.spec()) or (data.mean, data.std)))
+    if cfg.model.init_from:
+        state = net.init_report.pop("source_state")
+        if cfg.aug.norm_mean is None and pretrained.normalization(cfg.model.spec()) is None:
+            net.init_report["normalization_note"] = _normalization_note(cfg.model.init_from, state, normalize)
     init_from_data = getattr(inner, "init_from_data", None)
     if callable(init_from_data) and not cfg.model.init_from and data.train.images is not None:
         # Layers set from the data before the first step (fastnet's patch whitening): the same
