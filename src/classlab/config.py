@@ -110,8 +110,9 @@ class DataSection(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _dataset_from_root(cls, data: Any) -> Any:
-        """``data.root=photos/`` alone means that folder (or, with a manifest, that CSV), not the embedded sample."""
+    def _dataset_meant(cls, data: Any) -> Any:
+        """``data.root=photos/`` alone means that folder (or, with a manifest, that CSV), not the embedded sample;
+        the one place that infers data.dataset (a manifest given alone gets its root in _root_from_manifest)."""
         if isinstance(data, dict) and data.get("root") and "dataset" not in data:
             data = {**data, "dataset": "csv" if data.get("csv_file") else "folder"}
         return data
@@ -917,10 +918,10 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
 
 def _root_from_manifest(data: dict[str, Any]) -> None:
     """``data.csv_file=comp/train.csv`` alone means that manifest, its paths read from its own folder (the
-    embedded sample was trained instead, the key unread)."""
+    embedded sample was trained instead, the key unread); a path matter, so here, before paths are resolved
+    against the config file's folder. That root and manifest make it a CSV data set: DataSection._dataset_meant."""
     csv_file = data.get("csv_file")
     if isinstance(csv_file, str) and csv_file and not data.get("root") and data.get("dataset", "csv") == "csv":
-        data["dataset"] = "csv"
         data["root"] = str(Path(csv_file).parent)
         data["csv_file"] = Path(csv_file).name
 
