@@ -42,6 +42,26 @@ def test_a_mapping_override_without_the_space_after_its_colons_says_so() -> None
 def test_unknown_key_names_nearest() -> None:
     with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lrr' \(did you mean 'optim\.lr'\?\)"):
         load_config(None, ["optim.lrr=0.1"])
+    # A key without its section, or under another tool's name: spelling distance alone found nothing (lr) or the
+    # wrong key (optim.learning_rate read as optim.name).
+    hints = {
+        "lr": "optim.lr",
+        "learning_rate": "optim.lr",
+        "optim.learning_rate": "optim.lr",
+        "max_epochs": "epochs",
+        "data.num_workers": "data.workers",
+        "arch": "model.name",
+    }
+    for given, meant in hints.items():
+        with pytest.raises(ConfigError, match=rf"^unknown config key '{given}' \(did you mean '{meant}'\?\)"):
+            load_config(None, [f"{given}=1"])
+    with pytest.raises(ConfigError, match=r"^unknown config key 'name' \(keys named 'name': model.name, optim.name, "):
+        load_config(None, ["name=resnet18"])
+    # A section given one value: the key it most likely meant, not "Input should be a valid dictionary".
+    with pytest.raises(
+        ConfigError, match=r"^'model' is a section, not a value: set one of its keys, e.g. model.name=res"
+    ):
+        load_config(None, ["model=resnet18"])
 
 
 def test_wrong_type_and_range_name_key_value_and_allowed() -> None:

@@ -682,6 +682,46 @@ def key_named(word: str) -> str | None:
     return leaf[0] if len(leaf) == 1 else None
 
 
+# What other tools call classlab's keys (Lightning, timm's train.py, Keras, the replaced projects' scripts): spelling
+# distance cannot find optim.lr from learning_rate.
+KEY_SYNONYMS = {
+    "learning_rate": "lr",
+    "max_epochs": "epochs",
+    "num_epochs": "epochs",
+    "n_epochs": "epochs",
+    "bs": "batch_size",
+    "wd": "weight_decay",
+    "num_workers": "workers",
+    "img_size": "image_size",
+    "input_size": "image_size",
+    "arch": "model.name",
+    "model_name": "model.name",
+    "optimizer": "optim.name",
+    "scheduler": "sched.name",
+    "lr_scheduler": "sched.name",
+    "seed_everything": "seed",
+}
+
+
+def key_hint(key: str) -> str:
+    """' (did you mean X?)' for an unknown key: a section's key given bare (``lr`` for ``optim.lr``) or under
+    another tool's name (``learning_rate``) first, as spelling distance finds nothing there; several sections'
+    keys of that name are all listed."""
+    known = _known_keys(Config)
+    section, _, word = key.replace("-", "_").rpartition(".")
+    word = KEY_SYNONYMS.get(word, word)
+    if "." in word:
+        return f" (did you mean '{word}'?)"
+    if f"{section}.{word}" in known and f"{section}.{word}" != key:
+        return f" (did you mean '{section}.{word}'?)"
+    leaf = [k for k in known if k.rsplit(".", 1)[-1] == word and k != key]
+    if len(leaf) == 1:
+        return f" (did you mean '{leaf[0]}'?)"
+    if leaf:
+        return f" (keys named '{word}': {', '.join(leaf)})"
+    return did_you_mean(key, known)
+
+
 def _field(key: str) -> Any:
     """The pydantic field of a dotted key, or a ConfigError naming the nearest key."""
     model: type[BaseModel] = Config
@@ -689,7 +729,7 @@ def _field(key: str) -> Any:
     for i, part in enumerate(parts):
         field = model.model_fields.get(part)
         if field is None:
-            raise ConfigError(f"unknown config key '{key}'{did_you_mean(key, _known_keys(Config))}")
+            raise ConfigError(f"unknown config key '{key}'{key_hint(key)}")
         ann = field.annotation
         if i == len(parts) - 1:
             return field
@@ -720,13 +760,20 @@ def _one_line(error: ValidationError, tree: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         section = ".".join(str(p) for p in err["loc"][:-1])
-        known = _known_keys(Config)
-        return f"unknown config key '{loc}'{did_you_mean(loc, known)}" + (
+        return f"unknown config key '{loc}'{key_hint(loc)}" + (
             f"; valid keys of '{section}' are listed by `classlab train --print-config`" if section else ""
         )
     value = err.get("input")
     if not loc:
         return err["msg"].removeprefix("Value error, ")
+    if err["type"] == "model_type" and not isinstance(value, dict):  # model=resnet18: a section given one value
+        section = _field(loc).annotation
+        key = "name" if "name" in section.model_fields else next(iter(section.model_fields))
+        shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+        return (
+            f"'{loc}' is a section, not a value: set one of its keys, e.g. {loc}.{key}={shown} "
+            f"(its keys: {', '.join(section.model_fields)})"
+        )
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "literal_error":
         msg = "allowed: " + msg.removeprefix("Input should be ")
