@@ -149,3 +149,16 @@ def test_a_rotation_run_is_never_shown_as_a_classifier(tmp_path: Path) -> None:
     table = compare([str(root)], by=["model.name"], out=tmp_path / "out", plots=False)
     assert table.by == ["model.name", "task"]
     assert {r["run"]: r["task"] for r in table.rows} == {"cls": None, "rot": "rotation"}
+
+
+def test_the_run_folders_train_returns_are_taken_as_they_are(runs: Path, tmp_path: Path) -> None:
+    """``classlab.train`` returns a RunFolder, whose str() is its repr: report([run]) said 'RunFolder(...) not found'."""
+    import classlab
+    from classlab.run import RunFolder
+
+    one = RunFolder(runs / "images_per_class=10,init_from=none")
+    assert [r["run"] for r in compare(one, out=tmp_path / "a", plots=False).rows] == [one.path.name]
+    two = [one, runs / "images_per_class=50,init_from=none"]
+    assert len(compare(two, out=tmp_path / "b", plots=False).rows) == 2
+    page = classlab.report([one], tmp_path / "report.html")
+    assert page.is_file() and one.path.name in page.read_text(encoding="utf-8")

@@ -14,6 +14,7 @@ import io
 import os
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,10 +89,12 @@ def _csv_cell(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def find_runs(patterns: list[str]) -> list[Path]:
-    """Run folders from paths or globs; a folder of runs (a sweep) stands for the runs in it."""
+def find_runs(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Run folders from paths or globs; a folder of runs (a sweep) stands for the runs in it. One path or a list,
+    as text, Path or the RunFolder ``classlab.train`` returns (its str() is its repr, not its path)."""
+    items = [patterns] if isinstance(patterns, (str, os.PathLike)) else list(patterns)
     found: list[Path] = []
-    for pattern in patterns:
+    for pattern in (os.fspath(p) for p in items):
         matches = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
         if not matches:
             raise ClassLabError(f"'{pattern}' matches nothing; give run folders, a sweep folder or a glob")
@@ -172,7 +175,7 @@ def varying_keys(runs: list[RunData]) -> list[str]:
 
 
 def compare(
-    patterns: list[str],
+    patterns: str | os.PathLike | Sequence[str | os.PathLike],
     by: list[str] | None = None,
     metrics: list[str] | None = None,
     out: str | Path | None = None,

@@ -14,8 +14,10 @@ import base64
 import csv
 import html
 import json
+import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +201,7 @@ def _analysis(run: RunData, split: str, labelled: str | Path | None = None) -> s
 
 
 def write_html_report(
-    runs: str | Path | list[str | Path],
+    runs: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | Path = "report.html",
     *,
     split: str = "test",
@@ -213,8 +215,7 @@ def write_html_report(
     """
     from importlib.metadata import version
 
-    patterns = [str(runs)] if isinstance(runs, str | Path) else [str(r) for r in runs]
-    data = read_runs(find_runs(patterns))
+    data = read_runs(find_runs(runs))
     table = comparison(data, list(by) if by else varying_keys(data), metrics)
     sections = ["<h2>Runs</h2>", _table(table.columns, table.rows, "runs"), _curves(data)]
     if len(data) == 1:
