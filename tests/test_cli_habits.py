@@ -65,6 +65,8 @@ def test_misspelt_commands_and_flags_get_the_nearest_spelling(capsys: pytest.Cap
         (["train", "--reusme"], "unrecognized arguments: --reusme (did you mean '--resume'?)"),
         (["predict", "runs/a", "x.jpg", "--tpo", "3"], "(did you mean '--top'?)"),
         (["eval", "runs/a", "--split", "tset"], "(did you mean 'test'?)"),
+        # The command's own options: report has --out, and predict's --top would be refused next.
+        (["report", "runs/a", "-o", "page.html"], "unrecognized arguments: -o page.html (did you mean '--out'?)"),
     ):
         with pytest.raises(SystemExit) as info:
             parser.parse_args(argv)

@@ -152,7 +152,7 @@ def test_a_rotation_run_is_never_shown_as_a_classifier(tmp_path: Path) -> None:
 
 
 def test_the_run_folders_train_returns_are_taken_as_they_are(runs: Path, tmp_path: Path) -> None:
-    """``classlab.train`` returns a RunFolder, whose str() is its repr: report([run]) said 'RunFolder(...) not found'."""
+    """``classlab.train`` returns a RunFolder, its str() its repr: report([run]) said "RunFolder(...) not found"."""
     import classlab
     from classlab.run import RunFolder
 

@@ -342,6 +342,34 @@ def test_eval_ensemble_and_macro_f1(kfold: tuple[Path, Path]) -> None:
     assert same["members"] == [runs[0], runs[0]]
 
 
+def test_a_second_kfold_call_keeps_its_folds_and_refuses_another_config(
+    kfold: tuple[Path, Path], capsys: pytest.CaptureFixture
+) -> None:
+    """Before: a second call with epochs=3 printed nothing, trained nothing and rewrote folds.json with epochs=3;
+    a k-fold folder given to export, or --resume without --folds, said 'not a run folder'."""
+    tmp, root = kfold
+    top = tmp / "runs" / "cv"
+    folds_json = (top / "folds.json").read_bytes()
+    base = ["train", *_args(tmp, root, "exp_name=cv", "loss.class_weights=balanced", "trainer.monitor=val/f1")]
+    code, err = cli(capsys, *base, "data.folds=3", "epochs=3")
+    assert code == 1 and err.startswith(f"error: '{top}' holds k-fold runs trained with epochs=2, here 3;")
+    assert (top / "folds.json").read_bytes() == folds_json
+    code, err = cli(capsys, *base, "--resume")
+    assert code == 1 and err == f"error: '{top}' is a k-fold folder; continue it with --folds 3 (or data.folds=3)\n"
+    code, err = cli(capsys, "export", str(top))
+    assert code == 1 and "is a k-fold folder (one run per fold), not one run; give a fold run" in err
+    # --split val, the single run's hint, is refused for fold runs: an ensemble without a test set names a test set.
+    code, err = cli(capsys, "eval", str(top), "--ensemble", "mean")
+    assert code == 1 and err.startswith("error: the ensemble's runs have no test images") and "--split val" not in err
+    # best_epoch is the epoch of best.ckpt (by trainer.monitor=val/f1), not of the best val/acc.
+    from classlab.run import safe_torch_load
+
+    for i in range(3):
+        fold = top / f"fold{i}"
+        summary = json.loads((fold / "summary.json").read_text())
+        assert safe_torch_load(fold / "checkpoints" / "best.ckpt")["epoch"] + 1 == summary["best_epoch"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention-only fusion
 # ---------------------------------------------------------------------------------------------

@@ -71,6 +71,9 @@ def test_csv_logger_writes_its_own_file(tracked_run: Path) -> None:
     rows = list(csv.DictReader((tracked_run / "csv" / "metrics.csv").open()))
     assert sum(1 for r in rows if r.get("val/acc")) == EPOCHS
     assert (tracked_run / "csv" / "hparams.yaml").is_file()
+    # An epoch's train row and val row carry one epoch number (Lightning's, from 0): the train row said 1 for 0.
+    train_epochs = [float(r["epoch"]) for r in rows if r.get("train/acc")]
+    assert train_epochs == [float(r["epoch"]) for r in rows if r.get("val/acc")] == list(range(EPOCHS))
 
 
 def test_mlflow_store_is_readable_by_mlflow(tracked_run: Path) -> None:

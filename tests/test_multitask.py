@@ -114,6 +114,14 @@ def test_multitask_config_errors(manifest: Path, tmp_path: Path) -> None:
         load_config(None, ["model.fusion=attention"])
     with pytest.raises(ConfigError, match="mixup"):
         load_config(None, [*_overrides(manifest, tmp_path), "aug.mixup_alpha=0.2"])
+    with pytest.raises(ConfigError, match="every task's weight is 0, so the loss is 0"):
+        load_config(None, [*_overrides(manifest, tmp_path), "model.tasks={mask: {weight: 0}, sex: {weight: 0}}"])
+    # A monitor no metric answers to failed after the first epoch, with a run folder left behind.
+    with pytest.raises(ConfigError, match=r"trainer.monitor=val/gendr/f1 .*did you mean 'val/gender/f1'"):
+        load_config(None, [*_overrides(manifest, tmp_path), "trainer.monitor=val/gendr/f1"])
+    assert load_config(None, [*_overrides(manifest, tmp_path), "trainer.monitor=val/age/f1"]).trainer.monitor
+    with pytest.raises(ConfigError, match=r"did you mean 'model.tasks.mask.weight'\? a task's keys: classes, column"):
+        load_config(None, [*_overrides(manifest, tmp_path), "model.tasks={mask: {wieght: 1}, sex: {}}"])
     cfg = load_config(None, [*_overrides(manifest, tmp_path), "model.tasks={mask: {}, hair: {}}"])
     with pytest.raises(ClassLabError, match=r"no column 'hair' \(model.tasks.hair.column\)"):
         load_data(cfg)
@@ -229,6 +237,10 @@ def test_the_exported_file_predicts_every_task_as_the_run_does(manifest: Path, t
     by_torch = classlab.predict(run.path, images, tmp_path / "torch.csv")
     by_onnx = classlab.predict(onnx_file, images, tmp_path / "onnx.csv")
     assert by_onnx.backend == "onnx" and by_onnx.columns == by_torch.columns
+    # The run with --backend onnx runs that file too (it was refused: 'does not give the per-task predictions').
+    by_backend = classlab.predict(run.path, images, tmp_path / "backend.csv", backend="onnx")
+    assert by_backend.backend == "onnx"
+    assert (tmp_path / "backend.csv").read_text() == (tmp_path / "onnx.csv").read_text()
     torch_rows = list(csv.DictReader(open(tmp_path / "torch.csv")))
     onnx_rows = list(csv.DictReader(open(tmp_path / "onnx.csv")))
     for mine, theirs in zip(torch_rows, onnx_rows, strict=True):

@@ -407,3 +407,19 @@ def test_the_returned_run_is_found_after_the_notebook_changes_folder(
     summary = json.loads((Path(run) / "summary.json").read_text())  # Path(run): a RunFolder is a path too
     assert classlab.evaluate(run)["top1"] == pytest.approx(summary["test_acc"], abs=1e-6)
     assert os.fspath(run) == str(tmp_path / "project" / "runs" / "nb")
+
+
+def test_summary_best_epoch_follows_the_monitor() -> None:
+    """best_epoch and its figures are best.ckpt's epoch: under monitor=val/f1 they were picked by val/acc."""
+    from classlab.train import best_row
+
+    rows = [
+        {"epoch": "1", "val/acc": "0.6", "val/f1": "0.3", "val/loss": "0.9"},
+        {"epoch": "2", "val/acc": "0.5", "val/f1": "0.4", "val/loss": "0.8"},
+        {"epoch": "3", "val/acc": "0.6", "val/f1": "0.4", "val/loss": "0.7"},
+    ]
+    assert best_row(rows, "val/acc")["epoch"] == "1"  # the first best, as ModelCheckpoint keeps it
+    assert best_row(rows, "val/f1")["epoch"] == "2"
+    assert best_row(rows, "val/loss")["epoch"] == "3"  # a loss is best lowest
+    assert best_row([{k: v for k, v in r.items() if k != "val/f1"} for r in rows], "val/f1")["epoch"] == "1"
+    assert best_row([{"epoch": "1", "train/loss": "1.0"}], "val/acc") is None

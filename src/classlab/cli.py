@@ -49,11 +49,23 @@ class SuggestingParser(argparse.ArgumentParser):
             message += did_you_mean(unknown.group(1).split("=")[0], self._every_option())
         super().error(message)
 
+    _argv: list[str] = []
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._argv = list(sys.argv[1:] if args is None else args)  # the command given, for error()'s suggestion
+        return super().parse_known_args(args, namespace)
+
     def _every_option(self) -> list[str]:
+        """The options the command given takes (every command's when none is given): `report -o` is
+        pointed at report's --out, not at predict's --top, which report would refuse next."""
         options = list(self._option_string_actions)
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction):
-                options += [o for parser in action.choices.values() for o in parser._option_string_actions]
+                chosen = next((action.choices[a] for a in self._argv if a in action.choices), None)
+                parsers = [chosen] if chosen is not None else action.choices.values()
+                options += [o for parser in parsers for o in parser._option_string_actions]
         return [o for o in options if o.startswith("--")]
 
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from classlab.errors import ConfigError, did_you_mean, utf8_text
+from classlab.errors import ConfigError, did_you_mean, nearest, utf8_text
 
 
 class Section(BaseModel):
@@ -429,6 +429,7 @@ class Config(Section):
             _check_multitask(self)
         elif self.model.fusion not in (None, "none"):
             raise ValueError("model.fusion needs task=multitask (it mixes the features of several task heads)")
+        _check_monitor(self)
         _check_source_fidelity(self)
         return self
 
@@ -525,6 +526,31 @@ def _check_multitask(cfg: Config) -> None:
     for name in cfg.model.tasks or {}:
         if not name or not all(c.isalnum() or c in "_-" for c in name):
             raise ValueError(f"model.tasks: task name {name!r} must be letters, digits, '_' or '-' (it names metrics)")
+    if cfg.model.tasks and all(head.weight == 0 for head in cfg.model.tasks.values()):
+        raise ValueError(
+            "model.tasks: every task's weight is 0, so the loss is 0 and nothing would train; "
+            "give at least one task a weight above 0"
+        )
+
+
+def monitor_keys(cfg: Config) -> list[str]:
+    """The validation metrics a run logs, so the ones ``trainer.monitor`` can pick best.ckpt by."""
+    keys = ["val/acc", "val/acc5", "val/f1", "val/loss"]
+    if cfg.task == "multitask":
+        keys += [f"val/{name}/{kind}" for name in cfg.model.tasks or {} for kind in ("acc", "f1")]
+    return keys
+
+
+def _check_monitor(cfg: Config) -> None:
+    """A monitor no metric answers to would fail only after the first epoch's training (Lightning's
+    ModelCheckpoint looks it up at validation end), with a run folder left behind: refuse it now."""
+    keys = monitor_keys(cfg)
+    if cfg.trainer.monitor not in keys:
+        hint = did_you_mean(cfg.trainer.monitor, keys)
+        raise ValueError(
+            f"trainer.monitor={cfg.trainer.monitor} is not a metric this run logs{hint}; "
+            f"choose one of {', '.join(keys)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -760,6 +786,11 @@ def _one_line(error: ValidationError, tree: dict[str, Any]) -> str:
     loc = ".".join(str(p) for p in err["loc"])
     if err["type"] == "extra_forbidden":
         section = ".".join(str(p) for p in err["loc"][:-1])
+        if tuple(err["loc"][:2]) == ("model", "tasks") and len(err["loc"]) == 4:
+            # One task's keys: the schema's key list has only 'model.tasks', which the nearest spelling would name.
+            close = nearest(str(err["loc"][-1]), TaskHead.model_fields)
+            hint = f"did you mean '{section}.{close}'? " if close else ""
+            return f"unknown config key '{loc}' ({hint}a task's keys: {', '.join(TaskHead.model_fields)})"
         return f"unknown config key '{loc}'{key_hint(loc)}" + (
             f"; valid keys of '{section}' are listed by `classlab train --print-config`" if section else ""
         )

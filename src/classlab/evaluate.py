@@ -114,6 +114,14 @@ def evaluate(
     data = load_data(cfg, split=run.read_split(), with_test=split == "test")
     part = data.test if split == "test" else data.val
     if part is None or len(part) == 0:
+        if split == "test" and getattr(loaded, "members", None):
+            # --split val, the single run's way out, is refused for fold runs: point at what an ensemble can use.
+            new_images = " or score new images with --data" if loaded.tasks is None else ""  # --data: classifiers
+            raise ClassLabError(
+                "the ensemble's runs have no test images (their data have no test part); train them with a test set "
+                f"(data.test_csv_file=...){new_images}; a k-fold folder's honest validation figures are its "
+                "out-of-fold ones (oof.csv, summary.json)"
+            )
         raise ClassLabError(
             f"this run has no {split} images"
             + (" (the dataset has no test part; use --split val)" if split == "test" else " (data.val_fraction was 0)")

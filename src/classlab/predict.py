@@ -118,8 +118,6 @@ def _plain_scorer(loaded: LoadedRun, backend: str, checkpoint: str) -> Any:
         return loaded.probabilities
     if backend == "torch":
         return loaded.probabilities
-    if loaded.tasks is not None:
-        raise ClassLabError("--backend onnx does not give the per-task predictions of a multitask run; use torch")
     if getattr(loaded, "members", None):
         raise ClassLabError("--backend onnx runs one exported model; an ensemble predicts with --backend torch")
     from classlab.export import ensure_onnx
@@ -128,6 +126,20 @@ def _plain_scorer(loaded: LoadedRun, backend: str, checkpoint: str) -> Any:
     if onnx_model.classes and onnx_model.classes != loaded.classes:
         raise ClassLabError(f"{onnx_model.path} has other class names than the run; delete it to re-export")
     return lambda batch: onnx_model.logits(batch).softmax(1)
+
+
+def _exported_multitask(loaded: LoadedRun, checkpoint: str) -> ExportedRun:
+    """A multitask run's ONNX file (exported first if missing), which predicts every task as the run does: the
+    same file ``classlab predict model.onnx`` runs, so ``--backend onnx`` on the run gives its rows too."""
+    if getattr(loaded, "members", None):
+        raise ClassLabError("--backend onnx runs one exported model; an ensemble predicts with --backend torch")
+    from classlab.export import ensure_onnx
+
+    exported = ExportedRun(ensure_onnx(loaded.run, checkpoint))
+    if exported.classes != loaded.classes or exported.tasks != loaded.tasks:
+        raise ClassLabError(f"{exported.path} has other classes or tasks than the run; delete it to re-export")
+    exported.max_image_pixels = loaded.max_image_pixels
+    return exported
 
 
 def _columns(k: int, layout: Any) -> list[str]:
@@ -178,6 +190,8 @@ def predict(
     loaded = load_runs(run, checkpoint)
     checkpoint = loaded.checkpoint  # what was loaded: a run's last.ckpt given as the run picks last for --backend onnx
     backend = backend or ("onnx" if isinstance(loaded, ExportedRun) else "torch")
+    if backend == "onnx" and loaded.tasks is not None and not isinstance(loaded, ExportedRun):
+        loaded = _exported_multitask(loaded, checkpoint)
     plan = prediction_plan(tta, loaded.image_size) if tta else None
     scorer = _scorer(loaded, backend, checkpoint, plan, batch_size)
     files = expand_paths(paths)

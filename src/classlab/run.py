@@ -658,6 +658,11 @@ def open_run(path: str | Path) -> RunFolder:
     if not run.path.is_dir():
         raise ClassLabError(f"run folder '{run.path}' not found; `classlab train` prints the folder it made")
     if not (run.path / CONFIG).is_file():
+        if is_fold_group(run.path):  # `classlab train --folds K` printed the fold runs' folders, not this one
+            raise ClassLabError(
+                f"'{run.path}' is a k-fold folder (one run per fold), not one run; give a fold run "
+                f"({run.path / 'fold0'}), or for predict/eval add --ensemble mean to use them all"
+            )
         raise ClassLabError(f"'{run.path}' is not a run folder (no {CONFIG}); give the folder `classlab train` printed")
     stages = run.read_config_tree().get("stages") or []
     if stages:

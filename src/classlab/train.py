@@ -56,6 +56,7 @@ from classlab.engine.trainer import (
 from classlab.errors import ClassLabError, RunInterrupted
 from classlab.models import count_params, pretrained, validate_model_spec
 from classlab.run import (
+    CONFIG,
     FOLDS,
     OOF,
     RunFolder,
@@ -293,6 +294,10 @@ def _resume_state(
     none at all: the run starts over). metrics.csv loses the rows of epochs that checkpoint had
     not finished, so the resumed run appends exactly where the checkpoint stands.
     """
+    if is_fold_group(run.path) and not (run.path / CONFIG).is_file():
+        # The folds were asked for on the command line (--folds K) and not given again with --resume.
+        k = run.read_json(FOLDS).get("folds", "K")
+        raise ClassLabError(f"'{run.path}' is a k-fold folder; continue it with --folds {k} (or data.folds={k})")
     if _is_zero():
         lock.acquire()  # a second process on this folder stops here, before it reads or writes anything
     tree = saved_tree(run.read_config_tree())
@@ -503,6 +508,19 @@ def _say_if_finished(run: RunFolder, cfg: Config, console: Console) -> None:
         )
 
 
+def best_row(rows: list[dict[str, Any]], monitor: str) -> dict[str, Any] | None:
+    """The metrics.csv row of best.ckpt's epoch: the first best by ``trainer.monitor``, as ModelCheckpoint keeps
+    it (lowest for a loss). Picked by val/acc under monitor=val/f1, summary.json's best_epoch and figures were of
+    another epoch than the weights tested and shipped. A run whose rows lack the monitor is judged by val/acc."""
+    val_rows = [r for r in rows if r.get("val/acc")]
+    if not val_rows:
+        return None
+    if not all(r.get(monitor) for r in val_rows):
+        monitor = "val/acc"
+    pick = min if "loss" in monitor else max
+    return pick(val_rows, key=lambda r: float(r[monitor]))
+
+
 def _finish(
     run: RunFolder, cfg: Config, data: DataBundle, task: ClassifyTask, recorder: RunRecorder, console: Console
 ) -> RunFolder:
@@ -513,9 +531,8 @@ def _finish(
         "epochs_done": int(rows[-1]["epoch"]) if rows else 0,
         "wall_time_s": round(recorder.elapsed(), 2),
     }
-    val_rows = [r for r in rows if r.get("val/acc")]
-    if val_rows:
-        best = max(val_rows, key=lambda r: float(r["val/acc"]))
+    best = best_row(rows, cfg.trainer.monitor)
+    if best is not None:
         summary.update(best_val_acc=float(best["val/acc"]), best_epoch=int(best["epoch"]))
         if best.get("val/f1"):
             summary.update(best_val_f1=float(best["val/f1"]))
@@ -561,6 +578,21 @@ def _top_folder(cfg: Config, resume: bool, force: bool) -> RunFolder:
     return RunFolder(path)
 
 
+def _check_same_folds(top: RunFolder, cfg: Config) -> None:
+    """A second call continues the folds it finds, so it must train what they trained: finished folds are kept
+    as they are, and folds.json would otherwise claim a config (epochs=2) that never trained them."""
+    saved = validate(saved_tree(top.read_json(FOLDS)["config"]))
+    changes = [c for c in changed_keys(saved, cfg) if c[0] not in NOT_WHAT_TRAINS and c[0] != "data.fold"]
+    if changes:
+        key, old, new = changes[0]
+        others = f" (and {', '.join(k for k, _, _ in changes[1:])})" if len(changes) > 1 else ""
+        raise ClassLabError(
+            f"'{top.path}' holds k-fold runs trained with {key}={yaml_text(old)}, here {yaml_text(new)}{others}; "
+            "a second call continues those folds as they were: drop the change, or train new folds "
+            "(another exp_name, or --force to move this folder aside)"
+        )
+
+
 def train_folds(cfg: Config, *, resume: bool = False, force: bool = False, quiet: bool = False) -> RunFolder:
     """Train every fold in turn, then write the out-of-fold predictions and the mean ± std summary."""
     if cfg.stages:
@@ -571,6 +603,8 @@ def train_folds(cfg: Config, *, resume: bool = False, force: bool = False, quiet
     tree["exp_name"] = top.path.name
     if is_fold_group(top.path) and top.read_json(FOLDS).get("folds") != cfg.data.folds:
         raise ClassLabError(f"'{top.path}' holds a {top.read_json(FOLDS)['folds']}-fold run; use --force")
+    if is_fold_group(top.path):
+        _check_same_folds(top, cfg)
     top.write_json(FOLDS, {"folds": cfg.data.folds, "seed": cfg.seed, "config": tree})
     top.update_summary(status="running", exp_name=top.path.name, folds=cfg.data.folds)
     for i in range(cfg.data.folds):
@@ -580,6 +614,8 @@ def train_folds(cfg: Config, *, resume: bool = False, force: bool = False, quiet
         fold = RunFolder(top.path / f"fold{i}")
         status = fold.summary(default={}).get("status")
         if status == "finished":
+            if not quiet:
+                print(f"fold {i + 1}/{cfg.data.folds}: finished before, kept ({fold.path})", flush=True)
             continue
         if not quiet:
             print(f"fold {i + 1}/{cfg.data.folds}", flush=True)

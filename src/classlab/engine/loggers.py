@@ -150,10 +150,14 @@ def start(loggers: list[Any], cfg: Config, run: RunFolder) -> None:
 
 
 def log_epoch(trainer: L.Trainer, row: dict[str, Any]) -> None:
-    """Train metrics of an epoch (validation metrics reach the loggers through ``LightningModule.log``)."""
+    """Train metrics of an epoch (validation metrics reach the loggers through ``LightningModule.log``).
+
+    Their ``epoch`` is Lightning's count from 0, the one ``LightningModule.log`` gives that epoch's validation
+    metrics: metrics.csv's 1-based number here made one epoch read 0 on its val rows and 1 on its train row.
+    """
     metrics = {k: float(v) for k, v in row.items() if k.startswith("train/") and isinstance(v, int | float)}
     if metrics:
-        metrics["epoch"] = float(row["epoch"])
+        metrics["epoch"] = float(row["epoch"]) - 1
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
