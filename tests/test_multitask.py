@@ -122,6 +122,12 @@ def test_multitask_config_errors(manifest: Path, tmp_path: Path) -> None:
     assert load_config(None, [*_overrides(manifest, tmp_path), "trainer.monitor=val/age/f1"]).trainer.monitor
     with pytest.raises(ConfigError, match=r"did you mean 'model.tasks.mask.weight'\? a task's keys: classes, column"):
         load_config(None, [*_overrides(manifest, tmp_path), "model.tasks={mask: {wieght: 1}, sex: {}}"])
+    # Left at task=classify, the tasks went unread and the run asked for a 'label' column.
+    with pytest.raises(ConfigError, match=r"^model.tasks \(mask, sex\) are read by task=multitask: set task=multi"):
+        load_config(None, [*_overrides(manifest, tmp_path), "task=classify", "model.tasks={mask: {}, sex: {}}"])
+    cfg = load_config(None, [*_overrides(manifest, tmp_path), "model.tasks={mask: {}, sex: {column: SEX }}"])
+    with pytest.raises(ClassLabError, match=r"no column 'SEX' \(model.tasks.sex.column\); did you mean .*=sex\?$"):
+        load_data(cfg)
     cfg = load_config(None, [*_overrides(manifest, tmp_path), "model.tasks={mask: {}, hair: {}}"])
     with pytest.raises(ClassLabError, match=r"no column 'hair' \(model.tasks.hair.column\)"):
         load_data(cfg)

@@ -429,6 +429,11 @@ class Config(Section):
             _check_multitask(self)
         elif self.model.fusion not in (None, "none"):
             raise ValueError("model.fusion needs task=multitask (it mixes the features of several task heads)")
+        elif self.task == "classify" and self.model.tasks:  # unread, the run looked for a 'label' column instead
+            raise ValueError(
+                f"model.tasks ({', '.join(self.model.tasks)}) are read by task=multitask: set task=multitask, "
+                "or drop model.tasks to classify data.label_column"
+            )
         _check_monitor(self)
         _check_source_fidelity(self)
         return self

@@ -453,6 +453,9 @@ def _read_manifest(
     ):
         if col is not None and col not in columns:
             where = key if key.startswith("model.") else f"data.{key}"
+            same = [c for c in columns if c.strip().lower() == col.strip().lower()]  # Race for race, 'label ' ...
+            if same:
+                raise ClassLabError(f"{manifest}: no column '{col}' ({where}); did you mean {where}={same[0]}?")
             raise ClassLabError(f"{manifest}: no column '{col}' ({where}); its columns are: {', '.join(columns)}")
     if not rows:
         raise ClassLabError(f"{manifest} has no rows")
