@@ -286,9 +286,9 @@ def _say_file_edits(config: str | Path, cfg: Config, from_file: Config, console:
 
 def _resume_state(
     run: RunFolder, lock: RunLock, cfg: Config, config: Config | str | Path | dict | None, overrides: list[str] | None
-) -> tuple[Config, Any, Path | None, list[str]]:
+) -> tuple[Config, Any, Path | None, list[str], int]:
     """(the run's saved config with any new overrides, its saved split, the checkpoint to continue from, the
-    changes the overrides make).
+    changes the overrides make, the epochs that checkpoint holds).
 
     The checkpoint is the newest that loads (a damaged last.ckpt falls back to previous.ckpt;
     none at all: the run starts over). metrics.csv loses the rows of epochs that checkpoint had
@@ -312,7 +312,7 @@ def _resume_state(
             run.write_config(cfg.to_dict())
             earlier = run.summary(default={}).get("resumed_with", [])
             run.update_summary(resumed_with=[*earlier, {"epochs_done": done, "changes": changes}])
-    return cfg, run.read_split(), last_ckpt, changes
+    return cfg, run.read_split(), last_ckpt, changes, done
 
 
 def _write_run_start(run: RunFolder, cfg: Config, data: DataBundle) -> None:
@@ -411,7 +411,13 @@ def _fit_run(
     saved_split, last_ckpt = None, None
     if resume:
         from_file = cfg
-        cfg, saved_split, last_ckpt, changes = _resume_state(run, lock, cfg, config, overrides)
+        cfg, saved_split, last_ckpt, changes, done = _resume_state(run, lock, cfg, config, overrides)
+        console.print(
+            f"resuming from checkpoints/{last_ckpt.name} ({done} of {cfg.epochs} epochs done; "
+            "a checkpoint written mid-epoch goes on with its next batch)"
+            if last_ckpt is not None
+            else "resuming: no checkpoint was written yet, so the run starts over"
+        )
         if changes:
             console.print(f"resuming with changes: {'; '.join(changes)}")
         if isinstance(config, str | Path) and _is_zero():
