@@ -182,6 +182,12 @@ def test_train_load_predict_eval(manifest: Path, tmp_path: Path) -> None:
     for t in ("mask", "gender", "age"):
         assert metrics["tasks"][t] == pytest.approx(summary[f"val/{t}/acc"], abs=1e-5)
 
+    # The HTML page gives each task's figures, not only the combined class's (the manifest has no test part).
+    page = classlab.report(run.path, tmp_path / "page.html", split="val").read_text(encoding="utf-8")
+    assert '<table class="sortable" id="per-task">' in page
+    for t in ("mask", "gender", "age"):
+        assert f'<td data-sort="{t}">{t}</td><td data-sort="{round(metrics["tasks"][t], 6)!r}">' in page
+
 
 def test_frozen_pretrained_backbone_is_unchanged(manifest: Path, tmp_path: Path) -> None:
     from classlab.models import build_model

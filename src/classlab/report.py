@@ -182,12 +182,26 @@ def _analysis(run: RunData, split: str, labelled: str | Path | None = None) -> s
     metrics = json.loads((folder / "metrics.json").read_text())
     what = f"{metrics['data']}" if metrics.get("data") else f"{split} split"
     per_class = [{k: r[k] for k in ("class", "precision", "recall", "f1", "support")} for r in report["per_class"]]
+    # A multitask run's figures per task (the analysis below is of the combined class): what its user ranks by.
+    per_task = [
+        {"task": name, "accuracy": acc, "macro F1": (metrics.get("tasks_f1") or {}).get(name)}
+        for name, acc in (metrics.get("tasks") or {}).items()
+    ]
     return "\n".join(
         [
             f"<h2>Error analysis: {_esc(what)}, {metrics['images']} images, "
             f"{_esc(metrics['checkpoint'])}.ckpt, {_esc(report['predictions'])} predictions</h2>",
             f"<p>top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f}, macro F1 {report['macro_f1']:.4f}, "
             f"expected calibration error {report['ece']:.4f} ({report['ece_bins']} bins)</p>",
+            *(
+                [
+                    "<h3>Per task</h3>",
+                    _table(["task", "accuracy", "macro F1"], per_task, "per-task"),
+                    '<p class="note">below: the combined class (every task\'s class at once)</p>',
+                ]
+                if per_task
+                else []
+            ),
             "<h3>Confusion matrix</h3>",
             _confusion(folder),
             "<h3>Per-class precision, recall and F1</h3>",
