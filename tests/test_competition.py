@@ -370,6 +370,52 @@ def test_a_second_kfold_call_keeps_its_folds_and_refuses_another_config(
         assert safe_torch_load(fold / "checkpoints" / "best.ckpt")["epoch"] + 1 == summary["best_epoch"]
 
 
+def test_a_kfold_call_refused_for_its_data_leaves_no_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Before: a refused manifest or class folder left runs/<exp>/ with folds.json and a summary saying 'running',
+    which compare and train then read as a run that was cut off; with --force the old k-fold folder was moved
+    aside first and stayed aside (a single run refused for its data keeps its old folder in place)."""
+    root = class_folder(tmp_path / "colors", COLORS, 4, size=8)
+    (root / "red" / "notes.txt").write_text("not an image")
+    code, err = cli(capsys, "train", *_args(tmp_path, root, "exp_name=cvbad"), "--folds", "2")
+    assert code == 1 and "notes.txt: not an image file" in err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+    old = tmp_path / "runs" / "cvbad"
+    old.mkdir(parents=True)
+    (old / "folds.json").write_text('{"folds": 2}')  # stands for a finished k-fold folder
+    code, err = cli(capsys, "train", *_args(tmp_path, root, "exp_name=cvbad"), "--folds", "2", "--force")
+    assert code == 1 and "notes.txt: not an image file" in err
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["cvbad"] and (old / "folds.json").is_file()
+
+
+def test_submission_ids_in_another_unicode_form_windows_paths_and_blank_rows(
+    kfold: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Before: an id typed 'rosé' (composed) and the same file name stored decomposed (unzipped from a Mac) was
+    'no such image' under a name that looked exactly like the file's; 'sub\\x.png' was not found; a blank row was
+    listed as ': no such image'."""
+    import unicodedata
+
+    kf, _ = kfold
+    images = tmp_path / "test"
+    make_image(images / unicodedata.normalize("NFD", "rosé.png"), (200, 30, 30), size=16)
+    make_image(images / "sub" / "x.png", (30, 30, 200), size=16)
+    template = tmp_path / "info.csv"
+    template.write_text("ImageID,ans\nrosé,\nsub\\x.png,\n", encoding="utf-8")
+    out = tmp_path / "sub.csv"
+    args = ["predict", str(kf / "runs" / "cv" / "fold0"), str(images), "--template", str(template), "--out", str(out)]
+    code, err = cli(capsys, *args, "--label-format", "name")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(out, newline="", encoding="utf-8")))
+    from classlab.predict import predict
+
+    by_name = {unicodedata.normalize("NFC", Path(r["path"]).stem): r["class"] for r in predict(args[1], [images])}
+    assert [r["ImageID"] for r in rows] == ["rosé", "sub\\x.png"]
+    assert [r["ans"] for r in rows] == [by_name["rosé"], by_name["x"]]
+    template.write_text("ImageID,ans\nrosé,\n,\n", encoding="utf-8")
+    code, err = cli(capsys, *args)
+    assert code == 1 and err.endswith("\n  (empty id): a row without an id\n"), err
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention-only fusion
 # ---------------------------------------------------------------------------------------------

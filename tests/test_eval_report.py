@@ -192,6 +192,22 @@ def test_eval_on_a_labelled_folder_the_run_never_saw(tiny_run: Path, tmp_path: P
         assert code != 0 and len(error_lines(err)) == 1 and expected in err, (args, err)
 
 
+def test_eval_data_lists_and_leaves_out_stray_files_and_empty_class_folders(
+    tiny_run: Path, tmp_path: Path, capsys
+) -> None:
+    """Before: a notes.txt in a class folder stopped eval --data with 'set data.skip_bad_images=true', an override
+    eval refuses ('eval takes no key=value overrides'), so no command could score the folder as it was."""
+    from tests.faults import cli, error_lines
+
+    folder = _sample_folder(tmp_path / "new_photos", {"cat": 3, "ship": 2})
+    (folder / "cat" / "notes.txt").write_text("taken in March")
+    (folder / "truck").mkdir()
+    code, out, err = cli(capsys, "eval", str(tiny_run), "--data", str(folder))
+    assert code == 0 and not error_lines(err), err
+    assert out.startswith(f"{tiny_run} [{folder}, best.ckpt, 5 images]")
+    assert f"{folder / 'cat' / 'notes.txt'}: not an image file" in err and f"{folder / 'truck'}: class folder" in err
+
+
 def test_a_checkpoint_from_another_run_is_named_as_such(tiny_run: Path, tmp_path: Path) -> None:
     """Before: 'does not fit the run's model: Error(s) in loading state_dict for ClassifierModel:' and nothing more."""
     run = tmp_path / "run"

@@ -134,3 +134,60 @@ def test_rate_reads_well_for_a_handful_of_images() -> None:
     assert rate_text(3, 7.5) == "0.4 images/s"
     assert rate_text(300, 2.0) == "150 images/s"
     assert rate_text(0, 0.0) == "0.0 images/s"
+
+
+def test_out_places_that_cannot_take_the_file_are_one_line(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Before: 'error: unexpected FileExistsError' (--out under a file), 'unexpected OSError' (a read-only disk), a
+    submission told to 'continue the run with --resume'; --out to a device or pipe renamed a regular file onto it
+    (as root: /dev/stdout replaced); an empty folder wrote a header-only CSV and exit code 0."""
+    import errno
+    import threading
+
+    from tests.faults import cli, error_lines, fail_writes
+
+    images = tmp_path / "imgs"
+    make_folder(images, 4, 0)
+    (tmp_path / "a.csv").write_text("x\n")
+    code, _, err = cli(capsys, "predict", str(tiny_run), str(images), "--out", str(tmp_path / "a.csv" / "p.csv"), "-q")
+    assert code == 1 and error_lines(err) == [
+        f"error: cannot write {tmp_path / 'a.csv' / 'p.csv'}: '{tmp_path / 'a.csv'}' is a file, not a folder; "
+        "nothing was written there: give --out a place you can write to"
+    ], err
+    template = tmp_path / "info.csv"
+    template.write_text("ImageID,ans\npart0/img0,\n")
+    for name, extra in {"p.csv": [], "s.csv": ["--template", str(template)]}.items():
+        failed = fail_writes(monkeypatch, name, errno.EROFS, at="open")
+        code, _, err = cli(capsys, "predict", str(tiny_run), str(images), "--out", str(tmp_path / name), "-q", *extra)
+        monkeypatch.undo()
+        assert (
+            code == 1
+            and failed
+            and error_lines(err)
+            == [
+                f"error: cannot write {tmp_path / name}: Read-only file system; nothing was written there: "
+                "give --out a place you can write to"
+            ]
+        ), err
+        assert not list(tmp_path.glob(f".{name}.*"))
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    code, out, err = cli(capsys, "predict", str(tiny_run), str(images), "--out", str(fifo), "-q")
+    reader.join(timeout=60)
+    assert code == 0, err
+    assert fifo.is_fifo() and got[0].decode().startswith("path,class,prob") and got[0].count(b"\n") == 5
+    assert out == "" and f"wrote 4 predictions to {fifo}" in err  # the pipe carries the CSV alone
+
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    code, _, err = cli(capsys, "predict", str(tiny_run), str(tmp_path / "empty"), "--out", str(tmp_path / "e.csv"))
+    assert code == 1 and not (tmp_path / "e.csv").exists()
+    assert error_lines(err) == [
+        f"error: no image files in '{tmp_path / 'empty'}' (.jpg, .png, .webp, ... in any sub-folder); give the folder "
+        "that holds the images"
+    ]

@@ -301,7 +301,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         tta=args.tta,
     )
     how = result.backend + (f", TTA {args.tta}" if args.tta else "")
-    print(f"wrote {result.count} prediction{'' if result.count == 1 else 's'} to {out} ({result.rate}, {how})")
+    print(
+        f"wrote {result.count} prediction{'' if result.count == 1 else 's'} to {out} ({result.rate}, {how})",
+        file=_report_stream(out),
+    )
     if result.task == "rotation":
         folders = [r for r in run_items if not is_exported_file(r)]
         print(rotation_note(" + ".join(run_items), folders[0] if len(folders) == 1 else None), file=sys.stderr)
@@ -337,7 +340,10 @@ def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str
         batch_size=args.batch_size,
         tta=args.tta,
     )
-    print(f"wrote {done.rows} rows to {out} ({args.label_column} = class {args.label_format}, template order)")
+    print(
+        f"wrote {done.rows} rows to {out} ({args.label_column} = class {args.label_format}, template order)",
+        file=_report_stream(out),
+    )
     if done.missing:
         print(f"{len(done.missing)} row(s) left empty (--allow-missing):", file=sys.stderr)
         for line in done.missing[:20]:
@@ -464,6 +470,14 @@ def _at_least(low: int) -> Any:
 
     whole.__name__ = "number"
     return whole
+
+
+def _report_stream(out: str) -> Any:
+    """Where the "wrote ..." line goes: stderr when the CSV itself went to a device or pipe (``--out /dev/stdout``),
+    so that ``classlab predict ... --out /dev/stdout | head`` reads the CSV alone."""
+    from classlab.run import is_special_file
+
+    return sys.stderr if is_special_file(Path(out)) else sys.stdout
 
 
 def _output_file(out: str, default_name: str) -> str:

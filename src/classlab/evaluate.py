@@ -33,7 +33,7 @@ from PIL import Image
 
 from classlab.config import Config
 from classlab.data.labelled_files import labelled_files
-from classlab.data.pipeline import DataBundle, DataProblems, Part, load_data
+from classlab.data.pipeline import DataBundle, Part, load_data
 from classlab.data.preprocess import image_to_tensor
 from classlab.data.sources import Source, open_dataset
 from classlab.data.tasks import task_columns
@@ -222,8 +222,9 @@ def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None
     if loaded.cfg.task != "classify":
         raise ClassLabError(f"--data scores a classifier; this is a {loaded.cfg.task} run: evaluate its own split")
     found = labelled_files(loaded.cfg.data, data, loaded.classes)
-    if found.problems and not loaded.cfg.data.skip_bad_images:
-        raise DataProblems(found.problems)
+    # A stray file (notes.txt in a class folder) or an empty class folder is listed and left out, as an
+    # unreadable image is: eval takes no overrides, so the data.skip_bad_images=true that training's refusal
+    # names could not be given here, and predict passes such files over too.
     plan = parse_tta(tta, loaded.image_size) if tta else None
     if plan is not None and plan.protocol != "average":
         raise ClassLabError(f"--tta {plan.protocol} scores the run's own splits; with --data use multiscale:S1,S2,...")
@@ -231,7 +232,7 @@ def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None
     if not files:
         raise ClassLabError(f"--data '{data}': no readable image among {len(found.files)} file(s)")
     metrics = _scores(plain.clamp_min(1e-30).log(), labels, loaded.classes, "data", checkpoint)
-    metrics |= {"data": found.where, "skipped": [f"{p}: {e}" for p, e in skipped]}
+    metrics |= {"data": found.where, "skipped": [*found.problems, *(f"{p}: {e}" for p, e in skipped)]}
     probs = plain  # the report's predictions: the TTA ones when asked, as eval --report on a split
     if plan is not None:
         probs, labels, _, _ = _score_files(loaded, files, [int(v) for v in labels], plan)

@@ -109,9 +109,9 @@ def export(
     example = torch.rand(2, loaded.channels, loaded.image_size, loaded.image_size)
     meta = metadata(loaded, checkpoint)
     if fmt == "onnx":
-        atomic_write_bytes(path, _onnx_bytes(model, example, meta, output_names(loaded)))
+        atomic_write_bytes(path, _onnx_bytes(model, example, meta, output_names(loaded)), output=True)
     else:
-        atomic_write_bytes(path, _pt2_bytes(model, example, meta))
+        atomic_write_bytes(path, _pt2_bytes(model, example, meta), output=True)
     return path
 
 

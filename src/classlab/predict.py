@@ -12,7 +12,8 @@ import io
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+import unicodedata
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,20 @@ def _fill(row: dict[str, Any], probs: torch.Tensor, task_probs: list[torch.Tenso
         row[f"{loaded.tasks.names[t]}_prob"] = round(float(best_p), 6)
 
 
+def _image_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The files to predict; paths given that hold none is an error: a wrong or still-empty folder wrote a CSV of
+    its header alone with exit code 0, which becomes an empty submission."""
+    given = list(paths)
+    files = expand_paths(given)
+    if given and not files:
+        shown = ", ".join(f"'{p}'" for p in given[:3]) + (" ..." if len(given) > 3 else "")
+        raise ClassLabError(
+            f"no image files in {shown} (.jpg, .png, .webp, ... in any sub-folder); "
+            "give the folder that holds the images"
+        )
+    return files
+
+
 def predict(
     run: str | Path | RunFolder | Sequence[str | Path | RunFolder] | LoadedRun,
     paths: Iterable[str | Path],
@@ -194,7 +209,7 @@ def predict(
         loaded = _exported_multitask(loaded, checkpoint)
     plan = prediction_plan(tta, loaded.image_size) if tta else None
     scorer = _scorer(loaded, backend, checkpoint, plan, batch_size)
-    files = expand_paths(paths)
+    files = _image_files(paths)
     k = max(1, min(top, len(loaded.classes)))
     columns = _columns(k, loaded.tasks)
     result = Predictions(
@@ -315,14 +330,27 @@ def index_images(paths: Sequence[str | Path]) -> dict[str, Path | list[Path]]:
         for file in expand_paths([root]):
             if root.is_dir():
                 rel = file.relative_to(root)
-                exact[rel.as_posix()] = file
-                loose.setdefault(rel.with_suffix("").as_posix(), set()).add(file)
+                exact[_id_key(rel.as_posix())] = file
+                loose.setdefault(_id_key(rel.with_suffix("").as_posix()), set()).add(file)
             for key in (file.name, file.stem):
-                loose.setdefault(key, set()).add(file)
+                loose.setdefault(_id_key(key), set()).add(file)
     index: dict[str, Path | list[Path]] = {key: sorted(files) for key, files in loose.items() if len(files) > 1}
     index.update({key: next(iter(files)) for key, files in loose.items() if len(files) == 1})
     index.update(exact)
     return index
+
+
+def _id_key(text: str) -> str:
+    """An id or a file name in one Unicode form (NFC): a template typed on Windows or Linux and files unzipped on
+    a Mac (names stored decomposed) spell 'été' differently, and the refusal named an id that looked like its file."""
+    return unicodedata.normalize("NFC", text)
+
+
+def _template_id(raw: str, found: Mapping[str, Any]) -> str:
+    """A template's id as the image index keys it; a Windows path (``sub\\7f.png``) reads with forward slashes, as
+    a manifest's paths do, unless an image is named with the backslash itself."""
+    key = _id_key(raw.strip())
+    return key.replace("\\", "/") if "\\" in key and key not in found else key
 
 
 def _label(pred: dict[str, Any], classes: list[str], label_format: str) -> str:
@@ -353,8 +381,8 @@ def write_submission(
             f"{template}: no column '{label_column}' (--label-column); did you mean --label-column '{near[0]}'?"
         )
     found = index_images(paths)
-    ids = [row[id_column].strip() for row in rows]
-    missing = {i: "no such image among the given paths" for i in ids if i not in found}
+    ids = [_template_id(row[id_column], found) for row in rows]
+    missing = {i: "no such image among the given paths" if i else "a row without an id" for i in ids if i not in found}
     for i in ids:
         several = found.get(i)
         if isinstance(several, list):
@@ -370,7 +398,7 @@ def write_submission(
         if pred is not None and pred["error"]:
             missing[image_id] = f"unreadable ({pred['error']})"
     if missing and not allow_missing:
-        listed = [f"{i}: {why}" for i, why in missing.items()]
+        listed = [f"{i or '(empty id)'}: {why}" for i, why in missing.items()]
         more = f"\n  ... and {len(listed) - MAX_LISTED} more" if len(listed) > MAX_LISTED else ""
         raise ClassLabError(
             f"{len(missing)} template row(s) have no usable image; nothing written (add --allow-missing to leave "
@@ -383,8 +411,8 @@ def write_submission(
     for row, image_id in zip(rows, ids):
         pred = by_path.get(str(index.get(image_id))) if image_id not in missing else None
         writer.writerow(dict(row, **{label_column: _label(pred, loaded.classes, label_format) if pred else ""}))
-    atomic_write_text(out, buffer.getvalue())
-    return Submission(Path(out), len(rows), [f"{i}: {why}" for i, why in missing.items()])
+    atomic_write_text(out, buffer.getvalue(), output=True)
+    return Submission(Path(out), len(rows), [f"{i or '(empty id)'}: {why}" for i, why in missing.items()])
 
 
 __all__ = [

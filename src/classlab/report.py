@@ -247,7 +247,7 @@ def write_html_report(
         count=f"{len(data)} run{'s' if len(data) != 1 else ''}",
     )
     path = Path(out)
-    atomic_write_text(path, page)
+    atomic_write_text(path, page, output=True)
     return path
 
 

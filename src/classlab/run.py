@@ -50,8 +50,20 @@ class RunWriteError(ClassLabError):
     """A file of the run could not be written (disk full, no permission); the previous files are intact."""
 
 
-def write_error(path: str | Path, exc: OSError) -> ClassLabError | OSError:
-    """The one line for a failed write naming the path, or ``exc`` itself when it is not the user's to fix."""
+def write_error(path: str | Path, exc: OSError, *, output: bool = False) -> ClassLabError | OSError:
+    """The one line for a failed write naming the path, or ``exc`` itself when it is not the user's to fix.
+
+    ``output``: a file the user asked for with ``--out`` (predictions, a submission, an ONNX file, a report).
+    Its place is the user's choice, so any refusal is theirs to fix, and the fix is another place, not
+    ``--resume``: the run itself was never touched.
+    """
+    if output:
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno in (errno.ENOTDIR, errno.EEXIST) and exc.filename:
+            why = f"'{exc.filename}' is a file, not a folder"
+        return ClassLabError(
+            f"cannot write {path}: {why}; nothing was written there: give --out a place you can write to"
+        )
     if exc.errno not in _WRITE_ERRNOS:
         return exc
     fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make it writable"
@@ -83,13 +95,32 @@ def _temp_beside(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def is_special_file(path: Path) -> bool:
+    """``--out /dev/stdout`` (or a pipe, a terminal): written into, never renamed onto. A rename would put a
+    regular file in the place of the device or link, which is what a root user (a Docker or Kaggle notebook) gets."""
+    try:
+        if os.path.abspath(path).startswith("/dev/") and not path.is_dir():
+            return True  # /dev/stdout redirected to a file is a link to a regular file, and still not ours to replace
+        return path.exists() and not path.is_file() and not path.is_dir()
+    except OSError:
+        return False
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, output: bool = False) -> None:
     """Write ``data`` so that a reader sees the old file or the new one, never a torn one.
 
     A full disk or a read-only folder raises RunWriteError naming ``path``; the old file stays.
+    ``output``: a file given with ``--out``, whose failures name another place as the fix (``write_error``).
     """
     path = Path(path)
     tmp = None
+    if output and is_special_file(path):
+        try:
+            with open(path, "wb") as handle:
+                handle.write(data)
+        except OSError as exc:
+            raise write_error(path, exc, output=True) from None
+        return
     try:
         fd, tmp = _temp_beside(path)
         with os.fdopen(fd, "wb") as handle:
@@ -101,13 +132,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise write_error(path, exc) from None
+            raise write_error(path, exc, output=output) from None
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str, *, output: bool = False) -> None:
     # surrogateescape: a file name that is not UTF-8 (old Windows and zip tools) is written as the bytes it has on disk
-    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"), output=output)
 
 
 def shown_path(path: str | Path) -> str:
@@ -162,30 +193,58 @@ def pyplot() -> Any:
 
 
 class AtomicCsvWriter:
-    """A CSV written row by row into a temporary file and renamed onto its name only when complete."""
+    """A CSV written row by row into a temporary file and renamed onto its name only when complete.
+
+    The file is one the user named (``--out``): a failed write is one line naming it (``write_error``), and
+    a device or pipe (``--out /dev/stdout``) is streamed into, since there is nothing to rename onto it.
+    """
 
     def __init__(self, path: str | Path, columns: list[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = _temp_beside(self.path)
-        self.handle = os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace")
-        self.writer = csv.DictWriter(self.handle, fieldnames=columns, lineterminator="\n")
-        self.writer.writeheader()
+        self.tmp: str | None = None
         self.done = False
+        try:
+            if is_special_file(self.path):
+                self.handle = open(self.path, "w", newline="", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115
+            else:
+                fd, self.tmp = _temp_beside(self.path)
+                self.handle = os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace")
+            self.writer = csv.DictWriter(self.handle, fieldnames=columns, lineterminator="\n")
+            self.writer.writeheader()
+        except OSError as exc:
+            self._drop()
+            raise write_error(self.path, exc, output=True) from None
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        self.writer.writerows(rows)
+        try:
+            self.writer.writerows(rows)
+        except OSError as exc:
+            raise write_error(self.path, exc, output=True) from None
 
     def commit(self) -> None:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.handle.flush()
+            if self.tmp is not None:
+                os.fsync(self.handle.fileno())
+            self.handle.close()
+            if self.tmp is not None:
+                os.replace(self.tmp, self.path)
+        except OSError as exc:
+            raise write_error(self.path, exc, output=True) from None
         self.done = True
 
     def discard(self) -> None:
         if not self.done:
-            self.handle.close()
+            self._drop()
+
+    def _drop(self) -> None:
+        handle = getattr(self, "handle", None)
+        if handle is not None:
+            try:
+                handle.close()
+            except OSError:
+                pass  # the write already failed and says so; closing a full device must not hide that line
+        if self.tmp is not None:
             Path(self.tmp).unlink(missing_ok=True)
 
 

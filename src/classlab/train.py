@@ -11,6 +11,7 @@ import csv
 import io
 import os
 import platform
+import shutil
 import signal
 import statistics
 import sys
@@ -315,6 +316,18 @@ def _resume_state(
     return cfg, run.read_split(), last_ckpt, changes, done
 
 
+def _resume_line(last_ckpt: Path | None, done: int, epochs: int, changes: list[str]) -> str:
+    """Where --resume picks up and what it changes, said before the data loads (a run that starts over looks
+    like a fresh one)."""
+    line = (
+        "resuming: no checkpoint was written yet, so the run starts over"
+        if last_ckpt is None
+        else f"resuming from checkpoints/{last_ckpt.name} ({done} of {epochs} epochs done; "
+        "a checkpoint written mid-epoch goes on with its next batch)"
+    )
+    return line + (f"\nresuming with changes: {'; '.join(changes)}" if changes else "")
+
+
 def _write_run_start(run: RunFolder, cfg: Config, data: DataBundle) -> None:
     """The files that say what a run is, written before its first step."""
     run.write_config(cfg.to_dict())
@@ -412,14 +425,7 @@ def _fit_run(
     if resume:
         from_file = cfg
         cfg, saved_split, last_ckpt, changes, done = _resume_state(run, lock, cfg, config, overrides)
-        console.print(
-            f"resuming from checkpoints/{last_ckpt.name} ({done} of {cfg.epochs} epochs done; "
-            "a checkpoint written mid-epoch goes on with its next batch)"
-            if last_ckpt is not None
-            else "resuming: no checkpoint was written yet, so the run starts over"
-        )
-        if changes:
-            console.print(f"resuming with changes: {'; '.join(changes)}")
+        console.print(_resume_line(last_ckpt, done, cfg.epochs, changes))
         if isinstance(config, str | Path) and _is_zero():
             _say_file_edits(config, cfg, from_file, console)
         _say_if_finished(run, cfg, console)
@@ -570,18 +576,20 @@ def _finish(
 # ---------------------------------------------------------------------------------------------
 
 
-def _top_folder(cfg: Config, resume: bool, force: bool) -> RunFolder:
+def _top_folder(cfg: Config, resume: bool, force: bool) -> tuple[RunFolder, Path | None]:
+    """The k-fold folder, and where ``--force`` moved the old one (put back if the new folds are refused)."""
     default = f"{cfg.data.dataset}_{cfg.model.name.replace(':', '_')}_{cfg.data.folds}fold"
     path, _ = new_run_path(cfg.run.root, cfg.exp_name, default, numbered=not resume and not cfg.exp_name)
+    moved = None
     if path.exists() and not resume:
         if not is_fold_group(path):
             raise ClassLabError(f"'{path}' exists and is not a k-fold folder; choose another exp_name")
         if force:
-            move_aside(path)
+            moved = move_aside(path)
         # Without --force an existing k-fold folder is continued: finished folds are kept.
     elif resume and not path.is_dir():
         raise ClassLabError(f"--resume: k-fold folder '{path}' does not exist; start it without --resume")
-    return RunFolder(path)
+    return RunFolder(path), moved
 
 
 def _check_same_folds(top: RunFolder, cfg: Config) -> None:
@@ -603,17 +611,34 @@ def train_folds(cfg: Config, *, resume: bool = False, force: bool = False, quiet
     """Train every fold in turn, then write the out-of-fold predictions and the mean ± std summary."""
     if cfg.stages:
         raise ClassLabError("data.folds with stages is not supported; run the folds of one stage at a time")
-    top = _top_folder(cfg, resume, force)
-    top.path.mkdir(parents=True, exist_ok=True)
+    top, moved = _top_folder(cfg, resume, force)
     tree = cfg.to_dict()
     tree["exp_name"] = top.path.name
     if is_fold_group(top.path) and top.read_json(FOLDS).get("folds") != cfg.data.folds:
         raise ClassLabError(f"'{top.path}' holds a {top.read_json(FOLDS)['folds']}-fold run; use --force")
     if is_fold_group(top.path):
         _check_same_folds(top, cfg)
-    top.write_json(FOLDS, {"folds": cfg.data.folds, "seed": cfg.seed, "config": tree})
-    top.update_summary(status="running", exp_name=top.path.name, folds=cfg.data.folds)
-    for i in range(cfg.data.folds):
+    created = not top.path.exists()
+    try:
+        top.path.mkdir(parents=True, exist_ok=True)
+        top.write_json(FOLDS, {"folds": cfg.data.folds, "seed": cfg.seed, "config": tree})
+        top.update_summary(status="running", exp_name=top.path.name, folds=cfg.data.folds)
+        _train_each_fold(top, cfg, tree, quiet=quiet)
+    except BaseException:
+        # Refused before any fold began (its data, a write): a folder holding only folds.json and a summary
+        # saying "running" would read as a run cut off, where nothing ran (a broken manifest leaves no run folder),
+        # and the k-fold folder --force moved aside goes back, as a single run refused for its data stays.
+        if created and not any((top.path / f"fold{i}").exists() for i in range(cfg.data.folds)):
+            shutil.rmtree(top.path, ignore_errors=True)
+            if moved is not None and not top.path.exists():
+                os.replace(moved, top.path)
+        raise
+    return write_out_of_fold(top)
+
+
+def _train_each_fold(top: RunFolder, cfg: Config, tree: dict[str, Any], *, quiet: bool) -> None:
+    """Each fold in turn, as an ordinary run in ``top/fold{i}``; a finished fold is kept."""
+    for i in range(cfg.data.folds or 0):
         fold_tree = dict(tree, exp_name=f"fold{i}")
         fold_tree["run"] = dict(tree["run"], root=str(top.path))
         fold_tree["data"] = dict(tree["data"], fold=i)
@@ -626,7 +651,6 @@ def train_folds(cfg: Config, *, resume: bool = False, force: bool = False, quiet
         if not quiet:
             print(f"fold {i + 1}/{cfg.data.folds}", flush=True)
         train(validate(fold_tree), resume=status is not None, quiet=quiet)
-    return write_out_of_fold(top)
 
 
 def _predict_fold(run: Path) -> dict[str, Any]:

@@ -437,14 +437,10 @@ def _empty_group(manifest: Path, line: int, column: str) -> str:
     )
 
 
-def _read_manifest(
-    cfg: DataSection, manifest: Path, tasks: dict[str, str] | None, *, splits_by_group: bool = False
-) -> _Manifest:
-    root = Path(cfg.root or "").resolve()
-    text = utf8_text(manifest)
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter(text))
-    columns = reader.fieldnames or []
-    rows = list(reader)
+def _check_columns(
+    cfg: DataSection, manifest: Path, columns: list[str], tasks: dict[str, str] | None, splits_by_group: bool
+) -> None:
+    """Every column the config names is in the manifest; one a case or a space away is pointed at."""
     for key, col in (
         ("path_column", cfg.path_column),
         ("label_column", None if tasks else cfg.label_column),
@@ -457,6 +453,17 @@ def _read_manifest(
             if same:
                 raise ClassLabError(f"{manifest}: no column '{col}' ({where}); did you mean {where}={same[0]}?")
             raise ClassLabError(f"{manifest}: no column '{col}' ({where}); its columns are: {', '.join(columns)}")
+
+
+def _read_manifest(
+    cfg: DataSection, manifest: Path, tasks: dict[str, str] | None, *, splits_by_group: bool = False
+) -> _Manifest:
+    root = Path(cfg.root or "").resolve()
+    text = utf8_text(manifest)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter(text))
+    columns = reader.fieldnames or []
+    rows = list(reader)
+    _check_columns(cfg, manifest, columns, tasks, splits_by_group)
     if not rows:
         raise ClassLabError(f"{manifest} has no rows")
     base = _image_dir(cfg)
