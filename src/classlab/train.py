@@ -251,17 +251,21 @@ RESUME_UNSAID = {"trainer.progress", "trainer.threads", "data.workers", "data.ca
 NOT_WHAT_TRAINS = RESUME_UNSAID | RESUME_MAY_MOVE | {"exp_name"}
 
 
+def _and_others(changes: list[tuple[str, Any, Any]]) -> str:
+    """' (and k2, k3)' after the first of several changed keys an error names."""
+    return f" (and {', '.join(k for k, _, _ in changes[1:])})" if len(changes) > 1 else ""
+
+
 def _resume_changes(saved: Config, cfg: Config, run: RunFolder) -> list[str]:
     """The changes a resumed run takes, as 'key old -> new'; one line refusing any it cannot take."""
     changes = changed_keys(saved, cfg)
     kept = [c for c in changes if c[0].startswith(RESUME_KEEPS) and c[0] not in RESUME_MAY_MOVE]
     if kept:
         key, old, new = kept[0]
-        others = f" (and {', '.join(k for k, _, _ in kept[1:])})" if len(kept) > 1 else ""
         raise ClassLabError(
-            f"--resume: {key} was {old!r} in '{run.path}', here {new!r}{others}; a resumed run keeps its model, "
-            "data, seed and task: drop that override, or train a new run (another exp_name, or --force to move this "
-            "one aside)"
+            f"--resume: {key} was {old!r} in '{run.path}', here {new!r}{_and_others(kept)}; a resumed run keeps its "
+            "model, data, seed and task: drop that override, or train a new run (another exp_name, or --force to move "
+            "this one aside)"
         )
     return [f"{k} {old!r} -> {new!r}" for k, old, new in changes if k not in RESUME_UNSAID]
 
@@ -599,9 +603,9 @@ def _check_same_folds(top: RunFolder, cfg: Config) -> None:
     changes = [c for c in changed_keys(saved, cfg) if c[0] not in NOT_WHAT_TRAINS and c[0] != "data.fold"]
     if changes:
         key, old, new = changes[0]
-        others = f" (and {', '.join(k for k, _, _ in changes[1:])})" if len(changes) > 1 else ""
         raise ClassLabError(
-            f"'{top.path}' holds k-fold runs trained with {key}={yaml_text(old)}, here {yaml_text(new)}{others}; "
+            f"'{top.path}' holds k-fold runs trained with {key}={yaml_text(old)}, here {yaml_text(new)}"
+            f"{_and_others(changes)}; "
             "a second call continues those folds as they were: drop the change, or train new folds "
             "(another exp_name, or --force to move this folder aside)"
         )
