@@ -24,7 +24,7 @@ from classlab.config import IMAGE_EXTENSIONS, is_url
 from classlab.data.preprocess import is_system_file
 from classlab.data.sources import delimiter, natural_key
 from classlab.engine.ensemble import load_runs
-from classlab.engine.exported import ExportedRun, OnnxModel
+from classlab.engine.exported import ExportedRun
 from classlab.engine.file_batches import file_batches, images_a_batch
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.tta import TTAPlan, prediction_plan, views_probabilities
@@ -99,10 +99,10 @@ class Predictions:
 MAX_FAILED_KEPT = 1000
 
 
-def _scorer(loaded: LoadedRun, backend: str, checkpoint: str, plan: TTAPlan | None = None, chunk: int = 256) -> Any:
+def _scorer(loaded: LoadedRun, backend: str, plan: TTAPlan | None = None, chunk: int = 256) -> Any:
     """uint8 batch -> probabilities, in PyTorch or in onnxruntime on the run's exported file;
     with a TTA plan, the weighted mean over each image's views."""
-    plain = _plain_scorer(loaded, backend, checkpoint)
+    plain = _plain_scorer(loaded, backend)
     if plan is None:
         return plain
     if loaded.tasks is not None:
@@ -110,28 +110,17 @@ def _scorer(loaded: LoadedRun, backend: str, checkpoint: str, plan: TTAPlan | No
     return lambda batch: views_probabilities(plain, batch, plan, loaded.image_size, chunk)
 
 
-def _plain_scorer(loaded: LoadedRun, backend: str, checkpoint: str) -> Any:
+def _plain_scorer(loaded: LoadedRun, backend: str) -> Any:
     if backend not in ("torch", "onnx"):
         raise ClassLabError(f"--backend {backend}: choose 'torch' or 'onnx'")
-    if isinstance(loaded, ExportedRun):
-        if backend == "torch":
-            raise ClassLabError(f"{loaded.path} runs in onnxruntime; for --backend torch give the run folder")
-        return loaded.probabilities
-    if backend == "torch":
-        return loaded.probabilities
-    if getattr(loaded, "members", None):
-        raise ClassLabError("--backend onnx runs one exported model; an ensemble predicts with --backend torch")
-    from classlab.export import ensure_onnx
-
-    onnx_model = OnnxModel(ensure_onnx(loaded.run, checkpoint))
-    if onnx_model.classes and onnx_model.classes != loaded.classes:
-        raise ClassLabError(f"{onnx_model.path} has other class names than the run; delete it to re-export")
-    return lambda batch: onnx_model.logits(batch).softmax(1)
+    if isinstance(loaded, ExportedRun) and backend == "torch":
+        raise ClassLabError(f"{loaded.path} runs in onnxruntime; for --backend torch give the run folder")
+    return loaded.probabilities
 
 
-def _exported_multitask(loaded: LoadedRun, checkpoint: str) -> ExportedRun:
-    """A multitask run's ONNX file (exported first if missing), which predicts every task as the run does: the
-    same file ``classlab predict model.onnx`` runs, so ``--backend onnx`` on the run gives its rows too."""
+def _exported(loaded: LoadedRun, checkpoint: str) -> ExportedRun:
+    """The run's ONNX file (exported first if missing) for ``--backend onnx``: the same file ``classlab predict
+    model.onnx`` runs, so the run gives the rows its file gives, every task's of a multitask run included."""
     if getattr(loaded, "members", None):
         raise ClassLabError("--backend onnx runs one exported model; an ensemble predicts with --backend torch")
     from classlab.export import ensure_onnx
@@ -205,10 +194,10 @@ def predict(
     loaded = load_runs(run, checkpoint)
     checkpoint = loaded.checkpoint  # what was loaded: a run's last.ckpt given as the run picks last for --backend onnx
     backend = backend or ("onnx" if isinstance(loaded, ExportedRun) else "torch")
-    if backend == "onnx" and loaded.tasks is not None and not isinstance(loaded, ExportedRun):
-        loaded = _exported_multitask(loaded, checkpoint)
+    if backend == "onnx" and not isinstance(loaded, ExportedRun):
+        loaded = _exported(loaded, checkpoint)
     plan = prediction_plan(tta, loaded.image_size) if tta else None
-    scorer = _scorer(loaded, backend, checkpoint, plan, batch_size)
+    scorer = _scorer(loaded, backend, plan, batch_size)
     files = _image_files(paths)
     k = max(1, min(top, len(loaded.classes)))
     columns = _columns(k, loaded.tasks)
