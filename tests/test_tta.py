@@ -27,7 +27,13 @@ def test_parse_modes_and_scales() -> None:
 
 @pytest.mark.parametrize(
     ("text", "needle"),
-    [("flop", "did you mean 'flip'"), ("multiscale", "needs the shorter-side sizes"), ("multiscale:16", "below")],
+    [
+        ("flop", "did you mean 'flip'"),
+        ("multiscale", "needs the shorter-side sizes"),
+        ("multiscale:16", "below"),
+        ("flip,FLIP", r"--tta flip is given twice in 'flip,FLIP': give each mode once"),
+        ("multiscale:32,multiscale:40", "multiscale is given twice"),
+    ],
 )
 def test_parse_errors_are_one_line(text: str, needle: str) -> None:
     with pytest.raises(ClassLabError, match=needle) as info:

@@ -95,8 +95,9 @@ def _tokens(text: str, image_size: int) -> tuple[list[str], list[int]]:
             scales.append(int(arg))
         elif arg:
             raise ClassLabError(f"--tta {name} takes no value (got '{token}')")
-        if name not in modes:
-            modes.append(name)
+        if name in modes:
+            raise ClassLabError(f"--tta {name} is given twice in '{text}': give each mode once")
+        modes.append(name)
         current = name
     return modes, scales
 
