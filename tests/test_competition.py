@@ -258,6 +258,43 @@ def test_mismatched_class_maps_are_refused_by_name(kfold: tuple[Path, Path], cap
     assert not Path("x.csv").exists()
 
 
+def test_an_ensemble_of_runs_at_different_image_sizes(kfold: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    """Before: runs at 16 and 24 px were refused ('an ensemble needs one image size'); now the images are read at
+    the larger size and the 16 px run sees them brought to its own, so each member scores as it does alone."""
+    tmp, root = kfold
+    from classlab.engine.ensemble import load_runs
+    from classlab.evaluate import evaluate
+    from classlab.predict import predict
+    from classlab.train import train
+
+    runs = []
+    for size in (16, 24):
+        train(None, _args(tmp, root, f"exp_name=size{size}", f"data.image_size={size}"), quiet=True)
+        runs.append(tmp / "runs" / f"size{size}")
+    assert load_runs(runs).image_size == 24 and load_runs(runs[::-1]).image_size == 24
+    images = [root / "red" / "red1.png", root / "blue" / "blue2.png", root / "green" / "green3.png"]
+    alone = [{r["path"]: r for r in predict(run, images, top=3)} for run in runs]
+    for row in predict(runs, images, top=3):
+        for k in range(1, 4):
+            name = row["class"] if k == 1 else row[f"top{k}_class"]
+            prob = row["prob"] if k == 1 else row[f"top{k}_prob"]
+            mine = [_prob_of(one[row["path"]], name) for one in alone]
+            assert prob == pytest.approx(sum(mine) / 2, abs=0.02), (row, mine)
+    singles = [evaluate(run, split="val") for run in runs]
+    both = evaluate(runs, split="val", report=True)
+    assert both["images"] == singles[0]["images"] == singles[1]["images"] and both["members"] == [str(r) for r in runs]
+    assert both["top1"] > 0.5  # three colour classes: chance is 1/3
+    flipped = evaluate(runs[::-1], split="val", report=True)  # the 24 px run first: read at 24 px either way
+    assert both["report"]["ece"] == pytest.approx(flipped["report"]["ece"], abs=1e-6)  # the same probabilities
+
+
+def _prob_of(row: dict, name: str) -> float:
+    for k in range(1, 4):
+        if (row["class"] if k == 1 else row[f"top{k}_class"]) == name:
+            return row["prob"] if k == 1 else row[f"top{k}_prob"]
+    return 0.0
+
+
 def test_submission_keeps_template_order_and_refuses_missing(
     kfold: tuple[Path, Path], capsys: pytest.CaptureFixture
 ) -> None:
@@ -414,6 +451,31 @@ def test_submission_ids_in_another_unicode_form_windows_paths_and_blank_rows(
     template.write_text("ImageID,ans\nrosé,\n,\n", encoding="utf-8")
     code, err = cli(capsys, *args)
     assert code == 1 and err.endswith("\n  (empty id): a row without an id\n"), err
+
+
+def test_submission_ids_with_the_extension_in_another_case_and_repeated_ids(
+    kfold: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Before: 'IMG_1.JPG' in the template beside the file IMG_1.jpg was 'no such image', and a template naming
+    one image on two rows was filled without a word."""
+    kf, _ = kfold
+    images = tmp_path / "test"
+    make_image(images / "IMG_1.jpg", (200, 30, 30), size=16)
+    make_image(images / "花.JPG", (30, 30, 200), size=16)
+    make_image(images / "two.jpg", (30, 200, 30), size=16)
+    make_image(images / "two.JPG", (30, 200, 30), size=16)
+    template = tmp_path / "info.csv"
+    template.write_text("ImageID,ans\nIMG_1.JPG,\n花.jpg,\n花.jpg,\n", encoding="utf-8")
+    out = tmp_path / "sub.csv"
+    args = ["predict", str(kf / "runs" / "cv" / "fold0"), str(images), "--template", str(template), "--out", str(out)]
+    code, err = cli(capsys, *args)
+    assert code == 0, err
+    rows = list(csv.DictReader(open(out, newline="", encoding="utf-8")))
+    assert [r["ImageID"] for r in rows] == ["IMG_1.JPG", "花.jpg", "花.jpg"] and all(r["ans"] for r in rows)
+    assert "note: 1 id(s) appear on more than one template row: 花.jpg (2 rows)" in err
+    template.write_text("ImageID,ans\ntwo.Jpg,\n", encoding="utf-8")  # two files answer to it: not guessed
+    code, err = cli(capsys, *args)
+    assert code == 1 and "two.Jpg: no such image among the given paths" in err
 
 
 # ---------------------------------------------------------------------------------------------

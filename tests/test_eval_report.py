@@ -208,6 +208,19 @@ def test_eval_data_lists_and_leaves_out_stray_files_and_empty_class_folders(
     assert f"{folder / 'cat' / 'notes.txt'}: not an image file" in err and f"{folder / 'truck'}: class folder" in err
 
 
+def test_two_labelled_folders_of_one_name_keep_their_own_figures(tiny_run: Path, tmp_path: Path) -> None:
+    """Before: eval --data a/test and then b/test both wrote eval/data-test/, the second over the first."""
+    first = _sample_folder(tmp_path / "a" / "test", {"cat": 4})
+    second = _sample_folder(tmp_path / "b" / "test", {"ship": 3, "truck": 3})
+    one = classlab.evaluate(tiny_run, data=first)
+    two = classlab.evaluate(tiny_run, data=second)
+    assert Path(one["out"]).name == "data-test" and Path(two["out"]).name.startswith("data-test-")
+    assert json.loads((Path(one["out"]) / "metrics.json").read_text())["images"] == 4
+    assert json.loads((Path(two["out"]) / "metrics.json").read_text())["images"] == 6
+    assert classlab.evaluate(tiny_run, data=second)["out"] == two["out"]  # the same data: the same folder again
+    assert classlab.evaluate(tiny_run, data=first)["out"] == one["out"]
+
+
 def test_a_checkpoint_from_another_run_is_named_as_such(tiny_run: Path, tmp_path: Path) -> None:
     """Before: 'does not fit the run's model: Error(s) in loading state_dict for ClassifierModel:' and nothing more."""
     run = tmp_path / "run"

@@ -344,6 +344,8 @@ def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str
         f"wrote {done.rows} rows to {out} ({args.label_column} = class {args.label_format}, template order)",
         file=_report_stream(out),
     )
+    for note in done.notes:
+        print(f"note: {note}", file=sys.stderr)
     if done.missing:
         print(f"{len(done.missing)} row(s) left empty (--allow-missing):", file=sys.stderr)
         for line in done.missing[:20]:

@@ -17,6 +17,7 @@ test-time augmentation (``engine.tta``) and both figures are kept side by side.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -219,6 +220,7 @@ def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None
     """``--data``: a labelled folder or manifest outside the run, read as predict reads files."""
     name = Path(data).stem if Path(data).suffix.lower() == ".csv" else Path(data).resolve().name
     loaded, _, out = _load_for_eval(run, checkpoint, f"data-{name or 'root'}")
+    out = _own_folder(out, Path(data).resolve())
     if loaded.cfg.task != "classify":
         raise ClassLabError(f"--data scores a classifier; this is a {loaded.cfg.task} run: evaluate its own split")
     found = labelled_files(loaded.cfg.data, data, loaded.classes)
@@ -232,7 +234,8 @@ def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None
     if not files:
         raise ClassLabError(f"--data '{data}': no readable image among {len(found.files)} file(s)")
     metrics = _scores(plain.clamp_min(1e-30).log(), labels, loaded.classes, "data", checkpoint)
-    metrics |= {"data": found.where, "skipped": [*found.problems, *(f"{p}: {e}" for p, e in skipped)]}
+    metrics |= {"data": found.where, "data_path": str(Path(data).resolve())}
+    metrics["skipped"] = [*found.problems, *(f"{p}: {e}" for p, e in skipped)]
     probs = plain  # the report's predictions: the TTA ones when asked, as eval --report on a split
     if plan is not None:
         probs, labels, _, _ = _score_files(loaded, files, [int(v) for v in labels], plan)
@@ -249,6 +252,18 @@ def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None
     atomic_write_json(out / "metrics.json", rounded(metrics))
     _write_confusion(out, confusion_matrix(plain, labels, len(loaded.classes)), loaded.classes, metrics["top1"])
     return {**metrics, "out": str(out)}
+
+
+def _own_folder(out: Path, data: Path) -> Path:
+    """eval/data-<name>/, or data-<name>-<hash of the path>/ when that folder holds the figures of other data of the
+    same name (two test/ folders): a second eval --data then writes beside the first instead of over it."""
+    try:
+        before = json.loads((out / "metrics.json").read_text(encoding="utf-8")).get("data_path")
+    except (OSError, ValueError, AttributeError):
+        return out
+    if before in (None, str(data)):
+        return out
+    return out.with_name(f"{out.name}-{hashlib.sha1(str(data).encode()).hexdigest()[:8]}")
 
 
 def _score_files(

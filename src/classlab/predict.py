@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,6 +284,7 @@ class Submission:
     out: Path
     rows: int
     missing: list[str] = field(default_factory=list)  # "id: why" for rows left empty
+    notes: list[str] = field(default_factory=list)  # what a user should know about the template (repeated ids)
 
 
 def read_template(path: str | Path, id_column: str) -> tuple[list[str], list[dict[str, str]], str]:
@@ -335,11 +337,39 @@ def _id_key(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-def _template_id(raw: str, found: Mapping[str, Any]) -> str:
+def _template_id(raw: str, found: Mapping[str, Any], by_lower_suffix: Mapping[str, str]) -> str:
     """A template's id as the image index keys it; a Windows path (``sub\\7f.png``) reads with forward slashes, as
-    a manifest's paths do, unless an image is named with the backslash itself."""
+    a manifest's paths do, unless an image is named with the backslash itself. An extension in another case
+    (``7f.JPG`` for ``7f.jpg``: cameras and Windows write capitals) finds its file when one file answers to it."""
     key = _id_key(raw.strip())
-    return key.replace("\\", "/") if "\\" in key and key not in found else key
+    if "\\" in key and key not in found:
+        key = key.replace("\\", "/")
+    return key if key in found else by_lower_suffix.get(_lower_suffix(key), key)
+
+
+def _lower_suffix(key: str) -> str:
+    stem, dot, suffix = key.rpartition(".")
+    return f"{stem}.{suffix.lower()}" if dot and "/" not in suffix else key
+
+
+def _by_lower_suffix(found: Mapping[str, Any]) -> dict[str, str]:
+    """Index keys by their extension in lower case, keeping only those that one key answers to."""
+    keys: dict[str, list[str]] = {}
+    for key in found:
+        keys.setdefault(_lower_suffix(key), []).append(key)
+    return {lowered: same[0] for lowered, same in keys.items() if len(same) == 1}
+
+
+def _repeated_ids(ids: Sequence[str]) -> list[str]:
+    counts = Counter(i for i in ids if i)
+    repeated = [f"{i} ({n} rows)" for i, n in counts.items() if n > 1]
+    if not repeated:
+        return []
+    shown = ", ".join(repeated[:3]) + (f" and {len(repeated) - 3} more" if len(repeated) > 3 else "")
+    return [
+        f"{len(repeated)} id(s) appear on more than one template row: {shown}; each such row gets its image's "
+        "prediction (check the template if every row should name its own image)"
+    ]
 
 
 def _label(pred: dict[str, Any], classes: list[str], label_format: str) -> str:
@@ -370,7 +400,8 @@ def write_submission(
             f"{template}: no column '{label_column}' (--label-column); did you mean --label-column '{near[0]}'?"
         )
     found = index_images(paths)
-    ids = [_template_id(row[id_column], found) for row in rows]
+    by_lower_suffix = _by_lower_suffix(found)
+    ids = [_template_id(row[id_column], found, by_lower_suffix) for row in rows]
     missing = {i: "no such image among the given paths" if i else "a row without an id" for i in ids if i not in found}
     for i in ids:
         several = found.get(i)
@@ -401,7 +432,9 @@ def write_submission(
         pred = by_path.get(str(index.get(image_id))) if image_id not in missing else None
         writer.writerow(dict(row, **{label_column: _label(pred, loaded.classes, label_format) if pred else ""}))
     atomic_write_text(out, buffer.getvalue(), output=True)
-    return Submission(Path(out), len(rows), [f"{i or '(empty id)'}: {why}" for i, why in missing.items()])
+    left_empty = [f"{i or '(empty id)'}: {why}" for i, why in missing.items()]
+    repeated = _repeated_ids([_id_key(row[id_column].strip()) for row in rows])
+    return Submission(Path(out), len(rows), left_empty, repeated)
 
 
 __all__ = [

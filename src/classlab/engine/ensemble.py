@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from classlab.engine.exported import ExportedRun, is_exported_file
@@ -45,19 +46,36 @@ def expand_runs(runs: Sequence[str | Path | RunFolder]) -> list[Path]:
 
 
 class EnsembleNet(nn.Module):
-    """Members' mean probabilities as log-probabilities: softmax of the output is that mean."""
+    """Members' mean probabilities as log-probabilities: softmax of the output is that mean.
 
-    def __init__(self, members: Sequence[ClassifierModel]) -> None:
+    Members trained at different image sizes (a 224 px and a 288 px run) read the image at the largest of
+    them, and each smaller member sees it resized by its own size over that one (antialiased, as the
+    decoder's resize is): the same centre square of the image at the resolution that member was trained at.
+    """
+
+    def __init__(self, members: Sequence[ClassifierModel], sizes: Sequence[int] | None = None) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.sizes = list(sizes) if sizes else [0] * len(members)  # 0: as given
+        self.size = max(self.sizes)
+
+    def _inputs(self) -> Any:
+        return zip(self.members, self.sizes)
+
+    def _sized(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        if not size or size == self.size:
+            return x
+        h, w = (max(1, round(n * size / self.size)) for n in x.shape[-2:])
+        y = F.interpolate(x.float(), size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        return y.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else y.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
+        probs = torch.stack([m(self._sized(x, s)).float().softmax(1) for m, s in self._inputs()]).mean(0)
         return probs.clamp_min(1e-30).log()
 
     def forward_tasks(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Multitask members: (each task's log mean probabilities, log mean combined probabilities)."""
-        outs = [m.net.forward_tasks(m.normalize(x)) for m in self.members]
+        outs = [m.net.forward_tasks(m.normalize(self._sized(x, s))) for m, s in self._inputs()]
         tasks = [
             torch.stack([o[0][t].float().softmax(1) for o in outs]).mean(0).clamp_min(1e-30).log()
             for t in range(len(outs[0][0]))
@@ -67,7 +85,8 @@ class EnsembleNet(nn.Module):
 
 
 def _check_compatible(paths: list[Path], loaded: list[Any]) -> None:
-    """One class map (and one input size) for every member, or one line naming the runs that differ."""
+    """One class map (and one kind of image: grey or colour) for every member, or one line naming the runs that
+    differ. Image sizes may differ (EnsembleNet)."""
     first = loaded[0]
     for path, member in zip(paths[1:], loaded[1:]):
         if member.classes != first.classes:
@@ -77,11 +96,10 @@ def _check_compatible(paths: list[Path], loaded: list[Any]) -> None:
                 f"{', '.join(member.classes[:4])}{' ...' if len(member.classes) > 4 else ''}); "
                 "an ensemble averages runs trained on the same classes"
             )
-        if (member.image_size, member.channels) != (first.image_size, first.channels):
+        if member.channels != first.channels:
             raise ClassLabError(
-                f"runs {paths[0]} ({first.image_size} px, {first.channels} channels) and {path} "
-                f"({member.image_size} px, {member.channels} channels) take different inputs; "
-                "an ensemble needs one image size"
+                f"runs {paths[0]} ({first.channels} channel(s)) and {path} ({member.channels} channel(s)) take "
+                "different images (grey and colour); an ensemble averages runs that read the same kind of image"
             )
 
 
@@ -98,8 +116,13 @@ def load_ensemble(
     _check_compatible(paths, loaded)
     first = loaded[0]
     # Each member normalises its own input (fold runs have fold-specific statistics): no outer normalisation.
-    model = ClassifierModel(nn.Identity(), EnsembleNet([m.model for m in loaded])).eval().to(device)
-    ensemble = LoadedRun(first.run, first.cfg, model, first.classes, first.image_size, first.channels)
+    sizes = [m.image_size for m in loaded]
+    net = EnsembleNet([m.model for m in loaded], sizes if len(set(sizes)) > 1 else None)
+    model = ClassifierModel(nn.Identity(), net).eval().to(device)
+    cfg = first.cfg
+    if max(sizes) != first.image_size:  # a split is read at the size every member can be given (EnsembleNet)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"image_size": max(sizes)})})
+    ensemble = LoadedRun(first.run, cfg, model, first.classes, max(sizes), first.channels)
     ensemble.tasks = first.tasks
     ensemble.checkpoint = first.checkpoint
     ensemble.members = paths  # type: ignore[attr-defined]
