@@ -231,6 +231,28 @@ def test_nan_loss_stops_at_that_step(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert [r["epoch"] for r in _rows(run / "metrics.csv")] == ["1"]
 
 
+def test_a_run_folder_removed_while_training_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Before: a clean-up that removed the run folder mid-run ended in 'unexpected FileNotFoundError' naming a
+    TensorBoard event file deep inside it."""
+    from classlab.engine.task import ClassifyTask
+
+    original = ClassifyTask.training_step
+    run = tmp_path / "runs" / "gone"
+
+    def training_step(self: ClassifyTask, batch: object, batch_idx: int) -> object:
+        if self.trainer.global_step == 7 and run.is_dir():  # in epoch 2, after epoch 1's files were written
+            shutil.rmtree(run)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(ClassifyTask, "training_step", training_step)
+    code, _, err = cli(capsys, "train", *small_run(tmp_path, exp_name="gone", epochs=3), "--quiet")
+    assert code == 1
+    assert error_lines(err) == [
+        f"error: the run folder {run} was removed or moved while the run trained, so nothing more can be written to "
+        "it; start the run again (or put run.root where nothing cleans up)"
+    ]
+
+
 def test_nan_loss_names_the_epoch_an_interval_checkpoint_keeps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:

@@ -485,7 +485,7 @@ def _fit_run(
         task.model.net = torch.compile(task.model.net)
     if _is_zero():
         tracking.start(loggers, cfg, run)
-    _fit(trainer, task, train_loader, val_loader, last_ckpt)
+    _fit(trainer, task, train_loader, val_loader, last_ckpt, run.path)
     if not trainer.is_global_zero:
         return run
     _finish(run, cfg, data, task, recorder, console)
@@ -493,11 +493,22 @@ def _fit_run(
     return run
 
 
-def _fit(trainer: L.Trainer, task: ClassifyTask, train_loader: Any, val_loader: Any, last_ckpt: Path | None) -> None:
+def _fit(
+    trainer: L.Trainer, task: ClassifyTask, train_loader: Any, val_loader: Any, last_ckpt: Path | None, folder: Path
+) -> None:
     try:
         trainer.fit(
             task, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=last_ckpt, weights_only=True
         )
+    except OSError as exc:
+        # A clean-up script or a hand removed the folder under the run: whichever writer noticed first (TensorBoard,
+        # metrics.csv, a checkpoint) raised its own FileNotFoundError, which named a file deep inside the folder.
+        if folder.is_dir():
+            raise
+        raise ClassLabError(
+            f"the run folder {folder} was removed or moved while the run trained, so nothing more can be written to "
+            "it; start the run again (or put run.root where nothing cleans up)"
+        ) from exc
     except (SystemExit, KeyboardInterrupt):
         # Lightning ends a stop asked for (SIGTERMException) and a Ctrl-C (sys.exit(1)) after its callbacks
         # ran: RunRecorder wrote what could be written and says what last.ckpt holds.
