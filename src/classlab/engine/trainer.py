@@ -134,10 +134,11 @@ def build_network(cfg: Config, data: DataBundle) -> ClassifierModel:
     if cfg.model.init_from:
         net.init_report = _load_init_from(inner, cfg.model.init_from, cfg.model.freeze)
     # Pretrained weights bring their own normalisation (ImageNet's, timm's pretrained_cfg).
-    normalize = Normalize(*(pretrained.normalization(cfg.model.spec()) or (data.mean, data.std)))
+    weights_own = pretrained.normalization(cfg.model.spec())
+    normalize = Normalize(*(weights_own or (data.mean, data.std)))
     if cfg.model.init_from:
         state = net.init_report.pop("source_state")
-        if cfg.aug.norm_mean is None and pretrained.normalization(cfg.model.spec()) is None:
+        if cfg.aug.norm_mean is None and weights_own is None:
             net.init_report["normalization_note"] = _normalization_note(cfg.model.init_from, state, normalize)
     init_from_data = getattr(inner, "init_from_data", None)
     if callable(init_from_data) and not cfg.model.init_from and data.train.images is not None:
