@@ -165,6 +165,12 @@ def test_a_stage_keeps_the_runs_data_and_split() -> None:
     )
     with pytest.raises(ConfigError, match=r"^stages\[0\]: seed=1 where the run has 0: "):
         load_config(None, ["stages=[{seed: 1}]"])
+    # The labels too: another class order or task would train stage 2 from stage 1's head on other classes,
+    # while the run folder's classes.json stays stage 1's.
+    with pytest.raises(ConfigError, match=r"^stages\[1\]: data.classes=\[.*where the run has None: "):
+        load_config(None, ["stages=[{}, {data.classes: [truck, ship, horse, frog, dog, deer, cat, bird, car, plane]}]"])
+    with pytest.raises(ConfigError, match=r"^stages\[1\]: task='rotation' where the run has 'classify': "):
+        load_config(None, ["stages=[{}, {task: rotation}]"])
     cfg = load_config(None, ["stages=[{}, {data.image_size: 48, data.images_per_class: 20, epochs: 2}]"])
     assert stage_config(cfg, 1).data.image_size == 48
 

@@ -122,6 +122,13 @@ def test_multitask_config_errors(manifest: Path, tmp_path: Path) -> None:
     assert load_config(None, [*_overrides(manifest, tmp_path), "trainer.monitor=val/age/f1"]).trainer.monitor
     with pytest.raises(ConfigError, match=r"did you mean 'model.tasks.mask.weight'\? a task's keys: classes, column"):
         load_config(None, [*_overrides(manifest, tmp_path), "model.tasks={mask: {wieght: 1}, sex: {}}"])
+    # A task given a bare value: its own keys are named, where 'model.tasks' was called a value, not a section.
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [*_overrides(manifest, tmp_path), "model.tasks={mask: 3, sex: {}}"])
+    assert str(caught.value) == (
+        "'model.tasks.mask' is a section, not a value: set one of its keys, e.g. model.tasks.mask.classes=3 "
+        "(its keys: classes, column, weight)"
+    )
     # Left at task=classify, the tasks went unread and the run asked for a 'label' column.
     with pytest.raises(ConfigError, match=r"^model.tasks \(mask, sex\) are read by task=multitask: set task=multi"):
         load_config(None, [*_overrides(manifest, tmp_path), "task=classify", "model.tasks={mask: {}, sex: {}}"])

@@ -50,3 +50,21 @@ def test_two_stages_hand_weights_over(tmp_path: Path) -> None:
     # eval on the top folder uses the last stage.
     metrics = classlab.evaluate(top)
     assert metrics["top1"] == pytest.approx(summary["test_acc"], abs=1e-6)
+
+
+def test_the_run_folder_train_returns_loads_through_its_last_stage(tiny_run: Path, tmp_path: Path) -> None:
+    """``classlab.train`` returns a staged run's top folder as a RunFolder; load/evaluate/export take it as they
+    take its path (the last stage's weights), where a RunFolder skipped that step and found no checkpoints."""
+    import shutil
+
+    import yaml
+
+    from classlab.run import RunFolder
+
+    top = tmp_path / "staged"
+    shutil.copytree(tiny_run, top / "stage2")
+    tree = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    (top / "config.yaml").write_text(yaml.safe_dump({**tree, "stages": [{}, {}]}))
+    loaded = classlab.load(RunFolder(top))
+    assert loaded.run.path == top / "stage2"
+    assert loaded.classes == classlab.load(top).classes

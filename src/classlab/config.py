@@ -803,8 +803,11 @@ def _one_line(error: ValidationError, tree: dict[str, Any]) -> str:
     if not loc:
         return err["msg"].removeprefix("Value error, ")
     if err["type"] == "model_type" and not isinstance(value, dict):  # model=resnet18: a section given one value
-        section = _field(loc).annotation
+        one_task = tuple(err["loc"][:2]) == ("model", "tasks") and len(err["loc"]) == 3  # model.tasks={mask: 3}
+        section = TaskHead if one_task else _field(loc).annotation
         key = "name" if "name" in section.model_fields else next(iter(section.model_fields))
+        if one_task:
+            key = "column" if isinstance(value, str) else "weight" if isinstance(value, float) else "classes"
         shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
         return (
             f"'{loc}' is a section, not a value: set one of its keys, e.g. {loc}.{key}={shown} "
@@ -954,13 +957,19 @@ def stage_config(cfg: Config, k: int) -> Config:
     return staged
 
 
-# What draws the data and its validation split: one value for all of a run's stages.
+# What draws the data, its labels and its validation split: one value for all of a run's stages (the run folder's
+# classes.json is stage 1's, and each stage starts from the previous one's head).
 STAGE_KEEPS = (
     "seed",
+    "task",
     "data.dataset",
     "data.root",
     "data.csv_file",
     "data.val_csv_file",
+    "data.image_dir",
+    "data.path_column",
+    "data.label_column",
+    "data.classes",
     "data.val_fraction",
     "data.group_column",
     "data.folds",

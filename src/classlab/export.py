@@ -98,8 +98,9 @@ def export(
     ``RUN/export/model.<fmt>``)."""
     if fmt not in FORMATS:
         raise ClassLabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    if isinstance(run, RunFolder):
+    if isinstance(run, RunFolder):  # a staged run's top folder (classlab.train returns it) means its last stage
         checkpoint = checkpoint or "best"
+        run = open_run(run.path)
     else:
         path, checkpoint = run_and_checkpoint(run, checkpoint)
         run = open_run(path)

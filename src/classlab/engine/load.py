@@ -94,8 +94,9 @@ def load(run: str | Path | RunFolder, checkpoint: str | None = None, device: str
     """Rebuild a run's model from its folder, or from one of its checkpoint files (weights only, no code executed).
 
     ``checkpoint``: best, last, epochN; None: best, or the file ``run`` names."""
-    if isinstance(run, RunFolder):
+    if isinstance(run, RunFolder):  # as classlab.train returns it: a staged run's top folder stands for its last stage
         checkpoint = checkpoint or "best"
+        run = open_run(run.path)
     else:
         path, checkpoint = run_and_checkpoint(run, checkpoint)
         run = open_run(path)
