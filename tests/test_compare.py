@@ -89,6 +89,10 @@ def test_cli_globs_by_and_metric(runs: Path, tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert lines[0] == "| run | status | model.init_from | test_acc |" and len(lines) == 2 + 6 + 1
     assert (tmp_path / "cli" / "test_acc_vs_data_images_per_class.png").is_file()
+    assert result.stderr == ""
+    # A metric no run has: the table still comes, with a note naming the near spelling (was an empty column alone).
+    table = compare([str(runs)], metrics=["tset_acc", "test_acc"], plots=False, out=tmp_path / "typo")
+    assert table.notes == ["no run has metric 'tset_acc' (yet) (did you mean 'test_acc'?): its column is empty"]
 
 
 def test_errors_are_one_line(runs: Path, tmp_path: Path) -> None:

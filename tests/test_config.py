@@ -248,6 +248,9 @@ def test_ini_unknown_key_and_criterion_rejected(tmp_path: Path) -> None:
     path.write_text("[TRAIN]\nlr = 1\n")
     with pytest.raises(ConfigError, match=r"unknown INI section \[TRAIN\]"):
         read_ini(path)
+    path.write_text("[EXP]\ngpus = all\n")  # was an 'unexpected ValueError' from int('all')
+    with pytest.raises(ConfigError, match=r"exp.ini: gpus = all is not a list of GPU numbers; write gpus = 0 or gpus"):
+        read_ini(path)
 
 
 def test_ini_resnet_depth_checked(tmp_path: Path) -> None:

@@ -105,6 +105,26 @@ def test_run_folder_paths_and_defaults(tmp_path: Path) -> None:
         run.checkpoint("best")
 
 
+def test_a_damaged_config_or_class_map_is_one_line(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    """Before: a config.yaml cut mid-write by a copy tool, or a hand-edited classes.json, ended in
+    'unexpected ScannerError' / 'unexpected KeyError'."""
+    from tests.faults import cli, error_lines
+
+    run = Path(shutil.copytree(tiny_run, tmp_path / "r"))
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config + "data: [unclosed\n")
+    code, _, err = cli(capsys, "eval", str(run))
+    assert code == 1 and error_lines(err) == [
+        f"error: {run / 'config.yaml'} is damaged (not valid YAML: while parsing a flow sequence)"
+    ], err
+    (run / "config.yaml").write_text(config)
+    (run / "classes.json").write_text('{"0": "cat", "2": "dog"}')
+    code, _, err = cli(capsys, "predict", str(run), str(tmp_path))
+    assert code == 1 and error_lines(err) == [
+        f"error: {run / 'classes.json'} is damaged (it maps the class numbers 0, 1, ... to names, as classlab wrote it)"
+    ], err
+
+
 @pytest.fixture
 def old_run(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

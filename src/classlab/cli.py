@@ -439,6 +439,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         )
     print(table.markdown(), end="")
     print("wrote " + ", ".join(str(f) for f in table.files))
+    for note in table.notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 

@@ -37,6 +37,8 @@ from classlab.run import (
 )
 
 DEFAULT_METRICS = ("test_acc", "best_val_acc", "epochs_done", "wall_time_s")
+# summary.json's keys that describe a run rather than measure it: never offered as a metric's spelling
+NOT_METRICS = ("status", "exp_name", "task", "dataset", "model", "loader", "started_at", "finished_at", "versions")
 # Keys that differ between runs of a sweep by construction and say nothing about the experiment.
 NOT_INTERESTING = ("exp_name", "run.root", "data.cache_dir", "trainer.threads", "trainer.progress")
 
@@ -50,6 +52,7 @@ class Comparison:
     by: list[str]
     metrics: list[str]
     files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # for the user's eyes: a metric no run has
 
     def markdown(self) -> str:
         head = "| " + " | ".join(self.columns) + " |"
@@ -146,14 +149,26 @@ class RunData:
 CUT_OFF = "cut off"  # says "running" in its summary, but no live process holds the folder; --resume continues it
 
 
-def read_runs(paths: list[Path]) -> list[RunData]:
+def read_runs(paths: list[Path], notes: list[str] | None = None) -> list[RunData]:
+    """The runs' files. Among several runs, one whose files are damaged (a summary.json cut short by a copy) is
+    left out with a line in ``notes``, not the end of the table of the others; alone, it is the error."""
     runs = []
     for path, label in zip(paths, _labels(paths), strict=True):
         run = RunFolder(path)
-        summary = run.summary(default={"status": "unknown"})
+        try:
+            summary = run.summary(default={"status": "unknown"})
+            config = flatten(run.read_config_tree())
+            metrics = run.read_metrics()
+        except (ClassLabError, csv.Error, UnicodeDecodeError) as exc:
+            if len(paths) == 1 or notes is None:
+                raise
+            notes.append(f"left out {path}: {exc}")
+            continue
         if summary.get("status") == "running" and RunLock(path).owner() is None:
             summary = {**summary, "status": CUT_OFF}  # killed (kill -9, power, a session's end): no process holds it
-        runs.append(RunData(label, path, flatten(run.read_config_tree()), summary, run.read_metrics()))
+        runs.append(RunData(label, path, config, summary, metrics))
+    if not runs:
+        raise ClassLabError(f"no run could be read: {notes[0] if notes else paths}")
     return runs
 
 
@@ -184,7 +199,8 @@ def compare(
     plots: bool = True,
 ) -> Comparison:
     """Table of ``metrics`` (summary.json) and ``by`` keys (config.yaml); CSV, Markdown and PNGs under ``out``."""
-    runs = read_runs(find_runs(patterns))
+    left_out: list[str] = []
+    runs = read_runs(find_runs(patterns), left_out)
     varying = varying_keys(runs)
     by = list(by) if by else varying
     if "task" in varying and "task" not in by:
@@ -196,6 +212,7 @@ def compare(
         raise ClassLabError(f"config key '{unknown[0]}' is in none of the runs{hint}")
     table = comparison(runs, by, metrics)
     metrics = table.metrics
+    table.notes = left_out + _absent_metrics(runs, metrics)
     out_dir = Path(out) if out else Path(os.path.commonpath([str(r.path.parent) for r in runs])) / "compare"
     atomic_write_text(out_dir / "compare.csv", table.csv())
     atomic_write_text(out_dir / "compare.md", table.markdown())
@@ -225,6 +242,18 @@ def comparison(runs: list[RunData], by: list[str], metrics: list[str] | None = N
     means = fold_mean_rows(runs, rows, metrics)  # k-fold runs: a mean ± std row per k-fold folder
     rows.sort(key=lambda r: tuple(_sort_key(r.get(k)) for k in by) + (r["run"],))
     return Comparison(["run", "status", *by, *metrics], rows + means, by, metrics)
+
+
+def _absent_metrics(runs: list[RunData], metrics: list[str]) -> list[str]:
+    """A note for each asked-for metric that no run's summary has: a typo (--metric tset_acc) left an empty column
+    without a word. Not a refusal: runs still training have no test figures yet."""
+    have = set().union(*(r.summary for r in runs))
+    return [
+        f"no run has metric '{m}' (yet){did_you_mean(m, sorted(k for k in have if k not in NOT_METRICS))}: "
+        "its column is empty"
+        for m in metrics
+        if m not in have
+    ]
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:

@@ -928,6 +928,15 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def and_others(changes: list[tuple[str, Any, Any]], shown: int = 3) -> str:
+    """' (and k2, k3)' after the first of several changed keys an error names; past ``shown`` of them, how many more."""
+    rest = [key for key, _, _ in changes[1:]]
+    if not rest:
+        return ""
+    more = f" and {len(rest) - shown} more" if len(rest) > shown else ""
+    return f" (and {', '.join(rest[:shown])}{more})"
+
+
 def changed_keys(before: Config, after: Config) -> list[tuple[str, Any, Any]]:
     """(dotted key, value before, value after) for each key whose value differs, in key order."""
     a, b = flatten(before.to_dict()), flatten(after.to_dict())
@@ -1168,7 +1177,7 @@ def read_ini(path: Path) -> dict[str, Any]:
     _ini_block_and_autoaug(path, values, tree)
     gpus = values.get("gpus")
     if gpus is not None:
-        _set_dotted(tree, "trainer.devices", _ini_gpus(gpus))
+        _set_dotted(tree, "trainer.devices", _ini_gpus(path, gpus))
     return tree
 
 
@@ -1202,9 +1211,15 @@ def _ini_block_and_autoaug(path: Path, values: dict[str, Any], tree: dict[str, A
         _set_dotted(tree, "aug.autoaugment", autoaug)
 
 
-def _ini_gpus(gpus: Any) -> Any:
+def _ini_gpus(path: Path, gpus: Any) -> Any:
     """``gpus = 0,1`` -> devices [0, 1] on a GPU machine; on a machine without one, warn once and use the CPU."""
-    ids = [int(g) for g in str(gpus).replace(" ", "").split(",") if g != ""]
+    given = [g for g in str(gpus).replace(" ", "").split(",") if g != ""]
+    if not all(g.isdigit() for g in given):
+        raise ConfigError(
+            f"{path}: gpus = {gpus} is not a list of GPU numbers; write gpus = 0 or gpus = 0,1 "
+            "(or trainer.devices=auto in a YAML config for every GPU)"
+        )
+    ids = [int(g) for g in given]
     import torch
 
     if not ids:

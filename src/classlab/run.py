@@ -401,14 +401,25 @@ class RunFolder:
             raise ClassLabError(
                 f"'{self.path}' is not a run folder (no {CONFIG}); give the folder `classlab train` printed"
             )
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ClassLabError(f"{path} is damaged (not valid YAML: {why})") from None
+        if not isinstance(tree, dict):
+            raise ClassLabError(f"{path} is damaged (not a mapping of config sections)")
+        return tree
 
     def write_classes(self, classes: Sequence[str]) -> None:
         self.write_json(CLASSES, {str(i): name for i, name in enumerate(classes)})
 
     def read_classes(self) -> list[str]:
         mapping = self.read_json(CLASSES)
-        return [mapping[str(i)] for i in range(len(mapping))]
+        if not isinstance(mapping, dict) or sorted(mapping) != sorted(str(i) for i in range(len(mapping))):
+            raise ClassLabError(
+                f"{self.path / CLASSES} is damaged (it maps the class numbers 0, 1, ... to names, as classlab wrote it)"
+            )
+        return [str(mapping[str(i)]) for i in range(len(mapping))]
 
     def mark_failed(self, status: str, error: str | None, **fields: Any) -> None:
         """Record how a run ended badly, if the disk still lets us: a failed write must not hide the first error."""

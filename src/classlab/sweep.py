@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from classlab.config import Config, changed_keys, flatten, parse_override, saved_tree, validate, yaml_text
+from classlab.config import Config, and_others, changed_keys, flatten, parse_override, saved_tree, validate, yaml_text
 from classlab.errors import ClassLabError, ConfigError
 from classlab.run import FOLDS, RunFolder, RunLock, atomic_write_json, is_fold_group, is_run_folder
 from classlab.train import NOT_WHAT_TRAINS, coerce_config, train
@@ -290,11 +290,10 @@ def _check_same_settings(root: Path, name: str, cfg: Config) -> None:
     ]
     if changes:
         key, old, new = changes[0]
-        more = f" (and {len(changes) - 1} more: {', '.join(k for k, _, _ in changes[1:4])})" if len(changes) > 1 else ""
         raise ConfigError(
             f"sweep '{root}' was run with other settings: its run {name} has {key}={old!r}, this call "
-            f"{new!r}{more}; give the config and overrides it was started with ({SWEEP_FILE} lists them), "
-            "or another exp_name for a new sweep"
+            f"{new!r}{and_others(changes)}; give the config and overrides it was started with "
+            f"({SWEEP_FILE} lists them), or another exp_name for a new sweep"
         )
 
 

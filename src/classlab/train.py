@@ -26,6 +26,7 @@ from rich.console import Console
 
 from classlab.config import (
     Config,
+    and_others,
     annotated_yaml,
     changed_keys,
     load_config,
@@ -251,11 +252,6 @@ RESUME_UNSAID = {"trainer.progress", "trainer.threads", "data.workers", "data.ca
 NOT_WHAT_TRAINS = RESUME_UNSAID | RESUME_MAY_MOVE | {"exp_name"}
 
 
-def _and_others(changes: list[tuple[str, Any, Any]]) -> str:
-    """' (and k2, k3)' after the first of several changed keys an error names."""
-    return f" (and {', '.join(k for k, _, _ in changes[1:])})" if len(changes) > 1 else ""
-
-
 def _resume_changes(saved: Config, cfg: Config, run: RunFolder) -> list[str]:
     """The changes a resumed run takes, as 'key old -> new'; one line refusing any it cannot take."""
     changes = changed_keys(saved, cfg)
@@ -263,7 +259,7 @@ def _resume_changes(saved: Config, cfg: Config, run: RunFolder) -> list[str]:
     if kept:
         key, old, new = kept[0]
         raise ClassLabError(
-            f"--resume: {key} was {old!r} in '{run.path}', here {new!r}{_and_others(kept)}; a resumed run keeps its "
+            f"--resume: {key} was {old!r} in '{run.path}', here {new!r}{and_others(kept)}; a resumed run keeps its "
             "model, data, seed and task: drop that override, or train a new run (another exp_name, or --force to move "
             "this one aside)"
         )
@@ -574,6 +570,7 @@ def _finish(
     shown = ", ".join(
         f"{k} {summary[k]:.4f}" for k in ("best_val_acc", "test_acc") if isinstance(summary.get(k), float)
     )
+    shown = shown or "no validation or test images to score"  # data.val_fraction=0 and no test set
     console.print(f"finished in {summary['wall_time_s']:.0f}s: {shown}")
     console.print(f"run folder: {run.path}")
     return run
@@ -616,7 +613,7 @@ def _check_same_folds(top: RunFolder, cfg: Config) -> None:
         key, old, new = changes[0]
         raise ClassLabError(
             f"'{top.path}' holds k-fold runs trained with {key}={yaml_text(old)}, here {yaml_text(new)}"
-            f"{_and_others(changes)}; "
+            f"{and_others(changes)}; "
             "a second call continues those folds as they were: drop the change, or train new folds "
             "(another exp_name, or --force to move this folder aside)"
         )

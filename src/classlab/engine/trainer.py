@@ -40,13 +40,10 @@ from classlab.run import RunFolder, open_run, safe_torch_load
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_init_from(spec: str, base: Path | None = None) -> Path:
+def resolve_init_from(spec: str) -> Path:
     """``runs/rot:epoch5`` -> runs/rot/checkpoints/epoch5.ckpt (``runs/rot`` alone -> best)."""
     folder, _, name = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-    path = Path(folder)
-    if not path.is_absolute() and base is not None and not path.exists():
-        path = base / path
-    return open_run(path).checkpoint(name or "best")
+    return open_run(Path(folder)).checkpoint(name or "best")
 
 
 def _net_state(path: Path, state: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
