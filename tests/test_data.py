@@ -95,6 +95,14 @@ def test_bad_files_reported_together_then_skipped(tmp_path: Path) -> None:
     )
     assert sorted(streamed.bad) == sorted(bundle.bad)
     assert len(streamed.train) + len(streamed.val) == 12
+    # A run already made (eval, --resume reads its split.json): data.skip_bad_images=true would change its split
+    # and eval refuses overrides, so the line no longer offers it (it was a dead end).
+    with pytest.raises(DataProblems) as info:
+        load_data(cfg, split=bundle.split)
+    assert str(info.value).startswith(
+        "3 problem(s) in the data since the run was made: restore these files, or point data.root at the original "
+        "data:\n  "
+    )
 
 
 def test_modes_converted(tmp_path: Path) -> None:
@@ -184,6 +192,22 @@ def test_grouped_split_keeps_groups_on_one_side() -> None:
     assert not train_groups & val_groups
     assert 0.1 < len(split["val"]) / 120 < 0.4
     assert set(labels[split["val"]]) == {0, 1}
+    # Groups each bigger than the validation share: the split had no validation image, and nothing said so. Now
+    # the smallest group that leaves every class a training image validates, as a stratified split spares one.
+    big = [f"person{i // 15}" for i in range(120)]
+    split = make_split(labels, val_fraction=0.1, seed=0, class_names=["x", "y"], groups=big)
+    assert len(split["val"]) == 15 and len({big[i] for i in split["val"]}) == 1
+    big[:7] = ["tiny"] * 7
+    split = make_split(labels, val_fraction=0.05, seed=0, class_names=["x", "y"], groups=big)
+    assert {big[i] for i in split["val"]} == {"tiny"}
+    # ... and when every group is a whole class (the label column given as the group), none can.
+    with pytest.raises(ClassLabError) as err:
+        make_split(labels, val_fraction=0.1, seed=0, class_names=["x", "y"], groups=[str(v) for v in labels])
+    assert str(err.value) == (
+        "data.group_column: each of its 2 groups holds every image of some class, so no group can be the validation "
+        "split without that class missing from training; group by a finer column (one person, one patient), or "
+        "leave data.group_column unset"
+    )
 
 
 def test_images_per_class() -> None:
@@ -195,6 +219,13 @@ def test_images_per_class() -> None:
     # The line names the fix: 27 of each class's 30 are left for training after the validation split.
     assert str(err.value).endswith(
         "a (27), b (27), c (27); use data.images_per_class=27 or less, or lower data.val_fraction"
+    )
+    # With no validation split (val_fraction 0) there is nothing to lower: the line said so all the same.
+    with pytest.raises(ClassLabError) as err:
+        make_split(labels, val_fraction=0, seed=0, class_names=list("abc"), images_per_class=40)
+    assert str(err.value) == (
+        "data.images_per_class=40 but these classes have fewer training images: a (30), b (30), c (30); "
+        "use data.images_per_class=30 or less"
     )
 
 
@@ -255,6 +286,24 @@ def test_labels_that_read_as_missing_values_are_noted(tmp_path: Path) -> None:
     assert load_data(load_config(None, [*args, "data.val_fraction=0"])).notices == []
 
 
+def test_a_number_written_two_ways_in_the_labels_is_noted(tmp_path: Path) -> None:
+    """pandas writes an integer column with a missing value as floats: manifests joined from two sources carry
+    '1' and '1.0', which trained as two classes without a word."""
+    root = tmp_path / "img"
+    rows = ["path,label"]
+    for i in range(8):
+        make_image(root / f"{i}.png", (20 * i, 0, 0))
+        rows.append(f"{i}.png,{['1', '2', '1.0', '2'][i % 4]}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    args = ["data.dataset=csv", f"data.root={root}", "data.csv_file=train.csv", f"data.cache_dir={tmp_path / 'c'}"]
+    bundle = load_data(load_config(None, [*args, "data.val_fraction=0"]))
+    assert bundle.classes == ["1", "1.0", "2"]
+    assert bundle.notices == [
+        "note: 1 and 1.0 in column 'label' of train.csv are one number written 2 ways, trained as separate classes; "
+        "write each label one way"
+    ]
+
+
 def test_csv_images_through_a_linked_folder_inside_the_root(tmp_path: Path) -> None:
     """data/images -> /mnt/disk/images is a common layout; the path as written stays inside data.root, so the
     manifest reads. Written paths that leave the root ('../') are still refused."""
@@ -297,6 +346,67 @@ def test_blank_group_ids_are_named_not_pooled(tmp_path: Path) -> None:
     assert len(bundle.test) == 2
 
 
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_skipped_bad_images_keep_the_other_rows_groups(tmp_path: Path, loader: str) -> None:
+    """The data problem line says to set data.skip_bad_images=true; with data.group_column that was refused
+    ('cannot be combined') for unreadable files, though the groups of the images kept are known."""
+    root = tmp_path / "img"
+    rows = ["path,label,person"]
+    for i in range(12):
+        make_image(root / f"{i}.png", (200, 0, 0) if i % 2 else (0, 0, 200))
+        rows.append(f"{i}.png,{'a' if i % 2 else 'b'},p{i // 2}")
+    (root / "bad.png").write_bytes(b"")
+    rows.insert(1, "bad.png,a,p5")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    args = ["data.dataset=csv", f"data.root={root}", "data.csv_file=train.csv", "data.group_column=person"]
+    args += [f"data.loader={loader}", "data.skip_bad_images=true", "data.val_fraction=0.3", "data.image_size=16"]
+    bundle = load_data(load_config(None, [*args, f"data.cache_dir={tmp_path / 'c'}"]))
+    assert bundle.bad == [f"{root / 'bad.png'}: not an image PIL can read"]
+    assert len(bundle.train) + len(bundle.val) == 12
+    val_people = {int(i) // 2 for i in bundle.split["val"]}  # kept index i is file i.png (the bad row came first)
+    train_people = {int(i) // 2 for i in bundle.split["train"]}
+    assert val_people and not val_people & train_people
+
+
+def test_a_class_whose_groups_all_fall_on_one_side_is_named(tmp_path: Path) -> None:
+    """All of a class in one group (one patient with the rare disease): in a grouped split or fold it trained
+    without a word on the side that has none of it, or got the 'too few images to spare one' note of 6 images."""
+    root = tmp_path / "img"
+    rows = ["path,label,person"]
+    for i in range(18):
+        label = ("a", "b", "rare")[i // 6]
+        make_image(root / f"{i}.png", (40 * (i // 6), 0, 200))
+        rows.append(f"{i}.png,{label},{'r' if label == 'rare' else f'p{i % 5}'}")
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    args = ["data.dataset=csv", f"data.root={root}", "data.csv_file=train.csv", "data.group_column=person"]
+    args += ["data.folds=3", "data.image_size=16", f"data.cache_dir={tmp_path / 'c'}"]
+    notes = {line for fold in range(3) for line in load_data(load_config(None, [*args, f"data.fold={fold}"])).notices}
+    assert notes == {
+        "note: no training image of 1 class(es): rare (its groups in column person are all on the validation side); "
+        "the model cannot learn them: give it images in more groups",
+        "note: no validation image of 1 class(es): rare (its groups in column person are all on the training side); "
+        "val/acc does not cover them: give it images in more groups",
+    }
+
+
+def test_a_manifest_in_the_other_unicode_form_finds_its_files(tmp_path: Path) -> None:
+    """A manifest written on a Mac spells 'ü' decomposed (NFD); the files unzipped on Linux are composed (NFC).
+    Each line said '.../Müller/0.png: ... does not exist', naming what looked exactly like the file there."""
+    import unicodedata
+
+    root = tmp_path / "img"
+    rows = ["path,label"]
+    for i in range(6):
+        make_image(root / "Müller" / f"{i}.png", (200, 0, 0) if i % 2 else (0, 0, 200))
+        rows.append(unicodedata.normalize("NFD", f"Müller/{i}.png,{'rot' if i % 2 else 'blau'}"))
+    rows.append(unicodedata.normalize("NFC", "Müller/0.png,blau"))  # the same file in the other form: twice
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(None, ["data.dataset=csv", f"data.root={root}", "data.csv_file=train.csv"])
+    source = open_dataset(cfg.data).train
+    assert source.problems == [f"{root / 'train.csv'}, line 8: path 'Müller/0.png' is listed twice (first on line 2)"]
+    assert source.files == [(root / "Müller" / f"{i}.png").resolve() for i in range(6)]
+
+
 def test_csv_test_manifest_is_the_test_split(tmp_path: Path) -> None:
     """A competition-style layout: train.csv for training/validation, test.csv with labels for the test figure."""
     root = tmp_path / "img"
@@ -318,6 +428,11 @@ def test_csv_test_manifest_is_the_test_split(tmp_path: Path) -> None:
     expected = sorted(index[list(colors)[i % 3]] for i in range(24, 30))
     assert sorted(bundle.test.labels.tolist()) == expected
     assert any("missing.png" in line and "test.csv" in line for line in bundle.bad)
+    # A test image the training manifest lists too is named: trained on, it made test_acc a training figure.
+    (root / "both.csv").write_text("path,label\n24.png,red\n3.png,red\n")
+    with pytest.raises(DataProblems) as info:
+        load_data(load_config(None, [*base, "data.test_csv_file=both.csv"]))
+    assert info.value.problems == [f"{(root / '3.png').resolve()}: listed in both train.csv and both.csv"]
     # labels the model is not trained on are refused by name; test_csv_file needs a csv dataset
     (root / "odd.csv").write_text("path,label\n24.png,purple\n")
     with pytest.raises(ClassLabError, match=r"odd.csv: labels not in the training manifest's classes: purple"):
@@ -405,6 +520,16 @@ def test_csv_image_dir_and_a_manifest_beside_its_image_folder(tmp_path: Path) ->
     assert Path(source.describe(0)) == root / "train_images" / "im0.jpg"
     with pytest.raises(ClassLabError, match=r"data.image_dir 'nope' is not a folder under data.root"):
         open_dataset(load_config(None, [*base, "data.image_dir=nope"]).data)
+    # Paths written with the folder (train_images/im0.jpg) and data.image_dir as well: the line said
+    # 'set data.root=<the root given> data.csv_file=train.csv', and following it gave the same line again.
+    rows = ["image_id,label", *_blue_red_rows(root / "train_images", 8, lambda i: f"train_images/im{i}.jpg")]
+    (root / "train.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(ClassLabError) as caught:
+        open_dataset(load_config(None, [*base, "data.image_dir=train_images"]).data)
+    assert str(caught.value) == (
+        f"{root / 'train.csv'}: none of its 8 image paths exist under {root / 'train_images'}; they are relative to "
+        f"data.root {root}: leave data.image_dir unset"
+    )
     with pytest.raises(ClassLabError, match=r"data.image_dir needs data.dataset=csv"):
         load_config(None, ["data.dataset=folder", f"data.root={root}", "data.image_dir=train_images"])
 
@@ -453,6 +578,17 @@ def test_a_manifest_separated_by_semicolons_or_tabs(tmp_path: Path, name: str, s
     (tmp_path / name).write_text("\n".join(rows) + "\n")
     ds = open_dataset(load_config(None, [f"data.csv_file={tmp_path / name}"]).data)
     assert ds.classes == ["blue", "red"] and len(ds.train) == 4 and not ds.train.problems
+
+
+def test_a_manifest_without_a_header_line_is_named(tmp_path: Path) -> None:
+    """Before: "no column 'path' (data.path_column); its columns are: im0.jpg, blue" (its first row)."""
+    (tmp_path / "train.csv").write_text("\n".join(_blue_red_rows(tmp_path, 4, lambda i: f"im{i}.jpg")) + "\n")
+    with pytest.raises(ClassLabError) as err:
+        open_dataset(load_config(None, [f"data.csv_file={tmp_path / 'train.csv'}"]).data)
+    assert str(err.value) == (
+        f"{tmp_path / 'train.csv'}: its first line (im0.jpg, blue) is a row of data, not column names; add a header "
+        "line first (path,label)"
+    )
 
 
 def test_torchvision_missing_files_named(tmp_path: Path) -> None:

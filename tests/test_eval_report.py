@@ -181,9 +181,13 @@ def test_eval_on_a_labelled_folder_the_run_never_saw(tiny_run: Path, tmp_path: P
     (tmp_path / "flat" / "x" / "cat").rmdir()
     (tmp_path / "flat" / "x").rmdir()
     (tmp_path / "cols.csv").write_text("filename,class\nnew_photos/cat/0000.jpg,cat\n")
+    (tmp_path / "labels.csv").write_text("path,label\nodd/unicorn/u.png,unicorn\n")  # a label, not a folder name
     for args, expected in {
         ("--data", str(tmp_path / "cols.csv")): "no column 'path', 'label'; its columns are filename, class: name them",
         ("--data", str(tmp_path / "odd")): "class(es) the run was not trained on: unicorn; the run's classes are",
+        ("--data", str(tmp_path / "labels.csv")): "unicorn; the run's classes are airplane, automobile, bird, cat, "
+        "deer, dog, frog, horse ... (the manifest's label column holds the class: correct those labels or leave "
+        "their rows out)",
         ("--data", str(tmp_path / "flat")): "has images but no class folders: eval needs <folder>/<class>/ images",
         ("--data", str(tmp_path / "nowhere")): "does not exist; give labelled images: FOLDER/<class>/*.jpg or a CSV",
         ("data.root=x",): "data.root=x: eval takes no key=value overrides (it reads the run's own config.yaml)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 import classlab
 from classlab.config import load_config
-from classlab.data.pipeline import load_data
+from classlab.data.pipeline import DataProblems, load_data
 from classlab.data.tasks import TaskLayout, combined_index, combined_names
 from classlab.errors import ClassLabError, ConfigError
 from classlab.models.multitask import joint_log_probs
@@ -237,11 +238,21 @@ def test_test_manifest_uses_the_training_tasks_classes(manifest: Path, tmp_path:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    # The training manifest's own images are no test set: each is named (their test_acc was a training figure).
+    with pytest.raises(DataProblems, match=r"p0_\w+\.png: listed in both train\.csv and test_mt\.csv"):
+        load_data(load_config(None, _overrides(manifest, tmp_path, "data.test_csv_file=test_mt.csv")))
+    for row in rows:  # copies under new names: held-out images with the same labels
+        shutil.copy(manifest / row["path"], manifest / f"held_{row['path']}")
+        row["path"] = f"held_{row['path']}"
+    with open(manifest / "test_mt.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     data = load_data(load_config(None, _overrides(manifest, tmp_path, "data.test_csv_file=test_mt.csv")))
     assert data.test is not None and len(data.test) == 6
     index = combined_index(data.tasks, [(r["mask"], r["sex"], r["age"]) for r in rows])
     assert sorted(data.test.labels.tolist()) == sorted(index)
-    (manifest / "odd_mt.csv").write_text("path,mask,sex,age,person\np0_wear.png,wear,female,teen,p0\n")
+    (manifest / "odd_mt.csv").write_text("path,mask,sex,age,person\nheld_p0_wear.png,wear,female,teen,p0\n")
     with pytest.raises(ClassLabError, match=r"labels not in the training manifest's task age: teen"):
         load_data(load_config(None, _overrides(manifest, tmp_path, "data.test_csv_file=odd_mt.csv")))
 

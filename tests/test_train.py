@@ -424,3 +424,24 @@ def test_summary_best_epoch_follows_the_monitor() -> None:
     assert best_row(rows, "val/loss")["epoch"] == "3"  # a loss is best lowest
     assert best_row([{k: v for k, v in r.items() if k != "val/f1"} for r in rows], "val/f1")["epoch"] == "1"
     assert best_row([{"epoch": "1", "train/loss": "1.0"}], "val/acc") is None
+
+
+def test_a_run_with_nothing_to_score_or_skipped_files_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """data.val_fraction=0 and no test set: the last lines read 'finished in 1s: ' with nothing after the colon;
+    data.skip_bad_images=true left files out without a word (only skipped_images.txt in the run folder knew)."""
+    from tests.conftest import class_folder
+    from tests.faults import cli
+
+    root = class_folder(tmp_path / "photos", {"red": (220, 40, 40), "blue": (40, 60, 220)}, 4, size=16)
+    (root / "red" / "broken.jpg").write_bytes(b"")
+    args = [f"data.root={root}", "data.val_fraction=0", "epochs=1", "model.layers=[4,p]", "exp_name=nothing"]
+    args += [f"run.root={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'c'}", "trainer.progress=false"]
+    code, out, err = cli(capsys, "train", *args, "data.skip_bad_images=true")
+    assert code == 0, err
+    skipped = tmp_path / "runs" / "nothing" / "skipped_images.txt"
+    assert f"note: 1 bad file(s) or manifest row(s) skipped, listed in {skipped}" in out.splitlines()
+    assert skipped.read_text() == f"{root / 'red' / 'broken.jpg'}: not an image PIL can read\n"
+    finished = [line for line in out.splitlines() if line.startswith("finished in")]
+    assert len(finished) == 1 and finished[0].endswith("s: no validation or test images to score"), out

@@ -61,6 +61,7 @@ from classlab.run import (
     CONFIG,
     FOLDS,
     OOF,
+    SKIPPED,
     RunFolder,
     RunLock,
     RunWriteError,
@@ -376,6 +377,8 @@ def _announce(run: RunFolder, cfg: Config, data: DataBundle, net: torch.nn.Modul
     lines = [weights.line(), *weights.notes] if weights else []
     lines += [init_from_line(transfer)] if transfer else []
     lines += [transfer["normalization_note"]] if transfer and transfer.get("normalization_note") else []
+    if data.bad:  # data.skip_bad_images: they were left out without a word
+        lines.append(f"note: {len(data.bad)} bad file(s) or manifest row(s) skipped, listed in {run.path / SKIPPED}")
     for line in lines + data.notices + ([notice] if notice else []):
         console.print(line)
 

@@ -69,9 +69,14 @@ def labelled_files(section: DataSection, path: str | Path, classes: list[str]) -
     if unknown:
         shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         known = ", ".join(classes[:8]) + (" ..." if len(classes) > 8 else "")
+        how = (
+            f"the manifest's {section.label_column} column holds the class: "
+            "correct those labels or leave their rows out"
+            if update["dataset"] == "csv"
+            else "a folder's name is its class: rename or leave out the others"
+        )
         raise ClassLabError(
-            f"--data '{path}': class(es) the run was not trained on: {shown}; the run's classes are {known} "
-            "(a folder's name is its class: rename or leave out the others)"
+            f"--data '{path}': class(es) the run was not trained on: {shown}; the run's classes are {known} ({how})"
         )
     files = list(source.files or [])
     labels = [index[dataset.classes[int(label)]] for label in source.labels]

@@ -27,14 +27,18 @@ MAX_LISTED = 20
 class DataProblems(ClassLabError):
     """Every unreadable file, empty class folder and stray file, reported together."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], made: bool = False) -> None:
         self.problems = problems
         shown = problems[:MAX_LISTED]
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        super().__init__(
-            f"{len(problems)} problem(s) in the data; fix them, or set data.skip_bad_images=true "
-            "to skip these files:\n  " + "\n  ".join(shown) + more
+        # A run already made (eval, --resume) was trained on these files: skipping them now would change its
+        # split ('the data changed since this run was made'), and eval takes no overrides at all.
+        fix = (
+            " since the run was made: restore these files, or point data.root at the original data"
+            if made
+            else "; fix them, or set data.skip_bad_images=true to skip these files"
         )
+        super().__init__(f"{len(problems)} problem(s) in the data{fix}:\n  " + "\n  ".join(shown) + more)
 
 
 @dataclass
@@ -115,9 +119,8 @@ def _subset(part: Part, idx: list[int]) -> Part:
 
 def _new_split(cfg: Config, dataset: Any, whole: Part, train_kept: np.ndarray) -> dict[str, Any]:
     """A fresh split.json: train/val indices into the kept training images, and what made them."""
-    groups = None
-    if dataset.train.groups is not None:
-        groups = dataset.train.groups[whole.indices] if whole.indices is not None else _kept_groups(dataset, whole)
+    # The kept images' groups: a bad file skipped (data.skip_bad_images) takes its group entry with it.
+    groups = dataset.train.groups[train_kept] if dataset.train.groups is not None else None
     given = dataset.train.given_val
     split: dict[str, Any] = make_split(
         whole.labels.numpy(),
@@ -142,19 +145,30 @@ def _new_split(cfg: Config, dataset: Any, whole: Part, train_kept: np.ndarray) -
 
 
 def _unvalidated(cfg: Config, whole: Part, split: dict[str, Any], classes: list[str]) -> list[str]:
-    """A note naming the classes with no validation image (too few images): val/acc says nothing about them."""
+    """Notes naming the classes with no validation image (val/acc says nothing about them) and those with no
+    training image (the model cannot learn them: a class whose every group fell on the validation side)."""
     labels = whole.labels.numpy()
     if cfg.task != "classify" or not split["val"] or labels.ndim != 1:
         return []
-    seen = set(labels[split["val"]].tolist())
-    missing = [name for i, name in enumerate(classes) if i not in seen and (labels == i).any()]
-    if not missing:
-        return []
-    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-    return [
-        f"note: no validation image of {len(missing)} class(es): {shown} (too few images to spare one); "
-        "val/acc does not cover them: add images, or give the data a val/ folder"
-    ]
+    grouped = cfg.data.group_column is not None and not split.get("val_folder")
+    notes = []
+    for side, what in (("val", "validation"), ("train", "training")):
+        seen = set(labels[split[side]].tolist())
+        missing = [name for i, name in enumerate(classes) if i not in seen and (labels == i).any()]
+        if not missing:
+            continue
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        other = "training" if side == "val" else "validation"
+        if grouped:
+            why = f"its groups in column {cfg.data.group_column} are all on the {other} side"
+            fix = "give it images in more groups" + ("" if split.get("folds") else ", or try another seed")
+        elif side == "val":
+            why, fix = "too few images to spare one", "add images, or give the data a val/ folder"
+        else:
+            why, fix = "all its images are in the validation set", "give it training images"
+        effect = "val/acc does not cover them" if side == "val" else "the model cannot learn them"
+        notes.append(f"note: no {what} image of {len(missing)} class(es): {shown} ({why}); {effect}: {fix}")
+    return notes
 
 
 def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool = True) -> DataBundle:
@@ -174,7 +188,7 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
         test, test_problems, kept["test"] = _prepare_source(dataset.test, size, mode, cfg)
         problems += test_problems
     if problems and not cfg.data.skip_bad_images:
-        raise DataProblems(problems)
+        raise DataProblems(problems, made=split is not None)
     train_files = [dataset.train.describe(int(i)) for i in train_kept]
     classes = dataset.classes
     if cfg.task == "classify" and classes == [UNLABELED]:
@@ -248,13 +262,6 @@ def _at_source_size(source: Source, cfg: Config, train_idx: list[int], train: Pa
     if not torch.equal(labels, train.labels):
         raise ClassLabError("data.train_source_size: the images decoded at the two sizes differ; fix the bad files")
     return Part(labels=labels, images=images)
-
-
-def _kept_groups(dataset: Any, whole: Part) -> np.ndarray:
-    groups = dataset.train.groups
-    if len(groups) != len(whole):
-        raise ClassLabError("data.group_column cannot be combined with skipped bad images; fix or remove those files")
-    return groups
 
 
 def _stats(train: Part, size: int, per_pixel: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -429,6 +429,19 @@ def _portable(rel: str, base: Path) -> str:
     return rel.replace("\\", "/")
 
 
+def _stored_form(path: Path) -> Path:
+    """The file as the disk spells it when the manifest spells its name in the other Unicode form: a manifest
+    written on a Mac (decomposed, NFD) beside files unzipped on Linux (composed, NFC), or the reverse. Before,
+    the line said the file 'does not exist', naming a path that looked exactly like the file there."""
+    if path.exists() or path.is_symlink() or str(path).isascii():
+        return path
+    for form in ("NFC", "NFD"):
+        other = Path(unicodedata.normalize(form, str(path)))
+        if other != path and other.is_file():
+            return other
+    return path
+
+
 def _empty_group(manifest: Path, line: int, column: str) -> str:
     """Blank group ids would all be one group: unrelated images kept together on one side of the split."""
     return (
@@ -452,6 +465,11 @@ def _check_columns(
             same = [c for c in columns if c.strip().lower() == col.strip().lower()]  # Race for race, 'label ' ...
             if same:
                 raise ClassLabError(f"{manifest}: no column '{col}' ({where}); did you mean {where}={same[0]}?")
+            if any(Path(c.strip()).suffix.lower() in IMAGE_EXTENSIONS for c in columns):  # no header line at all
+                raise ClassLabError(
+                    f"{manifest}: its first line ({', '.join(columns)}) is a row of data, not column names; add a "
+                    f"header line first ({cfg.path_column},{cfg.label_column})"
+                )
             raise ClassLabError(f"{manifest}: no column '{col}' ({where}); its columns are: {', '.join(columns)}")
 
 
@@ -476,7 +494,7 @@ def _read_manifest(
     listings: dict[Path, dict[str, list[str]]] = {}  # folder -> image files by name without extension
     for line, row in enumerate(rows, start=2):
         rel = _portable((row.get(cfg.path_column) or "").strip(), base)
-        path = (base / rel).resolve()
+        path = _stored_form((base / rel).resolve())
         if not rel:
             out.problems.append(f"{manifest}, line {line}: empty path (column '{cfg.path_column}')")
             continue
@@ -532,7 +550,7 @@ def _none_found(manifest: Path, base: Path, root: Path, missing: list[str]) -> N
     """Not one listed file exists: say where they are, when a sub-folder holds them, in place of a list of misses."""
     folder = _where_listed_images_are(base, missing) if base.is_dir() else None
     if folder is None:
-        _above(manifest, base, missing)
+        _above(manifest, base, root, missing)
         return
     where = folder.relative_to(root).as_posix() if folder.is_relative_to(root) else str(folder)
     raise ClassLabError(
@@ -541,17 +559,25 @@ def _none_found(manifest: Path, base: Path, root: Path, missing: list[str]) -> N
     )
 
 
-def _above(manifest: Path, base: Path, missing: list[str]) -> None:
+def _above(manifest: Path, base: Path, root: Path, missing: list[str]) -> None:
     """Listed paths relative to a folder above the manifest's (the project folder a script wrote it from):
     that folder is the data.root to give, the manifest named under it."""
     sample = missing[:20]
     for folder in list(base.parents)[:3]:
-        if sum((folder / rel).is_file() for rel in sample) > len(sample) // 2:
-            shown = os.path.relpath(folder) if folder.is_relative_to(Path.cwd()) else str(folder)
+        if sum((folder / rel).is_file() for rel in sample) <= len(sample) // 2:
+            continue
+        if folder == root != base:
+            # Relative to data.root itself: data.image_dir is what sends them astray (the data.root the line
+            # below would name is the one already given, and the same error came back).
             raise ClassLabError(
                 f"{manifest}: none of its {len(missing)} image paths exist under {base}; they are relative to "
-                f"{folder}: set data.root={shown} data.csv_file={manifest.resolve().relative_to(folder).as_posix()}"
+                f"data.root {root}: leave data.image_dir unset"
             )
+        shown = os.path.relpath(folder) if folder.is_relative_to(Path.cwd()) else str(folder)
+        raise ClassLabError(
+            f"{manifest}: none of its {len(missing)} image paths exist under {base}; they are relative to "
+            f"{folder}: set data.root={shown} data.csv_file={manifest.resolve().relative_to(folder).as_posix()}"
+        )
 
 
 def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
@@ -574,6 +600,8 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
         test = _read_manifest(cfg, _manifest_path(cfg, cfg.test_csv_file, "data.test_csv_file"), tasks)
     if cfg.val_csv_file:
         val = _read_manifest(cfg, _manifest_path(cfg, cfg.val_csv_file, "data.val_csv_file"), tasks)
+    if test is not None:
+        test = _held_out(test, [m for m in (train, val) if m is not None])
     task_classes: dict[str, list[str]] | None = None
     if tasks:
         if not train.files:
@@ -611,6 +639,7 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
     source = manifest_source("csv:train", train, labels)
     columns = {name: [v[t] for v in train.task_values] for t, name in enumerate(tasks)} if tasks else None
     source.notices += _missing_markers(train.path, columns or {cfg.label_column: train.labels})
+    source.notices += _number_twins(train.path, columns or {cfg.label_column: train.labels})
     if cfg.group_column:
         source.groups = np.array(train.groups, dtype=object)
     if val is not None:
@@ -639,6 +668,27 @@ def _missing_markers(manifest: Path, columns: dict[str, list[str]]) -> list[str]
     return notes
 
 
+def _number_twins(manifest: Path, columns: dict[str, list[str]]) -> list[str]:
+    """A note for each number written two ways in a label column (1 and 1.0: pandas writes a column of integers
+    with a missing value as floats): each spelling is trained as a class of its own."""
+    notes = []
+    for column, values in columns.items():
+        spellings: dict[float, set[str]] = {}
+        for value in set(values):
+            try:
+                spellings.setdefault(float(value), set()).add(value)
+            except ValueError:
+                continue
+        for _, written in sorted(spellings.items()):
+            if len(written) > 1:
+                shown = " and ".join(sorted(written, key=natural_key))
+                notes.append(
+                    f"note: {shown} in column '{column}' of {manifest.name} are one number written {len(written)} "
+                    "ways, trained as separate classes; write each label one way"
+                )
+    return notes
+
+
 def _check_test_labels(held: _Manifest, labels: list[str], known: list[str], what: str) -> None:
     unknown = sorted(set(labels) - set(known), key=natural_key)
     if unknown:
@@ -647,6 +697,24 @@ def _check_test_labels(held: _Manifest, labels: list[str], known: list[str], wha
             f"{held.path}: labels not in the training manifest's {what}: {shown}; "
             f"a held-out set can only use classes the model is trained on"
         )
+
+
+def _held_out(test: _Manifest, others: list[_Manifest]) -> _Manifest:
+    """The test manifest less the images the training (or validation) manifest also lists, each named as a
+    problem: trained on, they made test_acc a training figure without a word."""
+    seen = {f: m.path.name for m in others for f in m.files}
+    keep = [i for i, f in enumerate(test.files) if f not in seen]
+    if len(keep) == len(test.files):
+        return test
+    twice = [f"{f}: listed in both {seen[f]} and {test.path.name}" for f in test.files if f in seen]
+    return _Manifest(
+        test.path,
+        [test.files[i] for i in keep],
+        [test.labels[i] for i in keep],
+        [test.task_values[i] for i in keep] if test.task_values else test.task_values,
+        [test.groups[i] for i in keep],
+        test.problems + twice,
+    )
 
 
 def _with_given_val(train: _Manifest, val: _Manifest) -> _Manifest:

@@ -56,8 +56,24 @@ def grouped_split(
             for c in classes:
                 have[c] += counts[c]
             total += int(members.sum())
+    if val_fraction > 0 and not val_groups:
+        val_groups.add(_smallest_spare_group(labels, groups, [names[k] for k in order]))
     in_val = np.array([g in val_groups for g in groups.tolist()], dtype=bool)
     return np.flatnonzero(~in_val), np.flatnonzero(in_val)
+
+
+def _smallest_spare_group(labels: np.ndarray, groups: np.ndarray, names: list[object]) -> object:
+    """The smallest group (ties in the seeded order) that leaves every class some training image: the group to
+    validate on when each is bigger than the validation share, as a stratified split spares one image a class."""
+    for name in sorted(names, key=lambda g: int((groups == g).sum())):
+        members = groups == name
+        if all((labels[~members] == c).any() for c in np.unique(labels[members])):
+            return name
+    raise ClassLabError(
+        f"data.group_column: each of its {len(names)} groups holds every image of some class, so no group can be "
+        "the validation split without that class missing from training; group by a finer column (one person, "
+        "one patient), or leave data.group_column unset"
+    )
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -114,11 +130,19 @@ def fold_split(fold_of: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(fold_of != fold), np.flatnonzero(fold_of == fold)
 
 
-def per_class(labels: np.ndarray, indices: np.ndarray, n: int, seed: int, class_names: Sequence[str]) -> np.ndarray:
+def per_class(
+    labels: np.ndarray,
+    indices: np.ndarray,
+    n: int,
+    seed: int,
+    class_names: Sequence[str],
+    val_share: str | None = "data.val_fraction",
+) -> np.ndarray:
     """N training images a class, drawn seeded from ``indices``; too few is an error, not a silent imbalance.
 
     A class no image of the data carries (a multi-task combination that never occurs) has nothing to draw
-    and is passed over: counting it short would make every N impossible.
+    and is passed over: counting it short would make every N impossible. ``val_share`` is the setting that
+    sized the validation split (None: no split took images, so lowering it would not help).
     """
     rng = np.random.default_rng(seed + 7919)
     present = set(np.unique(labels).tolist())
@@ -135,11 +159,12 @@ def per_class(labels: np.ndarray, indices: np.ndarray, n: int, seed: int, class_
     if short:
         fewest = min(count for _, count in short)
         fix = f"use data.images_per_class={fewest} or less" if fewest else "every class needs a training image"
+        after, lower = (" after the validation split", f", or lower {val_share}") if val_share else ("", "")
         raise ClassLabError(
-            f"data.images_per_class={n} but these classes have fewer training images after the validation split: "
+            f"data.images_per_class={n} but these classes have fewer training images{after}: "
             + ", ".join(f"{name} ({count})" for name, count in short[:10])
             + (" ..." if len(short) > 10 else "")
-            + f"; {fix}, or lower data.val_fraction"
+            + f"; {fix}{lower}"
         )
     return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
 
@@ -179,7 +204,8 @@ def make_split(
     else:
         train, val = stratified_split(labels, val_fraction, seed)
     if images_per_class:
-        train = per_class(labels, train, images_per_class, seed, class_names)
+        share = None if given_val is not None or not len(val) else "data.val_fraction"
+        train = per_class(labels, train, images_per_class, seed, class_names, share)
     if len(train) == 0:
         raise ClassLabError("the training split is empty; lower data.val_fraction or add images")
     return {"train": train.tolist(), "val": val.tolist()}
