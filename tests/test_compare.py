@@ -115,6 +115,28 @@ def test_a_killed_run_reads_cut_off_not_running(tmp_path: Path) -> None:
     assert rows == {"killed": "cut off", "live": "running"}
 
 
+def test_a_damaged_run_among_several_is_left_out_with_a_note(runs: Path, tmp_path: Path) -> None:
+    """One summary.json cut short by a copy (or not UTF-8) stopped compare and report of the whole sweep."""
+    (runs / "images_per_class=10,init_from=rot" / "summary.json").write_text('{"status": "fin\n')
+    (runs / "unfinished" / "summary.json").write_bytes(b"\xff\xfe{}")
+    table = compare([str(runs)], out=tmp_path / "out", plots=False)
+    assert len(table.rows) == 5
+    assert table.notes == [
+        f"left out {runs / 'images_per_class=10,init_from=rot'}: "
+        f"{runs / 'images_per_class=10,init_from=rot' / 'summary.json'} is damaged "
+        "(not valid JSON: Invalid control character at line 1)",
+        f"left out {runs / 'unfinished'}: {runs / 'unfinished' / 'summary.json'} is damaged "
+        "(not UTF-8 text: byte 0xff)",
+    ]
+    result = run_cli("report", str(runs), "--out", str(tmp_path / "r.html"))
+    assert result.returncode == 0 and (tmp_path / "r.html").is_file()
+    assert result.stderr.splitlines() == [f"note: {note}" for note in table.notes]
+    # One run alone is the error, in one line.
+    result = run_cli("compare", str(runs / "unfinished"))
+    assert result.returncode == 1
+    assert result.stderr == f"error: {runs / 'unfinished' / 'summary.json'} is damaged (not UTF-8 text: byte 0xff)\n"
+
+
 def test_rows_sort_naturally_and_legends_name_runs_by_folder() -> None:
     from classlab.compare import _legend_value, _sort_key
 
@@ -166,3 +188,26 @@ def test_the_run_folders_train_returns_are_taken_as_they_are(runs: Path, tmp_pat
     assert len(compare(two, out=tmp_path / "b", plots=False).rows) == 2
     page = classlab.report([one], tmp_path / "report.html")
     assert page.is_file() and one.path.name in page.read_text(encoding="utf-8")
+
+
+def test_an_x_that_cannot_be_plotted_is_said(runs: Path, tmp_path: Path) -> None:
+    """--x model.name (text) drew no metric plot, and nothing said why."""
+    table = compare([str(runs)], x="model.name", out=tmp_path / "out")
+    assert table.notes == [
+        "no plot of test_acc against --x model.name: it needs runs with a number for model.name and for test_acc"
+    ]
+    assert not list((tmp_path / "out").glob("*_vs_*.png"))
+    assert compare([str(runs)], x="data.images_per_class", out=tmp_path / "ok").notes == []
+
+
+def test_a_k_fold_mean_counts_only_the_folds_that_finished(tmp_path: Path) -> None:
+    """A fold cut off by kill -9 has no figures; the row read 'mean ± std (3 folds)' over the two that had."""
+    group = tmp_path / "cv"
+    for fold, (acc, status) in enumerate(((0.5, "finished"), (0.7, "finished"), (0.1, "interrupted"))):
+        run = _fake_run(group, f"fold{fold}", 10, None, acc, status=status)
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["data"].update(folds=3, fold=fold)
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (group / "folds.json").write_text(json.dumps({"folds": 3}))
+    table = compare([str(group)], metrics=["test_acc"], plots=False, out=tmp_path / "out")
+    assert table.rows[-1] == {"run": "cv mean ± std (2 of 3 folds done)", "status": "", "test_acc": "0.6000 ± 0.1414"}

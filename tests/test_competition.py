@@ -352,6 +352,36 @@ def test_submission_keeps_template_order_and_refuses_missing(
     assert rows[0]["ans"] != "" and rows[1]["ans"] == "" and rows[2]["ans"] == ""
 
 
+def test_numbered_classes_need_a_label_format_for_a_submission(
+    kfold: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Labels 1, 2, 10 in train.csv: the default --label-format index wrote 0 for the class '1' (a submission of
+    wrong labels, exit code 0). Now it asks which; classes named by their own indices (0, 1, 2) keep the default."""
+    import shutil
+
+    tmp, root = kfold
+    run = Path(shutil.copytree(tmp / "runs" / "cv" / "fold1", tmp_path / "numbered"))
+    (run / "classes.json").write_text(json.dumps({"0": "1", "1": "2", "2": "10"}))
+    template = tmp_path / "info.csv"
+    template.write_text("ImageID,ans\nred1.png,\n")
+    out = tmp_path / "submission.csv"
+    args = ["predict", str(run), str(root), "--template", str(template), "--out", str(out)]
+    code, err = cli(capsys, *args)
+    assert code == 2 and not out.exists()
+    assert err == (
+        "error: the run's classes are numbers other than their indices (1 is 0, 2 is 1, 10 is 2): say which the "
+        "submission holds, --label-format name (the numbers as in the training labels) or --label-format index\n"
+    )
+    assert cli(capsys, *args, "--label-format", "name")[0] == 0
+    assert out.read_text().splitlines()[1] in ("red1.png,1", "red1.png,2", "red1.png,10")
+    (run / "classes.json").write_text(json.dumps({"0": "0", "1": "1", "2": "2"}))
+    assert cli(capsys, *args)[0] == 0
+    from classlab.cli import _numbered_classes
+
+    (tmp_path / "model.onnx").write_bytes(b"")  # an exported file carries its classes itself: not looked into here
+    assert _numbered_classes(str(tmp_path / "model.onnx")) is None
+
+
 def test_submission_ids_without_extension_and_ambiguous_ones(tmp_path: Path) -> None:
     """Kaggle's ids are often file names without .jpg; an id two files answer to is refused, not guessed."""
     from classlab.predict import index_images

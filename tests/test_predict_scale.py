@@ -96,6 +96,20 @@ def test_a_url_is_named_as_one() -> None:
         expand_paths(["https://x.org/cat.jpg"])
 
 
+def test_a_csv_given_as_images_is_named(tmp_path: Path) -> None:
+    """A competition's test.csv given to predict was one 'not an image PIL can read' row and exit code 0."""
+    from classlab.predict import expand_paths
+
+    (tmp_path / "test.csv").write_text("id,label\n0a1b,\n")
+    with pytest.raises(ClassLabError) as err:
+        expand_paths([tmp_path / "test.csv"])
+    assert str(err.value) == (
+        f"'{tmp_path / 'test.csv'}' is a CSV file, not an image; give the folder of the images it lists, with "
+        f"--template {tmp_path / 'test.csv'} --id-column COLUMN to fill it as a submission (or `classlab eval RUN "
+        f"--data {tmp_path / 'test.csv'}` to score a labelled manifest)"
+    )
+
+
 def test_failure_leaves_no_partial_csv(tiny_run: Path, tmp_path: Path) -> None:
     images = tmp_path / "imgs"
     make_folder(images, 10, 0)

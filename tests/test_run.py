@@ -164,3 +164,26 @@ def test_a_run_of_the_previous_version_predicts_the_same(old_run: Path, tmp_path
         want = expected[Path(row["path"]).name]
         assert row["class"] == want["class"] and row["top2_class"] == want["top2_class"]
         assert row["prob"] == pytest.approx(float(want["prob"]), abs=2e-6)
+
+
+def test_a_folder_of_runs_given_as_a_run_names_one_of_them(tmp_path: Path, capsys) -> None:
+    """`classlab eval runs/sweep` (the folder the sweep printed) said only 'not a run folder (no config.yaml)'."""
+    from tests.faults import cli, error_lines
+
+    sweep = tmp_path / "sweep"
+    for name in ("lr=0.1", "lr=0.01"):
+        (sweep / name).mkdir(parents=True)
+        (sweep / name / "config.yaml").write_text("exp_name: x\n")
+    hint = (
+        f"it holds 2 run(s) (a sweep's or run.root's folder): give one of them ({sweep / 'lr=0.01'}), or for "
+        "predict/eval several of them with --ensemble mean"
+    )
+    with pytest.raises(ClassLabError) as err:
+        runmod.open_run(sweep)
+    assert str(err.value) == f"'{sweep}' is not a run folder (no config.yaml); {hint}"
+    code, _, stderr = cli(capsys, "predict", str(sweep), str(tmp_path))
+    assert code == 2 and error_lines(stderr) == [
+        f"error: '{sweep}' is not a run folder (no config.yaml) nor an exported .onnx file; {hint}"
+    ]
+    with pytest.raises(ClassLabError, match=r"no config.yaml\); give the folder `classlab train` printed$"):
+        runmod.open_run(sweep / "lr=0.1" / ".." / "..")

@@ -202,6 +202,28 @@ def test_a_second_call_with_other_settings_is_refused(tmp_path: Path) -> None:
     assert not (root / "seed=1").exists()
 
 
+def test_the_same_grid_in_another_order_or_spelling_finds_its_runs(tmp_path: Path) -> None:
+    """Before: --grid seed=0,1 --grid optim.lr=... after --grid optim.lr=... --grid seed=0,1 (or 1e-2 for 0.01)
+    named every point anew (seed=0,lr=0.01 beside lr=0.01,seed=0) and trained the whole grid again."""
+    base = [*tiny_config(tmp_path), "exp_name=sw"]
+    root, points = plan(None, base, ["optim.lr=0.01,0.1", "seed=0,1"])
+    for point in points[:3]:
+        _finished_point(root, point)
+    _, again = plan(None, base, ["seed=0,1", "optim.lr=1e-2,0.1,0.5"])
+    assert [(p.name, p.status) for p in again] == [
+        ("lr=0.01,seed=0", "finished"),
+        ("lr=0.1,seed=0", "finished"),
+        ("seed=0,lr=0.5", "new"),
+        ("lr=0.01,seed=1", "finished"),
+        ("seed=1,lr=0.1", "new"),  # lr=0.1,seed=1 was never run: a new point takes the name this call gives
+        ("seed=1,lr=0.5", "new"),
+    ]
+    assert all(f"exp_name={p.name}" in p.overrides for p in again)
+    # Found by its values, a run still has to have the settings of this call.
+    with pytest.raises(ConfigError, match=r"its run lr=0.01,seed=0 has optim.weight_decay=0.0005, this call 0.01"):
+        plan(None, [*base, "optim.weight_decay=0.01"], ["seed=0", "optim.lr=0.01"])
+
+
 def test_a_k_fold_point_is_skipped_once_finished_and_compared_fold_by_fold(tmp_path: Path) -> None:
     for name, color in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
         for i in range(6):
@@ -228,3 +250,18 @@ def test_a_k_fold_point_is_skipped_once_finished_and_compared_fold_by_fold(tmp_p
         "seed=0 mean ± std (2 folds)",
         "seed=1 mean ± std (2 folds)",
     ]
+
+
+def test_a_failed_point_is_not_called_resumable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A point that failed on its settings fails again on the same command; the last line said only 'run the same
+    command again to resume them'."""
+    from tests.faults import cli
+
+    overrides = tiny_config(tmp_path, epochs=1, **{"data.images_per_class": 20, "model.layers": "[8,p]"})
+    code, out, err = cli(capsys, "sweep", *overrides, "exp_name=f", "--grid", "model.init_from=/nonexistent/run", "-q")
+    assert code == 1
+    assert "0/1 runs finished in" in out
+    assert err.splitlines()[-1] == (
+        "1 failed: fix what its 'failed' line says (or leave those values out of --grid), then run the same command "
+        "again; finished runs are kept"
+    )

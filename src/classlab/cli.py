@@ -261,7 +261,7 @@ def _runs_named(items: list[str], args: argparse.Namespace) -> list[str]:
 def _split_runs(items: list[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """``RUN1 RUN2 ... PATHS``: the leading run folders (config.yaml) or k-fold folders, then image paths."""
     from classlab.engine.exported import is_exported_file
-    from classlab.run import is_fold_group, is_run_folder, run_of
+    from classlab.run import holds_runs, is_fold_group, is_run_folder, run_of
 
     runs = []
     for item in items:
@@ -272,7 +272,7 @@ def _split_runs(items: list[str], args: argparse.Namespace) -> tuple[list[str], 
     if not runs:
         raise ConfigError(
             f"'{items[0]}' is not a run folder (no config.yaml) nor an exported .onnx file; "
-            "give the run(s) first, then images"
+            + (holds_runs(items[0]) or "give the run(s) first, then images")
         )
     if len(runs) == len(items):
         raise ConfigError("no images given after the run folder(s); give image files or folders to predict")
@@ -323,9 +323,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _numbered_classes(runs: list[str] | str) -> list[str] | None:
+    """The run's class names when they are whole numbers other than their indices (labels 1..5, or 1, 2, 10)."""
+    from classlab.run import RunFolder, fold_runs, is_fold_group
+
+    first = Path(runs if isinstance(runs, str) else runs[0])
+    if not first.is_dir():
+        return None  # an exported .onnx file: its class names are in its metadata
+    folders = fold_runs(first) if is_fold_group(first) else [first]
+    try:
+        classes = RunFolder(folders[0]).read_classes() if folders else []
+    except ClassLabError:
+        return None  # an exported .onnx file alone, or a damaged run: predicting says so in its own words
+    numbers = [c.strip().lstrip("-").isdigit() for c in classes]
+    if classes and all(numbers) and [int(c) for c in classes] != list(range(len(classes))):
+        return classes
+    return None
+
+
 def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str]) -> int:
     from classlab.predict import write_submission
 
+    numbered = _numbered_classes(runs) if args.label_format is None else None
+    if numbered:
+        # The default (index) wrote 0 for the class '1': a submission of wrong labels, without a word.
+        shown = ", ".join(f"{c} is {i}" for i, c in enumerate(numbered[:4])) + (", ..." if len(numbered) > 4 else "")
+        raise ConfigError(
+            f"the run's classes are numbers other than their indices ({shown}): say which the submission holds, "
+            "--label-format name (the numbers as in the training labels) or --label-format index"
+        )
+    args.label_format = args.label_format or "index"
     out = _output_file(args.out or ".", "submission.csv")
     done = write_submission(
         runs,
@@ -413,8 +440,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
     failed = [p for p in points if p.status != "finished"]
     print(f"{len(points) - len(failed)}/{len(points)} runs finished in {points[0].path.parent if points else '-'}")
-    if failed:
-        print(f"{len(failed)} not finished; run the same command again to resume them", file=sys.stderr)
+    errors = sum(p.status == "failed" for p in failed)  # a config or data error fails again until it is fixed
+    if errors:
+        print(
+            f"{errors} failed: fix what its 'failed' line says (or leave those values out of --grid), then run the "
+            "same command again; finished runs are kept",
+            file=sys.stderr,
+        )
+    if len(failed) > errors:
+        print(f"{len(failed) - errors} not finished; run the same command again to resume them", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -448,8 +482,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from classlab.report import write_html_report
 
     out = _output_file(args.out, "report.html")
-    path = write_html_report(args.runs, out, split=args.split, labelled=args.data)
+    notes: list[str] = []
+    path = write_html_report(args.runs, out, split=args.split, labelled=args.data, notes=notes)
     print(f"wrote {path} (one self-contained page: open it in any browser)")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -508,7 +545,12 @@ def _add_ensemble_and_submission_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", help="organisers' CSV to fill in (submission): its rows, order and columns are kept")
     p.add_argument("--id-column", default="ImageID", help="template column naming each row's image (default ImageID)")
     p.add_argument("--label-column", default="ans", help="template column to fill with the prediction (default ans)")
-    p.add_argument("--label-format", default="index", choices=["index", "name"], help="class index or class name")
+    p.add_argument(
+        "--label-format",
+        default=None,
+        choices=["index", "name"],
+        help="class index (default) or class name; classes that are numbers other than their indices need it",
+    )
     p.add_argument("--allow-missing", action="store_true", help="leave rows without a usable image empty")
 
 

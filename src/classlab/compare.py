@@ -221,12 +221,16 @@ def compare(
         curves = plot_curves(runs, out_dir / "curves.png")
         if curves:
             table.files.append(curves)
-        x = x or next((k for k in by if _numeric([r.config.get(k) for r in runs])), None)
+        asked, x = x, x or next((k for k in by if _numeric([r.config.get(k) for r in runs])), None)
         if x is not None and metrics:
             groups = list(group) if group is not None else [k for k in by if k != x]
             plotted = plot_metric(runs, x, groups, metrics[0], out_dir / f"{_safe(metrics[0])}_vs_{_safe(x)}.png")
             if plotted:
                 table.files.append(plotted)
+            elif asked:  # --x model.name drew nothing and said nothing
+                table.notes.append(
+                    f"no plot of {metrics[0]} against --x {x}: it needs runs with a number for {x} and for {metrics[0]}"
+                )
     return table
 
 
@@ -352,9 +356,13 @@ def fold_mean_rows(runs: list[Any], rows: list[dict[str, Any]], metrics: list[st
         if is_fold_group(run.path.parent) and run.config.get("data.fold") is not None:
             by_parent.setdefault(run.path.parent, []).append(row)
     for parent, members in by_parent.items():
-        mean_row: dict[str, Any] = {"run": f"{parent.name} mean ± std ({len(members)} folds)", "status": ""}
+        # Over the finished folds only, and said so: a fold cut off or still training has no final figures (or
+        # the figures of its epochs so far), and '(3 folds)' over two of them read as the k-fold result.
+        done = [r for r in members if r.get("status") == "finished"]
+        count = f"{len(members)} folds" if len(done) == len(members) else f"{len(done)} of {len(members)} folds done"
+        mean_row: dict[str, Any] = {"run": f"{parent.name} mean ± std ({count})", "status": ""}
         for m in metrics:
-            values = [float(r[m]) for r in members if isinstance(r.get(m), (int, float))]
+            values = [float(r[m]) for r in done if isinstance(r.get(m), (int, float))]
             if values:
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
                 mean_row[m] = f"{statistics.fmean(values):.4f} ± {std:.4f}"

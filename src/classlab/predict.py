@@ -48,6 +48,13 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
                 and not p.is_dir()  # a pipe or a dangling link stays: an error row says what it is
             ]
             out.extend(sorted(found, key=lambda p: natural_key(str(p))))
+        elif path.suffix.lower() in (".csv", ".tsv") and path.is_file():
+            # A competition's test.csv given as if it were images: one error row, 'not an image', and exit 0.
+            raise ClassLabError(
+                f"'{path}' is a CSV file, not an image; give the folder of the images it lists, with "
+                f"--template {path} --id-column COLUMN to fill it as a submission (or `classlab eval RUN --data "
+                f"{path}` to score a labelled manifest)"
+            )
         elif path.exists():
             out.append(path)
         elif is_url(str(raw)):

@@ -222,14 +222,16 @@ def write_html_report(
     by: list[str] | None = None,
     metrics: list[str] | None = None,
     labelled: str | Path | None = None,
+    notes: list[str] | None = None,
 ) -> Path:
     """Write the page for ``runs`` (run folders, sweep folders or globs) to ``out``; return its path.
 
     ``labelled``: the single run's error analysis on these labelled images (``eval --data``) instead of ``split``.
+    ``notes`` (when given) collects a line for each run left out of several because its files are damaged.
     """
     from importlib.metadata import version
 
-    data = read_runs(find_runs(runs))
+    data = read_runs(find_runs(runs), notes)
     table = comparison(data, list(by) if by else varying_keys(data), metrics)
     sections = ["<h2>Runs</h2>", _table(table.columns, table.rows, "runs"), _curves(data)]
     if len(data) == 1:

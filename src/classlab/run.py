@@ -390,7 +390,10 @@ class RunFolder:
         except FileNotFoundError:
             raise ClassLabError(f"run '{self.path}' has no {name}; is it a classlab run folder?") from None
         except json.JSONDecodeError as exc:
-            raise ClassLabError(f"{path} is damaged (not valid JSON: {exc.msg} at line {exc.lineno})") from None
+            why = f"{exc.msg.removesuffix(' at')} at line {exc.lineno}"  # 'Invalid control character at' read 'at at'
+            raise ClassLabError(f"{path} is damaged (not valid JSON: {why})") from None
+        except UnicodeDecodeError as exc:
+            raise ClassLabError(f"{path} is damaged (not UTF-8 text: byte {exc.object[exc.start]:#04x})") from None
 
     def write_config(self, cfg_dict: Mapping[str, Any]) -> None:
         atomic_write_text(self.path / CONFIG, yaml.safe_dump(dict(cfg_dict), sort_keys=False, default_flow_style=None))
@@ -722,6 +725,18 @@ def fold_runs(path: str | Path) -> list[Path]:
     return [folder / f"fold{i}" for i in range(k) if is_run_folder(folder / f"fold{i}")]
 
 
+def holds_runs(path: str | Path) -> str | None:
+    """What to give instead of a folder of runs (a sweep's, or run.root itself), or None when it holds none."""
+    folder = Path(path)
+    inner = sorted(p for p in folder.iterdir() if p.is_dir() and is_run_folder(p)) if folder.is_dir() else []
+    if not inner:
+        return None
+    return (
+        f"it holds {len(inner)} run(s) (a sweep's or run.root's folder): give one of them ({inner[0]}), or for "
+        "predict/eval several of them with --ensemble mean"
+    )
+
+
 def open_run(path: str | Path) -> RunFolder:
     """An existing run folder (for eval, predict, export, resume)."""
     run = RunFolder(path)
@@ -733,7 +748,10 @@ def open_run(path: str | Path) -> RunFolder:
                 f"'{run.path}' is a k-fold folder (one run per fold), not one run; give a fold run "
                 f"({run.path / 'fold0'}), or for predict/eval add --ensemble mean to use them all"
             )
-        raise ClassLabError(f"'{run.path}' is not a run folder (no {CONFIG}); give the folder `classlab train` printed")
+        raise ClassLabError(
+            f"'{run.path}' is not a run folder (no {CONFIG}); "
+            + (holds_runs(run.path) or "give the folder `classlab train` printed")
+        )
     stages = run.read_config_tree().get("stages") or []
     if stages:
         # A multi-stage run is used through its last stage, which holds the final weights.

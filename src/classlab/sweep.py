@@ -216,6 +216,7 @@ def plan(
         if names.count(name) > 1:  # e.g. two init_from runs in different folders with the same name
             names[i] = f"{name}~{hashlib.sha1(repr(assignments[i]).encode()).hexdigest()[:6]}"
     points = []
+    existing = _existing_points(root, list(assignments[0]))
     for assignment, name in zip(assignments, names, strict=True):
         point_overrides = [*overrides, *(f"{k}={yaml_text(v)}" for k, v in assignment.items())]
         point_overrides += [f"run.root={root}", f"exp_name={name}"]
@@ -225,11 +226,42 @@ def plan(
             point_cfg = coerce_config(config, point_overrides)
         except ConfigError as exc:
             raise ConfigError(f"grid point {name}: {exc}") from None
+        same = None if (root / name).exists() else existing.get(_grid_values(point_cfg, list(assignment)))
+        if same is not None:  # the --grid flags in another order, or a value spelt otherwise (1e-2 for 0.01)
+            name = same
+            point_overrides = [o if not o.startswith("exp_name=") else f"exp_name={same}" for o in point_overrides]
+            point_cfg = coerce_config(config, point_overrides)
         state, summary = _state(root / name)
         if state in ("finished", "resume"):
             _check_same_settings(root, name, point_cfg)
         points.append(Point(name, assignment, point_overrides, root / name, state, summary=summary))
     return root, points
+
+
+def _grid_values(cfg: Config, keys: list[str]) -> str:
+    """What a point is, as its config says: the grid keys' values (not the folder name, which follows the order
+    and the spelling of the --grid flags)."""
+    flat = flatten(cfg.to_dict())
+    return json.dumps([[k, flat.get(k)] for k in sorted(keys)], default=str)
+
+
+def _existing_points(root: Path, keys: list[str]) -> dict[str, str]:
+    """The point folders already in the sweep folder, by their grid keys' values: a second call that gives the
+    same grid in another order trained every point again in new folders (seed=0,lr=0.1 beside lr=0.1,seed=0)."""
+    found: dict[str, str] = {}
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        folder = RunFolder(path)
+        try:
+            if is_fold_group(path):
+                tree = folder.read_json(FOLDS)["config"]
+            elif is_run_folder(path):
+                tree = folder.read_config_tree()
+            else:
+                continue
+            found.setdefault(_grid_values(validate(saved_tree(tree)), keys), path.name)
+        except (ClassLabError, KeyError, TypeError, ValueError):
+            continue  # unreadable: never matched, so never reused
+    return found
 
 
 # Set by the sweep itself for every point: a value for them in --grid would be overwritten unseen.
