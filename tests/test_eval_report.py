@@ -225,6 +225,28 @@ def test_two_labelled_folders_of_one_name_keep_their_own_figures(tiny_run: Path,
     assert classlab.evaluate(tiny_run, data=first)["out"] == one["out"]
 
 
+def test_eval_data_on_the_runs_own_images_says_so(tmp_path: Path, capsys) -> None:
+    """Before: eval --data given the folder the run trained on printed its (training) accuracy as the figure of
+    images the run never saw."""
+    from tests.conftest import class_folder
+    from tests.faults import cli
+
+    colors = {"red": (220, 40, 40), "blue": (40, 60, 220)}
+    root = class_folder(tmp_path / "photos", colors, 8, size=16)
+    args = [f"data.root={root}", "epochs=1", "model.layers=[4,p]", "exp_name=own", "trainer.progress=false"]
+    code, _, err = cli(capsys, "train", *args, f"run.root={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'c'}")
+    assert code == 0, err
+    run = tmp_path / "runs" / "own"
+    code, _, err = cli(capsys, "eval", str(run), "--data", str(root))
+    assert code == 0 and err == (
+        f"note: 16 of these 16 images are among the run's own data ({root}: its training and validation images): "
+        "these figures are not of images it never saw\n"
+    ), err
+    new = class_folder(tmp_path / "new", colors, 3, size=16)
+    code, _, err = cli(capsys, "eval", str(run), "--data", str(new))
+    assert code == 0 and err == "", err
+
+
 def test_a_checkpoint_from_another_run_is_named_as_such(tiny_run: Path, tmp_path: Path) -> None:
     """Before: 'does not fit the run's model: Error(s) in loading state_dict for ClassifierModel:' and nothing more."""
     run = tmp_path / "run"

@@ -177,6 +177,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     members = f", mean of {len(metrics['members'])} runs" if metrics.get("members") else ""
     part = metrics.get("data") or metrics["split"]
     print(f"{' '.join(args.runs)} [{part}, {metrics['checkpoint']}.ckpt, {metrics['images']} images{members}]")
+    for note in metrics.get("notes") or []:
+        print(f"note: {note}", file=sys.stderr)
     skipped = metrics.get("skipped") or []
     if skipped:
         print(f"{len(skipped)} file(s) could not be read and are left out:", file=sys.stderr)

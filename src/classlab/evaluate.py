@@ -236,6 +236,12 @@ def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None
     metrics = _scores(plain.clamp_min(1e-30).log(), labels, loaded.classes, "data", checkpoint)
     metrics |= {"data": found.where, "data_path": str(Path(data).resolve())}
     metrics["skipped"] = [*found.problems, *(f"{p}: {e}" for p, e in skipped)]
+    seen = _among_own_data(loaded.cfg, files)
+    if seen:
+        metrics["notes"] = [
+            f"{seen} of these {len(files)} images are among the run's own data ({loaded.cfg.data.root}: its training "
+            "and validation images): these figures are not of images it never saw"
+        ]
     probs = plain  # the report's predictions: the TTA ones when asked, as eval --report on a split
     if plan is not None:
         probs, labels, _, _ = _score_files(loaded, files, [int(v) for v in labels], plan)
@@ -252,6 +258,17 @@ def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None
     atomic_write_json(out / "metrics.json", rounded(metrics))
     _write_confusion(out, confusion_matrix(plain, labels, len(loaded.classes)), loaded.classes, metrics["top1"])
     return {**metrics, "out": str(out)}
+
+
+def _among_own_data(cfg: Config, files: list[Any]) -> int:
+    """How many of ``files`` the run trained or validated on: eval --data given the run's own folder or manifest
+    scored its training images as new ones without a word."""
+    try:
+        own = open_dataset(cfg.data).train.files or []
+    except (ClassLabError, OSError):
+        return 0  # the run's data moved or is gone: nothing to compare against
+    resolved = {os.path.realpath(str(f)) for f in own}
+    return sum(os.path.realpath(str(f)) in resolved for f in files)
 
 
 def _own_folder(out: Path, data: Path) -> Path:
