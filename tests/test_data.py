@@ -361,7 +361,7 @@ def test_skipped_bad_images_keep_the_other_rows_groups(tmp_path: Path, loader: s
     args = ["data.dataset=csv", f"data.root={root}", "data.csv_file=train.csv", "data.group_column=person"]
     args += [f"data.loader={loader}", "data.skip_bad_images=true", "data.val_fraction=0.3", "data.image_size=16"]
     bundle = load_data(load_config(None, [*args, f"data.cache_dir={tmp_path / 'c'}"]))
-    assert bundle.bad == [f"{root / 'bad.png'}: not an image PIL can read"]
+    assert bundle.bad == [f"{root / 'bad.png'}: an empty file (0 bytes)"]
     assert len(bundle.train) + len(bundle.val) == 12
     val_people = {int(i) // 2 for i in bundle.split["val"]}  # kept index i is file i.png (the bad row came first)
     train_people = {int(i) // 2 for i in bundle.split["train"]}

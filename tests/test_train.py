@@ -442,6 +442,6 @@ def test_a_run_with_nothing_to_score_or_skipped_files_says_so(
     assert code == 0, err
     skipped = tmp_path / "runs" / "nothing" / "skipped_images.txt"
     assert f"note: 1 bad file(s) or manifest row(s) skipped, listed in {skipped}" in out.splitlines()
-    assert skipped.read_text() == f"{root / 'red' / 'broken.jpg'}: not an image PIL can read\n"
+    assert skipped.read_text() == f"{root / 'red' / 'broken.jpg'}: an empty file (0 bytes)\n"  # written as b""
     finished = [line for line in out.splitlines() if line.startswith("finished in")]
     assert len(finished) == 1 and finished[0].endswith("s: no validation or test images to score"), out

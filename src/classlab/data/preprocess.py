@@ -119,10 +119,19 @@ def open_image(source: str | Path | bytes, size: int | None = None, max_pixels: 
             img = ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img.copy()
             return img if img.mode != "P" else img.convert("RGBA")
     except UnidentifiedImageError:
-        raise BadImage("not an image PIL can read") from None
+        empty = len(source) == 0 if isinstance(source, bytes) else _is_empty_file(source)
+        raise BadImage("an empty file (0 bytes)" if empty else "not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError) as exc:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadImage(text[:120]) from None
+
+
+def _is_empty_file(path: str | Path) -> bool:
+    """A zero-byte file: an interrupted copy or download, which 'not an image' would misname."""
+    try:
+        return Path(path).stat().st_size == 0
+    except OSError:
+        return False
 
 
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
