@@ -439,6 +439,13 @@ def test_csv_test_manifest_is_the_test_split(tmp_path: Path) -> None:
         open_dataset(load_config(None, [*base, "data.test_csv_file=odd.csv"]).data)
     with pytest.raises(ClassLabError, match=r"data.test_csv_file 'nope.csv' not found"):
         open_dataset(load_config(None, [*base, "data.test_csv_file=nope.csv"]).data)
+    (root / "unlabelled.csv").write_text("path\n24.png\n")  # a competition's test.csv: was "no column 'label'" alone
+    with pytest.raises(
+        ClassLabError,
+        match=r"unlabelled.csv: no column 'label' \(data.label_column\): data.test_csv_file "
+        r"lists labelled images to score; .* classlab predict RUN FOLDER \(--template unlabelled.csv",
+    ):
+        open_dataset(load_config(None, [*base, "data.test_csv_file=unlabelled.csv"]).data)
     with pytest.raises(ConfigError, match=r"data.test_csv_file needs data.dataset=csv"):
         load_config(None, ["data.test_csv_file=test.csv"])
 

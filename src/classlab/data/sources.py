@@ -474,13 +474,22 @@ def _check_columns(
 
 
 def _read_manifest(
-    cfg: DataSection, manifest: Path, tasks: dict[str, str] | None, *, splits_by_group: bool = False
+    cfg: DataSection, manifest: Path, tasks: dict[str, str] | None, *, splits_by_group: bool = False, test: bool = False
 ) -> _Manifest:
     root = Path(cfg.root or "").resolve()
     text = utf8_text(manifest)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter(text))
     columns = reader.fieldnames or []
     rows = list(reader)
+    if test and not tasks and cfg.label_column not in columns and cfg.path_column in columns:
+        # A competition's test.csv has no labels: scoring needs them, and predicting unlabelled images is predict's.
+        near = [c for c in columns if c.strip().lower() == cfg.label_column.strip().lower()]
+        if not near:
+            raise ClassLabError(
+                f"{manifest}: no column '{cfg.label_column}' (data.label_column): data.test_csv_file lists labelled "
+                f"images to score; to label unlabelled ones, train without it and run classlab predict RUN FOLDER "
+                f"(--template {manifest.name} to fill it as a submission)"
+            )
     _check_columns(cfg, manifest, columns, tasks, splits_by_group)
     if not rows:
         raise ClassLabError(f"{manifest} has no rows")
@@ -597,7 +606,7 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
     own_rows = len(train.files)  # rows of a validation manifest come after these
     test = val = None
     if cfg.test_csv_file:
-        test = _read_manifest(cfg, _manifest_path(cfg, cfg.test_csv_file, "data.test_csv_file"), tasks)
+        test = _read_manifest(cfg, _manifest_path(cfg, cfg.test_csv_file, "data.test_csv_file"), tasks, test=True)
     if cfg.val_csv_file:
         val = _read_manifest(cfg, _manifest_path(cfg, cfg.val_csv_file, "data.val_csv_file"), tasks)
     if test is not None:
