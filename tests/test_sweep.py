@@ -71,6 +71,19 @@ def test_a_bad_grid_point_stops_the_sweep_before_anything_runs(tmp_path: Path) -
     assert not (tmp_path / "runs").exists()
 
 
+def test_one_value_spelt_two_ways_in_a_grid_is_refused(tmp_path: Path) -> None:
+    """Before: --grid optim.lr=1e-2,0.01 trained the same run twice, in two folders."""
+    from classlab.sweep import plan
+
+    with pytest.raises(ConfigError) as info:
+        plan(None, tiny_config(tmp_path), ["optim.lr=1e-2,0.01"])
+    assert str(info.value) == (
+        "--grid: points lr=1e-2 and lr=0.01 are the same run once their values are read (optim.lr=0.01); "
+        "list each value once"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 def test_sweep_skips_finished_runs_and_resumes_unfinished_ones(tmp_path: Path) -> None:
     overrides = tiny_config(tmp_path, epochs=1, **{"data.images_per_class": 20, "model.layers": "[8,p,16,p]"})
     grid = ["optim.lr=0.05", "model.init_from=null,/nonexistent/run"]

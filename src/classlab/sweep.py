@@ -217,6 +217,7 @@ def plan(
             names[i] = f"{name}~{hashlib.sha1(repr(assignments[i]).encode()).hexdigest()[:6]}"
     points = []
     existing = _existing_points(root, list(assignments[0]))
+    seen: dict[str, str] = {}  # grid values as the config reads them -> the first point with them
     for assignment, name in zip(assignments, names, strict=True):
         point_overrides = [*overrides, *(f"{k}={yaml_text(v)}" for k, v in assignment.items())]
         point_overrides += [f"run.root={root}", f"exp_name={name}"]
@@ -226,7 +227,14 @@ def plan(
             point_cfg = coerce_config(config, point_overrides)
         except ConfigError as exc:
             raise ConfigError(f"grid point {name}: {exc}") from None
-        same = None if (root / name).exists() else existing.get(_grid_values(point_cfg, list(assignment)))
+        values = _grid_values(point_cfg, list(assignment))
+        if values in seen:  # --grid optim.lr=1e-2,0.01: two folders training one run
+            raise ConfigError(
+                f"--grid: points {seen[values]} and {name} are the same run once their values are read "
+                f"({', '.join(f'{k}={v!r}' for k, v in json.loads(values))}); list each value once"
+            )
+        seen[values] = name
+        same = None if (root / name).exists() else existing.get(values)
         if same is not None:  # the --grid flags in another order, or a value spelt otherwise (1e-2 for 0.01)
             name = same
             point_overrides = [o if not o.startswith("exp_name=") else f"exp_name={same}" for o in point_overrides]
