@@ -267,15 +267,21 @@ def test_csv_manifest_groups_and_escape(tmp_path: Path) -> None:
         open_dataset(cfg2.data)
 
 
-def test_labels_that_read_as_missing_values_are_noted(tmp_path: Path) -> None:
-    """R's write.csv writes a missing label as NA; trained, it is a class the model learns to predict."""
+def _manifest_of_labels(tmp_path: Path, labels: list[str]) -> tuple[Path, list[str], list[str]]:
+    """img/<i>.png, one a label, listed in img/train.csv: (the folder, its rows, the overrides that read it)."""
     root = tmp_path / "img"
     rows = ["path,label"]
-    for i in range(9):
+    for i, label in enumerate(labels):
         make_image(root / f"{i}.png", (20 * i, 0, 0))
-        rows.append(f"{i}.png,{['cat', 'dog', 'NA'][i % 3]}")
+        rows.append(f"{i}.png,{label}")
     (root / "train.csv").write_text("\n".join(rows) + "\n")
     args = ["data.dataset=csv", f"data.root={root}", "data.csv_file=train.csv", f"data.cache_dir={tmp_path / 'c'}"]
+    return root, rows, args
+
+
+def test_labels_that_read_as_missing_values_are_noted(tmp_path: Path) -> None:
+    """R's write.csv writes a missing label as NA; trained, it is a class the model learns to predict."""
+    root, rows, args = _manifest_of_labels(tmp_path, [["cat", "dog", "NA"][i % 3] for i in range(9)])
     bundle = load_data(load_config(None, [*args, "data.val_fraction=0"]))
     assert bundle.classes == ["cat", "dog", "NA"]
     assert bundle.notices == [
@@ -289,13 +295,7 @@ def test_labels_that_read_as_missing_values_are_noted(tmp_path: Path) -> None:
 def test_a_number_written_two_ways_in_the_labels_is_noted(tmp_path: Path) -> None:
     """pandas writes an integer column with a missing value as floats: manifests joined from two sources carry
     '1' and '1.0', which trained as two classes without a word."""
-    root = tmp_path / "img"
-    rows = ["path,label"]
-    for i in range(8):
-        make_image(root / f"{i}.png", (20 * i, 0, 0))
-        rows.append(f"{i}.png,{['1', '2', '1.0', '2'][i % 4]}")
-    (root / "train.csv").write_text("\n".join(rows) + "\n")
-    args = ["data.dataset=csv", f"data.root={root}", "data.csv_file=train.csv", f"data.cache_dir={tmp_path / 'c'}"]
+    _, _, args = _manifest_of_labels(tmp_path, [["1", "2", "1.0", "2"][i % 4] for i in range(8)])
     bundle = load_data(load_config(None, [*args, "data.val_fraction=0"]))
     assert bundle.classes == ["1", "1.0", "2"]
     assert bundle.notices == [
