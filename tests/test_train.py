@@ -445,3 +445,15 @@ def test_a_run_with_nothing_to_score_or_skipped_files_says_so(
     assert skipped.read_text() == f"{root / 'red' / 'broken.jpg'}: an empty file (0 bytes)\n"  # written as b""
     finished = [line for line in out.splitlines() if line.startswith("finished in")]
     assert len(finished) == 1 and finished[0].endswith("s: no validation or test images to score"), out
+
+
+def test_the_last_epoch_is_validated_whatever_val_every_says(tmp_path: Path) -> None:
+    """Before: epochs=3 with trainer.val_every=2 validated epoch 2 only; best.ckpt, summary.json (epochs_done 2)
+    and the test figure never saw epoch 3 (a sweep of epochs=267, val_every=27 lost its last 24 epochs)."""
+    from tests.conftest import tiny_config
+
+    run = classlab.train(None, tiny_config(tmp_path, exp_name="v", epochs=3, **{"trainer.val_every": 2}), quiet=True)
+    with open(run.path / "metrics.csv", newline="") as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["2", "3"]
+    summary = json.loads((run.path / "summary.json").read_text())
+    assert summary["epochs_done"] == 3 and summary["best_epoch"] in (2, 3)

@@ -154,6 +154,16 @@ class RunRecorder(L.Callback):
             self.run.mark_failed(status, None if interrupted else error[:500], wall_time_s=round(self.elapsed(), 2))
 
 
+class ValidateLastEpoch(L.Callback):
+    """The last epoch is validated whatever ``trainer.val_every`` says. Lightning validates only the epochs that
+    are multiples of it: epochs=267 with val_every=27 validated last at 243, so best.ckpt, the summary and
+    the test figure never saw the final 24 epochs (the end of a cosine schedule, where the figures settle)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.max_epochs and trainer.current_epoch == trainer.max_epochs - 1:
+            trainer.check_val_every_n_epoch = 1
+
+
 class GracefulStop(L.Callback):
     """Ctrl-C or SIGTERM (a scheduler's notice, ``timeout``, ``docker stop``) stops training between two batches.
 

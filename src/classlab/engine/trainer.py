@@ -21,7 +21,7 @@ from classlab.data.pipeline import DataBundle
 from classlab.data.preprocess import Normalize
 from classlab.data.tasks import TaskLayout
 from classlab.engine import loggers as tracking
-from classlab.engine.callbacks import AtomicCheckpointIO, GracefulStop, RunRecorder
+from classlab.engine.callbacks import AtomicCheckpointIO, GracefulStop, RunRecorder, ValidateLastEpoch
 from classlab.engine.finetune import UnfreezeBackbone
 from classlab.engine.losses import class_weight_tensor
 from classlab.engine.metrics import macro_f1, rounded, task_accuracies, task_f1_scores, top_k_accuracy
@@ -332,6 +332,7 @@ def build_trainer(
                 console if zero else None,
                 saved_epochs=lambda: recorder.saved_epochs,
             ),
+            *([ValidateLastEpoch()] if cfg.trainer.val_every > 1 else []),
             *_checkpoint_callbacks(cfg, run, has_val, steps_per_epoch),
             *_progress(console, show_progress),
             *tracking.logger_callbacks(loggers or []),
