@@ -327,7 +327,7 @@ class TrainerSection(Section):
         return PRECISION_SPELLINGS.get(str(value).strip().lower(), value) if isinstance(value, str | int) else value
 
     threads: int | None = Field(None, ge=1, le=1024, description="intra-op CPU threads (None = all cores)")
-    val_every: int = Field(1, ge=1, description="validate every N epochs")
+    val_every: int = Field(1, ge=1, description="validate every N epochs (and always the last epoch)")
     monitor: str = Field("val/acc", description="metric that picks best.ckpt and drives early stopping")
     patience: int | None = Field(None, ge=1, description="early stopping after this many validations without gain")
     clip_grad: float | None = Field(None, gt=0.0, description="clip the gradient norm to this value")
