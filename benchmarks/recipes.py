@@ -18,6 +18,7 @@ import argparse
 import csv
 import io
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +63,8 @@ class Recipe:
     plot: tuple[str, ...] | None = None  # (x key, *line keys): test accuracy against x, a line per combination
     plot_with: tuple[str, ...] = ()  # other recipes whose runs the figure draws too (a control beside its arm)
     long_run: bool = False  # hours of runs: they live in LONG_RUNS, committed, so the next session continues them
+    note: str = ""  # what the table alone would misstate (rows measured elsewhere, a run recorded short)
+    beside: tuple[str, ...] = ()  # recipes whose recorded rows its figure of test accuracy against N draws too
 
 
 RECIPES: dict[str, Recipe] = {
@@ -133,6 +136,13 @@ RECIPES: dict[str, Recipe] = {
         "every N the same 2,400 RangerLars steps at batch 64 (epochs linked to N), bf16 autocast",
         smoke_grid=["data.images_per_class,epochs=[5,2],[10,2]"],
         long_run=True,
+        note=(
+            "N = 5 / 10 / 20 / 30 were measured on 2026-12-03 (AMD EPYC, bf16) in a work folder a fresh checkout "
+            "does not have: 20.77 / 26.64 / 29.62 / 33.14% test, 25-34 min a run (configs/README.md); their rows "
+            "read 'not run yet' until the command runs them again. N = 50 trained its 343 epochs; it ran before "
+            "the last epoch was always validated, so its row shows its last validated epoch, 340."
+        ),
+        beside=("efficientnet_b0_fewshot",),
     ),
     "effb0_rotation": Recipe(
         "efficientnet_b0_rotation.yaml",
@@ -230,6 +240,32 @@ def draw(name: str, root: Path, out: Path) -> None:
         classlab.compare(runs, by=[x, *lines], metrics=["test_acc"], out=out, x=x, group=lines)
 
 
+def draw_beside(name: str, results: dict[str, list[dict[str, Any]]], out: Path) -> Path | None:
+    """Test accuracy against images a class, a line for this recipe and each it is set beside, from the recorded
+    rows (results.json) rather than run folders: the recipes beside it ran in a work folder a checkout lacks."""
+    recipe = RECIPES[name]
+    if not recipe.beside:
+        return None
+    from classlab.run import atomic_write_figure, pyplot
+
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    for key in (name, *recipe.beside):
+        points = sorted(
+            (int(m.group(1)), 100 * r["test_acc"])
+            for r in results.get(key, [])
+            if not r.get("pending") and (m := re.search(r"images_per_class=(\d+)", r["run"]))
+        )
+        if points:
+            ax.plot(*zip(*points), marker="o", label=key)
+    ax.axhline(10, color="grey", linestyle=":", label="chance (10 classes)")
+    ax.set(xlabel="training images a class (N)", ylabel="test accuracy (%)", title=f"{name} on cifar10-jpeg")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center right")
+    path = out / "test_acc_vs_images_per_class.png"
+    atomic_write_figure(path, fig, dpi=120, bbox_inches="tight")
+    return path
+
+
 def _epoch_seconds(run: Path) -> tuple[int, float]:
     """(epochs run, mean seconds per epoch including validation) from the run's metrics.csv clock."""
     path = run / "metrics.csv"
@@ -325,6 +361,7 @@ def markdown(results: dict[str, list[dict[str, Any]]], data: Path, figures: dict
             "",
             f"Scaled: {recipe.scaled}.",
             "",
+            *([recipe.note, ""] if recipe.note else []),
             *(f"{note[0].upper()}{note[1:]}." for note in measured_by(rows)),
             "",
             "| run | model | params | trainable | px | train images | epochs | s/epoch | best val | test |",
@@ -392,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ordered:
         if name in names:
             draw(name, _root(name, args.work, args.smoke), figures_dir / name)
+            draw_beside(name, ordered, figures_dir / name)
         drawn = sorted((figures_dir / name).glob("test_acc_vs_*.png"))  # this call's, or an earlier call's
         if drawn:
             figures[name] = drawn[0].relative_to(REPO).as_posix() if drawn[0].is_relative_to(REPO) else str(drawn[0])

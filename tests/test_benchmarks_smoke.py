@@ -129,6 +129,36 @@ def test_step_profile_smoke(tmp_path: Path) -> None:
     assert ("fp32 in this smoke run: no bf16 instructions on this CPU" in table) == bench.smoke_in_fp32(True)
 
 
+def test_recipes_figure_beside_another_recipe_reads_the_recorded_rows(tmp_path: Path) -> None:
+    """The equal-steps figure draws the 60-epoch recipe's rows beside its own from results.json (their runs are in a
+    work folder a checkout lacks); a row not run yet is left out, and a recipe set beside none draws nothing."""
+    bench = _script("recipes")
+    results = {
+        "efficientnet_b0_equal_steps": [
+            {"run": "images_per_class=5,epochs=2400,val_every=240", "pending": True},
+            {"run": "images_per_class=40,epochs=400,val_every=40", "test_acc": 0.33},
+            {"run": "images_per_class=70,epochs=240,val_every=24", "test_acc": 0.35},
+        ],
+        "efficientnet_b0_fewshot": [{"run": "images_per_class=5", "test_acc": 0.12}],
+    }
+    drawn: dict[str, list] = {}
+    from matplotlib.axes import Axes
+
+    original = Axes.plot
+
+    def plot(ax: Axes, *args: object, **kwargs: object) -> object:
+        drawn[str(kwargs.get("label"))] = list(args)
+        return original(ax, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Axes, "plot", plot)
+        path = bench.draw_beside("efficientnet_b0_equal_steps", results, tmp_path)
+    assert path is not None and path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
+    assert drawn["efficientnet_b0_equal_steps"] == [(40, 70), (33.0, 35.0)]
+    assert drawn["efficientnet_b0_fewshot"] == [(5,), (12.0,)]
+    assert bench.draw_beside("stl10_2m", results, tmp_path / "none") is None
+
+
 @needs_data
 def test_recipes_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     work = tmp_path / "work"
