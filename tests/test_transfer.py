@@ -201,3 +201,23 @@ def test_force_moves_the_old_run_only_once_the_new_one_can_start(workdir: Path) 
     with pytest.raises(ClassLabError, match="trainer.patience needs a validation set"):
         classlab.train(None, [*overrides, "exp_name=fresh", "data.val_fraction=0", "trainer.patience=2"], quiet=True)
     assert not (workdir / "runs" / "fresh").exists()
+
+
+def test_a_resumed_transfer_run_needs_its_source_no_more(workdir: Path, rot_run: Path, tmp_path: Path) -> None:
+    """Before: --resume read the model.init_from run again, and stopped ('run folder not found') once it had moved,
+    though last.ckpt holds every weight. The resumed run freezes what the source filled, as at its start: its
+    second epoch equals that of a run never stopped."""
+    import shutil
+
+    source = Path(shutil.copytree(rot_run, tmp_path / "rot"))
+    common = [f"model.init_from={source}", "model.freeze=all", "sched.name=constant", "sched.warmup_epochs=0"]
+    base = tiny_config(tmp_path, **{"data.images_per_class": 20, "model.layers": LAYERS})
+    straight = classlab.train(None, [*base, *common, "epochs=2", "exp_name=straight"], quiet=True)
+    classlab.train(None, [*base, *common, "epochs=1", "exp_name=cut"], quiet=True)
+    source.rename(tmp_path / "moved")
+    resumed = classlab.train(None, [*base, *common, "epochs=2", "exp_name=cut"], resume=True, quiet=True)
+    a, b = (_net_state(r.checkpoints / "last.ckpt") for r in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    frozen = [k for k in b if not k.startswith("head.") and b[k].is_floating_point() and "running" not in k]
+    start = _net_state(tmp_path / "moved" / "checkpoints" / "best.ckpt")
+    assert frozen and all(torch.equal(b[k], start[k]) for k in frozen)  # the backbone stayed the source's

@@ -119,8 +119,21 @@ def init_from_line(report: dict[str, Any]) -> str:
     )
 
 
-def build_network(cfg: Config, data: DataBundle) -> ClassifierModel:
-    """Normalisation + the configured network, with init_from weights and data-set layers set."""
+def _reload_init_from(net: torch.nn.Module, checkpoint: Path, report: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A resumed run's init_from, from its own checkpoint: the tensors the source filled at the start (all but the
+    report's ``left``) are loaded again, so what they froze freezes alike, and the source run may have moved since.
+    Before, --resume read the source again and stopped when it was gone, though last.ckpt replaces its weights."""
+    state = {k.removeprefix(prefix): v for k, v in _net_state(checkpoint).items() if k.startswith(prefix)}
+    left = set(report["left"])
+    load_backbone_weights(net, {k: v for k, v in state.items() if k not in left})
+    return {**report, "source_state": {}}
+
+
+def build_network(cfg: Config, data: DataBundle, resumed: tuple[Path, dict[str, Any]] | None = None) -> ClassifierModel:
+    """Normalisation + the configured network, with init_from weights and data-set layers set.
+
+    ``resumed``: the checkpoint a resumed run continues from and its summary's init_from report (_reload_init_from).
+    """
     if cfg.task == "multitask":
         net = build_multitask_net(
             cfg.model.spec(), TaskLayout.from_config(cfg, data.tasks or {}), data.channels, data.size
@@ -128,7 +141,9 @@ def build_network(cfg: Config, data: DataBundle) -> ClassifierModel:
         inner = net.backbone  # init_from and data-set layers concern the backbone, not the task heads
     else:
         net = inner = build_model(cfg.model.spec(), data.num_classes, data.channels, data.size)
-    if cfg.model.init_from:
+    if cfg.model.init_from and resumed is not None and "left" in resumed[1]:
+        net.init_report = _reload_init_from(inner, *resumed, "backbone." if inner is not net else "")
+    elif cfg.model.init_from:
         net.init_report = _load_init_from(inner, cfg.model.init_from, cfg.model.freeze)
     # Pretrained weights bring their own normalisation (ImageNet's, timm's pretrained_cfg).
     weights_own = pretrained.normalization(cfg.model.spec())
