@@ -111,8 +111,13 @@ def test_a_killed_run_reads_cut_off_not_running(tmp_path: Path) -> None:
     (killed / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": socket.gethostname(), "owner": "x"}))
     live = _fake_run(root, "live", 10, None, 0.1, status="running")
     (live / "run.lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "owner": "y"}))
-    rows = {r["run"]: r["status"] for r in compare([str(root)], out=tmp_path / "out", plots=False).rows}
-    assert rows == {"killed": "cut off", "live": "running"}
+    rows = {r["run"]: r for r in compare([str(root)], out=tmp_path / "out", plots=False).rows}
+    assert {name: r["status"] for name, r in rows.items()} == {"killed": "cut off", "live": "running"}
+    # Their figures so far come from metrics.csv (the summary has none before the end): epoch 3, val 0.1 at best
+    for folder in (killed, live):
+        (folder / "summary.json").write_text(json.dumps({"status": "running"}))
+    rows = {r["run"]: r for r in compare([str(root)], out=tmp_path / "out", plots=False).rows}
+    assert [(r["epochs_done"], r["best_val_acc"], r.get("test_acc")) for r in rows.values()] == [(3, 0.1, None)] * 2
 
 
 def test_a_damaged_run_among_several_is_left_out_with_a_note(runs: Path, tmp_path: Path) -> None:

@@ -166,10 +166,23 @@ def read_runs(paths: list[Path], notes: list[str] | None = None) -> list[RunData
             continue
         if summary.get("status") == "running" and RunLock(path).owner() is None:
             summary = {**summary, "status": CUT_OFF}  # killed (kill -9, power, a session's end): no process holds it
+        if summary.get("status") != "finished":
+            summary = {**_so_far(metrics), **summary}
         runs.append(RunData(label, path, config, summary, metrics))
     if not runs:
         raise ClassLabError(f"no run could be read: {notes[0] if notes else paths}")
     return runs
+
+
+def _so_far(rows: list[dict[str, str]]) -> dict[str, Any]:
+    """epochs_done and best_val_acc from metrics.csv, for a run not finished (training, cut off, failed) whose
+    summary has them not yet: a sweep compared while it ran showed empty columns beside rows of figures."""
+    try:
+        done = {"epochs_done": int(float(rows[-1]["epoch"]))} if rows else {}
+        accs = [float(r["val/acc"]) for r in rows if r.get("val/acc")]
+    except (KeyError, ValueError):
+        return {}
+    return done | ({"best_val_acc": max(accs)} if accs else {})
 
 
 def varying_keys(runs: list[RunData]) -> list[str]:
