@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -128,3 +129,59 @@ def test_unknown_logger_refused_and_defaults(tmp_path: Path, monkeypatch: pytest
     assert _mlflow_uri(cfg) == "http://tracking:5000"
     flat = flat_config(cfg)
     assert flat["optim.lr"] == 0.05 and flat["exp_name"] == "null" and flat["sched.milestones"] == "[]"
+
+
+def test_mlflow_store_that_cannot_be_opened_is_one_line_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An SQLite store in a folder that cannot hold it: MLflow retried for 100 s, then classlab said
+    `error: unexpected OperationalError` and left the run `running`."""
+    pytest.importorskip("mlflow")
+    from classlab.cli import main
+
+    store = tmp_path / "not_a_folder"
+    store.write_text("a file where the store's folder should be")
+    overrides = tiny_config(tmp_path, exp_name="ro", epochs=1, **{"data.images_per_class": 10})
+    uri = f"sqlite:///{store}/mlflow.db"
+    code = main(["train", *overrides, "trainer.loggers=[mlflow]", f"trainer.tracking_uri={uri}"])
+    assert code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: trainer.loggers: MLFlowLogger could not start: cannot open the SQLite store {store}/mlflow.db "
+        "(unable to open database file); set trainer.tracking_uri"
+    )
+    assert json.loads((tmp_path / "runs" / "ro" / "summary.json").read_text())["status"] == "failed"
+
+
+def test_resume_with_a_changed_override_continues_the_mlflow_run(tmp_path: Path) -> None:
+    """`--resume epochs=2` stopped with `MLFlowLogger could not start: Changing param values is not allowed`
+    and marked the finished run failed; MLflow params are written once, so the new value is a tag."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    extra = {
+        "data.images_per_class": 10,
+        "trainer.loggers": "[mlflow]",
+        "trainer.tracking_uri": f"sqlite:///{tmp_path}/m.db",
+    }
+    classlab.train(None, tiny_config(tmp_path, exp_name="ml", epochs=1, **extra), quiet=True)
+    run = classlab.train(None, tiny_config(tmp_path, exp_name="ml", epochs=2, **extra), resume=True, quiet=True).path
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2
+    client = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    mlflow_run = client.get_run(summary["logger_ids"]["mlflow"])
+    assert mlflow_run.data.params["epochs"] == "1" and mlflow_run.data.tags["resumed.epochs"] == "2"
+    assert len(client.get_metric_history(mlflow_run.info.run_id, "val/acc")) == 2
+
+
+def test_tensorboard_folder_that_cannot_be_made_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """RUN/tb a file (a copy gone wrong) on --resume: `error: unexpected FileExistsError` from inside fit."""
+    from classlab.cli import main
+
+    overrides = tiny_config(tmp_path, exp_name="tb", epochs=1, **{"data.images_per_class": 10})
+    assert main(["train", *overrides]) == 0
+    tb = tmp_path / "runs" / "tb" / "tb"
+    shutil.rmtree(tb)
+    tb.write_text("not a folder")
+    capsys.readouterr()
+    assert main(["train", *overrides, "epochs=2", "--resume"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: trainer.loggers: TensorBoardLogger could not start: [Errno 17] File exists: '{tb}'"
+    )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -75,44 +76,64 @@ def _mlflow_uri(cfg: Config) -> str:
 
 
 def build_loggers(cfg: Config, run: RunFolder) -> list[Any]:
-    """The Lightning loggers ``trainer.loggers`` asks for, writing where the module docstring says."""
+    """The Lightning loggers ``trainer.loggers`` asks for, writing where the module docstring says.
+
+    One that cannot even be made (an MLflow store that cannot be opened) is the one line of ``start``.
+    """
     check_loggers(cfg.trainer.loggers)
     ids = run.summary(default={}).get("logger_ids", {})
     out: list[Any] = []
     for name in cfg.trainer.loggers:
-        if name == "tensorboard":
-            from lightning.pytorch.loggers import TensorBoardLogger
-
-            out.append(TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False))
-        elif name == "csv":
-            from lightning.pytorch.loggers import CSVLogger
-
-            out.append(CSVLogger(save_dir=str(run.path), name="csv", version=""))
-        elif name == "mlflow":
-            from lightning.pytorch.loggers import MLFlowLogger
-
-            out.append(
-                MLFlowLogger(
-                    experiment_name=cfg.trainer.project,
-                    run_name=run.path.name,
-                    tracking_uri=_mlflow_uri(cfg),
-                    run_id=ids.get("mlflow"),
-                    tags={"classlab.run": str(run.path.resolve())},
-                )
-            )
-        elif name == "wandb":
-            from lightning.pytorch.loggers import WandbLogger
-
-            out.append(
-                WandbLogger(
-                    project=cfg.trainer.project,
-                    name=run.path.name,
-                    save_dir=str(run.path),
-                    id=ids.get("wandb"),
-                    resume="allow",
-                )
-            )
+        try:
+            out.append(_build(name, cfg, run, ids))
+        except Exception as exc:  # noqa: BLE001 - any tracker failure becomes the user's one line
+            _failed(run, {"mlflow": "MLFlowLogger", "wandb": "WandbLogger"}.get(name, name), exc)
     return out
+
+
+def _failed(run: RunFolder, kind: str, exc: BaseException) -> None:
+    """A tracker that cannot start: the run marked failed, one line naming the tracker and why."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    run.update_summary(status="failed", error=f"{kind}: {first}")
+    raise ClassLabError(f"trainer.loggers: {kind} could not start: {first}") from None
+
+
+def _check_sqlite(uri: str) -> None:
+    """A SQLite store that cannot be opened fails at once: MLflow retries it for 100 s, a warning a try."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = uri.removeprefix("sqlite:///")
+    try:
+        sqlite3.connect(path).close()
+    except sqlite3.Error as exc:
+        raise ClassLabError(f"cannot open the SQLite store {path} ({exc}); set trainer.tracking_uri") from None
+
+
+def _build(name: str, cfg: Config, run: RunFolder, ids: dict[str, str]) -> Any:
+    if name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=str(run.path), name="tb", version="", default_hp_metric=False)
+    if name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run.path), name="csv", version="")
+    if name == "mlflow":
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        _check_sqlite(_mlflow_uri(cfg))
+        return MLFlowLogger(
+            experiment_name=cfg.trainer.project,
+            run_name=run.path.name,
+            tracking_uri=_mlflow_uri(cfg),
+            run_id=ids.get("mlflow"),
+            tags={"classlab.run": str(run.path.resolve())},
+        )
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(
+        project=cfg.trainer.project, name=run.path.name, save_dir=str(run.path), id=ids.get("wandb"), resume="allow"
+    )
 
 
 def logger_callbacks(loggers: list[Any]) -> list[L.Callback]:
@@ -135,18 +156,32 @@ def start(loggers: list[Any], cfg: Config, run: RunFolder) -> None:
     for logger in loggers:
         kind = type(logger).__name__
         try:
-            if kind != "TensorBoardLogger":  # TensorBoard's go with the final metrics (HParams)
-                logger.log_hyperparams(params)
             if kind == "MLFlowLogger":
+                _mlflow_params(logger, params)
                 ids["mlflow"] = logger.run_id
-            elif kind == "WandbLogger":
+            elif kind == "TensorBoardLogger":  # its hyperparameters go with the final metrics (HParams)
+                _ = logger.experiment  # its folder and writer now: a RUN/tb it cannot make was an unexpected error
+            else:
+                logger.log_hyperparams(params)
+            if kind == "WandbLogger":
                 ids["wandb"] = logger.experiment.id
         except Exception as exc:  # noqa: BLE001 - any tracker failure becomes the user's one line
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            run.update_summary(status="failed", error=f"{kind}: {first}")
-            raise ClassLabError(f"trainer.loggers: {kind} could not start: {first}") from None
+            _failed(run, kind, exc)
     if ids:
         run.update_summary(logger_ids=ids)
+
+
+def _mlflow_params(logger: Any, params: dict[str, Any]) -> None:
+    """The config as MLflow params. Those are written once: a run resumed with ``epochs=300`` (or any override)
+    keeps the value it started with, and the new one goes to the tag ``resumed.<key>`` (summary.json's
+    ``resumed_with`` says when), where logging it again stopped the resumed run."""
+    logged = logger.experiment.get_run(logger.run_id).data.params
+    new = {k: v for k, v in params.items() if k not in logged}
+    if new:
+        logger.log_hyperparams(new)
+    for key, value in params.items():
+        if key in logged and logged[key] != str(value)[:250]:  # Lightning's MLFlowLogger keeps 250 characters
+            logger.experiment.set_tag(logger.run_id, f"resumed.{key}", str(value)[:250])
 
 
 def log_epoch(trainer: L.Trainer, row: dict[str, Any]) -> None:
