@@ -70,6 +70,12 @@ class Comparison:
 
 
 def _cell(value: Any, column: str = "") -> str:
+    """A Markdown table cell: the value as shown, its ``|`` escaped (an HTML cell wants ``format_value``)."""
+    return format_value(value, column).replace("|", "\\|")
+
+
+def format_value(value: Any, column: str = "") -> str:
+    """A value as a table shows it: floats rounded (seconds to a tenth), lists and mappings as flow YAML."""
     if value is None:
         return ""
     if isinstance(value, float):
@@ -78,7 +84,7 @@ def _cell(value: Any, column: str = "") -> str:
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
     if isinstance(value, list | dict):
         value = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-    return str(value).replace("|", "\\|")
+    return str(value)
 
 
 def _csv_cell(value: Any) -> Any:
@@ -288,7 +294,7 @@ def _legend_value(value: Any) -> str:
     """A run path given as a value (``model.init_from``) is named by its folder: legends stay readable."""
     if value is None:
         return "none"
-    text = _cell(value)
+    text = format_value(value)
     return text.rstrip("/").rsplit("/", 1)[-1] if isinstance(value, str) and "/" in text else text
 
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from classlab.compare import RunData, _cell, comparison, find_runs, plot_curves, read_runs, varying_keys
+from classlab.compare import RunData, comparison, find_runs, format_value, plot_curves, read_runs, varying_keys
 from classlab.errors import ClassLabError
 from classlab.run import atomic_write_text
 
@@ -109,8 +109,8 @@ def _table(columns: list[str], rows: list[dict[str, Any]], table_id: str) -> str
         cells = []
         for c in columns:
             value = row.get(c)
-            exact = "" if value is None else (repr(value) if isinstance(value, float) else _cell(value))
-            cells.append(f'<td data-sort="{_esc(exact)}">{_esc(_cell(value))}</td>')
+            exact = "" if value is None else (repr(value) if isinstance(value, float) else format_value(value))
+            cells.append(f'<td data-sort="{_esc(exact)}">{_esc(format_value(value, c))}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     rows_html = "".join(body)
     return f'<table class="sortable" id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{rows_html}</tbody></table>'
