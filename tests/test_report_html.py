@@ -138,3 +138,17 @@ def test_html_cells_show_values_as_they_are_not_markdown_escaped() -> None:
     assert '<td data-sort="age=&lt;30|gender=male">age=&lt;30|gender=male</td>' in page
     assert '<td data-sort="0.7234">0.7</td>' in page and "\\|" not in page
     assert _cell("a|b") == "a\\|b"  # the Markdown table (compare.md) still escapes it
+
+
+def test_a_run_that_failed_says_why_on_the_page(tmp_path: Path) -> None:
+    """Before: a run that failed before its first epoch showed only 'no validation rows in metrics.csv yet'."""
+    from classlab.compare import RunData
+    from classlab.report import _failures
+
+    failed = RunData("lr=10", tmp_path, {}, {"status": "diverged", "error": "the loss became NaN at <epoch 1>"}, [])
+    fine = RunData("lr=0.1", tmp_path, {}, {"status": "finished"}, [])
+    assert _failures([fine, failed]) == (
+        '<h3>Runs that stopped with an error</h3><ul class="note"><li><b>lr=10</b> (diverged): the loss became NaN at '
+        "&lt;epoch 1&gt;</li></ul>"
+    )
+    assert _failures([fine]) == ""

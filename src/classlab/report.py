@@ -116,6 +116,14 @@ def _table(columns: list[str], rows: list[dict[str, Any]], table_id: str) -> str
     return f'<table class="sortable" id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{rows_html}</tbody></table>'
 
 
+def _failures(runs: list[RunData]) -> str:
+    """Why each run that ended badly ended (summary.json's error): a failed run's page said only 'no validation
+    rows yet', as if it were still to come."""
+    lines = [f"<li><b>{_esc(r.label)}</b> ({_esc(str(r.summary.get('status')))}): {_esc(str(r.summary['error']))}</li>"
+             for r in runs if r.summary.get("error")]  # fmt: skip
+    return f'<h3>Runs that stopped with an error</h3><ul class="note">{"".join(lines)}</ul>' if lines else ""
+
+
 def _curves(runs: list[RunData]) -> str:
     """Validation accuracy and loss against epoch, one line per run (the plots ``compare`` draws)."""
     images = []
@@ -125,7 +133,7 @@ def _curves(runs: list[RunData]) -> str:
             if path is not None:
                 images.append(_img(path.read_bytes(), f"{column} per epoch"))
     if not images:
-        return '<h2>Validation curves</h2><p class="note">no validation rows in metrics.csv yet</p>'
+        return '<h2>Validation curves</h2><p class="note">no validation rows in metrics.csv</p>'
     return '<h2>Validation curves</h2><div class="plots">' + "".join(images) + "</div>"
 
 
@@ -233,7 +241,7 @@ def write_html_report(
 
     data = read_runs(find_runs(runs), notes)
     table = comparison(data, list(by) if by else varying_keys(data), metrics)
-    sections = ["<h2>Runs</h2>", _table(table.columns, table.rows, "runs"), _curves(data)]
+    sections = ["<h2>Runs</h2>", _table(table.columns, table.rows, "runs"), _failures(data), _curves(data)]
     if len(data) == 1:
         sections.append(_analysis(data[0], split, labelled))
     elif labelled is not None:
