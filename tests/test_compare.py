@@ -100,6 +100,12 @@ def test_errors_are_one_line(runs: Path, tmp_path: Path) -> None:
         compare([str(tmp_path / "nope*")])
     with pytest.raises(ClassLabError, match="in none of the runs.*did you mean 'model.init_from'"):
         compare([str(runs)], by=["model.init_frm"], plots=False)
+    # `classlab compare runs/*` unquoted: the shell also lists runs/compare/, compare's own output, which stopped it
+    compare([str(runs)], out=runs / "compare", plots=False)
+    listed = sorted(str(p) for p in runs.iterdir())
+    assert len(compare(listed, out=tmp_path / "shell", plots=False).rows) == 7
+    with pytest.raises(ClassLabError, match="is not a run folder and holds none"):
+        compare([str(runs / "compare")], plots=False)
     result = run_cli("compare", str(tmp_path / "missing"))
     assert result.returncode == 1 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
 

@@ -112,7 +112,9 @@ def find_runs(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                 found.append(match)
             elif match.is_dir():
                 inner = _runs_inside(match)
-                if not inner and not any(ch in pattern for ch in "*?["):
+                # Among several paths (the shell's expansion of runs/*), a folder without runs, compare's own
+                # runs/compare/ above all, is passed over as classlab's glob passes it over; alone, it is the error.
+                if not inner and not any(ch in pattern for ch in "*?[") and len(items) == 1:
                     raise ClassLabError(f"'{match}' is not a run folder and holds none (no config.yaml)")
                 found.extend(inner)
             elif match.is_file() and not any(ch in pattern for ch in "*?["):
