@@ -344,11 +344,10 @@ def _id_key(text: str) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-def _template_id(raw: str, found: Mapping[str, Any], by_lower_suffix: Mapping[str, str]) -> str:
-    """A template's id as the image index keys it; a Windows path (``sub\\7f.png``) reads with forward slashes, as
-    a manifest's paths do, unless an image is named with the backslash itself. An extension in another case
-    (``7f.JPG`` for ``7f.jpg``: cameras and Windows write capitals) finds its file when one file answers to it."""
-    key = _id_key(raw.strip())
+def _template_id(key: str, found: Mapping[str, Any], by_lower_suffix: Mapping[str, str]) -> str:
+    """A template's id (``_id_key``'d) as the image index keys it; a Windows path (``sub\\7f.png``) reads with forward
+    slashes, as a manifest's paths do, unless an image is named with the backslash itself. An extension in another
+    case (``7f.JPG`` for ``7f.jpg``: cameras and Windows write capitals) finds its file when one file answers to it."""
     if "\\" in key and key not in found:
         key = key.replace("\\", "/")
     return key if key in found else by_lower_suffix.get(_lower_suffix(key), key)
@@ -408,7 +407,8 @@ def write_submission(
         )
     found = index_images(paths)
     by_lower_suffix = _by_lower_suffix(found)
-    ids = [_template_id(row[id_column], found, by_lower_suffix) for row in rows]
+    given = [_id_key(row[id_column].strip()) for row in rows]  # as the template spells them, in one Unicode form
+    ids = [_template_id(key, found, by_lower_suffix) for key in given]
     missing = {i: "no such image among the given paths" if i else "a row without an id" for i in ids if i not in found}
     for i in ids:
         several = found.get(i)
@@ -424,8 +424,8 @@ def write_submission(
         pred = by_path.get(str(index[image_id])) if image_id in index else None
         if pred is not None and pred["error"]:
             missing[image_id] = f"unreadable ({pred['error']})"
+    listed = [f"{i or '(empty id)'}: {why}" for i, why in missing.items()]
     if missing and not allow_missing:
-        listed = [f"{i or '(empty id)'}: {why}" for i, why in missing.items()]
         more = f"\n  ... and {len(listed) - MAX_LISTED} more" if len(listed) > MAX_LISTED else ""
         raise ClassLabError(
             f"{len(missing)} template row(s) have no usable image; nothing written (add --allow-missing to leave "
@@ -439,9 +439,7 @@ def write_submission(
         pred = by_path.get(str(index.get(image_id))) if image_id not in missing else None
         writer.writerow(dict(row, **{label_column: _label(pred, loaded.classes, label_format) if pred else ""}))
     atomic_write_text(out, buffer.getvalue(), output=True)
-    left_empty = [f"{i or '(empty id)'}: {why}" for i, why in missing.items()]
-    repeated = _repeated_ids([_id_key(row[id_column].strip()) for row in rows])
-    return Submission(Path(out), len(rows), left_empty, repeated)
+    return Submission(Path(out), len(rows), listed, _repeated_ids(given))
 
 
 __all__ = [
