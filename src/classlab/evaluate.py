@@ -262,7 +262,10 @@ def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None
 
 def _among_own_data(cfg: Config, files: list[Any]) -> int:
     """How many of ``files`` the run trained or validated on: eval --data given the run's own folder or manifest
-    scored its training images as new ones without a word."""
+    scored its training images as new ones without a word. Only a folder or a manifest names files: a torchvision
+    set (or the sample) would be read, or downloaded, in full to find none."""
+    if cfg.data.dataset not in ("folder", "csv"):
+        return 0
     try:
         own = open_dataset(cfg.data).train.files or []
     except (ClassLabError, OSError):
