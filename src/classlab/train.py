@@ -440,7 +440,7 @@ def _fit_run(
     data = load_data(cfg, split=saved_split)
     # The model is built (parameter budget, init_from, stage weights) before the run folder exists.
     transfer = run.summary(default={}).get("init_from") if last_ckpt is not None else None
-    model = build_network(cfg, data, (last_ckpt, transfer) if isinstance(transfer, dict) else None)
+    model = build_network(cfg, data, transfer if isinstance(transfer, dict) else None)
     if start_from is not None and not resume:
         load_stage_weights(model.net, start_from)
     if cfg.trainer.channels_last:

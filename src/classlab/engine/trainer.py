@@ -119,20 +119,20 @@ def init_from_line(report: dict[str, Any]) -> str:
     )
 
 
-def _reload_init_from(net: torch.nn.Module, checkpoint: Path, report: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """A resumed run's init_from, from its own checkpoint: the tensors the source filled at the start (all but the
-    report's ``left``) are loaded again, so what they froze freezes alike, and the source run may have moved since.
-    Before, --resume read the source again and stopped when it was gone, though last.ckpt replaces its weights."""
-    state = {k.removeprefix(prefix): v for k, v in _net_state(checkpoint).items() if k.startswith(prefix)}
+def _refill_as_at_start(net: torch.nn.Module, report: dict[str, Any]) -> dict[str, Any]:
+    """A resumed run's init_from without its source: the tensors the source filled at the start (all but the
+    report's ``left``) go through the same loading, so what that froze freezes alike; their values are the model's
+    own, as the checkpoint the run resumes from replaces them all. Before, --resume read the source again and
+    stopped when it had moved."""
     left = set(report["left"])
-    load_backbone_weights(net, {k: v for k, v in state.items() if k not in left})
+    load_backbone_weights(net, {k: v for k, v in net.state_dict().items() if k not in left})
     return {**report, "source_state": {}}
 
 
-def build_network(cfg: Config, data: DataBundle, resumed: tuple[Path, dict[str, Any]] | None = None) -> ClassifierModel:
+def build_network(cfg: Config, data: DataBundle, resumed: dict[str, Any] | None = None) -> ClassifierModel:
     """Normalisation + the configured network, with init_from weights and data-set layers set.
 
-    ``resumed``: the checkpoint a resumed run continues from and its summary's init_from report (_reload_init_from).
+    ``resumed``: the init_from report (summary.json) of a run resumed from a checkpoint (_refill_as_at_start).
     """
     if cfg.task == "multitask":
         net = build_multitask_net(
@@ -141,8 +141,8 @@ def build_network(cfg: Config, data: DataBundle, resumed: tuple[Path, dict[str, 
         inner = net.backbone  # init_from and data-set layers concern the backbone, not the task heads
     else:
         net = inner = build_model(cfg.model.spec(), data.num_classes, data.channels, data.size)
-    if cfg.model.init_from and resumed is not None and "left" in resumed[1]:
-        net.init_report = _reload_init_from(inner, *resumed, "backbone." if inner is not net else "")
+    if cfg.model.init_from and resumed is not None and "left" in resumed:
+        net.init_report = _refill_as_at_start(inner, resumed)
     elif cfg.model.init_from:
         net.init_report = _load_init_from(inner, cfg.model.init_from, cfg.model.freeze)
     # Pretrained weights bring their own normalisation (ImageNet's, timm's pretrained_cfg).
