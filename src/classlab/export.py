@@ -27,7 +27,7 @@ from torch import nn
 from classlab.engine.exported import INSTALL_HINT, OnnxModel
 from classlab.engine.load import LoadedRun, load
 from classlab.errors import ClassLabError
-from classlab.run import RunFolder, atomic_write_bytes, open_run, run_and_checkpoint
+from classlab.run import RunFolder, atomic_write_bytes, open_run_at
 
 FORMATS = ("onnx", "pt2")
 __all__ = ["FORMATS", "OnnxModel", "export", "ensure_onnx", "load_pt2", "read_onnx_metadata"]
@@ -98,12 +98,7 @@ def export(
     ``RUN/export/model.<fmt>``)."""
     if fmt not in FORMATS:
         raise ClassLabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
-    if isinstance(run, RunFolder):  # a staged run's top folder (classlab.train returns it) means its last stage
-        checkpoint = checkpoint or "best"
-        run = open_run(run.path)
-    else:
-        path, checkpoint = run_and_checkpoint(run, checkpoint)
-        run = open_run(path)
+    run, checkpoint = open_run_at(run, checkpoint)
     loaded = load(run, checkpoint)
     path = Path(out) if out else default_path(run, fmt, checkpoint)
     model = (_Float01Tasks if loaded.tasks is not None else _Float01)(loaded.model).eval()

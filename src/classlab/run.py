@@ -764,6 +764,16 @@ def open_run(path: str | Path) -> RunFolder:
     return run
 
 
+def open_run_at(run: str | Path | RunFolder, checkpoint: str | None = None) -> tuple[RunFolder, str]:
+    """A run as the Python API is given it, opened, and the checkpoint meant: a path or one of the run's checkpoint
+    files (``run_and_checkpoint``), or the RunFolder ``classlab.train`` returns, whose staged top folder stands for
+    its last stage as its path does (``open_run``)."""
+    if isinstance(run, RunFolder):
+        return open_run(run.path), checkpoint or "best"
+    path, checkpoint = run_and_checkpoint(run, checkpoint)
+    return open_run(path), checkpoint
+
+
 def new_run_path(root: str | Path, exp_name: str | None, default_name: str, numbered: bool = True) -> tuple[Path, bool]:
     """Where a new run goes: ``root/exp_name``; without a name, the first free ``default_name[-N]``.
 

@@ -22,7 +22,7 @@ from classlab.errors import ClassLabError
 from classlab.models import build_model
 from classlab.models.multitask import build_multitask_net
 from classlab.models.net import ClassifierModel
-from classlab.run import RunFolder, open_run, run_and_checkpoint, safe_torch_load
+from classlab.run import RunFolder, open_run_at, safe_torch_load
 
 
 def rotation_note(where: object, run: object = None) -> str:
@@ -94,12 +94,7 @@ def load(run: str | Path | RunFolder, checkpoint: str | None = None, device: str
     """Rebuild a run's model from its folder, or from one of its checkpoint files (weights only, no code executed).
 
     ``checkpoint``: best, last, epochN; None: best, or the file ``run`` names."""
-    if isinstance(run, RunFolder):  # as classlab.train returns it: a staged run's top folder stands for its last stage
-        checkpoint = checkpoint or "best"
-        run = open_run(run.path)
-    else:
-        path, checkpoint = run_and_checkpoint(run, checkpoint)
-        run = open_run(path)
+    run, checkpoint = open_run_at(run, checkpoint)
     cfg = validate(saved_tree(run.read_config_tree()))
     classes = run.read_classes()
     ckpt = safe_torch_load(run.checkpoint(checkpoint))
