@@ -327,14 +327,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def _numbered_classes(runs: list[str] | str) -> list[str] | None:
     """The run's class names when they are whole numbers other than their indices (labels 1..5, or 1, 2, 10)."""
-    from classlab.run import RunFolder, fold_runs, is_fold_group
+    from classlab.engine.ensemble import expand_runs
+    from classlab.run import RunFolder
 
     first = Path(runs if isinstance(runs, str) else runs[0])
     if not first.is_dir():
         return None  # an exported .onnx file: its class names are in its metadata
-    folders = fold_runs(first) if is_fold_group(first) else [first]
     try:
-        classes = RunFolder(folders[0]).read_classes() if folders else []
+        classes = RunFolder(expand_runs([first])[0]).read_classes()  # a k-fold folder: its first fold run's
     except ClassLabError:
         return None  # an exported .onnx file alone, or a damaged run: predicting says so in its own words
     numbers = [c.strip().lstrip("-").isdigit() for c in classes]
