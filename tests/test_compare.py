@@ -222,3 +222,16 @@ def test_a_k_fold_mean_counts_only_the_folds_that_finished(tmp_path: Path) -> No
     (group / "folds.json").write_text(json.dumps({"folds": 3}))
     table = compare([str(group)], metrics=["test_acc"], plots=False, out=tmp_path / "out")
     assert table.rows[-1] == {"run": "cv mean ± std (2 of 3 folds done)", "status": "", "test_acc": "0.6000 ± 0.1414"}
+
+
+def test_runs_that_force_moved_aside_are_compared_only_when_named(runs: Path, tmp_path: Path) -> None:
+    """`train --force` keeps the replaced run as NAME.old-<time>: a sweep folder listed it as a run of its own."""
+    old = runs / "images_per_class=10,init_from=none.old-20261205-093000"
+    _fake_run(runs, old.name, 10, None, 0.05)
+    table = compare([str(runs)], metrics=["test_acc"], plots=False, out=tmp_path / "out")
+    assert old.name not in [row["run"] for row in table.rows] and len(table.rows) == 7
+    assert table.notes == [f"left out 1 run that --force moved aside ({old.name}): name a run folder to compare it"]
+    globbed = compare([str(runs / "images_per_class=10*")], metrics=["test_acc"], plots=False, out=tmp_path / "g")
+    assert len(globbed.rows) == 2 and len(globbed.notes) == 1
+    named = compare([str(runs / "images_per_class=10,init_from=none"), str(old)], plots=False, out=tmp_path / "n")
+    assert [row["test_acc"] for row in named.rows] == [0.2, 0.05] and named.notes == []

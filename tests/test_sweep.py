@@ -278,3 +278,14 @@ def test_a_failed_point_is_not_called_resumable(tmp_path: Path, capsys: pytest.C
         "1 failed: fix what its 'failed' line says (or leave those values out of --grid), then run the same command "
         "again; finished runs are kept"
     )
+
+
+def test_a_point_that_force_moved_aside_is_not_taken_for_the_point(tmp_path: Path) -> None:
+    """NAME.old-<time> holds the grid values of NAME: with NAME gone, a later call given the flags in another
+    order took the old run for its point (skipped it as finished, or resumed into it)."""
+    base = [*tiny_config(tmp_path), "exp_name=sw"]
+    root, points = plan(None, base, ["optim.lr=0.01", "seed=0"])
+    _finished_point(root, points[0])
+    (root / points[0].name).rename(root / f"{points[0].name}.old-20261205-093000")
+    _, again = plan(None, base, ["seed=0", "optim.lr=0.01"])
+    assert [(p.name, p.status) for p in again] == [("seed=0,lr=0.01", "new")]

@@ -31,6 +31,7 @@ from classlab.run import (
     atomic_write_text,
     fold_runs,
     is_fold_group,
+    is_moved_aside,
     is_run_folder,
     pyplot,
     run_of,
@@ -98,32 +99,47 @@ def _csv_cell(value: Any) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def find_runs(patterns: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+def find_runs(patterns: str | os.PathLike | Sequence[str | os.PathLike], notes: list[str] | None = None) -> list[Path]:
     """Run folders from paths or globs; a folder of runs (a sweep) stands for the runs in it. One path or a list,
-    as text, Path or the RunFolder ``classlab.train`` returns (its str() is its repr, not its path)."""
+    as text, Path or the RunFolder ``classlab.train`` returns (its str() is its repr, not its path).
+
+    Runs that ``--force`` moved aside (``NAME.old-<time>``) are compared when named, not when a folder or a
+    glob stands for them (they are the runs a rerun replaced); ``notes`` gets a line saying how many were passed over.
+    """
     items = [patterns] if isinstance(patterns, (str, os.PathLike)) else list(patterns)
     found: list[Path] = []
+    aside: list[Path] = []
     for pattern in (os.fspath(p) for p in items):
-        matches = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
+        globbed = any(ch in pattern for ch in "*?[")
+        matches = sorted(glob.glob(pattern)) if globbed else [pattern]
         if not matches:
             raise ClassLabError(f"'{pattern}' matches nothing; give run folders, a sweep folder or a glob")
         for match in (Path(run_of(m)[0]) for m in matches):  # runs/x/summary.json stands for runs/x
             if is_run_folder(match):
-                found.append(match)
+                (aside if globbed and is_moved_aside(match) else found).append(match)
             elif match.is_dir():
                 inner = _runs_inside(match)
                 # Among several paths (the shell's expansion of runs/*), a folder without runs, compare's own
                 # runs/compare/ above all, is passed over as classlab's glob passes it over; alone, it is the error.
-                if not inner and not any(ch in pattern for ch in "*?[") and len(items) == 1:
+                if not inner and not globbed and len(items) == 1:
                     raise ClassLabError(f"'{match}' is not a run folder and holds none (no config.yaml)")
-                found.extend(inner)
-            elif match.is_file() and not any(ch in pattern for ch in "*?["):
+                for path in inner:  # a fold run is moved aside with its k-fold folder
+                    rel = path.relative_to(match)
+                    (aside if any(map(is_moved_aside, (rel, *rel.parents))) else found).append(path)
+            elif match.is_file() and not globbed:
                 raise ClassLabError(f"'{match}' is a file, not a run folder; give the folder that holds config.yaml")
-            elif not any(ch in pattern for ch in "*?["):
+            elif not globbed:
                 raise ClassLabError(f"run folder '{match}' not found")
-    unique = list(dict.fromkeys(p.resolve() for p in found))
+    unique = list(dict.fromkeys(p.resolve() for p in found or aside))  # only runs moved aside: those, then
     if not unique:
         raise ClassLabError("no run folders found (a run folder holds config.yaml)")
+    passed_over = [p for p in dict.fromkeys(a.resolve() for a in aside) if p not in unique] if found else []
+    if passed_over and notes is not None:
+        names = ", ".join(p.name for p in passed_over[:3]) + (", ..." if len(passed_over) > 3 else "")
+        notes.append(
+            f"left out {len(passed_over)} run{'s' * (len(passed_over) > 1)} that --force moved aside ({names}): "
+            "name a run folder to compare it"
+        )
     return unique
 
 
@@ -221,7 +237,7 @@ def compare(
 ) -> Comparison:
     """Table of ``metrics`` (summary.json) and ``by`` keys (config.yaml); CSV, Markdown and PNGs under ``out``."""
     left_out: list[str] = []
-    runs = read_runs(find_runs(patterns), left_out)
+    runs = read_runs(find_runs(patterns, left_out), left_out)
     varying = varying_keys(runs)
     by = list(by) if by else varying
     if "task" in varying and "task" not in by:

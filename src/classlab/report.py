@@ -239,7 +239,7 @@ def write_html_report(
     """
     from importlib.metadata import version
 
-    data = read_runs(find_runs(runs), notes)
+    data = read_runs(find_runs(runs, notes), notes)
     table = comparison(data, list(by) if by else varying_keys(data), metrics)
     sections = ["<h2>Runs</h2>", _table(table.columns, table.rows, "runs"), _failures(data), _curves(data)]
     if len(data) == 1:

@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -790,6 +791,14 @@ def new_run_path(root: str | Path, exp_name: str | None, default_name: str, numb
         candidate = root / f"{default_name}-{n}"
         n += 1
     return candidate, False
+
+
+MOVED_ASIDE = re.compile(r"\.old-\d{8}-\d{6}(-\d+)?$")  # the name move_aside gives
+
+
+def is_moved_aside(path: Path) -> bool:
+    """A run ``--force`` replaced: kept, but not one of the runs a folder or a glob stands for."""
+    return MOVED_ASIDE.search(Path(path).name) is not None
 
 
 def move_aside(path: Path) -> Path:

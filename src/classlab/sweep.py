@@ -36,7 +36,15 @@ import yaml
 
 from classlab.config import Config, and_others, changed_keys, flatten, parse_override, saved_tree, validate, yaml_text
 from classlab.errors import ClassLabError, ConfigError
-from classlab.run import FOLDS, RunFolder, RunLock, atomic_write_json, is_fold_group, is_run_folder
+from classlab.run import (
+    FOLDS,
+    RunFolder,
+    RunLock,
+    atomic_write_json,
+    is_fold_group,
+    is_moved_aside,
+    is_run_folder,
+)
 from classlab.train import NOT_WHAT_TRAINS, coerce_config, train
 
 MAX_NAME = 150  # characters of a run folder name before it is shortened with a hash
@@ -216,7 +224,8 @@ def plan(
         if names.count(name) > 1:  # e.g. two init_from runs in different folders with the same name
             names[i] = f"{name}~{hashlib.sha1(repr(assignments[i]).encode()).hexdigest()[:6]}"
     points = []
-    existing = _existing_points(root, list(assignments[0]))
+    saved = _saved_configs(root)
+    existing = _existing_points(saved, list(assignments[0]))
     seen: dict[str, str] = {}  # grid values as the config reads them -> the first point with them
     for assignment, name in zip(assignments, names, strict=True):
         point_overrides = [*overrides, *(f"{k}={yaml_text(v)}" for k, v in assignment.items())]
@@ -241,7 +250,7 @@ def plan(
             point_cfg = coerce_config(config, point_overrides)
         state, summary = _state(root / name)
         if state in ("finished", "resume"):
-            _check_same_settings(root, name, point_cfg)
+            _check_same_settings(root, name, point_cfg, saved.get(name))
         points.append(Point(name, assignment, point_overrides, root / name, state, summary=summary))
     return root, points
 
@@ -253,22 +262,31 @@ def _grid_values(cfg: Config, keys: list[str]) -> str:
     return json.dumps([[k, flat.get(k)] for k in sorted(keys)], default=str)
 
 
-def _existing_points(root: Path, keys: list[str]) -> dict[str, str]:
-    """The point folders already in the sweep folder, by their grid keys' values: a second call that gives the
-    same grid in another order trained every point again in new folders (seed=0,lr=0.1 beside lr=0.1,seed=0)."""
-    found: dict[str, str] = {}
+def _saved_configs(root: Path) -> dict[str, Config]:
+    """The configs the point folders already in the sweep folder were trained with, by folder name, read once:
+    they find a point given again in another spelling, and they must agree with this call's settings.
+    A folder ``--force`` moved aside (``NAME.old-<time>``) is not a point; an unreadable one is left out."""
+    found: dict[str, Config] = {}
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         folder = RunFolder(path)
         try:
-            if is_fold_group(path):
-                tree = folder.read_json(FOLDS)["config"]
-            elif is_run_folder(path):
-                tree = folder.read_config_tree()
-            else:
+            if is_moved_aside(path):
                 continue
-            found.setdefault(_grid_values(validate(saved_tree(tree)), keys), path.name)
+            if is_fold_group(path):
+                found[path.name] = validate(saved_tree(folder.read_json(FOLDS)["config"]))
+            elif is_run_folder(path):
+                found[path.name] = validate(saved_tree(folder.read_config_tree()))
         except (ClassLabError, KeyError, TypeError, ValueError):
-            continue  # unreadable: never matched, so never reused
+            continue  # unreadable: never matched, so never reused; resuming it says why in its own words
+    return found
+
+
+def _existing_points(saved: dict[str, Config], keys: list[str]) -> dict[str, str]:
+    """The point folders by their grid keys' values: a second call that gives the same grid in another order
+    trained every point again in new folders (seed=0,lr=0.1 beside lr=0.1,seed=0)."""
+    found: dict[str, str] = {}
+    for name, cfg in saved.items():
+        found.setdefault(_grid_values(cfg, keys), name)
     return found
 
 
@@ -309,18 +327,14 @@ def overridden_by_grid(grid: list[str], overrides: list[str]) -> list[str]:
     return lines
 
 
-def _check_same_settings(root: Path, name: str, cfg: Config) -> None:
+def _check_same_settings(root: Path, name: str, cfg: Config, saved: Config | None) -> None:
     """A point already in the folder was trained with the settings of an earlier call; skipping or resuming
     it under other settings would mix two experiments in one table without a word.
 
     A key this call leaves at its default is not compared: a default that a later classlab changed must
     not stop a sweep begun with the earlier one (config.yaml holds every key, defaults included).
     """
-    folder = RunFolder(root / name)
-    try:
-        tree = folder.read_json(FOLDS)["config"] if is_fold_group(folder.path) else folder.read_config_tree()
-        saved = validate(saved_tree(tree))
-    except (ClassLabError, KeyError, TypeError):
+    if saved is None:
         return  # unreadable: resuming it reports that in its own words
     defaults = flatten(Config().to_dict())
     changes = [
