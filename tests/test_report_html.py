@@ -152,3 +152,19 @@ def test_a_run_that_failed_says_why_on_the_page(tmp_path: Path) -> None:
         "&lt;epoch 1&gt;</li></ul>"
     )
     assert _failures([fine]) == ""
+
+
+def test_a_k_fold_mean_row_stays_below_its_folds_when_sorted(browser: Browser, tmp_path: Path) -> None:
+    """Before: the 'cv mean ± std' row sorted among the fold rows (a click on test_acc put it between them)."""
+    from classlab.report import SCRIPT, _table
+
+    rows = [{"run": "fold0", "test_acc": 0.5}, {"run": "fold1", "test_acc": 0.7}]
+    rows.append({"run": "cv mean ± std (2 folds)", "test_acc": "0.6000 ± 0.1414"})
+    page = tmp_path / "folds.html"
+    page.write_text(f"<html><body>{_table(['run', 'test_acc'], rows, 'runs', 1)}<script>{SCRIPT}</script></body>")
+    browser.open(page)
+    order = "Array.from(document.querySelectorAll('#runs tr')).slice(1).map(r => r.cells[0].textContent)"
+    for expected in (["fold0", "fold1"], ["fold1", "fold0"]):
+        browser.click("#runs th:nth-child(2)")
+        assert browser.js(order) == [*expected, "cv mean ± std (2 folds)"]
+    assert browser.errors() == []

@@ -54,6 +54,7 @@ class Comparison:
     metrics: list[str]
     files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # for the user's eyes: a metric no run has
+    summary_rows: int = 0  # the last rows summarise the others (k-fold mean ± std): never sorted among them
 
     def markdown(self) -> str:
         head = "| " + " | ".join(self.columns) + " |"
@@ -282,7 +283,7 @@ def comparison(runs: list[RunData], by: list[str], metrics: list[str] | None = N
         rows.append(row)
     means = fold_mean_rows(runs, rows, metrics)  # k-fold runs: a mean ± std row per k-fold folder
     rows.sort(key=lambda r: tuple(_sort_key(r.get(k)) for k in by) + (r["run"],))
-    return Comparison(["run", "status", *by, *metrics], rows + means, by, metrics)
+    return Comparison(["run", "status", *by, *metrics], rows + means, by, metrics, summary_rows=len(means))
 
 
 def _absent_metrics(runs: list[RunData], metrics: list[str]) -> list[str]:

@@ -101,8 +101,9 @@ def _img(png: bytes, alt: str, cls: str = "figure") -> str:
     return f'<img class="{cls}" alt="{_esc(alt)}" src="{data_uri(png)}">'
 
 
-def _table(columns: list[str], rows: list[dict[str, Any]], table_id: str) -> str:
-    """A sortable table; each cell keeps its exact value in data-sort, shown rounded."""
+def _table(columns: list[str], rows: list[dict[str, Any]], table_id: str, summary_rows: int = 0) -> str:
+    """A sortable table; each cell keeps its exact value in data-sort, shown rounded. The last ``summary_rows``
+    (k-fold mean ± std) go in the table's foot, which a click on a header leaves where it is."""
     head = "".join(f'<th aria-sort="none">{_esc(c)}</th>' for c in columns)
     body = []
     for row in rows:
@@ -112,8 +113,13 @@ def _table(columns: list[str], rows: list[dict[str, Any]], table_id: str) -> str
             exact = "" if value is None else (repr(value) if isinstance(value, float) else format_value(value))
             cells.append(f'<td data-sort="{_esc(exact)}">{_esc(format_value(value, c))}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
-    rows_html = "".join(body)
-    return f'<table class="sortable" id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{rows_html}</tbody></table>'
+    split = len(body) - summary_rows
+    foot = f"<tfoot>{''.join(body[split:])}</tfoot>" if summary_rows else ""
+    rows_html = "".join(body[:split])
+    return (
+        f'<table class="sortable" id="{table_id}"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{rows_html}</tbody>{foot}</table>"
+    )
 
 
 def _failures(runs: list[RunData]) -> str:
@@ -241,7 +247,7 @@ def write_html_report(
 
     data = read_runs(find_runs(runs, notes), notes)
     table = comparison(data, list(by) if by else varying_keys(data), metrics)
-    sections = ["<h2>Runs</h2>", _table(table.columns, table.rows, "runs"), _failures(data), _curves(data)]
+    sections = ["<h2>Runs</h2>", _table(table.columns, table.rows, "runs", table.summary_rows), _failures(data), _curves(data)]
     if len(data) == 1:
         sections.append(_analysis(data[0], split, labelled))
     elif labelled is not None:
