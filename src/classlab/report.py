@@ -247,7 +247,8 @@ def write_html_report(
 
     data = read_runs(find_runs(runs, notes), notes)
     table = comparison(data, list(by) if by else varying_keys(data), metrics)
-    sections = ["<h2>Runs</h2>", _table(table.columns, table.rows, "runs", table.summary_rows), _failures(data), _curves(data)]
+    runs_table = _table(table.columns, table.rows, "runs", table.summary_rows)
+    sections = ["<h2>Runs</h2>", runs_table, _failures(data), _curves(data)]
     if len(data) == 1:
         sections.append(_analysis(data[0], split, labelled))
     elif labelled is not None:
