@@ -10,6 +10,7 @@ only when a verb is first used.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import types
 from typing import Any
@@ -29,13 +30,27 @@ class _Verb(types.ModuleType):
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self, self.__name__.rpartition(".")[2])(*args, **kwargs)
+        return self._function(*args, **kwargs)
+
+    @property
+    def _function(self) -> Any:
+        return getattr(self, self.__name__.rpartition(".")[2])
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The function's parameters, for ``inspect.signature`` and a notebook's ``classlab.train?`` and
+        tab completion; the module's own would be ``(*args, **kwargs)``."""
+        return inspect.signature(self._function)
 
 
 class _Package(types.ModuleType):
     def __setattr__(self, name: str, value: Any) -> None:
         if name in VERBS and isinstance(value, types.ModuleType) and not isinstance(value, _Verb):
             value.__class__ = _Verb
+            # help(classlab.train) shows a module: lead its page with the function a user calls, and its doc.
+            function = getattr(value, name)
+            lead = f"{name}{inspect.signature(function)}\n\n{inspect.getdoc(function)}"
+            value.__doc__ = f"{lead}\n\n{value.__doc__ or ''}"
         super().__setattr__(name, value)
 
 

@@ -162,10 +162,17 @@ def _fill(row: dict[str, Any], probs: torch.Tensor, task_probs: list[torch.Tenso
         row[f"{loaded.tasks.names[t]}_prob"] = round(float(best_p), 6)
 
 
-def _image_files(paths: Iterable[str | Path]) -> list[Path]:
+def _image_files(paths: Iterable[str | Path] | str | Path) -> list[Path]:
     """The files to predict; paths given that hold none is an error: a wrong or still-empty folder wrote a CSV of
-    its header alone with exit code 0, which becomes an empty submission."""
-    given = list(paths)
+    its header alone with exit code 0, which becomes an empty submission. One path alone is one path: a string
+    taken as the list it also is was predicted letter by letter ("'p' does not exist")."""
+    given = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    for item in given:
+        if not isinstance(item, (str, os.PathLike)):
+            raise ClassLabError(
+                f"classlab.predict reads image files and folders, and was given a value of type "
+                f"'{type(item).__name__}'; predict images in memory with classlab.load(run)(images)"
+            )
     files = expand_paths(given)
     if given and not files:
         shown = ", ".join(f"'{p}'" for p in given[:3]) + (" ..." if len(given) > 3 else "")
@@ -178,7 +185,7 @@ def _image_files(paths: Iterable[str | Path]) -> list[Path]:
 
 def predict(
     run: str | Path | RunFolder | Sequence[str | Path | RunFolder] | LoadedRun,
-    paths: Iterable[str | Path],
+    paths: Iterable[str | Path] | str | Path,
     out: str | Path | None = None,
     *,
     checkpoint: str | None = None,

@@ -7,21 +7,28 @@ written first, so a run folder always says what it is.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import logging
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
 import sys
 import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+import yaml
 from rich.console import Console
 
 from classlab.config import (
@@ -55,7 +62,7 @@ from classlab.engine.trainer import (
     load_stage_weights,
     precision_notice,
 )
-from classlab.errors import ClassLabError, RunInterrupted
+from classlab.errors import ClassLabError, ConfigError, RunInterrupted
 from classlab.models import count_params, pretrained, validate_model_spec
 from classlab.run import (
     CONFIG,
@@ -75,8 +82,45 @@ from classlab.run import (
 RUN_DIR_ENV = "CLASSLAB_RUN_DIR"  # set by process 0 so that DDP worker processes join its run folder
 
 
-def coerce_config(config: Config | str | Path | dict | None, overrides: list[str] | None = None) -> Config:
-    """Accept a Config, a path to YAML/INI, a plain dict, or nothing (the defaults)."""
+Overrides = Sequence[str] | Mapping[str, Any] | str | None
+
+
+def override_list(overrides: Overrides) -> list[str]:
+    """``key=value`` strings from what a Python caller may give: a list of them, one alone, or a mapping
+    ``{"optim.lr": 0.05}``. A string alone was read as the list of its letters ("override 'e' is not of
+    the form key=value") and a mapping as its keys alone."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        return [overrides]
+    if isinstance(overrides, Mapping):
+        return [f"{key}={_yaml_value(value)}" for key, value in overrides.items()]
+    given = list(overrides)
+    for item in given:
+        if not isinstance(item, str):
+            raise ConfigError(
+                f"override {item!r} is a value of type '{type(item).__name__}'; give overrides as 'key=value' strings "
+                "(['epochs=3']) or as a dict ({'epochs': 3})"
+            )
+    return given
+
+
+def _yaml_value(value: Any) -> str:
+    """A Python value as the YAML text an override carries: None -> null, [16, 'p'] -> [16, p], 'x' -> x."""
+    if isinstance(value, Path):
+        value = str(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()
+    return text.removesuffix("...").strip()
+
+
+def coerce_config(config: Config | str | Path | dict | None, overrides: Overrides = None) -> Config:
+    """Accept a Config, a path to YAML/INI, a plain dict, or nothing (the defaults); overrides as ``override_list``."""
+    overrides = override_list(overrides)
+    if not isinstance(config, (Config, str, Path, dict)) and config is not None:
+        raise ConfigError(
+            f"config is a value of type '{type(config).__name__}'; give a YAML or INI file's path, a dict, "
+            "a Config, or None for the defaults"
+        )
     if isinstance(config, Config):
         cfg = validate(with_overrides(config.to_dict(), overrides)) if overrides else config
     elif isinstance(config, dict):
@@ -165,22 +209,75 @@ def _replace_old(path: Path) -> None:
 
 def train(
     config: Config | str | Path | dict | None = None,
-    overrides: list[str] | None = None,
+    overrides: Overrides = None,
     *,
     resume: bool = False,
     force: bool = False,
     quiet: bool = False,
 ) -> RunFolder:
-    """Train one run (or each stage of a multi-stage run); return its folder.
+    """Train one run (or each stage of a multi-stage run, or each fold of ``data.folds``); return its folder.
 
-    Raises ClassLabError/ConfigError on bad input.
+    ``config``: a YAML/INI path, a dict of the config's keys, a Config, or None for the defaults.
+    ``overrides``: ``["optim.lr=0.05", "epochs=3"]`` as on the command line, one such string, or a dict
+    ``{"optim.lr": 0.05}``. ``resume`` and ``force`` are ``--resume`` and ``--force``; ``quiet`` prints
+    nothing, Lightning's own log lines and warnings included. The process is left as it was found (random
+    states, torch's thread count and deterministic mode, environment variables), so a notebook's own work
+    after a run, or a second run, is not shaped by the first. Raises ClassLabError/ConfigError on bad input.
     """
-    cfg = coerce_config(config, overrides)
-    if cfg.data.folds and cfg.data.fold is None:
-        return train_folds(cfg, resume=resume, force=force, quiet=quiet)
-    if cfg.stages:
-        return _train_stages(cfg, resume=resume, force=force, quiet=quiet)
-    return _train_one(cfg, config, overrides, resume=resume, force=force, quiet=quiet)
+    with _kept_for_caller(quiet):
+        cfg = coerce_config(config, overrides)
+        if cfg.data.folds and cfg.data.fold is None:
+            return train_folds(cfg, resume=resume, force=force, quiet=quiet)
+        if cfg.stages:
+            return _train_stages(cfg, resume=resume, force=force, quiet=quiet)
+        return _train_one(cfg, config, override_list(overrides), resume=resume, force=force, quiet=quiet)
+
+
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning")
+RUN_ENV = (RUN_DIR_ENV, "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")  # set by a run, or Lightning
+
+
+@contextlib.contextmanager
+def _kept_for_caller(quiet: bool) -> Iterator[None]:
+    """What a run sets process-wide for itself, given back afterwards: the global random states it seeds,
+    Lightning's deterministic mode and cudnn flag, the environment variables it sets, the thread count
+    (trainer.threads). ``quiet``: Lightning's log lines and warnings are kept back for the call only, as the
+    command line keeps them back for its process."""
+    env = {name: os.environ.get(name) for name in RUN_ENV}
+    flags = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+        torch.backends.cudnn.benchmark,
+        torch.get_num_threads(),
+    )
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    levels = {name: logging.getLogger(name).level for name in LIGHTNING_LOGGERS}
+    try:
+        with warnings.catch_warnings():
+            if quiet:
+                warnings.filterwarnings("ignore", module=r"lightning\..*")
+                for name in LIGHTNING_LOGGERS:
+                    logging.getLogger(name).setLevel(logging.ERROR)
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.utils.deterministic.fill_uninitialized_memory = flags[2]
+        torch.backends.cudnn.benchmark = flags[3]
+        torch.set_num_threads(flags[4])
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
 
 
 def _train_stages(cfg: Config, *, resume: bool, force: bool, quiet: bool) -> RunFolder:

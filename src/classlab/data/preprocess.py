@@ -190,13 +190,10 @@ def image_to_tensor(img: Image.Image, size: int, channels: int = 3) -> torch.Ten
 
 
 def array_to_tensor(arr: np.ndarray | torch.Tensor, size: int, channels: int = 3) -> torch.Tensor:
-    """An HWC / HW uint8 array (or CHW tensor) through the same path as a decoded file."""
-    if isinstance(arr, torch.Tensor):
-        t = arr
-        if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[-1] not in (1, 3, 4):
-            t = t.permute(1, 2, 0)
-        arr = t.cpu().numpy()
-    arr = np.asarray(arr)
+    """An HWC / HW array or tensor (or CHW, torch's layout) through the same path as a decoded file."""
+    arr = arr.cpu().numpy() if isinstance(arr, torch.Tensor) else np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = arr.transpose(1, 2, 0)  # a CHW numpy array (a tensor's .numpy()) as a CHW tensor is read
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8) * 255
     elif np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8:

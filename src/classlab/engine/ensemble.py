@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from classlab.engine.exported import ExportedRun, is_exported_file
-from classlab.engine.load import LoadedRun, load
+from classlab.engine.load import LoadedRun, check_run_given, load
 from classlab.errors import ClassLabError
 from classlab.models.net import ClassifierModel
 from classlab.run import RunFolder, fold_runs, is_fold_group
@@ -146,6 +146,7 @@ def load_runs(run: Any, checkpoint: str | None = None, device: str = "cpu") -> L
         if any(isinstance(r, (str, Path)) and is_exported_file(r) for r in run):
             raise ClassLabError("an ensemble averages run folders; give the runs, not their exported files")
         return load_ensemble(run, checkpoint, device)
+    check_run_given(run)
     if not isinstance(run, RunFolder) and is_fold_group(run):
         return load_ensemble([run], checkpoint, device)
     return load(run, checkpoint, device)

@@ -7,15 +7,16 @@ here matches what validation measured. eval, predict and export all start here.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
 from classlab.config import Config, saved_tree, validate
-from classlab.data.preprocess import Normalize, array_to_tensor, image_to_tensor, open_image
+from classlab.data.preprocess import BadImage, Normalize, array_to_tensor, image_to_tensor, open_image
 from classlab.data.tasks import read_layout
 from classlab.engine.predict import probabilities, task_probabilities
 from classlab.errors import ClassLabError
@@ -59,21 +60,45 @@ class LoadedRun:
         return self.cfg.task if self.cfg is not None else "classify"
 
     def to_tensor(self, image: Any) -> torch.Tensor:
-        """PIL image, HWC array, CHW uint8 tensor or a path -> the uint8 tensor the model takes."""
-        if isinstance(image, (str, Path)):
-            image = open_image(image, self.image_size, self.max_image_pixels)
-            return image_to_tensor(image, self.image_size, self.channels)
+        """PIL image, HW/HWC/CHW array or tensor, a file path or an encoded file's bytes -> the uint8 tensor the
+        model takes. Anything else is one ClassLabError saying what is accepted, never numpy's or PIL's own."""
+        if isinstance(image, (str, Path, bytes)):  # an unreadable file: BadImage, a row's error in predict
+            return image_to_tensor(self._open(image), self.image_size, self.channels)
         if isinstance(image, Image.Image):
             return image_to_tensor(image, self.image_size, self.channels)
-        return array_to_tensor(image, self.image_size, self.channels)
+        if isinstance(image, (np.ndarray, torch.Tensor)):
+            return array_to_tensor(image_pixels(image), self.image_size, self.channels)
+        raise ClassLabError(f"a value of type '{type(image).__name__}' is not an image; {ACCEPTED}")
+
+    def _open(self, source: str | Path | bytes) -> Image.Image:
+        if not isinstance(source, bytes) and not Path(source).is_file():
+            what = "is a folder" if Path(source).is_dir() else "does not exist"
+            raise ClassLabError(f"'{source}' {what}; give an image file (classlab.predict reads folders)")
+        return open_image(source, self.image_size, self.max_image_pixels)
+
+    def _model_input(self, image: Any) -> torch.Tensor:
+        """``to_tensor`` for a caller's image: an unreadable file is a ClassLabError naming it."""
+        try:
+            return self.to_tensor(image)
+        except BadImage as exc:
+            raise ClassLabError(f"{'the bytes given' if isinstance(image, bytes) else image}: {exc}") from None
 
     def _batch(self, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
-        if isinstance(images, torch.Tensor) and images.ndim == 4 and images.dtype == torch.uint8:
-            return images if images.shape[-1] == self.image_size else torch.stack([self.to_tensor(i) for i in images])
-        return torch.stack([self.to_tensor(i) for i in images])
+        shape = (self.channels, self.image_size, self.image_size)
+        if isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and tuple(images.shape[1:]) == shape:
+            return images  # already what the model takes: a batch of this run's size and channels
+        if isinstance(images, Iterator):
+            images = list(images)
+        if len(images) == 0:
+            return torch.empty((0, *shape), dtype=torch.uint8)
+        return torch.stack([self._model_input(i) for i in images])
 
     def probabilities(self, images: Sequence[Any] | torch.Tensor) -> torch.Tensor:
-        return probabilities(self.model, self._batch(images))
+        """Softmax probabilities, one row an image (no images: zero rows)."""
+        batch = self._batch(images)
+        if len(batch) == 0:
+            return torch.empty((0, len(self.classes)))
+        return probabilities(self.model, batch)
 
     def task_probabilities(self, images: Sequence[Any] | torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Multitask runs: (combined probabilities, each task's probabilities) of the images."""
@@ -81,19 +106,61 @@ class LoadedRun:
             raise ClassLabError(f"run '{self.run.path}' is not a multitask run; use probabilities()")
         return task_probabilities(self.model, self._batch(images))
 
-    def __call__(self, images: Any) -> list[tuple[str, float]]:
-        """One image or a list -> [(class name, probability)] of the top class for each."""
-        single = not isinstance(images, (list, tuple)) and not (isinstance(images, torch.Tensor) and images.ndim == 4)
-        probs = self.probabilities([images] if single else images)
+    def __call__(self, images: Any) -> tuple[str, float] | list[tuple[str, float]]:
+        """One image -> (class name, probability) of its top class; a list, a generator, or an N-image array or
+        tensor (NCHW / NHWC) -> a list of them, empty for no images."""
+        if isinstance(images, Iterator):
+            images = list(images)
+        stacked = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+        many = stacked or isinstance(images, (list, tuple))
+        if many and len(images) == 0:
+            return []
+        probs = self.probabilities(images if many else [images])
         top = probs.max(1)
         out = [(self.classes[int(i)], float(p)) for p, i in zip(top.values, top.indices)]
-        return out[0] if single else out
+        return out if many else out[0]
+
+
+ACCEPTED = (
+    "give a PIL image, a file path, an encoded file's bytes, an HW / HWC / CHW array or tensor "
+    "(uint8, or float in 0..1 or 0..255), or a list of them"
+)
+
+
+def image_pixels(image: np.ndarray | torch.Tensor) -> np.ndarray:
+    """An in-memory image checked as pixels: a shape that is an image, finite values, and not normalised already.
+
+    Pixels below 0 or NaN were clipped to black without a word: a tensor already normalised by the user's
+    own transform (mean/std) gave confident wrong classes. The run normalises with its own statistics.
+    """
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu()  # a tensor on a GPU, or one needing grad
+        values = (image.float() if image.dtype in (torch.bfloat16, torch.float16) else image).numpy()
+    else:
+        values = np.asarray(image)
+    shape = tuple(values.shape)
+    no_channels = len(shape) == 3 and min(shape[0], shape[-1]) > 4  # neither HWC nor CHW
+    if values.dtype.kind not in "biuf" or len(shape) not in (2, 3) or 0 in shape or no_channels:
+        raise ClassLabError(f"an array of shape {shape} ({values.dtype}) is not an image; {ACCEPTED}")
+    if values.dtype.kind == "f":
+        if not np.isfinite(values).all():
+            raise ClassLabError("the image array holds NaN or infinite values; give pixels (0..1 or 0..255)")
+        if values.min() < -0.05:  # a resize's overshoot (-0.01) is clipped; a normalised image reaches -2
+            raise ClassLabError(
+                f"the image array has values below 0 (from {values.min():.3g} to {values.max():.3g}), as an image "
+                "normalised with a mean and std has; give the pixels before normalising (uint8, or float in 0..1 "
+                "or 0..255): the run normalises them with its own statistics"
+            )
+    return values
 
 
 def load(run: str | Path | RunFolder, checkpoint: str | None = None, device: str = "cpu") -> LoadedRun:
     """Rebuild a run's model from its folder, or from one of its checkpoint files (weights only, no code executed).
 
-    ``checkpoint``: best, last, epochN; None: best, or the file ``run`` names."""
+    ``checkpoint``: best, last, epochN; None: best, or the file ``run`` names. ``device``: where the model runs
+    (``cpu``, ``cuda``, ``cuda:1``, ``mps``); a device torch cannot use here is refused before anything is read."""
+    check_run_given(run)
+    device = _usable_device(device)
     run, checkpoint = open_run_at(run, checkpoint)
     cfg = validate(saved_tree(run.read_config_tree()))
     classes = run.read_classes()
@@ -126,6 +193,29 @@ def load(run: str | Path | RunFolder, checkpoint: str | None = None, device: str
     loaded.tasks = layout
     loaded.checkpoint = checkpoint
     return loaded
+
+
+def check_run_given(run: object) -> None:
+    """A run given as something that can name one, or one line: None (a notebook cell's train that failed) or a
+    number raised pathlib's TypeError from deep inside the loader."""
+    if not isinstance(run, (str, Path, RunFolder)):
+        raise ClassLabError(
+            f"a value of type '{type(run).__name__}' is not a run; give the run folder (what classlab.train "
+            "returns), one of its checkpoint files, or a model.onnx written by classlab export"
+        )
+
+
+def _usable_device(device: str | torch.device) -> torch.device:
+    """The device asked for, or one line: torch's own errors were a list of twenty device types for a typo
+    (``gpu``) and a note about NVIDIA drivers, raised only after the checkpoint was read."""
+    try:
+        found = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ClassLabError(f"device '{device}' is not a torch device; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
+    usable = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(found.type, lambda: True)
+    if not usable():
+        raise ClassLabError(f"device '{device}' is not available on this machine (torch sees none); use device='cpu'")
+    return found
 
 
 def _misfit(

@@ -1,0 +1,214 @@
+"""The Python API as a notebook uses it: what classlab.load takes, what classlab.predict takes, train's
+arguments, and a process left as train found it."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import pydoc
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import classlab
+from classlab.errors import ClassLabError, ConfigError
+from tests.conftest import make_image
+
+
+@pytest.fixture(scope="module")
+def model(tiny_run: Path) -> classlab.engine.load.LoadedRun:
+    return classlab.load(tiny_run)
+
+
+def _image() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def test_every_in_memory_layout_of_one_image_predicts_the_same(model, tmp_path: Path) -> None:
+    hwc = _image()
+    expected = model(hwc)
+    chw = torch.from_numpy(hwc).permute(2, 0, 1)
+    as_float = chw.float() / 255
+    path = tmp_path / "x.png"
+    Image.fromarray(hwc).save(path)
+    assert model(chw.numpy()) == expected  # a tensor's .numpy(): numpy's Image.fromarray refused (3, 32, 32)
+    assert model(path) == model(path.read_bytes()) == expected  # PNG is lossless
+    probs = model.probabilities([hwc])
+    assert torch.equal(model.probabilities([as_float.requires_grad_()]), probs)  # "Can't call numpy() on ... grad"
+    bf16 = model.probabilities([as_float.bfloat16()])  # numpy has no bfloat16: "Got unsupported ScalarType"
+    assert torch.allclose(bf16, probs, atol=0.01)
+    batch = np.stack([hwc, hwc[::-1]])
+    assert model(batch) == [expected, model(hwc[::-1])]  # an NHWC array is N images, as an NCHW tensor is
+    assert model(img for img in batch) == model(list(batch))
+    assert model([]) == [] and model.probabilities([]).shape == (0, len(model.classes))
+
+
+def test_a_batch_tensor_of_another_shape_goes_through_preprocessing(model) -> None:
+    """A uint8 batch went to the net as it was when only its width matched the run's size: uncropped, or a
+    grey batch into a colour net (a conv error from deep inside torch)."""
+    tall = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 3, 48, 32), dtype=np.uint8))
+    centre = tall[:, :, 8:40, :]  # the shorter side is 32 already: preprocessing takes the centre square
+    assert torch.equal(model.probabilities(tall), model.probabilities(centre))
+    grey = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (2, 1, 32, 32), dtype=np.uint8))
+    assert torch.equal(model.probabilities(grey), model.probabilities(grey.expand(-1, 3, -1, -1).contiguous()))
+
+
+def test_what_is_not_an_image_is_one_line_saying_what_is(model, tmp_path: Path) -> None:
+    accepted = (
+        "give a PIL image, a file path, an encoded file's bytes, an HW / HWC / CHW array or tensor (uint8, or float "
+        "in 0..1 or 0..255), or a list of them"
+    )
+    with pytest.raises(ClassLabError) as info:
+        model(None)
+    assert str(info.value) == f"a value of type 'NoneType' is not an image; {accepted}"
+    with pytest.raises(ClassLabError) as info:
+        model(np.zeros((0, 0, 3), np.uint8))
+    assert str(info.value) == f"an array of shape (0, 0, 3) (uint8) is not an image; {accepted}"
+    with pytest.raises(ClassLabError) as info:
+        model(tmp_path / "nope.png")
+    missing = tmp_path / "nope.png"
+    assert str(info.value) == f"'{missing}' does not exist; give an image file (classlab.predict reads folders)"
+    (tmp_path / "notes.png").write_text("not a picture")
+    with pytest.raises(ClassLabError, match=r"notes.png: not an image PIL can read$"):
+        model(tmp_path / "notes.png")
+    with pytest.raises(ClassLabError, match=r"^the image array holds NaN or infinite values"):
+        model(np.full((32, 32, 3), np.nan))
+
+
+def test_an_image_already_normalised_is_refused_not_clipped_to_black(model) -> None:
+    """torchvision's Normalize output was clipped to 0..1 and gave a confident class of a mostly black image."""
+    normalised = (torch.rand(3, 32, 32) - torch.tensor([0.49, 0.48, 0.45])[:, None, None]) / 0.25
+    with pytest.raises(ClassLabError) as info:
+        model(normalised)
+    assert str(info.value).startswith("the image array has values below 0 (from -")
+    assert str(info.value).endswith(
+        "give the pixels before normalising (uint8, or float in 0..1 or 0..255): the run normalises them with its "
+        "own statistics"
+    )
+
+
+def test_load_refuses_a_non_run_and_a_device_it_cannot_use(tiny_run: Path) -> None:
+    with pytest.raises(ClassLabError) as info:
+        classlab.load(None)
+    assert str(info.value) == (
+        "a value of type 'NoneType' is not a run; give the run folder (what classlab.train returns), one of its "
+        "checkpoint files, or a model.onnx written by classlab export"
+    )
+    photo = tiny_run.parent / "photo.png"
+    Image.new("RGB", (8, 8)).save(photo)
+    with pytest.raises(ClassLabError) as info:
+        classlab.load(photo)  # said "run folder 'photo.png' not found" of a file that is there
+    assert str(info.value) == (
+        f"'{photo}' is a file, not a run folder; give the folder `classlab train` printed (the images to classify "
+        "come after it: classlab predict RUN IMAGES, or classlab.load(RUN)(image))"
+    )
+    with pytest.raises(ClassLabError) as info:
+        classlab.load(tiny_run, device="gpu")
+    assert str(info.value) == "device 'gpu' is not a torch device; use 'cpu', 'cuda', 'cuda:1' or 'mps'"
+    if not torch.cuda.is_available():
+        with pytest.raises(ClassLabError, match=r"^device 'cuda' is not available on this machine"):
+            classlab.load(tiny_run, device="cuda")
+
+
+def test_predict_takes_one_folder_alone_and_names_images_in_memory(tiny_run: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    make_image(folder / "a.png", (200, 30, 30), size=40)
+    make_image(folder / "b.png", (30, 30, 200), size=40)
+    listed = [r["class"] for r in classlab.predict(tiny_run, [folder])]
+    assert len(listed) == 2
+    assert [r["class"] for r in classlab.predict(tiny_run, str(folder))] == listed  # was "'/' does not exist"
+    assert [r["class"] for r in classlab.predict(tiny_run, folder)] == listed  # was "'PosixPath' is not iterable"
+    with pytest.raises(ClassLabError) as info:
+        classlab.predict(tiny_run, [Image.new("RGB", (32, 32))])
+    assert str(info.value) == (
+        "classlab.predict reads image files and folders, and was given a value of type 'Image'; predict images in "
+        "memory with classlab.load(run)(images)"
+    )
+
+
+def test_help_and_signature_show_the_function(tiny_run: Path) -> None:
+    """classlab.train is a module that calls like its function: help() showed the module's helpers and
+    inspect.signature (a notebook's tab completion) ``(*args, **kwargs)``."""
+    for verb in ("train", "evaluate", "predict"):
+        function = getattr(getattr(classlab, verb), verb)
+        assert inspect.signature(getattr(classlab, verb)) == inspect.signature(function)
+    page = pydoc.render_doc(classlab.train, renderer=pydoc.plaintext)
+    assert "train(config: 'Config | str | Path | dict | None' = None, overrides:" in page
+    assert '``overrides``: ``["optim.lr=0.05", "epochs=3"]``' in page
+
+
+def test_train_config_type_and_override_shapes(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        classlab.train(5)
+    assert str(info.value) == (
+        "config is a value of type 'int'; give a YAML or INI file's path, a dict, a Config, or None for the defaults"
+    )
+    with pytest.raises(ConfigError) as info:
+        classlab.train(None, ["epochs=1", 3])
+    assert str(info.value) == (
+        "override 3 is a value of type 'int'; give overrides as 'key=value' strings (['epochs=3']) or as a dict "
+        "({'epochs': 3})"
+    )
+    from classlab.train import coerce_config
+
+    assert coerce_config(None, "epochs=7").epochs == 7  # was "override 'e' is not of the form key=value"
+    cfg = coerce_config(None, {"model.layers": [16, "p"], "data.images_per_class": None, "aug.flip": False})
+    assert (cfg.model.layers, cfg.data.images_per_class, cfg.aug.flip) == ([16, "p"], None, False)
+
+
+def test_train_leaves_the_process_as_it_found_it(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Seeds, deterministic mode, thread count and environment variables were the run's after it ended; quiet=True
+    still printed Lightning's device report, its tips and its deprecation warnings."""
+    import classlab.train  # noqa: F401  (importing it the first time draws from random: not the run's doing)
+
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    threads, env = torch.get_num_threads(), dict(os.environ)
+    lightning_level = logging.getLogger("lightning.pytorch").level
+    capfd.readouterr()
+    overrides = {
+        "run.root": tmp_path / "runs",
+        "exp_name": "api",
+        "data.cache_dir": tmp_path / "cache",
+        "data.images_per_class": 20,
+        "model.layers": [16, "p", 32, "p"],
+        "epochs": 1,
+        "trainer.progress": False,
+        "trainer.threads": 1,
+    }
+    run = classlab.train(None, overrides, quiet=True)  # a dict of overrides, Paths and lists as they are
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+    assert json.loads((run.path / "summary.json").read_text())["status"] == "finished"
+    assert random.getstate() == states[0] and (np.random.get_state()[1] == states[1]).all()
+    assert torch.equal(torch.get_rng_state(), states[2])
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == threads
+    assert dict(os.environ) == env  # CLASSLAB_RUN_DIR, PL_GLOBAL_SEED, PL_SEED_WORKERS were left set
+    assert logging.getLogger("lightning.pytorch").level == lightning_level
+
+
+def test_figures_leave_the_callers_matplotlib_backend(tmp_path: Path) -> None:
+    """evaluate and report switched the process to Agg: a notebook's inline plots stopped showing."""
+    import matplotlib
+
+    from classlab.run import atomic_write_figure, new_figure
+
+    prior = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        fig, ax = new_figure(figsize=(2, 2))
+        ax.plot([0, 1], [1, 0])
+        fig.tight_layout()
+        atomic_write_figure(tmp_path / "f.png", fig)
+        assert matplotlib.get_backend() == "svg"
+        assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert Image.open(tmp_path / "f.png").size == (200, 200)
+    finally:
+        matplotlib.use(prior)
