@@ -246,9 +246,9 @@ def draw_beside(name: str, results: dict[str, list[dict[str, Any]]], out: Path) 
     recipe = RECIPES[name]
     if not recipe.beside:
         return None
-    from classlab.run import atomic_write_figure, pyplot
+    from classlab.run import atomic_write_figure, new_figure
 
-    fig, ax = pyplot().subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     for key in (name, *recipe.beside):
         points = sorted(
             (int(m.group(1)), 100 * r["test_acc"])

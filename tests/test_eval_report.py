@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +36,39 @@ def test_ece_by_hand() -> None:
     assert sum(b["count"] for b in cal["bins"]) == 4
     perfect = calibration(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 1]))
     assert perfect["ece"] == pytest.approx(0.0)
+
+
+def numpy_ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Guo et al.'s ECE in plain numpy: equal-width bins of the top confidence, a confidence of 1.0 in the last."""
+    conf, correct = probs.max(1), probs.argmax(1) == labels
+    index = np.minimum((conf * bins).astype(int), bins - 1)
+    return sum(
+        (index == b).mean() * abs(correct[index == b].mean() - conf[index == b].mean())
+        for b in range(bins)
+        if (index == b).any()
+    )
+
+
+def test_ece_of_tta_probabilities_that_round_above_one() -> None:
+    """flip,translate averages ten saturated softmaxes at 0.1 each, which sums to 1.0000001 in float32;
+    torchmetrics took that for logits and softmaxed every row again: eval --report printed an ECE of 0.44
+    for a model right and sure on every image. The figure must be the one computed from the probabilities."""
+    from classlab.engine.tta import mode_softmax
+
+    sure = torch.full((10, 3, 8, 8), 255, dtype=torch.uint8)  # logits (40, 0, 0): softmax exactly 1.0
+    unsure = torch.zeros((10, 3, 8, 8), dtype=torch.uint8)  # softmax (0.7, 0.15, 0.15)
+    x = torch.cat([sure, unsure])
+
+    def model(v: torch.Tensor) -> torch.Tensor:
+        bright = (v[:, 0, 0, 0] > 0).float()[:, None]
+        return bright * torch.tensor([40.0, 0.0, 0.0]) + (1 - bright) * torch.tensor([0.7, 0.15, 0.15]).log()
+
+    probs = mode_softmax(model, x, ("flip", "translate"), 8)
+    assert probs.max() > 1.0  # the float32 sum this test is about
+    labels = torch.zeros(20, dtype=torch.long)  # every image is class 0: sure ones right at 1.0, unsure at 0.7
+    expected = numpy_ece(np.clip(probs.double().numpy(), 0, 1), labels.numpy())
+    assert expected == pytest.approx(0.5 * 0.3, abs=1e-6)
+    assert calibration(probs, labels)["ece"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_eval_report_writes_files_and_table(tiny_run: Path) -> None:
@@ -119,6 +153,36 @@ def test_tables_align_korean_class_names() -> None:
     assert len({display_width(line) for line in lines}) == 1, lines  # every row ends in the same column
 
 
+def test_table_macro_row_lines_up_with_short_class_names() -> None:
+    """Class names shorter than 'macro avg' (red, green, blue) pushed the macro row's figures out of line."""
+    from classlab.evaluate import display_width, format_table
+
+    rows = [
+        {"class": name, "precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 4} for name in ("red", "tan", "ox")
+    ]
+    lines = format_table(rows).splitlines()
+    assert lines[-1].startswith("  macro avg") and len(lines) == 5
+    assert len({display_width(line) for line in lines}) == 1, lines
+    assert lines[-1].split()[2:] == ["1.0000", "0.5000", "0.6667", "12"]
+
+
+def test_confusion_figure_counts_on_row_shares() -> None:
+    """The PNG's cells are coloured by each true class's (row's) share and labelled with the counts of confusion.csv;
+    its title says so (it said "rows sum to 1" over numbers that were counts)."""
+    from classlab.evaluate import _confusion_figure
+
+    cm = torch.tensor([[6, 2, 0], [1, 1, 0], [0, 0, 0]])  # rows true, columns predicted; class c absent
+    fig = _confusion_figure(cm, ["a", "b", "c"], 7 / 10)
+    ax = fig.axes[0]
+    shares = np.asarray(ax.images[0].get_array())
+    expected = cm.numpy() / np.maximum(cm.numpy().sum(1, keepdims=True), 1)
+    np.testing.assert_allclose(shares, expected, atol=1e-6)
+    written = {(round(t.get_position()[1]), round(t.get_position()[0])): int(t.get_text()) for t in ax.texts}
+    assert written == {(0, 0): 6, (0, 1): 2, (1, 0): 1, (1, 1): 1}  # (row, column): the counts
+    assert "counts" in ax.get_title() and "0.7000" in ax.get_title()
+    assert (ax.get_ylabel(), ax.get_xlabel()) == ("true", "predicted")
+
+
 def _sample_folder(root: Path, per_class: dict[str, int]) -> Path:
     """The embedded sample's test photos of some classes, as a user's labelled folder (class folders)."""
     import zipfile
@@ -158,8 +222,16 @@ def test_eval_on_a_labelled_folder_the_run_never_saw(tiny_run: Path, tmp_path: P
     assert metrics["tta"]["modes"] == "flip" and metrics["tta"]["views"] == 2
     confusion = list(csv.reader(open(tiny_run / "eval" / "data-new_photos" / "confusion.csv")))[1:]
     diagonal = sum(int(row[i + 1]) for i, row in enumerate(confusion))
-    assert diagonal / 30 == pytest.approx(metrics["top1"], abs=1e-6)  # the confusion matrix is of the plain predictions
+    # The matrix holds the predictions the report reads, the TTA ones: it held the plain ones beside a per_class.csv
+    # of the TTA ones (the automobile row's recall 0.16 in one, 0.19 in the other).
+    assert diagonal / 30 == pytest.approx(metrics["tta"]["top1"], abs=1e-6)
     report = json.loads((tiny_run / "eval" / "data-new_photos" / "report.json").read_text())
+    names = [row[0] for row in confusion]
+    for row in report["per_class"]:
+        counts = [int(v) for v in confusion[names.index(row["class"])][1:]]
+        assert row["support"] == sum(counts)
+        if row["support"]:
+            assert row["recall"] == pytest.approx(counts[names.index(row["class"])] / sum(counts), abs=1e-6)
     occurring = [r for r in report["per_class"] if r["support"] or r["predicted"]]
     assert len(occurring) < 10 and report["macro_f1"] == pytest.approx(
         sum(r["f1"] for r in occurring) / len(occurring), abs=1e-6
@@ -273,3 +345,27 @@ def test_a_checkpoint_from_another_run_is_named_as_such(tiny_run: Path, tmp_path
     assert f"does not fit the model of '{run}' ({first.removeprefix('model.')} is [1, {shape[1]}" in result.stderr
     assert f"in it, {shape} in the model)" in result.stderr
     assert not (tmp_path / "predictions.csv").exists()
+
+
+def test_top5_is_not_shown_for_five_classes_or_fewer(tmp_path: Path, capsys) -> None:
+    """With 3 classes every label is among the top 5: eval printed 'top-5 1.0000', a figure that says nothing;
+    with --tta it printed no macro-F1 at all."""
+    from tests.conftest import class_folder
+    from tests.faults import cli
+
+    colors = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+    data = class_folder(tmp_path / "colors", colors, 12)
+    overrides = [
+        "data.dataset=folder", f"data.root={data}", "data.val_fraction=0.34", "epochs=1", "model.layers=[8,p]",
+        "trainer.threads=1", "trainer.progress=false", f"run.root={tmp_path / 'runs'}", "exp_name=rgb",
+    ]  # fmt: skip
+    run = classlab.train(None, overrides, quiet=True)
+    code, out, err = cli(capsys, "eval", str(run.path), "--split", "val")
+    assert code == 0, err
+    metrics = json.loads((run.path / "eval" / "val" / "metrics.json").read_text())
+    assert f"\ntop-1 {metrics['top1']:.4f}   macro-F1 {metrics['f1']:.4f}\n" in out and "top-5" not in out
+    code, out, err = cli(capsys, "eval", str(run.path), "--split", "val", "--tta", "flip")
+    assert code == 0, err
+    tta = json.loads((run.path / "eval" / "val" / "metrics.json").read_text())["tta"]
+    assert [line.split()[0] for line in out.splitlines()[2:4]] == ["top-1", "macro-F1"] and "top-5" not in out
+    assert f"\nmacro-F1  {metrics['f1']:.4f}  {tta['f1']:.4f}  (" in out

@@ -42,6 +42,36 @@ def test_onnx_matches_pytorch_with_dynamic_batch(tiny_run: Path) -> None:
         np.testing.assert_allclose(onnx_logits, torch_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_the_written_input_recipe_reproduces_the_runs_predictions(tiny_run: Path, tmp_path: Path) -> None:
+    """A deployer with only the .onnx file follows its classlab.input line by hand (PIL and numpy, no classlab):
+    on photos of other sizes and shapes, in one batch, the file's probabilities are the run's own."""
+    from PIL import Image
+
+    path = export(tiny_run, "onnx", tmp_path / "model.onnx")
+    meta = read_onnx_metadata(path)
+    size = int(meta["classlab.image_size"])
+    recipe = meta["classlab.input"]
+    assert f"shorter side to {size} px" in recipe and f"centre-crop {size}x{size}" in recipe and "255" in recipe
+    assert Path(meta["classlab.run"]).is_absolute()
+    files, batch = [], []
+    rng = np.random.default_rng(3)
+    for i, (w, h) in enumerate([(48, 40), (30, 50), (64, 64), (33, 90)]):  # wider, taller, square, narrow
+        f = tmp_path / f"{i}.png"
+        files.append(f)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(f)
+        img = Image.open(f).convert("RGB")
+        scale = size / min(w, h)
+        img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+        left, top = (img.width - size) // 2, (img.height - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        batch.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": np.stack(batch)})
+    by_hand = torch.from_numpy(logits).softmax(1)
+    run_probs = classlab.load(tiny_run).probabilities([str(f) for f in files])
+    np.testing.assert_allclose(by_hand.numpy(), run_probs.numpy(), atol=1e-5)
+
+
 def test_pt2_program_and_metadata(tiny_run: Path, tmp_path: Path) -> None:
     out = export(tiny_run, "pt2", tmp_path / "m.pt2")
     program, meta = load_pt2(out)

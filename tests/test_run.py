@@ -10,13 +10,14 @@ import shutil
 import stat
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import classlab
 from classlab import run as runmod
 from classlab.errors import ClassLabError
-from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_bytes, atomic_write_figure, pyplot
+from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_bytes, atomic_write_figure, new_figure
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "classlab"
 OLD = Path(__file__).resolve().parent / "data" / "run_v0_1_0"
@@ -82,13 +83,15 @@ def test_metrics_keep_one_line_ending_through_a_resume(tmp_path: Path) -> None:
     assert run.metrics_path.read_bytes() == b"epoch,step\n0,0\n1,10\n2,21\n"
 
 
-def test_figure_written_as_png_and_closed(tmp_path: Path) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots()
+def test_figure_written_as_png_and_never_held_by_pyplot(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figures = plt.get_fignums()
+    fig, ax = new_figure()
     ax.plot([0, 1], [1, 0])
     atomic_write_figure(tmp_path / "f.png", fig)
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not plt.get_fignums()
+    assert plt.get_fignums() == figures
 
 
 def test_run_folder_paths_and_defaults(tmp_path: Path) -> None:
@@ -187,3 +190,59 @@ def test_a_folder_of_runs_given_as_a_run_names_one_of_them(tmp_path: Path, capsy
     ]
     with pytest.raises(ClassLabError, match=r"no config.yaml\); give the folder `classlab train` printed$"):
         runmod.open_run(sweep / "lr=0.1" / ".." / "..")
+
+
+def test_a_run_that_trains_again_sheds_its_earlier_finish(tmp_path: Path) -> None:
+    """`--resume epochs=60` of a finished 30-epoch run: compare showed the 30-epoch test_acc beside 'running'."""
+    run = RunFolder(tmp_path / "r")
+    run.path.mkdir()
+    finished = {"status": "finished", "model": "cnn", "params": 10, "epochs_done": 30, "best_val_acc": 0.8}
+    finished |= {
+        "best_epoch": 29,
+        "test_acc": 0.79,
+        "test/age/acc": 0.7,
+        "val/age/acc": 0.71,
+        "test_checkpoint": "best",
+    }
+    run.update_summary(**finished, wall_time_s=12.0, finished_at="2026-12-05T10:00:00", resumed_with=[{"x": 1}])
+    assert run.update_summary(status="running", epochs=60) == {
+        "status": "running",
+        "model": "cnn",
+        "params": 10,
+        "resumed_with": [{"x": 1}],
+        "epochs": 60,
+    }
+    run.update_summary(logger_ids={"mlflow": "a"}, test_acc=0.8)  # no status: nothing is shed
+    assert run.summary()["test_acc"] == 0.8
+
+
+def test_text_the_default_font_lacks_gets_an_installed_font_or_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Korean class names drew boxes in confusion.png, with matplotlib's warning line for each glyph."""
+    import warnings
+
+    import classlab.run as run_module
+
+    def figure() -> tuple[Any, list[str]]:
+        fig, ax = new_figure()
+        ax.set_xticks([0, 1], ["a⤸b", "고양이"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            atomic_write_figure(tmp_path / "f.png", fig)
+        return ax, [str(w.message) for w in caught]
+
+    installed = run_module._installed_fonts()
+    ax, said = figure()
+    arrow, hangul = ax.get_xticklabels()
+    assert len(arrow.get_fontfamily()) == 2  # DejaVu Sans lacks ⤸; a font matplotlib ships has it
+    if any(ord("고") in chars for _, chars in installed):  # a CJK font on this machine: drawn with it
+        assert said == [] and len(hangul.get_fontfamily()) == 2
+    monkeypatch.setattr(run_module, "_installed_fonts", lambda: [f for f in installed if ord("고") not in f[1]])
+    ax, said = figure()
+    assert said == [
+        "f.png: no installed font draws 고 양 이, so they show as boxes; install a font that has them (Debian/Ubuntu: "
+        "apt-get install fonts-noto-cjk), remove matplotlib's font cache (rm -r ~/.cache/matplotlib) and write the "
+        "figure again"
+    ]
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -185,17 +185,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for line in skipped[:20]:
             print(f"  {line}", file=sys.stderr)
     tta = metrics.get("tta")
+    top5 = len(metrics["per_class"]) > 5  # with 5 classes or fewer, every label is among the top 5: always 1
     if tta:
         label = f"TTA {tta['modes']} ({tta['views']} views)"
         print(f"{'':<8}{'plain':>8}  {label}")
-        print(f"{'top-1':<8}{metrics['top1']:>8.4f}  {tta['top1']:.4f}  ({tta['top1'] - metrics['top1']:+.4f})")
-        print(f"{'top-5':<8}{metrics['top5']:>8.4f}  {tta['top5']:.4f}  ({tta['top5'] - metrics['top5']:+.4f})")
+        rows = (
+            [("top-1", "top1"), ("top-5", "top5"), ("macro-F1", "f1")]
+            if top5
+            else [("top-1", "top1"), ("macro-F1", "f1")]
+        )
+        for name, key in rows:
+            if key in tta:  # a per-scale protocol's figure is a mean of accuracies: no F1 of its own
+                print(f"{name:<8}{metrics[key]:>8.4f}  {tta[key]:.4f}  ({tta[key] - metrics[key]:+.4f})")
         for row in tta.get("per_scale", []):
-            print(f"  scale {row['scale']:>5} px  top-1 {row['top1']:.4f}  top-5 {row['top5']:.4f}")
+            print(
+                f"  scale {row['scale']:>5} px  top-1 {row['top1']:.4f}"
+                + (f"  top-5 {row['top5']:.4f}" if top5 else "")
+            )
         if tta.get("protocol") == "perscale":
             print("  (TTA figures are the mean of the per-scale accuracies)")
     else:
-        print(f"top-1 {metrics['top1']:.4f}   top-5 {metrics['top5']:.4f}   macro-F1 {metrics['f1']:.4f}")
+        shown = f"   top-5 {metrics['top5']:.4f}" if top5 else ""
+        print(f"top-1 {metrics['top1']:.4f}{shown}   macro-F1 {metrics['f1']:.4f}")
     for name, acc in (metrics.get("tasks") or {}).items():
         print(f"task {name}: top-1 {acc:.4f}   macro-F1 {metrics['tasks_f1'][name]:.4f}")
     width = max(display_width(c) for c in metrics["per_class"])

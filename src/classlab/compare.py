@@ -33,7 +33,7 @@ from classlab.run import (
     is_fold_group,
     is_moved_aside,
     is_run_folder,
-    pyplot,
+    new_figure,
     run_of,
 )
 
@@ -333,8 +333,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 def plot_curves(runs: list[RunData], path: Path, column: str = "val/acc") -> Path | None:
     """Validation accuracy against epoch, one line per run."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(figsize=(7, 4.5))
     drawn = 0
     for run in runs:
         points = [(int(r["epoch"]), float(r[column])) for r in run.metrics if r.get(column)]
@@ -342,7 +341,6 @@ def plot_curves(runs: list[RunData], path: Path, column: str = "val/acc") -> Pat
             ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None, label=run.label)
             drawn += 1
     if not drawn:
-        plt.close(fig)
         return None
     ax.set_xlabel("epoch")
     ax.set_ylabel(column)
@@ -363,8 +361,7 @@ def plot_metric(runs: list[RunData], x: str, groups: list[str], metric: str, pat
         lines[label][float(xv)].append(float(yv))
     if not lines:
         return None
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = new_figure(figsize=(7, 4.5))
     xs_all = []
     for label, by_x in sorted(lines.items()):
         xs = sorted(by_x)

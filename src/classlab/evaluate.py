@@ -71,8 +71,8 @@ from classlab.run import (
     atomic_write_figure,
     atomic_write_json,
     atomic_write_text,
+    new_figure,
     open_run,
-    pyplot,
     run_and_checkpoint,
 )
 
@@ -150,7 +150,7 @@ def evaluate(
         )
         metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
     atomic_write_json(out / "metrics.json", rounded(metrics))
-    _write_confusion(out, confusion_matrix(logits, labels, len(loaded.classes)), loaded.classes, metrics["top1"])
+    _write_confusion(out, probs, labels, loaded.classes, metrics, plan)
     return {**metrics, "out": str(out)}
 
 
@@ -213,6 +213,7 @@ def _tta_figures(plan: TTAPlan, probs: torch.Tensor, labels: torch.Tensor, class
         "scales": list(plan.scales),
         "top1": top_k_accuracy(probs, labels, 1),
         "top5": top_k_accuracy(probs, labels, min(5, len(classes))),
+        "f1": macro_f1(probs, labels, len(classes)),
     }
 
 
@@ -256,7 +257,7 @@ def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None
         )  # fmt: skip
         metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
     atomic_write_json(out / "metrics.json", rounded(metrics))
-    _write_confusion(out, confusion_matrix(plain, labels, len(loaded.classes)), loaded.classes, metrics["top1"])
+    _write_confusion(out, probs, labels, loaded.classes, metrics, plan)
     return {**metrics, "out": str(out)}
 
 
@@ -330,14 +331,21 @@ def _tta_metrics(
     return tta_probs
 
 
-def _write_confusion(out: Path, cm: torch.Tensor, classes: list[str], top1: float) -> None:
+def _write_confusion(
+    out: Path, probs: torch.Tensor, labels: torch.Tensor, classes: list[str], metrics: dict, plan: TTAPlan | None
+) -> None:
+    """confusion.csv and .png of the predictions the report reads: with --tta, the TTA ones (the matrix was of
+    the plain predictions beside a per_class.csv of the TTA ones, and neither said which it held)."""
+    cm = confusion_matrix(probs, labels, len(classes))
+    source = f"tta:{plan.text}" if plan else ""
+    top1 = metrics["tta"]["top1"] if plan else metrics["top1"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["true\\predicted", *classes])
     for i, name in enumerate(classes):
         writer.writerow([name, *cm[i].tolist()])
     atomic_write_text(out / "confusion.csv", buffer.getvalue())
-    atomic_write_figure(out / "confusion.png", _confusion_figure(cm, classes, top1))
+    atomic_write_figure(out / "confusion.png", _confusion_figure(cm, classes, top1, source))
 
 
 def _originals(cfg: Config, data: DataBundle, part: Part, split: str, run: RunFolder) -> tuple[Source, np.ndarray]:
@@ -380,18 +388,21 @@ def _example_reader(data: DataBundle, part: Part) -> tuple[Callable[[int], torch
     )
 
 
-def _confusion_figure(cm: Any, classes: list[str], top1: float) -> Any:
-    plt = pyplot()
+def _confusion_figure(cm: Any, classes: list[str], top1: float, source: str = "") -> Any:
+    """Rows true, columns predicted; each cell's count written on a colour of its row's share, so a rare class's
+    errors show as strongly as a common one's (the title says which is which: it used to say "rows sum to 1"
+    above numbers that were counts)."""
     n = len(classes)
     size = min(4 + 0.45 * n, 24)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig, ax = new_figure(figsize=(size, size))
     rates = cm.float() / cm.sum(1, keepdim=True).clamp_min(1)
     ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0, fontsize=8)
     ax.set_yticks(range(n), classes, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"confusion (rows sum to 1), top-1 {top1:.4f}")
+    title = "confusion: numbers are counts, colour the share of the true class (row)"
+    ax.set_title(f"{title}\n{source + ' ' if source else ''}top-1 {top1:.4f}", fontsize=9)
     if n <= 30:
         for i in range(n):
             for j in range(n):
@@ -425,7 +436,10 @@ def pad(text: str, width: int) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    width = max([len("class"), *(display_width(r["class"]) for r in rows)])
+    """The per-class table eval --report prints, its macro average last; every row ends in the same column
+    (the first column is as wide as the widest of the class names and 'macro avg', which short names
+    like red/green/blue left sticking out)."""
+    width = max([len("macro avg"), *(display_width(r["class"]) for r in rows)])
     lines = [f"  {'class':<{width}}  precision  recall      f1  support"]
     for r in rows:
         lines.append(
@@ -508,8 +522,7 @@ def _write_thumbnails(folder: Path, images: list[torch.Tensor]) -> None:
 
 
 def _reliability_figure(cal: dict[str, Any], source: str) -> Any:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    fig, ax = new_figure(figsize=(5.5, 5.5))
     bins = cal["bins"]
     width = 1 / len(bins)
     centers = [(b["low"] + b["high"]) / 2 for b in bins]
@@ -530,11 +543,10 @@ def _reliability_figure(cal: dict[str, Any], source: str) -> Any:
 
 
 def _errors_figure(images: list[torch.Tensor], errors: list[dict[str, Any]]) -> Any:
-    plt = pyplot()
     n = len(images)
     cols = min(5, max(1, n))
     rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.7 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(2.4 * cols, 2.7 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     if not n:

@@ -44,16 +44,26 @@ ROTATION = "rotation"
 ROTATION_OUTPUT = " over the quarter turns each image shows; classes: degrees anticlockwise from upright"
 
 
+def input_recipe(size: int, channels: int) -> str:
+    """The preprocessing the exported file expects, with this run's numbers, for whoever deploys the file alone:
+    the bare steps without the size left the reader to guess the resize target and the crop."""
+    colour = "RGB" if channels == 3 else "greyscale (1 channel)"
+    return (
+        f"float32 NCHW {colour} in [0, 1], any batch size: resize the shorter side to {size} px (bilinear), "
+        f"centre-crop {size}x{size}, divide by 255; the normalisation is inside the model"
+    )
+
+
 def metadata(loaded: LoadedRun, checkpoint: str) -> dict[str, str]:
     """What a consumer needs besides the weights: names, input layout and where it came from."""
     return {
         "classlab.classes": json.dumps(loaded.classes),
         "classlab.image_size": str(loaded.image_size),
         "classlab.channels": str(loaded.channels),
-        "classlab.input": "float32 NCHW in [0, 1]; resize the shorter side, centre-crop, divide by 255",
+        "classlab.input": input_recipe(loaded.image_size, loaded.channels),
         "classlab.output": "logits (softmax for probabilities)" + (ROTATION_OUTPUT if loaded.task == ROTATION else ""),
         "classlab.task": loaded.task,
-        "classlab.run": str(loaded.run.path),
+        "classlab.run": str(loaded.run.path.resolve()),  # a relative path means nothing beside a copied file
         "classlab.checkpoint": checkpoint,
         **({"classlab.tasks": json.dumps(loaded.tasks.to_json())} if loaded.tasks is not None else {}),
     }

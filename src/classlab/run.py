@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import csv
 import errno
+import functools
 import io
 import json
+import logging
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import warnings
@@ -172,25 +175,106 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def atomic_write_figure(path: str | Path, fig: Any, dpi: int = 100, **savefig: Any) -> None:
-    """A matplotlib figure as a PNG file, written atomically; the figure is closed."""
-    import matplotlib.pyplot as plt
+    """A matplotlib figure as a PNG file, written atomically; the figure is closed.
 
+    Text that the default font cannot draw (class names in Korean, Chinese, Japanese) is given an installed
+    font that can; where none can, one warning names the characters and the fix, not matplotlib's line per glyph.
+    """
+    missing = _fit_fonts(fig)
     buffer = io.BytesIO()
     try:
-        fig.savefig(buffer, format="png", dpi=dpi, **savefig)
+        with warnings.catch_warnings(), _font_substitutions_unlogged():
+            if missing:
+                warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from")
+            fig.savefig(buffer, format="png", dpi=dpi, **savefig)
     finally:
-        plt.close(fig)
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None:  # a figure pyplot holds (one from new_figure never is)
+            plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+    if missing:
+        shown = " ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
+        warnings.warn(
+            f"{Path(path).name}: no installed font draws {shown}, so they show as boxes; install a font that has them "
+            "(Debian/Ubuntu: apt-get install fonts-noto-cjk), remove matplotlib's font cache (rm -r "
+            "~/.cache/matplotlib) and write the figure again",
+            stacklevel=2,
+        )
 
 
-def pyplot() -> Any:
-    """matplotlib.pyplot on the file-only Agg backend (no display needed on servers and in CI)."""
-    import matplotlib
+def _fit_fonts(fig: Any) -> list[str]:
+    """Give each text of ``fig`` fallback fonts for the characters its own font lacks (matplotlib draws a box for
+    each, with a warning per glyph); the characters no installed font has, which stay boxes."""
+    from matplotlib import font_manager
+    from matplotlib.text import Text
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    left_over: set[int] = set()
+    for text in fig.findobj(Text):
+        value = text.get_text()
+        if value.isascii() or "$" in value:  # mathtext picks its own fonts
+            continue
+        own = _charmap(font_manager.findfont(text.get_fontproperties()))
+        missing = {ord(ch) for ch in value if not ch.isspace()} - own
+        chosen = []
+        for name, chars in _installed_fonts() if missing else ():
+            if chars & missing:
+                chosen.append(name)
+                missing -= chars
+        if chosen:
+            text.set_fontfamily([*text.get_fontfamily(), *chosen])
+        left_over |= missing
+    return [chr(c) for c in sorted(left_over)]
 
-    return plt
+
+@contextmanager
+def _font_substitutions_unlogged() -> Iterator[None]:
+    """A fallback font with no face of the text's weight (WenQuanYi has 500, not 400) is drawn in the nearest one,
+    and matplotlib logs 'findfont: Failed to find font weight normal' for each text: a fine substitution, unsaid."""
+    logger = logging.getLogger("matplotlib.font_manager")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@functools.cache
+def _charmap(font_file: str) -> frozenset[int]:
+    from matplotlib.ft2font import FT2Font
+
+    try:
+        return frozenset(FT2Font(font_file).get_charmap())
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_fonts() -> list[tuple[str, frozenset[int]]]:
+    """The fonts matplotlib knows, each family once, with the characters it draws; read only when a figure needs
+    a fallback; upright faces only. matplotlib's Last Resort font 'draws' every character as a box: never a fallback."""
+    from matplotlib import font_manager
+
+    fonts: dict[str, frozenset[int]] = {}
+    for entry in font_manager.fontManager.ttflist:
+        upright = entry.style == "normal" and entry.stretch == "normal"
+        if upright and entry.name not in fonts and not entry.name.startswith("Last Resort"):
+            fonts[entry.name] = _charmap(entry.fname)
+    return sorted(fonts.items(), key=lambda item: -len(item[1]))  # the widest coverage first
+
+
+def new_figure(*args: Any, figsize: tuple[float, float] | None = None, **kwargs: Any) -> tuple[Any, Any]:
+    """A figure and its axes (``subplots``' arguments) for a file, whatever backend the process has chosen.
+
+    A bare ``matplotlib.figure.Figure`` is drawn by Agg when saved and needs no display and no backend:
+    ``matplotlib.use("Agg")`` switched the caller's backend for the rest of the process, so a notebook's
+    inline plots stopped showing after ``classlab.evaluate`` or ``classlab.report``. pyplot never holds it,
+    so there is nothing to close.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 class AtomicCsvWriter:
@@ -435,10 +519,15 @@ class RunFolder:
             pass
 
     def update_summary(self, **fields: Any) -> dict[str, Any]:
-        """Merge ``fields`` into summary.json; a run that starts again or finishes sheds an earlier attempt's error."""
+        """Merge ``fields`` into summary.json; a run that starts again or finishes sheds an earlier attempt's error,
+        and one that trains again (``--resume epochs=60`` after 30) the figures its earlier finish measured: they
+        stood beside 'running' in compare until the run finished again."""
         summary = self.read_json(SUMMARY) if (self.path / SUMMARY).is_file() else {}
         if fields.get("status") in ("running", "finished") and "error" not in fields:
             summary.pop("error", None)
+        if fields.get("status") == "running":
+            for key in [k for k in summary if k in FINISH_FIELDS or k.startswith(FINISH_PREFIXES)]:
+                del summary[key]
         summary.update(fields)
         self.write_json(SUMMARY, summary)
         return summary
@@ -741,6 +830,11 @@ def holds_runs(path: str | Path) -> str | None:
 def open_run(path: str | Path) -> RunFolder:
     """An existing run folder (for eval, predict, export, resume)."""
     run = RunFolder(path)
+    if run.path.is_file():  # classlab.load("photo.png"): an image where the run goes
+        raise ClassLabError(
+            f"'{run.path}' is a file, not a run folder; give the folder `classlab train` printed (the images to "
+            "classify come after it: classlab predict RUN IMAGES, or classlab.load(RUN)(image))"
+        )
     if not run.path.is_dir():
         raise ClassLabError(f"run folder '{run.path}' not found; `classlab train` prints the folder it made")
     if not (run.path / CONFIG).is_file():
@@ -793,6 +887,9 @@ def new_run_path(root: str | Path, exp_name: str | None, default_name: str, numb
     return candidate, False
 
 
+# summary.json's fields that a run's finish measures (train._finish, engine.trainer.final_test).
+FINISH_FIELDS = ("epochs_done", "wall_time_s", "finished_at")
+FINISH_PREFIXES = ("test", "best_", "val/")
 MOVED_ASIDE = re.compile(r"\.old-\d{8}-\d{6}(-\d+)?$")  # the name move_aside gives
 
 
