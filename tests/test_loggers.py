@@ -144,7 +144,7 @@ def test_mlflow_store_that_cannot_be_opened_is_one_line_at_once(tmp_path: Path, 
     code = main(["train", *overrides, "trainer.loggers=[mlflow]", f"trainer.tracking_uri={uri}"])
     assert code == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: trainer.loggers: MLFlowLogger could not start: cannot open the SQLite store {store}/mlflow.db "
+        f"error: trainer.loggers: mlflow could not start: cannot open the SQLite store {store}/mlflow.db "
         "(unable to open database file); set trainer.tracking_uri"
     )
     assert json.loads((tmp_path / "runs" / "ro" / "summary.json").read_text())["status"] == "failed"
@@ -183,5 +183,5 @@ def test_tensorboard_folder_that_cannot_be_made_is_one_line(tmp_path: Path, caps
     capsys.readouterr()
     assert main(["train", *overrides, "epochs=2", "--resume"]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: trainer.loggers: TensorBoardLogger could not start: [Errno 17] File exists: '{tb}'"
+        f"error: trainer.loggers: tensorboard could not start: [Errno 17] File exists: '{tb}'"
     )

@@ -87,12 +87,23 @@ def build_loggers(cfg: Config, run: RunFolder) -> list[Any]:
         try:
             out.append(_build(name, cfg, run, ids))
         except Exception as exc:  # noqa: BLE001 - any tracker failure becomes the user's one line
-            _failed(run, {"mlflow": "MLFlowLogger", "wandb": "WandbLogger"}.get(name, name), exc)
+            _failed(run, name, exc)
     return out
 
 
+# The name trainer.loggers gives each logger class: the one line names the tracker as the user wrote it.
+CONFIG_NAMES = {
+    "TensorBoardLogger": "tensorboard",
+    "CSVLogger": "csv",
+    "MLFlowLogger": "mlflow",
+    "WandbLogger": "wandb",
+}
+
+
 def _failed(run: RunFolder, kind: str, exc: BaseException) -> None:
-    """A tracker that cannot start: the run marked failed, one line naming the tracker and why."""
+    """A tracker that cannot start: the run marked failed, one line naming the tracker (as trainer.loggers names
+    it) and why."""
+    kind = CONFIG_NAMES.get(kind, kind)
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     run.update_summary(status="failed", error=f"{kind}: {first}")
     raise ClassLabError(f"trainer.loggers: {kind} could not start: {first}") from None
