@@ -161,9 +161,25 @@ def test_table_macro_row_lines_up_with_short_class_names() -> None:
         {"class": name, "precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 4} for name in ("red", "tan", "ox")
     ]
     lines = format_table(rows).splitlines()
-    assert lines[-1].startswith("  macro avg") and len(lines) == 5
+    assert lines[-2].startswith("  macro avg") and lines[-1].startswith("  weighted avg") and len(lines) == 6
     assert len({display_width(line) for line in lines}) == 1, lines
-    assert lines[-1].split()[2:] == ["1.0000", "0.5000", "0.6667", "12"]
+    assert lines[-2].split()[2:] == ["1.0000", "0.5000", "0.6667", "12"]
+
+
+def test_table_averages_are_scikit_learns() -> None:
+    """The macro and the support-weighted averages of eval --report's table, against classification_report."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    from classlab.evaluate import format_table
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(4, 60, p=[0.55, 0.25, 0.15, 0.05])
+    pred = np.where(rng.random(60) < 0.6, labels, rng.integers(0, 4, 60))
+    rows = per_class_scores(torch.from_numpy(pred), torch.from_numpy(labels), ["a", "b", "c", "d"])
+    report = sklearn_metrics.classification_report(labels, pred, output_dict=True, zero_division=0)
+    for line, name in zip(format_table(rows).splitlines()[-2:], ("macro avg", "weighted avg"), strict=True):
+        figures = [float(v) for v in line.split()[2:5]]
+        expected = [report[name][k] for k in ("precision", "recall", "f1-score")]
+        assert figures == pytest.approx(expected, abs=5e-5), name
 
 
 def test_confusion_figure_counts_on_row_shares() -> None:

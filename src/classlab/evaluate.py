@@ -52,6 +52,7 @@ from classlab.engine.metrics import (
     task_accuracies,
     task_f1_scores,
     top_k_accuracy,
+    weighted_mean,
 )
 from classlab.engine.predict import autocast, predict_split
 from classlab.engine.tta import (
@@ -436,20 +437,19 @@ def pad(text: str, width: int) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The per-class table eval --report prints, its macro average last; every row ends in the same column
-    (the first column is as wide as the widest of the class names and 'macro avg', which short names
-    like red/green/blue left sticking out)."""
-    width = max([len("macro avg"), *(display_width(r["class"]) for r in rows)])
+    """The per-class table eval --report prints, its macro and support-weighted averages last (as scikit-learn's
+    classification_report); every row ends in the same column (the first column is as wide as the widest of the
+    class names and 'weighted avg', which short names like red/green/blue left sticking out)."""
+    width = max([len("weighted avg"), *(display_width(r["class"]) for r in rows)])
     lines = [f"  {'class':<{width}}  precision  recall      f1  support"]
     for r in rows:
         lines.append(
             f"  {pad(r['class'], width)}  {r['precision']:9.4f}  {r['recall']:6.4f}  {r['f1']:.4f}  {r['support']:7d}"
         )
-    macro = {k: macro_mean(rows, k) for k in ("precision", "recall", "f1")}
-    lines.append(
-        f"  {'macro avg':<{width}}  {macro['precision']:9.4f}  {macro['recall']:6.4f}  {macro['f1']:.4f}"
-        f"  {sum(r['support'] for r in rows):7d}"
-    )
+    support = sum(r["support"] for r in rows)
+    for name, mean in (("macro avg", macro_mean), ("weighted avg", weighted_mean)):
+        avg = {k: mean(rows, k) for k in ("precision", "recall", "f1")}
+        lines.append(f"  {name:<{width}}  {avg['precision']:9.4f}  {avg['recall']:6.4f}  {avg['f1']:.4f}  {support:7d}")
     return "\n".join(lines)
 
 
@@ -502,6 +502,7 @@ def write_report(
         "ece": cal["ece"],
         "ece_bins": ECE_BINS,
         "macro_f1": macro_mean(rows, "f1"),
+        "weighted_f1": weighted_mean(rows, "f1"),
         "per_class": rows,
         "confident_errors": errors,
         "calibration_bins": cal["bins"],

@@ -202,11 +202,12 @@ def _analysis(run: RunData, split: str, labelled: str | Path | None = None) -> s
         for name, acc in (metrics.get("tasks") or {}).items()
     ]
     top5 = f"top-5 {metrics['top5']:.4f}, " if len(metrics["per_class"]) > 5 else ""  # 5 classes: always 1
+    weighted = f"weighted F1 {report['weighted_f1']:.4f}, " if "weighted_f1" in report else ""  # older report.json
     return "\n".join(
         [
             f"<h2>Error analysis: {_esc(what)}, {metrics['images']} images, "
             f"{_esc(metrics['checkpoint'])}.ckpt, {_esc(report['predictions'])} predictions</h2>",
-            f"<p>top-1 {metrics['top1']:.4f}, {top5}macro F1 {report['macro_f1']:.4f}, "
+            f"<p>top-1 {metrics['top1']:.4f}, {top5}macro F1 {report['macro_f1']:.4f}, {weighted}"
             f"expected calibration error {report['ece']:.4f} ({report['ece_bins']} bins)</p>",
             *(
                 [

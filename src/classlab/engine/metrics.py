@@ -81,6 +81,13 @@ def macro_mean(rows: list[dict[str, Any]], key: str) -> float:
     return sum(present) / max(1, len(present))
 
 
+def weighted_mean(rows: list[dict[str, Any]], key: str) -> float:
+    """The average of per_class_scores' ``key`` weighted by each class's support (scikit-learn's 'weighted avg'):
+    where classes are imbalanced, the figure the common classes' scores carry."""
+    total = sum(r["support"] for r in rows)
+    return sum(r[key] * r["support"] for r in rows) / total if total else 0.0
+
+
 def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict[str, Any]:
     """ECE = sum over bins of (bin share) * |accuracy - mean confidence| (torchmetrics ``MulticlassCalibrationError``).
 
