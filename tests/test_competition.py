@@ -423,6 +423,16 @@ def test_a_second_kfold_call_keeps_its_folds_and_refuses_another_config(
     assert (top / "folds.json").read_bytes() == folds_json
     code, err = cli(capsys, *base, "--resume")
     assert code == 1 and err == f"error: '{top}' is a k-fold folder; continue it with --folds 3 (or data.folds=3)\n"
+    from classlab.cli import main
+
+    assert main([*[a for a in base if a != "--quiet"], "data.folds=3"]) == 0  # each fold kept: the figures said
+    out = capsys.readouterr().out.splitlines()
+    summary = json.loads((top / "summary.json").read_text())
+    assert out[-2] == (
+        f"3 folds: out-of-fold accuracy {summary['oof_acc']:.4f}, macro-F1 {summary['oof_f1']:.4f}; per fold "
+        f"{summary['mean_acc']:.4f} ± {summary['std_acc']:.4f}"
+    )
+    assert out[-1] == f"k-fold folder: {top} (oof.csv: each image's out-of-fold prediction)"
     code, err = cli(capsys, "export", str(top))
     assert code == 1 and "is a k-fold folder (one run per fold), not one run; give a fold run" in err
     # --split val, the single run's hint, is refused for fold runs: an ensemble without a test set names a test set.

@@ -86,6 +86,13 @@ def test_bad_files_reported_together_then_skipped(tmp_path: Path) -> None:
     assert "4 problem(s)" in text
     for part in ("broken.jpg", "truncated.png", "notes.txt", "empty: class folder with no images"):
         assert part in text
+    # Skipping files skips no class: the empty folder became an output of the model that no image ever taught.
+    with pytest.raises(ClassLabError) as info:
+        load_data(folder_cfg(root, "data.val_fraction=0.2", "data.skip_bad_images=true", tmp=tmp_path))
+    assert str(info.value) == (
+        "class(es) empty have no usable training image (data.skip_bad_images skips files, not classes): give them "
+        "images, or remove their folders (or manifest rows) to train without them"
+    )
     (root / "empty").rmdir()
     bundle = load_data(folder_cfg(root, "data.val_fraction=0.2", "data.skip_bad_images=true", tmp=tmp_path))
     assert len(bundle.bad) == 3

@@ -179,6 +179,7 @@ def test_eval_with_the_published_protocols(tiny_run: Path) -> None:
     assert [r["scale"] for r in rows] == [32, 40] and metrics["tta"]["protocol"] == "perscale"
     assert metrics["tta"]["top1"] == pytest.approx((rows[0]["top1"] + rows[1]["top1"]) / 2, abs=1e-6)
     assert "scale    40 px  top-1" in result.stdout and "mean of the per-scale accuracies" in result.stdout
+    assert "TTA perscale:32,40 (10 views a scale)" in result.stdout  # fullconv's count is the total, this one's not
 
 
 def test_predict_with_tta_averages_each_images_views(tiny_run: Path, tmp_path: Path, capsys) -> None:

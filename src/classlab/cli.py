@@ -187,7 +187,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tta = metrics.get("tta")
     top5 = len(metrics["per_class"]) > 5  # with 5 classes or fewer, every label is among the top 5: always 1
     if tta:
-        label = f"TTA {tta['modes']} ({tta['views']} views)"
+        each = " a scale" if tta.get("protocol") == "perscale" else ""  # each scale scored alone: per scale
+        label = f"TTA {tta['modes']} ({tta['views']} views{each})"
         print(f"{'':<8}{'plain':>8}  {label}")
         rows = (
             [("top-1", "top1"), ("top-5", "top5"), ("macro-F1", "f1")]
@@ -625,7 +626,10 @@ def _add_run_commands(sub: Any) -> None:
         "items",
         nargs="+",
         metavar="RUN... PATH",
-        help="run folder(s) or a file written by classlab export (.onnx), then image files or folders",
+        help=(
+            "run folder(s) (or a checkpoint file of one) or a file written by classlab export (.onnx), "
+            "then image files or folders"
+        ),
     )
     _add_ensemble_and_submission_args(p)
     p.add_argument("--out", help="CSV file to write (default predictions.csv)")
@@ -706,7 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list registered models with parameters and MFLOPs; PATTERN searches the hubs")
     p.add_argument("pattern", nargs="?", help="list only names containing this, torchvision's and timm's too")
     p.set_defaults(func=cmd_models)
-    p = sub.add_parser("completion", help="print a shell completion script: `classlab completion bash > ~/.classlab`")
+    p = sub.add_parser(
+        "completion", help="print a shell completion script: `classlab completion bash > ~/.classlab-complete`"
+    )
     p.add_argument("shell", choices=["bash", "zsh", "tcsh"], help="the shell")
     p.set_defaults(func=cmd_completion)
     for p in {id(p): p for p in sub.choices.values()}.values():  # an alias (evaluate) is the same parser

@@ -746,7 +746,22 @@ def train_folds(cfg: Config, *, resume: bool = False, force: bool = False, quiet
             if moved is not None and not top.path.exists():
                 os.replace(moved, top.path)
         raise
-    return write_out_of_fold(top)
+    top = write_out_of_fold(top)
+    if not quiet:
+        print(_folds_line(top.summary(), cfg.data.folds or 0), flush=True)
+        print(f"k-fold folder: {top.path} (oof.csv: each image's out-of-fold prediction)", flush=True)
+    return top
+
+
+def _folds_line(summary: dict[str, Any], folds: int) -> str:
+    """The figures a k-fold run is for, said at its end: the last line printed was the last fold's run folder,
+    and the out-of-fold and mean ± std figures reached only summary.json."""
+    line = (
+        f"{folds} folds: out-of-fold accuracy {summary['oof_acc']:.4f}, macro-F1 {summary['oof_f1']:.4f}; "
+        f"per fold {summary['mean_acc']:.4f} ± {summary['std_acc']:.4f}"
+    )
+    tasks = [k.removeprefix("oof_").removesuffix("/acc") for k in summary if k.startswith("oof_") and "/acc" in k]
+    return line + "".join(f"\n  task {t}: out-of-fold accuracy {summary[f'oof_{t}/acc']:.4f}" for t in tasks)
 
 
 def _train_each_fold(top: RunFolder, cfg: Config, tree: dict[str, Any], *, quiet: bool) -> None:

@@ -144,6 +144,22 @@ def _new_split(cfg: Config, dataset: Any, whole: Part, train_kept: np.ndarray) -
     return split
 
 
+def _check_every_class_has_images(cfg: Config, whole: Part, classes: list[str]) -> None:
+    """data.skip_bad_images skips files; a class folder left with none (empty, or every file unreadable) still
+    became an output of the model, one it never saw an image of."""
+    labels = whole.labels
+    if cfg.task != "classify" or labels.ndim != 1:
+        return
+    counts = torch.bincount(labels, minlength=len(classes))
+    empty = [name for name, n in zip(classes, counts.tolist(), strict=False) if n == 0]
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise ClassLabError(
+            f"class(es) {shown} have no usable training image (data.skip_bad_images skips files, not classes): "
+            "give them images, or remove their folders (or manifest rows) to train without them"
+        )
+
+
 def _unvalidated(cfg: Config, whole: Part, split: dict[str, Any], classes: list[str]) -> list[str]:
     """Notes naming the classes with no validation image (val/acc says nothing about them) and those with no
     training image (the model cannot learn them: a class whose every group fell on the validation side)."""
@@ -199,6 +215,7 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
     if cfg.task == "classify" and len(classes) < 2:
         raise ClassLabError(f"found {len(classes)} class(es) ({', '.join(classes)}); classification needs at least 2")
     if split is None:
+        _check_every_class_has_images(cfg, whole, classes)
         split = _new_split(cfg, dataset, whole, train_kept)
     elif split.get("source_images") not in (None, len(whole)):
         raise ClassLabError(
