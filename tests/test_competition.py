@@ -542,3 +542,14 @@ def test_attention_only_fusion_predicts_from_fused_features() -> None:
     assert not torch.allclose(combined.log_softmax(1), joint_log_probs(tasks), atol=1e-3)
     hidden = torch.stack([h(backbone.forward_features(x)) for h in only.hidden], 1)
     assert torch.allclose(combined, only.fusion(hidden))  # from the fused task features alone
+
+
+def test_folds_refuse_more_than_one_process() -> None:
+    """DDP re-launches the whole command: the second process of a k-fold run followed fold 0's folder into fold 1
+    and the out-of-fold step failed; refused before anything is written, a single fold under DDP still allowed."""
+    with pytest.raises(ConfigError, match=r"data.folds trains its 5 folds one after another.*data.fold=0"):
+        load_config(None, ["data.folds=5", "trainer.devices=2"])
+    with pytest.raises(ConfigError, match=r"data.folds trains its 3 folds"):
+        load_config(None, ["data.folds=3", "trainer.num_nodes=2"])
+    assert load_config(None, ["data.folds=5", "data.fold=1", "trainer.devices=2"]).data.fold == 1
+    assert load_config(None, ["data.folds=5", "trainer.devices=1"]).data.folds == 5

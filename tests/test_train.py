@@ -287,6 +287,79 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     # Two processes each took half the batches of an epoch.
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 2 * (1000 // 64 // 2)
+    # The test after the fit runs in process 0 alone, on the whole test set: scored on its DDP share of it, the
+    # figure was of half the images and did not match the same checkpoint re-evaluated.
+    assert summary["images"]["test"] == 1000
+    assert classlab.evaluate(run)["top1"] == pytest.approx(summary["test_acc"], abs=1e-6)
+
+
+def _processes_naming(text: str) -> list[str]:
+    """Command lines of live processes that contain ``text`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if entry.name.isdigit() and text in cmd and (entry / "stat").read_text().split()[2] != "Z":
+            found.append(cmd)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="lists processes through /proc")
+def test_ddp_with_its_port_taken_says_so_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MASTER_PORT pointing at a port another program holds: one line naming the variable and the fix, no run
+    folder, and no worker process left behind (one waited half an hour for a process 0 that had exited)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        args = tiny_config(tmp_path, epochs=1, exp_name="ddp", **{"data.images_per_class": 10})
+        ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.threads=1"]
+        result = run_cli("train", *args, *ddp)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and f"MASTER_PORT={port} is taken" in errors[0] and "unset MASTER_PORT" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "runs" / "ddp").exists()
+    assert _processes_naming(str(tmp_path)) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name == "nt", reason="needs POSIX signals")
+def test_ddp_sigterm_stops_every_process_and_resumes_exactly(tmp_path: Path) -> None:
+    """SIGTERM to process 0 of a DDP run: both processes stop after the same batch, one last.ckpt holds that point
+    (each process's random streams and metric sums), and --resume ends with the metrics of a run never stopped.
+    Lightning's own handler broadcast from inside the signal handler and the two processes waited for ever."""
+    ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.threads=1"]
+    args = [*tiny_config(tmp_path, epochs=3, **{"data.images_per_class": 60, "data.batch_size": 8}), *ddp]
+    args += ["model.layers=[8,p,16,p]", "trainer.checkpoint_every_s=0"]
+    straight = run_cli("train", *args, "exp_name=straight")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    run = tmp_path / "runs" / "stopped"
+    proc = _train_until_rows([*args, "exp_name=stopped"], run / "metrics.csv", 1)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail("SIGTERM did not stop the DDP run within 120 s")
+    assert proc.returncode == 143, err[-2000:]
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["classlab"]["epochs_done"] == len(_rows(run / "metrics.csv")) == 1
+    assert 0 < ckpt["classlab"]["batches_done"] < 37, err[-2000:]
+    assert len(ckpt["classlab_mid_epoch"]["by_rank"]) == 2
+
+    resumed = run_cli("train", *args, "exp_name=stopped", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert _rows(run / "metrics.csv") == _rows(tmp_path / "runs" / "straight" / "metrics.csv")
 
 
 def _cifar_slice(tmp_path: Path, per_class: int, part: str) -> Path:
@@ -319,19 +392,28 @@ def test_folder_of_real_cifar_jpegs(tmp_path: Path) -> None:
     assert metrics["top1"] == pytest.approx(summary["test_acc"], abs=1e-6)
 
 
-def test_deterministic_run_without_the_nan_fill_of_fresh_memory(tmp_path: Path) -> None:
-    """Deterministic kernels stay on; torch's NaN fill of every fresh allocation (a 10% cost a step) goes off."""
+def test_deterministic_run_without_the_nan_fill_of_fresh_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deterministic kernels are on while the run trains; torch's NaN fill of every fresh allocation (a 10% cost a
+    step) is off; afterwards the caller's settings are back."""
+    import lightning as L
+
     import classlab
 
-    before = torch.utils.deterministic.fill_uninitialized_memory
-    try:
-        run = classlab.train(None, tiny_config(tmp_path, epochs=1, exp_name="det"), quiet=True)
-        assert torch.are_deterministic_algorithms_enabled()
-        assert torch.utils.deterministic.fill_uninitialized_memory is False
-        assert run.read_json("summary.json")["status"] == "finished"
-    finally:
-        torch.utils.deterministic.fill_uninitialized_memory = before
-        torch.use_deterministic_algorithms(False)
+    seen: list[tuple[bool, bool]] = []
+    fit = L.Trainer.fit
+
+    def watched(self: L.Trainer, *args: object, **kwargs: object) -> None:
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory))
+        fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "fit", watched)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    run = classlab.train(None, tiny_config(tmp_path, epochs=1, exp_name="det"), quiet=True)
+    assert seen == [(True, False)]
+    assert run.read_json("summary.json")["status"] == "finished"
+    assert (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory) == before
 
 
 def test_resume_refuses_a_different_model_and_records_other_changes(

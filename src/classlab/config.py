@@ -422,6 +422,12 @@ class Config(Section):
                 "stages run in one process only (DDP re-launches the whole command per stage); run each stage as "
                 "its own run instead: the second with the stage's keys as overrides and model.init_from=<first run>"
             )
+        if self.data.folds and self.data.fold is None and _explicit_processes(self.trainer) > 1:
+            raise ValueError(
+                f"data.folds trains its {self.data.folds} folds one after another in one process (DDP re-launches the "
+                "whole command, and its second process followed the first fold's folder into the next): train the "
+                "folds with trainer.devices=1, or each fold as its own DDP run with data.fold=0, 1, ..."
+            )
         _check_folds_and_weights(self)
         if self.task == "multitask" and not self.model.tasks:
             raise ValueError("task=multitask needs model.tasks: a mapping task name -> {column, weight}")

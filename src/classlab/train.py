@@ -234,7 +234,10 @@ def train(
 
 
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning")
-RUN_ENV = (RUN_DIR_ENV, "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")  # set by a run, or Lightning
+# Set by a run, or by Lightning; the DDP ones in process 0 too, where a second DDP train() in the same script
+# found LOCAL_RANK and WORLD_SIZE set and launched no workers.
+RUN_ENV = (RUN_DIR_ENV, "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")
+RUN_ENV += ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @contextlib.contextmanager
@@ -503,6 +506,11 @@ def _train_one(
         if lock.held:  # a full disk or a read-only folder outside the fit loop (summary, test)
             run.mark_failed("failed", str(exc))
         raise
+    except DistributedStartError:
+        if not resume and _is_zero():  # not one step trained: the new folder goes, as a run refused earlier leaves none
+            lock.release()
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
     finally:
         lock.release()
         torch.set_num_threads(threads)
@@ -543,13 +551,10 @@ def _fit_run(
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    batch, workers = cfg.data.batch_size, cfg.data.workers
-    train_loader = data.train.loader(
-        batch, shuffle=True, seed=cfg.seed, size=data.size, workers=workers, sampler=cfg.data.sampler
-    )
-    val_loader = (
-        data.val.loader(batch, shuffle=False, seed=cfg.seed, size=data.size, workers=workers) if data.val else None
-    )
+    # The fit's loaders: under DDP each process serves its share (the final test, later, takes every image).
+    fit = {"seed": cfg.seed, "size": data.size, "workers": cfg.data.workers, "shard": True}
+    train_loader = data.train.loader(cfg.data.batch_size, shuffle=True, sampler=cfg.data.sampler, **fit)
+    val_loader = data.val.loader(cfg.data.batch_size, shuffle=False, **fit) if data.val else None
     # The task checks what needs the data's classes (loss.class_weights) before the run folder exists.
     task = build_task(cfg, data, model, len(train_loader))
     task.has_val = val_loader is not None
@@ -590,6 +595,31 @@ def _fit_run(
     return run
 
 
+class DistributedStartError(ClassLabError):
+    """The DDP processes could not meet (the rendezvous port taken): nothing was trained."""
+
+
+def _stop_workers(trainer: L.Trainer) -> None:
+    """The DDP worker processes Lightning started, ended: process 0 failing leaves them waiting on it (a port in use
+    left one for half an hour, holding its data in memory)."""
+    for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _distributed_start_error(exc: BaseException) -> DistributedStartError:
+    port = os.environ.get("MASTER_PORT")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    fix = (
+        f"MASTER_PORT={port} is taken by another program: unset MASTER_PORT (a free port is then picked) or set a "
+        "free one"
+        if "EADDRINUSE" in first or "address already in use" in first.lower()
+        else "check MASTER_ADDR / MASTER_PORT and that no other run uses them"
+    )
+    return DistributedStartError(f"the DDP processes could not start ({first}); {fix}")
+
+
 def _fit(
     trainer: L.Trainer, task: ClassifyTask, train_loader: Any, val_loader: Any, last_ckpt: Path | None, folder: Path
 ) -> None:
@@ -597,7 +627,13 @@ def _fit(
         trainer.fit(
             task, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=last_ckpt, weights_only=True
         )
+    except torch.distributed.DistNetworkError as exc:
+        _stop_workers(trainer)
+        if trainer.global_step or trainer.current_epoch:
+            raise  # the processes had met and trained: not a start that failed
+        raise _distributed_start_error(exc) from exc
     except OSError as exc:
+        _stop_workers(trainer)
         # A clean-up script or a hand removed the folder under the run: whichever writer noticed first (TensorBoard,
         # metrics.csv, a checkpoint) raised its own FileNotFoundError, which named a file deep inside the folder.
         if folder.is_dir():
@@ -611,6 +647,9 @@ def _fit(
         # ran: RunRecorder wrote what could be written and says what last.ckpt holds.
         if trainer.interrupted:
             raise _interrupted(trainer) from None
+        raise
+    except Exception:
+        _stop_workers(trainer)
         raise
     if trainer.interrupted:
         raise _interrupted(trainer)
@@ -724,6 +763,12 @@ def train_folds(cfg: Config, *, resume: bool = False, force: bool = False, quiet
     """Train every fold in turn, then write the out-of-fold predictions and the mean ± std summary."""
     if cfg.stages:
         raise ClassLabError("data.folds with stages is not supported; run the folds of one stage at a time")
+    if cfg.trainer.devices == "auto" and accelerator(cfg) == "gpu" and torch.cuda.device_count() > 1:
+        raise ClassLabError(
+            f"data.folds trains its folds in one process and trainer.devices=auto would start "
+            f"{torch.cuda.device_count()} (one per GPU): set trainer.devices=1, or train each fold as its own run "
+            "with data.fold=0, 1, ..."
+        )
     top, moved = _top_folder(cfg, resume, force)
     tree = cfg.to_dict()
     tree["exp_name"] = top.path.name

@@ -187,7 +187,9 @@ class MemoryLoader:
     batches an uninterrupted one would. Under DDP each process takes every world_size-th sample
     of the same permutation (padded to equal length so no process waits on another). It keeps
     how many batches of the epoch it has handed out (``state_dict``): a run stopped between two
-    batches (Ctrl-C) resumes with the next one, not with the epoch's first.
+    batches (Ctrl-C) resumes with the next one, not with the epoch's first. ``shard=False`` serves every
+    image whatever the process group: the final test after a DDP fit runs in process 0 alone, and a
+    sharded test loader scored half the test set there.
     """
 
     def __init__(
@@ -199,8 +201,10 @@ class MemoryLoader:
         shuffle: bool = False,
         drop_last: bool = False,
         seed: int = 0,
+        shard: bool = True,
     ) -> None:
         self.images, self.labels = images, labels
+        self.shard = shard
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         # Dropping a ragged last batch keeps BatchNorm away from batches of one; never drop everything.
         self.drop_last = drop_last and len(images) > batch_size
@@ -221,10 +225,11 @@ class MemoryLoader:
         return epoch_permutation(n, self.seed, self.epoch) if self.shuffle else torch.arange(n)
 
     def _indices(self) -> torch.Tensor:
-        return share_of(self._epoch_order(len(self.images)))
+        order = self._epoch_order(len(self.images))
+        return share_of(order) if self.shard else order
 
     def __len__(self) -> int:
-        _, world = _rank_world()
+        world = _rank_world()[1] if self.shard else 1
         n = -(-len(self.images) // world)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 

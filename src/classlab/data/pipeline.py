@@ -54,9 +54,21 @@ class Part:
         return len(self.labels)
 
     def loader(
-        self, batch_size: int, *, shuffle: bool, seed: int, size: int, workers: int = 0, sampler: str = "random"
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        size: int,
+        workers: int = 0,
+        sampler: str = "random",
+        shard: bool = False,
     ) -> Any:
-        """Batches of this part; ``sampler="balanced"`` (training only) draws every class equally often."""
+        """Batches of this part; ``sampler="balanced"`` (training only) draws every class equally often.
+
+        ``shard``: under DDP each process serves its share (the loaders a fit is given). Everything else (the final
+        test in process 0, out-of-fold predictions, eval) needs every image, even while the process group lives on.
+        """
         if sampler == "balanced":
             from classlab.data.sampler import BalancedMemoryLoader, BalancedSampler
 
@@ -69,7 +81,9 @@ class Part:
                 self.source, self.indices, size, batch_size, shuffle=False, workers=workers, seed=seed, sampler=draw
             )
         if self.images is not None:
-            return MemoryLoader(self.images, self.labels, batch_size, shuffle=shuffle, drop_last=shuffle, seed=seed)
+            return MemoryLoader(
+                self.images, self.labels, batch_size, shuffle=shuffle, drop_last=shuffle, seed=seed, shard=shard
+            )
         return stream_loader(self.source, self.indices, size, batch_size, shuffle=shuffle, workers=workers, seed=seed)
 
 

@@ -176,7 +176,10 @@ class GracefulStop(L.Callback):
     Ctrl-C reaches a sweep and its runs together and the sweep passes it on.
 
     The stop itself is Lightning's: its SIGTERM flag, checked where a batch or an epoch is complete.
-    Under DDP Lightning's own SIGTERM handling stands (it broadcasts the flag to every process).
+    Under DDP process 0 decides and every process learns it at the same batch's end (a broadcast), so all
+    stop there together and write one last.ckpt; the others ignore a signal of their own (a terminal's
+    Ctrl-C reaches them all). Lightning's own SIGTERM handler broadcast from inside the signal handler,
+    wherever process 0 happened to be, and the processes waited on each other for ever.
     """
 
     SECOND_SIGNAL_AFTER_S = 1.0
@@ -187,11 +190,11 @@ class GracefulStop(L.Callback):
         self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, self._ask)
+            signal.signal(sig, self._ask if trainer.is_global_zero else signal.SIG_IGN)
 
     def _ask(self, signum: int, frame: Any) -> None:
         now = time.monotonic()
@@ -209,7 +212,10 @@ class GracefulStop(L.Callback):
 
     def _flag(self, trainer: L.Trainer) -> None:
         connector = getattr(trainer, "_signal_connector", None)
-        if self.requested is not None and connector is not None:
+        asked = self.requested is not None
+        if trainer.world_size > 1:  # collective: every process calls it at the same point
+            asked = bool(trainer.strategy.broadcast(asked, src=0))
+        if asked and connector is not None:
             connector.received_sigterm = True
 
     def on_train_batch_end(

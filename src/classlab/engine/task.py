@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
@@ -99,7 +100,7 @@ class ClassifyTask(L.LightningModule):
         done = self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
         if not 0 < done < self.trainer.num_training_batches or self._generator is None:
             return
-        checkpoint["classlab_mid_epoch"] = {
+        state = {
             "batches_done": done,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
@@ -107,6 +108,13 @@ class ClassifyTask(L.LightningModule):
             "generator_device": str(self._generator.device),
             "metrics": {name: _metric_state(m) for name, m in self._train_metrics().items()},
         }
+        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            # Under DDP each process draws its own augmentation stream and sums its own share of the train
+            # metrics: process 0's alone, restored in every process, resumed into a different run.
+            every: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(every, state)
+            state = dict(state, by_rank=every)
+        checkpoint["classlab_mid_epoch"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resume_mid_epoch = checkpoint.get("classlab_mid_epoch")
@@ -116,6 +124,9 @@ class ClassifyTask(L.LightningModule):
         state, self._resume_mid_epoch = self._resume_mid_epoch, None
         if state is None or self.trainer.fit_loop.epoch_loop.batch_progress.current.completed != state["batches_done"]:
             return
+        by_rank = state.get("by_rank")
+        if by_rank and len(by_rank) == self.trainer.world_size:
+            state = by_rank[self.global_rank]
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
