@@ -539,3 +539,18 @@ def test_the_last_epoch_is_validated_whatever_val_every_says(tmp_path: Path) -> 
         assert [row["epoch"] for row in csv.DictReader(handle)] == ["2", "3"]
     summary = json.loads((run.path / "summary.json").read_text())
     assert summary["epochs_done"] == 3 and summary["best_epoch"] in (2, 3)
+
+
+def test_resume_on_another_number_of_processes_says_what_changes() -> None:
+    """A 2-process DDP run resumed with trainer.devices=1 finished without a word, though each step now averages
+    half the images and an epoch has twice the steps."""
+    from classlab.train import _resume_line
+
+    line = _resume_line(Path("last.ckpt"), 3, 10, ["trainer.devices 2 -> 1", "epochs 5 -> 10"])
+    assert line.splitlines()[1:] == [
+        "resuming with changes: trainer.devices 2 -> 1; epochs 5 -> 10",
+        "note: the number of processes changed: under DDP a step sees data.batch_size images from each process, so "
+        "the batch a step averages and the steps an epoch (and the schedule by steps) change with it; the run goes "
+        "on, but not as one never stopped would",
+    ]
+    assert "note:" not in _resume_line(Path("last.ckpt"), 3, 10, ["epochs 5 -> 10"])

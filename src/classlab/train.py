@@ -417,6 +417,9 @@ def _resume_state(
     return cfg, run.read_split(), last_ckpt, changes, done
 
 
+PROCESS_KEYS = ("trainer.devices ", "trainer.num_nodes ", "trainer.strategy ")  # as a change line starts
+
+
 def _resume_line(last_ckpt: Path | None, done: int, epochs: int, changes: list[str]) -> str:
     """Where --resume picks up and what it changes, said before the data loads (a run that starts over looks
     like a fresh one)."""
@@ -426,7 +429,14 @@ def _resume_line(last_ckpt: Path | None, done: int, epochs: int, changes: list[s
         else f"resuming from checkpoints/{last_ckpt.name} ({done} of {epochs} epochs done; "
         "a checkpoint written mid-epoch goes on with its next batch)"
     )
-    return line + (f"\nresuming with changes: {'; '.join(changes)}" if changes else "")
+    line += f"\nresuming with changes: {'; '.join(changes)}" if changes else ""
+    if any(c.startswith(PROCESS_KEYS) for c in changes):
+        line += (
+            "\nnote: the number of processes changed: under DDP a step sees data.batch_size images from each "
+            "process, so the batch a step averages and the steps an epoch (and the schedule by steps) change with "
+            "it; the run goes on, but not as one never stopped would"
+        )
+    return line
 
 
 def _write_run_start(run: RunFolder, cfg: Config, data: DataBundle) -> None:
