@@ -554,3 +554,26 @@ def test_resume_on_another_number_of_processes_says_what_changes() -> None:
         "on, but not as one never stopped would",
     ]
     assert "note:" not in _resume_line(Path("last.ckpt"), 3, 10, ["epochs 5 -> 10"])
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_ddp_validation_counts_each_image_once(tmp_path: Path, loader: str) -> None:
+    """25 validation images on two processes: the shares were padded to 13 + 13 and one image counted twice, so
+    best_val_acc was not the accuracy `eval --split val` gives the same checkpoint. Now 13 + 12, in 4 and 3 batches
+    of 4 (uneven batch counts must not stall the processes)."""
+    from tests.conftest import class_folder
+
+    # Five classes of nearly one colour: an accuracy strictly between 0 and 1, where a repeated image moves it.
+    data = class_folder(tmp_path / "greys", {f"g{i}": (120 + 4 * i, 128, 128) for i in range(5)}, 20, size=16)
+    args = [
+        "data.dataset=folder", f"data.root={data}", "data.val_fraction=0.25", "data.batch_size=4", "epochs=2",
+        f"data.loader={loader}", "model.layers=[8,p]", "trainer.progress=false", f"run.root={tmp_path / 'runs'}",
+        "exp_name=ddp", "trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "trainer.threads=1",
+    ]  # fmt: skip
+    result = run_cli("train", *args, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "ddp" / "summary.json").read_text())
+    assert summary["images"]["val"] == 25
+    evaluated = classlab.evaluate(tmp_path / "runs" / "ddp", split="val")
+    assert 0 < summary["best_val_acc"] < 1
+    assert evaluated["images"] == 25 and evaluated["top1"] == pytest.approx(summary["best_val_acc"], abs=1e-6)

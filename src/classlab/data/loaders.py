@@ -226,11 +226,11 @@ class MemoryLoader:
 
     def _indices(self) -> torch.Tensor:
         order = self._epoch_order(len(self.images))
-        return share_of(order) if self.shard else order
+        return share_of(order, pad=self.shuffle) if self.shard else order
 
     def __len__(self) -> int:
-        world = _rank_world()[1] if self.shard else 1
-        n = -(-len(self.images) // world)
+        rank, world = _rank_world() if self.shard else (0, 1)
+        n = -(-len(self.images) // world) if self.shuffle else len(range(rank, len(self.images), world))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -245,11 +245,15 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def share_of(order: torch.Tensor) -> torch.Tensor:
-    """This process's share of an epoch's order under DDP: every world_size-th, padded to equal length."""
+def share_of(order: torch.Tensor, pad: bool = True) -> torch.Tensor:
+    """This process's share of an epoch's order under DDP: every world_size-th, padded to equal length for training
+    (every process takes the same number of steps). Validation is not padded: the repeated images were counted
+    twice in val/acc (metrics are summed over the processes at the epoch's end, so shares may differ by one)."""
     rank, world = _rank_world()
     if world == 1:
         return order
+    if not pad:
+        return order[rank::world]
     n = len(order)
     per = -(-n // world)
     return torch.cat([order, order[: per * world - n]])[rank::world]
@@ -297,21 +301,22 @@ class EpochSampler(DistributedSampler):
     (a resumed epoch), without being read.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, n: int, seed: int, shuffle: bool = True, pad: bool = True) -> None:
         super().__init__(range(n), num_replicas=1, rank=0, shuffle=shuffle, seed=seed)
         self.n = n
+        self.pad = pad  # False: a validation share, every world_size-th image with none repeated (share_of)
         self.skip = 0
 
     def _epoch_order(self) -> torch.Tensor:
         return epoch_permutation(self.n, self.seed, self.epoch) if self.shuffle else torch.arange(self.n)
 
     def __len__(self) -> int:
-        _, world = _rank_world()
-        return -(-self.n // world)
+        rank, world = _rank_world()
+        return -(-self.n // world) if self.pad else len(range(rank, self.n, world))
 
     def __iter__(self) -> Iterator[int]:
         start, self.skip = self.skip, 0
-        return iter(share_of(self._epoch_order())[start:].tolist())
+        return iter(share_of(self._epoch_order(), pad=self.pad)[start:].tolist())
 
 
 class ResumableLoader(DataLoader):
@@ -373,11 +378,12 @@ def stream_loader(
     """Per-image reading; a training loader (shuffled or with a sampler) orders each epoch as the memory path does."""
     if sampler is None and shuffle:
         sampler = EpochSampler(len(indices), seed)
+    training = sampler is not None and getattr(sampler, "pad", True)  # a validation share is never cut short
     return ResumableLoader(
         StreamDataset(source, indices, size),
         batch_size=batch_size,
         sampler=sampler,
-        drop_last=sampler is not None and len(indices) > batch_size,
+        drop_last=training and len(indices) > batch_size,
         num_workers=workers,
         persistent_workers=workers > 0,
     )

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from classlab.config import Config
-from classlab.data.loaders import MemoryLoader, available_cores, decode, decoded_bytes, stream_loader
+from classlab.data.loaders import EpochSampler, MemoryLoader, available_cores, decode, decoded_bytes, stream_loader
 from classlab.data.preprocess import compute_stats, image_to_tensor
 from classlab.data.sources import UNLABELED, Source, check_readable, open_dataset, training_size
 from classlab.data.splits import make_split
@@ -84,7 +84,11 @@ class Part:
             return MemoryLoader(
                 self.images, self.labels, batch_size, shuffle=shuffle, drop_last=shuffle, seed=seed, shard=shard
             )
-        return stream_loader(self.source, self.indices, size, batch_size, shuffle=shuffle, workers=workers, seed=seed)
+        # A fit's validation share under DDP: this process's images, none repeated (Lightning's own sampler pads).
+        share = EpochSampler(len(self.indices), seed, shuffle=False, pad=False) if shard and not shuffle else None
+        return stream_loader(
+            self.source, self.indices, size, batch_size, shuffle=shuffle, workers=workers, seed=seed, sampler=share
+        )
 
 
 @dataclass
