@@ -170,6 +170,8 @@ def test_train_leaves_the_process_as_it_found_it(tmp_path: Path, capfd: pytest.C
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
     threads, env = torch.get_num_threads(), dict(os.environ)
+    deterministic = torch.are_deterministic_algorithms_enabled()  # an earlier test in the process may have set it
+    torch.use_deterministic_algorithms(False)  # the opposite of what a run sets
     lightning_level = logging.getLogger("lightning.pytorch").level
     capfd.readouterr()
     overrides = {
@@ -189,6 +191,7 @@ def test_train_leaves_the_process_as_it_found_it(tmp_path: Path, capfd: pytest.C
     assert random.getstate() == states[0] and (np.random.get_state()[1] == states[1]).all()
     assert torch.equal(torch.get_rng_state(), states[2])
     assert not torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
     assert torch.get_num_threads() == threads
     assert dict(os.environ) == env  # CLASSLAB_RUN_DIR, PL_GLOBAL_SEED, PL_SEED_WORKERS were left set
     assert logging.getLogger("lightning.pytorch").level == lightning_level
