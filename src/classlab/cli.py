@@ -163,6 +163,7 @@ def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from classlab.engine.metrics import top5_tells
     from classlab.evaluate import display_width, evaluate, pad
 
     overrides = [item for item in args.runs if "=" in item and not Path(item).exists()]
@@ -185,7 +186,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for line in skipped[:20]:
             print(f"  {line}", file=sys.stderr)
     tta = metrics.get("tta")
-    top5 = len(metrics["per_class"]) > 5  # with 5 classes or fewer, every label is among the top 5: always 1
+    top5 = top5_tells(len(metrics["per_class"]))
     if tta:
         each = " a scale" if tta.get("protocol") == "perscale" else ""  # each scale scored alone: per scale
         label = f"TTA {tta['modes']} ({tta['views']} views{each})"

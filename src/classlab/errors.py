@@ -31,6 +31,12 @@ class RunInterrupted(KeyboardInterrupt):
         self.exit_code = exit_code
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """An exception's message as one line of the user's: its first line (or its type, when it says nothing),
+    cut to ``limit`` characters; library messages run to pages."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 def nearest(word: str, choices: Iterable[str]) -> str | None:
     """The closest valid spelling of ``word`` among ``choices``, if any is close."""
     found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)

@@ -26,7 +26,7 @@ from torch import nn
 
 from classlab.engine.exported import INSTALL_HINT, OnnxModel
 from classlab.engine.load import LoadedRun, load
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, first_line
 from classlab.run import RunFolder, atomic_write_bytes, open_run_at
 
 FORMATS = ("onnx", "pt2")
@@ -130,7 +130,7 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, str], o
     try:
         proto, exporter = _onnx_dynamo(model, example, outputs), "dynamo"
     except Exception as exc:  # noqa: BLE001 - any capture failure falls back, saying why
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, 200)
         if isinstance(exc, ImportError):
             first = f"onnxscript is not installed: {INSTALL_HINT}"
         warnings.warn(

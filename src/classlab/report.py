@@ -182,6 +182,7 @@ def _errors(folder: Path, errors: list[dict[str, Any]]) -> str:
 def _analysis(run: RunData, split: str, labelled: str | Path | None = None) -> str:
     """The single run's error analysis, computed first (``eval --report``) if the run folder lacks it;
     ``labelled``: of those images instead of a split (``eval --data``), computed every time."""
+    from classlab.engine.metrics import top5_tells
     from classlab.evaluate import evaluate
 
     folder = run.path / "eval" / split
@@ -201,7 +202,7 @@ def _analysis(run: RunData, split: str, labelled: str | Path | None = None) -> s
         {"task": name, "accuracy": acc, "macro F1": (metrics.get("tasks_f1") or {}).get(name)}
         for name, acc in (metrics.get("tasks") or {}).items()
     ]
-    top5 = f"top-5 {metrics['top5']:.4f}, " if len(metrics["per_class"]) > 5 else ""  # 5 classes: always 1
+    top5 = f"top-5 {metrics['top5']:.4f}, " if top5_tells(len(metrics["per_class"])) else ""
     weighted = f"weighted F1 {report['weighted_f1']:.4f}, " if "weighted_f1" in report else ""  # older report.json
     return "\n".join(
         [

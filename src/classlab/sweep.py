@@ -267,11 +267,9 @@ def _saved_configs(root: Path) -> dict[str, Config]:
     they find a point given again in another spelling, and they must agree with this call's settings.
     A folder ``--force`` moved aside (``NAME.old-<time>``) is not a point; an unreadable one is left out."""
     found: dict[str, Config] = {}
-    for path in sorted(root.iterdir()) if root.is_dir() else []:
+    for path in sorted(p for p in root.iterdir() if not is_moved_aside(p)) if root.is_dir() else []:
         folder = RunFolder(path)
         try:
-            if is_moved_aside(path):
-                continue
             if is_fold_group(path):
                 found[path.name] = validate(saved_tree(folder.read_json(FOLDS)["config"]))
             elif is_run_folder(path):

@@ -62,7 +62,7 @@ from classlab.engine.trainer import (
     load_stage_weights,
     precision_notice,
 )
-from classlab.errors import ClassLabError, ConfigError, RunInterrupted
+from classlab.errors import ClassLabError, ConfigError, RunInterrupted, first_line
 from classlab.models import count_params, pretrained, validate_model_spec
 from classlab.run import (
     CONFIG,
@@ -225,12 +225,13 @@ def train(
     after a run, or a second run, is not shaped by the first. Raises ClassLabError/ConfigError on bad input.
     """
     with _kept_for_caller(quiet):
-        cfg = coerce_config(config, overrides)
+        given = override_list(overrides)
+        cfg = coerce_config(config, given)
         if cfg.data.folds and cfg.data.fold is None:
             return train_folds(cfg, resume=resume, force=force, quiet=quiet)
         if cfg.stages:
             return _train_stages(cfg, resume=resume, force=force, quiet=quiet)
-        return _train_one(cfg, config, override_list(overrides), resume=resume, force=force, quiet=quiet)
+        return _train_one(cfg, config, given, resume=resume, force=force, quiet=quiet)
 
 
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning")
@@ -609,18 +610,23 @@ class DistributedStartError(ClassLabError):
     """The DDP processes could not meet (the rendezvous port taken): nothing was trained."""
 
 
-def _stop_workers(trainer: L.Trainer) -> None:
-    """The DDP worker processes Lightning started, ended: process 0 failing leaves them waiting on it (a port in use
-    left one for half an hour, holding its data in memory)."""
-    for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+@contextlib.contextmanager
+def _workers_ended_on_failure(trainer: L.Trainer) -> Iterator[None]:
+    """The DDP worker processes Lightning started, ended when process 0's fit fails: they were left waiting on it (a
+    port in use left one for half an hour, holding its data in memory). A stop asked for ends them itself."""
+    try:
+        yield
+    except Exception:
+        for proc in getattr(trainer.strategy.launcher, "procs", None) or []:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        raise
 
 
 def _distributed_start_error(exc: BaseException) -> DistributedStartError:
     port = os.environ.get("MASTER_PORT")
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = first_line(exc)
     fix = (
         f"MASTER_PORT={port} is taken by another program: unset MASTER_PORT (a free port is then picked) or set a "
         "free one"
@@ -634,16 +640,15 @@ def _fit(
     trainer: L.Trainer, task: ClassifyTask, train_loader: Any, val_loader: Any, last_ckpt: Path | None, folder: Path
 ) -> None:
     try:
-        trainer.fit(
-            task, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=last_ckpt, weights_only=True
-        )
+        with _workers_ended_on_failure(trainer):
+            trainer.fit(
+                task, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=last_ckpt, weights_only=True
+            )
     except torch.distributed.DistNetworkError as exc:
-        _stop_workers(trainer)
         if trainer.global_step or trainer.current_epoch:
             raise  # the processes had met and trained: not a start that failed
         raise _distributed_start_error(exc) from exc
     except OSError as exc:
-        _stop_workers(trainer)
         # A clean-up script or a hand removed the folder under the run: whichever writer noticed first (TensorBoard,
         # metrics.csv, a checkpoint) raised its own FileNotFoundError, which named a file deep inside the folder.
         if folder.is_dir():
@@ -657,9 +662,6 @@ def _fit(
         # ran: RunRecorder wrote what could be written and says what last.ckpt holds.
         if trainer.interrupted:
             raise _interrupted(trainer) from None
-        raise
-    except Exception:
-        _stop_workers(trainer)
         raise
     if trainer.interrupted:
         raise _interrupted(trainer)

@@ -229,8 +229,7 @@ class MemoryLoader:
         return share_of(order, pad=self.shuffle) if self.shard else order
 
     def __len__(self) -> int:
-        rank, world = _rank_world() if self.shard else (0, 1)
-        n = -(-len(self.images) // world) if self.shuffle else len(range(rank, len(self.images), world))
+        n = share_size(len(self.images), pad=self.shuffle) if self.shard else len(self.images)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -257,6 +256,12 @@ def share_of(order: torch.Tensor, pad: bool = True) -> torch.Tensor:
     n = len(order)
     per = -(-n // world)
     return torch.cat([order, order[: per * world - n]])[rank::world]
+
+
+def share_size(n: int, pad: bool = True) -> int:
+    """How many of ``n`` images ``share_of`` gives this process."""
+    rank, world = _rank_world()
+    return -(-n // world) if pad else len(range(rank, n, world))
 
 
 class EpochPosition:
@@ -311,8 +316,7 @@ class EpochSampler(DistributedSampler):
         return epoch_permutation(self.n, self.seed, self.epoch) if self.shuffle else torch.arange(self.n)
 
     def __len__(self) -> int:
-        rank, world = _rank_world()
-        return -(-self.n // world) if self.pad else len(range(rank, self.n, world))
+        return share_size(self.n, pad=self.pad)
 
     def __iter__(self) -> Iterator[int]:
         start, self.skip = self.skip, 0

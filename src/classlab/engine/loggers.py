@@ -29,7 +29,7 @@ from typing import Any
 import lightning as L
 
 from classlab.config import Config
-from classlab.errors import ClassLabError, ConfigError
+from classlab.errors import ClassLabError, ConfigError, first_line
 from classlab.run import RunFolder
 
 LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")
@@ -104,7 +104,7 @@ def _failed(run: RunFolder, kind: str, exc: BaseException) -> None:
     """A tracker that cannot start: the run marked failed, one line naming the tracker (as trainer.loggers names
     it) and why."""
     kind = CONFIG_NAMES.get(kind, kind)
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    first = first_line(exc, 300)
     run.update_summary(status="failed", error=f"{kind}: {first}")
     raise ClassLabError(f"trainer.loggers: {kind} could not start: {first}") from None
 
@@ -132,11 +132,12 @@ def _build(name: str, cfg: Config, run: RunFolder, ids: dict[str, str]) -> Any:
     if name == "mlflow":
         from lightning.pytorch.loggers import MLFlowLogger
 
-        _check_sqlite(_mlflow_uri(cfg))
+        uri = _mlflow_uri(cfg)
+        _check_sqlite(uri)
         return MLFlowLogger(
             experiment_name=cfg.trainer.project,
             run_name=run.path.name,
-            tracking_uri=_mlflow_uri(cfg),
+            tracking_uri=uri,
             run_id=ids.get("mlflow"),
             tags={"classlab.run": str(run.path.resolve())},
         )

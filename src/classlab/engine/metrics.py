@@ -43,6 +43,12 @@ def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> fl
     return float(multiclass_accuracy(logits, labels, num_classes=classes, top_k=min(k, classes), average="micro"))
 
 
+def top5_tells(num_classes: int) -> bool:
+    """Whether a top-5 accuracy says anything: with 5 classes or fewer every label is among the top 5 (always 1),
+    so eval and the report leave it out."""
+    return num_classes > 5
+
+
 def macro_f1(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> float:
     """Macro-averaged F1 of the arg-max predictions (every class counts the same), NaN for no images."""
     if len(labels) == 0:
