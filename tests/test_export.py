@@ -44,22 +44,34 @@ def test_onnx_matches_pytorch_with_dynamic_batch(tiny_run: Path) -> None:
 
 def test_the_written_input_recipe_reproduces_the_runs_predictions(tiny_run: Path, tmp_path: Path) -> None:
     """A deployer with only the .onnx file follows its classlab.input line by hand (PIL and numpy, no classlab):
-    on photos of other sizes and shapes, in one batch, the file's probabilities are the run's own."""
-    from PIL import Image
+    on photos of other sizes and shapes, in one batch, the file's probabilities are the run's own; also on
+    large JPEGs (the draft decode) and one a phone stored on its side (EXIF orientation)."""
+    from PIL import Image, ImageOps
 
     path = export(tiny_run, "onnx", tmp_path / "model.onnx")
     meta = read_onnx_metadata(path)
     size = int(meta["classlab.image_size"])
     recipe = meta["classlab.input"]
     assert f"shorter side to {size} px" in recipe and f"centre-crop {size}x{size}" in recipe and "255" in recipe
+    assert f"img.draft(img.mode, ({size}, {size}))" in recipe and "EXIF" in recipe
     assert Path(meta["classlab.run"]).is_absolute()
     files, batch = [], []
     rng = np.random.default_rng(3)
-    for i, (w, h) in enumerate([(48, 40), (30, 50), (64, 64), (33, 90)]):  # wider, taller, square, narrow
-        f = tmp_path / f"{i}.png"
+    shapes = [(48, 40), (30, 50), (64, 64), (33, 90), (400, 300), (300, 520)]  # ..., large JPEGs (1/8, 1/4)
+    for i, (w, h) in enumerate(shapes):  # wider, taller, square, narrow
+        f = tmp_path / (f"{i}.png" if w < 100 else f"{i}.jpg")
         files.append(f)
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(f)
-        img = Image.open(f).convert("RGB")
+        noise = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)  # blocky: survives JPEG
+        pixels = Image.fromarray(noise).resize((w, h), Image.NEAREST)
+        exif = Image.Exif()
+        exif[0x0112] = 6 if i == 5 else 1  # the last one stored on its side
+        pixels.save(f, exif=exif.tobytes()) if f.suffix == ".jpg" else pixels.save(f)
+        img = Image.open(f)
+        if img.format == "JPEG":
+            img.draft(img.mode, (size, size))
+        img.load()
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        w, h = img.size
         scale = size / min(w, h)
         img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
         left, top = (img.width - size) // 2, (img.height - size) // 2

@@ -46,10 +46,14 @@ ROTATION_OUTPUT = " over the quarter turns each image shows; classes: degrees an
 
 def input_recipe(size: int, channels: int) -> str:
     """The preprocessing the exported file expects, with this run's numbers, for whoever deploys the file alone:
-    the bare steps without the size left the reader to guess the resize target and the crop."""
+    the bare steps without the size left the reader to guess the resize target and the crop. The decode steps
+    are data.preprocess's own: without the JPEG draft a full decode of a large photo gives slightly other
+    pixels, and without the EXIF turn a phone photo arrives on its side."""
     colour = "RGB" if channels == 3 else "greyscale (1 channel)"
     return (
-        f"float32 NCHW {colour} in [0, 1], any batch size: resize the shorter side to {size} px (bilinear), "
+        f"float32 NCHW {colour} in [0, 1], any batch size: decode a JPEG at PIL's reduced DCT scale "
+        f"(img.draft(img.mode, ({size}, {size})) before img.load()), turn it upright by its EXIF orientation, "
+        f"lay transparency on white; resize the shorter side to {size} px (bilinear), "
         f"centre-crop {size}x{size}, divide by 255; the normalisation is inside the model"
     )
 
