@@ -257,6 +257,7 @@ def test_stop_between_batches_resumes_exactly(tmp_path: Path, sig: str, loader: 
 
     resumed = run_cli("train", *args, "exp_name=stopped", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.count("finished in") == 1, resumed.stdout[-2000:]
     assert _rows(run / "metrics.csv") == _rows(tmp_path / "runs" / "straight" / "metrics.csv")
     assert json.loads((run / "summary.json").read_text())["status"] == "finished"
 
@@ -306,6 +307,20 @@ def _processes_naming(text: str) -> list[str]:
     return found
 
 
+def test_an_error_line_from_a_ddp_worker_names_its_process(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Workers share process 0's terminal: two identical error lines told the user nothing about whose they were."""
+    from classlab import cli
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert cli.main(["train", "epochs=x"]) == 2
+    assert capsys.readouterr().err.startswith("error: process 1: config key 'epochs'")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert cli.main(["train", "epochs=x"]) == 2
+    assert capsys.readouterr().err.startswith("error: config key 'epochs'")
+
+
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="lists processes through /proc")
 def test_ddp_with_its_port_taken_says_so_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """MASTER_PORT pointing at a port another program holds: one line naming the variable and the fix, no run
@@ -351,6 +366,7 @@ def test_ddp_sigterm_stops_every_process_and_resumes_exactly(tmp_path: Path) -> 
         proc.communicate()
         pytest.fail("SIGTERM did not stop the DDP run within 120 s")
     assert proc.returncode == 143, err[-2000:]
+    assert err.count("interrupted") == 1, err[-2000:]  # process 0 says it for both
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["classlab"]["epochs_done"] == len(_rows(run / "metrics.csv")) == 1
@@ -359,6 +375,7 @@ def test_ddp_sigterm_stops_every_process_and_resumes_exactly(tmp_path: Path) -> 
 
     resumed = run_cli("train", *args, "exp_name=stopped", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.count("finished in") == 1, resumed.stdout[-2000:]
     assert _rows(run / "metrics.csv") == _rows(tmp_path / "runs" / "straight" / "metrics.csv")
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from classlab.errors import ClassLabError, ConfigError, RunInterrupted, did_you_mean
+from classlab.errors import ClassLabError, ConfigError, RunInterrupted, ddp_worker, did_you_mean
 
 
 def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -729,7 +729,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _quiet_libraries(args.verbose)  # inside: a Ctrl-C during this slow import is an interrupt, not a traceback
         return int(args.func(args) or 0)
     except ClassLabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_who()}{exc}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
         # `classlab models | head`: the reader left; that is not an error of ours.
@@ -738,7 +738,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         # A run says where it stopped (RunInterrupted); a Ctrl-C before training began has nothing to add.
         how = "run the same command again to continue the sweep" if args.func is cmd_sweep else "continue with --resume"
-        if isinstance(exc, RunInterrupted):
+        if ddp_worker():
+            pass  # every process stopped at the same batch: process 0 says where
+        elif isinstance(exc, RunInterrupted):
             print(f"\ninterrupted: {exc}; {how}", file=sys.stderr)
         else:
             print("\ninterrupted" + (f": {how}" if args.func is cmd_sweep else ""), file=sys.stderr)
@@ -747,9 +749,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("CLASSLAB_DEBUG"):
             raise
         print(
-            f"error: unexpected {type(exc).__name__}: {exc} (set CLASSLAB_DEBUG=1 for the traceback)", file=sys.stderr
+            f"error: {_who()}unexpected {type(exc).__name__}: {exc} (set CLASSLAB_DEBUG=1 for the traceback)",
+            file=sys.stderr,
         )
         return 1
+
+
+def _who() -> str:
+    """An error line from a DDP worker names its process: the two lines of a two-process run were indistinguishable."""
+    worker = ddp_worker()
+    return f"{worker}: " if worker else ""
 
 
 if __name__ == "__main__":

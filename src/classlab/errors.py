@@ -7,6 +7,7 @@ Anything raised as a ``ClassLabError`` is printed by the command line as one lin
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -29,6 +30,18 @@ class RunInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, exit_code: int = 130) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def ddp_worker() -> str | None:
+    """``process N`` in a DDP worker that Lightning started, None in process 0 or a run without DDP.
+
+    The workers run the same command and share process 0's terminal: what process 0 says for all of them
+    (a stop, the run's result) they leave unsaid, and a line only one of them has to say names its process.
+    """
+    local, node = os.environ.get("LOCAL_RANK", "0"), os.environ.get("NODE_RANK", "0")
+    if local == "0" and node == "0":
+        return None
+    return f"process {local}" if node == "0" else f"node {node} process {local}"
 
 
 def first_line(exc: BaseException, limit: int | None = None) -> str:

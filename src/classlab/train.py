@@ -62,7 +62,7 @@ from classlab.engine.trainer import (
     load_stage_weights,
     precision_notice,
 )
-from classlab.errors import ClassLabError, ConfigError, RunInterrupted, first_line
+from classlab.errors import ClassLabError, ConfigError, RunInterrupted, ddp_worker, first_line
 from classlab.models import count_params, pretrained, validate_model_spec
 from classlab.run import (
     CONFIG,
@@ -165,7 +165,7 @@ def _make_run(cfg: Config, resume: bool, force: bool, *, move_now: bool = True) 
     """The run's folder and the config named after it; ``--force`` moves an old run aside here, or, with
     ``move_now=False``, only once the new run is about to be written (``_replace_old``)."""
     joined = os.environ.get(RUN_DIR_ENV)
-    if joined and os.environ.get("LOCAL_RANK", "0") != "0":
+    if joined and not _is_zero():
         return RunFolder(joined), cfg
     default = f"{cfg.data.dataset}_{cfg.model.name.replace(':', '_')}"
     path, named = new_run_path(cfg.run.root, cfg.exp_name, default, numbered=not resume)
@@ -336,7 +336,7 @@ def _run_stages(top: RunFolder, cfg: Config, *, quiet: bool) -> RunFolder:
 
 def _is_zero() -> bool:
     """Process 0 of a (possibly distributed) run: the one that writes the run folder."""
-    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+    return ddp_worker() is None
 
 
 # What --resume may not change: what shaped the weights and the data so far (the split is kept by
