@@ -19,6 +19,22 @@ SHARED_CIFAR = REPO.parent / "shared" / "data" / "cifar10-jpeg"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(autouse=True)
+def _torch_state_as_found() -> object:
+    """Each test starts with the process-wide torch switches as the suite set them: a test that runs
+    ``cli.main`` in this process (a verb that seeds and sets deterministic mode and threads for its run, as
+    a command may) left them on for every later test, whose result then hung on the order tests ran in."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+
+
 def make_image(path: Path, color: tuple[int, int, int], size: int = 24, mode: str = "RGB", noise: int = 30) -> Path:
     """A noisy image of one dominant colour: learnable, and every file different."""
     rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
