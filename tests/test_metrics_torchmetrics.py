@@ -3,9 +3,9 @@
 The reference functions below are the previous implementations (engine/evaluate.py and report_eval.py
 before the switch), kept here only to pin the numbers. The one place the two differ is the calibration
 error's binning: ours put a confidence in (k/15, (k+1)/15], torchmetrics in [k/15, (k+1)/15) with an extra
-bin for exactly 1.0. Softmax confidences practically never sit exactly on an interior edge, but a
-saturated float32 softmax is exactly 1.0; the last test shows both cases and that re-binning the reference
-the torchmetrics way removes the difference.
+bin for exactly 1.0, which classlab folds into the last bin (as Guo et al. and the reliability diagram do).
+Softmax confidences practically never sit exactly on an interior edge, but a saturated float32 softmax is
+exactly 1.0; the last test shows both cases.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ def ref_per_class(pred: torch.Tensor, labels: torch.Tensor, n: int) -> list[tupl
 def ref_ece(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15, torchmetrics_edges: bool = False) -> float:
     conf, pred = probs.max(1)
     correct = (pred == labels).double()
-    if torchmetrics_edges:  # [k/B, (k+1)/B), and exactly 1.0 in a bin of its own
+    if torchmetrics_edges:  # [k/B, (k+1)/B), and exactly 1.0 in the last (torchmetrics: a bin of its own)
         edges = torch.linspace(0, 1, bins + 1, dtype=conf.dtype)
-        index = torch.bucketize(conf, edges, right=True) - 1
-        count = bins + 1
+        index = (torch.bucketize(conf, edges, right=True) - 1).clamp(max=bins - 1)
+        count = bins
     else:  # (k/B, (k+1)/B]: the previous implementation
         edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
         index = (torch.bucketize(conf.double(), edges, right=False) - 1).clamp(0, bins - 1)
@@ -113,7 +113,7 @@ def test_ece_bin_edges_where_they_differ() -> None:
     ours = calibration(probs, labels)["ece"]
     # Previous binning: 0.6 joins 0.58 in (8/15, 9/15]; 1.0 joins 0.95 in (14/15, 1].
     assert ref_ece(probs, labels) == pytest.approx(0.5 * abs(0.5 - (edge + 0.58) / 2) + 0.5 * abs(0.5 - 0.975))
-    # torchmetrics: every example alone in its bin here.
-    assert ours == pytest.approx((0.58 + (1 - edge) + 1.0 + 0.05) / 4, abs=1e-6)
+    # classlab: the edge alone in [9/15, 10/15), 0.58 alone, 1.0 (wrong) and 0.95 (right) in the last bin.
+    assert ours == pytest.approx((0.58 + (1 - edge)) / 4 + 0.5 * abs(0.5 - 0.975), abs=1e-6)
     assert ours != pytest.approx(ref_ece(probs, labels), abs=1e-3)
     assert ours == pytest.approx(ref_ece(probs, labels, torchmetrics_edges=True), abs=1e-6)

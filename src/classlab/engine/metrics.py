@@ -21,6 +21,7 @@ from torchmetrics.functional.classification import (
 )
 
 ECE_BINS = 15
+_UNDER_ONE = float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))  # the float32 just below 1
 PLACES = 6  # what a written figure keeps: a float32 fraction reads 0.3050000071525574 otherwise
 
 
@@ -98,22 +99,23 @@ def calibration(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS)
     """ECE = sum over bins of (bin share) * |accuracy - mean confidence| (torchmetrics ``MulticlassCalibrationError``).
 
     torchmetrics' bins are [k/B, (k+1)/B), and a confidence of exactly 1.0 (a saturated float32 softmax)
-    falls in a bin of its own beyond the last; the per-bin figures of the diagram use the same edges and
-    show those 1.0 confidences in the last bar.
+    would fall in a bin of its own beyond the last: the diagram's bars, which show it in the last bar as
+    Guo et al. bin it, then did not add up to the ECE printed above them. Probabilities are clamped to
+    the float just under 1.0 (6e-8 below), so the ECE and the bars are of the same bins.
 
-    ``probs`` are clamped to [0, 1] first: an average of saturated softmaxes (TTA's ten views at 0.1
-    each) can sum to 1.0000001 in float32, and torchmetrics takes any value outside [0, 1] as a
-    sign of logits and softmaxes the whole tensor again, which flattened every confidence and
+    ``probs`` are clamped into [0, 1) for a second reason: an average of saturated softmaxes (TTA's ten
+    views at 0.1 each) can sum to 1.0000001 in float32, and torchmetrics takes any value outside [0, 1]
+    as a sign of logits and softmaxes the whole tensor again, which flattened every confidence and
     reported an ECE of 0.44 for a model right and sure on every image.
     """
-    probs = probs.float().clamp(0.0, 1.0)
+    probs = probs.float().clamp(0.0, _UNDER_ONE)
     if len(labels) == 0:
         return {"ece": 0.0, "bins": []}
     ece = float(multiclass_calibration_error(probs, labels, num_classes=probs.shape[1], n_bins=bins, norm="l1"))
     conf, pred = probs.max(1)
     correct = (pred == labels).double()
     edges = torch.linspace(0, 1, bins + 1, dtype=probs.dtype)  # as torchmetrics makes them
-    index = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, bins - 1)
+    index = torch.bucketize(conf, edges, right=True) - 1
     per_bin = []
     for i in range(bins):
         mask = index == i
