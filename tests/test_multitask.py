@@ -189,6 +189,10 @@ def test_train_load_predict_eval(manifest: Path, tmp_path: Path) -> None:
     assert metrics["top1"] == pytest.approx(summary["best_val_acc"], abs=1e-5)
     for t in ("mask", "gender", "age"):
         assert metrics["tasks"][t] == pytest.approx(summary[f"val/{t}/acc"], abs=1e-5)
+    # One temperature is a single-label classifier's: a multitask run is refused in one line, nothing written.
+    with pytest.raises(ClassLabError, match="multitask run.*without calibrating"):
+        classlab.evaluate(run.path, calibrate=True)
+    assert not (run.path / "calibration.json").exists()
 
     # The HTML page gives each task's figures, not only the combined class's (the manifest has no test part).
     page = classlab.report(run.path, tmp_path / "page.html", split="val").read_text(encoding="utf-8")

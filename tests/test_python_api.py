@@ -215,3 +215,127 @@ def test_figures_leave_the_callers_matplotlib_backend(tmp_path: Path) -> None:
         assert Image.open(tmp_path / "f.png").size == (200, 200)
     finally:
         matplotlib.use(prior)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hints in the caller's words: keywords from Python, flags on the command line
+
+
+def _finished_run(root: Path, name: str) -> Path:
+    """A run folder that exists and says it finished: train refuses to start over it before anything loads."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text('{"status": "finished"}')
+    return folder
+
+
+def test_train_names_resume_and_force_as_keywords_from_python_and_as_flags_on_the_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """classlab.train said 'use --resume ... --force ...' to a caller who has resume=True and force=True."""
+    from tests.faults import cli
+
+    folder = _finished_run(tmp_path / "runs", "done")
+    overrides = [f"run.root={tmp_path / 'runs'}", "exp_name=done"]
+    with pytest.raises(ClassLabError) as info:
+        classlab.train(None, overrides)
+    assert str(info.value) == (
+        f"run folder '{folder}' already exists and has finished; use resume=True with more epochs to train it on, "
+        "force=True to move it aside, or choose another exp_name"
+    )
+    with pytest.raises(ClassLabError) as info:
+        classlab.train(None, [f"run.root={tmp_path / 'runs'}", "exp_name=none"], resume=True)
+    missing = tmp_path / "runs" / "none"
+    assert str(info.value) == f"resume=True: run folder '{missing}' does not exist; start it without resume=True"
+    code, _, err = cli(capsys, "train", *overrides)
+    assert code == 1 and err == (
+        f"error: run folder '{folder}' already exists and has finished; use --resume with more epochs to train it "
+        "on, --force to move it aside, or choose another exp_name\n"
+    )
+
+
+def test_options_with_values_are_keywords_in_python(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--tta, --data and --checkpoint with their values: tta / data='...' / checkpoint='last' from Python."""
+    from tests.faults import cli
+
+    missing = tiny_run.parent / "nope"
+    with pytest.raises(ClassLabError) as info:
+        classlab.evaluate(tiny_run, data=missing)
+    assert str(info.value).startswith(f"data='{missing}' does not exist; give labelled images")
+    with pytest.raises(ClassLabError) as info:
+        classlab.evaluate(tiny_run, tta="flip,flip")
+    assert str(info.value) == "tta flip is given twice in 'flip,flip': give each mode once"
+    with pytest.raises(ClassLabError) as info:
+        classlab.load(tiny_run.parent / "model.onnx", "last")
+    assert "is one exported model: drop checkpoint='last', or give the run folder" in str(info.value)
+    code, _, err = cli(capsys, "eval", str(tiny_run), "--data", str(missing))
+    assert code == 1 and err.startswith(f"error: --data '{missing}' does not exist; give labelled images")
+    code, _, err = cli(capsys, "eval", str(tiny_run), "--tta", "flip,flip")
+    assert code == 1 and err == "error: --tta flip is given twice in 'flip,flip': give each mode once\n"
+
+
+def test_a_hint_with_no_keyword_is_said_as_python_does_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--ensemble mean has no keyword: a Python caller gives the runs as a list."""
+    from tests.faults import cli
+
+    for name in ("lr=0.1", "lr=0.01"):
+        (tmp_path / "sweep" / name).mkdir(parents=True)
+        (tmp_path / "sweep" / name / "config.yaml").write_text("exp_name: x\n")
+    with pytest.raises(ClassLabError) as info:
+        classlab.export(tmp_path / "sweep")
+    assert str(info.value).endswith("or for predict/eval several of them as a list")
+    code, _, err = cli(capsys, "export", str(tmp_path / "sweep"))
+    assert code == 1 and err.rstrip().endswith("or for predict/eval several of them with --ensemble mean")
+
+
+# ---------------------------------------------------------------------------------------------
+# Library chatter: kept back from Python as on the command line, unless asked for
+
+_TRAIN_TWICE = """
+import logging, sys, warnings
+import classlab
+
+def state():
+    names = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "")
+    loggers = [(logging.getLogger(n).level, tuple(logging.getLogger(n).handlers)) for n in names]
+    return loggers, list(warnings.filters), warnings.showwarning
+
+import classlab.train  # what importing it sets (Lightning's loggers and handler) is not the call's doing
+before = state()
+overrides = {
+    "run.root": sys.argv[1], "data.cache_dir": sys.argv[2], "data.images_per_class": 10, "model.layers": [8, "p"],
+    "epochs": 1, "trainer.progress": False, "trainer.threads": 1,
+}
+classlab.train(None, {**overrides, "exp_name": "plain"})
+print("kept:", state() == before, flush=True)
+print("=== verbose", flush=True)
+print("=== verbose", file=sys.stderr, flush=True)
+classlab.train(None, {**overrides, "exp_name": "loud"}, verbose=1)
+print("kept:", state() == before, flush=True)
+"""
+
+LIGHTNING_LINES = ("GPU available", "LOCAL_RANK", "Trainer.fit", "| Name", "Total params", "TPU available")
+
+
+def test_train_keeps_lightning_lines_back_unless_verbose(tmp_path: Path) -> None:
+    """quiet=False printed Lightning's device report, its model summary and '`Trainer.fit` stopped' beside
+    classlab's lines; the command line keeps them back unless -v. A process of its own: what a notebook sees,
+    Lightning's handler writing to the stderr it found at import."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "train_twice.py"
+    script.write_text(_TRAIN_TWICE)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "runs"), str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if k not in ("CLASSLAB_RUN_DIR", "CLASSLAB_LOCK_OWNER")},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (plain_out, loud_out), (plain_err, loud_err) = (s.split("=== verbose\n") for s in (done.stdout, done.stderr))
+    assert f"run folder: {tmp_path / 'runs' / 'plain'}" in plain_out and "finished in" in plain_out
+    assert not [line for line in LIGHTNING_LINES if line in plain_out + plain_err], plain_out + plain_err
+    assert "Trainer.fit" in loud_err and "finished in" in loud_out  # verbose=1 lets them through, as -v does
+    assert plain_out.count("kept: True") == 1 and loud_out.count("kept: True") == 1  # logging as it was found

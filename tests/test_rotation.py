@@ -12,7 +12,9 @@ import torch
 from conftest import make_image, run_cli, tiny_config
 from PIL import Image
 
+import classlab
 from classlab.data.rotation import ANGLES, rotate_batch
+from classlab.errors import ClassLabError
 
 
 def test_rotation_labels_and_pixels_for_all_four_angles() -> None:
@@ -94,6 +96,11 @@ def test_pretrain_rotation_on_an_unlabelled_folder(tmp_path: Path, flat_folder: 
     result = run_cli("predict", str(run / "export" / "model.onnx"), str(flat_folder), "--out", str(out), "-q")
     assert result.returncode == 0 and "model.init_from=RUN" in result.stderr, result.stderr[-2000:]
     assert [r["class"] for r in csv.DictReader(out.open())] == [r["class"] for r in rows]
+    # Its probabilities are of angles, no user's: --calibrate is refused in one line, and nothing written.
+    with pytest.raises(ClassLabError, match="rotation pretext run") as refused:
+        classlab.evaluate(run, calibrate=True)
+    assert f"model.init_from={run}" in str(refused.value)
+    assert not (run / "calibration.json").exists()
     # The same folder cannot be classified: one line saying what to do instead.
     result = run_cli("train", *args, "data.dataset=folder", f"data.root={flat_folder}", "exp_name=cls")
     assert result.returncode != 0

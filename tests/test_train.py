@@ -449,7 +449,7 @@ def test_resume_refuses_a_different_model_and_records_other_changes(
     assert code == 1
     assert err.startswith("error: --resume: model.batchnorm was ") and "Traceback" not in err
     assert "drop that override" in err and len(err.strip().splitlines()) == 1
-    with pytest.raises(ClassLabError, match=r"^--resume: data.images_per_class was 30 in .*, here 40"):
+    with pytest.raises(ClassLabError, match=r"^resume=True: data.images_per_class was 30 in .*, here 40"):
         classlab.train(None, [*args, "data.images_per_class=40", "epochs=2"], resume=True, quiet=True)
     assert {name: (run / name).read_bytes() for name in before} == before
 

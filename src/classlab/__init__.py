@@ -9,11 +9,14 @@ only when a verb is first used.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import sys
 import types
 from typing import Any
+
+from classlab.errors import python_call as _python_call
 
 __version__ = "0.1.0"
 
@@ -30,7 +33,8 @@ class _Verb(types.ModuleType):
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._function(*args, **kwargs)
+        with _python_call(self.__name__.rpartition(".")[2]):  # its hints name keywords, not the command's flags
+            return self._function(*args, **kwargs)
 
     @property
     def _function(self) -> Any:
@@ -61,5 +65,13 @@ def __getattr__(name: str) -> Any:
     if name in VERBS:
         return importlib.import_module(f"{__name__}.{name}")
     if name == "load":
-        return importlib.import_module(f"{__name__}.engine.ensemble").load_runs
+        load_runs = importlib.import_module(f"{__name__}.engine.ensemble").load_runs
+
+        @functools.wraps(load_runs)
+        def load(*args: Any, **kwargs: Any) -> Any:
+            with _python_call("load"):  # as a verb's call: its hints name keywords (checkpoint='last')
+                return load_runs(*args, **kwargs)
+
+        globals()["load"] = load
+        return load
     raise AttributeError(f"module 'classlab' has no attribute '{name}'")

@@ -8,7 +8,6 @@ the traceback of an unexpected failure.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 import sys
@@ -117,24 +116,13 @@ def _no_key_options(parser: SuggestingParser, args: list[str]) -> None:
 
 
 def _quiet_libraries(verbose: int = 0) -> None:
-    """Lightning's advice is aimed at its own users; ours get classlab's messages instead (``-v`` shows it all)."""
-    import lightning  # noqa: F401  (it sets its loggers' levels on import: lower them after)
+    """Lightning's advice is aimed at its own users; ours get classlab's messages instead (``-v`` shows it all).
+    For the whole process, as a command is one; the verbs that set it again for their call (train) get ``verbose``."""
+    from classlab.engine.library_logs import library_logs
 
+    library_logs(verbose)
     if verbose:
-        level = logging.DEBUG if verbose > 1 else logging.INFO
-        logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-        for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-            logging.getLogger(name).setLevel(level)
-        warnings.simplefilter("default")
         return
-
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module=r"lightning\..*")
-    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
-    # An image over the pixel limit is listed as a bad file by classlab; PIL's own warning would say it twice.
-    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
 
     def show(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
         print(f"warning: {message}", file=sys.stderr)
@@ -158,7 +146,7 @@ def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
     if args.print_config:
         print(print_config(config, overrides), end="")
         return 0
-    train(config, overrides, resume=args.resume, force=args.force, quiet=args.quiet)
+    train(config, overrides, resume=args.resume, force=args.force, quiet=args.quiet, verbose=args.verbose)
     return 0
 
 
@@ -173,13 +161,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     runs = _ensemble_runs(_runs_named(args.runs, args), args.ensemble)
     metrics = evaluate(
-        runs, split=args.split, checkpoint=args.checkpoint, tta=args.tta, report=args.report, data=args.data
+        runs,
+        split=args.split,
+        checkpoint=args.checkpoint,
+        tta=args.tta,
+        report=args.report,
+        data=args.data,
+        calibrate=args.calibrate,
     )
     members = f", mean of {len(metrics['members'])} runs" if metrics.get("members") else ""
     part = metrics.get("data") or metrics["split"]
     print(f"{' '.join(args.runs)} [{part}, {metrics['checkpoint']}.ckpt, {metrics['images']} images{members}]")
     for note in metrics.get("notes") or []:
         print(f"note: {note}", file=sys.stderr)
+    _print_calibration(metrics)
     skipped = metrics.get("skipped") or []
     if skipped:
         print(f"{len(skipped)} file(s) could not be read and are left out:", file=sys.stderr)
@@ -224,6 +219,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         written += ", per_class.csv, confident_errors.png, errors/, reliability.png, report.json"
     print(f"wrote {metrics['out']}/{{{written}}}")
     return 0
+
+
+def _print_calibration(metrics: dict[str, Any]) -> None:
+    """eval --calibrate: the temperature it fitted, and what it did to the evaluated images."""
+    cal = metrics.get("calibration")
+    if not cal or not cal.get("fitted_now"):
+        return  # a calibration fitted before is one note line (metrics' notes)
+    print(
+        f"calibrated: T={cal['temperature']:.4f} fitted on {cal['val_images']} validation images of "
+        f"{cal['checkpoint']}.ckpt (val NLL {cal['val_nll_before']:.4f} -> {cal['val_nll_after']:.4f}), "
+        f"written to {cal['file']}"
+    )
+    part = metrics.get("data") or metrics["split"]
+    print(
+        f"{part}: ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> "
+        f"{cal['nll_after']:.4f}; accuracy unchanged (dividing the logits by T keeps every image's top class)"
+    )
+    if cal.get("note"):
+        print(f"note: {cal['note']}", file=sys.stderr)
 
 
 def _ensemble_runs(runs: list[str], ensemble: str | None) -> list[str] | str:
@@ -320,6 +334,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"wrote {result.count} prediction{'' if result.count == 1 else 's'} to {out} ({result.rate}, {how})",
         file=_report_stream(out),
     )
+    if result.calibration_note:
+        print(f"note: {result.calibration_note}", file=sys.stderr)
     if result.task == "rotation":
         folders = [r for r in run_items if not is_exported_file(r)]
         print(rotation_note(" + ".join(run_items), folders[0] if len(folders) == 1 else None), file=sys.stderr)
@@ -397,7 +413,7 @@ def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str
 
 def cmd_export(args: argparse.Namespace) -> int:
     from classlab.engine.load import rotation_note
-    from classlab.export import export
+    from classlab.export import baked_temperature, export
     from classlab.run import open_run
 
     if args.format and args.format_word and args.format != args.format_word:
@@ -407,6 +423,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     (run,) = _runs_named([args.run], args)
     path = export(run, fmt, out, checkpoint=args.checkpoint)
     print(f"wrote {path} (float32 NCHW RGB in [0, 1], dynamic batch, normalization and class names included)")
+    temperature = baked_temperature(path)
+    if temperature is not None:
+        print(f"note: probabilities calibrated: T={temperature:.4g} divides the logits inside {path.name} "
+              "(metadata classlab.temperature)", file=sys.stderr)  # fmt: skip
     if open_run(run).read_config_tree().get("task") == "rotation":
         print(rotation_note(run, run), file=sys.stderr)
     return 0
@@ -452,6 +472,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         ray_address=args.ray,
         ray_cpus=args.ray_cpus,
         quiet=args.quiet,
+        verbose=args.verbose,
     )
     failed = [p for p in points if p.status != "finished"]
     print(f"{len(points) - len(failed)}/{len(points)} runs finished in {points[0].path.parent if points else '-'}")
@@ -619,6 +640,12 @@ def _add_run_commands(sub: Any) -> None:
     )
     p.add_argument(
         "--report", action="store_true", help="also write per-class P/R/F1, confident errors, reliability diagram"
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="first fit a temperature on the run's validation split (written to RUN/calibration.json); eval, "
+        "predict, load and export of this checkpoint then give calibrated probabilities (accuracy unchanged)",
     )
     p.set_defaults(func=cmd_eval)
 

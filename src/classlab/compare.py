@@ -23,7 +23,7 @@ import yaml
 
 from classlab.config import flatten
 from classlab.data.sources import natural_key
-from classlab.errors import ClassLabError, did_you_mean
+from classlab.errors import ClassLabError, did_you_mean, option
 from classlab.run import (
     RunFolder,
     RunLock,
@@ -138,7 +138,8 @@ def find_runs(patterns: str | os.PathLike | Sequence[str | os.PathLike], notes: 
     if passed_over and notes is not None:
         names = ", ".join(p.name for p in passed_over[:3]) + (", ..." if len(passed_over) > 3 else "")
         notes.append(
-            f"left out {len(passed_over)} run{'s' * (len(passed_over) > 1)} that --force moved aside ({names}): "
+            f"left out {len(passed_over)} run{'s' * (len(passed_over) > 1)} that {option('force')} moved aside "
+            f"({names}): "
             "name a run folder to compare it"
         )
     return unique
@@ -267,7 +268,8 @@ def compare(
                 table.files.append(plotted)
             elif asked:  # --x model.name drew nothing and said nothing
                 table.notes.append(
-                    f"no plot of {metrics[0]} against --x {x}: it needs runs with a number for {x} and for {metrics[0]}"
+                    f"no plot of {metrics[0]} against {option('x', x)}: it needs runs with a number for {x} and for "
+                    f"{metrics[0]}"
                 )
     return table
 

@@ -6,9 +6,11 @@ Anything raised as a ``ClassLabError`` is printed by the command line as one lin
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 
@@ -75,3 +77,70 @@ def utf8_text(path: str | Path, error: type[ClassLabError] = ClassLabError) -> s
             f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8 "
             "(Excel: CSV UTF-8; editors on Korean or Japanese Windows may have saved it as CP949 / Shift-JIS)"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Whose words a hint is in. On the command line its fix is a flag (--resume, --checkpoint last); a caller
+# of the Python API gives keywords instead (resume=True, checkpoint='last'). Messages name options through
+# `option`, `option_name` and `spelt`; the Python API (classlab/__init__.py) runs each call inside
+# `python_call`. This section is the one place that knows both spellings: the verbs never ask who called,
+# and outside a Python call (the command line, a module used directly) the flags are named, word for word.
+
+_PYTHON_VERB: ContextVar[str | None] = ContextVar("classlab_python_verb", default=None)
+
+SWITCHES = frozenset({"resume", "force", "report"})  # flags that take no value: ``resume=True`` in a call
+# A flag whose keyword is not its own name ('-' read as '_'), with {} for the value; a verb's own entry
+# (report calls --data ``labelled``) before the shared one.
+KEYWORDS: dict[tuple[str | None, str], str] = {
+    (None, "format"): "fmt={}",
+    (None, "ray"): "ray_address={}",
+    (None, "grid"): "grid=[{}]",  # --grid gives one axis; sweep's ``grid`` is the list of them
+    ("report", "data"): "labelled={}",
+}
+
+
+@contextlib.contextmanager
+def python_call(verb: str) -> Iterator[None]:
+    """Messages raised or printed inside name keywords of ``classlab.<verb>(...)``, not flags."""
+    token = _PYTHON_VERB.set(verb)
+    try:
+        yield
+    finally:
+        _PYTHON_VERB.reset(token)
+
+
+def _keyword(name: str) -> str:
+    verb = _PYTHON_VERB.get()
+    return KEYWORDS.get((verb, name)) or KEYWORDS.get((None, name)) or f"{name.replace('-', '_')}={{}}"
+
+
+def option(name: str, value: object = None, *, quoted: bool = False, metavar: str | None = None) -> str:
+    """An option as the reader gives it: ``--checkpoint last`` / ``checkpoint='last'``, ``--resume`` /
+    ``resume=True``, ``--jobs K`` / ``jobs=K`` (``metavar``), ``--out`` / ``out=...`` (no value: the
+    reader's to choose). ``quoted``: the command line shows the value in quotes (a path, a list of modes)."""
+    if _PYTHON_VERB.get() is None:
+        if name in SWITCHES or (value is None and metavar is None):
+            return f"--{name}"
+        shown = metavar if metavar is not None else f"'{value}'" if quoted else f"{value}"
+        return f"--{name} {shown}"
+    if name in SWITCHES:
+        shown = "True"
+    elif metavar is not None:
+        shown = metavar
+    elif value is None:
+        shown = "..."
+    else:
+        shown = repr(os.fspath(value) if isinstance(value, (str, os.PathLike)) else value)
+    return _keyword(name).format(shown)
+
+
+def option_name(name: str) -> str:
+    """An option spoken of rather than given (``--tta: unknown mode``, ``--grid seed sets seed``):
+    ``--tta`` / ``tta``."""
+    return f"--{name}" if _PYTHON_VERB.get() is None else _keyword(name).partition("=")[0]
+
+
+def spelt(command_line: str, python: str) -> str:
+    """A hint whose Python form is no keyword of the call: ``--ensemble mean`` is a list of runs there,
+    ``--folds 3`` the override ``data.folds=3``."""
+    return command_line if _PYTHON_VERB.get() is None else python

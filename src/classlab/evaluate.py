@@ -12,6 +12,10 @@ test-time augmentation (``engine.tta``) and both figures are kept side by side.
   and predicted names (these are often label noise, or the clearest failure mode);
 - ``reliability.png`` and the expected calibration error (ECE, 15 equal-width confidence bins as in
   Guo et al. 2017): how far the predicted probability is from the observed accuracy.
+
+``calibrate`` fixes what the ECE shows: one temperature fitted on the run's validation split
+(``engine.calibration``), kept in the run folder for the checkpoint it was fitted on, and from then on
+used by eval, predict, ``classlab.load``, ensembles and export of that checkpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from classlab.data.pipeline import DataBundle, Part, load_data
 from classlab.data.preprocess import image_to_tensor
 from classlab.data.sources import Source, open_dataset
 from classlab.data.tasks import task_columns
+from classlab.engine.calibration import calibration_record, fit_temperature, nll
 from classlab.engine.ensemble import expand_runs, load_runs
 from classlab.engine.file_batches import file_batches, images_a_batch
 from classlab.engine.load import LoadedRun, load
@@ -54,7 +59,7 @@ from classlab.engine.metrics import (
     top_k_accuracy,
     weighted_mean,
 )
-from classlab.engine.predict import autocast, predict_split
+from classlab.engine.predict import autocast, predict_logits, predict_split
 from classlab.engine.tta import (
     TTAPlan,
     parse_tta,
@@ -65,7 +70,7 @@ from classlab.engine.tta import (
     views_per_image,
     views_probabilities,
 )
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, option, option_name, spelt
 from classlab.run import (
     RunFolder,
     atomic_write_bytes,
@@ -88,6 +93,7 @@ def evaluate(
     tta: str | None = None,
     report: bool = False,
     data: str | Path | None = None,
+    calibrate: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a run's checkpoint on ``split`` (test or val); write eval/<split>/ and return the metrics.
 
@@ -100,34 +106,29 @@ def evaluate(
     the metrics gain a ``tta`` entry beside the plain top-1/top-5 (with ``per_scale`` rows for those).
     ``report``: also write per-class precision/recall/F1, the most confidently wrong images and the
     reliability diagram (ECE).
+    ``calibrate``: first fit the temperature of the run's checkpoint on its validation split and write it into
+    the run folder (calibration.json), so that these figures, and every later eval, predict, load and export of
+    that checkpoint, use the calibrated probabilities; argmax and accuracy are the same by construction. The
+    metrics gain ``calibration`` (T, and the evaluated images' ECE and NLL before and after) whenever a
+    calibration is in use.
     """
     if split not in ("test", "val"):
-        raise ClassLabError(f"--split {split}: choose 'test' or 'val'")
+        raise ClassLabError(f"{option('split', split)}: choose 'test' or 'val'")
     if isinstance(run, (str, Path)):
         run, checkpoint = run_and_checkpoint(run, checkpoint)  # a run's checkpoint file stands for the run
     checkpoint = checkpoint or "best"
+    fitted = fit_calibration(run, checkpoint) if calibrate else None
     if data is not None:
-        return _evaluate_files(run, data, checkpoint, tta, report)
+        return _evaluate_files(run, data, checkpoint, tta, report, fitted)
     loaded, run, out = _load_for_eval(run, checkpoint, split)
     cfg = loaded.cfg
     if (tta or report) and cfg.task == "rotation":
-        raise ClassLabError("--tta and --report apply to classifiers; this run is a rotation pretext run")
+        raise ClassLabError(
+            f"{option_name('tta')} and {option_name('report')} apply to classifiers; this run is a rotation pretext run"
+        )
     plan = parse_tta(tta, loaded.image_size) if tta else None
     data = load_data(cfg, split=run.read_split(), with_test=split == "test")
-    part = data.test if split == "test" else data.val
-    if part is None or len(part) == 0:
-        if split == "test" and getattr(loaded, "members", None):
-            # --split val, the single run's way out, is refused for fold runs: point at what an ensemble can use.
-            new_images = " or score new images with --data" if loaded.tasks is None else ""  # --data: classifiers
-            raise ClassLabError(
-                "the ensemble's runs have no test images (their data have no test part); train them with a test set "
-                f"(data.test_csv_file=...){new_images}; a k-fold folder's honest validation figures are its "
-                "out-of-fold ones (oof.csv, summary.json)"
-            )
-        raise ClassLabError(
-            f"this run has no {split} images"
-            + (" (the dataset has no test part; use --split val)" if split == "test" else " (data.val_fraction was 0)")
-        )
+    part = _evaluated_part(data, split, loaded)
     loader = part.loader(cfg.data.batch_size, shuffle=False, seed=0, size=data.size)
     # In the run's precision, as its final test was: the figures match summary.json's, and a bf16 run
     # evaluates at bf16 speed.
@@ -138,21 +139,129 @@ def evaluate(
             probs = _tta_metrics(loaded, plan, loader, (data, part, split, run), labels, metrics)
     if getattr(loaded, "members", None):
         metrics["members"] = [str(p) for p in loaded.members]
+    _add_calibration(metrics, loaded, logits, labels, fitted)
     if report:
-        image_at, describe = _example_reader(data, part)
-        rep = write_report(
-            out,
-            probs,
-            labels,
-            loaded.classes,
-            image_at,
-            describe=describe,
-            source=f"tta:{plan.text}" if plan else "plain",
-        )
-        metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
+        _report(out, probs, labels, loaded, _example_reader(data, part), plan, metrics)
     atomic_write_json(out / "metrics.json", rounded(metrics))
     _write_confusion(out, probs, labels, loaded.classes, metrics, plan)
     return {**metrics, "out": str(out)}
+
+
+def _evaluated_part(data: DataBundle, split: str, loaded: LoadedRun) -> Part:
+    """The split's images, or one line saying why there are none."""
+    part = data.test if split == "test" else data.val
+    if part is None or len(part) == 0:
+        if split == "test" and getattr(loaded, "members", None):
+            # --split val, the single run's way out, is refused for fold runs: point at what an ensemble can use.
+            new_images = f" or score new images with {option('data')}" if loaded.tasks is None else ""  # classifiers
+            raise ClassLabError(
+                "the ensemble's runs have no test images (their data have no test part); train them with a test set "
+                f"(data.test_csv_file=...){new_images}; a k-fold folder's honest validation figures are its "
+                "out-of-fold ones (oof.csv, summary.json)"
+            )
+        raise ClassLabError(
+            f"this run has no {split} images"
+            + (
+                f" (the dataset has no test part; use {option('split', 'val')})"
+                if split == "test"
+                else " (data.val_fraction was 0)"
+            )
+        )
+    return part
+
+
+def _report(
+    out: Path,
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    loaded: LoadedRun,
+    reader: tuple[Callable[[int], torch.Tensor], Callable[[int], str] | None],
+    plan: TTAPlan | None,
+    metrics: dict[str, Any],
+) -> None:
+    """--report's files, of the predictions the metrics are of (TTA, calibrated), which their titles name."""
+    source = f"tta:{plan.text}" if plan else "plain"
+    if loaded.temperature is not None:
+        source += f", calibrated T={loaded.temperature:.4g}"
+    elif loaded.calibration_note:  # an ensemble whose members are calibrated each by its own T
+        source += ", calibrated members"
+    image_at, describe = reader
+    rep = write_report(out, probs, labels, loaded.classes, image_at, describe=describe, source=source)
+    metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# --calibrate: temperature scaling fitted on the validation split (engine.calibration)
+# ---------------------------------------------------------------------------------------------
+
+NOT_CALIBRATED = {
+    "rotation": "{run} is a rotation pretext run, whose classes are quarter turns: calibrate the classifier "
+    "trained from it (classlab train model.init_from={run}) instead",
+    "multitask": "{run} is a multitask run, and one temperature calibrates a single-label classifier: "
+    "evaluate it without calibrating (its heads keep their plain probabilities)",
+}
+
+
+def fit_calibration(run: Any, checkpoint: str) -> dict[str, Any]:
+    """``--calibrate``: fit the temperature of one run's checkpoint on its validation split (the very images
+    ``--split val`` reads) and write it into the run folder. A run that cannot be calibrated is one line, with
+    nothing written: calibrating on the test images instead would flatter every test figure after."""
+    paths = expand_runs(run if isinstance(run, (list, tuple)) else [run])
+    if len(paths) != 1:
+        each = spelt("classlab eval RUN --calibrate", "classlab.evaluate(RUN, calibrate=True)")
+        raise ClassLabError(
+            f"{option_name('calibrate')} fits one run's temperature on that run's own validation images; calibrate "
+            f"each member ({each} for each), and the ensemble then averages their calibrated probabilities"
+        )
+    folder = open_run(paths[0])
+    task = folder.read_config_tree().get("task") or "classify"
+    if task in NOT_CALIBRATED:
+        raise ClassLabError(f"{option_name('calibrate')}: " + NOT_CALIBRATED[task].format(run=paths[0]))
+    split = folder.read_split()
+    if not split.get("val"):
+        raise ClassLabError(
+            f"{option_name('calibrate')} fits the temperature on the run's validation images, and {paths[0]} has none "
+            "(data.val_fraction was 0): train it again with data.val_fraction=0.1; fitting it on the test "
+            "images instead would flatter every test figure after"
+        )
+    loaded = load(folder, checkpoint, calibrated=False)
+    data = load_data(loaded.cfg, split=split, with_test=False)
+    assert data.val is not None
+    loader = data.val.loader(loaded.cfg.data.batch_size, shuffle=False, seed=0, size=data.size)
+    with autocast(loaded.cfg, next(loaded.model.parameters()).device):
+        logits, labels = predict_logits(loaded.model, loader)
+    temperature, held = fit_temperature(logits, labels)
+    record = calibration_record(folder, loaded.checkpoint, logits, labels, temperature, held)
+    path = folder.write_calibration(loaded.checkpoint, record)
+    return {**record, "file": str(path)}
+
+
+def _add_calibration(
+    metrics: dict[str, Any],
+    loaded: LoadedRun,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    fitted: dict[str, Any] | None,
+) -> None:
+    """The calibration in use and what it does to the evaluated images: ECE and NLL before and after (top-1 is
+    the same by construction). ``logits`` are the calibrated model's (or log-probabilities): times T, a softmax
+    gives the plain probabilities again."""
+    if loaded.calibration_note and fitted is None:
+        metrics["notes"] = [*(metrics.get("notes") or []), loaded.calibration_note]
+    if loaded.calibration is None or len(labels) == 0:
+        return
+    temperature = float(loaded.calibration["temperature"])
+    after = logits.double()
+    before = after * temperature
+    keep = ("temperature", "file", "checkpoint", "val_images", "val_nll_before", "val_nll_after", "val_ece_before")
+    metrics["calibration"] = {
+        **{k: loaded.calibration[k] for k in (*keep, "val_ece_after", "note") if k in loaded.calibration},
+        "fitted_now": fitted is not None,
+        "ece_before": calibration(before.softmax(1), labels)["ece"],
+        "ece_after": calibration(after.softmax(1), labels)["ece"],
+        "nll_before": nll(before, labels),
+        "nll_after": nll(after, labels),
+    }
 
 
 def _load_for_eval(run: Any, checkpoint: str, split: str) -> tuple[LoadedRun, RunFolder, Path]:
@@ -169,7 +278,7 @@ def _load_for_eval(run: Any, checkpoint: str, split: str) -> tuple[LoadedRun, Ru
     splits = {json.dumps(open_run(p).read_split().get("val")) for p in paths}
     if split == "val" and len(splits) > 1:
         raise ClassLabError(
-            "--split val: the ensemble's runs hold out different validation images (k-fold runs do); "
+            f"{option('split', 'val')}: the ensemble's runs hold out different validation images (k-fold runs do); "
             "their out-of-fold figures are in the k-fold folder's oof.csv and summary.json"
         )
     common = Path(os.path.commonpath([str(Path(p).resolve()) for p in paths]))
@@ -218,23 +327,31 @@ def _tta_figures(plan: TTAPlan, probs: torch.Tensor, labels: torch.Tensor, class
     }
 
 
-def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None, report: bool) -> dict[str, Any]:
+def _evaluate_files(
+    run: Any, data: str | Path, checkpoint: str, tta: str | None, report: bool, fitted: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """``--data``: a labelled folder or manifest outside the run, read as predict reads files."""
     name = Path(data).stem if Path(data).suffix.lower() == ".csv" else Path(data).resolve().name
     loaded, _, out = _load_for_eval(run, checkpoint, f"data-{name or 'root'}")
     out = _own_folder(out, Path(data).resolve())
     if loaded.cfg.task != "classify":
-        raise ClassLabError(f"--data scores a classifier; this is a {loaded.cfg.task} run: evaluate its own split")
+        raise ClassLabError(
+            f"{option('data')} scores a classifier; this is a {loaded.cfg.task} run: evaluate its own split"
+        )
     found = labelled_files(loaded.cfg.data, data, loaded.classes)
     # A stray file (notes.txt in a class folder) or an empty class folder is listed and left out, as an
     # unreadable image is: eval takes no overrides, so the data.skip_bad_images=true that training's refusal
     # names could not be given here, and predict passes such files over too.
     plan = parse_tta(tta, loaded.image_size) if tta else None
     if plan is not None and plan.protocol != "average":
-        raise ClassLabError(f"--tta {plan.protocol} scores the run's own splits; with --data use multiscale:S1,S2,...")
+        raise ClassLabError(
+            f"{option_name('tta')} {plan.protocol} scores the run's own splits; with {option('data')} use "
+            "multiscale:S1,S2,..."
+        )
     plain, labels, files, skipped = _score_files(loaded, found.files, found.labels, None)
     if not files:
-        raise ClassLabError(f"--data '{data}': no readable image among {len(found.files)} file(s)")
+        raise ClassLabError(f"{option('data', data, quoted=True)}: no readable image among {len(found.files)} file(s)")
+    labels_plain = labels
     metrics = _scores(plain.clamp_min(1e-30).log(), labels, loaded.classes, "data", checkpoint)
     metrics |= {"data": found.where, "data_path": str(Path(data).resolve())}
     metrics["skipped"] = [*found.problems, *(f"{p}: {e}" for p, e in skipped)]
@@ -250,13 +367,10 @@ def _evaluate_files(run: Any, data: str | Path, checkpoint: str, tta: str | None
         metrics["tta"] = _tta_figures(plan, probs, labels, loaded.classes)
     if getattr(loaded, "members", None):
         metrics["members"] = [str(p) for p in loaded.members]
+    _add_calibration(metrics, loaded, plain.clamp_min(1e-30).log(), labels_plain, fitted)
     if report:
-        source = f"tta:{plan.text}" if plan else "plain"
-        rep = write_report(
-            out, probs, labels, loaded.classes, lambda i: loaded.to_tensor(files[i]), describe=lambda i: str(files[i]),
-            source=source,
-        )  # fmt: skip
-        metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
+        reader = (lambda i: loaded.to_tensor(files[i])), (lambda i: str(files[i]))
+        _report(out, probs, labels, loaded, reader, plan, metrics)
     atomic_write_json(out / "metrics.json", rounded(metrics))
     _write_confusion(out, probs, labels, loaded.classes, metrics, plan)
     return {**metrics, "out": str(out)}

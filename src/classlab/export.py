@@ -24,13 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from classlab.engine.exported import INSTALL_HINT, OnnxModel
+from classlab.engine.calibration import calibration_in_use
+from classlab.engine.exported import INSTALL_HINT, TEMPERATURE_KEY, OnnxModel
 from classlab.engine.load import LoadedRun, load
-from classlab.errors import ClassLabError, first_line
+from classlab.errors import ClassLabError, first_line, option
 from classlab.run import RunFolder, atomic_write_bytes, open_run_at
 
 FORMATS = ("onnx", "pt2")
-__all__ = ["FORMATS", "OnnxModel", "export", "ensure_onnx", "load_pt2", "read_onnx_metadata"]
+__all__ = ["FORMATS", "OnnxModel", "baked_temperature", "export", "ensure_onnx", "load_pt2", "read_onnx_metadata"]
 OPSET = 18  # the dynamo exporter's lowest
 LEGACY_OPSET = 17
 
@@ -65,12 +66,24 @@ def metadata(loaded: LoadedRun, checkpoint: str) -> dict[str, str]:
         "classlab.image_size": str(loaded.image_size),
         "classlab.channels": str(loaded.channels),
         "classlab.input": input_recipe(loaded.image_size, loaded.channels),
-        "classlab.output": "logits (softmax for probabilities)" + (ROTATION_OUTPUT if loaded.task == ROTATION else ""),
+        "classlab.output": output_text(loaded),
         "classlab.task": loaded.task,
         "classlab.run": str(loaded.run.path.resolve()),  # a relative path means nothing beside a copied file
         "classlab.checkpoint": checkpoint,
         **({"classlab.tasks": json.dumps(loaded.tasks.to_json())} if loaded.tasks is not None else {}),
+        **({TEMPERATURE_KEY: repr(loaded.temperature)} if loaded.temperature is not None else {}),
     }
+
+
+def output_text(loaded: LoadedRun) -> str:
+    """What the file's output is. A calibrated run's T is baked into the graph, so a deployment that takes the
+    softmax gets the probabilities ``classlab predict RUN`` writes; the metadata keeps T, for the raw logits."""
+    if loaded.temperature is None:
+        return "logits (softmax for probabilities)" + (ROTATION_OUTPUT if loaded.task == ROTATION else "")
+    return (
+        f"calibrated logits: the model's logits divided by the temperature T={loaded.temperature!r} "
+        f"(classlab eval --calibrate), softmax for calibrated probabilities; times T for the raw logits"
+    )
 
 
 class _Float01(nn.Module):
@@ -111,7 +124,7 @@ def export(
     """Export a run's checkpoint (None: best, or the file ``run`` names); returns the written file (default
     ``RUN/export/model.<fmt>``)."""
     if fmt not in FORMATS:
-        raise ClassLabError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+        raise ClassLabError(f"{option('format', fmt)}: choose one of {', '.join(FORMATS)}")
     run, checkpoint = open_run_at(run, checkpoint)
     loaded = load(run, checkpoint)
     path = Path(out) if out else default_path(run, fmt, checkpoint)
@@ -185,7 +198,9 @@ def _pt2_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, str]) ->
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     except Exception as exc:  # noqa: BLE001 - tracing failures are model-specific; name the model's limit
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ClassLabError(f"torch.export could not capture this model ({first}); try --format onnx") from None
+        raise ClassLabError(
+            f"torch.export could not capture this model ({first}); try {option('format', 'onnx')}"
+        ) from None
     buffer = io.BytesIO()
     torch.export.save(program, buffer, extra_files={"classlab.json": json.dumps(meta)})
     return buffer.getvalue()
@@ -205,9 +220,29 @@ def load_pt2(path: str | Path) -> tuple[Any, dict[str, str]]:
 
 
 def ensure_onnx(run: RunFolder, checkpoint: str = "best") -> Path:
-    """The run's ONNX file for ``checkpoint``, exported first if missing or older than the checkpoint."""
+    """The run's ONNX file for ``checkpoint``, exported first if missing, older than the checkpoint, or baked
+    with another calibration than the run's now: ``--backend onnx`` gives the probabilities torch gives."""
     path = default_path(run, "onnx", checkpoint)
-    ckpt = run.checkpoint(checkpoint)
-    if not path.is_file() or path.stat().st_mtime < ckpt.stat().st_mtime:
-        export(run, "onnx", path, checkpoint=checkpoint)
+    if _needs_export(run, checkpoint, path):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*probabilities are not calibrated")  # the caller's load said it
+            export(run, "onnx", path, checkpoint=checkpoint)
     return path
+
+
+def _needs_export(run: RunFolder, checkpoint: str, path: Path) -> bool:
+    if not path.is_file() or path.stat().st_mtime < run.checkpoint(checkpoint).stat().st_mtime:
+        return True
+    record = calibration_in_use(run, checkpoint, warn=False)  # load() warns about an unusable one
+    classifier = run.read_config_tree().get("task", "classify") == "classify"
+    want = float(record["temperature"]) if record is not None and classifier else None
+    try:
+        return baked_temperature(path) != want
+    except Exception:  # noqa: BLE001 - a file that cannot be read back is exported again
+        return True
+
+
+def baked_temperature(path: str | Path) -> float | None:
+    """The calibration T an exported file's logits are divided by (its metadata), None for an uncalibrated one."""
+    meta = load_pt2(path)[1] if Path(path).suffix == ".pt2" else read_onnx_metadata(path)
+    return float(meta[TEMPERATURE_KEY]) if TEMPERATURE_KEY in meta else None

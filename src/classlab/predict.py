@@ -29,7 +29,7 @@ from classlab.engine.exported import ExportedRun
 from classlab.engine.file_batches import file_batches, images_a_batch
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.tta import TTAPlan, prediction_plan, views_probabilities
-from classlab.errors import ClassLabError, utf8_text
+from classlab.errors import ClassLabError, option, option_name, utf8_text
 from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_text, shown_path
 
 
@@ -82,6 +82,7 @@ class Predictions:
     odd_names: int = 0  # file names that are not UTF-8: their bytes show as \xNN in the CSV
     backend: str = "torch"  # what ran the model: torch, or onnxruntime on an exported file
     task: str = "classify"  # what the model predicts (LoadedRun.task): its classes are angles for "rotation"
+    calibration_note: str | None = None  # "probabilities calibrated: T=... (calibration.json)" when they are
 
     @property
     def images_per_s(self) -> float:
@@ -114,15 +115,17 @@ def _scorer(loaded: LoadedRun, backend: str, plan: TTAPlan | None = None, chunk:
     if plan is None:
         return plain
     if loaded.tasks is not None:
-        raise ClassLabError("--tta gives one probability per class, not the per-task predictions of a multitask run")
+        raise ClassLabError(
+            f"{option_name('tta')} gives one probability per class, not the per-task predictions of a multitask run"
+        )
     return lambda batch: views_probabilities(plain, batch, plan, loaded.image_size, chunk)
 
 
 def _plain_scorer(loaded: LoadedRun, backend: str) -> Any:
     if backend not in ("torch", "onnx"):
-        raise ClassLabError(f"--backend {backend}: choose 'torch' or 'onnx'")
+        raise ClassLabError(f"{option('backend', backend)}: choose 'torch' or 'onnx'")
     if isinstance(loaded, ExportedRun) and backend == "torch":
-        raise ClassLabError(f"{loaded.path} runs in onnxruntime; for --backend torch give the run folder")
+        raise ClassLabError(f"{loaded.path} runs in onnxruntime; for {option('backend', 'torch')} give the run folder")
     return loaded.probabilities
 
 
@@ -130,10 +133,13 @@ def _exported(loaded: LoadedRun, checkpoint: str) -> ExportedRun:
     """The run's ONNX file (exported first if missing) for ``--backend onnx``: the same file ``classlab predict
     model.onnx`` runs, so the run gives the rows its file gives, every task's of a multitask run included."""
     if getattr(loaded, "members", None):
-        raise ClassLabError("--backend onnx runs one exported model; an ensemble predicts with --backend torch")
+        raise ClassLabError(
+            f"{option('backend', 'onnx')} runs one exported model; an ensemble predicts with "
+            f"{option('backend', 'torch')}"
+        )
     from classlab.export import ensure_onnx
 
-    exported = ExportedRun(ensure_onnx(loaded.run, checkpoint))
+    exported = ExportedRun(ensure_onnx(loaded.run, checkpoint), calibrated=loaded.temperature is not None)
     if exported.classes != loaded.classes or exported.tasks != loaded.tasks:
         raise ClassLabError(f"{exported.path} has other classes or tasks than the run; delete it to re-export")
     exported.max_image_pixels = loaded.max_image_pixels
@@ -217,8 +223,9 @@ def predict(
     k = max(1, min(top, len(loaded.classes)))
     columns = _columns(k, loaded.tasks)
     result = Predictions(
-        Path(out) if out is not None else None, 0, [], 0, 0.0, columns, backend=backend, task=loaded.task
-    )
+        Path(out) if out is not None else None, 0, [], 0, 0.0, columns, backend=backend, task=loaded.task,
+        calibration_note=loaded.calibration_note,
+    )  # fmt: skip
     result.rows = [] if (out is None if keep_rows is None else keep_rows) else None
     started, shown = time.time(), 0.0
     writer = AtomicCsvWriter(out, columns) if out is not None else None

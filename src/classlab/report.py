@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from classlab.compare import RunData, comparison, find_runs, format_value, plot_curves, read_runs, varying_keys
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, option
 from classlab.run import atomic_write_text
 
 STYLE = """
@@ -255,7 +255,7 @@ def write_html_report(
     if len(data) == 1:
         sections.append(_analysis(data[0], split, labelled))
     elif labelled is not None:
-        raise ClassLabError("--data analyses one run: give a single run folder")
+        raise ClassLabError(f"{option('data')} analyses one run: give a single run folder")
     title = f"classlab report: {data[0].label}" if len(data) == 1 else f"classlab report: {len(data)} runs"
     page = PAGE.format(
         title=_esc(title),

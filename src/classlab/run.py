@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import errno
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, option, spelt
 
 CONFIG = "config.yaml"
 CLASSES = "classes.json"
@@ -41,6 +42,9 @@ TASKS = "tasks.json"
 FOLDS = "folds.json"  # a k-fold folder: the folds' config and K (the folder itself is not a run)
 OOF = "oof.csv"  # a k-fold folder: out-of-fold predictions
 SKIPPED = "skipped_images.txt"
+CALIBRATION = (
+    "calibration.json"  # eval --calibrate: the temperature fitted for best.ckpt (calibration-<name>.json else)
+)
 LAST = "last.ckpt"
 PREVIOUS = "previous.ckpt"  # the last.ckpt before the newest, kept so a damaged last.ckpt is not the end
 LOCK = "run.lock"
@@ -66,14 +70,14 @@ def write_error(path: str | Path, exc: OSError, *, output: bool = False) -> Clas
         if exc.errno in (errno.ENOTDIR, errno.EEXIST) and exc.filename:
             why = f"'{exc.filename}' is a file, not a folder"
         return ClassLabError(
-            f"cannot write {path}: {why}; nothing was written there: give --out a place you can write to"
+            f"cannot write {path}: {why}; nothing was written there: give {option('out')} a place you can write to"
         )
     if exc.errno not in _WRITE_ERRNOS:
         return exc
     fix = "free some space" if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "make it writable"
     return RunWriteError(
         f"cannot write {path}: {os.strerror(exc.errno)}; the files written before are intact: "
-        f"{fix}, then continue the run with --resume"
+        f"{fix}, then continue the run with {option('resume')}"
     )
 
 
@@ -172,6 +176,23 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ClassLabError(
             f"checkpoint '{path}' cannot be read safely ({first[:160]}); it is damaged or not a classlab checkpoint"
         ) from None
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes: what ties a calibration to the very checkpoint it was fitted on (its name
+    alone is not enough: a resumed run writes another best.ckpt). Kept per (size, mtime) for the process, so a
+    checkpoint loaded again (every member of an ensemble, a notebook's repeated loads) is read once."""
+    stat = os.stat(path)
+    return _sha256(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
 
 
 def atomic_write_figure(path: str | Path, fig: Any, dpi: int = 100, **savefig: Any) -> None:
@@ -434,8 +455,8 @@ class RunFolder:
                 break
         if found is None:
             raise ClassLabError(
-                f"--resume: no checkpoint of '{self.path}' loads ({'; '.join(failures)[:600]}); "
-                f"start the run again with --force (the old folder is moved aside)"
+                f"{option('resume')}: no checkpoint of '{self.path}' loads ({'; '.join(failures)[:600]}); "
+                f"start the run again with {option('force')} (the old folder is moved aside)"
             )
         if found[0] != last:
             why = failures[0] if failures and last.is_file() else f"{LAST} is missing"
@@ -463,6 +484,28 @@ class RunFolder:
                 + (f"; it has: {', '.join(have)}" if have else "; it has none yet")
             )
         return path
+
+    # -- calibration -----------------------------------------------------------------------
+    def calibration_path(self, checkpoint: str = "best") -> Path:
+        """Where the temperature fitted for ``checkpoint`` is kept: calibration.json for best, calibration-<name>.json
+        for another (as export names model-<name>.onnx), so fitting last.ckpt does not throw best's away."""
+        name = checkpoint.removesuffix(".ckpt")
+        return self.path / (CALIBRATION if name == "best" else f"{Path(CALIBRATION).stem}-{name}.json")
+
+    def write_calibration(self, checkpoint: str, record: Mapping[str, Any]) -> Path:
+        path = self.calibration_path(checkpoint)
+        atomic_write_json(path, dict(record))
+        return path
+
+    def read_calibration(self, checkpoint: str = "best") -> dict[str, Any] | None:
+        """The calibration record of ``checkpoint``, None when none was fitted; a damaged file is a ClassLabError."""
+        path = self.calibration_path(checkpoint)
+        if not path.is_file():
+            return None
+        record = self.read_json(path.name)
+        if not isinstance(record, dict):
+            raise ClassLabError(f"{path} is damaged (not a mapping of calibration fields)")
+        return record
 
     # -- small files -----------------------------------------------------------------------
     def write_json(self, name: str, obj: Any) -> None:
@@ -823,7 +866,7 @@ def holds_runs(path: str | Path) -> str | None:
         return None
     return (
         f"it holds {len(inner)} run(s) (a sweep's or run.root's folder): give one of them ({inner[0]}), or for "
-        "predict/eval several of them with --ensemble mean"
+        f"predict/eval several of them {spelt('with --ensemble mean', 'as a list')}"
     )
 
 
@@ -841,7 +884,8 @@ def open_run(path: str | Path) -> RunFolder:
         if is_fold_group(run.path):  # `classlab train --folds K` printed the fold runs' folders, not this one
             raise ClassLabError(
                 f"'{run.path}' is a k-fold folder (one run per fold), not one run; give a fold run "
-                f"({run.path / 'fold0'}), or for predict/eval add --ensemble mean to use them all"
+                f"({run.path / 'fold0'}), or for predict/eval {spelt('add --ensemble mean', 'give this folder')} "
+                "to use them all"
             )
         raise ClassLabError(
             f"'{run.path}' is not a run folder (no {CONFIG}); "
@@ -853,7 +897,7 @@ def open_run(path: str | Path) -> RunFolder:
         last = RunFolder(run.path / f"stage{len(stages)}")
         if not (last.path / CONFIG).is_file():
             raise ClassLabError(
-                f"multi-stage run '{run.path}' has not reached its last stage; continue it with --resume"
+                f"multi-stage run '{run.path}' has not reached its last stage; continue it with {option('resume')}"
             )
         return last
     return run

@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from classlab.config import Config, and_others, changed_keys, flatten, parse_override, saved_tree, validate, yaml_text
-from classlab.errors import ClassLabError, ConfigError
+from classlab.errors import ClassLabError, ConfigError, option, option_name, spelt
 from classlab.run import (
     FOLDS,
     RunFolder,
@@ -84,7 +84,7 @@ def split_top_level(text: str) -> list[str]:
             continue
         current.append(ch)
     if quote or depth:
-        raise ConfigError(f"--grid '{text}': unbalanced brackets or quotes")
+        raise ConfigError(f"{option('grid', text, quoted=True)}: unbalanced brackets or quotes")
     parts.append("".join(current).strip())
     return parts
 
@@ -92,26 +92,31 @@ def split_top_level(text: str) -> list[str]:
 def parse_axis(text: str) -> Axis:
     """``key=v1,v2`` or ``k1,k2=[a1,a2],[b1,b2]`` -> Axis."""
     if "=" not in text:
-        raise ConfigError(f"--grid '{text}' is not of the form key=v1,v2 (for example data.images_per_class=10,50)")
+        raise ConfigError(
+            f"{option('grid', text, quoted=True)} is not of the form key=v1,v2 "
+            "(for example data.images_per_class=10,50)"
+        )
     head, raw = text.split("=", 1)
     keys = tuple(k.strip() for k in head.split(","))
     if not all(keys) or not raw.strip():
-        raise ConfigError(f"--grid '{text}' needs a key and at least one value (key=v1,v2)")
+        raise ConfigError(f"{option('grid', text, quoted=True)} needs a key and at least one value (key=v1,v2)")
     values: list[tuple[Any, ...]] = []
     for item in split_top_level(raw):
         try:
             value = yaml.safe_load(item) if item else None
         except yaml.YAMLError:
-            raise ConfigError(f"--grid {head}: value '{item}' is not valid YAML") from None
+            raise ConfigError(f"{option_name('grid')} {head}: value '{item}' is not valid YAML") from None
         if len(keys) == 1:
             values.append((value,))
         elif isinstance(value, list) and len(value) == len(keys):
             values.append(tuple(value))
         else:
-            raise ConfigError(f"--grid {head}: linked keys need one [{', '.join(keys)}] list per point, got '{item}'")
+            raise ConfigError(
+                f"{option_name('grid')} {head}: linked keys need one [{', '.join(keys)}] list per point, got '{item}'"
+            )
     rendered = [json.dumps(v, sort_keys=True) for v in values]
     if len(set(rendered)) != len(rendered):
-        raise ConfigError(f"--grid {head}: a value is listed twice")
+        raise ConfigError(f"{option_name('grid')} {head}: a value is listed twice")
     return Axis(keys, tuple(values))
 
 
@@ -178,7 +183,10 @@ def expand(axes: list[Axis]) -> list[dict[str, Any]]:
     keys = [k for axis in axes for k in axis.keys]
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})
-        raise ConfigError(f"--grid sets {', '.join(dup)} more than once; give each key in one --grid only")
+        raise ConfigError(
+            f"{option_name('grid')} sets {', '.join(dup)} more than once; give each key in one "
+            f"{spelt('--grid', 'grid entry')} only"
+        )
     points = []
     for combo in itertools.product(*(axis.values for axis in axes)):
         assignment: dict[str, Any] = {}
@@ -211,7 +219,7 @@ def plan(
     """Validate every point before anything runs, and find what each folder already holds."""
     axes = [parse_axis(g) for g in grid]
     if not axes:
-        raise ConfigError("sweep needs at least one --grid key=v1,v2")
+        raise ConfigError(f"sweep needs at least one {option('grid', 'key=v1,v2')}")
     assignments = expand(axes)
     base = coerce_config(config, overrides)
     _check_grid_keys(axes)
@@ -239,7 +247,7 @@ def plan(
         values = _grid_values(point_cfg, list(assignment))
         if values in seen:  # --grid optim.lr=1e-2,0.01: two folders training one run
             raise ConfigError(
-                f"--grid: points {seen[values]} and {name} are the same run once their values are read "
+                f"{option_name('grid')}: points {seen[values]} and {name} are the same run once their values are read "
                 f"({', '.join(f'{k}={v!r}' for k, v in json.loads(values))}); list each value once"
             )
         seen[values] = name
@@ -296,7 +304,8 @@ def _check_grid_keys(axes: list[Axis]) -> None:
     for key in (k for axis in axes for k in axis.keys):
         if key in SWEEP_SETS:
             raise ConfigError(
-                f"--grid {key}: the sweep names each run's folder itself (<run.root>/<exp_name>/<grid values>); "
+                f"{option_name('grid')} {key}: the sweep names each run's folder itself "
+                "(<run.root>/<exp_name>/<grid values>); "
                 "sweep another key, or set exp_name and run.root once as overrides"
             )
 
@@ -320,7 +329,8 @@ def overridden_by_grid(grid: list[str], overrides: list[str]) -> list[str]:
                 None,
             )
             if clash:
-                lines.append(f"note: {text} does not apply: --grid {','.join(axis.keys)} sets {clash} for every run")
+                grid = f"{option_name('grid')} {','.join(axis.keys)}"
+                lines.append(f"note: {text} does not apply: {grid} sets {clash} for every run")
                 break
     return lines
 
@@ -378,9 +388,10 @@ def _outcome(point: Point) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_here(config: str | None, point: Point, quiet: bool) -> None:
+def _run_here(config: str | None, point: Point, quiet: bool, verbose: int) -> None:
+    resume, force = point.status == "resume", point.status == "broken"
     try:
-        train(config, point.overrides, resume=point.status == "resume", force=point.status == "broken", quiet=quiet)
+        train(config, point.overrides, resume=resume, force=force, quiet=quiet, verbose=verbose)
     except KeyboardInterrupt:
         point.status = "interrupted"
         raise
@@ -461,13 +472,14 @@ def _run_ray(config: str | None, todo: list[Point], address: str, cpus: float, s
         import ray
     except ImportError:
         raise ClassLabError(
-            "--ray needs Ray, which is not installed: pip install 'ray>=2.9' (or run the sweep with --jobs K)"
+            f"{option_name('ray')} needs Ray, which is not installed: pip install 'ray>=2.9' (or run the sweep with "
+            f"{option('jobs', metavar='K')})"
         ) from None
     try:
         ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     except Exception as exc:  # noqa: BLE001 - connection problems are user errors here
         raise ClassLabError(
-            f"--ray {address}: cannot connect ({str(exc).splitlines()[0][:200]}); "
+            f"{option('ray', address)}: cannot connect ({str(exc).splitlines()[0][:200]}); "
             "give a running cluster's address (ray://host:10001 or auto) or 'local' to start one here"
         ) from None
     task = ray.remote(num_cpus=cpus)(_ray_task)
@@ -509,16 +521,18 @@ def sweep(
     ray_address: str | None = None,
     ray_cpus: float = 1.0,
     quiet: bool = False,
+    verbose: int = 0,
     say: Any = print,
 ) -> list[Point]:
     """Run (or continue) the grid; return every point with its final status.
 
-    Raises ConfigError before anything runs if any point's config is invalid.
+    ``quiet`` and ``verbose`` are train's, for the runs trained in this process. Raises ConfigError before
+    anything runs if any point's config is invalid.
     """
     config = str(config) if config is not None else None
     overrides = list(overrides or [])
     if jobs < 1:
-        raise ConfigError(f"--jobs {jobs}: give 1 or more processes")
+        raise ConfigError(f"{option('jobs', jobs)}: give 1 or more processes")
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     root, points = plan(config, overrides, grid, threads=threads)
     done = [p for p in points if p.status == "finished"]
@@ -542,7 +556,7 @@ def sweep(
         else:
             for i, point in enumerate(todo, 1):
                 say(f"[{i}/{len(todo)}] {'resuming' if point.status == 'resume' else 'starting'} {point.name}")
-                _run_here(config, point, quiet)
+                _run_here(config, point, quiet, verbose)
                 _outcome(point)
                 say(_line(point))
     finally:

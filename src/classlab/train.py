@@ -48,6 +48,7 @@ from classlab.data.tasks import TaskLayout
 from classlab.engine import loggers as tracking
 from classlab.engine.callbacks import METRIC_COLUMNS, GracefulStop, RunRecorder
 from classlab.engine.finetune import trainable_at_start
+from classlab.engine.library_logs import LIGHTNING_LOGGERS, library_logs
 from classlab.engine.load import load
 from classlab.engine.metrics import macro_f1, top_k_accuracy
 from classlab.engine.predict import predict_split
@@ -62,7 +63,15 @@ from classlab.engine.trainer import (
     load_stage_weights,
     precision_notice,
 )
-from classlab.errors import ClassLabError, ConfigError, RunInterrupted, ddp_worker, first_line
+from classlab.errors import (
+    ClassLabError,
+    ConfigError,
+    RunInterrupted,
+    ddp_worker,
+    first_line,
+    option,
+    spelt,
+)
 from classlab.models import count_params, pretrained, validate_model_spec
 from classlab.run import (
     CONFIG,
@@ -171,17 +180,18 @@ def _make_run(cfg: Config, resume: bool, force: bool, *, move_now: bool = True) 
     path, named = new_run_path(cfg.run.root, cfg.exp_name, default, numbered=not resume)
     if resume:
         if not path.is_dir():
-            raise ClassLabError(f"--resume: run folder '{path}' does not exist; start it without --resume")
+            flag = option("resume")
+            raise ClassLabError(f"{flag}: run folder '{path}' does not exist; start it without {flag}")
         return RunFolder(path), cfg
     if path.exists():
         RunLock(path).check_free()  # never refuse with "use --resume" or move aside a folder in use
         if not force:
             status = RunFolder(path).summary(default={}).get("status")
             how = {"running": " and was cut off", "finished": " and has finished"}.get(status, "")
-            resume = "--resume with more epochs to train it on" if status == "finished" else "--resume to continue it"
+            how_on = "with more epochs to train it on" if status == "finished" else "to continue it"
             raise ClassLabError(
-                f"run folder '{path}' already exists{how}; use {resume}, --force to move it aside, "
-                f"or choose another exp_name"
+                f"run folder '{path}' already exists{how}; use {option('resume')} {how_on}, "
+                f"{option('force')} to move it aside, or choose another exp_name"
             )
         if move_now:
             _replace_old(path)
@@ -214,27 +224,29 @@ def train(
     resume: bool = False,
     force: bool = False,
     quiet: bool = False,
+    verbose: int = 0,
 ) -> RunFolder:
     """Train one run (or each stage of a multi-stage run, or each fold of ``data.folds``); return its folder.
 
     ``config``: a YAML/INI path, a dict of the config's keys, a Config, or None for the defaults.
     ``overrides``: ``["optim.lr=0.05", "epochs=3"]`` as on the command line, one such string, or a dict
     ``{"optim.lr": 0.05}``. ``resume`` and ``force`` are ``--resume`` and ``--force``; ``quiet`` prints
-    nothing, Lightning's own log lines and warnings included. The process is left as it was found (random
-    states, torch's thread count and deterministic mode, environment variables), so a notebook's own work
-    after a run, or a second run, is not shaped by the first. Raises ClassLabError/ConfigError on bad input.
+    nothing. Lightning's and torch's own log lines and warnings are kept back, as the command line keeps them
+    back: ``verbose=1`` lets them through (``-v``), ``verbose=2`` their debug lines too (``-vv``). The process
+    is left as it was found (random states, torch's thread count and deterministic mode, environment variables,
+    logging and warnings filters), so a notebook's own work after a run, or a second run, is not shaped by the
+    first. Raises ClassLabError/ConfigError on bad input.
     """
-    with _kept_for_caller(quiet):
+    with _kept_for_caller(verbose):
         given = override_list(overrides)
         cfg = coerce_config(config, given)
         if cfg.data.folds and cfg.data.fold is None:
-            return train_folds(cfg, resume=resume, force=force, quiet=quiet)
+            return train_folds(cfg, resume=resume, force=force, quiet=quiet, verbose=verbose)
         if cfg.stages:
             return _train_stages(cfg, resume=resume, force=force, quiet=quiet)
         return _train_one(cfg, config, given, resume=resume, force=force, quiet=quiet)
 
 
-LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning")
 # Set by a run, or by Lightning; the DDP ones in process 0 too, where a second DDP train() in the same script
 # found LOCAL_RANK and WORLD_SIZE set and launched no workers.
 RUN_ENV = (RUN_DIR_ENV, "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")
@@ -242,11 +254,12 @@ RUN_ENV += ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT
 
 
 @contextlib.contextmanager
-def _kept_for_caller(quiet: bool) -> Iterator[None]:
+def _kept_for_caller(verbose: int) -> Iterator[None]:
     """What a run sets process-wide for itself, given back afterwards: the global random states it seeds,
     Lightning's deterministic mode and cudnn flag, the environment variables it sets, the thread count
-    (trainer.threads). ``quiet``: Lightning's log lines and warnings are kept back for the call only, as the
-    command line keeps them back for its process."""
+    (trainer.threads). Library logs as ``verbose`` asks (``library_logs``), for the call only: the levels of
+    Lightning's loggers, the root logger's (``-v``'s basicConfig) and the warnings filters are the caller's again
+    afterwards, as the command line sets them for its whole process."""
     env = {name: os.environ.get(name) for name in RUN_ENV}
     flags = (
         torch.are_deterministic_algorithms_enabled(),
@@ -258,16 +271,17 @@ def _kept_for_caller(quiet: bool) -> Iterator[None]:
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     levels = {name: logging.getLogger(name).level for name in LIGHTNING_LOGGERS}
+    root = logging.getLogger()
+    root_state = (root.level, list(root.handlers))
     try:
-        with warnings.catch_warnings():
-            if quiet:
-                warnings.filterwarnings("ignore", module=r"lightning\..*")
-                for name in LIGHTNING_LOGGERS:
-                    logging.getLogger(name).setLevel(logging.ERROR)
+        with warnings.catch_warnings():  # the filters and showwarning, as they were
+            library_logs(verbose)
             yield
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+        root.setLevel(root_state[0])
+        root.handlers[:] = root_state[1]
         for name, value in env.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -361,9 +375,9 @@ def _resume_changes(saved: Config, cfg: Config, run: RunFolder) -> list[str]:
     if kept:
         key, old, new = kept[0]
         raise ClassLabError(
-            f"--resume: {key} was {old!r} in '{run.path}', here {new!r}{and_others(kept)}; a resumed run keeps its "
-            "model, data, seed and task: drop that override, or train a new run (another exp_name, or --force to move "
-            "this one aside)"
+            f"{option('resume')}: {key} was {old!r} in '{run.path}', here {new!r}{and_others(kept)}; a resumed run "
+            "keeps its model, data, seed and task: drop that override, or train a new run (another exp_name, or "
+            f"{option('force')} to move this one aside)"
         )
     return [f"{k} {old!r} -> {new!r}" for k, old, new in changes if k not in RESUME_UNSAID]
 
@@ -382,7 +396,8 @@ def _say_file_edits(config: str | Path, cfg: Config, from_file: Config, console:
     more = f" and {len(edits) - 3} more" if len(edits) > 3 else ""
     key, _, value = edits[0]
     console.print(
-        f"note: {config} differs from the run's own config.yaml in {shown}{more}; --resume goes on with the run's "
+        f"note: {config} differs from the run's own config.yaml in {shown}{more}; {option('resume')} goes on with "
+        "the run's "
         f"settings: give a change as an override ({key}={yaml_text(value)}), as for any resumed run"
     )
 
@@ -400,7 +415,8 @@ def _resume_state(
     if is_fold_group(run.path) and not (run.path / CONFIG).is_file():
         # The folds were asked for on the command line (--folds K) and not given again with --resume.
         k = run.read_json(FOLDS).get("folds", "K")
-        raise ClassLabError(f"'{run.path}' is a k-fold folder; continue it with --folds {k} (or data.folds={k})")
+        again = spelt(f"--folds {k} (or data.folds={k})", f"the override data.folds={k}")
+        raise ClassLabError(f"'{run.path}' is a k-fold folder; continue it with {again}")
     if _is_zero():
         lock.acquire()  # a second process on this folder stops here, before it reads or writes anything
     tree = saved_tree(run.read_config_tree())
@@ -679,8 +695,13 @@ def _say_if_finished(run: RunFolder, cfg: Config, console: Console) -> None:
     if len(run.read_metrics()) >= cfg.epochs and run.summary(default={}).get("status") == "finished":
         console.print(
             f"{run.path} already finished its {cfg.epochs} epochs: nothing to train; "
-            f"to train it longer: --resume epochs={cfg.epochs + max(1, cfg.epochs // 2)}"
+            f"to train it longer: {_resume_with(f'epochs={cfg.epochs + max(1, cfg.epochs // 2)}')}"
         )
+
+
+def _resume_with(override: str) -> str:
+    """``--resume epochs=45`` in the reader's words: the override goes with the flag, or in ``overrides``."""
+    return spelt(f"--resume {override}", f"resume=True with the override {override}")
 
 
 def best_row(rows: list[dict[str, Any]], monitor: str) -> dict[str, Any] | None:
@@ -752,7 +773,8 @@ def _top_folder(cfg: Config, resume: bool, force: bool) -> tuple[RunFolder, Path
             moved = move_aside(path)
         # Without --force an existing k-fold folder is continued: finished folds are kept.
     elif resume and not path.is_dir():
-        raise ClassLabError(f"--resume: k-fold folder '{path}' does not exist; start it without --resume")
+        flag = option("resume")
+        raise ClassLabError(f"{flag}: k-fold folder '{path}' does not exist; start it without {flag}")
     return RunFolder(path), moved
 
 
@@ -767,11 +789,13 @@ def _check_same_folds(top: RunFolder, cfg: Config) -> None:
             f"'{top.path}' holds k-fold runs trained with {key}={yaml_text(old)}, here {yaml_text(new)}"
             f"{and_others(changes)}; "
             "a second call continues those folds as they were: drop the change, or train new folds "
-            "(another exp_name, or --force to move this folder aside)"
+            f"(another exp_name, or {option('force')} to move this folder aside)"
         )
 
 
-def train_folds(cfg: Config, *, resume: bool = False, force: bool = False, quiet: bool = False) -> RunFolder:
+def train_folds(
+    cfg: Config, *, resume: bool = False, force: bool = False, quiet: bool = False, verbose: int = 0
+) -> RunFolder:
     """Train every fold in turn, then write the out-of-fold predictions and the mean ± std summary."""
     if cfg.stages:
         raise ClassLabError("data.folds with stages is not supported; run the folds of one stage at a time")
@@ -785,7 +809,7 @@ def train_folds(cfg: Config, *, resume: bool = False, force: bool = False, quiet
     tree = cfg.to_dict()
     tree["exp_name"] = top.path.name
     if is_fold_group(top.path) and top.read_json(FOLDS).get("folds") != cfg.data.folds:
-        raise ClassLabError(f"'{top.path}' holds a {top.read_json(FOLDS)['folds']}-fold run; use --force")
+        raise ClassLabError(f"'{top.path}' holds a {top.read_json(FOLDS)['folds']}-fold run; use {option('force')}")
     if is_fold_group(top.path):
         _check_same_folds(top, cfg)
     created = not top.path.exists()
@@ -793,7 +817,7 @@ def train_folds(cfg: Config, *, resume: bool = False, force: bool = False, quiet
         top.path.mkdir(parents=True, exist_ok=True)
         top.write_json(FOLDS, {"folds": cfg.data.folds, "seed": cfg.seed, "config": tree})
         top.update_summary(status="running", exp_name=top.path.name, folds=cfg.data.folds)
-        _train_each_fold(top, cfg, tree, quiet=quiet)
+        _train_each_fold(top, cfg, tree, quiet=quiet, verbose=verbose)
     except BaseException:
         # Refused before any fold began (its data, a write): a folder holding only folds.json and a summary
         # saying "running" would read as a run cut off, where nothing ran (a broken manifest leaves no run folder),
@@ -821,7 +845,7 @@ def _folds_line(summary: dict[str, Any], folds: int) -> str:
     return line + "".join(f"\n  task {t}: out-of-fold accuracy {summary[f'oof_{t}/acc']:.4f}" for t in tasks)
 
 
-def _train_each_fold(top: RunFolder, cfg: Config, tree: dict[str, Any], *, quiet: bool) -> None:
+def _train_each_fold(top: RunFolder, cfg: Config, tree: dict[str, Any], *, quiet: bool, verbose: int) -> None:
     """Each fold in turn, as an ordinary run in ``top/fold{i}``; a finished fold is kept."""
     for i in range(cfg.data.folds or 0):
         fold_tree = dict(tree, exp_name=f"fold{i}")
@@ -835,12 +859,13 @@ def _train_each_fold(top: RunFolder, cfg: Config, tree: dict[str, Any], *, quiet
             continue
         if not quiet:
             print(f"fold {i + 1}/{cfg.data.folds}", flush=True)
-        train(validate(fold_tree), resume=status is not None, quiet=quiet)
+        train(validate(fold_tree), resume=status is not None, quiet=quiet, verbose=verbose)
 
 
 def _predict_fold(run: Path) -> dict[str, Any]:
-    """The best checkpoint of one fold on its own validation images: probabilities and labels."""
-    loaded = load(run)
+    """The best checkpoint of one fold on its own validation images: probabilities and labels (plain: a
+    calibration of the fold run was fitted on these very images, and would flatter the out-of-fold figures)."""
+    loaded = load(run, calibrated=False)
     folder = RunFolder(run)
     split = folder.read_split()
     data = load_data(loaded.cfg, split=split, with_test=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from classlab.config import DataSection
 from classlab.data.sources import UNLABELED, class_name, delimiter, open_dataset
-from classlab.errors import ClassLabError, utf8_text
+from classlab.errors import ClassLabError, option, utf8_text
 
 # Keys of the run's data section that describe its own data set, not how images are read.
 _RUN_DATA_KEYS = ("classes", "csv_file", "test_csv_file", "val_csv_file", "group_column", "image_dir")
@@ -39,7 +39,7 @@ def _check_columns(path: Path, section: DataSection) -> None:
     missing = [c for c in wanted if c not in header]
     if missing:
         raise ClassLabError(
-            f"--data '{path}': no column {', '.join(repr(c) for c in missing)}; its columns are "
+            f"{option('data', path, quoted=True)}: no column {', '.join(repr(c) for c in missing)}; its columns are "
             f"{', '.join(header) or 'none'}: name them {wanted[0]},{wanted[1]} as the run's data.path_column and "
             "data.label_column do"
         )
@@ -56,12 +56,15 @@ def labelled_files(section: DataSection, path: str | Path, classes: list[str]) -
         update |= {"dataset": "folder", "root": str(path.resolve())}
     else:
         what = "does not exist" if not path.exists() else "is neither a folder of class folders nor a .csv manifest"
-        raise ClassLabError(f"--data '{path}' {what}; give labelled images: FOLDER/<class>/*.jpg or a CSV manifest")
+        raise ClassLabError(
+            f"{option('data', path, quoted=True)} {what}; give labelled images: FOLDER/<class>/*.jpg or a CSV manifest"
+        )
     dataset = open_dataset(section.model_copy(update=update))
     source = dataset.test if dataset.test is not None else dataset.train
     if dataset.classes == [UNLABELED]:
         raise ClassLabError(
-            f"--data '{path}' has images but no class folders: eval needs <folder>/<class>/ images to score; "
+            f"{option('data', path, quoted=True)} has images but no class folders: eval needs <folder>/<class>/ "
+            "images to score; "
             "`classlab predict` reads unlabelled images"
         )
     index = {class_name(name): i for i, name in enumerate(classes)}  # a run trained before names were composed
@@ -76,7 +79,8 @@ def labelled_files(section: DataSection, path: str | Path, classes: list[str]) -
             else "a folder's name is its class: rename or leave out the others"
         )
         raise ClassLabError(
-            f"--data '{path}': class(es) the run was not trained on: {shown}; the run's classes are {known} ({how})"
+            f"{option('data', path, quoted=True)}: class(es) the run was not trained on: {shown}; the run's classes "
+            f"are {known} ({how})"
         )
     files = list(source.files or [])
     labels = [index[dataset.classes[int(label)]] for label in source.labels]

@@ -23,7 +23,7 @@ from torch import nn
 
 from classlab.engine.exported import ExportedRun, is_exported_file
 from classlab.engine.load import LoadedRun, check_run_given, load
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, option
 from classlab.models.net import ClassifierModel
 from classlab.run import RunFolder, fold_runs, is_fold_group
 
@@ -104,13 +104,17 @@ def _check_compatible(paths: list[Path], loaded: list[Any]) -> None:
 
 
 def load_ensemble(
-    runs: Sequence[str | Path | RunFolder], checkpoint: str | None = None, device: str = "cpu"
+    runs: Sequence[str | Path | RunFolder], checkpoint: str | None = None, device: str = "cpu", calibrated: bool = True
 ) -> LoadedRun:
-    """Several runs (or k-fold folders) -> one LoadedRun whose probabilities are the members' mean."""
+    """Several runs (or k-fold folders) -> one LoadedRun whose probabilities are the members' mean.
+
+    ``calibrated``: each member calibrated by its own temperature where it has one (``eval --calibrate``),
+    before the mean: the members' T differ, and one T for the mean would be fitted on no one's validation set.
+    """
     paths = expand_runs(runs)
     if not paths:
         raise ClassLabError("no runs given for the ensemble")
-    loaded = [load(p, checkpoint, device) for p in paths]
+    loaded = [load(p, checkpoint, device, calibrated) for p in paths]
     if len(loaded) == 1:
         return loaded[0]
     _check_compatible(paths, loaded)
@@ -126,27 +130,44 @@ def load_ensemble(
     ensemble.tasks = first.tasks
     ensemble.checkpoint = first.checkpoint
     ensemble.members = paths  # type: ignore[attr-defined]
+    ensemble.calibration_note = _members_calibration(loaded)
     return ensemble
 
 
-def load_runs(run: Any, checkpoint: str | None = None, device: str = "cpu") -> LoadedRun:
+def _members_calibration(members: list[LoadedRun]) -> str | None:
+    """One line for the members' calibrations: which are calibrated, each by its own T."""
+    temperatures = [m.temperature for m in members]
+    if all(t is None for t in temperatures):
+        return None
+    shown = ", ".join(
+        f"{m.run.path.name} T={t:.4g}" if t is not None else f"{m.run.path.name} uncalibrated"
+        for m, t in zip(members, temperatures)
+    )
+    count = sum(t is not None for t in temperatures)
+    return f"probabilities calibrated: {count} of {len(members)} members, each by its own temperature ({shown})"
+
+
+def load_runs(run: Any, checkpoint: str | None = None, device: str = "cpu", calibrated: bool = True) -> LoadedRun:
     """What a trained model may be given as (``classlab.load``, predict): a run folder or one of its
     checkpoint files; several runs or a k-fold folder (their mean ensemble); an ONNX file written by
-    ``classlab export`` (run in onnxruntime); a LoadedRun as it is."""
+    ``classlab export`` (run in onnxruntime); a LoadedRun as it is.
+
+    ``calibrated``: probabilities calibrated by the temperature ``classlab eval RUN --calibrate`` fitted for the
+    checkpoint, where there is one (``LoadedRun.calibration_note`` says so); False: the plain softmax."""
     if isinstance(run, LoadedRun):
         return run
     if isinstance(run, (str, Path)) and is_exported_file(run):
         if checkpoint not in (None, "best"):
             raise ClassLabError(
-                f"{run} is one exported model: drop --checkpoint {checkpoint}, "
+                f"{run} is one exported model: drop {option('checkpoint', checkpoint)}, "
                 "or give the run folder to pick its checkpoint"
             )
-        return ExportedRun(run)
+        return ExportedRun(run, calibrated)
     if isinstance(run, (list, tuple)):
         if any(isinstance(r, (str, Path)) and is_exported_file(r) for r in run):
             raise ClassLabError("an ensemble averages run folders; give the runs, not their exported files")
-        return load_ensemble(run, checkpoint, device)
+        return load_ensemble(run, checkpoint, device, calibrated)
     check_run_given(run)
     if not isinstance(run, RunFolder) and is_fold_group(run):
-        return load_ensemble([run], checkpoint, device)
-    return load(run, checkpoint, device)
+        return load_ensemble([run], checkpoint, device, calibrated)
+    return load(run, checkpoint, device, calibrated)

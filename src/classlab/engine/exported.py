@@ -18,11 +18,12 @@ import torch
 
 from classlab.data.tasks import TaskLayout
 from classlab.engine.load import LoadedRun
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, option
 
 INSTALL_HINT = "pip install 'classlab[export]'"
 ONNX_SUFFIX = ".onnx"
 EXPORT_SUFFIXES = (ONNX_SUFFIX, ".pt2")
+TEMPERATURE_KEY = "classlab.temperature"  # metadata: the calibration T baked into the logits (absent: none)
 
 
 def is_exported_file(path: str | Path) -> bool:
@@ -37,7 +38,7 @@ class OnnxModel:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ClassLabError(f"--backend onnx needs onnxruntime: {INSTALL_HINT}") from None
+            raise ClassLabError(f"{option('backend', 'onnx')} needs onnxruntime: {INSTALL_HINT}") from None
         self.path = Path(path)
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -66,7 +67,7 @@ class ExportedRun(LoadedRun):
     images are read with the default pixel limit (``data.max_image_pixels``'s default).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, calibrated: bool = True) -> None:
         path = Path(path)
         if not path.is_file():
             raise ClassLabError(f"'{path}' does not exist; give a run folder or a file written by classlab export")
@@ -88,13 +89,19 @@ class ExportedRun(LoadedRun):
         self.max_image_pixels = None
         if "classlab.tasks" in meta:  # a multitask run: its file predicts each task as the run does
             self.tasks = TaskLayout.from_json(json.loads(meta["classlab.tasks"]))
+        # A calibrated run's T is baked into the file's logits (classlab export); calibrated=False undoes it.
+        baked = float(meta[TEMPERATURE_KEY]) if TEMPERATURE_KEY in meta else None
+        self.undo = baked if baked is not None and not calibrated else 1.0
+        if baked is not None and calibrated:
+            self.calibration = {"temperature": baked, "file": str(path)}
+            self.calibration_note = f"probabilities calibrated: T={baked:.4g} (baked into {path.name} at export)"
 
     @property
     def task(self) -> str:
         return self.onnx.metadata.get("classlab.task", "multitask" if self.tasks is not None else "classify")
 
     def probabilities(self, images: object) -> torch.Tensor:
-        return self.onnx.logits(self._batch(images)).softmax(1)  # type: ignore[arg-type]
+        return (self.onnx.logits(self._batch(images)) * self.undo).softmax(1)  # type: ignore[arg-type]
 
     def task_probabilities(self, images: object) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self.tasks is None:

@@ -18,6 +18,7 @@ from PIL import Image
 from classlab.config import Config, saved_tree, validate
 from classlab.data.preprocess import BadImage, Normalize, array_to_tensor, image_to_tensor, open_image
 from classlab.data.tasks import read_layout
+from classlab.engine.calibration import calibration_in_use, calibration_note
 from classlab.engine.predict import probabilities, task_probabilities
 from classlab.errors import ClassLabError
 from classlab.models import build_model
@@ -45,6 +46,8 @@ class LoadedRun:
 
     tasks: Any = None
     checkpoint: str = "best"  # the checkpoint the weights came from (the run's file name, without .ckpt)
+    calibration: dict[str, Any] | None = None  # the calibration record whose T the model's logits are divided by
+    calibration_note: str | None = None  # the one line that says so ("probabilities calibrated: T=1.83 (...)")
 
     def __init__(
         self, run: RunFolder, cfg: Config, model: ClassifierModel, classes: list[str], size: int, channels: int
@@ -52,6 +55,11 @@ class LoadedRun:
         self.run, self.cfg, self.model, self.classes = run, cfg, model, classes
         self.image_size, self.channels = size, channels
         self.max_image_pixels = cfg.data.max_image_pixels if cfg is not None else None
+
+    @property
+    def temperature(self) -> float | None:
+        """The calibration's T (``classlab eval --calibrate``) the probabilities are calibrated by, or None."""
+        return float(self.calibration["temperature"]) if self.calibration else None
 
     @property
     def task(self) -> str:
@@ -154,11 +162,15 @@ def image_pixels(image: np.ndarray | torch.Tensor) -> np.ndarray:
     return values
 
 
-def load(run: str | Path | RunFolder, checkpoint: str | None = None, device: str = "cpu") -> LoadedRun:
+def load(
+    run: str | Path | RunFolder, checkpoint: str | None = None, device: str = "cpu", calibrated: bool = True
+) -> LoadedRun:
     """Rebuild a run's model from its folder, or from one of its checkpoint files (weights only, no code executed).
 
     ``checkpoint``: best, last, epochN; None: best, or the file ``run`` names. ``device``: where the model runs
-    (``cpu``, ``cuda``, ``cuda:1``, ``mps``); a device torch cannot use here is refused before anything is read."""
+    (``cpu``, ``cuda``, ``cuda:1``, ``mps``); a device torch cannot use here is refused before anything is read.
+    ``calibrated``: a classifier with a calibration fitted for this checkpoint (``eval --calibrate``) gives its
+    calibrated probabilities; False gives the plain softmax (what the temperature is fitted on)."""
     check_run_given(run)
     device = _usable_device(device)
     run, checkpoint = open_run_at(run, checkpoint)
@@ -192,6 +204,11 @@ def load(run: str | Path | RunFolder, checkpoint: str | None = None, device: str
     loaded = LoadedRun(run, cfg, model, classes, size, channels)
     loaded.tasks = layout
     loaded.checkpoint = checkpoint
+    if calibrated and cfg.task == "classify":
+        loaded.calibration = calibration_in_use(run, checkpoint)
+        if loaded.calibration is not None:
+            model.temperature = loaded.temperature
+            loaded.calibration_note = calibration_note(loaded.calibration)
     return loaded
 
 

@@ -32,7 +32,7 @@ from PIL import Image
 from classlab.data.preprocess import to_mode
 from classlab.engine.metrics import top_k_accuracy
 from classlab.engine.predict import eval_loop
-from classlab.errors import ClassLabError, did_you_mean
+from classlab.errors import ClassLabError, did_you_mean, option, option_name, spelt
 
 BATCH_MODES = ("flip", "translate", "diagonal")
 SHIFT_MODES = ("translate", "diagonal")  # two sets of shifted views: a plan takes one
@@ -71,7 +71,10 @@ def _tokens(text: str, image_size: int) -> tuple[list[str], list[int]]:
     """The mode names of ``text`` in order, and the scales given to its scale-taking mode."""
     tokens = [t.strip() for t in text.split(",") if t.strip()]
     if not tokens:
-        raise ClassLabError(f"--tta '{text}': give one or more of {', '.join(MODES)} (e.g. --tta flip,translate)")
+        raise ClassLabError(
+            f"{option('tta', text, quoted=True)}: give one or more of {', '.join(MODES)} "
+            f"(e.g. {option('tta', 'flip,translate')})"
+        )
     modes: list[str] = []
     scales: list[int] = []
     current = None
@@ -83,20 +86,21 @@ def _tokens(text: str, image_size: int) -> tuple[list[str], list[int]]:
         name = name.lower()
         if name not in MODES:
             raise ClassLabError(
-                f"--tta: unknown mode '{name}'{did_you_mean(name, MODES)}; choose from {', '.join(MODES)}"
+                f"{option_name('tta')}: unknown mode '{name}'{did_you_mean(name, MODES)}; choose from "
+                f"{', '.join(MODES)}"
                 " (multiscale, perscale and fullconv take sizes: multiscale:224,256,384)"
             )
         if name in SCALE_MODES:
             if not arg or not arg.isdigit():
                 raise ClassLabError(
-                    f"--tta {name} needs the shorter-side sizes, e.g. {name}:{image_size},"
+                    f"{option_name('tta')} {name} needs the shorter-side sizes, e.g. {name}:{image_size},"
                     f"{round(image_size * TENCROP_RATIO)},{image_size * 2}"
                 )
             scales.append(int(arg))
         elif arg:
-            raise ClassLabError(f"--tta {name} takes no value (got '{token}')")
+            raise ClassLabError(f"{option_name('tta')} {name} takes no value (got '{token}')")
         if name in modes:
-            raise ClassLabError(f"--tta {name} is given twice in '{text}': give each mode once")
+            raise ClassLabError(f"{option_name('tta')} {name} is given twice in '{text}': give each mode once")
         modes.append(name)
         current = name
     return modes, scales
@@ -112,12 +116,12 @@ def parse_tta(text: str, image_size: int) -> TTAPlan:
     protocols = [m for m in modes if m in ("perscale", "fullconv")]
     if len(set(SHIFT_MODES) & set(modes)) > 1:
         raise ClassLabError(
-            "--tta translate and diagonal are two sets of shifted views: choose one "
+            f"{option_name('tta')} translate and diagonal are two sets of shifted views: choose one "
             "(translate: 4 shifts, 5 views; diagonal: 2 shifts at half the weight, airbench's 3 views)"
         )
     if len(protocols) > 1 or (protocols and ({"multiscale", "tencrop", *SHIFT_MODES} & set(modes))):
         raise ClassLabError(
-            f"--tta {protocols[0]} is a testing protocol of its own: combine it only with flip"
+            f"{option_name('tta')} {protocols[0]} is a testing protocol of its own: combine it only with flip"
             + (" (fullconv)" if protocols[0] == "fullconv" else "")
         )
     if "tencrop" in modes:
@@ -125,7 +129,8 @@ def parse_tta(text: str, image_size: int) -> TTAPlan:
     small = [s for s in scales if s < image_size]
     if small and not protocols:
         raise ClassLabError(
-            f"--tta multiscale: sizes {', '.join(map(str, small))} are below the training resolution {image_size}; "
+            f"{option_name('tta')} multiscale: sizes {', '.join(map(str, small))} are below the training resolution "
+            f"{image_size}; "
             f"ten crops of {image_size} px need a shorter side of at least {image_size}"
         )
     batch_modes = tuple(m for m in modes if m in BATCH_MODES)
@@ -270,9 +275,10 @@ def prediction_plan(text: str, image_size: int) -> TTAPlan:
     """
     plan = parse_tta(text, image_size)
     if plan.protocol != "average":
+        average = option("tta", f"multiscale:{','.join(map(str, plan.scales))}")
         raise ClassLabError(
-            f"--tta {plan.protocol} scores a labelled split scale by scale (classlab eval --tta); to predict, "
-            f"average the scales' views: --tta multiscale:{','.join(map(str, plan.scales))}"
+            f"{option_name('tta')} {plan.protocol} scores a labelled split scale by scale "
+            f"({spelt('classlab eval --tta', 'classlab.evaluate')}); to predict, average the scales' views: {average}"
         )
     return plan
 
@@ -416,7 +422,8 @@ def scale_protocol_probabilities(
         except RuntimeError as exc:
             first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
             raise ClassLabError(
-                f"--tta {plan.protocol}: the model cannot score {scale} px inputs ({first}); these protocols need a "
+                f"{option_name('tta')} {plan.protocol}: the model cannot score {scale} px inputs ({first}); these "
+                "protocols need a "
                 "network that pools globally (cnn, resnet_cifar, ...; not mlp or a mixer) and channel normalisation"
             ) from None
     return out

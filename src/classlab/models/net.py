@@ -197,7 +197,14 @@ def renumber_blocks(
 
 
 class ClassifierModel(nn.Module):
-    """Normalisation + network: the whole function from uint8 (or [0, 1] float) images to logits."""
+    """Normalisation + network: the whole function from uint8 (or [0, 1] float) images to logits.
+
+    ``temperature``: a calibration's T (``classlab eval --calibrate``), which the logits are divided by, so every
+    user of the model (eval, TTA, predict, ensembles, export) sees the calibrated probabilities through one door.
+    A plain attribute, not a buffer: it is no part of the checkpoint, whose weights it was fitted for.
+    """
+
+    temperature: float | None = None
 
     def __init__(self, normalize: nn.Module, net: nn.Module) -> None:
         super().__init__()
@@ -205,4 +212,7 @@ class ClassifierModel(nn.Module):
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalize(x))
+        logits = self.net(self.normalize(x))
+        if self.temperature is None:
+            return logits
+        return logits.float() / self.temperature  # in float32: a bf16 division could tie two logits and move argmax
