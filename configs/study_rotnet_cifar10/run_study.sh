@@ -6,8 +6,9 @@
 #   SMOKE=1 bash configs/study_rotnet_cifar10/run_study.sh    # a few steps per run, to check the wiring
 #   JOBS=1 ...                                                # runs at once (default 2: one thread each)
 # Larger studies (configs/README.md, "Long runs"): LAYERS='[...]' swaps the backbone of every run, PRETEXT_ARGS
-# adds overrides to the pretext (its schedule), CKPT_EPOCHS lists the pretext checkpoints (d) transfers from,
-# IPC replaces the labelled-images grid of (b); ROOT keeps each study in its own folder.
+# adds overrides to the pretext (its schedule), DOWNSTREAM_ARGS to every run of (b)-(d) (e.g. the precision),
+# CKPT_EPOCHS lists the pretext checkpoints (d) transfers from, IPC replaces the labelled-images grid of (b);
+# ROOT keeps each study in its own folder.
 set -euo pipefail
 cd "$(dirname "$0")/../.."            # the repo root: run.root and init_from paths are relative to it
 HERE=configs/study_rotnet_cifar10
@@ -15,6 +16,8 @@ JOBS=${JOBS:-2}
 ROOT=${ROOT:-runs/study_rotnet_cifar10}
 EXTRA=()
 [[ -n "${LAYERS:-}" ]] && EXTRA+=("model.layers=$LAYERS")
+# shellcheck disable=SC2206
+[[ -n "${DOWNSTREAM_ARGS:-}" ]] && EXTRA+=($DOWNSTREAM_ARGS)
 if [[ "${SMOKE:-0}" == 1 ]]; then
   ROOT=${ROOT%_cifar10}_smoke
   EXTRA=(trainer.max_steps=3)
