@@ -235,3 +235,58 @@ def test_export_bakes_t_into_the_logits_and_records_it(sharp_run: Path, photos: 
     rows = list(classlab.predict(sharp_run, photos, backend="onnx"))
     assert "classlab.temperature" not in read_onnx_metadata(path)
     assert [float(r["prob"]) for r in rows] == pytest.approx([float(p.max()) for p in z.softmax(1)], abs=1e-5)
+
+
+def test_an_eval_that_fails_after_the_fit_leaves_the_calibration_as_it_found_it(
+    sharp_run: Path, tmp_path: Path
+) -> None:
+    # The fit comes first; an error after it (a wrong --data, a wrong --tta, a run without a test part) is
+    # the whole command's answer, and no calibration the user did not see fitted is left behind.
+    with pytest.raises(ClassLabError, match="does not exist"):
+        classlab.evaluate(sharp_run, data=tmp_path / "missing", calibrate=True)
+    assert not (sharp_run / "calibration.json").exists()
+    assert classlab.load(sharp_run).temperature is None
+    earlier = b'{"temperature": 2.5, "checkpoint_sha256": "of another best.ckpt"}\n'
+    (sharp_run / "calibration.json").write_bytes(earlier)
+    with pytest.raises(ClassLabError, match="unknown mode"):
+        classlab.evaluate(sharp_run, split="val", tta="bogus", calibrate=True)
+    assert (sharp_run / "calibration.json").read_bytes() == earlier
+    assert not list(sharp_run.glob(".*.tmp"))
+
+
+def test_a_checkpoint_replaced_while_t_is_fitted_is_not_calibrated_by_it(
+    sharp_run: Path, photos: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import classlab.evaluate as evaluate_module
+
+    fitted_on = evaluate_module.predict_logits
+
+    def best_replaced_meanwhile(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        out = fitted_on(*args, **kwargs)
+        scale_head(sharp_run / "checkpoints" / "best.ckpt", 0.5)  # a run still training writes its new best.ckpt
+        return out
+
+    monkeypatch.setattr(evaluate_module, "predict_logits", best_replaced_meanwhile)
+    with pytest.warns(UserWarning, match=r"fitted for another best\.ckpt"):
+        classlab.evaluate(sharp_run, split="val", calibrate=True)
+    with pytest.warns(UserWarning, match="not calibrated"):
+        loaded = classlab.load(sharp_run)
+    assert loaded.temperature is None  # the T of the weights read is not used for the new file's
+    assert torch.allclose(loaded.probabilities(photos), raw_logits(sharp_run, photos).softmax(1).float())
+
+
+def test_the_checkpoint_digest_follows_a_rewrite_that_keeps_size_and_mtime(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from classlab.run import file_sha256
+
+    path = tmp_path / "best.ckpt"
+    path.write_bytes(b"a" * 64)
+    kept = path.stat()
+    assert file_sha256(path) == hashlib.sha256(b"a" * 64).hexdigest()
+    time.sleep(0.05)
+    path.write_bytes(b"b" * 64)  # as long as the old one, as two checkpoints of one model are
+    os.utime(path, ns=(kept.st_atime_ns, kept.st_mtime_ns))  # as cp -p, rsync -a and tar keep a file's time
+    assert path.stat().st_size == kept.st_size and path.stat().st_mtime_ns == kept.st_mtime_ns
+    assert file_sha256(path) == hashlib.sha256(b"b" * 64).hexdigest()

@@ -42,6 +42,22 @@ def test_onnx_matches_pytorch_with_dynamic_batch(tiny_run: Path) -> None:
         np.testing.assert_allclose(onnx_logits, torch_logits, rtol=1e-4, atol=1e-4)
 
 
+def test_the_input_recipe_says_what_each_colour_mode_does_with_transparency() -> None:
+    """An RGB run lays a transparent image on white; a greyscale run's decode (PIL's convert('L')) drops the alpha,
+    so the recipe of its file must not tell a deployer to lay it on white."""
+    from PIL import Image
+
+    from classlab.data.preprocess import image_to_tensor
+    from classlab.export import input_recipe
+
+    clear_black = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert int(image_to_tensor(clear_black, 8, 3).min()) == 255  # laid on white
+    assert int(image_to_tensor(clear_black, 8, 1).max()) == 0  # the alpha dropped: black as its colour says
+    assert "transparency on white" in input_recipe(8, 3)
+    grey = input_recipe(8, 1)
+    assert "on white" not in grey.replace("not laid on white", "") and "convert('L')" in grey
+
+
 def test_the_written_input_recipe_reproduces_the_runs_predictions(tiny_run: Path, tmp_path: Path) -> None:
     """A deployer with only the .onnx file follows its classlab.input line by hand (PIL and numpy, no classlab):
     on photos of other sizes and shapes, in one batch, the file's probabilities are the run's own; also on

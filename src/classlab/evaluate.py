@@ -77,6 +77,7 @@ from classlab.run import (
     atomic_write_figure,
     atomic_write_json,
     atomic_write_text,
+    file_sha256,
     new_figure,
     open_run,
     run_and_checkpoint,
@@ -117,7 +118,26 @@ def evaluate(
     if isinstance(run, (str, Path)):
         run, checkpoint = run_and_checkpoint(run, checkpoint)  # a run's checkpoint file stands for the run
     checkpoint = checkpoint or "best"
-    fitted = fit_calibration(run, checkpoint) if calibrate else None
+    if not calibrate:
+        return _evaluate(run, split, checkpoint, tta, report, data, None)
+    fitted, previous = fit_calibration(run, checkpoint)
+    try:
+        return _evaluate(run, split, checkpoint, tta, report, data, fitted)
+    except BaseException:
+        # The error (a wrong --data or --tta, a run without a test part) is the command's whole answer: the
+        # calibration it fitted first, unseen, is taken back, and the run's earlier one (if any) put back.
+        path = Path(fitted["file"])
+        if previous is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(path, previous)
+        raise
+
+
+def _evaluate(
+    run: Any, split: str, checkpoint: str, tta: str | None, report: bool, data: Any, fitted: dict[str, Any] | None
+) -> dict[str, Any]:
+    """``evaluate`` once the calibration asked for is fitted: a split of the run's own, or ``data``."""
     if data is not None:
         return _evaluate_files(run, data, checkpoint, tta, report, fitted)
     loaded, run, out = _load_for_eval(run, checkpoint, split)
@@ -202,10 +222,11 @@ NOT_CALIBRATED = {
 }
 
 
-def fit_calibration(run: Any, checkpoint: str) -> dict[str, Any]:
+def fit_calibration(run: Any, checkpoint: str) -> tuple[dict[str, Any], bytes | None]:
     """``--calibrate``: fit the temperature of one run's checkpoint on its validation split (the very images
-    ``--split val`` reads) and write it into the run folder. A run that cannot be calibrated is one line, with
-    nothing written: calibrating on the test images instead would flatter every test figure after."""
+    ``--split val`` reads) and write it into the run folder; returns the record (with its ``file``) and the bytes
+    of the file it replaced (None: there was none). A run that cannot be calibrated is one line, with nothing
+    written: calibrating on the test images instead would flatter every test figure after."""
     paths = expand_runs(run if isinstance(run, (list, tuple)) else [run])
     if len(paths) != 1:
         each = spelt("classlab eval RUN --calibrate", "classlab.evaluate(RUN, calibrate=True)")
@@ -224,6 +245,7 @@ def fit_calibration(run: Any, checkpoint: str) -> dict[str, Any]:
             "(data.val_fraction was 0): train it again with data.val_fraction=0.1; fitting it on the test "
             "images instead would flatter every test figure after"
         )
+    digest = file_sha256(folder.checkpoint(checkpoint))  # before the weights are read (calibration_record)
     loaded = load(folder, checkpoint, calibrated=False)
     data = load_data(loaded.cfg, split=split, with_test=False)
     assert data.val is not None
@@ -231,9 +253,11 @@ def fit_calibration(run: Any, checkpoint: str) -> dict[str, Any]:
     with autocast(loaded.cfg, next(loaded.model.parameters()).device):
         logits, labels = predict_logits(loaded.model, loader)
     temperature, held = fit_temperature(logits, labels)
-    record = calibration_record(folder, loaded.checkpoint, logits, labels, temperature, held)
-    path = folder.write_calibration(loaded.checkpoint, record)
-    return {**record, "file": str(path)}
+    record = calibration_record(folder, loaded.checkpoint, logits, labels, temperature, held, digest)
+    path = folder.calibration_path(loaded.checkpoint)
+    previous = path.read_bytes() if path.is_file() else None
+    folder.write_calibration(loaded.checkpoint, record)
+    return {**record, "file": str(path)}, previous
 
 
 def _add_calibration(

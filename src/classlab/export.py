@@ -49,12 +49,18 @@ def input_recipe(size: int, channels: int) -> str:
     """The preprocessing the exported file expects, with this run's numbers, for whoever deploys the file alone:
     the bare steps without the size left the reader to guess the resize target and the crop. The decode steps
     are data.preprocess's own: without the JPEG draft a full decode of a large photo gives slightly other
-    pixels, and without the EXIF turn a phone photo arrives on its side."""
+    pixels, and without the EXIF turn a phone photo arrives on its side. Transparency as data.preprocess.to_mode
+    treats it: laid on white for RGB, dropped by a greyscale run's convert('L')."""
     colour = "RGB" if channels == 3 else "greyscale (1 channel)"
+    alpha = (
+        "lay transparency on white"
+        if channels == 3
+        else "make it greyscale with img.convert('L') (transparency dropped, not laid on white)"
+    )
     return (
         f"float32 NCHW {colour} in [0, 1], any batch size: decode a JPEG at PIL's reduced DCT scale "
         f"(img.draft(img.mode, ({size}, {size})) before img.load()), turn it upright by its EXIF orientation, "
-        f"lay transparency on white; resize the shorter side to {size} px (bilinear), "
+        f"{alpha}; resize the shorter side to {size} px (bilinear), "
         f"centre-crop {size}x{size}, divide by 255; the normalisation is inside the model"
     )
 

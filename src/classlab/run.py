@@ -179,7 +179,7 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 @functools.lru_cache(maxsize=64)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
+def _sha256(path: str, stamp: tuple[int, ...]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -189,10 +189,13 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 def file_sha256(path: str | Path) -> str:
     """The SHA-256 of a file's bytes: what ties a calibration to the very checkpoint it was fitted on (its name
-    alone is not enough: a resumed run writes another best.ckpt). Kept per (size, mtime) for the process, so a
-    checkpoint loaded again (every member of an ensemble, a notebook's repeated loads) is read once."""
+    alone is not enough: a resumed run writes another best.ckpt). Kept for the process while the file stays the
+    same, so a checkpoint loaded again (every member of an ensemble, a notebook's repeated loads) is read once. The
+    same is its inode and change time too, not only its size and mtime: two checkpoints of one model have one size,
+    a copy that keeps times (cp -p, rsync -a, tar) sets the mtime, and a coarse clock gives a rewrite the old one."""
     stat = os.stat(path)
-    return _sha256(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    stamp = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return _sha256(os.path.realpath(path), stamp)
 
 
 def atomic_write_figure(path: str | Path, fig: Any, dpi: int = 100, **savefig: Any) -> None:

@@ -74,9 +74,18 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
 
 
 def calibration_record(
-    run: RunFolder, checkpoint: str, logits: torch.Tensor, labels: torch.Tensor, temperature: float, held: bool
+    run: RunFolder,
+    checkpoint: str,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    held: bool,
+    digest: str | None = None,
 ) -> dict[str, Any]:
-    """What calibration.json holds: T, the checkpoint file it belongs to, and the validation figures it moved."""
+    """What calibration.json holds: T, the checkpoint file it belongs to, and the validation figures it moved.
+
+    ``digest``: the file's SHA-256 taken before its weights were read (``file_sha256``): a file replaced since
+    (a run still training writes a new best.ckpt) then does not match, and is not calibrated by another's T."""
     ckpt = run.checkpoint(checkpoint)
     before, after = logits.double().softmax(1), (logits.double() / temperature).softmax(1)
     record: dict[str, Any] = {
@@ -84,7 +93,7 @@ def calibration_record(
         "temperature": temperature,
         "checkpoint": checkpoint,
         "checkpoint_file": ckpt.relative_to(run.path).as_posix(),
-        "checkpoint_sha256": file_sha256(ckpt),
+        "checkpoint_sha256": digest or file_sha256(ckpt),
         "val_images": len(labels),
         "val_nll_before": nll(logits, labels),
         "val_nll_after": nll(logits, labels, temperature),
