@@ -290,3 +290,24 @@ def test_the_checkpoint_digest_follows_a_rewrite_that_keeps_size_and_mtime(tmp_p
     os.utime(path, ns=(kept.st_atime_ns, kept.st_mtime_ns))  # as cp -p, rsync -a and tar keep a file's time
     assert path.stat().st_size == kept.st_size and path.stat().st_mtime_ns == kept.st_mtime_ns
     assert file_sha256(path) == hashlib.sha256(b"b" * 64).hexdigest()
+
+
+def test_a_validation_split_that_tells_no_temperature_writes_none(
+    sharp_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model right on every validation image lowers the NLL for ever as T -> 0: writing the bound (T = 0.05)
+    would have made every later probability 20 times sharper on the word of a split that says nothing."""
+    import classlab.evaluate as evaluate_module
+
+    fitted_on = evaluate_module.predict_logits
+
+    def right_on_every_image(*args: object, **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, _ = fitted_on(*args, **kwargs)
+        return logits, logits.argmax(1)
+
+    before = sorted(p.name for p in sharp_run.iterdir())
+    monkeypatch.setattr(evaluate_module, "predict_logits", right_on_every_image)
+    with pytest.raises(ClassLabError, match=r"no temperature in \[0.05, 20\] .* none is written .*data.val_fraction"):
+        classlab.evaluate(sharp_run, split="val", calibrate=True)
+    assert sorted(p.name for p in sharp_run.iterdir()) == before
+    assert classlab.load(sharp_run).temperature is None

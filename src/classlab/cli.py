@@ -236,8 +236,6 @@ def _print_calibration(metrics: dict[str, Any]) -> None:
         f"{part}: ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> "
         f"{cal['nll_after']:.4f}; accuracy unchanged (dividing the logits by T keeps every image's top class)"
     )
-    if cal.get("note"):
-        print(f"note: {cal['note']}", file=sys.stderr)
 
 
 def _ensemble_runs(runs: list[str], ensemble: str | None) -> list[str] | str:

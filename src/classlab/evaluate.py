@@ -42,7 +42,7 @@ from classlab.data.pipeline import DataBundle, Part, load_data
 from classlab.data.preprocess import image_to_tensor
 from classlab.data.sources import Source, open_dataset
 from classlab.data.tasks import task_columns
-from classlab.engine.calibration import calibration_record, fit_temperature, nll
+from classlab.engine.calibration import calibration_record, fit_temperature, nll, no_temperature
 from classlab.engine.ensemble import expand_runs, load_runs
 from classlab.engine.file_batches import file_batches, images_a_batch
 from classlab.engine.load import LoadedRun, load
@@ -253,7 +253,9 @@ def fit_calibration(run: Any, checkpoint: str) -> tuple[dict[str, Any], bytes | 
     with autocast(loaded.cfg, next(loaded.model.parameters()).device):
         logits, labels = predict_logits(loaded.model, loader)
     temperature, held = fit_temperature(logits, labels)
-    record = calibration_record(folder, loaded.checkpoint, logits, labels, temperature, held, digest)
+    if held:
+        raise no_temperature(temperature, len(labels))
+    record = calibration_record(folder, loaded.checkpoint, logits, labels, temperature, digest)
     path = folder.calibration_path(loaded.checkpoint)
     previous = path.read_bytes() if path.is_file() else None
     folder.write_calibration(loaded.checkpoint, record)
@@ -279,7 +281,7 @@ def _add_calibration(
     before = after * temperature
     keep = ("temperature", "file", "checkpoint", "val_images", "val_nll_before", "val_nll_after", "val_ece_before")
     metrics["calibration"] = {
-        **{k: loaded.calibration[k] for k in (*keep, "val_ece_after", "note") if k in loaded.calibration},
+        **{k: loaded.calibration[k] for k in (*keep, "val_ece_after") if k in loaded.calibration},
         "fitted_now": fitted is not None,
         "ece_before": calibration(before.softmax(1), labels)["ece"],
         "ece_after": calibration(after.softmax(1), labels)["ece"],

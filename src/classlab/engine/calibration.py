@@ -41,7 +41,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, 
     LBFGS on log T (positive by construction), in float64 on logits computed once. The NLL is convex in 1/T, so
     it has one minimum, or none: a model right on every validation image lowers it for ever as T -> 0, and one
     whose true-class logit is below its mean logit on average as T grows. Then T is held at T_MIN / T_MAX,
-    which the caller says; LBFGS would stop wherever the slope became too flat to see.
+    which the caller refuses (``no_temperature``); LBFGS would stop wherever the slope became too flat to see.
     """
     z, y = logits.detach().double(), labels.detach()
     if not bool(torch.isfinite(z).all()):
@@ -79,7 +79,6 @@ def calibration_record(
     logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float,
-    held: bool,
     digest: str | None = None,
 ) -> dict[str, Any]:
     """What calibration.json holds: T, the checkpoint file it belongs to, and the validation figures it moved.
@@ -88,7 +87,7 @@ def calibration_record(
     (a run still training writes a new best.ckpt) then does not match, and is not calibrated by another's T."""
     ckpt = run.checkpoint(checkpoint)
     before, after = logits.double().softmax(1), (logits.double() / temperature).softmax(1)
-    record: dict[str, Any] = {
+    return {
         "method": METHOD,
         "temperature": temperature,
         "checkpoint": checkpoint,
@@ -101,17 +100,22 @@ def calibration_record(
         "val_ece_after": calibration(after, labels)["ece"],
         "fitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    if held:
-        way = (
-            "goes to 0: the model is right on (nearly) every validation image"
-            if temperature == T_MIN
-            else "grows: the true class's logit is below the mean logit on (nearly) every validation image"
-        )
-        record["note"] = (
-            f"no temperature in [{T_MIN:g}, {T_MAX:g}] minimises the validation NLL (it keeps falling as T {way}), "
-            f"so T is held at {temperature:g}; a larger validation split would say more"
-        )
-    return record
+
+
+def no_temperature(temperature: float, val_images: int) -> ClassLabError:
+    """The refusal when the validation NLL has no minimum in [T_MIN, T_MAX]. Writing the bound instead would
+    sharpen (or flatten) every later probability 20-fold on the word of a split that says nothing about T:
+    a model right on all its validation images would be called sure of everything."""
+    way = (
+        "goes to 0: the model is right on (nearly) every one of them"
+        if temperature == T_MIN
+        else "grows: the true class's logit is below the mean logit on (nearly) every one of them"
+    )
+    return ClassLabError(
+        f"no temperature in [{T_MIN:g}, {T_MAX:g}] minimises the NLL of the {val_images} validation images (it keeps "
+        f"falling as T {way}), so none is written and the probabilities stay as they were; a larger validation "
+        "split (data.val_fraction) can tell a temperature"
+    )
 
 
 def _fix(run: RunFolder, checkpoint: str) -> str:
