@@ -101,6 +101,7 @@ def test_calibrate_fits_t_on_the_validation_split_and_moves_no_argmax(sharp_run:
     assert result.returncode == 0, result.stderr
     assert "calibrated: T=" in result.stdout and "accuracy unchanged" in result.stdout
     assert "val: ECE " in result.stdout and "warning" not in result.stderr
+    assert "(the images T was fitted on: judge it on the test split)" in result.stdout
 
     record = json.loads((sharp_run / "calibration.json").read_text())
     temperature = record["temperature"]

@@ -232,9 +232,12 @@ def _print_calibration(metrics: dict[str, Any]) -> None:
         f"written to {cal['file']}"
     )
     part = metrics.get("data") or metrics["split"]
+    # The validation split's figures are of the images T was fitted on: they flatter it, as training accuracy does.
+    fitted_on = " (the images T was fitted on: judge it on the test split)" if part == "val" else ""
     print(
         f"{part}: ECE {cal['ece_before']:.4f} -> {cal['ece_after']:.4f}, NLL {cal['nll_before']:.4f} -> "
-        f"{cal['nll_after']:.4f}; accuracy unchanged (dividing the logits by T keeps every image's top class)"
+        f"{cal['nll_after']:.4f}{fitted_on}; accuracy unchanged (dividing the logits by T keeps every image's "
+        "top class)"
     )
 
 
