@@ -6,6 +6,7 @@ where none can be found those tests are skipped and say so. The page's content i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -168,3 +169,27 @@ def test_a_k_fold_mean_row_stays_below_its_folds_when_sorted(browser: Browser, t
         browser.click("#runs th:nth-child(2)")
         assert browser.js(order) == [*expected, "cv mean ± std (2 folds)"]
     assert browser.errors() == []
+
+
+def test_the_page_reuses_the_error_analysis_only_while_it_is_of_the_runs_plain_best(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    """report.json written by a --tta eval (or for a best.ckpt since replaced, or before a calibration) described
+    other predictions than the page's: it was reused as it was. Now the page's analysis is made again then."""
+    rep = tiny_run / "eval" / "test" / "report.json"
+    classlab.report(tiny_run, tmp_path / "a.html")
+    assert json.loads(rep.read_text())["predictions"] == "plain"
+    written = rep.stat().st_mtime_ns
+    classlab.report(tiny_run, tmp_path / "b.html")
+    assert rep.stat().st_mtime_ns == written  # still the run's: reused, not computed again
+
+    classlab.evaluate(tiny_run, tta="flip", report=True)
+    assert json.loads(rep.read_text())["predictions"] == "tta:flip"
+    classlab.report(tiny_run, tmp_path / "c.html")
+    assert json.loads(rep.read_text())["predictions"] == "plain"
+
+    best = tiny_run / "checkpoints" / "best.ckpt"
+    best.write_bytes(best.read_bytes() + b"\0")  # another file: a resumed run's new best.ckpt (torch.load skips it)
+    classlab.report(tiny_run, tmp_path / "d.html")
+    inputs = json.loads(rep.read_text())["inputs"]
+    assert inputs["checkpoint_sha256"] == hashlib.sha256(best.read_bytes()).hexdigest() and inputs["tta"] is None

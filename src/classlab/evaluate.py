@@ -42,7 +42,13 @@ from classlab.data.pipeline import DataBundle, Part, load_data
 from classlab.data.preprocess import image_to_tensor
 from classlab.data.sources import Source, open_dataset
 from classlab.data.tasks import task_columns
-from classlab.engine.calibration import calibration_record, fit_temperature, nll, no_temperature
+from classlab.engine.calibration import (
+    calibration_in_use,
+    calibration_record,
+    fit_temperature,
+    nll,
+    no_temperature,
+)
 from classlab.engine.ensemble import expand_runs, load_runs
 from classlab.engine.file_batches import file_batches, images_a_batch
 from classlab.engine.load import LoadedRun, load
@@ -206,8 +212,23 @@ def _report(
     elif loaded.calibration_note:  # an ensemble whose members are calibrated each by its own T
         source += ", calibrated members"
     image_at, describe = reader
-    rep = write_report(out, probs, labels, loaded.classes, image_at, describe=describe, source=source)
+    inputs = None if getattr(loaded, "members", None) else report_inputs(loaded.run, loaded.checkpoint, plan)
+    rep = write_report(out, probs, labels, loaded.classes, image_at, describe=describe, source=source, inputs=inputs)
     metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
+
+
+def report_inputs(run: RunFolder, checkpoint: str = "best", plan: TTAPlan | None = None) -> dict[str, Any]:
+    """What a single run's report files are of: the checkpoint file (by SHA-256), the TTA and the calibration in
+    use. ``classlab report`` reuses the files only when these are still the run's: after a resumed run's new
+    best.ckpt, a calibration or a --tta eval, they described other predictions than the page's."""
+    calibrated = run.read_config_tree().get("task", "classify") == "classify"
+    record = calibration_in_use(run, checkpoint, warn=False) if calibrated else None
+    return {
+        "checkpoint": checkpoint,
+        "checkpoint_sha256": file_sha256(run.checkpoint(checkpoint)),
+        "tta": plan.text if plan else None,
+        "temperature": float(record["temperature"]) if record is not None else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,10 +623,12 @@ def write_report(
     *,
     describe: Callable[[int], str] | None = None,
     source: str = "plain",
+    inputs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write per_class.csv, confident_errors.png, reliability.png and report.json into ``out``.
 
     ``image_at(i)`` gives the uint8 (C, H, W) image of example ``i``; only the few shown are read.
+    ``inputs``: what the predictions are of (``report_inputs``), kept in report.json.
     """
     pred = probs.argmax(1)
     rows = per_class_scores(pred, labels, classes)
@@ -646,6 +669,7 @@ def write_report(
         "per_class": rows,
         "confident_errors": errors,
         "calibration_bins": cal["bins"],
+        **({"inputs": inputs} if inputs is not None else {}),
     }
     atomic_write_json(out / "report.json", rounded(report))
     return report

@@ -23,7 +23,7 @@ from typing import Any
 
 from classlab.compare import RunData, comparison, find_runs, format_value, plot_curves, read_runs, varying_keys
 from classlab.errors import ClassLabError, option
-from classlab.run import atomic_write_text
+from classlab.run import atomic_write_text, open_run
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; padding: 0 1rem; color: #222; }
@@ -179,6 +179,21 @@ def _errors(folder: Path, errors: list[dict[str, Any]]) -> str:
     return '<div class="errors">' + "".join(figures) + "</div>"
 
 
+def _report_still_of(run: RunData, folder: Path) -> bool:
+    """Whether eval --report's files in ``folder`` are of the run's best.ckpt as it is now, plain (no TTA), with
+    the calibration in use now: a resumed run's new best.ckpt or a later calibration made them another's."""
+    from classlab.engine.metrics import rounded
+    from classlab.evaluate import report_inputs
+
+    if not (folder / "report.json").is_file() or not (folder / "errors").is_dir():
+        return False
+    try:
+        made_of = json.loads((folder / "report.json").read_text()).get("inputs")
+        return made_of == rounded(report_inputs(open_run(run.path)))
+    except (ClassLabError, OSError, ValueError):
+        return False
+
+
 def _analysis(run: RunData, split: str, labelled: str | Path | None = None) -> str:
     """The single run's error analysis, computed first (``eval --report``) if the run folder lacks it;
     ``labelled``: of those images instead of a split (``eval --data``), computed every time."""
@@ -188,7 +203,7 @@ def _analysis(run: RunData, split: str, labelled: str | Path | None = None) -> s
     folder = run.path / "eval" / split
     if labelled is not None:
         folder = Path(evaluate(run.path, report=True, data=labelled)["out"])  # an error here is the user's to see
-    elif not (folder / "report.json").is_file() or not (folder / "errors").is_dir():
+    elif not _report_still_of(run, folder):
         try:
             evaluate(run.path, split=split, report=True)
         except ClassLabError as exc:
