@@ -401,8 +401,10 @@ def _run_here(config: str | None, point: Point, quiet: bool, verbose: int) -> No
         point.status, point.error = "failed", f"{type(exc).__name__}: {exc}"[:300]
 
 
-def _command(config: str | None, point: Point) -> list[str]:
+def _command(config: str | None, point: Point, verbose: int = 0) -> list[str]:
+    """A point's own ``classlab train``: its log gets the library lines too when the sweep was given -v."""
     cmd = [sys.executable, "-m", "classlab.cli", "train", *([config] if config else []), *point.overrides, "--quiet"]
+    cmd += ["-" + "v" * verbose] if verbose else []
     if point.status == "resume":
         cmd.append("--resume")
     elif point.status == "broken":
@@ -410,7 +412,7 @@ def _command(config: str | None, point: Point) -> list[str]:
     return cmd
 
 
-def _run_parallel(config: str | None, todo: list[Point], jobs: int, logs: Path, say: Any) -> None:
+def _run_parallel(config: str | None, todo: list[Point], jobs: int, logs: Path, say: Any, verbose: int = 0) -> None:
     """K subprocesses at a time; each writes its own log, so one failure is readable on its own."""
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -422,9 +424,10 @@ def _run_parallel(config: str | None, todo: list[Point], jobs: int, logs: Path, 
             while queue and len(running) < jobs:
                 point = queue.pop(0)
                 log = open(logs / f"{point.name}.log", "a", encoding="utf-8")  # noqa: SIM115 - closed when it ends
-                log.write(f"\n# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(_command(config, point))}\n")
+                command = _command(config, point, verbose)
+                log.write(f"\n# {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(command)}\n")
                 log.flush()
-                proc = subprocess.Popen(_command(config, point), stdout=log, stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
                 running[proc] = (point, log)
                 say(f"started  {point.name}")
             for proc in [p for p in running if p.poll() is not None]:
@@ -552,7 +555,7 @@ def sweep(
         if ray_address:
             _run_ray(config, todo, ray_address, ray_cpus, say)
         elif jobs > 1:
-            _run_parallel(config, todo, jobs, root / LOG_DIR, say)
+            _run_parallel(config, todo, jobs, root / LOG_DIR, say, verbose)
         else:
             for i, point in enumerate(todo, 1):
                 say(f"[{i}/{len(todo)}] {'resuming' if point.status == 'resume' else 'starting'} {point.name}")
