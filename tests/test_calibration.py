@@ -212,9 +212,28 @@ def test_runs_that_cannot_be_calibrated_are_one_line_and_nothing_written(sharp_r
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --calibrate") and "data.val_fraction" in lines[0], lines
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == files
-    with pytest.raises(ClassLabError, match="calibrate each member"):
-        classlab.evaluate([sharp_run, sharp_run], calibrate=True)
+    # An ensemble with one such member: refused before any member is fitted, so none is written.
+    with pytest.raises(ClassLabError, match=r"has none \(data.val_fraction was 0\)"):
+        classlab.evaluate([sharp_run, run], calibrate=True)
     assert not (sharp_run / "calibration.json").exists()
+
+
+def test_a_k_fold_ensemble_calibrates_each_fold_on_its_own_held_out_images(tmp_path: Path) -> None:
+    """A competition's k-fold ensemble judged by log loss: each fold's T is fitted on that fold's validation
+    images (its held-out fold), and the ensemble averages the calibrated probabilities."""
+    overrides = {"data.folds": 2, "data.images_per_class": "null", "trainer.threads": 1}
+    folds = Path(classlab.train(None, tiny_config(tmp_path, exp_name="kf", epochs=1, **overrides), quiet=True))
+    result = run_cli("eval", str(folds), "--ensemble", "mean", "--calibrate")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [ln for ln in result.stdout.splitlines() if ln.startswith("calibrated ")]
+    assert len(lines) == 2, result.stdout
+    for line, fold in zip(lines, sorted(p for p in folds.iterdir() if (p / "split.json").is_file())):
+        record = json.loads((fold / "calibration.json").read_text())
+        z, y = val_logits(fold)
+        assert record["val_images"] == len(y) == len(json.loads((fold / "split.json").read_text())["val"])
+        assert record["temperature"] == pytest.approx(grid_temperature(z, y), rel=0.01)
+        assert line.startswith(f"calibrated {fold}: T={record['temperature']:.4f}")
+    assert "2 of 2 members" in classlab.load(folds).calibration_note
 
 
 def test_export_bakes_t_into_the_logits_and_records_it(sharp_run: Path, photos: list[Path]) -> None:

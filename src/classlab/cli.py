@@ -223,6 +223,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _print_calibration(metrics: dict[str, Any]) -> None:
     """eval --calibrate: the temperature it fitted, and what it did to the evaluated images."""
+    for member in metrics.get("calibrated_members") or []:  # an ensemble's: each run on its own validation images
+        print(
+            f"calibrated {member['run']}: T={member['temperature']:.4f} fitted on {member['val_images']} of its "
+            f"validation images (val NLL {member['val_nll_before']:.4f} -> {member['val_nll_after']:.4f})"
+        )
     cal = metrics.get("calibration")
     if not cal or not cal.get("fitted_now"):
         return  # a calibration fitted before is one note line (metrics' notes)
@@ -645,8 +650,9 @@ def _add_run_commands(sub: Any) -> None:
     p.add_argument(
         "--calibrate",
         action="store_true",
-        help="first fit a temperature on the run's validation split (written to RUN/calibration.json); eval, "
-        "predict, load and export of this checkpoint then give calibrated probabilities (accuracy unchanged)",
+        help="first fit a temperature on the run's validation split (written to RUN/calibration.json; each run "
+        "of an ensemble on its own); eval, predict, load and export of this checkpoint then give calibrated "
+        "probabilities (accuracy unchanged)",
     )
     p.set_defaults(func=cmd_eval)
 

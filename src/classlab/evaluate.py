@@ -76,7 +76,7 @@ from classlab.engine.tta import (
     views_per_image,
     views_probabilities,
 )
-from classlab.errors import ClassLabError, option, option_name, spelt
+from classlab.errors import ClassLabError, option, option_name
 from classlab.run import (
     RunFolder,
     atomic_write_bytes,
@@ -113,11 +113,12 @@ def evaluate(
     the metrics gain a ``tta`` entry beside the plain top-1/top-5 (with ``per_scale`` rows for those).
     ``report``: also write per-class precision/recall/F1, the most confidently wrong images and the
     reliability diagram (ECE).
-    ``calibrate``: first fit the temperature of the run's checkpoint on its validation split and write it into
-    the run folder (calibration.json), so that these figures, and every later eval, predict, load and export of
-    that checkpoint, use the calibrated probabilities; argmax and accuracy are the same by construction. The
-    metrics gain ``calibration`` (T, and the evaluated images' ECE and NLL before and after) whenever a
-    calibration is in use.
+    ``calibrate``: first fit the temperature of the run's checkpoint on its validation split (each run of an
+    ensemble or k-fold folder on its own) and write it into the run folder (calibration.json), so that these
+    figures, and every later eval, predict, load and export of that checkpoint, use the calibrated
+    probabilities; argmax and accuracy are the same by construction. The metrics gain ``calibration`` (T, and
+    the evaluated images' ECE and NLL before and after) whenever a single run's calibration is in use, and
+    ``calibrated_members`` when an ensemble's runs were fitted now.
     """
     if split not in ("test", "val"):
         raise ClassLabError(f"{option('split', split)}: choose 'test' or 'val'")
@@ -125,25 +126,22 @@ def evaluate(
         run, checkpoint = run_and_checkpoint(run, checkpoint)  # a run's checkpoint file stands for the run
     checkpoint = checkpoint or "best"
     if not calibrate:
-        return _evaluate(run, split, checkpoint, tta, report, data, None)
-    fitted, previous = fit_calibration(run, checkpoint)
+        return _evaluate(run, split, checkpoint, tta, report, data, [])
+    fits = fit_calibrations(run, checkpoint)
     try:
-        return _evaluate(run, split, checkpoint, tta, report, data, fitted)
+        return _evaluate(run, split, checkpoint, tta, report, data, [record for record, _ in fits])
     except BaseException:
         # The error (a wrong --data or --tta, a run without a test part) is the command's whole answer: the
-        # calibration it fitted first, unseen, is taken back, and the run's earlier one (if any) put back.
-        path = Path(fitted["file"])
-        if previous is None:
-            path.unlink(missing_ok=True)
-        else:
-            atomic_write_bytes(path, previous)
+        # calibrations it fitted first, unseen, are taken back, and the runs' earlier ones (if any) put back.
+        _take_back(fits)
         raise
 
 
 def _evaluate(
-    run: Any, split: str, checkpoint: str, tta: str | None, report: bool, data: Any, fitted: dict[str, Any] | None
+    run: Any, split: str, checkpoint: str, tta: str | None, report: bool, data: Any, fitted: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """``evaluate`` once the calibration asked for is fitted: a split of the run's own, or ``data``."""
+    """``evaluate`` once the calibrations asked for are fitted (``fitted``, one a run): a split of the run's own,
+    or ``data``."""
     if data is not None:
         return _evaluate_files(run, data, checkpoint, tta, report, fitted)
     loaded, run, out = _load_for_eval(run, checkpoint, split)
@@ -243,32 +241,44 @@ NOT_CALIBRATED = {
 }
 
 
-def fit_calibration(run: Any, checkpoint: str) -> tuple[dict[str, Any], bytes | None]:
-    """``--calibrate``: fit the temperature of one run's checkpoint on its validation split (the very images
-    ``--split val`` reads) and write it into the run folder; returns the record (with its ``file``) and the bytes
-    of the file it replaced (None: there was none). A run that cannot be calibrated is one line, with nothing
-    written: calibrating on the test images instead would flatter every test figure after."""
+def fit_calibrations(run: Any, checkpoint: str) -> list[tuple[dict[str, Any], bytes | None]]:
+    """``--calibrate``: fit the temperature of each run's checkpoint (one run, the runs of an ensemble, the folds
+    of a k-fold folder) on that run's own validation split, the very images ``--split val`` reads (a fold's:
+    its held-out fold), and write it into that run's folder. Returns each record (with its ``file``) and the
+    bytes of the file it replaced (None: there was none). A run that cannot be calibrated is one line, checked
+    for every run before any is fitted, with nothing written: calibrating on the test images instead would
+    flatter every test figure after."""
     paths = expand_runs(run if isinstance(run, (list, tuple)) else [run])
-    if len(paths) != 1:
-        each = spelt("classlab eval RUN --calibrate", "classlab.evaluate(RUN, calibrate=True)")
-        raise ClassLabError(
-            f"{option_name('calibrate')} fits one run's temperature on that run's own validation images; calibrate "
-            f"each member ({each} for each), and the ensemble then averages their calibrated probabilities"
-        )
-    folder = open_run(paths[0])
+    folders = [open_run(p) for p in paths]
+    for folder, path in zip(folders, paths):
+        _check_calibratable(folder, path)
+    fits: list[tuple[dict[str, Any], bytes | None]] = []
+    try:
+        for folder in folders:
+            fits.append(_fit_calibration(folder, checkpoint))
+    except BaseException:
+        _take_back(fits)  # a member that failed leaves none of the ensemble's calibrations half-made
+        raise
+    return fits
+
+
+def _check_calibratable(folder: RunFolder, path: Path) -> None:
     task = folder.read_config_tree().get("task") or "classify"
     if task in NOT_CALIBRATED:
-        raise ClassLabError(f"{option_name('calibrate')}: " + NOT_CALIBRATED[task].format(run=paths[0]))
-    split = folder.read_split()
-    if not split.get("val"):
+        raise ClassLabError(f"{option_name('calibrate')}: " + NOT_CALIBRATED[task].format(run=path))
+    if not folder.read_split().get("val"):
         raise ClassLabError(
-            f"{option_name('calibrate')} fits the temperature on the run's validation images, and {paths[0]} has none "
+            f"{option_name('calibrate')} fits the temperature on the run's validation images, and {path} has none "
             "(data.val_fraction was 0): train it again with data.val_fraction=0.1; fitting it on the test "
             "images instead would flatter every test figure after"
         )
+
+
+def _fit_calibration(folder: RunFolder, checkpoint: str) -> tuple[dict[str, Any], bytes | None]:
+    """One run's temperature, fitted on its validation images and written into its folder."""
     digest = file_sha256(folder.checkpoint(checkpoint))  # before the weights are read (calibration_record)
     loaded = load(folder, checkpoint, calibrated=False)
-    data = load_data(loaded.cfg, split=split, with_test=False)
+    data = load_data(loaded.cfg, split=folder.read_split(), with_test=False)
     assert data.val is not None
     loader = data.val.loader(loaded.cfg.data.batch_size, shuffle=False, seed=0, size=data.size)
     with autocast(loaded.cfg, next(loaded.model.parameters()).device):
@@ -280,7 +290,17 @@ def fit_calibration(run: Any, checkpoint: str) -> tuple[dict[str, Any], bytes | 
     path = folder.calibration_path(loaded.checkpoint)
     previous = path.read_bytes() if path.is_file() else None
     folder.write_calibration(loaded.checkpoint, record)
-    return {**record, "file": str(path)}, previous
+    return {**record, "file": str(path), "run": str(folder.path)}, previous
+
+
+def _take_back(fits: list[tuple[dict[str, Any], bytes | None]]) -> None:
+    """Each calibration written removed, or the one it replaced put back."""
+    for record, previous in fits:
+        path = Path(record["file"])
+        if previous is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(path, previous)
 
 
 def _add_calibration(
@@ -288,13 +308,17 @@ def _add_calibration(
     loaded: LoadedRun,
     logits: torch.Tensor,
     labels: torch.Tensor,
-    fitted: dict[str, Any] | None,
+    fitted: list[dict[str, Any]],
 ) -> None:
     """The calibration in use and what it does to the evaluated images: ECE and NLL before and after (top-1 is
     the same by construction). ``logits`` are the calibrated model's (or log-probabilities): times T, a softmax
-    gives the plain probabilities again."""
-    if loaded.calibration_note and fitted is None:
+    gives the plain probabilities again. An ensemble's members fitted now are listed (``calibrated_members``):
+    each has its own T, and the mean of their probabilities has no single T to undo."""
+    if loaded.calibration_note and not fitted:
         metrics["notes"] = [*(metrics.get("notes") or []), loaded.calibration_note]
+    if len(fitted) > 1:
+        keep = ("run", "temperature", "val_images", "val_nll_before", "val_nll_after", "file")
+        metrics["calibrated_members"] = [{k: record[k] for k in keep} for record in fitted]
     if loaded.calibration is None or len(labels) == 0:
         return
     temperature = float(loaded.calibration["temperature"])
@@ -303,7 +327,7 @@ def _add_calibration(
     keep = ("temperature", "file", "checkpoint", "val_images", "val_nll_before", "val_nll_after", "val_ece_before")
     metrics["calibration"] = {
         **{k: loaded.calibration[k] for k in (*keep, "val_ece_after") if k in loaded.calibration},
-        "fitted_now": fitted is not None,
+        "fitted_now": bool(fitted),
         "ece_before": calibration(before.softmax(1), labels)["ece"],
         "ece_after": calibration(after.softmax(1), labels)["ece"],
         "nll_before": nll(before, labels),
@@ -375,7 +399,7 @@ def _tta_figures(plan: TTAPlan, probs: torch.Tensor, labels: torch.Tensor, class
 
 
 def _evaluate_files(
-    run: Any, data: str | Path, checkpoint: str, tta: str | None, report: bool, fitted: dict[str, Any] | None = None
+    run: Any, data: str | Path, checkpoint: str, tta: str | None, report: bool, fitted: list[dict[str, Any]]
 ) -> dict[str, Any]:
     """``--data``: a labelled folder or manifest outside the run, read as predict reads files."""
     name = Path(data).stem if Path(data).suffix.lower() == ".csv" else Path(data).resolve().name
