@@ -286,3 +286,15 @@ def test_the_python_api_takes_what_the_command_line_takes(tiny_run: Path, tmp_pa
     # predict with --backend onnx on a run's last.ckpt runs that checkpoint's export, not best's.
     rows = classlab.predict(tiny_run / "checkpoints" / "last.ckpt", images, backend="onnx")
     assert [r["class"] for r in rows] == [c for c, _ in classlab.load(tiny_run, "last")(images)]
+
+
+def test_eval_or_export_of_an_exported_file_names_the_run_it_came_from(tiny_run: Path, tmp_path: Path) -> None:
+    """An exported file where a run folder goes was called 'a file, not a run folder' with a pointer at
+    classlab train; its metadata knows the run it came from, and predict scores with the file alone."""
+    path = export(tiny_run, "onnx", tmp_path / "model.onnx")
+    for verb in (["eval", str(path), "--data", str(tmp_path)], ["export", str(path)]):
+        result = run_cli(*verb)
+        assert result.returncode == 1
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: '{path}' is an exported model: {verb[0]} reads a run folder"), line
+        assert f"({tiny_run.resolve()})" in line and "classlab predict FILE IMAGES" in line

@@ -50,6 +50,7 @@ from classlab.engine.calibration import (
     no_temperature,
 )
 from classlab.engine.ensemble import expand_runs, load_runs
+from classlab.engine.exported import is_exported_file, not_a_run
 from classlab.engine.file_batches import file_batches, images_a_batch
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.metrics import (
@@ -123,6 +124,8 @@ def evaluate(
     if split not in ("test", "val"):
         raise ClassLabError(f"{option('split', split)}: choose 'test' or 'val'")
     if isinstance(run, (str, Path)):
+        if is_exported_file(run) and Path(run).is_file():
+            raise not_a_run(run, "eval")
         run, checkpoint = run_and_checkpoint(run, checkpoint)  # a run's checkpoint file stands for the run
     checkpoint = checkpoint or "best"
     if not calibrate:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from classlab.engine.calibration import calibration_in_use
-from classlab.engine.exported import INSTALL_HINT, TEMPERATURE_KEY, OnnxModel
+from classlab.engine.exported import INSTALL_HINT, TEMPERATURE_KEY, OnnxModel, is_exported_file, not_a_run
 from classlab.engine.load import LoadedRun, load
 from classlab.errors import ClassLabError, first_line, option
 from classlab.run import RunFolder, atomic_write_bytes, open_run_at
@@ -131,6 +131,8 @@ def export(
     ``RUN/export/model.<fmt>``)."""
     if fmt not in FORMATS:
         raise ClassLabError(f"{option('format', fmt)}: choose one of {', '.join(FORMATS)}")
+    if isinstance(run, (str, Path)) and is_exported_file(run) and Path(run).is_file():
+        raise not_a_run(run, "export")
     run, checkpoint = open_run_at(run, checkpoint)
     loaded = load(run, checkpoint)
     path = Path(out) if out else default_path(run, fmt, checkpoint)

@@ -31,6 +31,30 @@ def is_exported_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in EXPORT_SUFFIXES and not Path(path).is_dir()
 
 
+def not_a_run(path: str | Path, verb: str) -> ClassLabError:
+    """``verb`` needs a run folder (its config, splits and checkpoints), and an exported file has none: the
+    refusal names the folder the file was exported from, when its metadata still says, and what the file alone
+    can do. It was told it was 'a file, not a run folder' and pointed at classlab train."""
+    source = None
+    if Path(path).suffix.lower() == ONNX_SUFFIX:
+        try:
+            import onnx
+
+            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            source = meta.get("classlab.run")
+        except Exception:  # noqa: BLE001 - no onnx package, or not a readable file: the line says less
+            source = None
+    origin = (
+        f"give the run folder it was exported from ({source})"
+        if source and Path(source).is_dir()
+        else "give the run folder it was exported from"
+    )
+    return ClassLabError(
+        f"'{path}' is an exported model: {verb} reads a run folder (its config, splits and checkpoints); {origin}, "
+        "or score images with the file alone: classlab predict FILE IMAGES"
+    )
+
+
 class OnnxModel:
     """An exported ONNX file run by onnxruntime: float [0, 1] NCHW in, logits out."""
 
