@@ -42,9 +42,8 @@ TASKS = "tasks.json"
 FOLDS = "folds.json"  # a k-fold folder: the folds' config and K (the folder itself is not a run)
 OOF = "oof.csv"  # a k-fold folder: out-of-fold predictions
 SKIPPED = "skipped_images.txt"
-CALIBRATION = (
-    "calibration.json"  # eval --calibrate: the temperature fitted for best.ckpt (calibration-<name>.json else)
-)
+# eval --calibrate: the temperature fitted for best.ckpt (calibration-<name>.json for another checkpoint)
+CALIBRATION = "calibration.json"
 LAST = "last.ckpt"
 PREVIOUS = "previous.ckpt"  # the last.ckpt before the newest, kept so a damaged last.ckpt is not the end
 LOCK = "run.lock"
