@@ -205,7 +205,7 @@ def _pt2_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, str]) ->
     try:
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     except Exception as exc:  # noqa: BLE001 - tracing failures are model-specific; name the model's limit
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 200)
         raise ClassLabError(
             f"torch.export could not capture this model ({first}); try {option('format', 'onnx')}"
         ) from None

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-from classlab.errors import ClassLabError, option, spelt
+from classlab.errors import ClassLabError, first_line, option, spelt
 
 CONFIG = "config.yaml"
 CLASSES = "classes.json"
@@ -171,7 +171,7 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means the file is not a usable checkpoint
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise ClassLabError(
             f"checkpoint '{path}' cannot be read safely ({first[:160]}); it is damaged or not a classlab checkpoint"
         ) from None

@@ -29,7 +29,7 @@ from classlab.engine.nonfinite import NonFiniteGuard
 from classlab.engine.predict import autocast, predict_split
 from classlab.engine.task import ClassifyTask, MultiTaskTask
 from classlab.engine.tta import test_with_tta
-from classlab.errors import ClassLabError, ConfigError
+from classlab.errors import ClassLabError, ConfigError, first_line
 from classlab.models import build_model, load_backbone_weights, pretrained
 from classlab.models.multitask import build_multitask_net
 from classlab.models.net import ClassifierModel
@@ -189,7 +189,7 @@ def check_size_schedule(cfg: Config, model: ClassifierModel, channels: int, size
                 try:
                     model(torch.zeros(1, channels, s, s, dtype=torch.uint8))
                 except (RuntimeError, ValueError) as exc:
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    first = first_line(exc)
                     raise ConfigError(
                         f"aug.size_schedule: model {cfg.model.name} cannot take {s} px inputs ({first}); "
                         "progressive resizing needs a network that pools its features (cnn, resnet, fastnet, ...)"
