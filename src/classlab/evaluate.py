@@ -43,11 +43,11 @@ from classlab.data.preprocess import image_to_tensor
 from classlab.data.sources import Source, open_dataset
 from classlab.data.tasks import task_columns
 from classlab.engine.calibration import (
-    calibration_in_use,
     calibration_record,
     fit_temperature,
     nll,
     no_temperature,
+    temperature_in_use,
 )
 from classlab.engine.ensemble import expand_runs, load_runs
 from classlab.engine.exported import is_exported_file, not_a_run
@@ -222,13 +222,11 @@ def report_inputs(run: RunFolder, checkpoint: str = "best", plan: TTAPlan | None
     """What a single run's report files are of: the checkpoint file (by SHA-256), the TTA and the calibration in
     use. ``classlab report`` reuses the files only when these are still the run's: after a resumed run's new
     best.ckpt, a calibration or a --tta eval, they described other predictions than the page's."""
-    calibrated = run.read_config_tree().get("task", "classify") == "classify"
-    record = calibration_in_use(run, checkpoint, warn=False) if calibrated else None
     return {
         "checkpoint": checkpoint,
         "checkpoint_sha256": file_sha256(run.checkpoint(checkpoint)),
         "tta": plan.text if plan else None,
-        "temperature": float(record["temperature"]) if record is not None else None,
+        "temperature": temperature_in_use(run, checkpoint),
     }
 
 
@@ -320,16 +318,17 @@ def _add_calibration(
     if loaded.calibration_note and not fitted:
         metrics["notes"] = [*(metrics.get("notes") or []), loaded.calibration_note]
     if len(fitted) > 1:
-        keep = ("run", "temperature", "val_images", "val_nll_before", "val_nll_after", "file")
-        metrics["calibrated_members"] = [{k: record[k] for k in keep} for record in fitted]
+        shown = ("run", "temperature", "val_images", "val_nll_before", "val_nll_after", "file")
+        metrics["calibrated_members"] = [{k: record[k] for k in shown} for record in fitted]
     if loaded.calibration is None or len(labels) == 0:
         return
     temperature = float(loaded.calibration["temperature"])
     after = logits.double()
     before = after * temperature
-    keep = ("temperature", "file", "checkpoint", "val_images", "val_nll_before", "val_nll_after", "val_ece_before")
+    keep = ("temperature", "file", "checkpoint", "val_images")
+    keep += ("val_nll_before", "val_nll_after", "val_ece_before", "val_ece_after")
     metrics["calibration"] = {
-        **{k: loaded.calibration[k] for k in (*keep, "val_ece_after") if k in loaded.calibration},
+        **{k: loaded.calibration[k] for k in keep if k in loaded.calibration},
         "fitted_now": bool(fitted),
         "ece_before": calibration(before.softmax(1), labels)["ece"],
         "ece_after": calibration(after.softmax(1), labels)["ece"],

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from classlab.engine.calibration import calibration_in_use
+from classlab.engine.calibration import temperature_in_use
 from classlab.engine.exported import INSTALL_HINT, TEMPERATURE_KEY, OnnxModel, is_exported_file, not_a_run
 from classlab.engine.load import LoadedRun, load
 from classlab.errors import ClassLabError, first_line, option
@@ -241,9 +241,7 @@ def ensure_onnx(run: RunFolder, checkpoint: str = "best") -> Path:
 def _needs_export(run: RunFolder, checkpoint: str, path: Path) -> bool:
     if not path.is_file() or path.stat().st_mtime < run.checkpoint(checkpoint).stat().st_mtime:
         return True
-    record = calibration_in_use(run, checkpoint, warn=False)  # load() warns about an unusable one
-    classifier = run.read_config_tree().get("task", "classify") == "classify"
-    want = float(record["temperature"]) if record is not None and classifier else None
+    want = temperature_in_use(run, checkpoint)  # load() warns about an unusable calibration
     try:
         return baked_temperature(path) != want
     except Exception:  # noqa: BLE001 - a file that cannot be read back is exported again

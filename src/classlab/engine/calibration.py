@@ -159,6 +159,15 @@ def _unusable(run: RunFolder, checkpoint: str, record: dict[str, Any]) -> str | 
     return None
 
 
+def temperature_in_use(run: RunFolder, checkpoint: str) -> float | None:
+    """The T a load of this checkpoint divides its logits by now: a classifier's usable calibration, else None.
+    Asked without a warning: it is for comparing what files were made of, and the load that uses T says so."""
+    if (run.read_config_tree().get("task") or "classify") != "classify":
+        return None
+    record = calibration_in_use(run, checkpoint, warn=False)
+    return float(record["temperature"]) if record is not None else None
+
+
 def calibration_note(record: dict[str, Any]) -> str:
     """The one line that says the probabilities are calibrated, and by what."""
     return f"probabilities calibrated: T={record['temperature']:.4g} ({Path(record['file']).name})"
