@@ -9,6 +9,7 @@ import logging
 import os
 import pydoc
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +287,99 @@ def test_a_hint_with_no_keyword_is_said_as_python_does_it(tmp_path: Path, capsys
     assert str(info.value).endswith("or for predict/eval several of them as a list")
     code, _, err = cli(capsys, "export", str(tmp_path / "sweep"))
     assert code == 1 and err.rstrip().endswith("or for predict/eval several of them with --ensemble mean")
+
+
+def test_a_hint_naming_a_command_names_the_call_or_says_it_is_for_a_shell(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """'listed by `classlab train --print-config`', 'give the folder `classlab train` printed': a command to a caller
+    who has a call for it; 'run `classlab models`', which has none, is said to be a shell command."""
+    from tests.faults import cli
+
+    def python_and_command_line(call: object, *command: str) -> tuple[str, str]:
+        with pytest.raises(ClassLabError) as info:
+            call()
+        code, _, err = cli(capsys, *command)
+        assert code in (1, 2), err
+        return str(info.value), err.removeprefix("error: ").rstrip("\n")
+
+    said, line = python_and_command_line(lambda: classlab.train(None, ["optim.lrr=1"]), "train", "optim.lrr=1")
+    assert said.endswith("valid keys of 'optim' are listed by print(classlab.train.print_config(None))")
+    assert line.endswith("valid keys of 'optim' are listed by `classlab train --print-config`")
+    typo = "model.name=resnt"
+    said, line = python_and_command_line(lambda: classlab.train(None, [typo]), "train", typo)
+    assert "run the shell command `classlab models` for the list, or use timm:<name>" in said
+    assert "run `classlab models` for the list, or use timm:<name>" in line
+    missing = tmp_path / "nope"
+    said, line = python_and_command_line(lambda: classlab.evaluate(missing), "eval", str(missing))
+    assert said == f"run folder '{missing}' not found; classlab.train returns the folder it made"
+    assert line == f"run folder '{missing}' not found; `classlab train` prints the folder it made"
+    photo = tmp_path / "photos" / "cat" / "0.png"
+    photo.parent.mkdir(parents=True)
+    Image.fromarray(_image()).save(photo)
+    said, line = python_and_command_line(lambda: classlab.evaluate(photo), "eval", str(photo))
+    assert said.endswith(
+        "give the folder classlab.train returned (the images to classify come after it: classlab.predict(RUN, IMAGES), "
+        "or classlab.load(RUN)(image))"
+    )
+    assert line.endswith(
+        "give the folder `classlab train` printed (the images to classify come after it: classlab predict RUN IMAGES, "
+        "or classlab.load(RUN)(image))"
+    )
+    said, line = python_and_command_line(lambda: classlab.train(photo), "train", str(photo))
+    root = tmp_path / "photos"
+    assert said == f"'{photo}' is an image, not a config file; to train on its folder of class folders: " + (
+        f"classlab.train(None, ['data.root={root}'])"
+    )
+    assert line == f"'{photo}' is an image, not a config file; to train on its folder of class folders: " + (
+        f"classlab train data.root={root}"
+    )
+
+
+def _ctrl_c_at_second_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C that lands while the second training batch runs, as a user's in a terminal or a notebook would."""
+    import signal
+
+    from classlab.engine.callbacks import GracefulStop
+
+    at_batch_end = GracefulStop.on_train_batch_end
+
+    def ctrl_c(self: GracefulStop, trainer: object, module: object, outputs: object, batch: object, i: int) -> None:
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        at_batch_end(self, trainer, module, outputs, batch, i)
+
+    monkeypatch.setattr(GracefulStop, "on_train_batch_end", ctrl_c)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="needs POSIX signals")
+def test_a_stopped_run_says_how_to_go_on_in_the_callers_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C in classlab.train(...): the exception said where it stopped and nothing of how to go on; the command
+    line adds 'continue with --resume' itself, and a sweep 'run the same command again'."""
+    from classlab.errors import RunInterrupted
+    from tests.conftest import tiny_config
+    from tests.faults import cli
+
+    _ctrl_c_at_second_batch(monkeypatch)
+    small = {"data.images_per_class": 20, "data.batch_size": 8, "model.layers": "[8,p]", "epochs": 1}
+    with pytest.raises(RunInterrupted) as info:
+        classlab.train(None, tiny_config(tmp_path, exp_name="stopped", **small), quiet=True)
+    run = tmp_path / "runs" / "stopped"
+    assert re.fullmatch(
+        rf"stopped after batch \d+ of epoch 1; last\.ckpt holds that point; continue the run in {re.escape(str(run))} "
+        r"with classlab\.train\(<the same config and overrides>, resume=True\)",
+        str(info.value),
+    ), str(info.value)
+    with pytest.raises(RunInterrupted) as info:
+        classlab.sweep(None, ["seed=0"], tiny_config(tmp_path, exp_name="sw", **small), quiet=True, say=lambda _: None)
+    assert str(info.value).endswith(
+        "last.ckpt holds that point; call classlab.sweep(...) again with the same arguments to continue the sweep"
+    )
+    code, _, err = cli(capsys, "train", *tiny_config(tmp_path, exp_name="cli", **small), "--quiet")
+    line = r"\ninterrupted: stopped after batch \d+ of epoch 1; last\.ckpt holds that point; continue with --resume\n$"
+    assert code == 130 and re.search(line, err), err[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -290,3 +292,55 @@ def test_a_point_that_force_moved_aside_is_not_taken_for_the_point(tmp_path: Pat
     (root / points[0].name).rename(root / f"{points[0].name}.old-20261205-093000")
     _, again = plan(None, base, ["seed=0", "optim.lr=0.01"])
     assert [(p.name, p.status) for p in again] == [("seed=0,lr=0.01", "new")]
+
+
+def test_a_parallel_points_error_is_in_the_words_of_whoever_started_the_sweep(tmp_path: Path) -> None:
+    """A point of classlab.sweep(..., jobs=2) runs as `classlab train` in a process of its own, and its 'failed'
+    line read '--resume: ... --force' to a Python caller, where a point run in the sweep's own process said
+    'resume=True: ... force=True'. The command line's sweep keeps the flags."""
+    import classlab
+
+    base = [*tiny_config(tmp_path), "exp_name=sw"]
+    root, points = plan(None, base, ["seed=0"])
+    folder = RunFolder(root / points[0].name)
+    folder.path.mkdir(parents=True)
+    folder.write_config(coerce_config(None, points[0].overrides).to_dict())
+    folder.update_summary(status="interrupted")
+    folder.checkpoint_path("last").parent.mkdir()
+    folder.checkpoint_path("last").write_bytes(b"not a checkpoint")  # resumed, it fails: no checkpoint loads
+    said: list[str] = []
+    (point,) = classlab.sweep(None, ["seed=0"], base, jobs=2, say=said.append)
+    assert point.status == "failed" and point.error.startswith(f"resume=True: no checkpoint of '{folder.path}' loads")
+    assert point.error.endswith("; start the run again with force=True (the old folder is moved aside)"), said
+    (point,) = sweep(None, ["seed=0"], base, jobs=2, say=said.append)
+    assert point.status == "failed" and point.error.startswith(f"--resume: no checkpoint of '{folder.path}' loads")
+    assert point.error.endswith("; start the run again with --force (the old folder is moved aside)"), said
+    said.clear()
+
+    class FakeRef:  # hashable, as Ray's ObjectRef is
+        def __init__(self, result: dict) -> None:
+            self.result = result
+
+    class FakeRay(types.ModuleType):
+        """Runs each task at once, as a Ray worker does: in a context of its own (a process, there)."""
+
+        def init(self, **_: object) -> None:
+            pass
+
+        def remote(self, **_: object) -> object:
+            return lambda function: types.SimpleNamespace(
+                remote=lambda *args: FakeRef(contextvars.Context().run(function, *args))
+            )
+
+        def wait(self, pending: list, num_returns: int) -> tuple[list, list]:
+            return pending[:num_returns], pending[num_returns:]
+
+        def get(self, ref: FakeRef) -> dict:
+            return ref.result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "ray", FakeRay("ray"))
+        (point,) = classlab.sweep(None, ["seed=0"], base, ray_address="local", say=said.append)
+        assert point.status == "failed" and "resume=True: no checkpoint of" in point.error, said
+        (point,) = sweep(None, ["seed=0"], base, ray_address="local", say=said.append)
+        assert point.status == "failed" and "--resume: no checkpoint of" in point.error, said

@@ -16,6 +16,7 @@ import sys
 import types
 from typing import Any
 
+from classlab.errors import interrupted_for_python as _interrupted_for_python
 from classlab.errors import python_call as _python_call
 
 __version__ = "0.1.0"
@@ -33,8 +34,12 @@ class _Verb(types.ModuleType):
     """
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with _python_call(self.__name__.rpartition(".")[2]):  # its hints name keywords, not the command's flags
-            return self._function(*args, **kwargs)
+        verb = self.__name__.rpartition(".")[2]
+        with _python_call(verb):  # its hints name keywords, not the command's flags
+            try:
+                return self._function(*args, **kwargs)
+            except KeyboardInterrupt as exc:  # the command line adds its own 'continue with --resume'
+                raise _interrupted_for_python(verb, exc)  # noqa: B904 - the same exception, or one in its place
 
     @property
     def _function(self) -> Any:

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from classlab.errors import ConfigError, did_you_mean, nearest, utf8_text
+from classlab.errors import ConfigError, command, did_you_mean, nearest, utf8_text
 
 
 class Section(BaseModel):
@@ -791,6 +791,11 @@ def explain(key: str) -> str:
     return "\n".join(lines)
 
 
+def _key_list() -> str:
+    """What lists every key with its default and allowed values, in the reader's words."""
+    return command("`classlab train --print-config`", "print(classlab.train.print_config(None))")
+
+
 def _one_line(error: ValidationError, tree: dict[str, Any]) -> str:
     """The first pydantic error as one line a user can act on."""
     err = error.errors()[0]
@@ -803,7 +808,7 @@ def _one_line(error: ValidationError, tree: dict[str, Any]) -> str:
             hint = f"did you mean '{section}.{close}'? " if close else ""
             return f"unknown config key '{loc}' ({hint}a task's keys: {', '.join(TaskHead.model_fields)})"
         return f"unknown config key '{loc}'{key_hint(loc)}" + (
-            f"; valid keys of '{section}' are listed by `classlab train --print-config`" if section else ""
+            f"; valid keys of '{section}' are listed by {_key_list()}" if section else ""
         )
     value = err.get("input")
     if not loc:
@@ -1059,19 +1064,24 @@ IMAGE_EXTENSIONS = frozenset(
 _WEIGHTS_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
 
 
+def _train_with(override: str) -> str:
+    """``classlab train data.root=photos`` in the reader's words: the command, or the call with that override."""
+    return command(f"classlab train {override}", f"classlab.train(None, [{override!r}])")
+
+
 def _not_a_data_file(path: Path) -> None:
     """An image, a manifest or a weights file given where the config goes: what it is and the key it belongs to
     (read as YAML, an image gave a 'not UTF-8 text' line that pointed at text encodings)."""
     suffix = path.suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
         root = path.parent.parent if path.parent.name else "FOLDER"  # photos/cat/0.jpg: photos holds the classes
-        fix = f"to train on its folder of class folders: classlab train data.root={root}"
+        fix = f"to train on its folder of class folders: {_train_with(f'data.root={root}')}"
         raise ConfigError(f"'{path}' is an image, not a config file; {fix}")
     if suffix in (".csv", ".tsv"):
-        fix = f"to train on the images it lists: classlab train data.csv_file={path}"
+        fix = f"to train on the images it lists: {_train_with(f'data.csv_file={path}')}"
         raise ConfigError(f"'{path}' is a CSV manifest, not a config file; {fix}")
     if suffix in _WEIGHTS_SUFFIXES:
-        fix = f"to start from these weights: classlab train model.pretrained_path={path}"
+        fix = f"to start from these weights: {_train_with(f'model.pretrained_path={path}')}"
         raise ConfigError(f"'{path}' is a weights file, not a config file; {fix}")
 
 

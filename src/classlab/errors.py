@@ -27,11 +27,13 @@ class ConfigError(ClassLabError):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Training stopped by Ctrl-C or SIGTERM; the message says where and what last.ckpt holds. Exit 128 + signal."""
+    """Training stopped by Ctrl-C or SIGTERM; the message says where and what last.ckpt holds. Exit 128 + signal.
+    ``run``: the folder a resume goes on in (a k-fold or multi-stage run's own folder, not its fold's or stage's)."""
 
-    def __init__(self, message: str, exit_code: int = 130) -> None:
+    def __init__(self, message: str, exit_code: int = 130, run: Path | None = None) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.run = run
 
 
 def ddp_worker() -> str | None:
@@ -86,7 +88,12 @@ def utf8_text(path: str | Path, error: type[ClassLabError] = ClassLabError) -> s
 # `python_call`. This section is the one place that knows both spellings: the verbs never ask who called,
 # and outside a Python call (the command line, a module used directly) the flags are named, word for word.
 
-_PYTHON_VERB: ContextVar[str | None] = ContextVar("classlab_python_verb", default=None)
+# A point of classlab.sweep(..., jobs=K) trains in a `classlab train` process of its own: the sweep names the
+# call it serves in this variable, so the error line the sweep reads back from the point's log is in its words.
+PYTHON_CALLER_ENV = "CLASSLAB_PYTHON_CALL"
+_PYTHON_VERB: ContextVar[str | None] = ContextVar(
+    "classlab_python_verb", default=os.environ.get(PYTHON_CALLER_ENV) or None
+)
 
 SWITCHES = frozenset({"resume", "force", "report"})  # flags that take no value: ``resume=True`` in a call
 # A flag whose keyword is not its own name ('-' read as '_'), with {} for the value; a verb's own entry
@@ -100,13 +107,27 @@ KEYWORDS: dict[tuple[str | None, str], str] = {
 
 
 @contextlib.contextmanager
-def python_call(verb: str) -> Iterator[None]:
-    """Messages raised or printed inside name keywords of ``classlab.<verb>(...)``, not flags."""
+def python_call(verb: str | None) -> Iterator[None]:
+    """Messages raised or printed inside name keywords of ``classlab.<verb>(...)``, not flags (None: flags)."""
     token = _PYTHON_VERB.set(verb)
     try:
         yield
     finally:
         _PYTHON_VERB.reset(token)
+
+
+def python_verb() -> str | None:
+    """The verb of the Python call in progress (``train`` inside ``classlab.train(...)``), None on the command
+    line: for work handed to another process (a sweep's point), which runs its share inside ``python_call`` of it."""
+    return _PYTHON_VERB.get()
+
+
+def caller_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a ``classlab`` process started to do part of this call: under a Python call it speaks as the
+    call does (``PYTHON_CALLER_ENV``); under the command line as a command line, whatever this process inherited."""
+    verb = _PYTHON_VERB.get()
+    env = {k: v for k, v in env.items() if k != PYTHON_CALLER_ENV}
+    return {**env, PYTHON_CALLER_ENV: verb} if verb else env
 
 
 def _keyword(name: str) -> str:
@@ -144,3 +165,29 @@ def spelt(command_line: str, python: str) -> str:
     """A hint whose Python form is no keyword of the call: ``--ensemble mean`` is a list of runs there,
     ``--folds 3`` the override ``data.folds=3``."""
     return command_line if _PYTHON_VERB.get() is None else python
+
+
+def command(line: str, python: str | None = None) -> str:
+    """A hint that names a whole command (``classlab train --print-config``): the command line as it is; a Python
+    caller gets ``python``, the call that does the same, or, where the API has none, the command marked as one to
+    type in a shell, so it does not read as something to call."""
+    if _PYTHON_VERB.get() is None:
+        return line
+    return python if python is not None else f"the shell command `{line.strip('`')}`"
+
+
+def interrupted_for_python(verb: str, exc: KeyboardInterrupt) -> KeyboardInterrupt:
+    """The Ctrl-C or SIGTERM that stopped ``classlab.<verb>(...)``, ending in how to go on from Python, as the
+    command line ends its 'interrupted:' line with ``continue with --resume`` (a run) or 'run the same command again'
+    (a sweep). A Ctrl-C before a run began is left as it is (the command line adds nothing to it either)."""
+    sweep = "call classlab.sweep(...) again with the same arguments to continue the sweep"
+    if isinstance(exc, RunInterrupted):
+        where = f" the run in {exc.run}" if exc.run is not None else ""
+        train = f"continue{where} with classlab.train(<the same config and overrides>, resume=True)"
+        exc.args = (f"{exc}; {sweep if verb == 'sweep' else train}",)
+        return exc
+    if verb != "sweep":
+        return exc
+    stopped = RunInterrupted(f"interrupted; {sweep}", getattr(exc, "exit_code", 130))
+    stopped.__suppress_context__ = True  # the plain KeyboardInterrupt it replaces says nothing more
+    return stopped

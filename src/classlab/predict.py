@@ -29,7 +29,7 @@ from classlab.engine.exported import ExportedRun
 from classlab.engine.file_batches import file_batches, images_a_batch
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.tta import TTAPlan, prediction_plan, views_probabilities
-from classlab.errors import ClassLabError, option, option_name, utf8_text
+from classlab.errors import ClassLabError, command, option, option_name, utf8_text
 from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_text, shown_path
 
 
@@ -50,11 +50,13 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
             out.extend(sorted(found, key=lambda p: natural_key(str(p))))
         elif path.suffix.lower() in (".csv", ".tsv") and path.is_file():
             # A competition's test.csv given as if it were images: one error row, 'not an image', and exit 0.
-            raise ClassLabError(
-                f"'{path}' is a CSV file, not an image; give the folder of the images it lists, with "
-                f"--template {path} --id-column COLUMN to fill it as a submission (or `classlab eval RUN --data "
-                f"{path}` to score a labelled manifest)"
+            fill = command(
+                f"with --template {path} --id-column COLUMN to fill it as a submission (or `classlab eval RUN --data "
+                f"{path}` to score a labelled manifest)",
+                f"and classlab.predict.write_submission(RUN, [FOLDER], {str(path)!r}, OUT, id_column=COLUMN) to "
+                f"fill it as a submission (or classlab.evaluate(RUN, data={str(path)!r}) to score a labelled manifest)",
             )
+            raise ClassLabError(f"'{path}' is a CSV file, not an image; give the folder of the images it lists, {fill}")
         elif path.exists():
             out.append(path)
         elif is_url(str(raw)):

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-from classlab.errors import ClassLabError, first_line, option, spelt
+from classlab.errors import ClassLabError, command, first_line, option, spelt
 
 CONFIG = "config.yaml"
 CLASSES = "classes.json"
@@ -531,9 +531,7 @@ class RunFolder:
     def read_config_tree(self) -> dict[str, Any]:
         path = self.path / CONFIG
         if not path.is_file():
-            raise ClassLabError(
-                f"'{self.path}' is not a run folder (no {CONFIG}); give the folder `classlab train` printed"
-            )
+            raise ClassLabError(f"'{self.path}' is not a run folder (no {CONFIG}); give {_folder_train_gave()}")
         try:
             tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -872,16 +870,23 @@ def holds_runs(path: str | Path) -> str | None:
     )
 
 
+def _folder_train_gave() -> str:
+    """The run folder as the reader got it: printed by the command, returned by the call."""
+    return command("the folder `classlab train` printed", "the folder classlab.train returned")
+
+
 def open_run(path: str | Path) -> RunFolder:
     """An existing run folder (for eval, predict, export, resume)."""
     run = RunFolder(path)
     if run.path.is_file():  # classlab.load("photo.png"): an image where the run goes
         raise ClassLabError(
-            f"'{run.path}' is a file, not a run folder; give the folder `classlab train` printed (the images to "
-            "classify come after it: classlab predict RUN IMAGES, or classlab.load(RUN)(image))"
+            f"'{run.path}' is a file, not a run folder; give {_folder_train_gave()} (the images to "
+            f"classify come after it: {command('classlab predict RUN IMAGES', 'classlab.predict(RUN, IMAGES)')}, or "
+            "classlab.load(RUN)(image))"
         )
     if not run.path.is_dir():
-        raise ClassLabError(f"run folder '{run.path}' not found; `classlab train` prints the folder it made")
+        made = command("`classlab train` prints the folder it made", "classlab.train returns the folder it made")
+        raise ClassLabError(f"run folder '{run.path}' not found; {made}")
     if not (run.path / CONFIG).is_file():
         if is_fold_group(run.path):  # `classlab train --folds K` printed the fold runs' folders, not this one
             raise ClassLabError(
@@ -891,7 +896,7 @@ def open_run(path: str | Path) -> RunFolder:
             )
         raise ClassLabError(
             f"'{run.path}' is not a run folder (no {CONFIG}); "
-            + (holds_runs(run.path) or "give the folder `classlab train` printed")
+            + (holds_runs(run.path) or f"give {_folder_train_gave()}")
         )
     stages = run.read_config_tree().get("stages") or []
     if stages:

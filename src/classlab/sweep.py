@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from classlab.config import Config, and_others, changed_keys, flatten, parse_override, saved_tree, validate, yaml_text
-from classlab.errors import ClassLabError, ConfigError, option, option_name, spelt
+from classlab.errors import ClassLabError, ConfigError, caller_env, option, option_name, python_call, python_verb, spelt
 from classlab.run import (
     FOLDS,
     RunFolder,
@@ -413,9 +413,11 @@ def _command(config: str | None, point: Point, verbose: int = 0) -> list[str]:
 
 
 def _run_parallel(config: str | None, todo: list[Point], jobs: int, logs: Path, say: Any, verbose: int = 0) -> None:
-    """K subprocesses at a time; each writes its own log, so one failure is readable on its own."""
+    """K subprocesses at a time; each writes its own log, so one failure is readable on its own. Started by
+    ``classlab.sweep(...)``, a point's process words its errors as that call does (``caller_env``): the line
+    read back from its log is the 'failed' line the caller sees."""
     logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = caller_env(dict(os.environ, PYTHONUNBUFFERED="1"))
     env.pop("CLASSLAB_RUN_DIR", None)
     queue = list(todo)
     running: dict[subprocess.Popen, tuple[Point, Any]] = {}
@@ -459,11 +461,15 @@ def _last_error(log: Path) -> str | None:
     return lines[-1].removeprefix("error: ") if lines else None
 
 
-def _ray_task(cwd: str, config: str | None, overrides: list[str], resume: bool, force: bool) -> dict[str, Any]:
-    """Runs on a Ray worker: the same train() call, in the submitter's folder (a shared filesystem)."""
+def _ray_task(
+    cwd: str, config: str | None, overrides: list[str], resume: bool, force: bool, verb: str | None = None
+) -> dict[str, Any]:
+    """Runs on a Ray worker: the same train() call, in the submitter's folder (a shared filesystem), its errors
+    worded for the submitter's reader (``verb``: the Python call it serves, None for the command line)."""
     os.chdir(cwd)
     try:
-        run = train(config, overrides, resume=resume, force=force, quiet=True)
+        with python_call(verb):
+            run = train(config, overrides, resume=resume, force=force, quiet=True)
         return {"status": "finished", "path": str(run.path)}
     except Exception as exc:  # noqa: BLE001 - reported back to the driver as this point's failure
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
@@ -487,8 +493,9 @@ def _run_ray(config: str | None, todo: list[Point], address: str, cpus: float, s
         ) from None
     task = ray.remote(num_cpus=cpus)(_ray_task)
     config = str(Path(config).resolve()) if config else None
+    verb = python_verb()
     futures = {
-        task.remote(os.getcwd(), config, p.overrides, p.status == "resume", p.status == "broken"): p for p in todo
+        task.remote(os.getcwd(), config, p.overrides, p.status == "resume", p.status == "broken", verb): p for p in todo
     }
     pending = list(futures)
     try:

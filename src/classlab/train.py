@@ -319,6 +319,9 @@ def _train_stages(cfg: Config, *, resume: bool, force: bool, quiet: bool) -> Run
             top.update_summary(status="running", exp_name=top.path.name, stages=[])
     try:
         return _run_stages(top, cfg, quiet=quiet)
+    except RunInterrupted as exc:
+        exc.run = top.path  # resumed as a whole: its folder, not the stage's
+        raise
     finally:
         lock.release()
 
@@ -684,10 +687,11 @@ def _fit(
 
 
 def _interrupted(trainer: L.Trainer) -> RunInterrupted:
-    note = next((c.stop_note for c in trainer.callbacks if isinstance(c, RunRecorder) and c.stop_note), "")
+    recorder = next((c for c in trainer.callbacks if isinstance(c, RunRecorder)), None)
+    note = recorder.stop_note if recorder is not None else ""
     asked = next((c.requested for c in trainer.callbacks if isinstance(c, GracefulStop) and c.requested), None)
     code = 128 + int(getattr(signal, asked or "SIGINT"))
-    return RunInterrupted(note or "stopped", code)
+    return RunInterrupted(note or "stopped", code, run=recorder.run.path if recorder is not None else None)
 
 
 def _say_if_finished(run: RunFolder, cfg: Config, console: Console) -> None:
@@ -818,7 +822,9 @@ def train_folds(
         top.write_json(FOLDS, {"folds": cfg.data.folds, "seed": cfg.seed, "config": tree})
         top.update_summary(status="running", exp_name=top.path.name, folds=cfg.data.folds)
         _train_each_fold(top, cfg, tree, quiet=quiet, verbose=verbose)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, RunInterrupted):
+            exc.run = top.path  # resumed as a whole: the k-fold folder, not the fold's
         # Refused before any fold began (its data, a write): a folder holding only folds.json and a summary
         # saying "running" would read as a run cut off, where nothing ran (a broken manifest leaves no run folder),
         # and the k-fold folder --force moved aside goes back, as a single run refused for its data stays.

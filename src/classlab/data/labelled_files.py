@@ -17,7 +17,7 @@ from pathlib import Path
 
 from classlab.config import DataSection
 from classlab.data.sources import UNLABELED, class_name, delimiter, open_dataset
-from classlab.errors import ClassLabError, option, utf8_text
+from classlab.errors import ClassLabError, command, option, utf8_text
 
 # Keys of the run's data section that describe its own data set, not how images are read.
 _RUN_DATA_KEYS = ("classes", "csv_file", "test_csv_file", "val_csv_file", "group_column", "image_dir")
@@ -65,7 +65,7 @@ def labelled_files(section: DataSection, path: str | Path, classes: list[str]) -
         raise ClassLabError(
             f"{option('data', path, quoted=True)} has images but no class folders: eval needs <folder>/<class>/ "
             "images to score; "
-            "`classlab predict` reads unlabelled images"
+            f"{command('`classlab predict`', 'classlab.predict')} reads unlabelled images"
         )
     index = {class_name(name): i for i, name in enumerate(classes)}  # a run trained before names were composed
     unknown = [c for c in dataset.classes if c not in index]

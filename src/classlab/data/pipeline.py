@@ -18,7 +18,7 @@ from classlab.data.preprocess import compute_stats, image_to_tensor
 from classlab.data.sources import UNLABELED, Source, check_readable, open_dataset, training_size
 from classlab.data.splits import make_split
 from classlab.data.tasks import task_columns
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, command
 
 ROTATION_CLASSES = ["0", "90", "180", "270"]
 MAX_LISTED = 20
@@ -228,7 +228,10 @@ def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool 
     if cfg.task == "classify" and classes == [UNLABELED]:
         raise ClassLabError(
             f"{cfg.data.root} has images but no class folders: put them in <root>/<class>/ to classify, "
-            "or pretrain on them with `classlab pretrain rotation` (task: rotation)"
+            + command(
+                "or pretrain on them with `classlab pretrain rotation` (task: rotation)",
+                "or pretrain on them with classlab.train and the override task=rotation",
+            )
         )
     if cfg.task == "classify" and len(classes) < 2:
         raise ClassLabError(f"found {len(classes)} class(es) ({', '.join(classes)}); classification needs at least 2")

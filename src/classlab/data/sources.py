@@ -27,7 +27,7 @@ from PIL import Image
 from classlab.config import IMAGE_EXTENSIONS, DataSection
 from classlab.data.preprocess import BadImage, is_system_file, open_image
 from classlab.data.tasks import combined_index, combined_names
-from classlab.errors import ClassLabError, utf8_text
+from classlab.errors import ClassLabError, command, utf8_text
 
 SAMPLE_ZIP = Path(__file__).parent / "sample" / "cifar10_sample.zip"
 NATIVE_SIZE = {"sample": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "mnist": 28, "fashion_mnist": 28}
@@ -316,7 +316,11 @@ def _folder(cfg: DataSection) -> Dataset:
     if test_dir is not None and not _has_class_folders(test_dir):
         notices.append(
             f"note: {test_dir} has no class folders, so its images have no labels and are not scored; "
-            f"predict them after training: classlab predict <run folder> {test_dir} --out predictions.csv"
+            "predict them after training: "
+            + command(
+                f"classlab predict <run folder> {test_dir} --out predictions.csv",
+                f"classlab.predict(<run folder>, {str(test_dir)!r}, 'predictions.csv')",
+            )
         )
     elif test_dir is not None:
         test = source(test_dir, *labelled(test_dir), "test")
@@ -473,6 +477,15 @@ def _check_columns(
             raise ClassLabError(f"{manifest}: no column '{col}' ({where}); its columns are: {', '.join(columns)}")
 
 
+def _predict_into(template: str) -> str:
+    """How to label a competition's unlabelled test images (and fill its template), in the reader's words."""
+    return command(
+        f"run classlab predict RUN FOLDER (--template {template} to fill it as a submission)",
+        f"call classlab.predict(RUN, FOLDER) (classlab.predict.write_submission(RUN, [FOLDER], {template!r}, OUT) "
+        "to fill it as a submission)",
+    )
+
+
 def _read_manifest(
     cfg: DataSection, manifest: Path, tasks: dict[str, str] | None, *, splits_by_group: bool = False, test: bool = False
 ) -> _Manifest:
@@ -487,8 +500,7 @@ def _read_manifest(
         if not near:
             raise ClassLabError(
                 f"{manifest}: no column '{cfg.label_column}' (data.label_column): data.test_csv_file lists labelled "
-                f"images to score; to label unlabelled ones, train without it and run classlab predict RUN FOLDER "
-                f"(--template {manifest.name} to fill it as a submission)"
+                f"images to score; to label unlabelled ones, train without it and {_predict_into(manifest.name)}"
             )
     _check_columns(cfg, manifest, columns, tasks, splits_by_group)
     if not rows:

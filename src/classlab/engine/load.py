@@ -20,7 +20,7 @@ from classlab.data.preprocess import BadImage, Normalize, array_to_tensor, image
 from classlab.data.tasks import read_layout
 from classlab.engine.calibration import calibration_in_use, calibration_note
 from classlab.engine.predict import probabilities, task_probabilities
-from classlab.errors import ClassLabError
+from classlab.errors import ClassLabError, command
 from classlab.models import build_model
 from classlab.models.multitask import build_multitask_net
 from classlab.models.net import ClassifierModel
@@ -216,9 +216,10 @@ def check_run_given(run: object) -> None:
     """A run given as something that can name one, or one line: None (a notebook cell's train that failed) or a
     number raised pathlib's TypeError from deep inside the loader."""
     if not isinstance(run, (str, Path, RunFolder)):
+        export = command("classlab export", "classlab.export")
         raise ClassLabError(
             f"a value of type '{type(run).__name__}' is not a run; give the run folder (what classlab.train "
-            "returns), one of its checkpoint files, or a model.onnx written by classlab export"
+            f"returns), one of its checkpoint files, or a model.onnx written by {export}"
         )
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from classlab.errors import ClassLabError, ConfigError, did_you_mean
+from classlab.errors import ClassLabError, ConfigError, command, did_you_mean
 from classlab.models.net import HEAD_KINDS
 
 # Keys of the ``model:`` section that build_model handles itself; every other
@@ -147,7 +147,7 @@ def get_entry(name: str) -> ModelEntry:
     if name not in _REGISTRY:
         raise ConfigError(
             f"unknown model.name {name!r}{did_you_mean(name, _known_names())}: "
-            "run `classlab models` for the list, or use timm:<name> for any timm model"
+            f"run {command('`classlab models`')} for the list, or use timm:<name> for any timm model"
         )
     return _REGISTRY[name]
 
@@ -156,7 +156,9 @@ def family_params(spec: dict[str, Any]) -> dict[str, Any]:
     """The builder keywords of ``spec``: the preset's values, then explicit keys on top."""
     name = spec.get("name")
     if not name:
-        raise ConfigError("model.name is missing: set it, e.g. model.name: cnn (run `classlab models` for the list)")
+        raise ConfigError(
+            f"model.name is missing: set it, e.g. model.name: cnn (run {command('`classlab models`')} for the list)"
+        )
     if not isinstance(name, str):
         raise ConfigError(f"model.name must be a string: got {name!r}")
     explicit = {k: v for k, v in spec.items() if k not in GENERIC_KEYS}
@@ -187,7 +189,7 @@ def family_params(spec: dict[str, Any]) -> dict[str, Any]:
                 fix = "this model has no presets: remove model.preset"
             raise ConfigError(
                 f"unknown model.preset {preset!r} for model {name!r}{did_you_mean(str(preset), entry.presets)}: "
-                f"{fix} (see `classlab models`)"
+                f"{fix} (see {command('`classlab models`')})"
             )
         merged.update(entry.presets[preset].params)
     merged.update(explicit)

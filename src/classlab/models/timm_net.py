@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from classlab.errors import ConfigError, did_you_mean
+from classlab.errors import ConfigError, command, did_you_mean
 
 _UNSUPPORTED = {
-    "truncate_at": "timm passthrough models cannot be truncated: use a registered family (see `classlab models`)",
+    "truncate_at": "timm passthrough models cannot be truncated: use a registered family (see {models})",
     "head_conv": "model.head_conv applies to registered efficientnet_* models only: remove it",
 }
 
@@ -30,6 +30,7 @@ def check_spec(name: str, spec: dict[str, Any]) -> None:
     for key, why in _UNSUPPORTED.items():
         # head_conv: true is the config default; only asking to drop the neck is unsupported.
         if spec.get(key) is not None and not (key == "head_conv" and spec[key] is True):
+            why = why.format(models=command("`classlab models`"))
             raise ConfigError(f"model.{key} is not supported for timm:{name}: {why}")
     if spec.get("head") not in (None, "linear"):
         raise ConfigError(f"model.head={spec['head']!r} is not supported for timm:{name}: use head: linear")

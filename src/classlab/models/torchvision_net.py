@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from classlab.errors import ConfigError
+from classlab.errors import ConfigError, command
 from classlab.models.timm_net import WrappedNet
 
 _UNSUPPORTED = ("truncate_at",)
@@ -35,7 +35,7 @@ def check_spec(name: str, spec: dict[str, Any]) -> None:
         if spec.get(key) is not None:
             raise ConfigError(
                 f"model.{key} is not supported for torchvision model {name!r}: use a registered family "
-                "(see `classlab models`)"
+                f"(see {command('`classlab models`')})"
             )
     if spec.get("head") not in (None, "linear"):
         raise ConfigError(f"model.head={spec['head']!r} is not supported for torchvision model {name!r}: use linear")
