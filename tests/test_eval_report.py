@@ -397,3 +397,32 @@ def test_top5_is_not_shown_for_five_classes_or_fewer(tmp_path: Path, capsys) -> 
     tta = json.loads((run.path / "eval" / "val" / "metrics.json").read_text())["tta"]
     assert [line.split()[0] for line in out.splitlines()[2:4]] == ["top-1", "macro-F1"] and "top-5" not in out
     assert f"\nmacro-F1  {metrics['f1']:.4f}  {tta['f1']:.4f}  (" in out
+
+
+REPORT_FILES = ("report.json", "per_class.csv", "reliability.png", "confident_errors.png", "errors")
+
+
+def test_eval_without_report_keeps_the_folder_of_one_evaluation(tiny_run: Path, capsys) -> None:
+    """Before: eval without --report left an earlier --report's files of other predictions (another checkpoint, TTA,
+    calibration) beside its new metrics.json. They are removed with one note when their inputs differ, kept when
+    they are of the same predictions."""
+    from tests.faults import cli
+
+    out = tiny_run / "eval" / "val"
+    classlab.evaluate(tiny_run, split="val", report=True)
+    assert all((out / name).exists() for name in REPORT_FILES)
+    code, _, err = cli(capsys, "eval", str(tiny_run), "--split", "val")  # the same predictions: kept
+    assert code == 0 and "removed" not in err and all((out / name).exists() for name in REPORT_FILES), err
+    code, _, err = cli(capsys, "eval", str(tiny_run), "--split", "val", "--tta", "flip")
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and notes[0].startswith(f"note: removed the earlier --report files in {out} (report.json,")
+    assert "plain predictions, not TTA flip" in notes[0] and "eval --report writes them again" in notes[0]
+    assert not any((out / name).exists() for name in REPORT_FILES)
+    assert json.loads((out / "metrics.json").read_text())["tta"]["modes"] == "flip"
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp"))
+
+    classlab.evaluate(tiny_run, split="val", checkpoint="last", report=True)  # another checkpoint's report
+    metrics = classlab.evaluate(tiny_run, split="val")
+    assert any("removed the earlier --report files" in n and "last.ckpt" in n for n in metrics["notes"])
+    assert not (out / "report.json").exists() and (out / "confusion.csv").is_file()

@@ -290,11 +290,88 @@ def test_the_python_api_takes_what_the_command_line_takes(tiny_run: Path, tmp_pa
 
 def test_eval_or_export_of_an_exported_file_names_the_run_it_came_from(tiny_run: Path, tmp_path: Path) -> None:
     """An exported file where a run folder goes was called 'a file, not a run folder' with a pointer at
-    classlab train; its metadata knows the run it came from, and predict scores with the file alone."""
+    classlab train; its metadata knows the run it came from, and predict scores with the file alone. eval of the
+    file without --data has no split to evaluate: it says so, and names --data and the run."""
     path = export(tiny_run, "onnx", tmp_path / "model.onnx")
-    for verb in (["eval", str(path), "--data", str(tmp_path)], ["export", str(path)]):
-        result = run_cli(*verb)
-        assert result.returncode == 1
-        (line,) = result.stderr.strip().splitlines()
-        assert line.startswith(f"error: '{path}' is an exported model: {verb[0]} reads a run folder"), line
-        assert f"({tiny_run.resolve()})" in line and "classlab predict FILE IMAGES" in line
+    result = run_cli("export", str(path))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: '{path}' is an exported model: export reads a run folder"), line
+    assert f"({tiny_run.resolve()})" in line and "classlab predict FILE IMAGES" in line
+    result = run_cli("eval", str(path))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: '{path}' is an exported model: it holds no test or validation images"), line
+    assert "--data FOLDER" in line and f"({tiny_run.resolve()})" in line
+
+
+def _labelled(root: Path, per_class: dict[str, int]) -> Path:
+    """root/<class>/*.png, noisy images of one colour a class, named as classes of the sample run."""
+    colors = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (128, 128, 128)]
+    for (name, count), color in zip(per_class.items(), colors):
+        for i in range(count):
+            make_image(root / name / f"{name}{i}.png", color, size=40)
+    return root
+
+
+def test_the_exported_file_alone_evaluates_labelled_images(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: eval FILE.onnx --data FOLDER was refused with a line naming the run folder. The shipped file scores
+    labelled images through predict's path (onnxruntime, the file's preprocessing and class names), prints the
+    figures and writes files only where --out says; classlab.evaluate(FILE, data=...) is the same."""
+    from tests.faults import cli, error_lines
+
+    folder = _labelled(tmp_path / "labelled", {"ship": 5, "cat": 4, "truck": 3})
+    (folder / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    shipped = tmp_path / "elsewhere" / "shipped.onnx"
+    shipped.parent.mkdir()
+    shipped.write_bytes(export(tiny_run, "onnx", tmp_path / "m.onnx").read_bytes())
+    rows = [r for r in classlab.predict(shipped, [folder]) if not r["error"]]
+    names = ("ship", "cat", "truck")
+    right = {name: [r["class"] == name for r in rows if Path(r["path"]).parent.name == name] for name in names}
+    top1 = sum(sum(v) for v in right.values()) / 12
+
+    code, out, err = cli(capsys, "eval", str(shipped), "--data", str(folder), "--report")
+    assert code == 0, err
+    assert out.startswith(f"{shipped} [{folder}, onnxruntime, 12 images]")
+    assert f"top-1 {top1:.4f}" in out and "expected calibration error (15 bins): " in out and "macro avg" in out
+    assert "1 file(s) could not be read and are left out:" in err and "broken.jpg: " in err
+    assert "nothing written (an exported model has no run folder): add --out FOLDER" in out
+    assert sorted(p.name for p in shipped.parent.iterdir()) == ["shipped.onnx"]
+
+    metrics = classlab.evaluate(shipped, data=folder)
+    assert metrics["out"] is None and metrics["top1"] == pytest.approx(top1, abs=1e-6)
+    for name, hits in right.items():  # each folder's images scored as that class of the file (by name)
+        assert metrics["per_class"][name] == pytest.approx(sum(hits) / len(hits), abs=1e-6)
+    assert metrics["per_class"]["airplane"] is None and metrics["model"] == str(shipped)
+    by_run = classlab.evaluate(tiny_run, data=folder)  # the run in PyTorch: the figures its file gives
+    assert by_run["top1"] == pytest.approx(top1, abs=1e-6) and by_run["per_class"] == pytest.approx(
+        metrics["per_class"]
+    )
+    manifest = tmp_path / "labels.csv"  # a manifest with the default columns: labels mapped by class name
+    manifest.write_text("path,label\nlabelled/truck/truck0.png,truck\nlabelled/cat/cat1.png,cat\n")
+    assert classlab.evaluate(shipped, data=manifest)["images"] == 2
+
+    written = tmp_path / "checked"
+    code, out, err = cli(capsys, "eval", str(shipped), "--data", str(folder), "--out", str(written), "--report")
+    assert code == 0, err
+    assert f"wrote {written}/{{metrics.json, confusion.csv, confusion.png, per_class.csv" in out
+    saved = json.loads((written / "metrics.json").read_text())
+    assert saved["top1"] == pytest.approx(top1, abs=1e-6) and saved["data_path"] == str(folder.resolve())
+    report = json.loads((written / "report.json").read_text())
+    assert report["inputs"]["model_sha256"] and 0 <= report["ece"] <= 1
+    confusion = list(csv.reader(open(written / "confusion.csv")))
+    assert sum(int(v) for row in confusion[1:] for v in row[1:]) == 12
+
+    _labelled(tmp_path / "odd", {"cat": 2, "unicorn": 1})
+    refusals = {
+        ("--data", str(tmp_path / "odd")): "class(es) the run was not trained on: unicorn; the run's classes are",
+        ("--data", str(folder), "--checkpoint", "last"): "is one exported model: drop --checkpoint last, or give",
+        ("--data", str(folder), "--calibrate"): "--calibrate fits a temperature on a run's validation images",
+    }
+    for args, expected in refusals.items():
+        code, _, err = cli(capsys, "eval", str(shipped), *args)
+        assert code != 0 and len(error_lines(err)) == 1 and expected in err, (args, err)
+    code, _, err = cli(capsys, "eval", str(tiny_run), "--out", str(written))
+    assert code != 0 and "--out is for an exported model" in err, err

@@ -168,10 +168,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report=args.report,
         data=args.data,
         calibrate=args.calibrate,
+        out=args.out,
     )
     members = f", mean of {len(metrics['members'])} runs" if metrics.get("members") else ""
     part = metrics.get("data") or metrics["split"]
-    print(f"{' '.join(args.runs)} [{part}, {metrics['checkpoint']}.ckpt, {metrics['images']} images{members}]")
+    model = metrics["backend"] if metrics.get("model") else f"{metrics['checkpoint']}.ckpt"  # an exported file
+    print(f"{' '.join(args.runs)} [{part}, {model}, {metrics['images']} images{members}]")
     for note in metrics.get("notes") or []:
         print(f"note: {note}", file=sys.stderr)
     _print_calibration(metrics)
@@ -217,7 +219,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(format_table(metrics["report"]["per_class"]))
         print(f"expected calibration error (15 bins): {metrics['report']['ece']:.4f}")
         written += ", per_class.csv, confident_errors.png, errors/, reliability.png, report.json"
-    print(f"wrote {metrics['out']}/{{{written}}}")
+    if metrics["out"] is None:
+        print(f"nothing written (an exported model has no run folder): add --out FOLDER to keep {written}")
+    else:
+        print(f"wrote {metrics['out']}/{{{written}}}")
     return 0
 
 
@@ -613,20 +618,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_run_commands(sub: Any) -> None:
-    p = sub.add_parser("train", help="train a model (no arguments: a small CNN on the embedded sample)")
-    _add_train_args(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("pretrain", help="self-supervised pretraining: `classlab pretrain rotation CONFIG`")
-    p.add_argument("pretext", choices=["rotation"], help="the pretext task")
-    _add_train_args(p)
-    p.set_defaults(func=lambda a: cmd_train(a, task=a.pretext))
-
+def _add_eval_command(sub: Any) -> None:
     p = sub.add_parser(
         "eval", aliases=["evaluate"], help="evaluate a run: top-1, top-5, per-class accuracy, confusion matrix"
     )
-    p.add_argument("runs", nargs="+", metavar="RUN", help="a run folder; several (or a k-fold folder) with --ensemble")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="a run folder; several (or a k-fold folder) with --ensemble; or a file written by classlab export "
+        "(.onnx) with --data",
+    )
     p.add_argument("--ensemble", choices=["mean"], help="average the probabilities of several runs (one class map)")
     p.add_argument("--split", default="test", choices=["test", "val"], help="images to evaluate (default test)")
     p.add_argument(
@@ -634,6 +636,12 @@ def _add_run_commands(sub: Any) -> None:
         metavar="PATH",
         help="labelled images the run never saw instead of a split: FOLDER/<class>/*.jpg (its test/ part when it "
         "has one) or a CSV manifest with the run's columns",
+    )
+    p.add_argument(
+        "--out",
+        metavar="FOLDER",
+        help="an exported .onnx file's evaluation: write its files into FOLDER (without it the figures are printed "
+        "and nothing is written); a run's go into RUN/eval/",
     )
     p.add_argument("--checkpoint", help="best, last, epochN (default best)")
     p.add_argument(
@@ -655,6 +663,19 @@ def _add_run_commands(sub: Any) -> None:
         "probabilities (accuracy unchanged)",
     )
     p.set_defaults(func=cmd_eval)
+
+
+def _add_run_commands(sub: Any) -> None:
+    p = sub.add_parser("train", help="train a model (no arguments: a small CNN on the embedded sample)")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", help="self-supervised pretraining: `classlab pretrain rotation CONFIG`")
+    p.add_argument("pretext", choices=["rotation"], help="the pretext task")
+    _add_train_args(p)
+    p.set_defaults(func=lambda a: cmd_train(a, task=a.pretext))
+
+    _add_eval_command(sub)
 
     p = sub.add_parser("predict", help="predict image files or folders into a CSV (or a submission file)")
     p.add_argument(

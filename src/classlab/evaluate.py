@@ -20,6 +20,7 @@ used by eval, predict, ``classlab.load``, ensembles and export of that checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from classlab.config import Config
+from classlab.config import Config, DataSection
 from classlab.data.labelled_files import labelled_files
 from classlab.data.pipeline import DataBundle, Part, load_data
 from classlab.data.preprocess import image_to_tensor
@@ -50,7 +51,7 @@ from classlab.engine.calibration import (
     temperature_in_use,
 )
 from classlab.engine.ensemble import expand_runs, load_runs
-from classlab.engine.exported import is_exported_file, not_a_run
+from classlab.engine.exported import ExportedRun, exported_for_eval, is_exported_file
 from classlab.engine.file_batches import file_batches, images_a_batch
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.metrics import (
@@ -91,6 +92,7 @@ from classlab.run import (
 )
 
 GRID_IMAGES = 25
+EXPORTED_BATCH = 64  # images an onnxruntime call scores for eval FILE.onnx --data (no run config to say)
 
 
 def evaluate(
@@ -102,8 +104,14 @@ def evaluate(
     report: bool = False,
     data: str | Path | None = None,
     calibrate: bool = False,
+    out: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's checkpoint on ``split`` (test or val); write eval/<split>/ and return the metrics.
+
+    ``run`` may also be an ONNX file written by ``classlab export`` (the deployed model), with ``data``: its
+    images are read and scored as ``classlab predict FILE`` reads them (onnxruntime, the input recipe and the
+    class names in the file's metadata), and the files are written into ``out`` only (None: nothing written,
+    the metrics returned with ``out`` None).
 
     ``data``: labelled images the run never saw instead of a split (a folder of class folders, its
     test/ part when it has one, or a CSV manifest), scored through the prediction path (any image
@@ -123,9 +131,16 @@ def evaluate(
     """
     if split not in ("test", "val"):
         raise ClassLabError(f"{option('split', split)}: choose 'test' or 'val'")
+    if isinstance(run, (str, Path)) and is_exported_file(run) and Path(run).is_file():
+        loaded = exported_for_eval(run, data, checkpoint, calibrate)
+        assert data is not None
+        return _evaluate_labelled(loaded, data, _out_folder(out), None, tta, report, [])
+    if out is not None:
+        raise ClassLabError(
+            f"{option('out')} is for an exported model, which has no run folder; a run's evaluation is "
+            "written into the run folder (eval/<split>/, eval/data-<name>/)"
+        )
     if isinstance(run, (str, Path)):
-        if is_exported_file(run) and Path(run).is_file():
-            raise not_a_run(run, "eval")
         run, checkpoint = run_and_checkpoint(run, checkpoint)  # a run's checkpoint file stands for the run
     checkpoint = checkpoint or "best"
     if not calibrate:
@@ -167,11 +182,30 @@ def _evaluate(
     if getattr(loaded, "members", None):
         metrics["members"] = [str(p) for p in loaded.members]
     _add_calibration(metrics, loaded, logits, labels, fitted)
+    return _write_eval(out, (probs, labels), loaded, _example_reader(data, part), plan, metrics, report)
+
+
+def _write_eval(
+    out: Path | None,
+    scored: tuple[torch.Tensor, torch.Tensor],
+    loaded: LoadedRun,
+    reader: tuple[Callable[[int], torch.Tensor], Callable[[int], str] | None],
+    plan: TTAPlan | None,
+    metrics: dict[str, Any],
+    report: bool,
+) -> dict[str, Any]:
+    """The evaluation's folder: metrics.json and the confusion matrix, with --report's files, or without an earlier
+    --report's when those are of other predictions (``drop_stale_report``). ``out`` None (an exported file without
+    --out): the figures are returned, nothing is written."""
+    probs, labels = scored
     if report:
-        _report(out, probs, labels, loaded, _example_reader(data, part), plan, metrics)
-    atomic_write_json(out / "metrics.json", rounded(metrics))
-    _write_confusion(out, probs, labels, loaded.classes, metrics, plan)
-    return {**metrics, "out": str(out)}
+        _report(out, probs, labels, loaded, reader, plan, metrics)
+    elif out is not None:
+        drop_stale_report(out, loaded, plan, metrics)
+    if out is not None:
+        atomic_write_json(out / "metrics.json", rounded(metrics))
+        _write_confusion(out, probs, labels, loaded.classes, metrics, plan)
+    return {**metrics, "out": str(out) if out is not None else None}
 
 
 def _evaluated_part(data: DataBundle, split: str, loaded: LoadedRun) -> Part:
@@ -198,7 +232,7 @@ def _evaluated_part(data: DataBundle, split: str, loaded: LoadedRun) -> Part:
 
 
 def _report(
-    out: Path,
+    out: Path | None,
     probs: torch.Tensor,
     labels: torch.Tensor,
     loaded: LoadedRun,
@@ -207,15 +241,105 @@ def _report(
     metrics: dict[str, Any],
 ) -> None:
     """--report's files, of the predictions the metrics are of (TTA, calibrated), which their titles name."""
+    image_at, describe = reader
+    inputs = _inputs(loaded, plan, metrics.get("data_path"))
+    source = _source(loaded, plan)
+    rep = write_report(out, probs, labels, loaded.classes, image_at, describe=describe, source=source, inputs=inputs)
+    metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
+
+
+def _source(loaded: LoadedRun, plan: TTAPlan | None) -> str:
+    """The predictions a report is of, as its titles and report.json's ``predictions`` name them."""
     source = f"tta:{plan.text}" if plan else "plain"
     if loaded.temperature is not None:
         source += f", calibrated T={loaded.temperature:.4g}"
     elif loaded.calibration_note:  # an ensemble whose members are calibrated each by its own T
         source += ", calibrated members"
-    image_at, describe = reader
-    inputs = None if getattr(loaded, "members", None) else report_inputs(loaded.run, loaded.checkpoint, plan)
-    rep = write_report(out, probs, labels, loaded.classes, image_at, describe=describe, source=source, inputs=inputs)
-    metrics["report"] = {"ece": rep["ece"], "macro_f1": rep["macro_f1"], "per_class": rep["per_class"]}
+    return source
+
+
+def _inputs(loaded: LoadedRun, plan: TTAPlan | None, data_path: str | None = None) -> dict[str, Any] | None:
+    """What a report's predictions are of (report.json's ``inputs``): a run's ``report_inputs``; an exported file's
+    own bytes, TTA and baked temperature; with --data, those images too. None for an ensemble."""
+    if getattr(loaded, "members", None):
+        return None
+    if isinstance(loaded, ExportedRun):
+        inputs = {
+            "model": str(loaded.path.resolve()),
+            "model_sha256": file_sha256(loaded.path),
+            "tta": plan.text if plan else None,
+            "temperature": loaded.temperature,
+        }
+    else:
+        inputs = report_inputs(loaded.run, loaded.checkpoint, plan)
+    return inputs | ({"data": data_path} if data_path else {})
+
+
+REPORT_FILES = ("report.json", "per_class.csv", "reliability.png", "confident_errors.png", "errors")
+
+
+def drop_stale_report(out: Path, loaded: LoadedRun, plan: TTAPlan | None, metrics: dict[str, Any]) -> None:
+    """An eval without --report: an earlier --report's files in ``out`` that are of other predictions than this
+    eval's (another checkpoint or checkpoint file, TTA, temperature; another exported file or other --data images)
+    are removed, with one note, so the folder holds one evaluation; files of the same predictions are kept. They
+    are derived: eval --report writes them again. An ensemble's report records no inputs: its predictions' name
+    (TTA, calibration) is compared."""
+    try:
+        before = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        before = {}
+    before = before if isinstance(before, dict) else {}
+    now = _inputs(loaded, plan, metrics.get("data_path"))
+    if now is None:
+        was, source = before.get("predictions"), _source(loaded, plan)
+        what = None if was == source else f"{was or 'other'} predictions, not {source}"
+    else:
+        what = _changed(before.get("inputs"), rounded(now))
+    if what is None:
+        return
+    removed = [name for name in REPORT_FILES if (out / name).exists()]
+    for name in removed:  # report.json first: classlab report reads the others only beside it
+        if (out / name).is_dir():
+            shutil.rmtree(out / name, ignore_errors=True)
+        else:
+            (out / name).unlink(missing_ok=True)
+    shown = ", ".join(f"{n}/" if n == "errors" else n for n in removed)
+    metrics["notes"] = [
+        *(metrics.get("notes") or []),
+        f"removed the earlier --report files in {out} ({shown}): they were of {what}; eval --report writes them again",
+    ]
+
+
+def _changed(was: Any, now: dict[str, Any]) -> str | None:
+    """How the predictions an earlier report.json's ``inputs`` describe differ from ``now``'s; None: the same."""
+    if was == now:
+        return None
+    if not isinstance(was, dict):
+        return "predictions it did not record (an older report)"
+
+    def tta(value: Any) -> str:
+        return f"TTA {value}" if value else "plain predictions"
+
+    def temperature(value: Any) -> str:
+        return f"temperature T={value:.4g}" if value else "uncalibrated probabilities"
+
+    parts = []
+    if "model" in was or "model" in now:  # an exported file's: the file itself, by its bytes
+        if (was.get("model"), was.get("model_sha256")) != (now.get("model"), now.get("model_sha256")):
+            parts.append(f"another model ({was.get('model') or str(was.get('checkpoint')) + '.ckpt of a run'})")
+    elif was.get("checkpoint") != now.get("checkpoint"):
+        parts.append(f"{was.get('checkpoint')}.ckpt, not {now.get('checkpoint')}.ckpt")
+    elif was.get("checkpoint_sha256") != now.get("checkpoint_sha256"):
+        parts.append(f"an earlier {now.get('checkpoint')}.ckpt (the file has changed since)")
+    if was.get("tta") != now.get("tta"):
+        parts.append(f"{tta(was.get('tta'))}, not {tta(now.get('tta'))}")
+    if was.get("temperature") != now.get("temperature"):
+        parts.append(f"{temperature(was.get('temperature'))}, not {temperature(now.get('temperature'))}")
+    if was.get("data") != now.get("data"):
+        parts.append(f"other images ({was.get('data')})" if was.get("data") else "other images")
+    return "; ".join(parts) or "other predictions"
 
 
 def report_inputs(run: RunFolder, checkpoint: str = "best", plan: TTAPlan | None = None) -> dict[str, Any]:
@@ -411,7 +535,22 @@ def _evaluate_files(
         raise ClassLabError(
             f"{option('data')} scores a classifier; this is a {loaded.cfg.task} run: evaluate its own split"
         )
-    found = labelled_files(loaded.cfg.data, data, loaded.classes)
+    return _evaluate_labelled(loaded, data, out, checkpoint, tta, report, fitted)
+
+
+def _evaluate_labelled(
+    loaded: LoadedRun,
+    data: str | Path,
+    out: Path | None,
+    checkpoint: str | None,
+    tta: str | None,
+    report: bool,
+    fitted: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Labelled images scored through the prediction path, by a run (``checkpoint``) or by an exported file (None;
+    its default manifest columns, and ``out`` None when no --out was given)."""
+    exported = isinstance(loaded, ExportedRun)
+    found = labelled_files(DataSection() if exported else loaded.cfg.data, data, loaded.classes)
     # A stray file (notes.txt in a class folder) or an empty class folder is listed and left out, as an
     # unreadable image is: eval takes no overrides, so the data.skip_bad_images=true that training's refusal
     # names could not be given here, and predict passes such files over too.
@@ -427,8 +566,10 @@ def _evaluate_files(
     labels_plain = labels
     metrics = _scores(plain.clamp_min(1e-30).log(), labels, loaded.classes, "data", checkpoint)
     metrics |= {"data": found.where, "data_path": str(Path(data).resolve())}
+    if exported:  # no checkpoint of a run: the file, run as predict runs it
+        metrics |= {"model": str(loaded.path), "backend": "onnxruntime"}
     metrics["skipped"] = [*found.problems, *(f"{p}: {e}" for p, e in skipped)]
-    seen = _among_own_data(loaded.cfg, files)
+    seen = 0 if exported else _among_own_data(loaded.cfg, files)
     if seen:
         metrics["notes"] = [
             f"{seen} of these {len(files)} images are among the run's own data ({loaded.cfg.data.root}: its training "
@@ -441,12 +582,20 @@ def _evaluate_files(
     if getattr(loaded, "members", None):
         metrics["members"] = [str(p) for p in loaded.members]
     _add_calibration(metrics, loaded, plain.clamp_min(1e-30).log(), labels_plain, fitted)
-    if report:
-        reader = (lambda i: loaded.to_tensor(files[i])), (lambda i: str(files[i]))
-        _report(out, probs, labels, loaded, reader, plan, metrics)
-    atomic_write_json(out / "metrics.json", rounded(metrics))
-    _write_confusion(out, probs, labels, loaded.classes, metrics, plan)
-    return {**metrics, "out": str(out)}
+    reader = (lambda i: loaded.to_tensor(files[i])), (lambda i: str(files[i]))
+    return _write_eval(out, (probs, labels), loaded, reader, plan, metrics, report)
+
+
+def _out_folder(out: str | Path | None) -> Path | None:
+    """--out of an exported file's evaluation: a folder (made when missing), never a file's place."""
+    if out is None:
+        return None
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ClassLabError(
+            f"{option('out', out, quoted=True)} is a file; give a folder for metrics.json, confusion.csv and "
+            "confusion.png"
+        )
+    return Path(out)
 
 
 def _among_own_data(cfg: Config, files: list[Any]) -> int:
@@ -479,10 +628,10 @@ def _score_files(
     loaded: LoadedRun, files: list[Path], labels: list[int], plan: TTAPlan | None
 ) -> tuple[torch.Tensor, torch.Tensor, list[Path], list[tuple[str, str]]]:
     """(probabilities, labels, files) of the readable files, and (file, why) of the others."""
-    batch_size = loaded.cfg.data.batch_size
+    batch_size = loaded.cfg.data.batch_size if loaded.cfg is not None else EXPORTED_BATCH
     label_of = dict(zip(files, labels))
     probs, kept, skipped = [], [], []
-    with autocast(loaded.cfg, next(loaded.model.parameters()).device):
+    with _precision(loaded):
         for chunk, batch, errors in file_batches(files, loaded, images_a_batch(batch_size, plan), 4, plan):
             skipped += [(str(f), e) for f, e in zip(chunk, errors) if e]
             kept += [f for f, e in zip(chunk, errors) if not e]
@@ -493,6 +642,13 @@ def _score_files(
     n = len(loaded.classes)
     out = torch.cat(probs) if probs else torch.empty(0, n)
     return out, torch.tensor([label_of[f] for f in kept], dtype=torch.long), kept, skipped
+
+
+def _precision(loaded: LoadedRun) -> Any:
+    """The run's inference precision (``autocast``); an exported file runs in onnxruntime as it was exported."""
+    if loaded.model is None:
+        return contextlib.nullcontext()
+    return autocast(loaded.cfg, next(loaded.model.parameters()).device)
 
 
 def _tta_metrics(
@@ -641,7 +797,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def write_report(
-    out: Path,
+    out: Path | None,
     probs: torch.Tensor,
     labels: torch.Tensor,
     classes: list[str],
@@ -655,20 +811,11 @@ def write_report(
 
     ``image_at(i)`` gives the uint8 (C, H, W) image of example ``i``; only the few shown are read.
     ``inputs``: what the predictions are of (``report_inputs``), kept in report.json.
+    ``out`` None: the report's figures only, nothing written (an exported file evaluated without --out).
     """
     pred = probs.argmax(1)
     rows = per_class_scores(pred, labels, classes)
-    buffer = io.StringIO()
-    columns = ["class", "precision", "recall", "f1", "support", "predicted"]
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({**r, **{k: f"{r[k]:.6f}" for k in ("precision", "recall", "f1")}})
-    atomic_write_text(out / "per_class.csv", buffer.getvalue())
-
     cal = calibration(probs, labels)
-    atomic_write_figure(out / "reliability.png", _reliability_figure(cal, source))
-
     conf = probs.max(1).values
     wrong = (pred != labels).nonzero().flatten()
     order = wrong[conf[wrong].argsort(descending=True)][:GRID_IMAGES].tolist()
@@ -683,9 +830,6 @@ def write_report(
         }
         for k, i in enumerate(order)
     ]
-    images = [image_at(i) for i in order]
-    atomic_write_figure(out / "confident_errors.png", _errors_figure(images, errors))
-    _write_thumbnails(out / "errors", images)
     report = {
         "predictions": source,
         "ece": cal["ece"],
@@ -697,8 +841,26 @@ def write_report(
         "calibration_bins": cal["bins"],
         **({"inputs": inputs} if inputs is not None else {}),
     }
-    atomic_write_json(out / "report.json", rounded(report))
+    if out is not None:
+        _write_report_files(out, rows, cal, source, [image_at(i) for i in order], errors)
+        atomic_write_json(out / "report.json", rounded(report))  # last: the others are complete beside it
     return report
+
+
+def _write_report_files(
+    out: Path, rows: list[dict[str, Any]], cal: dict[str, Any], source: str, images: list[torch.Tensor], errors: list
+) -> None:
+    """per_class.csv, reliability.png, confident_errors.png and errors/ of ``write_report``."""
+    buffer = io.StringIO()
+    columns = ["class", "precision", "recall", "f1", "support", "predicted"]
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({**r, **{k: f"{r[k]:.6f}" for k in ("precision", "recall", "f1")}})
+    atomic_write_text(out / "per_class.csv", buffer.getvalue())
+    atomic_write_figure(out / "reliability.png", _reliability_figure(cal, source))
+    atomic_write_figure(out / "confident_errors.png", _errors_figure(images, errors))
+    _write_thumbnails(out / "errors", images)
 
 
 def _write_thumbnails(folder: Path, images: list[torch.Tensor]) -> None:

@@ -18,7 +18,7 @@ import torch
 
 from classlab.data.tasks import TaskLayout
 from classlab.engine.load import LoadedRun
-from classlab.errors import ClassLabError, option
+from classlab.errors import ClassLabError, option, option_name
 
 INSTALL_HINT = "pip install 'classlab[export]'"
 ONNX_SUFFIX = ".onnx"
@@ -31,10 +31,8 @@ def is_exported_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in EXPORT_SUFFIXES and not Path(path).is_dir()
 
 
-def not_a_run(path: str | Path, verb: str) -> ClassLabError:
-    """``verb`` needs a run folder (its config, splits and checkpoints), and an exported file has none: the
-    refusal names the folder the file was exported from, when its metadata still says, and what the file alone
-    can do. It was told it was 'a file, not a run folder' and pointed at classlab train."""
+def _run_named_in(path: str | Path) -> str | None:
+    """The run folder an exported ONNX file's metadata says it came from, when that folder is still there."""
     source = None
     if Path(path).suffix.lower() == ONNX_SUFFIX:
         try:
@@ -44,15 +42,50 @@ def not_a_run(path: str | Path, verb: str) -> ClassLabError:
             source = meta.get("classlab.run")
         except Exception:  # noqa: BLE001 - no onnx package, or not a readable file: the line says less
             source = None
-    origin = (
-        f"give the run folder it was exported from ({source})"
-        if source and Path(source).is_dir()
-        else "give the run folder it was exported from"
-    )
+    return source if source and Path(source).is_dir() else None
+
+
+def not_a_run(path: str | Path, verb: str) -> ClassLabError:
+    """``verb`` needs a run folder (its config, splits and checkpoints), and an exported file has none: the
+    refusal names the folder the file was exported from, when its metadata still says, and what the file alone
+    can do. It was told it was 'a file, not a run folder' and pointed at classlab train."""
+    source = _run_named_in(path)
+    origin = f"give the run folder it was exported from{f' ({source})' if source else ''}"
     return ClassLabError(
         f"'{path}' is an exported model: {verb} reads a run folder (its config, splits and checkpoints); {origin}, "
         "or score images with the file alone: classlab predict FILE IMAGES"
     )
+
+
+def exported_for_eval(path: str | Path, data: object, checkpoint: str | None, calibrate: bool) -> ExportedRun:
+    """``classlab eval FILE.onnx --data FOLDER``: the file as predict runs it, once what it cannot do is refused.
+
+    The file holds no images, so there is no split to evaluate without ``--data``; it is one checkpoint, and a
+    temperature is fitted on a run's validation images, which the file has none of."""
+    if data is None:
+        source = _run_named_in(path)
+        raise ClassLabError(
+            f"'{path}' is an exported model: it holds no test or validation images to evaluate; give labelled images "
+            f"with {option('data', metavar='FOLDER')} (class folders or a CSV manifest), or evaluate the run folder "
+            f"it was exported from{f' ({source})' if source else ''}"
+        )
+    if checkpoint not in (None, "best"):
+        raise ClassLabError(
+            f"{path} is one exported model: drop {option('checkpoint', checkpoint)}, "
+            "or give the run folder to pick its checkpoint"
+        )
+    if calibrate:
+        raise ClassLabError(
+            f"{option_name('calibrate')} fits a temperature on a run's validation images, and {path} has none: "
+            "calibrate the run it was exported from (classlab eval RUN --calibrate), then export it again"
+        )
+    loaded = ExportedRun(path, verb="eval")
+    if loaded.task != "classify":
+        raise ClassLabError(
+            f"{option('data')} scores a classifier; {path} is a {loaded.task} model: evaluate the run it was exported "
+            "from on its own split"
+        )
+    return loaded
 
 
 class OnnxModel:
@@ -91,13 +124,13 @@ class ExportedRun(LoadedRun):
     images are read with the default pixel limit (``data.max_image_pixels``'s default).
     """
 
-    def __init__(self, path: str | Path, calibrated: bool = True) -> None:
+    def __init__(self, path: str | Path, calibrated: bool = True, verb: str = "predict") -> None:
         path = Path(path)
         if not path.is_file():
             raise ClassLabError(f"'{path}' does not exist; give a run folder or a file written by classlab export")
         if path.suffix.lower() != ONNX_SUFFIX:
             raise ClassLabError(
-                f"'{path}' is a {path.suffix} export; predict runs .onnx files (classlab export RUN --format onnx) "
+                f"'{path}' is a {path.suffix} export; {verb} runs .onnx files (classlab export RUN --format onnx) "
                 "or the run folder itself"
             )
         self.onnx = OnnxModel(path)
