@@ -334,6 +334,13 @@ def test_a_hint_naming_a_command_names_the_call_or_says_it_is_for_a_shell(
     assert line == f"'{photo}' is an image, not a config file; to train on its folder of class folders: " + (
         f"classlab train data.root={root}"
     )
+    exported = tmp_path / "model.pt2"  # an export predict cannot run: the call that writes one it can
+    exported.write_bytes(b"not read")
+    said, line = python_and_command_line(
+        lambda: classlab.predict(exported, [photo]), "predict", str(exported), str(photo)
+    )
+    assert said.endswith("predict runs .onnx files (classlab.export(RUN, fmt='onnx')) or the run folder itself")
+    assert line.endswith("predict runs .onnx files (classlab export RUN --format onnx) or the run folder itself")
 
 
 def _ctrl_c_at_second_batch(monkeypatch: pytest.MonkeyPatch) -> None:

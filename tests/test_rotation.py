@@ -99,7 +99,7 @@ def test_pretrain_rotation_on_an_unlabelled_folder(tmp_path: Path, flat_folder: 
     # Its probabilities are of angles, no user's: --calibrate is refused in one line, and nothing written.
     with pytest.raises(ClassLabError, match="rotation pretext run") as refused:
         classlab.evaluate(run, calibrate=True)
-    assert f"model.init_from={run}" in str(refused.value)
+    assert f"(classlab.train(None, ['model.init_from={run}'])) instead" in str(refused.value)
     assert not (run / "calibration.json").exists()
     # The same folder cannot be classified: one line saying what to do instead.
     result = run_cli("train", *args, "data.dataset=folder", f"data.root={flat_folder}", "exp_name=cls")

@@ -1064,7 +1064,7 @@ IMAGE_EXTENSIONS = frozenset(
 _WEIGHTS_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors", ".bin")
 
 
-def _train_with(override: str) -> str:
+def train_command(override: str) -> str:
     """``classlab train data.root=photos`` in the reader's words: the command, or the call with that override."""
     return command(f"classlab train {override}", f"classlab.train(None, [{override!r}])")
 
@@ -1075,13 +1075,13 @@ def _not_a_data_file(path: Path) -> None:
     suffix = path.suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
         root = path.parent.parent if path.parent.name else "FOLDER"  # photos/cat/0.jpg: photos holds the classes
-        fix = f"to train on its folder of class folders: {_train_with(f'data.root={root}')}"
+        fix = f"to train on its folder of class folders: {train_command(f'data.root={root}')}"
         raise ConfigError(f"'{path}' is an image, not a config file; {fix}")
     if suffix in (".csv", ".tsv"):
-        fix = f"to train on the images it lists: {_train_with(f'data.csv_file={path}')}"
+        fix = f"to train on the images it lists: {train_command(f'data.csv_file={path}')}"
         raise ConfigError(f"'{path}' is a CSV manifest, not a config file; {fix}")
     if suffix in _WEIGHTS_SUFFIXES:
-        fix = f"to start from these weights: {_train_with(f'model.pretrained_path={path}')}"
+        fix = f"to start from these weights: {train_command(f'model.pretrained_path={path}')}"
         raise ConfigError(f"'{path}' is a weights file, not a config file; {fix}")
 
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from classlab.config import Config, DataSection
+from classlab.config import Config, DataSection, train_command
 from classlab.data.labelled_files import labelled_files
 from classlab.data.pipeline import DataBundle, Part, load_data
 from classlab.data.preprocess import image_to_tensor
@@ -360,7 +360,7 @@ def report_inputs(run: RunFolder, checkpoint: str = "best", plan: TTAPlan | None
 
 NOT_CALIBRATED = {
     "rotation": "{run} is a rotation pretext run, whose classes are quarter turns: calibrate the classifier "
-    "trained from it (classlab train model.init_from={run}) instead",
+    "trained from it ({start_from}) instead",
     "multitask": "{run} is a multitask run, and one temperature calibrates a single-label classifier: "
     "evaluate it without calibrating (its heads keep their plain probabilities)",
 }
@@ -390,7 +390,9 @@ def fit_calibrations(run: Any, checkpoint: str) -> list[tuple[dict[str, Any], by
 def _check_calibratable(folder: RunFolder, path: Path) -> None:
     task = folder.read_config_tree().get("task") or "classify"
     if task in NOT_CALIBRATED:
-        raise ClassLabError(f"{option_name('calibrate')}: " + NOT_CALIBRATED[task].format(run=path))
+        start_from = train_command(f"model.init_from={path}")
+        why = NOT_CALIBRATED[task].format(run=path, start_from=start_from)
+        raise ClassLabError(f"{option_name('calibrate')}: {why}")
     if not folder.read_split().get("val"):
         raise ClassLabError(
             f"{option_name('calibrate')} fits the temperature on the run's validation images, and {path} has none "

@@ -18,7 +18,7 @@ import torch
 
 from classlab.data.tasks import TaskLayout
 from classlab.engine.load import LoadedRun
-from classlab.errors import ClassLabError, option, option_name
+from classlab.errors import ClassLabError, command, option, option_name
 
 INSTALL_HINT = "pip install 'classlab[export]'"
 ONNX_SUFFIX = ".onnx"
@@ -51,9 +51,10 @@ def not_a_run(path: str | Path, verb: str) -> ClassLabError:
     can do. It was told it was 'a file, not a run folder' and pointed at classlab train."""
     source = _run_named_in(path)
     origin = f"give the run folder it was exported from{f' ({source})' if source else ''}"
+    alone = command("classlab predict FILE IMAGES", "classlab.predict(FILE, IMAGES)")
     return ClassLabError(
         f"'{path}' is an exported model: {verb} reads a run folder (its config, splits and checkpoints); {origin}, "
-        "or score images with the file alone: classlab predict FILE IMAGES"
+        f"or score images with the file alone: {alone}"
     )
 
 
@@ -75,9 +76,10 @@ def exported_for_eval(path: str | Path, data: object, checkpoint: str | None, ca
             "or give the run folder to pick its checkpoint"
         )
     if calibrate:
+        fit = command("classlab eval RUN --calibrate", "classlab.evaluate(RUN, calibrate=True)")
         raise ClassLabError(
             f"{option_name('calibrate')} fits a temperature on a run's validation images, and {path} has none: "
-            "calibrate the run it was exported from (classlab eval RUN --calibrate), then export it again"
+            f"calibrate the run it was exported from ({fit}), then export it again"
         )
     loaded = ExportedRun(path, verb="eval")
     if loaded.task != "classify":
@@ -127,18 +129,19 @@ class ExportedRun(LoadedRun):
     def __init__(self, path: str | Path, calibrated: bool = True, verb: str = "predict") -> None:
         path = Path(path)
         if not path.is_file():
-            raise ClassLabError(f"'{path}' does not exist; give a run folder or a file written by classlab export")
+            written = command("classlab export", "classlab.export")
+            raise ClassLabError(f"'{path}' does not exist; give a run folder or a file written by {written}")
         if path.suffix.lower() != ONNX_SUFFIX:
+            onnx = command("classlab export RUN --format onnx", "classlab.export(RUN, fmt='onnx')")
             raise ClassLabError(
-                f"'{path}' is a {path.suffix} export; {verb} runs .onnx files (classlab export RUN --format onnx) "
-                "or the run folder itself"
+                f"'{path}' is a {path.suffix} export; {verb} runs .onnx files ({onnx}) or the run folder itself"
             )
         self.onnx = OnnxModel(path)
         meta = self.onnx.metadata
         if not self.onnx.classes or "classlab.image_size" not in meta:
             raise ClassLabError(
-                f"{path} was not written by classlab export (no class names or input size in its metadata); "
-                "export the run again: classlab export RUN"
+                f"{path} was not written by {command('classlab export', 'classlab.export')} (no class names or input "
+                f"size in its metadata); export the run again: {command('classlab export RUN', 'classlab.export(RUN)')}"
             )
         size, channels = int(meta["classlab.image_size"]), int(meta.get("classlab.channels", "3"))
         super().__init__(None, None, None, self.onnx.classes, size, channels)  # type: ignore[arg-type]
