@@ -44,7 +44,13 @@ class SuggestingParser(argparse.ArgumentParser):
         if chosen:
             message += did_you_mean(chosen.group(1), re.findall(r"[\w-]+", chosen.group(2)))
         unknown = re.match(r"unrecognized arguments: (-\S+)", message)
-        if unknown:
+        files = [a for a in self._argv if a.startswith("-") and a in message and Path(a).exists()]
+        if files:  # predict RUN -photo.jpg: 'did you mean --top?' pointed away from the fix
+            message += (
+                f" ('{files[0]}' is a file whose name starts with '-': write ./{files[0]}, or put -- before the file "
+                "names)"
+            )
+        elif unknown:
             message += did_you_mean(unknown.group(1).split("=")[0], self._every_option())
         super().error(message)
 

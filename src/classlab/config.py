@@ -15,18 +15,19 @@ import re
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from classlab.errors import ConfigError, command, did_you_mean, nearest, utf8_text
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors, values are checked on assignment too."""
+    """A config section: unknown keys are errors, values are checked on assignment too; nan and inf are no
+    number a key takes (optim.lr=nan was refused as 'less than or equal to 100', weight_decay=inf was taken)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class RunSection(Section):
@@ -171,7 +172,7 @@ class TaskHead(Section):
 class ModelSection(BaseModel):
     """Model keys: the generic ones are listed; family parameters (depth, layers, ...) are checked by the registry."""
 
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
 
     name: str = Field("cnn", description="registry name (`classlab models`), a torchvision name or timm:<name>")
     preset: str | None = Field(None, description="a named preset of the family (stl10_2m, normal_cnn, mixer_s4, ...)")
@@ -816,7 +817,7 @@ def _one_line(error: ValidationError, tree: dict[str, Any]) -> str:
     if err["type"] == "model_type" and not isinstance(value, dict):  # model=resnet18: a section given one value
         one_task = tuple(err["loc"][:2]) == ("model", "tasks") and len(err["loc"]) == 3  # model.tasks={mask: 3}
         section = TaskHead if one_task else _field(loc).annotation
-        key = "name" if "name" in section.model_fields else next(iter(section.model_fields))
+        key = _key_taking(section, value)
         if one_task:
             key = "column" if isinstance(value, str) else "weight" if isinstance(value, float) else "classes"
         shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
@@ -832,6 +833,19 @@ def _one_line(error: ValidationError, tree: dict[str, Any]) -> str:
         loc, msg = ".".join(keys), _allowed_line(keys, value, msg)
     shown = _short(repr(value)) if not isinstance(value, dict) else "a section"
     return f"config key '{loc}' = {shown}: {msg}{_as_fraction(loc, value, err)}"
+
+
+def _key_taking(section: type[BaseModel], value: Any) -> str:
+    """The section's first key that takes ``value`` (data=photos: data.root, optim=0.1: optim.lr), else its name
+    key: data.dataset=photos, the first key's, was the suggestion, and a second error."""
+    for key, field in section.model_fields.items():
+        try:
+            kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+            TypeAdapter(kind).validate_python(value)
+        except ValidationError:
+            continue
+        return key
+    return "name" if "name" in section.model_fields else next(iter(section.model_fields))
 
 
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")

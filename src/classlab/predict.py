@@ -8,8 +8,10 @@ end, so any number of files costs the memory of one batch and a reader never see
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import os
+import re
 import sys
 import time
 import unicodedata
@@ -29,7 +31,7 @@ from classlab.engine.exported import ExportedRun
 from classlab.engine.file_batches import file_batches, images_a_batch
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.tta import TTAPlan, prediction_plan, views_probabilities
-from classlab.errors import ClassLabError, command, option, option_name, utf8_text
+from classlab.errors import ClassLabError, ConfigError, command, option, option_name, spelt, utf8_text
 from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_text, shown_path
 
 
@@ -40,14 +42,7 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = [
-                p
-                for p in path.rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS
-                and not any(is_system_file(part) for part in p.relative_to(path).parts)
-                and not p.is_dir()  # a pipe or a dangling link stays: an error row says what it is
-            ]
-            out.extend(sorted(found, key=lambda p: natural_key(str(p))))
+            out.extend(_images_under(path))
         elif path.suffix.lower() in (".csv", ".tsv") and path.is_file():
             # A competition's test.csv given as if it were images: one error row, 'not an image', and exit 0.
             fill = command(
@@ -61,8 +56,47 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
             out.append(path)
         elif is_url(str(raw)):
             raise ClassLabError(f"'{raw}' is a URL; predict reads files: download it first (curl -O '{raw}')")
+        elif _PATTERN.search(str(raw)):
+            out.extend(_matches(str(raw)))
         else:
             raise ClassLabError(f"'{path}' does not exist; give image files or folders")
+    return out
+
+
+def _images_under(folder: Path) -> list[Path]:
+    found = [
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(is_system_file(part) for part in p.relative_to(folder).parts)
+        and not p.is_dir()  # a pipe or a dangling link stays: an error row says what it is
+    ]
+    return sorted(found, key=lambda p: natural_key(str(p)))
+
+
+_PATTERN = re.compile(r"[*?[]")
+
+
+def _through_a_loop(path: Path) -> bool:
+    """``**`` follows links to folders: one back up (nested/loop -> ..) gave each image again at every depth."""
+    folders = [os.path.realpath(p) for p in path.parents]
+    return len(set(folders)) < len(folders)
+
+
+def _matches(pattern: str) -> list[Path]:
+    """``photos/*.jpg`` as a shell expands it, for a shell that does not (Windows' cmd and PowerShell) and for
+    ``classlab.predict(run, ["photos/*.jpg"])``: the image files it matches, and the images of folders it matches."""
+    out: list[Path] = []
+    for match in sorted(glob.glob(pattern, recursive=True), key=natural_key):
+        path = Path(match)
+        if _through_a_loop(path):
+            continue
+        if path.is_dir():
+            out.extend(_images_under(path))
+        elif path.suffix.lower() in IMAGE_EXTENSIONS and not is_system_file(path.name):
+            out.append(path)
+    if not out:
+        raise ClassLabError(f"'{pattern}' matches no image file; give image files or folders")
     return out
 
 
@@ -191,6 +225,17 @@ def _image_files(paths: Iterable[str | Path] | str | Path) -> list[Path]:
     return files
 
 
+def _not_an_image(out: str | Path | None) -> None:
+    """``predict RUN --out a.jpg b.jpg`` (the flag typed before the images) wrote the CSV over the photo a.jpg."""
+    if out is not None and Path(out).suffix.lower() in IMAGE_EXTENSIONS:
+        example = spelt("e.g. --out predictions.csv", "e.g. out='predictions.csv'")
+        after = spelt("the images come after the run", "the images are the paths")
+        raise ConfigError(
+            f"{option('out', out, quoted=True)} names an image; {option_name('out')} is the CSV the predictions go to "
+            f"({example}), {after}"
+        )
+
+
 def predict(
     run: str | Path | RunFolder | Sequence[str | Path | RunFolder] | LoadedRun,
     paths: Iterable[str | Path] | str | Path,
@@ -214,6 +259,7 @@ def predict(
     (``RUN/export/model.onnx``, or a copy anywhere), which always runs in onnxruntime. ``tta`` averages each image's
     views (``flip``, ``translate``, ``diagonal``, ``tencrop``, ``multiscale:S1,S2``) as ``eval --tta`` does.
     """
+    _not_an_image(out)
     loaded = load_runs(run, checkpoint)
     checkpoint = loaded.checkpoint  # what was loaded: a run's last.ckpt given as the run picks last for --backend onnx
     backend = backend or ("onnx" if isinstance(loaded, ExportedRun) else "torch")
@@ -413,6 +459,7 @@ def write_submission(
     tta: str | None = None,
 ) -> Submission:
     """Predict the template's images (one run or an ensemble) and write the filled template to ``out``."""
+    _not_an_image(out)
     if label_format not in ("index", "name"):
         raise ClassLabError(f"--label-format {label_format}: choose 'index' or 'name'")
     columns, rows, sep = read_template(template, id_column)

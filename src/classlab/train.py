@@ -428,6 +428,12 @@ def _resume_state(
         cfg = validate(with_overrides(tree, overrides or []))  # a copy: tree stays the saved one
     changes = _resume_changes(saved, cfg, run)
     last_ckpt, done = run.resume_checkpoint(set_damaged_aside=_is_zero())
+    if cfg.epochs < done:  # config.yaml said 1 epoch beside a metrics.csv of 2, and "train it longer: epochs=1"
+        raise ClassLabError(
+            f"{option('resume')}: epochs={cfg.epochs} is fewer than the {done} epochs '{run.path}' has already "
+            f"trained; give epochs={done} or more (epochs={done + 1} trains it longer), or train a new run (another "
+            f"exp_name, or {option('force')} to move this one aside)"
+        )
     if _is_zero():
         run.truncate_metrics(done + 1)
         if changes:  # config.yaml says how the run goes on; the summary keeps when it changed, and what

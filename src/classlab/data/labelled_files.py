@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from classlab.config import DataSection
-from classlab.data.sources import UNLABELED, class_name, delimiter, open_dataset
+from classlab.data.sources import (
+    UNLABELED,
+    Dataset,
+    OutsideRoot,
+    class_name,
+    column_names,
+    delimiter,
+    open_dataset,
+)
 from classlab.errors import ClassLabError, command, option, utf8_text
 
 # Keys of the run's data section that describe its own data set, not how images are read.
@@ -34,7 +42,7 @@ class LabelledFiles:
 def _check_columns(path: Path, section: DataSection) -> None:
     """The manifest names its columns as the run's config does (eval takes no overrides to rename them)."""
     text = utf8_text(path)
-    header = next(csv.reader(io.StringIO(text), delimiter=delimiter(text)), [])
+    header = column_names(next(csv.reader(io.StringIO(text), delimiter=delimiter(text)), []))
     wanted = [section.path_column, section.label_column]
     missing = [c for c in wanted if c not in header]
     if missing:
@@ -43,6 +51,24 @@ def _check_columns(path: Path, section: DataSection) -> None:
             f"{', '.join(header) or 'none'}: name them {wanted[0]},{wanted[1]} as the run's data.path_column and "
             "data.label_column do"
         )
+
+
+def _open(section: DataSection, update: dict[str, object], path: Path) -> Dataset:
+    """The data set; a manifest whose paths climb out of its folder (lists/test.csv listing ../images/x.jpg) is
+    read from the folder above that holds them, as the paths are written relative to the manifest's own folder:
+    eval has no data.root to set (training names the settings that read it)."""
+    for _ in range(len(path.resolve().parents)):
+        try:
+            return open_dataset(section.model_copy(update=update))
+        except OutsideRoot as exc:
+            if update["dataset"] != "csv" or exc.top is None:
+                raise
+            update |= {
+                "root": str(exc.top),
+                "csv_file": path.resolve().relative_to(exc.top).as_posix(),
+                "image_dir": path.parent.resolve().relative_to(exc.top).as_posix(),
+            }
+    return open_dataset(section.model_copy(update=update))
 
 
 def labelled_files(section: DataSection, path: str | Path, classes: list[str]) -> LabelledFiles:
@@ -59,7 +85,7 @@ def labelled_files(section: DataSection, path: str | Path, classes: list[str]) -
         raise ClassLabError(
             f"{option('data', path, quoted=True)} {what}; give labelled images: FOLDER/<class>/*.jpg or a CSV manifest"
         )
-    dataset = open_dataset(section.model_copy(update=update))
+    dataset = _open(section, update, path)
     source = dataset.test if dataset.test is not None else dataset.train
     if dataset.classes == [UNLABELED]:
         raise ClassLabError(

@@ -15,7 +15,7 @@ import os
 import re
 import unicodedata
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -454,6 +454,13 @@ def _empty_group(manifest: Path, line: int, column: str) -> str:
     )
 
 
+def column_names(header: Sequence[str]) -> list[str]:
+    """A header's column names without the spaces around them (`path, label` typed by hand), as its values are
+    read; as written where two would then be one name."""
+    stripped = [c.strip() for c in header]
+    return stripped if len(set(stripped)) == len(set(header)) else list(header)
+
+
 def _check_columns(
     cfg: DataSection, manifest: Path, columns: list[str], tasks: dict[str, str] | None, splits_by_group: bool
 ) -> None:
@@ -492,7 +499,8 @@ def _read_manifest(
     root = Path(cfg.root or "").resolve()
     text = utf8_text(manifest)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter(text))
-    columns = reader.fieldnames or []
+    columns = column_names(reader.fieldnames or [])
+    reader.fieldnames = columns
     rows = list(reader)
     if test and not tasks and cfg.label_column not in columns and cfg.path_column in columns:
         # A competition's test.csv has no labels: scoring needs them, and predicting unlabelled images is predict's.
@@ -526,9 +534,7 @@ def _read_manifest(
                 out.problems.append(f"{manifest}, line {line}: '{rel}' could be {shown}; write the extension")
                 continue
         if not Path(os.path.normpath(written_base / rel)).is_relative_to(root):
-            raise ClassLabError(
-                f"{manifest}, line {line}: path '{rel}' is outside data.root {root}; paths must stay inside it"
-            )
+            raise _outside_root(manifest, line, rel, written_base, root)
         if path in first_line:
             # The same image twice could sit in train and val at once, or carry two labels.
             first = first_line[path]
@@ -565,6 +571,31 @@ def _read_manifest(
     if missing and not out.files:
         _none_found(manifest, base, root, missing)
     return out
+
+
+class OutsideRoot(ClassLabError):
+    """A manifest's path climbs out of data.root (``../images/x.jpg`` in ``lists/train.csv``); ``top`` is the
+    folder above that holds both (None when none does: an absolute path elsewhere, a file that is not there)."""
+
+    def __init__(self, message: str, top: Path | None) -> None:
+        super().__init__(message)
+        self.top = top
+
+
+def _outside_root(manifest: Path, line: int, rel: str, written_base: Path, root: Path) -> OutsideRoot:
+    """The refusal of a path outside data.root, naming the settings that read it where there are some: the
+    folder above that holds the manifest and the image as data.root, the paths' own folder as data.image_dir."""
+    message = f"{manifest}, line {line}: path '{rel}' is outside data.root {root}; paths must stay inside it"
+    target = Path(os.path.normpath(written_base / rel))
+    top = Path(os.path.commonpath([written_base, target, manifest.resolve()]))
+    if Path(rel).is_absolute() or not target.exists() or top == Path(top.anchor):
+        return OutsideRoot(message, None)
+    shown = os.path.relpath(top) if top.is_relative_to(Path.cwd()) else str(top)
+    fix = (
+        f"data.root={shown} data.csv_file={manifest.resolve().relative_to(top).as_posix()} "
+        f"data.image_dir={written_base.relative_to(top).as_posix()}"
+    )
+    return OutsideRoot(f"{message}: to read them from {top}, set {fix}", top)
 
 
 def _none_found(manifest: Path, base: Path, root: Path, missing: list[str]) -> None:
