@@ -356,3 +356,31 @@ def test_a_url_where_a_path_goes_is_named() -> None:
         load_config(None, ["data.root=https://x.org/photos.zip"])
     with pytest.raises(ConfigError, match=r"^model\.pretrained_path 's3://bucket/w\.pth' is a URL"):
         load_config(None, ["model.pretrained_path=s3://bucket/w.pth"])
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("", "is empty"),
+        ("\n  \n", "is empty"),
+        ("# the photos experiment\n# lr: 0.1\n", "holds only comments"),
+        ("---\n", "holds no keys (only '---')"),
+        ("null\n", "holds no keys (only 'null')"),
+    ],
+)
+def test_a_config_file_without_keys_says_the_defaults_are_used(tmp_path: Path, capsys, text: str, said: str) -> None:
+    """Before: a config saved empty by mistake (or holding only comments, '---' or 'null') trained the defaults
+    without a word, as if the user had given no file."""
+    from tests.faults import cli
+
+    path = tmp_path / "my.yaml"
+    path.write_text(text)
+    line = f"{path} {said}: every key takes its default"
+    with pytest.warns(UserWarning, match=line.replace("(", r"\(").replace(")", r"\)")):
+        assert load_config(path).model_dump() == load_config().model_dump()
+    code, out, err = cli(capsys, "train", "--print-config", str(path))
+    assert code == 0 and out
+    assert f"warning: {line} (`classlab train --print-config` lists them)" in err.splitlines()
+    path.write_text("{}\n")  # an empty mapping written as one: said on purpose
+    code, _, err = cli(capsys, "train", "--print-config", str(path))
+    assert code == 0 and "every key takes its default" not in err

@@ -310,6 +310,32 @@ def test_eval_data_lists_and_leaves_out_stray_files_and_empty_class_folders(
     assert code == 0 and not error_lines(err), err
     assert out.startswith(f"{tiny_run} [{folder}, best.ckpt, 5 images]")
     assert f"{folder / 'cat' / 'notes.txt'}: not an image file" in err and f"{folder / 'truck'}: class folder" in err
+    # Before: under "2 file(s) could not be read and are left out:", though neither is a file that failed to read.
+    assert f"2 file(s) or folder(s) in {folder} are not images to score and are left out:" in err
+    assert "could not be read" not in err
+
+
+def test_eval_data_heads_rows_left_out_apart_from_unreadable_files(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    """Before: a manifest's row with an empty label and one listed twice were listed with a broken image under
+    "3 file(s) could not be read and are left out:"; neither row names a file that could not be read."""
+    from tests.faults import cli, error_lines
+
+    folder = _sample_folder(tmp_path / "new_photos", {"cat": 4})
+    (folder / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    names = sorted(p.name for p in (folder / "cat").iterdir() if p.name != "broken.jpg")
+    rows = [f"new_photos/cat/{n},cat" for n in names[:3]] + ["new_photos/cat/broken.jpg,cat"]
+    rows += [f"new_photos/cat/{names[0]},cat", f"new_photos/cat/{names[3]},"]  # listed twice; an empty label
+    (tmp_path / "new.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    code, out, err = cli(capsys, "eval", str(tiny_run), "--data", str(tmp_path / "new.csv"))
+    assert code == 0 and not error_lines(err), err
+    lines = err.splitlines()
+    at = lines.index("2 row(s) of new.csv are left out:")
+    assert lines[at + 1] == f"  {tmp_path / 'new.csv'}, line 6: path 'new_photos/cat/{names[0]}' is listed twice " + (
+        "(first on line 2)"
+    )
+    assert lines[at + 2] == f"  {tmp_path / 'new.csv'}, line 7: empty label"
+    assert lines[at + 3] == "1 file(s) could not be read and are left out:"
+    assert lines[at + 4].startswith(f"  {folder / 'cat' / 'broken.jpg'}: ")
 
 
 def test_two_labelled_folders_of_one_name_keep_their_own_figures(tiny_run: Path, tmp_path: Path) -> None:

@@ -366,7 +366,7 @@ def test_the_exported_file_alone_evaluates_labelled_images(
 
     _labelled(tmp_path / "odd", {"cat": 2, "unicorn": 1})
     refusals = {
-        ("--data", str(tmp_path / "odd")): "class(es) the run was not trained on: unicorn; the run's classes are",
+        ("--data", str(tmp_path / "odd")): "class(es) the model was not trained on: unicorn; the model's classes are",
         ("--data", str(folder), "--checkpoint", "last"): "is one exported model: drop --checkpoint last, or give",
         ("--data", str(folder), "--calibrate"): "--calibrate fits a temperature on a run's validation images",
     }

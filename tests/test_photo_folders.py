@@ -220,3 +220,49 @@ def test_pipes_and_dangling_links_named_like_images_are_named_not_opened(tmp_pat
     assert len(rows) == 22 and rows["cat/0.jpg"]["class"] in ("cat", "dog") and not rows["cat/0.jpg"]["error"]
     assert rows["cat/pipe.jpg"]["error"].startswith("not a regular file") and not rows["cat/pipe.jpg"]["class"]
     assert rows["dog/gone.jpg"]["error"].startswith("a link to")
+
+
+def test_class_folders_a_case_or_a_space_apart_are_named(tmp_path: Path) -> None:
+    """Before: Daisy/ and daisy/ became two classes without a word, rose/ and 'rose '/ (a space typed after the name)
+    two classes that looked the same, and a lone 'tulip '/ a class with a space in its name."""
+    from classlab.config import DataSection
+    from classlab.data.labelled_files import labelled_files
+
+    root = tmp_path / "flowers"
+    for name in ("Daisy", "daisy", "rose", "rose ", "tulip "):
+        for i in range(3):
+            make_image(root / name / f"{i}.jpg", (200, 60, 40), size=16)
+    dataset = open_dataset(_cfg(root, tmp_path).data)
+    assert sorted(dataset.classes) == ["Daisy", "daisy", "rose", "tulip"] and len(dataset.train) == 15
+    assert dataset.train.notices == [
+        f"note: class folders 'rose' and 'rose ' in {root} differ only in the spaces around their names and are "
+        "read as one class, 'rose'; merge them into one folder",
+        f"note: class folders in {root} differ only in case and are trained as separate classes: Daisy and daisy; "
+        "if they are one class, move the images of one folder into the other",
+    ]
+    assert open_dataset(_cfg(root, tmp_path, "data.classes=[tulip,rose,daisy,Daisy]").data).classes[0] == "tulip"
+    # A run trained before names were stripped says 'tulip ' in its classes.json: eval --data maps by name.
+    found = labelled_files(DataSection(), root, ["Daisy", "daisy", "rose ", "tulip "])
+    assert sorted(found.labels) == [0] * 3 + [1] * 3 + [2] * 6 + [3] * 3
+    with pytest.raises(ClassLabError) as info:
+        labelled_files(DataSection(), root, ["daisy", "rose", "tulip"])
+    said = str(info.value)
+    assert "class(es) the run was not trained on: Daisy (only its case differs from daisy); the run's classes" in said
+    # The class order of such a run's folders is kept: ' zebra/' sorted first, and its index is the run's.
+    shutil.rmtree(root)
+    for name in ("apple", " zebra"):
+        make_image(root / name / "0.jpg", (200, 60, 40), size=16)
+    assert open_dataset(_cfg(root, tmp_path).data).classes == ["zebra", "apple"]
+
+
+def test_manifest_labels_a_case_apart_are_named(tmp_path: Path) -> None:
+    """Before: Cat and cat in a manifest became two classes without a word ('cat ' was always read as cat)."""
+    for i in range(4):
+        make_image(tmp_path / f"{i}.png", (200, 60, 40), size=16)
+    (tmp_path / "train.csv").write_text("path,label\n0.png,Cat\n1.png,cat\n2.png,cat \n3.png,dog\n")
+    dataset = open_dataset(_cfg(tmp_path, tmp_path, "data.dataset=csv", "data.csv_file=train.csv").data)
+    assert dataset.classes == ["Cat", "cat", "dog"] and sorted(dataset.train.labels.tolist()) == [0, 1, 1, 2]
+    assert dataset.train.notices == [
+        "note: labels in column 'label' of train.csv differ only in case and are trained as separate classes: "
+        "Cat and cat; if they are one class, write its label one way"
+    ]

@@ -158,7 +158,7 @@ def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from classlab.engine.metrics import top5_tells
-    from classlab.evaluate import display_width, evaluate, pad
+    from classlab.evaluate import display_width, evaluate, left_out_lines, pad
 
     overrides = [item for item in args.runs if "=" in item and not Path(item).exists()]
     if overrides:
@@ -183,11 +183,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for note in metrics.get("notes") or []:
         print(f"note: {note}", file=sys.stderr)
     _print_calibration(metrics)
-    skipped = metrics.get("skipped") or []
-    if skipped:
-        print(f"{len(skipped)} file(s) could not be read and are left out:", file=sys.stderr)
-        for line in skipped[:20]:
-            print(f"  {line}", file=sys.stderr)
+    for line in left_out_lines(metrics):
+        print(line, file=sys.stderr)
     tta = metrics.get("tta")
     top5 = top5_tells(len(metrics["per_class"]))
     if tta:

@@ -694,10 +694,20 @@ def _read_yaml(path: Path) -> dict[str, Any]:
             problem += ": YAML indents with spaces, not tabs"
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if tree is None:
+        _say_empty(path, text)
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys (exp_name: ..., data: ...)")
     return _bounded(tree, str(path))
+
+
+def _say_empty(path: Path, text: str) -> None:
+    """A config file with no keys (saved empty by mistake, or before its keys were written) gives the defaults, as
+    no file does: one line says so, where before the defaults trained without a word."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    content = [line for line in lines if not line.startswith("#")]
+    what = "is empty" if not lines else "holds only comments" if not content else f"holds no keys (only {content[0]!r})"
+    warnings.warn(f"{path} {what}: every key takes its default ({_key_list()} lists them)", stacklevel=3)
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

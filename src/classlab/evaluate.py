@@ -552,7 +552,8 @@ def _evaluate_labelled(
     """Labelled images scored through the prediction path, by a run (``checkpoint``) or by an exported file (None;
     its default manifest columns, and ``out`` None when no --out was given)."""
     exported = isinstance(loaded, ExportedRun)
-    found = labelled_files(DataSection() if exported else loaded.cfg.data, data, loaded.classes)
+    section = DataSection() if exported else loaded.cfg.data
+    found = labelled_files(section, data, loaded.classes, "the model" if exported else "the run")
     # A stray file (notes.txt in a class folder) or an empty class folder is listed and left out, as an
     # unreadable image is: eval takes no overrides, so the data.skip_bad_images=true that training's refusal
     # names could not be given here, and predict passes such files over too.
@@ -570,7 +571,10 @@ def _evaluate_labelled(
     metrics |= {"data": found.where, "data_path": str(Path(data).resolve())}
     if exported:  # no checkpoint of a run: the file, run as predict runs it
         metrics |= {"model": str(loaded.path), "backend": "onnxruntime"}
-    metrics["skipped"] = [*found.problems, *(f"{p}: {e}" for p, e in skipped)]
+    # What the data lists but is no image to score (a manifest's row with an empty label or listed twice, a stray
+    # file, an empty class folder), apart from the images that could not be read: one heading told of both.
+    metrics["left_out"] = list(found.problems)
+    metrics["skipped"] = [f"{p}: {e}" for p, e in skipped]
     seen = 0 if exported else _among_own_data(loaded.cfg, files)
     if seen:
         metrics["notes"] = [
@@ -586,6 +590,23 @@ def _evaluate_labelled(
     _add_calibration(metrics, loaded, plain.clamp_min(1e-30).log(), labels_plain, fitted)
     reader = (lambda i: loaded.to_tensor(files[i])), (lambda i: str(files[i]))
     return _write_eval(out, (probs, labels), loaded, reader, plan, metrics, report)
+
+
+def left_out_lines(metrics: dict[str, Any], shown: int = 20) -> list[str]:
+    """What eval --data left out, under headings that say what each list holds: the manifest's rows (or the
+    folder's entries) that are no image to score, then the images that could not be read; ``shown`` of each."""
+    lines = []
+    data = Path(metrics.get("data_path") or "")
+    manifest = data.suffix.lower() in (".csv", ".tsv")
+    rows = f"row(s) of {data.name}" if manifest else f"file(s) or folder(s) in {data} are not images to score and"
+    for items, heading in (
+        (metrics.get("left_out") or [], f"{rows} are left out:"),
+        (metrics.get("skipped") or [], "file(s) could not be read and are left out:"),
+    ):
+        if items:
+            more = [f"  ... and {len(items) - shown} more"] if len(items) > shown else []
+            lines += [f"{len(items)} {heading}", *(f"  {line}" for line in items[:shown]), *more]
+    return lines
 
 
 def _out_folder(out: str | Path | None) -> Path | None:

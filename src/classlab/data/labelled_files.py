@@ -24,6 +24,7 @@ from classlab.data.sources import (
     column_names,
     delimiter,
     open_dataset,
+    unknown_named,
 )
 from classlab.errors import ClassLabError, command, option, utf8_text
 
@@ -71,8 +72,10 @@ def _open(section: DataSection, update: dict[str, object], path: Path) -> Datase
     return open_dataset(section.model_copy(update=update))
 
 
-def labelled_files(section: DataSection, path: str | Path, classes: list[str]) -> LabelledFiles:
-    """The images of a folder of class folders (its test/ part when it has one) or of a CSV manifest."""
+def labelled_files(section: DataSection, path: str | Path, classes: list[str], whose: str = "the run") -> LabelledFiles:
+    """The images of a folder of class folders (its test/ part when it has one) or of a CSV manifest, labelled
+    with ``classes``, those of ``whose`` (its words in the refusal of a class it lacks: "the run", or "the model"
+    for an exported file, which has no run)."""
     path = Path(path)
     update: dict[str, object] = dict.fromkeys(_RUN_DATA_KEYS)
     if path.is_file() and path.suffix.lower() in (".csv", ".tsv"):
@@ -93,10 +96,12 @@ def labelled_files(section: DataSection, path: str | Path, classes: list[str]) -
             "images to score; "
             f"{command('`classlab predict`', 'classlab.predict')} reads unlabelled images"
         )
-    index = {class_name(name): i for i, name in enumerate(classes)}  # a run trained before names were composed
+    # By name in one form: a run trained before names were composed (NFC) or stripped of spaces maps too.
+    index = {class_name(name): i for i, name in enumerate(classes)}
     unknown = [c for c in dataset.classes if c not in index]
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        named = unknown_named(unknown, classes)
+        shown = ", ".join(named[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         known = ", ".join(classes[:8]) + (" ..." if len(classes) > 8 else "")
         how = (
             f"the manifest's {section.label_column} column holds the class: "
@@ -105,8 +110,8 @@ def labelled_files(section: DataSection, path: str | Path, classes: list[str]) -
             else "a folder's name is its class: rename or leave out the others"
         )
         raise ClassLabError(
-            f"{option('data', path, quoted=True)}: class(es) the run was not trained on: {shown}; the run's classes "
-            f"are {known} ({how})"
+            f"{option('data', path, quoted=True)}: class(es) {whose} was not trained on: {shown}; {whose}'s "
+            f"classes are {known} ({how})"
         )
     files = list(source.files or [])
     labels = [index[dataset.classes[int(label)]] for label in source.labels]

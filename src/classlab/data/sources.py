@@ -86,12 +86,43 @@ def _digest(*parts: object) -> str:
 
 def class_name(text: str) -> str:
     """A class as one string however it was typed or stored: macOS writes a Korean folder name decomposed (NFD),
-    Linux, Windows and a CSV typed anywhere composed (NFC); the same word looked alike and matched nothing."""
-    return unicodedata.normalize("NFC", text)
+    Linux, Windows and a CSV typed anywhere composed (NFC); the same word looked alike and matched nothing. The
+    spaces around it do not count, as a manifest's never did: a folder 'rose ' (a space typed after the name,
+    unseen in a file browser) is the class 'rose', and a run trained before, whose classes.json says 'rose ',
+    maps its images to that class by name."""
+    composed = unicodedata.normalize("NFC", text)
+    return composed.strip() or composed
 
 
-def _order_classes(found: list[str], wanted: list[str] | None, where: str) -> list[str]:
-    found = sorted(found, key=natural_key)
+def case_twins(names: Sequence[str]) -> list[list[str]]:
+    """Groups of names that differ only in case (Daisy, daisy): each is a class of its own."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(set(names), key=lambda n: (natural_key(n), n)):
+        groups.setdefault(name.casefold(), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def twins_note(groups: list[list[str]], what: str, fix: str) -> list[str]:
+    """One line naming the groups of ``what`` (class folders, labels) that differ only in case, and ``fix``."""
+    if not groups:
+        return []
+    more = f"; and {len(groups) - 5} more" if len(groups) > 5 else ""
+    shown = "; ".join(" and ".join(g) for g in groups[:5]) + more
+    return [f"note: {what} differ only in case and are trained as separate classes: {shown}; {fix}"]
+
+
+def unknown_named(unknown: Sequence[str], known: Sequence[str]) -> list[str]:
+    """Unknown class names, each one that differs from a known class only in case saying which (Daisy where the
+    classes have daisy): the two look like one class to a reader of the refusal."""
+    by_case = {k.casefold(): k for k in known}
+    twin = {u: by_case.get(u.casefold()) for u in unknown}
+    return [f"{u} (only its case differs from {twin[u]})" if twin[u] else u for u in unknown]
+
+
+def _order_classes(found: list[str], wanted: list[str] | None, where: str, *, ordered: bool = False) -> list[str]:
+    """The class order: ``wanted`` (data.classes) checked against ``found``, else natural order (``found`` as
+    given when ``ordered``)."""
+    found = list(found) if ordered else sorted(found, key=natural_key)
     if wanted is None:
         return found
     wanted = [class_name(c) for c in wanted]
@@ -191,6 +222,7 @@ def _scan_class_folders(root: Path, notices: list[str] | None = None) -> tuple[d
     """
     problems: list[str] = []
     per_class: dict[str, list[Path]] = {}
+    spelled: dict[str, list[str]] = {}  # class -> its folders' names (NFC), two where only spaces tell them apart
     ignored: list[str] = []
     for entry in sorted(root.iterdir(), key=lambda p: natural_key(p.name)):
         if is_system_file(entry.name):
@@ -209,10 +241,30 @@ def _scan_class_folders(root: Path, notices: list[str] | None = None) -> tuple[d
         if not files:
             problems.append(f"{entry}: class folder with no images")
         per_class.setdefault(class_name(entry.name), []).extend(files)  # a copy from a Mac beside one from Linux
+        spelled.setdefault(class_name(entry.name), []).append(unicodedata.normalize("NFC", entry.name))
     if ignored and notices is not None:
         shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
         notices.append(f"note: ignored {len(ignored)} non-image file(s) beside the class folders in {root}: {shown}")
-    return per_class, problems
+    if notices is not None:
+        notices += _class_folder_notes(root, spelled)
+    # Natural order of the folders' names as written (spaces and all): the order runs trained before names were
+    # stripped, so ' zebra/' stays the class index it was for them.
+    return dict(sorted(per_class.items(), key=lambda kv: natural_key(min(spelled[kv[0]], key=natural_key)))), problems
+
+
+def _class_folder_notes(root: Path, spelled: dict[str, list[str]]) -> list[str]:
+    """A line for folders read as one class because only the spaces around their names differ ('rose', 'rose '),
+    and one for folders that differ only in case (Daisy, daisy), which stay classes of their own."""
+    notes = []
+    for cls, names in spelled.items():
+        if len(set(names)) > 1:
+            shown = " and ".join(repr(n) for n in sorted(set(names)))
+            notes.append(
+                f"note: class folders {shown} in {root} differ only in the spaces around their names and are read "
+                f"as one class, '{cls}'; merge them into one folder"
+            )
+    fix = "if they are one class, move the images of one folder into the other"
+    return notes + twins_note(case_twins(list(spelled)), f"class folders in {root}", fix)
 
 
 def _file_source(
@@ -277,14 +329,14 @@ def _folder(cfg: DataSection) -> Dataset:
     per_class, problems = _scan_class_folders(base, notices)
     if not per_class:
         raise ClassLabError(f"{base} has no class folders; put images in {base}/<class>/<image files>")
-    classes = _order_classes(list(per_class), cfg.classes, str(base))
+    classes = _order_classes(list(per_class), cfg.classes, str(base), ordered=True)
     index = {c: i for i, c in enumerate(classes)}
 
     def labelled(part: Path) -> tuple[dict[str, list[Path]], list[str]]:
         scanned, probs = _scan_class_folders(part)
         unknown = [c for c in scanned if c not in index]
         if unknown:
-            raise ClassLabError(f"{part} has class folders not in {base}: {', '.join(unknown)}")
+            raise ClassLabError(f"{part} has class folders not in {base}: {', '.join(unknown_named(unknown, classes))}")
         return scanned, probs
 
     def source(part_root: Path, scanned: dict[str, list[Path]], probs: list[str], label: str) -> Source:
@@ -692,6 +744,9 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
     columns = {name: [v[t] for v in train.task_values] for t, name in enumerate(tasks)} if tasks else None
     source.notices += _missing_markers(train.path, columns or {cfg.label_column: train.labels})
     source.notices += _number_twins(train.path, columns or {cfg.label_column: train.labels})
+    for column, values in (columns or {cfg.label_column: train.labels}).items():
+        fix = "if they are one class, write its label one way"
+        source.notices += twins_note(case_twins(values), f"labels in column '{column}' of {train.path.name}", fix)
     if cfg.group_column:
         source.groups = np.array(train.groups, dtype=object)
     if val is not None:
@@ -744,7 +799,8 @@ def _number_twins(manifest: Path, columns: dict[str, list[str]]) -> list[str]:
 def _check_test_labels(held: _Manifest, labels: list[str], known: list[str], what: str) -> None:
     unknown = sorted(set(labels) - set(known), key=natural_key)
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        named = unknown_named(unknown, known)
+        shown = ", ".join(named[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
         raise ClassLabError(
             f"{held.path}: labels not in the training manifest's {what}: {shown}; "
             f"a held-out set can only use classes the model is trained on"
