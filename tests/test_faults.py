@@ -7,6 +7,7 @@ exit code, and what the run folder holds afterwards. The faults come from tests/
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from classlab.data.loaders import decode
 from classlab.data.pipeline import load_data
 from classlab.data.sources import open_dataset
 from classlab.errors import ClassLabError
-from classlab.run import LOCK, LOCK_OWNER_ENV, RunLock
+from classlab.run import LOCK, LOCK_OWNER_ENV, RunFolder, RunLock
 from tests.conftest import make_image
 from tests.faults import EACCES, ENOSPC, cli, error_lines, fail_writes, nan_loss_at, small_run, write_png_bomb
 
@@ -203,6 +204,192 @@ def test_second_sweep_on_the_same_folder_is_refused(tmp_path: Path, capsys: pyte
     finally:
         holder.kill()
         holder.wait()
+
+
+def _classlab(*args: str) -> subprocess.Popen[str]:
+    """``classlab ARGS`` in a terminal of its own: none of this process's run environment (lock owner, run folder)."""
+    env = {k: v for k, v in os.environ.items() if k not in (LOCK_OWNER_ENV, "CLASSLAB_RUN_DIR")}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.Popen(
+        [sys.executable, "-m", "classlab", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _holds_lock_in(root: Path, pid: int) -> Path | None:
+    for lock in root.glob(f"*/{LOCK}"):
+        try:
+            if json.loads(lock.read_text()).get("pid") == pid:
+                return lock.parent
+        except (OSError, json.JSONDecodeError):
+            pass
+    return None
+
+
+def _while_loading(monkeypatch: pytest.MonkeyPatch, then) -> None:
+    """Run ``then()`` while this process's run loads its data (after it, before the run writes anything)."""
+    train_module = importlib.import_module("classlab.train")
+    real = train_module.load_data
+
+    def load_data(*args, **kwargs):
+        data = real(*args, **kwargs)
+        then()
+        return data
+
+    monkeypatch.setattr(train_module, "load_data", load_data)
+
+
+def test_two_runs_started_at_once_without_exp_name_take_two_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `classlab train` in two terminals a few seconds apart: the second starts while the first loads its data.
+    args = small_run(tmp_path, epochs=1)
+    root = tmp_path / "runs"
+    other: dict[str, object] = {}
+
+    def second_terminal() -> None:
+        proc = other["proc"] = _classlab("train", *args, "--quiet")
+        deadline = time.monotonic() + 300
+        while _holds_lock_in(root, proc.pid) is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        other["folder"] = _holds_lock_in(root, proc.pid)
+
+    _while_loading(monkeypatch, second_terminal)
+    code, out, err = cli(capsys, "train", *args)
+    proc = other["proc"]
+    _, proc_err = proc.communicate(timeout=300)
+    assert code == 0, err
+    assert proc.returncode == 0, proc_err
+    assert out.splitlines()[-1] == f"run folder: {root / 'sample_cnn'}"
+    assert other["folder"] == root / "sample_cnn-2"  # taken at its start, while this run still loaded its data
+    assert sorted(p.name for p in root.iterdir()) == ["sample_cnn", "sample_cnn-2"]
+    assert _summary(root / "sample_cnn")["status"] == _summary(root / "sample_cnn-2")["status"] == "finished"
+
+
+def test_two_runs_started_at_once_under_one_exp_name_the_second_stops_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = small_run(tmp_path, exp_name="mine", epochs=1)
+    run = tmp_path / "runs" / "mine"
+    other: dict[str, object] = {}
+
+    def second_terminal() -> None:
+        proc = _classlab("train", *args, "--quiet")
+        other["out"] = proc.communicate(timeout=300)
+        other["code"] = proc.returncode
+
+    _while_loading(monkeypatch, second_terminal)
+    code, _, err = cli(capsys, "train", *args, "--quiet")
+    assert code == 0, err
+    assert other["code"] == 1
+    lines = error_lines(other["out"][1])
+    assert len(lines) == 1 and lines[0].startswith(f"error: run folder '{run}' is in use by `classlab train` (pid ")
+    assert lines[0].endswith("; wait for it to finish, or train under another exp_name")
+    assert _summary(run)["status"] == "finished"
+    assert sorted(p.name for p in run.parent.iterdir()) == ["mine"]
+
+
+def test_a_run_killed_before_it_began_leaves_a_folder_the_next_run_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "runs"
+    killed = root / "killed"
+    real = RunFolder.write_config
+
+    def kill_now(self: RunFolder, cfg_dict) -> None:
+        # What kill -9 leaves at the moment config.yaml is about to be written: the folder as it is, its lock's
+        # process gone, and the temporary file of the write under way.
+        if self.path.name == "first" and not killed.exists():
+            shutil.copytree(self.path, killed)
+            _write_lock(killed, _dead_pid())
+            (killed / ".config.yaml.x1y2.tmp").write_text("exp_name: fir")
+        real(self, cfg_dict)
+
+    monkeypatch.setattr(RunFolder, "write_config", kill_now)
+    code, _, err = cli(capsys, "train", *small_run(tmp_path, exp_name="first", epochs=1), "--quiet")
+    assert code == 0, err
+    assert {"classes.json", "split.json"} <= {p.name for p in killed.iterdir()}  # config.yaml goes last
+    monkeypatch.undo()
+
+    args = small_run(tmp_path, exp_name="killed", epochs=1)
+    code, _, err = cli(capsys, "train", *args, "--resume")
+    assert code == 1
+    assert error_lines(err) == [
+        f"error: --resume: the run in '{killed}' was stopped before it began (no config.yaml yet, nothing trained); "
+        "start it again without --resume: the folder is reused"
+    ]
+    code, _, err = cli(capsys, "train", *args, "--quiet")
+    assert code == 0, err
+    assert "took over the lock of pid" in err
+    assert _summary(killed)["status"] == "finished" and not list(killed.glob(".*.tmp"))
+    assert sorted(p.name for p in root.iterdir()) == ["first", "killed"]  # no killed-2, nothing moved aside
+
+    # Without an exp_name: the first name is taken again, not left behind for sample_cnn-2.
+    (root / "sample_cnn").mkdir()
+    _write_lock(root / "sample_cnn", _dead_pid())
+    code, out, err = cli(capsys, "train", *small_run(tmp_path, epochs=1))
+    assert code == 0, err
+    assert out.splitlines()[-1] == f"run folder: {root / 'sample_cnn'}"
+    assert not (root / "sample_cnn-2").exists()
+
+
+def test_a_folder_that_never_began_or_holds_no_run_names_the_way_out(
+    two_epochs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A run of an earlier version killed between config.yaml and split.json: config.yaml alone.
+    run = tmp_path / "runs" / "base"
+    run.mkdir(parents=True)
+    shutil.copy(two_epochs / "config.yaml", run)
+    args = small_run(tmp_path, exp_name="base")
+    code, _, err = cli(capsys, "train", *args)
+    assert code == 1
+    assert error_lines(err) == [
+        f"error: run folder '{run}' already exists but its run never began (no split.json); use --force to move it "
+        "aside, or choose another exp_name"
+    ]
+    code, _, err = cli(capsys, "train", *args, "--resume")
+    assert code == 1
+    assert error_lines(err) == [
+        f"error: --resume: the run in '{run}' never began (it has config.yaml but no split.json; nothing trained); "
+        "start it again with --force (the folder is moved aside)"
+    ]
+    other = tmp_path / "runs" / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("try a wider net\n")
+    args = small_run(tmp_path, exp_name="notes")
+    code, _, err = cli(capsys, "train", *args)
+    assert error_lines(err) == [
+        f"error: '{other}' already exists and holds no run (no config.yaml); use --force to move it aside, or "
+        "choose another exp_name"
+    ]
+    code, _, err = cli(capsys, "train", *args, "--resume")
+    assert error_lines(err) == [
+        f"error: --resume: '{other}' is not a run folder (no config.yaml); start a new run without --resume: under "
+        "another exp_name, or with --force to move this folder aside"
+    ]
+    assert sorted(p.name for p in other.iterdir()) == ["todo.txt"]
+
+
+def test_a_closed_stdout_stops_the_run_interrupted_and_resumable(two_epochs: Path, tmp_path: Path, capsys) -> None:
+    # `classlab train | head -1`: the reader leaves after the first line.
+    args = small_run(tmp_path, exp_name="base")
+    proc = _classlab("train", *args)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    proc.wait(timeout=300)
+    run = tmp_path / "runs" / "base"
+    assert first.endswith(f"-> {run}\n")
+    assert proc.returncode == 141, err  # 128 + SIGPIPE, as a Unix tool the pipe's reader left
+    assert err.strip().splitlines()[-1] == (
+        "interrupted: standard output was closed; stopped after batch 1 of epoch 2; last.ckpt holds that point; "
+        "continue with --resume"
+    )
+    summary = _summary(run)
+    assert summary["status"] == "interrupted" and summary.get("error") is None
+    assert not (run / LOCK).exists()
+    code, _, err = cli(capsys, "train", *args, "--resume", "--quiet")
+    assert code == 0, err
+    assert _rows(run / "metrics.csv") == _rows(two_epochs / "metrics.csv")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,9 +48,15 @@ LAST = "last.ckpt"
 PREVIOUS = "previous.ckpt"  # the last.ckpt before the newest, kept so a damaged last.ckpt is not the end
 LOCK = "run.lock"
 LOCK_OWNER_ENV = "CLASSLAB_LOCK_OWNER"  # handed to child processes (sweep jobs, DDP workers): the same owner
+# What a new run writes before config.yaml, which goes last: a folder with no config.yaml holds no run yet.
+START_FILES = frozenset({LOCK, CLASSES, TASKS, SPLIT, SKIPPED})
 
 # A write that fails for one of these reasons is the user's to fix (space, permissions), not a bug.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG}
+
+
+class RunInUse(ClassLabError):
+    """Another live process holds the run folder (its run.lock)."""
 
 
 class RunWriteError(ClassLabError):
@@ -388,25 +394,63 @@ class RunFolder:
 
     @contextmanager
     def creating(self) -> Iterator[RunFolder]:
-        """Make the folder for a new run; if writing its first files fails, take it away again.
+        """Write a new run's first files into its folder (taken with ``reserve``); if that fails, take it away again.
 
         A folder holding half of config/classes/split is neither a run nor free for a new one.
         """
         try:
-            self.path.mkdir(parents=True, exist_ok=False)
-        except FileExistsError:
-            # Another process made it since we looked: the same refusal as if it had been there.
-            RunLock(self.path).check_free()
-            raise ClassLabError(
-                f"run folder '{self.path}' was just made by another process; choose another exp_name"
-            ) from None
-        except OSError as exc:
-            raise write_error(self.path, exc) from None
-        try:
             yield self
         except BaseException:
-            shutil.rmtree(self.path, ignore_errors=True)
+            self.discard()
             raise
+
+    def discard(self) -> None:
+        """Take away the folder of a run that never began, and the folders above it made for it (``runs/``): a run
+        refused for its data leaves the disk as it found it."""
+        shutil.rmtree(self.path, ignore_errors=True)
+        made = getattr(self, "_made", None)
+        if made is None or made == self.path:
+            return
+        for folder in self.path.parents:
+            try:
+                folder.rmdir()  # only while empty: another run's folder made there meanwhile keeps it
+            except OSError:
+                return
+            if folder == made:
+                return
+
+    def never_started(self) -> bool:
+        """A folder a run was stopped in before it began (kill -9 while its data loaded, or between its first files):
+        no config.yaml, which a run writes last of its first files, and nothing but those files, its lock and
+        temporary files. Nothing in it is worth keeping: the next run under its name takes it (``reserve``)."""
+        try:
+            names = [p.name for p in self.path.iterdir()]
+        except OSError:  # not there, or a file
+            return False
+        return all(name in START_FILES or _leftover(name) for name in names)
+
+    def reserve(self, lock: RunLock | None = None) -> RunLock | None:
+        """Take this folder for a new run, before anything slow (loading the data) is done: made here (of two
+        processes making it at once, exactly one does), or one a run never started in (``never_started``), whose
+        leftovers go. Returns its lock, held; None when the folder holds anything else (a run). RunInUse when a
+        live process holds it (one that made it a moment ago and is loading its data)."""
+        missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        try:
+            self.path.mkdir(parents=True)
+            self._made = missing[-1] if missing else None  # runs/ made for this run goes with it (``discard``)
+        except FileExistsError:
+            if not self.never_started():
+                return None
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+        lock = (lock or self.lock()).acquire()
+        if not self.never_started():  # a run began there between our look and the lock
+            lock.release()
+            return None
+        for path in self.path.iterdir():
+            if path.name != LOCK:
+                path.unlink(missing_ok=True)
+        return lock
 
     # -- checkpoints kept for resuming ----------------------------------------------------
     def keep_previous(self) -> None:
@@ -705,7 +749,7 @@ class RunLock:
         """Refuse (one line naming the owner) when another live process holds the folder."""
         record = self.owner()
         if record is not None and record.get("owner") != self.token:
-            raise ClassLabError(self._in_use(record))
+            raise RunInUse(self._in_use(record))
 
     def acquire(self) -> RunLock:
         for _ in range(5):
@@ -720,7 +764,7 @@ class RunLock:
                     continue
                 if record.get("owner") == self.token:
                     return self  # the process that started us holds it (sweep job, DDP worker)
-                raise ClassLabError(self._in_use(record)) from None
+                raise RunInUse(self._in_use(record)) from None
             except OSError as exc:
                 raise write_error(self.path, exc) from None
             record = {
@@ -802,6 +846,11 @@ class RunLock:
         aside.unlink(missing_ok=True)
         who = f"pid {stale['pid']} on {stale.get('host')}" if "pid" in stale else "a crashed process"
         warnings.warn(f"{self.path}: took over the lock of {who}, which is no longer running", stacklevel=3)
+
+
+def _leftover(name: str) -> bool:
+    """A temporary file of an atomic write (``.config.yaml.XXXX.tmp``) or of a lock's take-over, left by a kill."""
+    return name.startswith(".") and (name.endswith(".tmp") or name.startswith(f".{LOCK}.stale-"))
 
 
 def _fmt(value: Any) -> Any:

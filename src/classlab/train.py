@@ -46,7 +46,7 @@ from classlab.config import (
 from classlab.data.pipeline import DataBundle, load_data
 from classlab.data.tasks import TaskLayout
 from classlab.engine import loggers as tracking
-from classlab.engine.callbacks import METRIC_COLUMNS, GracefulStop, RunRecorder
+from classlab.engine.callbacks import METRIC_COLUMNS, GracefulStop, RunConsole, RunRecorder
 from classlab.engine.finetune import trainable_at_start
 from classlab.engine.library_logs import LIGHTNING_LOGGERS, library_logs
 from classlab.engine.load import load
@@ -76,9 +76,13 @@ from classlab.models import count_params, pretrained, validate_model_spec
 from classlab.run import (
     CONFIG,
     FOLDS,
+    LOCK,
     OOF,
     SKIPPED,
+    SPLIT,
+    SUMMARY,
     RunFolder,
+    RunInUse,
     RunLock,
     RunWriteError,
     atomic_write_text,
@@ -170,51 +174,110 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _make_run(cfg: Config, resume: bool, force: bool, *, move_now: bool = True) -> tuple[RunFolder, Config]:
-    """The run's folder and the config named after it; ``--force`` moves an old run aside here, or, with
-    ``move_now=False``, only once the new run is about to be written (``_replace_old``)."""
+def _make_run(cfg: Config, resume: bool, force: bool, *, move_now: bool = True) -> tuple[RunFolder, Config, RunLock]:
+    """The run's folder, the config named after it, and its lock.
+
+    A new run takes its folder at once, before its data load: made (or one a run never started in), its lock
+    held. So of two runs started at the same moment without an exp_name the second takes the next free name
+    (``<name>-2``); under an exp_name the user gave, the second stops at once with the 'in use' line. ``--force``
+    holds the old run's lock from here and moves it aside here, or, with ``move_now=False``, only once the new
+    run is about to be written (``_replace_old``). ``--resume`` takes its lock later (``_resume_state``).
+    """
     joined = os.environ.get(RUN_DIR_ENV)
     if joined and not _is_zero():
-        return RunFolder(joined), cfg
+        return RunFolder(joined), cfg, RunLock(joined)
     default = f"{cfg.data.dataset}_{cfg.model.name.replace(':', '_')}"
-    path, named = new_run_path(cfg.run.root, cfg.exp_name, default, numbered=not resume)
+    root = Path(cfg.run.root).absolute()
     if resume:
-        if not path.is_dir():
-            flag = option("resume")
-            raise ClassLabError(f"{flag}: run folder '{path}' does not exist; start it without {flag}")
-        return RunFolder(path), cfg
-    if path.exists():
-        RunLock(path).check_free()  # never refuse with "use --resume" or move aside a folder in use
-        if not force:
-            status = RunFolder(path).summary(default={}).get("status")
-            how = {"running": " and was cut off", "finished": " and has finished"}.get(status, "")
-            how_on = "with more epochs to train it on" if status == "finished" else "to continue it"
-            raise ClassLabError(
-                f"run folder '{path}' already exists{how}; use {option('resume')} {how_on}, "
-                f"{option('force')} to move it aside, or choose another exp_name"
-            )
-        if move_now:
-            _replace_old(path)
-    return RunFolder(path), cfg.model_copy(update={"exp_name": path.name})
+        run = RunFolder(root / (cfg.exp_name or default))
+        _check_resumable(run)
+        return run, cfg, run.lock()
+    if cfg.exp_name:
+        run, lock = _take_named(RunFolder(root / cfg.exp_name), force, move_now)
+    else:
+        run, lock = _take_free_name(root, default)
+    return run, cfg.model_copy(update={"exp_name": run.path.name}), lock
 
 
-def _create_run(run: RunFolder, lock: RunLock, cfg: Config, data: DataBundle, force: bool) -> None:
-    """The new run's folder and first files, once everything that can refuse the run has passed."""
-    if force:
-        _replace_old(run.path)
+def _take_free_name(root: Path, default: str) -> tuple[RunFolder, RunLock]:
+    """The first of ``default``, ``default-2``, ... that is free (or that a run never started in), taken."""
+    n = 1
+    while True:
+        run = RunFolder(root / (default if n == 1 else f"{default}-{n}"))
+        n += 1
+        try:
+            lock = run.reserve()
+        except RunInUse:  # a run started a moment ago is loading its data there
+            continue
+        if lock is not None:
+            return run, lock
+
+
+def _take_named(run: RunFolder, force: bool, move_now: bool) -> tuple[RunFolder, RunLock]:
+    """``run.root/exp_name``: taken when free; a run there is refused, or with ``--force`` its lock is held."""
+    lock = run.reserve()  # RunInUse: the one line naming the process that holds it
+    if lock is not None:
+        return run, lock
+    if not force:
+        run.lock().check_free()  # never refuse with "use --resume" or move aside a folder in use
+        raise ClassLabError(_exists_line(run))
+    lock = run.lock().acquire()  # the old run stays ours until it moves aside: a second process stops at once
+    if move_now:
+        _replace_old(run, lock)
+    return run, lock
+
+
+def _exists_line(run: RunFolder) -> str:
+    """Why a new run cannot go into ``run``'s folder, and the ways out."""
+    others = f"{option('force')} to move it aside, or choose another exp_name"
+    started = (run.path / CONFIG).is_file()
+    if not started and not (run.path / SUMMARY).is_file():
+        return f"'{run.path}' already exists and holds no run (no {CONFIG}); use {others}"
+    if started and not (run.path / SPLIT).is_file():
+        return f"run folder '{run.path}' already exists but its run never began (no {SPLIT}); use {others}"
+    status = run.summary(default={}).get("status")
+    how = {"running": " and was cut off", "finished": " and has finished"}.get(status, "")
+    how_on = "with more epochs to train it on" if status == "finished" else "to continue it"
+    return f"run folder '{run.path}' already exists{how}; use {option('resume')} {how_on}, {others}"
+
+
+def _check_resumable(run: RunFolder) -> None:
+    """``--resume`` of a folder with no run to continue: one line naming the way out."""
+    flag = option("resume")
+    if not run.path.is_dir():
+        raise ClassLabError(f"{flag}: run folder '{run.path}' does not exist; start it without {flag}")
+    if (run.path / CONFIG).is_file() or is_fold_group(run.path):
+        return
+    if run.never_started():
+        raise ClassLabError(
+            f"{flag}: the run in '{run.path}' was stopped before it began (no {CONFIG} yet, nothing trained); start "
+            f"it again without {flag}: the folder is reused"
+        )
+    raise ClassLabError(
+        f"{flag}: '{run.path}' is not a run folder (no {CONFIG}); start a new run without {flag}: under another "
+        f"exp_name, or with {option('force')} to move this folder aside"
+    )
+
+
+def _create_run(run: RunFolder, lock: RunLock, cfg: Config, data: DataBundle) -> None:
+    """The new run's first files, once everything that can refuse the run has passed. ``--force``: the old run
+    the lock holds moves aside first."""
+    if not run.never_started():
+        _replace_old(run, lock)
     with run.creating():  # a write that fails here takes the new folder away again
-        lock.acquire()
         _write_run_start(run, cfg, data)
 
 
-def _replace_old(path: Path) -> None:
+def _replace_old(run: RunFolder, lock: RunLock) -> None:
     """``--force``: the old run moves aside only when the new one is ready to be written, so a run refused
-    for its data, class weights or ``model.init_from`` leaves the old one where it was."""
-    if not path.exists():
-        return
-    RunLock(path).check_free()
-    moved = move_aside(path)
+    for its data, class weights or ``model.init_from`` leaves the old one where it was. Its lock, ours, goes with
+    it (so nothing else took the old run meanwhile) and is dropped there; the new folder is taken in its place."""
+    moved = move_aside(run.path)
+    lock.release()  # its file is in the moved folder now
+    (moved / LOCK).unlink(missing_ok=True)
     print(f"moved the old run to {moved}", file=sys.stderr)
+    if run.reserve(lock) is None:
+        raise ClassLabError(f"run folder '{run.path}' was just made by another process; choose another exp_name")
 
 
 def train(
@@ -308,13 +371,11 @@ def _train_stages(cfg: Config, *, resume: bool, force: bool, quiet: bool) -> Run
             f"stages run in one process only and trainer.devices=auto would start {torch.cuda.device_count()} "
             f"(one per GPU): set trainer.devices=1, or run each stage as its own run with model.init_from"
         )
-    top, cfg = _make_run(cfg, resume, force)
-    lock = top.lock()
+    top, cfg, lock = _make_run(cfg, resume, force)
     if resume:
         lock.acquire()
     else:
         with top.creating():
-            lock.acquire()
             top.write_config(cfg.to_dict())
             top.update_summary(status="running", exp_name=top.path.name, stages=[])
     try:
@@ -336,7 +397,11 @@ def _run_stages(top: RunFolder, cfg: Config, *, quiet: bool) -> RunFolder:
         status = folder.summary(default={}).get("status")
         if status != "finished":
             if not quiet:
-                Console(soft_wrap=True).print(f"[bold]stage {k + 1}/{len(cfg.stages)}[/bold]")
+                header = RunConsole(soft_wrap=True)
+                header.print(f"[bold]stage {k + 1}/{len(cfg.stages)}[/bold]")
+                if header.closed:  # the reader left between two stages: stop there, as a stage's own lines would
+                    why = f"standard output was closed; stopped before stage {k + 1}"
+                    raise RunInterrupted(why, 128 + signal.SIGPIPE)
             _train_one(stage, stage, None, resume=status is not None, force=False, quiet=quiet, start_from=previous)
         results.append(folder.summary())
         previous = folder.checkpoint("last")
@@ -434,6 +499,12 @@ def _resume_state(
             f"trained; give epochs={done} or more (epochs={done + 1} trains it longer), or train a new run (another "
             f"exp_name, or {option('force')} to move this one aside)"
         )
+    if last_ckpt is None and not (run.path / SPLIT).is_file():
+        # A run of an earlier version killed between config.yaml and split.json (config.yaml now goes last).
+        raise ClassLabError(
+            f"{option('resume')}: the run in '{run.path}' never began (it has {CONFIG} but no {SPLIT}; nothing "
+            f"trained); start it again with {option('force')} (the folder is moved aside)"
+        )
     if _is_zero():
         run.truncate_metrics(done + 1)
         if changes:  # config.yaml says how the run goes on; the summary keeps when it changed, and what
@@ -466,14 +537,15 @@ def _resume_line(last_ckpt: Path | None, done: int, epochs: int, changes: list[s
 
 
 def _write_run_start(run: RunFolder, cfg: Config, data: DataBundle) -> None:
-    """The files that say what a run is, written before its first step."""
-    run.write_config(cfg.to_dict())
+    """The files that say what a run is, written before its first step. config.yaml goes last: a folder that
+    has it has the others (a kill between two of them leaves a folder the next run takes, ``never_started``)."""
     run.write_classes(data.classes)
     if cfg.task == "multitask":
         run.write_tasks(TaskLayout.from_config(cfg, data.tasks or {}).to_json())
     run.write_split(data.split)
     if data.bad:
         run.write_skipped(data.bad)
+    run.write_config(cfg.to_dict())
 
 
 def _pretrained_report(net: torch.nn.Module) -> pretrained.LoadReport | None:
@@ -531,13 +603,10 @@ def _train_one(
 ) -> RunFolder:
     """One run in one folder, which process 0 holds locked (run.lock) from start to end."""
     tracking.check_loggers(cfg.trainer.loggers)  # a missing package fails before the run folder exists
-    run, cfg = _make_run(cfg, resume, force, move_now=False)
-    lock = run.lock()
+    run, cfg, lock = _make_run(cfg, resume, force, move_now=False)
     threads = torch.get_num_threads()  # trainer.threads is this run's: a notebook's later work keeps its own
     try:
-        return _fit_run(
-            run, lock, cfg, config, overrides, resume=resume, force=force, quiet=quiet, start_from=start_from
-        )
+        return _fit_run(run, lock, cfg, config, overrides, resume=resume, quiet=quiet, start_from=start_from)
     except RunWriteError as exc:
         if lock.held:  # a full disk or a read-only folder outside the fit loop (summary, test)
             run.mark_failed("failed", str(exc))
@@ -545,9 +614,12 @@ def _train_one(
     except DistributedStartError:
         if not resume and _is_zero():  # not one step trained: the new folder goes, as a run refused earlier leaves none
             lock.release()
-            shutil.rmtree(run.path, ignore_errors=True)
+            run.discard()
         raise
     finally:
+        if lock.held and not resume and run.never_started():
+            # Refused before it began (its data, class weights, a Ctrl-C while loading): the folder taken goes.
+            run.discard()
         lock.release()
         torch.set_num_threads(threads)
 
@@ -560,11 +632,10 @@ def _fit_run(
     overrides: list[str] | None,
     *,
     resume: bool,
-    force: bool,
     quiet: bool,
     start_from: Path | None,
 ) -> RunFolder:
-    console = Console(quiet=quiet, stderr=False, highlight=False, soft_wrap=True)
+    console = RunConsole(quiet=quiet, stderr=False, highlight=False, soft_wrap=True)
     saved_split, last_ckpt = None, None
     if resume:
         from_file = cfg
@@ -595,7 +666,7 @@ def _fit_run(
     task = build_task(cfg, data, model, len(train_loader))
     task.has_val = val_loader is not None
     if _is_zero() and not resume:
-        _create_run(run, lock, cfg, data, force)
+        _create_run(run, lock, cfg, data)
     if _is_zero():
         _announce(run, cfg, data, model.net, console)
     extra_columns = task.metric_columns()
@@ -619,6 +690,7 @@ def _fit_run(
         zero=_is_zero(),
         loggers=loggers,
     )
+    _stop_when_output_closed(console, trainer)
     if cfg.trainer.compile:
         task.model.net = torch.compile(task.model.net)
     if _is_zero():
@@ -692,10 +764,23 @@ def _fit(
         raise _interrupted(trainer)
 
 
+def _stop_when_output_closed(console: RunConsole, trainer: L.Trainer) -> None:
+    """A closed stdout (``classlab train | head -1``, the reader gone) stops the run as SIGPIPE would stop a Unix
+    tool, but between two batches: last.ckpt at that point, the run ``interrupted``, exit 141, resumable."""
+    stop = next((c for c in trainer.callbacks if isinstance(c, GracefulStop)), None)
+    if stop is None:
+        return
+    console.on_closed = lambda: stop.ask("SIGPIPE")
+    if console.closed:  # closed while the data loaded: the run stops after its first batch
+        console.on_closed()
+
+
 def _interrupted(trainer: L.Trainer) -> RunInterrupted:
     recorder = next((c for c in trainer.callbacks if isinstance(c, RunRecorder)), None)
     note = recorder.stop_note if recorder is not None else ""
     asked = next((c.requested for c in trainer.callbacks if isinstance(c, GracefulStop) and c.requested), None)
+    if asked == "SIGPIPE":
+        note = f"standard output was closed; {note or 'stopped'}"
     code = 128 + int(getattr(signal, asked or "SIGINT"))
     return RunInterrupted(note or "stopped", code, run=recorder.run.path if recorder is not None else None)
 

@@ -6,10 +6,12 @@ are written by process 0 only; checkpoints go through the trainer, atomically.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -22,6 +24,31 @@ from classlab.errors import ClassLabError
 from classlab.run import RunFolder, atomic_torch_save
 
 METRIC_COLUMNS = ["epoch", "step", "lr", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc5", "time"]
+
+
+class RunConsole(Console):
+    """A run's lines on stdout, for a reader that may leave: ``classlab train | head -1`` closes the pipe after one
+    line. rich's own answer to that, SystemExit(1) out of whatever printed, failed the run in the middle of an epoch
+    (summary.json said ``failed`` while the command said ``interrupted``). Here the output goes to /dev/null from
+    then on and ``on_closed`` is called: the run stops as for SIGPIPE, between two batches (``GracefulStop.ask``).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.closed = False  # the reader left
+        self.on_closed: Callable[[], None] | None = None
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        self.closed = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # later writes (print, the interpreter's last flush) go nowhere
+            os.close(devnull)
+        except (OSError, ValueError):  # a stdout with no file descriptor of its own
+            pass
+        if self.on_closed is not None:
+            self.on_closed()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -209,6 +236,11 @@ class GracefulStop(L.Callback):
         elif signum == signal.SIGINT and now - self._asked_at > self.SECOND_SIGNAL_AFTER_S:
             self._restore()
             raise KeyboardInterrupt
+
+    def ask(self, name: str) -> None:
+        """A stop asked for without a signal (``name``: the one it stands for): after the batch in hand, silently."""
+        if self.requested is None:
+            self.requested, self._asked_at = name, time.monotonic()
 
     def _flag(self, trainer: L.Trainer) -> None:
         connector = getattr(trainer, "_signal_connector", None)
