@@ -25,6 +25,7 @@ from classlab.config import flatten
 from classlab.data.sources import natural_key
 from classlab.errors import ClassLabError, did_you_mean, option
 from classlab.run import (
+    FOLDS,
     RunFolder,
     RunLock,
     atomic_write_figure,
@@ -394,9 +395,14 @@ def fold_mean_rows(runs: list[Any], rows: list[dict[str, Any]], metrics: list[st
             by_parent.setdefault(run.path.parent, []).append(row)
     for parent, members in by_parent.items():
         # Over the finished folds only, and said so: a fold cut off or still training has no final figures (or
-        # the figures of its epochs so far), and '(3 folds)' over two of them read as the k-fold result.
+        # the figures of its epochs so far), and '(3 folds)' over two of them read as the k-fold result. K is the
+        # k-fold folder's own: one fold run given alone (a report of fold0) read 'mean ± std (1 folds)', ± 0.
+        if len(members) < 2:
+            continue
+        k = _fold_count(parent, len(members))
         done = [r for r in members if r.get("status") == "finished"]
-        count = f"{len(members)} folds" if len(done) == len(members) else f"{len(done)} of {len(members)} folds done"
+        count = f"{len(done)} of {k} folds" + ("" if len(done) == len(members) else " done")
+        count = f"{k} folds" if len(done) == k else count
         mean_row: dict[str, Any] = {"run": f"{parent.name} mean ± std ({count})", "status": ""}
         for m in metrics:
             values = [float(r[m]) for r in done if isinstance(r.get(m), (int, float))]
@@ -405,3 +411,11 @@ def fold_mean_rows(runs: list[Any], rows: list[dict[str, Any]], metrics: list[st
                 mean_row[m] = f"{statistics.fmean(values):.4f} ± {std:.4f}"
         out.append(mean_row)
     return out
+
+
+def _fold_count(group: Path, default: int) -> int:
+    """The K of a k-fold folder (folds.json), whichever of its fold runs are in the table."""
+    try:
+        return int(RunFolder(group).read_json(FOLDS)["folds"])
+    except (ClassLabError, KeyError, TypeError, ValueError):
+        return default

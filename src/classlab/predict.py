@@ -373,7 +373,25 @@ def read_template(path: str | Path, id_column: str) -> tuple[list[str], list[dic
         raise ClassLabError(f"{path}: no column '{id_column}' (--id-column); {hint}")
     if not rows:
         raise ClassLabError(f"{path} has no rows")
+    _check_row_lengths(path, columns, rows, id_column, sep)
     return columns, rows, sep
+
+
+def _check_row_lengths(path: Path, columns: list[str], rows: list[dict[str, Any]], id_column: str, sep: str) -> None:
+    """A row longer than the header (an unquoted separator inside a value) stopped the writer with 'unexpected
+    ValueError', and one too short to reach its id with 'unexpected AttributeError'. A row that stops before its
+    empty label column (``7f`` under ``ImageID,ans``, as some tools write it) is fine: its missing cells are empty."""
+    bad = [i for i, row in enumerate(rows) if None in row or row[id_column] is None]
+    if not bad:
+        return
+    row = rows[bad[0]]
+    count = len(columns) + len(row.get(None) or ()) - sum(row[c] is None for c in columns)
+    shown = "tab" if sep == "\t" else repr(sep)
+    raise ClassLabError(
+        f"{path}: row {bad[0] + 1} after the header has {count} field(s) where the header has {len(columns)}"
+        f"{f' ({len(bad)} such rows)' if len(bad) > 1 else ''}; give every row one value a column (a value that "
+        f"holds the separator {shown} goes in double quotes)"
+    )
 
 
 def index_images(paths: Sequence[str | Path]) -> dict[str, Path | list[Path]]:
@@ -463,6 +481,11 @@ def write_submission(
     if label_format not in ("index", "name"):
         raise ClassLabError(f"--label-format {label_format}: choose 'index' or 'name'")
     columns, rows, sep = read_template(template, id_column)
+    if label_column == id_column:  # the predictions would overwrite the ids the leaderboard matches rows by
+        raise ClassLabError(
+            f"--label-column {label_column} is also the --id-column: the labels would replace the ids; name the "
+            "template's label column (e.g. --label-column ans)"
+        )
     near = [c for c in columns if c.strip().lower() == label_column.strip().lower()]
     if near and label_column not in columns:  # the label would go into a second, new column beside the organisers' own
         raise ClassLabError(
@@ -499,6 +522,7 @@ def write_submission(
     writer = csv.DictWriter(buffer, fieldnames=out_columns, delimiter=sep, lineterminator="\n")
     writer.writeheader()
     for row, image_id in zip(rows, ids):
+        row = {c: "" if v is None else v for c, v in row.items()}  # a row that stops before its empty label
         pred = by_path.get(str(index.get(image_id))) if image_id not in missing else None
         writer.writerow(dict(row, **{label_column: _label(pred, loaded.classes, label_format) if pred else ""}))
     atomic_write_text(out, buffer.getvalue(), output=True)

@@ -259,6 +259,8 @@ def plan(
         state, summary = _state(root / name)
         if state in ("finished", "resume"):
             _check_same_settings(root, name, point_cfg, saved.get(name))
+        elif saved:  # a new point beside runs already there: trained with their settings, but for its grid values
+            _check_new_point(root, point_cfg, saved, [k for axis in axes for k in axis.keys])
         points.append(Point(name, assignment, point_overrides, root / name, state, summary=summary))
     return root, points
 
@@ -295,6 +297,10 @@ def _existing_points(saved: dict[str, Config], keys: list[str]) -> dict[str, str
         found.setdefault(_grid_values(cfg, keys), name)
     return found
 
+
+# What a second call may change without training something else: how runs execute and where they live, and the
+# parameter budget, a guard (a point refused by model.max_params says to raise it, then to run the same command).
+SWEEP_MAY_CHANGE = NOT_WHAT_TRAINS | {"model.max_params"}
 
 # Set by the sweep itself for every point: a value for them in --grid would be overwritten unseen.
 SWEEP_SETS = ("exp_name", "run.root")
@@ -335,7 +341,22 @@ def overridden_by_grid(grid: list[str], overrides: list[str]) -> list[str]:
     return lines
 
 
-def _check_same_settings(root: Path, name: str, cfg: Config, saved: Config | None) -> None:
+def _check_new_point(root: Path, cfg: Config, saved: dict[str, Config], grid_keys: list[str]) -> None:
+    """A new point (a value added to the grid, a new axis) beside the runs already in the sweep folder: a second call
+    with ``epochs=2`` where the first had ``epochs=1`` trained the new points for 2 epochs and compared them with
+    the old ones in one table without a word. Its grid keys, and the keys the runs there differ in (an earlier
+    call's grid), may differ; every other setting must be theirs."""
+    flat = [flatten(c.to_dict()) for c in saved.values()]
+    keys = set().union(*flat)
+    varying = {k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1}
+    name, first = next(iter(saved.items()))
+    ignored = varying | {k for k in keys if any(k == g or k.startswith(g + ".") for g in grid_keys)}
+    _check_same_settings(root, name, cfg, first, ignored)
+
+
+def _check_same_settings(
+    root: Path, name: str, cfg: Config, saved: Config | None, ignored: set[str] | frozenset[str] = frozenset()
+) -> None:
     """A point already in the folder was trained with the settings of an earlier call; skipping or resuming
     it under other settings would mix two experiments in one table without a word.
 
@@ -348,7 +369,10 @@ def _check_same_settings(root: Path, name: str, cfg: Config, saved: Config | Non
     changes = [
         (key, old, new)
         for key, old, new in changed_keys(saved, cfg)
-        if key not in NOT_WHAT_TRAINS and new is not None and (key not in defaults or new != defaults[key])
+        if key not in SWEEP_MAY_CHANGE
+        and key not in ignored
+        and new is not None
+        and (key not in defaults or new != defaults[key])
     ]
     if changes:
         key, old, new = changes[0]
@@ -360,16 +384,35 @@ def _check_same_settings(root: Path, name: str, cfg: Config, saved: Config | Non
 
 
 def _record(root: Path, config: str | None, overrides: list[str], grid: list[str], points: list[Point]) -> None:
+    """sweep.json: this call, every call that trained runs here (``calls``), and every run of the folder. A second
+    call with a grid of other values rewrote it with its own points alone, so the runs of the first were no
+    longer listed, nor the call that made them."""
+    earlier = _earlier_record(root)
+    call = {"config": str(Path(config).resolve()) if config else None, "overrides": overrides, "grid": grid}
+    calls = [c for c in earlier.get("calls", []) if c != call] + [call]
+    names = {p.name for p in points}
+    kept = [r for r in earlier.get("runs", []) if r.get("name") not in names and (root / str(r.get("name"))).exists()]
+    runs = kept + [p.to_dict() for p in points]
     atomic_write_json(
-        root / SWEEP_FILE,
-        {
-            "config": str(Path(config).resolve()) if config else None,
-            "overrides": overrides,
-            "grid": grid,
-            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "runs": [p.to_dict() for p in points],
-        },
+        root / SWEEP_FILE, {**call, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "calls": calls, "runs": runs}
     )
+
+
+def _earlier_record(root: Path) -> dict[str, Any]:
+    """What sweep.json said before this call (nothing when it is missing or unreadable: it is a record, not state)."""
+    try:
+        old = json.loads((root / SWEEP_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict):
+        return {}
+    calls = (
+        old.get("calls")
+        if isinstance(old.get("calls"), list)
+        else [{k: old.get(k) for k in ("config", "overrides", "grid")}]
+    )
+    runs = [r for r in old.get("runs", []) if isinstance(r, dict)] if isinstance(old.get("runs"), list) else []
+    return {"calls": [c for c in calls if isinstance(c, dict)], "runs": runs}
 
 
 def _outcome(point: Point) -> None:

@@ -25,7 +25,7 @@ from classlab.engine.exported import ExportedRun, is_exported_file
 from classlab.engine.load import LoadedRun, check_run_given, load
 from classlab.errors import ClassLabError, option
 from classlab.models.net import ClassifierModel
-from classlab.run import RunFolder, fold_runs, is_fold_group
+from classlab.run import FOLDS, RunFolder, fold_runs, is_fold_group
 
 ENSEMBLE_MODES = ("mean",)
 
@@ -36,13 +36,35 @@ def expand_runs(runs: Sequence[str | Path | RunFolder]) -> list[Path]:
     for run in runs:
         path = run.path if isinstance(run, RunFolder) else Path(run)
         if is_fold_group(path):
-            found = fold_runs(path)
-            if not found:
-                raise ClassLabError(f"k-fold folder '{path}' has no finished fold runs yet")
-            out.extend(found)
+            out.extend(_finished_folds(path))
         else:
             out.append(path)
     return out
+
+
+def _finished_folds(path: Path) -> list[Path]:
+    """Every fold run of a k-fold folder, each finished: a folder stopped in fold 2 of 5 stood for its first fold
+    and the half-trained second one, and predict wrote a '5-fold' submission of them without a word."""
+    k = int(RunFolder(path).read_json(FOLDS)["folds"])
+    found = fold_runs(path)
+    status = {}
+    for i in range(k):
+        fold = path / f"fold{i}"
+        try:
+            status[i] = RunFolder(fold).summary({}).get("status", "not finished") if fold in found else "not started"
+        except ClassLabError:
+            status[i] = "unreadable summary.json"
+    unfinished = [f"fold{i} {s}" for i, s in status.items() if s != "finished"]
+    if unfinished:
+        done = [f for i, f in enumerate(found) if status.get(int(f.name[4:])) == "finished"]
+        given = " ".join(str(f) for f in done[:3]) + (" ..." if len(done) > 3 else "")
+        use = f", or give the finished fold runs themselves ({given}) with {option('ensemble', 'mean')}"
+        use = use if len(done) > 1 else f", or give its finished fold run ({given}) alone" if done else ""
+        raise ClassLabError(
+            f"k-fold folder '{path}' has {k - len(unfinished)} of {k} folds finished ({', '.join(unfinished)}); "
+            f"finish it by running the same `classlab train ... --folds {k}` again (it continues){use}"
+        )
+    return found
 
 
 class EnsembleNet(nn.Module):
@@ -53,11 +75,18 @@ class EnsembleNet(nn.Module):
     decoder's resize is): the same centre square of the image at the resolution that member was trained at.
     """
 
-    def __init__(self, members: Sequence[ClassifierModel], sizes: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        members: Sequence[ClassifierModel],
+        sizes: Sequence[int] | None = None,
+        orders: Sequence[list[int] | None] | None = None,
+    ) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.sizes = list(sizes) if sizes else [0] * len(members)  # 0: as given
         self.size = max(self.sizes)
+        # A member trained with its classes in another order (data.classes) has its columns put in the first's.
+        self.orders = list(orders) if orders else [None] * len(members)
 
     def _inputs(self) -> Any:
         return zip(self.members, self.sizes)
@@ -70,8 +99,9 @@ class EnsembleNet(nn.Module):
         return y.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else y.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([m(self._sized(x, s)).float().softmax(1) for m, s in self._inputs()]).mean(0)
-        return probs.clamp_min(1e-30).log()
+        probs = [m(self._sized(x, s)).float().softmax(1) for m, s in self._inputs()]
+        probs = [p if order is None else p[:, order] for p, order in zip(probs, self.orders)]
+        return torch.stack(probs).mean(0).clamp_min(1e-30).log()
 
     def forward_tasks(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Multitask members: (each task's log mean probabilities, log mean combined probabilities)."""
@@ -89,7 +119,12 @@ def _check_compatible(paths: list[Path], loaded: list[Any]) -> None:
     differ. Image sizes may differ (EnsembleNet)."""
     first = loaded[0]
     for path, member in zip(paths[1:], loaded[1:]):
-        if member.classes != first.classes:
+        if member.classes != first.classes and _class_order(first, member) is None:
+            if sorted(member.classes) == sorted(first.classes):  # a multitask run: its combined classes
+                raise ClassLabError(
+                    f"runs {paths[0]} and {path} have their classes in different orders; a multitask ensemble needs "
+                    "one order: train them with the same data.classes and tasks"
+                )
             raise ClassLabError(
                 f"runs {paths[0]} and {path} have different class maps ({len(first.classes)} classes: "
                 f"{', '.join(first.classes[:4])}{' ...' if len(first.classes) > 4 else ''} vs {len(member.classes)}: "
@@ -101,6 +136,16 @@ def _check_compatible(paths: list[Path], loaded: list[Any]) -> None:
                 f"runs {paths[0]} ({first.channels} channel(s)) and {path} ({member.channels} channel(s)) take "
                 "different images (grey and colour); an ensemble averages runs that read the same kind of image"
             )
+
+
+def _class_order(first: LoadedRun, member: LoadedRun) -> list[int] | None:
+    """The member's class indices in the first member's order, when it is a classifier of the same classes in
+    another order (a run trained with ``data.classes`` in another order): averaged by name, not by index."""
+    if first.tasks is not None or member.tasks is not None or sorted(member.classes) != sorted(first.classes):
+        return None
+    if len(set(member.classes)) != len(member.classes):
+        return None
+    return [member.classes.index(c) for c in first.classes]
 
 
 def load_ensemble(
@@ -121,7 +166,8 @@ def load_ensemble(
     first = loaded[0]
     # Each member normalises its own input (fold runs have fold-specific statistics): no outer normalisation.
     sizes = [m.image_size for m in loaded]
-    net = EnsembleNet([m.model for m in loaded], sizes if len(set(sizes)) > 1 else None)
+    orders = [None if m.classes == first.classes else _class_order(first, m) for m in loaded]
+    net = EnsembleNet([m.model for m in loaded], sizes if len(set(sizes)) > 1 else None, orders)
     model = ClassifierModel(nn.Identity(), net).eval().to(device)
     cfg = first.cfg
     if max(sizes) != first.image_size:  # a split is read at the size every member can be given (EnsembleNet)

@@ -6,7 +6,6 @@ new family gets all of them by building itself in that shape.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -230,16 +229,20 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             data: Any = load_file(str(p))
         else:
             data = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights only load failed" in first.lower():
+    except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError, torch's errors: a file it cannot read
+        text = str(exc)
+        first = text.splitlines()[0] if text else type(exc).__name__
+        if "weights only load failed" in first.lower() and "GLOBAL" in text:
             raise ClassLabError(
                 f"weights file {str(p)!r} holds pickled objects that need code to load, which classlab never runs "
                 "(weights_only): save a plain state dict (torch.save(model.state_dict(), path)) or safetensors"
             ) from None
+        if "weights only load failed" in first.lower():  # a pickle opcode torch does not know: not a torch file
+            first = "not a file torch.save wrote"
         raise ClassLabError(
-            f"cannot read weights file {str(p)!r} ({first}): use a state dict saved with torch.save or safetensors"
-        ) from exc
+            f"cannot read weights file {str(p)!r} ({first.split('. ')[0][:160]}): it is cut short or of another "
+            "format; use a state dict saved with torch.save, or safetensors"
+        ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
