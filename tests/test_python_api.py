@@ -99,15 +99,15 @@ def test_load_refuses_a_non_run_and_a_device_it_cannot_use(tiny_run: Path) -> No
         classlab.load(None)
     assert str(info.value) == (
         "a value of type 'NoneType' is not a run; give the run folder (what classlab.train returns), one of its "
-        "checkpoint files, or a model.onnx written by classlab export"
+        "checkpoint files, or a model.onnx written by classlab.export"
     )
     photo = tiny_run.parent / "photo.png"
     Image.new("RGB", (8, 8)).save(photo)
     with pytest.raises(ClassLabError) as info:
         classlab.load(photo)  # said "run folder 'photo.png' not found" of a file that is there
     assert str(info.value) == (
-        f"'{photo}' is a file, not a run folder; give the folder `classlab train` printed (the images to classify "
-        "come after it: classlab predict RUN IMAGES, or classlab.load(RUN)(image))"
+        f"'{photo}' is a file, not a run folder; give the folder classlab.train returned (the images to classify "
+        "come after it: classlab.predict(RUN, IMAGES), or classlab.load(RUN)(image))"
     )
     with pytest.raises(ClassLabError) as info:
         classlab.load(tiny_run, device="gpu")
