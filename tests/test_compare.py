@@ -235,3 +235,91 @@ def test_runs_that_force_moved_aside_are_compared_only_when_named(runs: Path, tm
     assert len(globbed.rows) == 2 and len(globbed.notes) == 1
     named = compare([str(runs / "images_per_class=10,init_from=none"), str(old)], plots=False, out=tmp_path / "n")
     assert [row["test_acc"] for row in named.rows] == [0.2, 0.05] and named.notes == []
+
+
+def _fake_k_fold(tmp_path: Path, epochs: tuple[int, ...] = (3, 3, 3), finished: bool = True) -> Path:
+    """A k-fold folder as ``train --folds 3`` leaves it: fold runs, folds.json and the out-of-fold summary."""
+    group = tmp_path / "runs" / "kf"
+    for fold, (acc, done) in enumerate(zip((0.5, 0.7, 0.6), epochs, strict=True)):
+        run = _fake_run(group, f"fold{fold}", 10, None, acc, status="finished" if finished or fold else "running")
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["data"].update(folds=3, fold=fold)
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "epochs_done": done}))
+    (group / "folds.json").write_text(json.dumps({"folds": 3}))
+    summary = {"status": "finished" if finished else "running", "folds": 3, "images": 120}
+    (group / "summary.json").write_text(json.dumps({**summary, "oof_acc": 0.575, "oof_f1": 0.5612345}))
+    return group
+
+
+def test_a_k_fold_table_shows_the_out_of_fold_figures(tmp_path: Path) -> None:
+    """Before: the folds and their mean ± std only; the honest k-fold figure (oof_acc, oof_f1) was in summary.json."""
+    from classlab.report import write_html_report
+
+    group = _fake_k_fold(tmp_path)
+    line = "kf out-of-fold (all 120 training images): acc 0.5750, macro-F1 0.5612"
+    table = compare([str(group)], plots=False, out=tmp_path / "out")
+    assert [r["run"] for r in table.rows[-2:]] == ["kf mean ± std (3 folds)", line] and table.summary_rows == 2
+    assert f"| {line} |" in (tmp_path / "out" / "compare.md").read_text()
+    assert list(csv.DictReader((tmp_path / "out" / "compare.csv").open()))[-1]["run"] == line
+    page = write_html_report([str(group)], tmp_path / "r.html").read_text()
+    assert f'<td data-sort="{line}">{line}</td>' in page.split("<tfoot>")[1]
+    # A fold not finished (the k-fold summary says running, its oof figures of an earlier call): no such row.
+    unfinished = _fake_k_fold(tmp_path / "again", finished=False)
+    rows = compare([str(unfinished)], plots=False, out=tmp_path / "out2").rows
+    assert not any("out-of-fold" in r["run"] for r in rows)
+
+
+def test_a_k_fold_mean_shows_counts_as_whole_numbers(tmp_path: Path) -> None:
+    """Before: epochs_done read '3.0000 ± 0.0000'."""
+    table = compare([str(_fake_k_fold(tmp_path))], plots=False, out=tmp_path / "out")
+    mean = table.rows[-2]
+    assert mean["epochs_done"] == "3" and mean["best_val_acc"] == "0.6100 ± 0.1000"
+    assert mean["wall_time_s"] == "12.3 ± 0.0"  # seconds to a tenth, as the fold rows show them
+    table = compare([str(_fake_k_fold(tmp_path / "b", epochs=(30, 29, 30)))], plots=False, out=tmp_path / "b" / "out")
+    assert table.rows[-2]["epochs_done"] == "29.7 ± 0.6"
+    table = compare([str(_fake_k_fold(tmp_path / "c", epochs=(30, 28, 32)))], plots=False, out=tmp_path / "c" / "out")
+    assert table.rows[-2]["epochs_done"] == "30 ± 2"
+
+
+def test_no_metric_is_plotted_against_the_fold_index(tmp_path: Path) -> None:
+    """Before: compare of a k-fold folder drew best_val_acc_vs_data_fold.png, a plot of nothing."""
+    group = _fake_k_fold(tmp_path)
+    table = compare([str(group)], out=tmp_path / "out")
+    assert (tmp_path / "out" / "curves.png").is_file() and not list((tmp_path / "out").glob("*_vs_*.png"))
+    assert table.notes == []
+    asked = compare([str(group)], x="data.fold", out=tmp_path / "asked")
+    assert not list((tmp_path / "asked").glob("*_vs_*.png"))
+    assert asked.notes == ["no plot against --x data.fold: the fold index is no axis (see the mean ± std row)"]
+
+
+def test_the_out_of_fold_figures_are_written_rounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before: summary.json held oof_acc 0.3499999940395355 (a float32 read as a double)."""
+    import torch
+
+    import classlab.train as train
+
+    top = tmp_path / "kf"
+    labels = torch.tensor([0] * 10 + [1] * 10)
+    right = torch.tensor([1] * 7 + [0] * 13, dtype=torch.bool)  # 7 of 20 right: 0.35, not exact in float32
+    predicted = torch.where(right, labels, 1 - labels)
+    probs = torch.nn.functional.one_hot(predicted, 2).float() * 0.8 + 0.1
+    for i in range(2):
+        (top / f"fold{i}").mkdir(parents=True)
+        (top / f"fold{i}" / "summary.json").write_text(json.dumps({"status": "finished", "wall_time_s": 1.0}))
+    (top / "folds.json").write_text(json.dumps({"folds": 2}))
+    (top / "fold0" / "split.json").write_text(json.dumps({"train": list(range(10)), "val": list(range(10, 20))}))
+
+    def fake_predict(run: Path) -> dict:
+        part = slice(0, 10) if run.name == "fold0" else slice(10, 20)
+        index = list(range(20))[part]
+        fold = {"index": index, "files": [], "probs": probs[part], "labels": labels[part], "task_probs": []}
+        return {**fold, "classes": ["a", "b"], "layout": None}
+
+    monkeypatch.setattr(train, "_predict_fold", fake_predict)
+    train.write_out_of_fold(train.RunFolder(top))
+    text = (top / "summary.json").read_text()
+    summary = json.loads(text)
+    assert summary["oof_acc"] == 0.35 and '"oof_acc": 0.35,' in text
+    assert summary["oof_f1"] == round(summary["oof_f1"], 6)

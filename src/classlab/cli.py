@@ -413,7 +413,8 @@ def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str
         tta=args.tta,
     )
     print(
-        f"wrote {done.rows} rows to {out} ({args.label_column} = class {args.label_format}, template order)",
+        f"wrote {done.rows} row{'s' * (done.rows != 1)} to {out} ({args.label_column} = class {args.label_format}, "
+        "template order)",
         file=_report_stream(out),
     )
     for note in done.notes:

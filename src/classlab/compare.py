@@ -43,6 +43,7 @@ DEFAULT_METRICS = ("test_acc", "best_val_acc", "epochs_done", "wall_time_s")
 NOT_METRICS = ("status", "exp_name", "task", "dataset", "model", "loader", "started_at", "finished_at", "versions")
 # Keys that differ between runs of a sweep by construction and say nothing about the experiment.
 NOT_INTERESTING = ("exp_name", "run.root", "data.cache_dir", "trainer.threads", "trainer.progress")
+FOLD_KEY = "data.fold"  # which fold a k-fold run is: a row's name, never a plot's axis
 
 
 @dataclass
@@ -261,9 +262,14 @@ def compare(
         curves = plot_curves(runs, out_dir / "curves.png")
         if curves:
             table.files.append(curves)
-        asked, x = x, x or next((k for k in by if _numeric([r.config.get(k) for r in runs])), None)
-        if x is not None and metrics:
-            groups = list(group) if group is not None else [k for k in by if k != x]
+        # The fold index is a name, not a quantity: a metric against it (best_val_acc_vs_data_fold.png) says
+        # nothing, and the folds of a k-fold point are its repeats (mean ± std), not lines of their own.
+        axes = [k for k in by if k != FOLD_KEY and _numeric([r.config.get(k) for r in runs])]
+        asked, x = x, x or next(iter(axes), None)
+        if x == FOLD_KEY:
+            table.notes.append(f"no plot against {option('x', x)}: the fold index is no axis (see the mean ± std row)")
+        elif x is not None and metrics:
+            groups = list(group) if group is not None else [k for k in by if k not in (x, FOLD_KEY)]
             plotted = plot_metric(runs, x, groups, metrics[0], out_dir / f"{_safe(metrics[0])}_vs_{_safe(x)}.png")
             if plotted:
                 table.files.append(plotted)
@@ -387,7 +393,8 @@ def plot_metric(runs: list[RunData], x: str, groups: list[str], metric: str, pat
 
 
 def fold_mean_rows(runs: list[Any], rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
-    """``classlab compare``: one 'mean ± std' row per k-fold folder whose fold runs are in the table."""
+    """``classlab compare``: one 'mean ± std' row per k-fold folder whose fold runs are in the table, and below it
+    the out-of-fold figures of the k-fold folder's summary.json once every fold has finished."""
     out = []
     by_parent: dict[Path, list[dict[str, Any]]] = {}
     for run, row in zip(runs, rows):
@@ -405,12 +412,49 @@ def fold_mean_rows(runs: list[Any], rows: list[dict[str, Any]], metrics: list[st
         count = f"{k} folds" if len(done) == k else count
         mean_row: dict[str, Any] = {"run": f"{parent.name} mean ± std ({count})", "status": ""}
         for m in metrics:
-            values = [float(r[m]) for r in done if isinstance(r.get(m), (int, float))]
+            values = [r[m] for r in done if isinstance(r.get(m), (int, float)) and not isinstance(r.get(m), bool)]
             if values:
-                std = statistics.stdev(values) if len(values) > 1 else 0.0
-                mean_row[m] = f"{statistics.fmean(values):.4f} ± {std:.4f}"
+                mean_row[m] = _mean_std(values, m)
         out.append(mean_row)
+        oof = _out_of_fold_row(parent) if len(done) == k else None
+        if oof is not None:
+            out.append(oof)
     return out
+
+
+def _mean_std(values: list[int | float], column: str) -> str:
+    """'mean ± std' as the column's cells read: counts (epochs_done) as whole numbers (one value when all agree,
+    '1.0000 ± 0.0000' said nothing), seconds to a tenth, the rest to four places."""
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    if all(isinstance(v, int) for v in values):
+        if len(set(values)) == 1:
+            return str(values[0])
+        return f"{_short(mean)} ± {_short(std)}"
+    if column.endswith("_s") and abs(mean) < 1000:
+        return f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def _short(value: float) -> str:
+    """A mean of whole numbers: whole when it is one (30), else to a tenth (29.5)."""
+    return f"{value:.1f}".removesuffix(".0")
+
+
+def _out_of_fold_row(group: Path) -> dict[str, Any] | None:
+    """The k-fold result proper: every training image predicted by the fold model that did not train on it
+    (summary.json's oof_acc, oof_f1), written when the last fold finished; None before that."""
+    try:
+        summary = RunFolder(group).summary(default={})
+    except ClassLabError:
+        return None
+    acc, f1 = summary.get("oof_acc"), summary.get("oof_f1")
+    if summary.get("status") != "finished" or not isinstance(acc, int | float):
+        return None
+    images = summary.get("images")
+    what = f"all {images} training images" if isinstance(images, int) else "every training image once"
+    figures = f"acc {acc:.4f}" + (f", macro-F1 {f1:.4f}" if isinstance(f1, int | float) else "")
+    return {"run": f"{group.name} out-of-fold ({what}): {figures}", "status": ""}
 
 
 def _fold_count(group: Path, default: int) -> int:

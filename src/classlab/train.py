@@ -1045,12 +1045,12 @@ def write_out_of_fold(top: RunFolder) -> RunFolder:
     rows.sort(key=lambda r: r["index"])
     joined_tasks = [torch.cat([tp[t] for tp in task_probs]) for t in range(len(task_probs[0]))] if layout else []
     overall = prediction_metrics(torch.cat(probs), torch.cat(labels), layout, joined_tasks)
-    summary: dict[str, Any] = {f"oof_{key}": value for key, value in overall.items()}
+    summary: dict[str, Any] = {f"oof_{key}": round(value, 6) for key, value in overall.items()}
     for key in per_fold[0]:
         values = [m[key] for m in per_fold]
         summary[f"fold_{key}"] = [round(v, 6) for v in values]
-        summary[f"mean_{key}"] = statistics.fmean(values)
-        summary[f"std_{key}"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary[f"mean_{key}"] = round(statistics.fmean(values), 6)
+        summary[f"std_{key}"] = round(statistics.stdev(values), 6) if len(values) > 1 else 0.0
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
