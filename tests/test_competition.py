@@ -213,9 +213,12 @@ def test_kfold_run_writes_folds_and_out_of_fold_csv(kfold: tuple[Path, Path]) ->
     from classlab.compare import compare
 
     table = compare([str(top)], metrics=["best_val_acc", "best_val_f1"], plots=False)
-    assert table.rows[-1]["run"] == "cv mean ± std (3 folds)"
+    assert table.rows[-2]["run"] == "cv mean ± std (3 folds)"
     values = [r["best_val_acc"] for r in table.rows[:3]]
-    assert table.rows[-1]["best_val_acc"] == f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+    assert table.rows[-2]["best_val_acc"] == f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+    # Below it, the k-fold result proper: every training image scored by the fold that did not train on it.
+    oof = f"acc {summary['oof_acc']:.4f}, macro-F1 {summary['oof_f1']:.4f}"
+    assert table.rows[-1]["run"] == f"cv out-of-fold (all {summary['images']} training images): {oof}"
 
 
 def test_ensemble_of_a_run_with_itself_equals_the_run(kfold: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:

@@ -251,4 +251,5 @@ def test_a_k_fold_mean_row_says_how_many_of_the_k_folds_it_is_over(trained: tupl
     two = compare([str(group / "fold0"), str(group / "fold1")], metrics=["best_val_acc"], plots=False, out=tmp / "c2")
     assert two.rows[-1]["run"] == "cv mean ± std (2 of 3 folds)"
     every = compare([str(group)], metrics=["best_val_acc"], plots=False, out=tmp / "c3")
-    assert every.rows[-1]["run"] == "cv mean ± std (3 folds)"
+    assert every.rows[-2]["run"] == "cv mean ± std (3 folds)"  # then the out-of-fold row
+    assert every.rows[-1]["run"].startswith("cv out-of-fold (all ")

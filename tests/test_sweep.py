@@ -258,7 +258,8 @@ def test_a_k_fold_point_is_skipped_once_finished_and_compared_fold_by_fold(tmp_p
     assert not list(root.glob("*.old-*"))
     # Before: "'runs/kf' is not a run folder and holds none"; now a row a fold and a mean a k-fold point.
     table = compare([str(root)], metrics=["best_val_acc"], plots=False, out=tmp_path / "cmp")
-    assert [r["run"] for r in table.rows] == [
+    names = [r["run"] for r in table.rows]
+    assert names[:5] + names[6:7] == [
         "seed=0/fold0",
         "seed=0/fold1",
         "seed=1/fold0",
@@ -266,6 +267,9 @@ def test_a_k_fold_point_is_skipped_once_finished_and_compared_fold_by_fold(tmp_p
         "seed=0 mean ± std (2 folds)",
         "seed=1 mean ± std (2 folds)",
     ]
+    assert len(names) == 8  # each k-fold point's out-of-fold row below its mean
+    for row, point in ((5, "seed=0"), (7, "seed=1")):
+        assert names[row].startswith(f"{point} out-of-fold (all 12 training images): acc ")
 
 
 def test_a_failed_point_is_not_called_resumable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
