@@ -13,35 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import class_folder, tiny_config
+from test_competition import COLORS, cli
+from test_competition import _args as competition_args
+from test_sweep import _finished_point
 
 from classlab.errors import ClassLabError, ConfigError
 from classlab.run import RunFolder
-from classlab.sweep import Point, _record, plan
-from classlab.train import coerce_config
-
-COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+from classlab.sweep import _record, plan
 
 
 def _args(tmp: Path, root: Path, *extra: str) -> list[str]:
-    return [
-        "data.dataset=folder",
-        f"data.root={root}",
-        f"run.root={tmp / 'runs'}",
-        f"data.cache_dir={tmp / 'cache'}",
-        "model.layers=[8,p,16,p]",
-        "data.batch_size=16",
-        "epochs=1",
-        "optim.lr=0.05",
-        "trainer.progress=false",
-        *extra,
-    ]
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    from classlab.cli import main
-
-    code = main(list(args))
-    return code, capsys.readouterr().err
+    """test_competition's settings at one epoch (a later override wins)."""
+    return competition_args(tmp, root, "epochs=1", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -185,21 +168,13 @@ def test_weights_files_that_are_not_state_dicts_are_named_for_what_they_are(
 # ---------------------------------------------------------------------------------------------
 
 
-def _finished(root: Path, point: Point) -> None:
-    cfg = coerce_config(None, point.overrides)
-    folder = RunFolder(root / point.name)
-    folder.path.mkdir(parents=True)
-    folder.write_config(cfg.to_dict())
-    folder.update_summary(status="finished", test_acc=0.5)
-
-
 def test_new_grid_values_must_train_what_the_runs_there_trained(tmp_path: Path) -> None:
     """Before: a second call with another grid value and epochs=2 trained the new point for 2 epochs beside the
     1-epoch runs, in one table, without a word."""
     base = [*tiny_config(tmp_path), "exp_name=sw", "epochs=1"]
     root, points = plan(None, base, ["seed=0,1"])
     for point in points:
-        _finished(root, point)
+        _finished_point(root, point)
     with pytest.raises(ConfigError, match="its run seed=0 has epochs=1, this call 2"):
         plan(None, [*base, "epochs=2"], ["seed=2"])
     # A new value, or a new axis (the earlier one's runs are found by their values), with the same settings: fine.
@@ -214,7 +189,7 @@ def test_raising_max_params_after_a_refused_point_continues_the_sweep(tmp_path: 
     refused as 'was run with other settings' by the points that had finished."""
     base = [*tiny_config(tmp_path), "exp_name=sw", "model.max_params=300000"]
     root, points = plan(None, base, ["seed=0,1"])
-    _finished(root, points[0])
+    _finished_point(root, points[0])
     _, again = plan(None, [*base, "model.max_params=3000000"], ["seed=0,1"])
     assert [p.status for p in again] == ["finished", "new"]
 
@@ -224,7 +199,7 @@ def test_sweep_json_keeps_every_call_and_run(tmp_path: Path) -> None:
     base = [*tiny_config(tmp_path), "exp_name=sw"]
     root, first = plan(None, base, ["seed=0,1"])
     for point in first:
-        _finished(root, point)
+        _finished_point(root, point)
     _record(root, None, base, ["seed=0,1"], first)
     _, second = plan(None, base, ["seed=2"])
     _record(root, None, base, ["seed=2"], second)
