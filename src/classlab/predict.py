@@ -483,8 +483,8 @@ def write_submission(
     columns, rows, sep = read_template(template, id_column)
     if label_column == id_column:  # the predictions would overwrite the ids the leaderboard matches rows by
         raise ClassLabError(
-            f"--label-column {label_column} is also the --id-column: the labels would replace the ids; name the "
-            "template's label column (e.g. --label-column ans)"
+            f"{option('label-column', label_column)} is also the {option_name('id-column')}: the labels would "
+            f"replace the ids; name the template's label column (e.g. {option('label-column', 'ans')})"
         )
     near = [c for c in columns if c.strip().lower() == label_column.strip().lower()]
     if near and label_column not in columns:  # the label would go into a second, new column beside the organisers' own

@@ -23,7 +23,7 @@ from torch import nn
 
 from classlab.engine.exported import ExportedRun, is_exported_file
 from classlab.engine.load import LoadedRun, check_run_given, load
-from classlab.errors import ClassLabError, option
+from classlab.errors import ClassLabError, command, option
 from classlab.models.net import ClassifierModel
 from classlab.run import FOLDS, RunFolder, fold_runs, is_fold_group
 
@@ -56,13 +56,15 @@ def _finished_folds(path: Path) -> list[Path]:
             status[i] = "unreadable summary.json"
     unfinished = [f"fold{i} {s}" for i, s in status.items() if s != "finished"]
     if unfinished:
+        again = f"calling the same classlab.train(..., ['data.folds={k}', ...]) again"
         done = [f for i, f in enumerate(found) if status.get(int(f.name[4:])) == "finished"]
         given = " ".join(str(f) for f in done[:3]) + (" ..." if len(done) > 3 else "")
         use = f", or give the finished fold runs themselves ({given}) with {option('ensemble', 'mean')}"
         use = use if len(done) > 1 else f", or give its finished fold run ({given}) alone" if done else ""
         raise ClassLabError(
             f"k-fold folder '{path}' has {k - len(unfinished)} of {k} folds finished ({', '.join(unfinished)}); "
-            f"finish it by running the same `classlab train ... --folds {k}` again (it continues){use}"
+            f"finish it by {command(f'running the same `classlab train ... --folds {k}` again', again)} (it "
+            f"continues){use}"
         )
     return found
 
