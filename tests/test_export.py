@@ -363,6 +363,18 @@ def test_the_exported_file_alone_evaluates_labelled_images(
     assert report["inputs"]["model_sha256"] and 0 <= report["ece"] <= 1
     confusion = list(csv.reader(open(written / "confusion.csv")))
     assert sum(int(v) for row in confusion[1:] for v in row[1:]) == 12
+    # --out is a folder the user chose: a report.json and errors/ of their own stay, with or without --report.
+    mine = tmp_path / "project"
+    (mine / "errors").mkdir(parents=True)
+    (mine / "report.json").write_text('{"owner": "me"}')
+    (mine / "errors" / "notes.txt").write_text("mine\n")
+    for extra in ([], ["--report"]):
+        code, _, err = cli(capsys, "eval", str(shipped), "--data", str(folder), "--out", str(mine), *extra)
+        assert code == 0, err
+        assert (mine / "errors" / "notes.txt").read_text() == "mine\n"
+        if not extra:  # not a report of classlab's: not taken for a stale one
+            assert json.loads((mine / "report.json").read_text()) == {"owner": "me"}
+    assert sorted(p.name for p in (mine / "errors").iterdir())[-1] == "notes.txt"
 
     _labelled(tmp_path / "odd", {"cat": 2, "unicorn": 1})
     refusals = {

@@ -367,6 +367,26 @@ def test_a_folder_that_never_began_or_holds_no_run_names_the_way_out(
         "another exp_name, or with --force to move this folder aside"
     ]
     assert sorted(p.name for p in other.iterdir()) == ["todo.txt"]
+    # A staged run's own folder has config.yaml and summary.json but no split.json (its stages have theirs): it
+    # has finished, not 'never began'.
+    staged = tmp_path / "runs" / "staged"
+    staged.mkdir()
+    shutil.copy(two_epochs / "config.yaml", staged)
+    (staged / "summary.json").write_text('{"status": "finished", "stages": []}')
+    code, _, err = cli(capsys, "train", *small_run(tmp_path, exp_name="staged"))
+    assert error_lines(err) == [
+        f"error: run folder '{staged}' already exists and has finished; use --resume with more epochs to train it "
+        "on, --force to move it aside, or choose another exp_name"
+    ]
+    # An empty folder made by hand is taken by a run; a run refused for its data leaves it, empty, where it was.
+    mine = tmp_path / "runs" / "mine"
+    mine.mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "empty_classes" / name).mkdir(parents=True)
+    data = ["data.dataset=folder", f"data.root={tmp_path / 'empty_classes'}"]
+    code, _, err = cli(capsys, "train", *small_run(tmp_path, exp_name="mine"), *data)
+    assert code != 0 and "class folder with no images" in err
+    assert mine.is_dir() and list(mine.iterdir()) == []
 
 
 def test_a_closed_stdout_stops_the_run_interrupted_and_resumable(two_epochs: Path, tmp_path: Path, capsys) -> None:

@@ -158,6 +158,7 @@ def test_predict_expands_a_pattern_as_the_shell_would(tmp_path: Path) -> None:
     assert expand_paths([root / "cat" / "*.jpg"]) == [root / "cat" / f"cat{i}.jpg" for i in range(3)]
     assert expand_paths([str(root / "*" / "*1.jpg")]) == [root / "cat" / "cat1.jpg", root / "dog" / "dog1.jpg"]
     assert expand_paths([root / "*"]) == expand_paths([root])  # a pattern that names folders walks them
+    assert expand_paths([f"{root}/**"]) == expand_paths([root])  # the folders and the files in them: each image once
     (root / "dog" / "up").symlink_to("..")  # a link back up: ** follows it, as a folder walk does not
     assert expand_paths([f"{root}/**/*.jpg"]) == expand_paths([root])
 

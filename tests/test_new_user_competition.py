@@ -17,6 +17,7 @@ from test_competition import COLORS, cli
 from test_competition import _args as competition_args
 from test_sweep import _finished_point
 
+from classlab.config import Config
 from classlab.errors import ClassLabError, ConfigError
 from classlab.run import RunFolder
 from classlab.sweep import _record, plan
@@ -177,6 +178,13 @@ def test_new_grid_values_must_train_what_the_runs_there_trained(tmp_path: Path) 
         _finished_point(root, point)
     with pytest.raises(ConfigError, match="its run seed=0 has epochs=1, this call 2"):
         plan(None, [*base, "epochs=2"], ["seed=2"])
+    # An override forgotten: the new point would train with the key's default (a key left at its default is
+    # compared for a new point, which trains with it, not only for the runs already there).
+    decayed = [*tiny_config(tmp_path), "exp_name=sw2", "optim.weight_decay=0.001"]
+    root2, points2 = plan(None, decayed, ["seed=0"])
+    _finished_point(root2, points2[0])
+    with pytest.raises(ConfigError, match=f"has optim.weight_decay=0.001, this call {Config().optim.weight_decay}"):
+        plan(None, decayed[:-1], ["seed=1"])
     # A new value, or a new axis (the earlier one's runs are found by their values), with the same settings: fine.
     _, more = plan(None, base, ["seed=1,2"])
     assert [p.status for p in more] == ["finished", "new"]

@@ -27,7 +27,6 @@ import io
 import json
 import math
 import os
-import shutil
 import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -286,11 +285,10 @@ def drop_stale_report(out: Path, loaded: LoadedRun, plan: TTAPlan | None, metric
     (TTA, calibration) is compared."""
     try:
         before = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (OSError, ValueError):  # none, or not one classlab could have written: nothing is taken away
         return
-    except (OSError, ValueError):
-        before = {}
-    before = before if isinstance(before, dict) else {}
+    if not isinstance(before, dict) or not {"predictions", "calibration_bins"} <= set(before):
+        return  # a report.json of the user's own in an --out folder they chose
     now = _inputs(loaded, plan, metrics.get("data_path"))
     if now is None:
         was, source = before.get("predictions"), _source(loaded, plan)
@@ -302,7 +300,9 @@ def drop_stale_report(out: Path, loaded: LoadedRun, plan: TTAPlan | None, metric
     removed = [name for name in REPORT_FILES if (out / name).exists()]
     for name in removed:  # report.json first: classlab report reads the others only beside it
         if (out / name).is_dir():
-            shutil.rmtree(out / name, ignore_errors=True)
+            _drop_thumbnails(out / name)
+            with contextlib.suppress(OSError):
+                (out / name).rmdir()  # only when nothing but its thumbnails was in it
         else:
             (out / name).unlink(missing_ok=True)
     shown = ", ".join(f"{n}/" if n == "errors" else n for n in removed)
@@ -886,9 +886,16 @@ def _write_report_files(
     _write_thumbnails(out / "errors", images)
 
 
+def _drop_thumbnails(folder: Path) -> None:
+    """The numbered PNGs ``_write_thumbnails`` wrote, and only those: an exported file's --out is a folder the user
+    chose, whose errors/ may hold files of their own."""
+    for png in folder.glob("[0-9][0-9].png") if folder.is_dir() else []:
+        png.unlink(missing_ok=True)
+
+
 def _write_thumbnails(folder: Path, images: list[torch.Tensor]) -> None:
     """Each confidently wrong image as its own PNG (``classlab report`` shows them with their names)."""
-    shutil.rmtree(folder, ignore_errors=True)  # a previous evaluation's errors are not this one's
+    _drop_thumbnails(folder)  # a previous evaluation's errors are not this one's
     for k, img in enumerate(images):
         arr = img.permute(1, 2, 0).numpy()
         pil = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)

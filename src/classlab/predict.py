@@ -86,15 +86,16 @@ def _through_a_loop(path: Path) -> bool:
 def _matches(pattern: str) -> list[Path]:
     """``photos/*.jpg`` as a shell expands it, for a shell that does not (Windows' cmd and PowerShell) and for
     ``classlab.predict(run, ["photos/*.jpg"])``: the image files it matches, and the images of folders it matches."""
-    out: list[Path] = []
+    found: dict[Path, None] = {}  # in order, each once: 'd/**' matches d/sub and the files in it
     for match in sorted(glob.glob(pattern, recursive=True), key=natural_key):
         path = Path(match)
         if _through_a_loop(path):
             continue
         if path.is_dir():
-            out.extend(_images_under(path))
+            found.update(dict.fromkeys(_images_under(path)))
         elif path.suffix.lower() in IMAGE_EXTENSIONS and not is_system_file(path.name):
-            out.append(path)
+            found[path] = None
+    out = list(found)
     if not out:
         raise ClassLabError(f"'{pattern}' matches no image file; give image files or folders")
     return out

@@ -406,10 +406,15 @@ class RunFolder:
 
     def discard(self) -> None:
         """Take away the folder of a run that never began, and the folders above it made for it (``runs/``): a run
-        refused for its data leaves the disk as it found it."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        refused for its data leaves the disk as it found it. A folder this process did not make (an empty one made
+        by hand, or one a killed run left) stays, without the files a run writes first."""
         made = getattr(self, "_made", None)
-        if made is None or made == self.path:
+        if made is None:
+            for name in START_FILES - {LOCK}:  # the lock goes with its release
+                (self.path / name).unlink(missing_ok=True)
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        if made == self.path:
             return
         for folder in self.path.parents:
             try:
@@ -435,9 +440,10 @@ class RunFolder:
         leftovers go. Returns its lock, held; None when the folder holds anything else (a run). RunInUse when a
         live process holds it (one that made it a moment ago and is loading its data)."""
         missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self._made: Path | None = None
         try:
             self.path.mkdir(parents=True)
-            self._made = missing[-1] if missing else None  # runs/ made for this run goes with it (``discard``)
+            self._made = missing[-1] if missing else self.path  # what ``discard`` may take away (runs/ made for it)
         except FileExistsError:
             if not self.never_started():
                 return None

@@ -351,11 +351,17 @@ def _check_new_point(root: Path, cfg: Config, saved: dict[str, Config], grid_key
     varying = {k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1}
     name, first = next(iter(saved.items()))
     ignored = varying | {k for k in keys if any(k == g or k.startswith(g + ".") for g in grid_keys)}
-    _check_same_settings(root, name, cfg, first, ignored)
+    _check_same_settings(root, name, cfg, first, ignored, skip_defaults=False)
 
 
 def _check_same_settings(
-    root: Path, name: str, cfg: Config, saved: Config | None, ignored: set[str] | frozenset[str] = frozenset()
+    root: Path,
+    name: str,
+    cfg: Config,
+    saved: Config | None,
+    ignored: set[str] | frozenset[str] = frozenset(),
+    *,
+    skip_defaults: bool = True,
 ) -> None:
     """A point already in the folder was trained with the settings of an earlier call; skipping or resuming
     it under other settings would mix two experiments in one table without a word.
@@ -372,7 +378,7 @@ def _check_same_settings(
         if key not in SWEEP_MAY_CHANGE
         and key not in ignored
         and new is not None
-        and (key not in defaults or new != defaults[key])
+        and (not skip_defaults or key not in defaults or new != defaults[key])
     ]
     if changes:
         key, old, new = changes[0]

@@ -233,9 +233,9 @@ def _exists_line(run: RunFolder) -> str:
     started = (run.path / CONFIG).is_file()
     if not started and not (run.path / SUMMARY).is_file():
         return f"'{run.path}' already exists and holds no run (no {CONFIG}); use {others}"
-    if started and not (run.path / SPLIT).is_file():
-        return f"run folder '{run.path}' already exists but its run never began (no {SPLIT}); use {others}"
     status = run.summary(default={}).get("status")
+    if started and status is None and not (run.path / SPLIT).is_file():  # a staged run's own folder has none
+        return f"run folder '{run.path}' already exists but its run never began (no {SPLIT}); use {others}"
     how = {"running": " and was cut off", "finished": " and has finished"}.get(status, "")
     how_on = "with more epochs to train it on" if status == "finished" else "to continue it"
     return f"run folder '{run.path}' already exists{how}; use {option('resume')} {how_on}, {others}"

@@ -23,7 +23,7 @@ from torch import nn
 
 from classlab.engine.exported import ExportedRun, is_exported_file
 from classlab.engine.load import LoadedRun, check_run_given, load
-from classlab.errors import ClassLabError, command, option
+from classlab.errors import ClassLabError, command, option, spelt
 from classlab.models.net import ClassifierModel
 from classlab.run import FOLDS, RunFolder, fold_runs, is_fold_group
 
@@ -59,7 +59,7 @@ def _finished_folds(path: Path) -> list[Path]:
         again = f"calling the same classlab.train(..., ['data.folds={k}', ...]) again"
         done = [f for i, f in enumerate(found) if status.get(int(f.name[4:])) == "finished"]
         given = " ".join(str(f) for f in done[:3]) + (" ..." if len(done) > 3 else "")
-        use = f", or give the finished fold runs themselves ({given}) with {option('ensemble', 'mean')}"
+        use = f", or give the finished fold runs themselves ({given}) {spelt('with --ensemble mean', 'as a list')}"
         use = use if len(done) > 1 else f", or give its finished fold run ({given}) alone" if done else ""
         raise ClassLabError(
             f"k-fold folder '{path}' has {k - len(unfinished)} of {k} folds finished ({', '.join(unfinished)}); "
