@@ -47,17 +47,16 @@ def _finished_folds(path: Path) -> list[Path]:
     and the half-trained second one, and predict wrote a '5-fold' submission of them without a word."""
     k = int(RunFolder(path).read_json(FOLDS)["folds"])
     found = fold_runs(path)
-    status = {}
-    for i in range(k):
-        fold = path / f"fold{i}"
+    status: dict[Path, str] = {}
+    for fold in (path / f"fold{i}" for i in range(k)):
         try:
-            status[i] = RunFolder(fold).summary({}).get("status", "not finished") if fold in found else "not started"
+            status[fold] = RunFolder(fold).summary({}).get("status", "not finished") if fold in found else "not started"
         except ClassLabError:
-            status[i] = "unreadable summary.json"
-    unfinished = [f"fold{i} {s}" for i, s in status.items() if s != "finished"]
+            status[fold] = "unreadable summary.json"
+    unfinished = [f"{fold.name} {s}" for fold, s in status.items() if s != "finished"]
     if unfinished:
         again = f"calling the same classlab.train(..., ['data.folds={k}', ...]) again"
-        done = [f for i, f in enumerate(found) if status.get(int(f.name[4:])) == "finished"]
+        done = [fold for fold, s in status.items() if s == "finished"]
         given = " ".join(str(f) for f in done[:3]) + (" ..." if len(done) > 3 else "")
         use = f", or give the finished fold runs themselves ({given}) {spelt('with --ensemble mean', 'as a list')}"
         use = use if len(done) > 1 else f", or give its finished fold run ({given}) alone" if done else ""
