@@ -234,6 +234,7 @@ def plan(
     points = []
     saved = _saved_configs(root)
     existing = _existing_points(saved, list(assignments[0]))
+    free = _free_keys(saved, [k for axis in axes for k in axis.keys])  # what a new point may set otherwise
     seen: dict[str, str] = {}  # grid values as the config reads them -> the first point with them
     for assignment, name in zip(assignments, names, strict=True):
         point_overrides = [*overrides, *(f"{k}={yaml_text(v)}" for k, v in assignment.items())]
@@ -260,7 +261,8 @@ def plan(
         if state in ("finished", "resume"):
             _check_same_settings(root, name, point_cfg, saved.get(name))
         elif saved:  # a new point beside runs already there: trained with their settings, but for its grid values
-            _check_new_point(root, point_cfg, saved, [k for axis in axes for k in axis.keys])
+            name_there, first = next(iter(saved.items()))
+            _check_same_settings(root, name_there, point_cfg, first, free, skip_defaults=False)
         points.append(Point(name, assignment, point_overrides, root / name, state, summary=summary))
     return root, points
 
@@ -341,17 +343,15 @@ def overridden_by_grid(grid: list[str], overrides: list[str]) -> list[str]:
     return lines
 
 
-def _check_new_point(root: Path, cfg: Config, saved: dict[str, Config], grid_keys: list[str]) -> None:
-    """A new point (a value added to the grid, a new axis) beside the runs already in the sweep folder: a second call
-    with ``epochs=2`` where the first had ``epochs=1`` trained the new points for 2 epochs and compared them with
-    the old ones in one table without a word. Its grid keys, and the keys the runs there differ in (an earlier
-    call's grid), may differ; every other setting must be theirs."""
+def _free_keys(saved: dict[str, Config], grid_keys: list[str]) -> set[str]:
+    """The keys a new point (a value added to the grid, a new axis) may set otherwise than the runs already in the
+    sweep folder: its grid keys, and the keys those runs differ in (an earlier call's grid). Every other setting must
+    be theirs: a second call with ``epochs=2`` where the first had ``epochs=1`` trained the new points for 2 epochs
+    and compared them with the old ones in one table without a word."""
     flat = [flatten(c.to_dict()) for c in saved.values()]
     keys = set().union(*flat)
     varying = {k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1}
-    name, first = next(iter(saved.items()))
-    ignored = varying | {k for k in keys if any(k == g or k.startswith(g + ".") for g in grid_keys)}
-    _check_same_settings(root, name, cfg, first, ignored, skip_defaults=False)
+    return varying | {k for k in keys if any(k == g or k.startswith(g + ".") for g in grid_keys)}
 
 
 def _check_same_settings(
