@@ -87,6 +87,28 @@ def test_a_label_column_that_is_the_id_column_is_refused(
     assert not out.exists()
 
 
+def test_write_submission_called_from_python_names_its_keywords(trained: tuple[Path, Path]) -> None:
+    """Before: classlab.predict.write_submission(...) told a Python caller to add --allow-missing and to give
+    --label-column 'ans', flags of a command it never typed."""
+    import classlab
+
+    tmp, root = trained
+    run, out = tmp / "runs" / "other_order", tmp / "py_sub.csv"
+    template = tmp / "py_template.csv"
+    template.write_text("ImageID,Ans\nred0.png,\nnot_there.png,\n")
+    with pytest.raises(ClassLabError) as near:
+        classlab.predict.write_submission(run, [root], template, out)
+    assert str(near.value).endswith("no column 'ans' (label_column); did you mean label_column='Ans'?")
+    with pytest.raises(ClassLabError) as missing:
+        classlab.predict.write_submission(run, [root], template, out, label_column="Ans")
+    assert "nothing written (add allow_missing=True to leave their label empty)" in str(missing.value)
+    with pytest.raises(ClassLabError, match=r"^label_format 'number': choose 'index' or 'name'$"):
+        classlab.predict.write_submission(run, [root], template, out, label_format="number")
+    assert not out.exists()
+    done = classlab.predict.write_submission(run, [root], template, out, label_column="Ans", allow_missing=True)
+    assert done.rows == 2 and done.missing == ["not_there.png: no such image among the given paths"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Ensembles
 # ---------------------------------------------------------------------------------------------

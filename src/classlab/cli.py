@@ -387,7 +387,7 @@ def _numbered_classes(runs: list[str] | str) -> list[str] | None:
 
 
 def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str]) -> int:
-    from classlab.predict import write_submission
+    from classlab.predict import fill_template
 
     numbered = _numbered_classes(runs) if args.label_format is None else None
     if numbered:
@@ -399,7 +399,7 @@ def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str
         )
     args.label_format = args.label_format or "index"
     out = _output_file(args.out or ".", "submission.csv")
-    done = write_submission(
+    done = fill_template(
         runs,
         paths,
         args.template,

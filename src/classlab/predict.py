@@ -31,7 +31,17 @@ from classlab.engine.exported import ExportedRun
 from classlab.engine.file_batches import file_batches, images_a_batch
 from classlab.engine.load import LoadedRun, load
 from classlab.engine.tta import TTAPlan, prediction_plan, views_probabilities
-from classlab.errors import ClassLabError, ConfigError, command, option, option_name, spelt, utf8_text
+from classlab.errors import (
+    ClassLabError,
+    ConfigError,
+    command,
+    option,
+    option_name,
+    python_call,
+    python_verb,
+    spelt,
+    utf8_text,
+)
 from classlab.run import AtomicCsvWriter, RunFolder, atomic_write_text, shown_path
 
 
@@ -362,7 +372,7 @@ def read_template(path: str | Path, id_column: str) -> tuple[list[str], list[dic
     organisers' separator, since a leaderboard that wrote semicolons reads semicolons."""
     path = Path(path)
     if not path.is_file():
-        raise ClassLabError(f"--template '{path}' not found; give the organisers' CSV (e.g. info.csv)")
+        raise ClassLabError(f"{option_name('template')} '{path}' not found; give the organisers' CSV (e.g. info.csv)")
     text = utf8_text(path)
     sep = delimiter(text)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=sep)
@@ -370,8 +380,12 @@ def read_template(path: str | Path, id_column: str) -> tuple[list[str], list[dic
     rows = list(reader)
     if id_column not in columns:
         near = [c for c in columns if c.strip().lower() == id_column.strip().lower()]
-        hint = f"did you mean --id-column '{near[0]}'?" if near else f"its columns are: {', '.join(columns)}"
-        raise ClassLabError(f"{path}: no column '{id_column}' (--id-column); {hint}")
+        hint = (
+            f"did you mean {option('id-column', near[0], quoted=True)}?"
+            if near
+            else f"its columns are: {', '.join(columns)}"
+        )
+        raise ClassLabError(f"{path}: no column '{id_column}' ({option_name('id-column')}); {hint}")
     if not rows:
         raise ClassLabError(f"{path} has no rows")
     _check_row_lengths(path, columns, rows, id_column, sep)
@@ -477,10 +491,44 @@ def write_submission(
     batch_size: int = 256,
     tta: str | None = None,
 ) -> Submission:
-    """Predict the template's images (one run or an ensemble) and write the filled template to ``out``."""
+    """Predict the template's images (one run or an ensemble) and write the filled template to ``out``.
+
+    Called from Python, its messages name these keywords (``allow_missing=True``), not ``classlab predict``'s
+    flags; the command line calls ``fill_template``, which speaks as whoever called it."""
+    with python_call(python_verb() or "write_submission"):
+        return fill_template(
+            runs,
+            paths,
+            template,
+            out,
+            id_column=id_column,
+            label_column=label_column,
+            label_format=label_format,
+            allow_missing=allow_missing,
+            checkpoint=checkpoint,
+            batch_size=batch_size,
+            tta=tta,
+        )
+
+
+def fill_template(
+    runs: Any,
+    paths: Sequence[str | Path],
+    template: str | Path,
+    out: str | Path,
+    *,
+    id_column: str = "ImageID",
+    label_column: str = "ans",
+    label_format: str = "index",
+    allow_missing: bool = False,
+    checkpoint: str | None = None,
+    batch_size: int = 256,
+    tta: str | None = None,
+) -> Submission:
+    """``write_submission`` in the words of the caller in progress (the command line's flags outside a Python call)."""
     _not_an_image(out)
     if label_format not in ("index", "name"):
-        raise ClassLabError(f"--label-format {label_format}: choose 'index' or 'name'")
+        raise ClassLabError(f"{option_name('label-format')} {label_format!r}: choose 'index' or 'name'")
     columns, rows, sep = read_template(template, id_column)
     if label_column == id_column:  # the predictions would overwrite the ids the leaderboard matches rows by
         raise ClassLabError(
@@ -490,7 +538,8 @@ def write_submission(
     near = [c for c in columns if c.strip().lower() == label_column.strip().lower()]
     if near and label_column not in columns:  # the label would go into a second, new column beside the organisers' own
         raise ClassLabError(
-            f"{template}: no column '{label_column}' (--label-column); did you mean --label-column '{near[0]}'?"
+            f"{template}: no column '{label_column}' ({option_name('label-column')}); did you mean "
+            f"{option('label-column', near[0], quoted=True)}?"
         )
     found = index_images(paths)
     by_lower_suffix = _by_lower_suffix(found)
@@ -515,8 +564,8 @@ def write_submission(
     if missing and not allow_missing:
         more = f"\n  ... and {len(listed) - MAX_LISTED} more" if len(listed) > MAX_LISTED else ""
         raise ClassLabError(
-            f"{len(missing)} template row(s) have no usable image; nothing written (add --allow-missing to leave "
-            f"their label empty):\n  " + "\n  ".join(listed[:MAX_LISTED]) + more
+            f"{len(missing)} template row(s) have no usable image; nothing written (add {option('allow-missing')} "
+            f"to leave their label empty):\n  " + "\n  ".join(listed[:MAX_LISTED]) + more
         )
     out_columns = columns if label_column in columns else [*columns, label_column]
     buffer = io.StringIO()
