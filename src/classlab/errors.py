@@ -95,9 +95,8 @@ _PYTHON_VERB: ContextVar[str | None] = ContextVar(
     "classlab_python_verb", default=os.environ.get(PYTHON_CALLER_ENV) or None
 )
 
-SWITCHES = frozenset(
-    {"resume", "force", "report", "allow-missing"}
-)  # flags that take no value: ``resume=True`` in a call
+# Flags that take no value: ``resume=True`` in a call.
+SWITCHES = frozenset({"resume", "force", "report", "allow-missing"})
 # A flag whose keyword is not its own name ('-' read as '_'), with {} for the value; a verb's own entry
 # (report calls --data ``labelled``) before the shared one.
 KEYWORDS: dict[tuple[str | None, str], str] = {
