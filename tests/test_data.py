@@ -605,6 +605,25 @@ def test_a_manifest_without_a_header_line_is_named(tmp_path: Path) -> None:
     )
 
 
+def test_a_path_column_of_another_name_is_pointed_at(tmp_path: Path) -> None:
+    """Before: "no column 'path' (data.path_column); its columns are: file, label, group", with no word on which
+    of them holds the images; a Kaggle manifest's file/id/image column is the usual first stumble."""
+    rows = [f"im{i}.jpg,{c},g{i}" for i, c in enumerate(["blue", "red"] * 2)]
+    (tmp_path / "train.csv").write_text("file,label,group\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ClassLabError) as err:
+        open_dataset(load_config(None, [f"data.csv_file={tmp_path / 'train.csv'}"]).data)
+    assert str(err.value) == (
+        f"{tmp_path / 'train.csv'}: no column 'path' (data.path_column); did you mean data.path_column=file? "
+        "(its columns are: file, label, group)"
+    )
+    (tmp_path / "two.csv").write_text("im0.jpg,x\n".join(["img,category\n", "im1.jpg,y\n"]))  # 2 columns
+    with pytest.raises(ClassLabError, match=r"no column 'label' \(data.label_column\); did you mean "):
+        open_dataset(load_config(None, [f"data.csv_file={tmp_path / 'two.csv'}", "data.path_column=img"]).data)
+    (tmp_path / "three.csv").write_text("img,category,kind\nim0.jpg,x,a\n")  # which of two: no guess
+    with pytest.raises(ClassLabError, match=r"no column 'label' \(data.label_column\); its columns are: img, "):
+        open_dataset(load_config(None, [f"data.csv_file={tmp_path / 'three.csv'}", "data.path_column=img"]).data)
+
+
 def test_torchvision_missing_files_named(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.dataset=cifar10", f"data.root={tmp_path}"])
     with pytest.raises(ClassLabError, match=r"cifar10 not found in .*cifar-10-batches-py/.*data.download=true"):

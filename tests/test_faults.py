@@ -880,7 +880,10 @@ PROBLEMS = "error: {n} problem(s) in the data; fix them, or set data.skip_bad_im
     [
         (
             "path,kind\na.png,blue\n",
-            ["error: {csv}: no column 'label' (data.label_column); its columns are: path, kind"],
+            [
+                "error: {csv}: no column 'label' (data.label_column); did you mean data.label_column=kind? "
+                "(its columns are: path, kind)"
+            ],
         ),
         (
             "path,label\n" + GOOD_ROWS + "../outside.png,red\n",

@@ -15,7 +15,7 @@ import os
 import re
 import unicodedata
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from classlab.config import IMAGE_EXTENSIONS, DataSection
+from classlab.config import IMAGE_EXTENSIONS, DataSection, yaml_text
 from classlab.data.preprocess import BadImage, is_system_file, open_image
 from classlab.data.tasks import combined_index, combined_names
 from classlab.errors import ClassLabError, command, utf8_text
@@ -119,24 +119,31 @@ def unknown_named(unknown: Sequence[str], known: Sequence[str]) -> list[str]:
     return [f"{u} (only its case differs from {twin[u]})" if twin[u] else u for u in unknown]
 
 
-def _order_classes(found: list[str], wanted: list[str] | None, where: str, *, ordered: bool = False) -> list[str]:
-    """The class order: ``wanted`` (data.classes) checked against ``found``, else natural order (``found`` as
-    given when ``ordered``)."""
+def _order_classes(
+    found: list[str], wanted: list[str] | None, where: str, *, ordered: bool = False, key: str = "data.classes"
+) -> list[str]:
+    """The class order: ``wanted`` (data.classes, or a task's model.tasks.<task>.classes as ``key``) checked
+    against ``found``, else natural order (``found`` as given when ``ordered``)."""
     found = list(found) if ordered else sorted(found, key=natural_key)
     if wanted is None:
         return found
     wanted = [class_name(c) for c in wanted]
+    twice = list(dict.fromkeys(c for c in wanted if wanted.count(c) > 1))
+    if twice:
+        raise ClassLabError(f"{key} lists {', '.join(twice)} twice; give each class once")
     missing = [c for c in wanted if c not in found]
     extra = [c for c in found if c not in wanted]
-    if len(set(wanted)) != len(wanted):
-        raise ClassLabError("data.classes lists a class twice; give each class once")
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"not found in {where}: {', '.join(missing)}")
+            parts.append(f"not found in {where}: {', '.join(unknown_named(missing, found))}")
         if extra:
-            parts.append(f"found in {where} but not in data.classes: {', '.join(extra)}")
-        raise ClassLabError("data.classes does not match the data (" + "; ".join(parts) + ")")
+            parts.append(f"found in {where} but not in {key}: {', '.join(extra)}")
+        if len(found) > 20:
+            fix = f"list each of the data's {len(found)} classes once, in the order you want"
+        else:
+            fix = f"list each class of the data once, in the order you want: {key}=[{','.join(map(yaml_text, found))}]"
+        raise ClassLabError(f"{key} does not match the data ({'; '.join(parts)}); {fix}")
     return list(wanted)
 
 
@@ -514,7 +521,12 @@ def column_names(header: Sequence[str]) -> list[str]:
 
 
 def _check_columns(
-    cfg: DataSection, manifest: Path, columns: list[str], tasks: dict[str, str] | None, splits_by_group: bool
+    cfg: DataSection,
+    manifest: Path,
+    columns: list[str],
+    tasks: dict[str, str] | None,
+    splits_by_group: bool,
+    first_row: Mapping[str, str | None] | None = None,
 ) -> None:
     """Every column the config names is in the manifest; one a case or a space away is pointed at."""
     for key, col in (
@@ -533,7 +545,20 @@ def _check_columns(
                     f"{manifest}: its first line ({', '.join(columns)}) is a row of data, not column names; add a "
                     f"header line first ({cfg.path_column},{cfg.label_column})"
                 )
-            raise ClassLabError(f"{manifest}: no column '{col}' ({where}); its columns are: {', '.join(columns)}")
+            guess = _column_guess(key, cfg, columns, first_row or {})
+            listed = f"its columns are: {', '.join(columns)}"
+            hint = f"did you mean {where}={guess}? ({listed})" if guess else listed
+            raise ClassLabError(f"{manifest}: no column '{col}' ({where}); {hint}")
+
+
+def _column_guess(key: str, cfg: DataSection, columns: list[str], first_row: Mapping[str, str | None]) -> str | None:
+    """The one column that must be the one a key names: ``file`` when only its values are image files (the path
+    column), the other column of a two-column manifest (the labels); None where it is a guess among several."""
+    images = [c for c in columns if Path((first_row.get(c) or "").strip()).suffix.lower() in IMAGE_EXTENSIONS]
+    if key == "path_column":
+        return images[0] if len(images) == 1 else None
+    others = [c for c in columns if c != cfg.path_column and c not in images]
+    return others[0] if key == "label_column" and len(columns) == 2 and len(others) == 1 else None
 
 
 def _predict_into(template: str) -> str:
@@ -562,7 +587,7 @@ def _read_manifest(
                 f"{manifest}: no column '{cfg.label_column}' (data.label_column): data.test_csv_file lists labelled "
                 f"images to score; to label unlabelled ones, train without it and {_predict_into(manifest.name)}"
             )
-    _check_columns(cfg, manifest, columns, tasks, splits_by_group)
+    _check_columns(cfg, manifest, columns, tasks, splits_by_group, rows[0] if rows else None)
     if not rows:
         raise ClassLabError(f"{manifest} has no rows")
     base = _image_dir(cfg)
@@ -684,8 +709,9 @@ def _above(manifest: Path, base: Path, root: Path, missing: list[str]) -> None:
         )
 
 
-def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
-    """A manifest's images and labels; with ``tasks`` (name -> column) one label per task column.
+def _csv(cfg: DataSection, tasks: dict[str, str] | None = None, orders: dict[str, list[str]] | None = None) -> Dataset:
+    """A manifest's images and labels; with ``tasks`` (name -> column) one label per task column, each task's
+    classes in the order ``orders`` gives it (model.tasks.<task>.classes), else in natural order.
 
     Multi-task labels are stored as one combined label (the row-major index into the product of
     the tasks' classes), so splitting, stratifying on the combination, caching and batching all
@@ -711,7 +737,13 @@ def _csv(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
         if not train.files:
             raise ClassLabError(f"{train.path}: no row has a label for every task ({', '.join(tasks)})")
         task_classes = {
-            name: sorted({v[t] for v in train.task_values}, key=natural_key) for t, name in enumerate(tasks)
+            name: _order_classes(
+                sorted({v[t] for v in train.task_values}),
+                (orders or {}).get(name),
+                f"column '{column}' of {train.path}",
+                key=f"model.tasks.{name}.classes",
+            )
+            for t, (name, column) in enumerate(tasks.items())
         }
         few = [f"{name} ({', '.join(c)})" for name, c in task_classes.items() if len(c) < 2]
         if few:
@@ -917,14 +949,17 @@ def _torchvision(cfg: DataSection) -> Dataset:
     return Dataset(classes, source(parts[0], "train"), source(parts[1], "test"), NATIVE_SIZE[name])
 
 
-def open_dataset(cfg: DataSection, tasks: dict[str, str] | None = None) -> Dataset:
-    """The configured dataset's parts and class order; ``tasks`` (name -> column) for multitask manifests."""
+def open_dataset(
+    cfg: DataSection, tasks: dict[str, str] | None = None, orders: dict[str, list[str]] | None = None
+) -> Dataset:
+    """The configured dataset's parts and class order; ``tasks`` (name -> column) for multitask manifests, and
+    ``orders`` (name -> class order) for the tasks whose model.tasks.<task>.classes lists their names."""
     if cfg.dataset == "sample":
         return _sample(cfg)
     if cfg.dataset == "folder":
         return _folder(cfg)
     if cfg.dataset == "csv":
-        return _csv(cfg, tasks)
+        return _csv(cfg, tasks, orders)
     return _torchvision(cfg)
 
 
