@@ -287,3 +287,147 @@ def test_the_exported_file_predicts_every_task_as_the_run_does(manifest: Path, t
 
     session = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["logits", "logits_mask", "logits_gender", "logits_age"]
+
+
+# Each task's class order (model.tasks.<task>.classes as a list): mask and age reordered, gender left natural.
+ORDERED = (
+    "model.tasks={mask: {classes: [wear, none, incorrect]}, gender: {column: sex, weight: 0.5}, age: {}}",
+    'model.tasks.age.classes=[<30,30-60,">=60"]',  # a key=value override into one task
+)
+ORDER = {"mask": ["wear", "none", "incorrect"], "gender": ["female", "male"], "age": ["<30", "30-60", ">=60"]}
+
+
+def test_task_classes_set_each_tasks_order(manifest: Path, tmp_path: Path) -> None:
+    """Before: each task's classes came in natural order (age: 30-60, <30, >=60) and a list here was refused."""
+    cfg = load_config(None, _overrides(manifest, tmp_path, *ORDERED))
+    assert cfg.model.tasks is not None and cfg.model.tasks["age"].classes == ORDER["age"]
+    data = load_data(cfg)
+    assert data.tasks == ORDER
+    assert data.classes[:2] == ["mask=wear|gender=female|age=<30", "mask=wear|gender=female|age=30-60"]
+    assert data.classes[-1] == "mask=incorrect|gender=male|age=>=60"
+    # The training targets: each image's combined label decodes, in the new order, to its manifest row's values.
+    layout = TaskLayout.from_config(cfg, data.tasks)
+    rows = list(csv.DictReader(open(manifest / "train.csv")))
+    labels = torch.cat([data.train.labels, data.val.labels])
+    decoded = zip(*[[layout.classes[t][i] for i in p.tolist()] for t, p in enumerate(layout.split(labels))])
+    expected = [(rows[k]["mask"], rows[k]["sex"], rows[k]["age"]) for k in data.split["train"] + data.split["val"]]
+    assert list(decoded) == expected
+    # The same order from a YAML file; a count still only checks the number of classes.
+    config = tmp_path / "mt.yaml"
+    config.write_text(
+        "model:\n  tasks:\n    mask: {classes: 3}\n    gender: {column: sex}\n"
+        '    age:\n      classes: [<30, 30-60, ">=60"]\n'
+    )
+    cfg = load_config(config, [o for o in _overrides(manifest, tmp_path) if not o.startswith("model.tasks")])
+    assert cfg.model.tasks is not None and [h.classes for h in cfg.model.tasks.values()] == [3, None, ORDER["age"]]
+    assert load_data(cfg).tasks == {"mask": ["incorrect", "none", "wear"], **{k: ORDER[k] for k in ("gender", "age")}}
+
+
+def test_task_classes_are_checked_against_the_data(manifest: Path, tmp_path: Path) -> None:
+    """A name the column lacks, or a label the list lacks, is one line naming the task, the names and the fix."""
+
+    def refusal(*overrides: str) -> str:
+        with pytest.raises(ClassLabError) as caught:
+            load_data(load_config(None, _overrides(manifest, tmp_path, *overrides)))
+        return str(caught.value)
+
+    where = f"column 'age' of {(manifest / 'train.csv').resolve()}"
+    fix = 'list each class of the data once, in the order you want: model.tasks.age.classes=[30-60,<30,">=60"]'
+    assert refusal('model.tasks.age.classes=[<30,30-59,">=60"]') == (
+        f"model.tasks.age.classes does not match the data (not found in {where}: 30-59; found in {where} but not "
+        f"in model.tasks.age.classes: 30-60); {fix}"
+    )
+    assert refusal("model.tasks.age.classes=[<30,30-60]") == (
+        f"model.tasks.age.classes does not match the data (found in {where} but not in model.tasks.age.classes: "
+        f">=60); {fix}"
+    )
+    assert refusal('model.tasks.age.classes=[<30,<30,30-60,">=60"]') == (
+        "model.tasks.age.classes lists <30 twice; give each class once"
+    )
+    assert "column 'mask' of " in refusal("model.tasks.mask.classes=[Wear,none,incorrect]")
+    assert ": Wear (only its case differs from wear); " in refusal("model.tasks.mask.classes=[Wear,none,incorrect]")
+    # A count is checked as before, and a column of numbers takes its names as numbers: [0, 1] are '0' and '1'.
+    with pytest.raises(ClassLabError, match=r"^model.tasks.age.classes=2 but column 'age' has 3 classes"):
+        classlab.train(None, _overrides(manifest, tmp_path, "model.tasks.age.classes=2"), quiet=True)
+    assert "not found in column 'sex' of " in refusal("model.tasks.gender.classes=[0,1]")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_task_classes_config_errors_are_one_line(manifest: Path, tmp_path: Path) -> None:
+    def refusal(*overrides: str) -> str:
+        with pytest.raises(ConfigError) as caught:
+            load_config(None, _overrides(manifest, tmp_path, *overrides))
+        assert "\n" not in str(caught.value)
+        return str(caught.value)
+
+    takes = "takes the number of classes (2 or more) or their names in order, e.g. [<30, 30-59, 60+]"
+    assert refusal("data.classes=[wear,none,incorrect]") == (
+        "data.classes does not apply to task=multitask: each task has its own class order; give it as "
+        "model.tasks.<task>.classes, e.g. model.tasks.mask.classes=[wear,none,incorrect]"
+    )
+    key = "config key 'model.tasks.age.classes'"
+    assert (
+        refusal("model.tasks.age.classes=<30,30-60")
+        == f"{key} = '<30,30-60': {takes}; write the list in brackets: [<30,30-60]"
+    )
+    assert refusal("model.tasks.age.classes=1") == f"{key} = 1: {takes}"
+    assert refusal("model.tasks.age.classes=[<30]") == f"{key} = ['<30']: {takes}; a task has at least 2 classes"
+    assert refusal("model.tasks.age.classes={a: 1}") == f"{key} = a section: {takes}"
+    assert refusal("model.tasks.age.classes=[yes,no]") == (
+        f"{key} = [True, False]: True is not a class name: YAML reads yes/no/true/false/null and decimals as other "
+        'values; quote such names, e.g. ["yes", "no", "1.5"]'
+    )
+    assert refusal("model.tasks={mask: [wear, none, incorrect], sex: {}}") == (
+        "'model.tasks.mask' is a section, not a value: set one of its keys, e.g. "
+        "model.tasks.mask.classes=[wear, none, incorrect] (its keys: classes, column, weight)"
+    )
+    # A later stage may not reorder a task's classes: classes.json and the heads are the first stage's.
+    assert refusal("stages=[{}, {model.tasks.age.classes: [<30, 30-60, '>=60']}]").startswith(
+        "stages[1]: model.tasks.age.classes=['<30', '30-60', '>=60'] where the run has 3: every stage trains"
+    )
+
+
+def test_task_class_order_reaches_the_run_predictions_eval_and_resume(manifest: Path, tmp_path: Path) -> None:
+    overrides = _overrides(manifest, tmp_path, *ORDERED, "exp_name=ordered", "epochs=6", "data.batch_size=8")
+    run = classlab.train(None, overrides, quiet=True)
+    classes = json.loads((run.path / "classes.json").read_text())
+    assert [classes[str(i)] for i in (0, 1, 17)] == [
+        "mask=wear|gender=female|age=<30",
+        "mask=wear|gender=female|age=30-60",
+        "mask=incorrect|gender=male|age=>=60",
+    ]
+    tasks = json.loads((run.path / "tasks.json").read_text())["tasks"]
+    assert {t["name"]: t["classes"] for t in tasks} == ORDER
+    # Predictions name each task's class by the run's order: the argmax of the task head is that list's entry.
+    files = sorted(manifest.glob("p*_*.png"))
+    combined, per_task = classlab.load(run.path).task_probabilities(files)
+    result = classlab.predict(run.path, files, tmp_path / "pred.csv")
+    rows = list(csv.DictReader(open(tmp_path / "pred.csv")))
+    assert result.count == len(files) == len(rows) == 72
+    for j, row in enumerate(rows):
+        assert row["class"] == classes[str(int(combined[j].argmax()))]
+        for t, name in enumerate(ORDER):
+            assert row[f"{name}_class"] == ORDER[name][int(per_task[t][j].argmax())]
+    # ... and the model learnt the targets in that order: the mask (the red channel) of the training images.
+    truth = {r["path"]: r["mask"] for r in csv.DictReader(open(manifest / "train.csv"))}
+    right = sum(row["mask_class"] == truth[Path(row["path"]).name] for row in rows)
+    assert right >= 0.9 * len(rows), right
+    # A submission's index is the combined class's place in classes.json.
+    template = tmp_path / "info.csv"
+    template.write_text("ImageID,ans\n" + "".join(f"{f.name},\n" for f in files[:6]))
+    classlab.predict.write_submission(run.path, files[:6], template, tmp_path / "sub.csv")
+    answers = [r["ans"] for r in csv.DictReader(open(tmp_path / "sub.csv"))]
+    assert [classes[a] for a in answers] == [r["class"] for r in rows[:6]]
+    # eval scores each task against its labels in the run's order (the same figures validation logged).
+    summary = json.loads((run.path / "summary.json").read_text())
+    metrics = classlab.evaluate(run.path, split="val")
+    for t in ORDER:
+        assert metrics["tasks"][t] == pytest.approx(summary[f"val/{t}/acc"], abs=1e-5)
+    # An ensemble averages runs in one order: a run in natural order beside it is refused in one line.
+    other = classlab.train(None, _overrides(manifest, tmp_path, "exp_name=natural", "epochs=1"), quiet=True)
+    with pytest.raises(ClassLabError, match=r"different orders; .*same model.tasks \(each task's class order: "):
+        classlab.load([run.path, other.path])
+    # --resume with another order is refused, as for data.classes: the head's outputs mean the saved order.
+    natural = 'model.tasks.age.classes=[30-60,<30,">=60"]'
+    with pytest.raises(ClassLabError, match=r"^resume=True: model.tasks.age.classes was \['<30', '30-60', '>=60'\]"):
+        classlab.train(None, [*overrides, natural, "epochs=4"], resume=True, quiet=True)

@@ -164,9 +164,38 @@ class AugSection(Section):
 
 
 class TaskHead(Section):
-    classes: int | None = Field(None, ge=2, description="expected number of classes (checked against the data)")
+    classes: int | list[str] | None = Field(
+        None,
+        description="this task's classes: their number (checked against the data), or their names in the order "
+        "the head, classes.json and predictions use, e.g. [<30, 30-59, 60+] (checked against the data as "
+        "data.classes is; default: natural order)",
+    )
     column: str | None = Field(None, description="manifest column of this task's labels (default: the task's name)")
     weight: float = Field(1.0, ge=0.0, description="weight of this task's loss in the sum")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _count_or_names(cls, value: Any) -> Any:
+        """A count of 2 or more, or a list of 2 or more names (numbers YAML read from [0, 1, 2] are the names
+        '0', '1', '2', as a manifest's column holds them); anything else one line saying what the key takes."""
+        takes = "takes the number of classes (2 or more) or their names in order, e.g. [<30, 30-59, 60+]"
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 2):
+            return value
+        if isinstance(value, str) and "," in value:
+            raise ValueError(f"{takes}; write the list in brackets: [{value.strip('()[] ')}]")
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(takes)
+        odd = [v for v in value if not isinstance(v, (str, int)) or isinstance(v, bool)]
+        if odd and (odd[0] is None or isinstance(odd[0], (bool, float))):
+            raise ValueError(
+                f"{odd[0]!r} is not a class name: YAML reads yes/no/true/false/null and decimals as other values; "
+                'quote such names, e.g. ["yes", "no", "1.5"]'
+            )
+        if odd:
+            raise ValueError(f"{odd[0]!r} is not a class name; {takes}")
+        if len(value) < 2:
+            raise ValueError(f"{takes}; a task has at least 2 classes")
+        return [v if isinstance(v, str) else str(v) for v in value]
 
 
 class ModelSection(BaseModel):
@@ -214,7 +243,9 @@ class ModelSection(BaseModel):
         "default: the model's default weights",
     )
     unfreeze_at_epoch: int | None = Field(None, ge=1, description="epochs of head-only training (backbone frozen)")
-    tasks: dict[str, TaskHead] | None = Field(None, description="task=multitask: name -> {column, weight, classes}")
+    tasks: dict[str, TaskHead] | None = Field(
+        None, description="task=multitask: name -> {column, weight, classes (a count, or the names in order)}"
+    )
     fusion: Literal["none", "attention", "attention_only"] | None = Field(
         None,
         description="multitask: 'attention' = product of the task heads plus an attention correction; "
@@ -532,7 +563,12 @@ def _check_multitask(cfg: Config) -> None:
     if cfg.data.dataset != "csv":
         raise ValueError("task=multitask needs data.dataset=csv: a manifest with one label column per task")
     if cfg.data.classes is not None:
-        raise ValueError("data.classes does not apply to task=multitask: each task's classes come in natural order")
+        first = next(iter(cfg.model.tasks or {}), "TASK")
+        names = ",".join(map(yaml_text, cfg.data.classes))
+        raise ValueError(
+            "data.classes does not apply to task=multitask: each task has its own class order; give it as "
+            f"model.tasks.<task>.classes, e.g. model.tasks.{first}.classes=[{names}]"
+        )
     if cfg.aug.mixup_alpha > 0 or cfg.aug.cutmix_alpha > 0:
         raise ValueError("aug.mixup_alpha / aug.cutmix_alpha are not supported with task=multitask; set them to 0")
     for name in cfg.model.tasks or {}:
@@ -774,6 +810,8 @@ def _field(key: str) -> Any:
     """The pydantic field of a dotted key, or a ConfigError naming the nearest key."""
     model: type[BaseModel] = Config
     parts = key.split(".")
+    if parts[:2] == ["model", "tasks"] and len(parts) == 4:  # one task's key: model.tasks.<task>.<key>
+        model, parts = TaskHead, parts[3:]
     for i, part in enumerate(parts):
         field = model.model_fields.get(part)
         if field is None:
@@ -990,7 +1028,9 @@ def stage_config(cfg: Config, k: int) -> Config:
         raise ConfigError("a stage cannot have stages of its own")
     staged = validate(tree)
     before, after = flatten(base), flatten(staged.to_dict())
-    moved = [key for key in STAGE_KEEPS if before.get(key) != after.get(key)]
+    # A task's column and class order are its labels' meaning (classes.json and the head are stage 1's).
+    labels = sorted(k for k in before.keys() | after.keys() if re.match(r"model\.tasks\..+\.(classes|column)$", k))
+    moved = [key for key in (*STAGE_KEEPS, *labels) if before.get(key) != after.get(key)]
     if moved:
         key = moved[0]
         raise ConfigError(

@@ -41,7 +41,7 @@ from classlab.data.labelled_files import labelled_files
 from classlab.data.pipeline import DataBundle, Part, load_data
 from classlab.data.preprocess import image_to_tensor
 from classlab.data.sources import Source, open_dataset
-from classlab.data.tasks import task_columns
+from classlab.data.tasks import task_columns, task_orders
 from classlab.engine.calibration import (
     calibration_record,
     fit_temperature,
@@ -721,7 +721,7 @@ def _originals(cfg: Config, data: DataBundle, part: Part, split: str, run: RunFo
     The decoded cache only has images at the training size; multiscale and ten-crop testing need
     the originals, so the saved split is mapped back onto the source.
     """
-    dataset = open_dataset(cfg.data, tasks=task_columns(cfg))
+    dataset = open_dataset(cfg.data, tasks=task_columns(cfg), orders=task_orders(cfg))
     source = dataset.test if split == "test" else dataset.train
     if source is None:
         raise ClassLabError(f"the dataset has no {split} part any more; point data.root at the original data")

@@ -17,7 +17,7 @@ from classlab.data.loaders import EpochSampler, MemoryLoader, available_cores, d
 from classlab.data.preprocess import compute_stats, image_to_tensor
 from classlab.data.sources import UNLABELED, Source, check_readable, open_dataset, training_size
 from classlab.data.splits import make_split
-from classlab.data.tasks import task_columns
+from classlab.data.tasks import task_columns, task_orders
 from classlab.errors import ClassLabError, command
 
 ROTATION_CLASSES = ["0", "90", "180", "270"]
@@ -207,7 +207,7 @@ def _unvalidated(cfg: Config, whole: Part, split: dict[str, Any], classes: list[
 
 def load_data(cfg: Config, split: dict[str, Any] | None = None, with_test: bool = True) -> DataBundle:
     """The configured data, checked, split and decoded."""
-    dataset = open_dataset(cfg.data, tasks=task_columns(cfg))
+    dataset = open_dataset(cfg.data, tasks=task_columns(cfg), orders=task_orders(cfg))
     size = training_size(cfg.data, dataset)
     channels = dataset.train.channels
     total = len(dataset.train) + (len(dataset.test) if dataset.test is not None else 0)

@@ -34,6 +34,14 @@ def task_columns(cfg: Config) -> dict[str, str] | None:
     return {name: head.column or name for name, head in cfg.model.tasks.items()}
 
 
+def task_orders(cfg: Config) -> dict[str, list[str]] | None:
+    """task name -> the class order its ``model.tasks.<task>.classes`` lists (tasks that give a count or nothing
+    take their classes in natural order and are not named here)."""
+    if cfg.task != "multitask" or not cfg.model.tasks:
+        return None
+    return {name: list(head.classes) for name, head in cfg.model.tasks.items() if isinstance(head.classes, list)}
+
+
 def combined_names(task_classes: dict[str, list[str]]) -> list[str]:
     """Names of every combination, row-major (the last task varies fastest): ``mask=wear|gender=male``."""
     names = list(task_classes)
@@ -70,7 +78,7 @@ class TaskLayout:
         heads = cfg.model.tasks or {}
         for name, head in heads.items():
             found = len(task_classes[name])
-            if head.classes is not None and head.classes != found:
+            if isinstance(head.classes, int) and head.classes != found:  # a list was checked name by name
                 raise ClassLabError(
                     f"model.tasks.{name}.classes={head.classes} but column '{head.column or name}' has {found} "
                     f"classes ({', '.join(task_classes[name])}); fix the number or the data"

@@ -124,7 +124,8 @@ def _check_compatible(paths: list[Path], loaded: list[Any]) -> None:
             if sorted(member.classes) == sorted(first.classes):  # a multitask run: its combined classes
                 raise ClassLabError(
                     f"runs {paths[0]} and {path} have their classes in different orders; a multitask ensemble needs "
-                    "one order: train them with the same data.classes and tasks"
+                    "one order: train them with the same model.tasks (each task's class order: "
+                    "model.tasks.<task>.classes)"
                 )
             raise ClassLabError(
                 f"runs {paths[0]} and {path} have different class maps ({len(first.classes)} classes: "
