@@ -68,6 +68,16 @@ def test_explicit_classes_override_and_mismatch(tmp_path: Path) -> None:
         open_dataset(folder_cfg(tmp_path / "d", "data.classes=[dog, cat, bird]").data)
 
 
+def test_numbered_classes_listed_as_numbers(tmp_path: Path) -> None:
+    """Before: data.classes=[1,0] for folders 0/ and 1/ was "config key 'data.classes.0' = 1: Input should be a
+    valid string"; a decimal that YAML read as a number is named with the quoting that keeps it a name."""
+    for c in ("0", "1"):
+        make_image(tmp_path / "d" / c / "a.png", (0, 0, 0))
+    assert open_dataset(folder_cfg(tmp_path / "d", "data.classes=[1, 0]").data).classes == ["1", "0"]
+    with pytest.raises(ConfigError, match=r"'data.classes' = \[1.5, 0\]: 1.5 is not a class name: YAML reads .*quote"):
+        folder_cfg(tmp_path / "d", "data.classes=[1.5, 0]")
+
+
 def test_bad_files_reported_together_then_skipped(tmp_path: Path) -> None:
     root = tmp_path / "d"
     for c in ("a", "b"):

@@ -34,6 +34,21 @@ class RunSection(Section):
     root: str = Field("runs", description="folder that holds the run folders (relative to where you run classlab)")
 
 
+def class_names(value: list[Any] | tuple[Any, ...], takes: str) -> list[str]:
+    """Class names as a config lists them: numbers YAML read from [0, 1, 2] are the names '0', '1', '2', as a
+    manifest's column or a folder holds them; yes/no/null and decimals, which YAML turned into other values,
+    are refused with the quoting that keeps them names."""
+    odd = [v for v in value if not isinstance(v, (str, int)) or isinstance(v, bool)]
+    if odd and (odd[0] is None or isinstance(odd[0], (bool, float))):
+        raise ValueError(
+            f"{odd[0]!r} is not a class name: YAML reads yes/no/true/false/null and decimals as other values; "
+            'quote such names, e.g. ["yes", "no", "1.5"]'
+        )
+    if odd:
+        raise ValueError(f"{odd[0]!r} is not a class name; {takes}")
+    return [v if isinstance(v, str) else str(v) for v in value]
+
+
 class DataSection(Section):
     dataset: Literal["sample", "cifar10", "cifar100", "stl10", "mnist", "fashion_mnist", "folder", "csv"] = Field(
         "sample",
@@ -62,6 +77,14 @@ class DataSection(Section):
         None, description="csv: images sharing this column's value (a person) stay on one side of every split"
     )
     classes: list[str] | None = Field(None, description="explicit class order (default: natural order of the names)")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _names(cls, value: Any) -> Any:
+        """data.classes=[0,1] for a manifest labelled 0 and 1 (YAML reads numbers)."""
+        takes = "data.classes takes the class names in order, e.g. [cat, dog]"
+        return class_names(value, takes) if isinstance(value, (list, tuple)) else value
+
     download: bool = Field(False, description="let torchvision download its data sets (needs internet)")
     image_size: int | None = Field(
         None, ge=8, le=2048, description="training resolution in pixels (shorter side resized, then centre-cropped)"
@@ -185,17 +208,9 @@ class TaskHead(Section):
             raise ValueError(f"{takes}; write the list in brackets: [{value.strip('()[] ')}]")
         if not isinstance(value, (list, tuple)):
             raise ValueError(takes)
-        odd = [v for v in value if not isinstance(v, (str, int)) or isinstance(v, bool)]
-        if odd and (odd[0] is None or isinstance(odd[0], (bool, float))):
-            raise ValueError(
-                f"{odd[0]!r} is not a class name: YAML reads yes/no/true/false/null and decimals as other values; "
-                'quote such names, e.g. ["yes", "no", "1.5"]'
-            )
-        if odd:
-            raise ValueError(f"{odd[0]!r} is not a class name; {takes}")
         if len(value) < 2:
             raise ValueError(f"{takes}; a task has at least 2 classes")
-        return [v if isinstance(v, str) else str(v) for v in value]
+        return class_names(value, takes)
 
 
 class ModelSection(BaseModel):
