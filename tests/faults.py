@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import builtins
 import errno as errno_module
+import importlib
+import json
 import logging
 import os
+import socket
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -19,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from classlab.run import LOCK
 from tests.conftest import tiny_config
 
 
@@ -103,6 +109,38 @@ def fail_writes(
 
 
 ENOSPC, EACCES = errno_module.ENOSPC, errno_module.EACCES
+
+
+# ---------------------------------------------------------------------------------------------
+# A run killed at one point
+# ---------------------------------------------------------------------------------------------
+
+
+class Killed(BaseException):
+    """kill -9 at one point of a run, raised there (``killed_before_summary``); ``dead_lock`` then writes the lock
+    a dead process leaves where the run's own clean-up took it away."""
+
+
+def killed_before_summary(monkeypatch: pytest.MonkeyPatch, folder_name: str) -> None:
+    """The run in a folder named ``folder_name`` (a stage's, a fold's) is killed after its config.yaml and before
+    its summary.json (while its model is built): it holds classes.json, split.json and config.yaml, no summary."""
+    train_module = importlib.import_module("classlab.train")
+    real = train_module._announce
+
+    def announce(run: Any, *args: Any) -> None:
+        if run.path.name == folder_name:
+            raise Killed(folder_name)
+        real(run, *args)
+
+    monkeypatch.setattr(train_module, "_announce", announce)
+
+
+def dead_lock(folder: Path) -> None:
+    """The run.lock a killed process leaves in ``folder``: a pid of this host that no longer runs."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    record = {"pid": proc.pid, "host": socket.gethostname(), "owner": "killed", "command": "train", "since": "then"}
+    (folder / LOCK).write_text(json.dumps(record))
 
 
 # ---------------------------------------------------------------------------------------------

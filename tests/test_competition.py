@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -465,6 +466,45 @@ def test_a_kfold_call_refused_for_its_data_leaves_no_folder(tmp_path: Path, caps
     code, err = cli(capsys, "train", *_args(tmp_path, root, "exp_name=cvbad"), "--folds", "2", "--force")
     assert code == 1 and "notes.txt: not an image file" in err
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["cvbad"] and (old / "folds.json").is_file()
+    # A folder made by hand for it stays, as empty as it was: the k-fold run took it, and gives it back.
+    mine = tmp_path / "runs" / "mine"
+    mine.mkdir()
+    code, err = cli(capsys, "train", *_args(tmp_path, root, "exp_name=mine"), "--folds", "2")
+    assert code == 1 and "notes.txt: not an image file" in err
+    assert mine.is_dir() and list(mine.iterdir()) == []
+
+
+def test_a_fold_killed_between_its_config_and_its_summary_is_continued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Before: fold 0 killed after its config.yaml and before its summary.json (while its model was built) was
+    refused by the next call on the k-fold folder: "run folder '.../fold0' already exists; use --resume to continue
+    it", where --resume said the same; a single run in that state resumes. Now the call continues it (over, since it
+    had trained nothing) and the folds after it."""
+    from classlab.run import LOCK
+    from classlab.train import train
+    from tests.faults import Killed, dead_lock, killed_before_summary
+
+    root = class_folder(tmp_path / "colors", COLORS, 8, size=8)
+    args = _args(tmp_path, root, "exp_name=cv", "epochs=1")
+    killed_before_summary(monkeypatch, "fold0")
+    with pytest.raises(Killed):
+        train(None, [*args, "data.folds=2"], quiet=True)
+    monkeypatch.undo()
+    top, fold0 = tmp_path / "runs" / "cv", tmp_path / "runs" / "cv" / "fold0"
+    assert sorted(p.name for p in fold0.iterdir()) == ["classes.json", "config.yaml", "split.json"]
+    dead_lock(top)
+    dead_lock(fold0)
+    shutil.copytree(top, tmp_path / "runs" / "cv2")
+    # The same command again, and --resume (of a copy): each continues the k-fold folder and its fold 0.
+    for name, flags in (("cv", []), ("cv2", ["exp_name=cv2", "--resume"])):
+        top = tmp_path / "runs" / name
+        code, err = cli(capsys, "train", *args, "--folds", "2", *flags)
+        assert code == 0, err
+        assert err.count("which is no longer running") == 2  # the killed process's locks, of the folder and fold 0
+        for folder in (top / "fold0", top / "fold1", top):
+            assert json.loads((folder / "summary.json").read_text())["status"] == "finished"
+        assert (top / "oof.csv").is_file() and not list(top.rglob(LOCK))
 
 
 def test_submission_ids_in_another_unicode_form_windows_paths_and_blank_rows(

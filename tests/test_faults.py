@@ -28,7 +28,7 @@ from classlab.data.pipeline import load_data
 from classlab.data.sources import open_dataset
 from classlab.errors import ClassLabError
 from classlab.run import LOCK, LOCK_OWNER_ENV, RunFolder, RunLock
-from tests.conftest import make_image
+from tests.conftest import class_folder, make_image
 from tests.faults import EACCES, ENOSPC, cli, error_lines, fail_writes, nan_loss_at, small_run, write_png_bomb
 
 PIL_LIMIT = 89_478_485
@@ -286,6 +286,91 @@ def test_two_runs_started_at_once_under_one_exp_name_the_second_stops_at_once(
     assert lines[0].endswith("; wait for it to finish, or train under another exp_name")
     assert _summary(run)["status"] == "finished"
     assert sorted(p.name for p in run.parent.iterdir()) == ["mine"]
+
+
+def _kfold_args(tmp_path: Path, **extra: object) -> list[str]:
+    """A 2-fold run on 24 tiny images of three colours (k-fold covers every image: no data.images_per_class)."""
+    colors = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+    root = class_folder(tmp_path / "colors", colors, 8, size=8)
+    data = {"data.images_per_class": "null", "data.dataset": "folder", "data.root": root}
+    return [*small_run(tmp_path, epochs=1, **data, **extra), "--folds", "2"]
+
+
+def _locks_of(root: Path, pid: int) -> list[Path]:
+    """The folders under ``root``, at any depth, whose run.lock process ``pid`` holds, the outermost first."""
+    held = []
+    for lock in root.rglob(LOCK):
+        try:
+            if json.loads(lock.read_text()).get("pid") == pid:
+                held.append(lock.parent)
+        except (OSError, json.JSONDecodeError):
+            pass
+    return sorted(held, key=lambda folder: len(folder.parts))
+
+
+def test_two_kfold_runs_started_at_once_without_exp_name_take_two_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: a k-fold run picked its folder's name and made the folder later, taking no lock on it; a k-fold run
+    started in between picked the same name, and of the two the second stopped at fold 0 with the 'in use' line."""
+    args = _kfold_args(tmp_path)
+    root, name = tmp_path / "runs", "folder_cnn_2fold"
+    other: dict[str, object] = {}
+    real_mkdir = Path.mkdir
+
+    def mkdir(self: Path, *rest, **kwargs) -> None:
+        if self.name == name and "proc" not in other:
+            # The second terminal's k-fold run starts in the very moment this one has picked the name: it is first.
+            proc = other["proc"] = _classlab("train", *args, "--quiet")
+            deadline = time.monotonic() + 300
+            while not _locks_of(root, proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            other["held"] = _locks_of(root, proc.pid)
+        real_mkdir(self, *rest, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    code, out, err = cli(capsys, "train", *args)
+    monkeypatch.undo()
+    proc = other["proc"]
+    _, proc_err = proc.communicate(timeout=300)
+    assert code == 0, err
+    assert proc.returncode == 0, proc_err
+    assert other["held"][0] == root / name  # the other run's first lock: its k-fold folder, before its data load
+    assert out.splitlines()[-1] == f"k-fold folder: {root / f'{name}-2'} (oof.csv: each image's out-of-fold prediction)"
+    assert sorted(p.name for p in root.iterdir()) == [name, f"{name}-2"]
+    for top in root.iterdir():
+        assert [_summary(top / f)["status"] for f in ("", "fold0", "fold1")] == ["finished"] * 3
+
+
+def test_a_second_kfold_run_under_one_exp_name_stops_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: the second run went on into the k-fold folder the first was training, wrote its folds.json and
+    summary over the first's, and stopped only at fold 0, with an 'in use' line naming the fold."""
+    args = _kfold_args(tmp_path, exp_name="cv")
+    top = tmp_path / "runs" / "cv"
+    other: dict[str, object] = {}
+
+    def second_terminal() -> None:
+        if "code" in other:  # the first's later folds, and its out-of-fold predictions
+            return
+        files = {p.name: p.read_bytes() for p in top.iterdir() if p.is_file()}
+        proc = _classlab("train", *args, "--quiet")
+        other["out"] = proc.communicate(timeout=300)
+        other["code"] = proc.returncode
+        other["untouched"] = files == {p.name: p.read_bytes() for p in top.iterdir() if p.is_file()}
+        other["since"] = json.loads((top / LOCK).read_text())["since"] if (top / LOCK).is_file() else None
+
+    _while_loading(monkeypatch, second_terminal)
+    code, _, err = cli(capsys, "train", *args, "--quiet")
+    assert code == 0, err
+    assert other["code"] == 1 and other["untouched"]
+    assert error_lines(other["out"][1]) == [
+        f"error: run folder '{top}' is in use by `classlab train` (pid {os.getpid()} on {socket.gethostname()}, "
+        f"since {other['since']}); wait for it to finish, or train under another exp_name"
+    ]
+    assert [_summary(top / f)["status"] for f in ("", "fold0", "fold1")] == ["finished"] * 3
+    assert sorted(p.name for p in top.parent.iterdir()) == ["cv"] and not list(top.rglob(LOCK))
 
 
 def test_a_run_killed_before_it_began_leaves_a_folder_the_next_run_takes(

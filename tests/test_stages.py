@@ -68,3 +68,41 @@ def test_the_run_folder_train_returns_loads_through_its_last_stage(tiny_run: Pat
     loaded = classlab.load(RunFolder(top))
     assert loaded.run.path == top / "stage2"
     assert loaded.classes == classlab.load(top).classes
+
+
+def test_a_stage_killed_between_its_config_and_its_summary_is_continued_by_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before: stage 2 killed after its config.yaml and before its summary.json (while its model was built) was
+    refused by the staged run's --resume as "run folder '.../stage2' already exists; use --resume to continue it",
+    though --resume was given; a single run in that state resumes. It starts over from stage 1's weights."""
+    from classlab.run import LOCK
+    from tests.faults import Killed, cli, dead_lock, error_lines, killed_before_summary, small_run
+
+    stages = (
+        "[{data.image_size: 24, epochs: 1}, {data.image_size: 32, epochs: 1, optim.lr: 1.0e-9, optim.weight_decay: 0}]"
+    )
+    args = small_run(tmp_path, exp_name="fixres", stages=stages)
+    killed_before_summary(monkeypatch, "stage2")
+    with pytest.raises(Killed):
+        classlab.train(None, args, quiet=True)
+    monkeypatch.undo()
+    top = tmp_path / "runs" / "fixres"
+    stage2 = top / "stage2"
+    assert sorted(p.name for p in stage2.iterdir()) == ["classes.json", "config.yaml", "split.json"]
+    assert json.loads((top / "summary.json").read_text())["status"] == "running"
+    dead_lock(top)
+    dead_lock(stage2)
+
+    code, out, err = cli(capsys, "train", *args, "--resume")
+    assert code == 0, error_lines(err)
+    assert "resuming: no checkpoint was written yet, so the run starts over" in out
+    assert err.count("which is no longer running") == 2  # the dead process's locks, of the run and of its stage
+    assert json.loads((stage2 / "summary.json").read_text())["status"] == "finished"
+    summary = json.loads((top / "summary.json").read_text())
+    assert summary["status"] == "finished" and [s["status"] for s in summary["stages"]] == ["finished"] * 2
+    assert not (top / LOCK).exists() and not (stage2 / LOCK).exists()
+    one = torch.load(top / "stage1" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    two = torch.load(stage2 / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    convs = [k for k, v in one.items() if k.startswith("model.net.") and v.ndim == 4]
+    assert convs and all(torch.allclose(one[k], two[k], atol=1e-6) for k in convs)  # started from stage 1's weights

@@ -975,24 +975,6 @@ def open_run_at(run: str | Path | RunFolder, checkpoint: str | None = None) -> t
     return open_run(path), checkpoint
 
 
-def new_run_path(root: str | Path, exp_name: str | None, default_name: str, numbered: bool = True) -> tuple[Path, bool]:
-    """Where a new run goes: ``root/exp_name``; without a name, the first free ``default_name[-N]``.
-
-    Returns the path and whether the name was chosen by the user (then a taken name is refused).
-    The path is absolute: ``classlab.train`` returns it, and a notebook that changes its working
-    folder afterwards must still find the run (a relative ``run.root`` means the folder at the call).
-    """
-    root = Path(root).absolute()
-    if exp_name:
-        return root / exp_name, True
-    candidate = root / default_name
-    n = 2
-    while numbered and candidate.exists():
-        candidate = root / f"{default_name}-{n}"
-        n += 1
-    return candidate, False
-
-
 # summary.json's fields that a run's finish measures (train._finish, engine.trainer.final_test).
 FINISH_FIELDS = ("epochs_done", "wall_time_s", "finished_at")
 FINISH_PREFIXES = ("test", "best_", "val/")

@@ -14,7 +14,6 @@ import logging
 import os
 import platform
 import random
-import shutil
 import signal
 import statistics
 import sys
@@ -87,8 +86,8 @@ from classlab.run import (
     RunWriteError,
     atomic_write_text,
     is_fold_group,
+    is_run_folder,
     move_aside,
-    new_run_path,
     safe_torch_load,
 )
 
@@ -175,28 +174,38 @@ def _versions() -> dict[str, str]:
 
 
 def _make_run(cfg: Config, resume: bool, force: bool, *, move_now: bool = True) -> tuple[RunFolder, Config, RunLock]:
-    """The run's folder, the config named after it, and its lock.
-
-    A new run takes its folder at once, before its data load: made (or one a run never started in), its lock
-    held. So of two runs started at the same moment without an exp_name the second takes the next free name
-    (``<name>-2``); under an exp_name the user gave, the second stops at once with the 'in use' line. ``--force``
-    holds the old run's lock from here and moves it aside here, or, with ``move_now=False``, only once the new
-    run is about to be written (``_replace_old``). ``--resume`` takes its lock later (``_resume_state``).
-    """
+    """The run's folder, the config named after it, and its lock (``_take_folder``)."""
     joined = os.environ.get(RUN_DIR_ENV)
     if joined and not _is_zero():
         return RunFolder(joined), cfg, RunLock(joined)
-    default = f"{cfg.data.dataset}_{cfg.model.name.replace(':', '_')}"
+    run, lock = _take_folder(cfg, _default_name(cfg), resume=resume, force=force, move_now=move_now)
+    return run, cfg if resume else cfg.model_copy(update={"exp_name": run.path.name}), lock
+
+
+def _default_name(cfg: Config) -> str:
+    """The folder name of a run given no exp_name (the first free of it, ``<name>-2``, ...)."""
+    return f"{cfg.data.dataset}_{cfg.model.name.replace(':', '_')}"
+
+
+def _take_folder(
+    cfg: Config, default: str, *, resume: bool, force: bool, move_now: bool = True, keep: bool = False
+) -> tuple[RunFolder, RunLock]:
+    """A new run's folder (a single run's, a staged run's, a k-fold run's), taken at once, before its data load:
+    made (or one a run never started in), its lock held. So of two runs started at the same moment without an
+    exp_name the second takes the next free name (``<name>-2``); under an exp_name the user gave, the second stops
+    at once with the 'in use' line. ``--force`` holds the old run's lock from here and moves it aside here, or,
+    with ``move_now=False``, only once the new run is about to be written (``_replace_old``). ``keep``: a folder
+    already under the exp_name is taken as it is, its lock held, for the caller to judge and continue (a k-fold
+    folder: its finished folds are kept). ``--resume`` takes its lock later (``_resume_state``).
+    """
     root = Path(cfg.run.root).absolute()
     if resume:
         run = RunFolder(root / (cfg.exp_name or default))
         _check_resumable(run)
-        return run, cfg, run.lock()
+        return run, run.lock()
     if cfg.exp_name:
-        run, lock = _take_named(RunFolder(root / cfg.exp_name), force, move_now)
-    else:
-        run, lock = _take_free_name(root, default)
-    return run, cfg.model_copy(update={"exp_name": run.path.name}), lock
+        return _take_named(RunFolder(root / cfg.exp_name), force, move_now, keep)
+    return _take_free_name(root, default)
 
 
 def _take_free_name(root: Path, default: str) -> tuple[RunFolder, RunLock]:
@@ -213,16 +222,17 @@ def _take_free_name(root: Path, default: str) -> tuple[RunFolder, RunLock]:
             return run, lock
 
 
-def _take_named(run: RunFolder, force: bool, move_now: bool) -> tuple[RunFolder, RunLock]:
-    """``run.root/exp_name``: taken when free; a run there is refused, or with ``--force`` its lock is held."""
+def _take_named(run: RunFolder, force: bool, move_now: bool, keep: bool = False) -> tuple[RunFolder, RunLock]:
+    """``run.root/exp_name``: taken when free; a run there is refused, or with ``--force`` (or ``keep``) its lock
+    is held."""
     lock = run.reserve()  # RunInUse: the one line naming the process that holds it
     if lock is not None:
         return run, lock
-    if not force:
+    if not force and not keep:
         run.lock().check_free()  # never refuse with "use --resume" or move aside a folder in use
         raise ClassLabError(_exists_line(run))
     lock = run.lock().acquire()  # the old run stays ours until it moves aside: a second process stops at once
-    if move_now:
+    if force and move_now:
         _replace_old(run, lock)
     return run, lock
 
@@ -268,16 +278,18 @@ def _create_run(run: RunFolder, lock: RunLock, cfg: Config, data: DataBundle) ->
         _write_run_start(run, cfg, data)
 
 
-def _replace_old(run: RunFolder, lock: RunLock) -> None:
+def _replace_old(run: RunFolder, lock: RunLock) -> Path:
     """``--force``: the old run moves aside only when the new one is ready to be written, so a run refused
     for its data, class weights or ``model.init_from`` leaves the old one where it was. Its lock, ours, goes with
-    it (so nothing else took the old run meanwhile) and is dropped there; the new folder is taken in its place."""
+    it (so nothing else took the old run meanwhile) and is dropped there; the new folder is taken in its place.
+    Returns where the old run went."""
     moved = move_aside(run.path)
     lock.release()  # its file is in the moved folder now
     (moved / LOCK).unlink(missing_ok=True)
     print(f"moved the old run to {moved}", file=sys.stderr)
     if run.reserve(lock) is None:
         raise ClassLabError(f"run folder '{run.path}' was just made by another process; choose another exp_name")
+    return moved
 
 
 def train(
@@ -402,7 +414,7 @@ def _run_stages(top: RunFolder, cfg: Config, *, quiet: bool) -> RunFolder:
                 if header.closed:  # the reader left between two stages: stop there, as a stage's own lines would
                     why = f"standard output was closed; stopped before stage {k + 1}"
                     raise RunInterrupted(why, 128 + signal.SIGPIPE)
-            _train_one(stage, stage, None, resume=status is not None, force=False, quiet=quiet, start_from=previous)
+            _train_one(stage, stage, None, resume=_begun(folder), force=False, quiet=quiet, start_from=previous)
         results.append(folder.summary())
         previous = folder.checkpoint("last")
         top.update_summary(stages=results)
@@ -414,6 +426,15 @@ def _run_stages(top: RunFolder, cfg: Config, *, quiet: bool) -> RunFolder:
         wall_time_s=round(sum(r.get("wall_time_s", 0.0) for r in results), 2),
     )
     return top
+
+
+def _begun(child: RunFolder) -> bool:
+    """Whether a stage or fold its parent comes back to is continued as ``--resume`` continues a run, not started:
+    it has its config.yaml, written last of a run's first files. Killed after that and before its summary.json,
+    it holds a run that --resume continues (from last.ckpt, or over when nothing trained yet), and a new start
+    refused it as 'already exists'; killed before it, it holds none, and a new start takes the folder
+    (``RunFolder.never_started``)."""
+    return is_run_folder(child.path)
 
 
 def _is_zero() -> bool:
@@ -653,7 +674,7 @@ def _fit_run(
     # The model is built (parameter budget, init_from, stage weights) before the run folder exists.
     transfer = run.summary(default={}).get("init_from") if last_ckpt is not None else None
     model = build_network(cfg, data, transfer if isinstance(transfer, dict) else None)
-    if start_from is not None and not resume:
+    if start_from is not None and last_ckpt is None:  # a stage resumed before it trained starts from them too
         load_stage_weights(model.net, start_from)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -856,21 +877,37 @@ def _finish(
 # ---------------------------------------------------------------------------------------------
 
 
-def _top_folder(cfg: Config, resume: bool, force: bool) -> tuple[RunFolder, Path | None]:
-    """The k-fold folder, and where ``--force`` moved the old one (put back if the new folds are refused)."""
-    default = f"{cfg.data.dataset}_{cfg.model.name.replace(':', '_')}_{cfg.data.folds}fold"
-    path, _ = new_run_path(cfg.run.root, cfg.exp_name, default, numbered=not resume and not cfg.exp_name)
-    moved = None
-    if path.exists() and not resume:
-        if not is_fold_group(path):
-            raise ClassLabError(f"'{path}' exists and is not a k-fold folder; choose another exp_name")
-        if force:
-            moved = move_aside(path)
-        # Without --force an existing k-fold folder is continued: finished folds are kept.
-    elif resume and not path.is_dir():
-        flag = option("resume")
-        raise ClassLabError(f"{flag}: k-fold folder '{path}' does not exist; start it without {flag}")
-    return RunFolder(path), moved
+def _take_top(cfg: Config, resume: bool, force: bool) -> tuple[RunFolder, RunLock, Path | None]:
+    """The k-fold folder, taken as a run's folder is (``_take_folder``): made and locked before any fold loads its
+    data, so two k-fold runs started at once get two folders, or the second stops at once with the 'in use' line.
+    A k-fold folder already under the exp_name is continued, its finished folds kept, its lock held; ``--force``
+    moves it aside, and where it went is returned (put back if the new folds are refused)."""
+    default = f"{_default_name(cfg)}_{cfg.data.folds}fold"
+    top, lock = _take_folder(cfg, default, resume=resume, force=force, move_now=False, keep=True)
+    try:
+        if resume:
+            lock.acquire()
+        if not top.never_started() and not is_fold_group(top.path):
+            raise ClassLabError(f"'{top.path}' exists and is not a k-fold folder; choose another exp_name")
+        moved = _replace_old(top, lock) if force and not resume and not top.never_started() else None
+    except BaseException:
+        lock.release()
+        raise
+    return top, lock, moved
+
+
+def _take_back(top: RunFolder, moved: Path | None) -> None:
+    """A k-fold run refused before any fold began (its data, a write) leaves the disk as it found it: a folder
+    holding only folds.json and a summary saying "running" would read as a run cut off, where nothing ran (a broken
+    manifest leaves no run folder). The folder goes if this call made it (``RunFolder.discard``), or loses what this
+    call wrote if it was there before (made by hand); the k-fold folder ``--force`` moved aside goes back, as a
+    single run refused for its data keeps its old folder in place."""
+    for name in (FOLDS, SUMMARY):
+        (top.path / name).unlink(missing_ok=True)
+    top.discard()
+    if moved is not None and not top.path.exists():
+        os.replace(moved, top.path)
+        print(f"the old k-fold run is back in {top.path}", file=sys.stderr)  # after 'moved the old run to ...'
 
 
 def _check_same_folds(top: RunFolder, cfg: Config) -> None:
@@ -900,31 +937,20 @@ def train_folds(
             f"{torch.cuda.device_count()} (one per GPU): set trainer.devices=1, or train each fold as its own run "
             "with data.fold=0, 1, ..."
         )
-    top, moved = _top_folder(cfg, resume, force)
-    tree = cfg.to_dict()
-    tree["exp_name"] = top.path.name
-    if is_fold_group(top.path) and top.read_json(FOLDS).get("folds") != cfg.data.folds:
-        raise ClassLabError(f"'{top.path}' holds a {top.read_json(FOLDS)['folds']}-fold run; use {option('force')}")
-    if is_fold_group(top.path):
-        _check_same_folds(top, cfg)
-    created = not top.path.exists()
+    top, lock, moved = _take_top(cfg, resume, force)
+    fresh = top.never_started()  # taken for this call: nothing of an earlier one in it
     try:
-        top.path.mkdir(parents=True, exist_ok=True)
-        top.write_json(FOLDS, {"folds": cfg.data.folds, "seed": cfg.seed, "config": tree})
-        top.update_summary(status="running", exp_name=top.path.name, folds=cfg.data.folds)
+        tree = _start_folds(top, cfg)
         _train_each_fold(top, cfg, tree, quiet=quiet, verbose=verbose)
+        top = write_out_of_fold(top)
     except BaseException as exc:
         if isinstance(exc, RunInterrupted):
             exc.run = top.path  # resumed as a whole: the k-fold folder, not the fold's
-        # Refused before any fold began (its data, a write): a folder holding only folds.json and a summary
-        # saying "running" would read as a run cut off, where nothing ran (a broken manifest leaves no run folder),
-        # and the k-fold folder --force moved aside goes back, as a single run refused for its data stays.
-        if created and not any((top.path / f"fold{i}").exists() for i in range(cfg.data.folds)):
-            shutil.rmtree(top.path, ignore_errors=True)
-            if moved is not None and not top.path.exists():
-                os.replace(moved, top.path)
+        if fresh and not any((top.path / f"fold{i}").exists() for i in range(cfg.data.folds or 0)):
+            _take_back(top, moved)
         raise
-    top = write_out_of_fold(top)
+    finally:
+        lock.release()
     if not quiet:
         print(_folds_line(top.summary(), cfg.data.folds or 0), flush=True)
         print(f"k-fold folder: {top.path} (oof.csv: each image's out-of-fold prediction)", flush=True)
@@ -942,6 +968,21 @@ def _folds_line(summary: dict[str, Any], folds: int) -> str:
     return line + "".join(f"\n  task {t}: out-of-fold accuracy {summary[f'oof_{t}/acc']:.4f}" for t in tasks)
 
 
+def _start_folds(top: RunFolder, cfg: Config) -> dict[str, Any]:
+    """folds.json and a summary saying 'running', once the folds already in the folder are those asked for; returns
+    the config the folds' own are made from."""
+    if is_fold_group(top.path):
+        k = top.read_json(FOLDS).get("folds")
+        if k != cfg.data.folds:
+            raise ClassLabError(f"'{top.path}' holds a {k}-fold run; use {option('force')}")
+        _check_same_folds(top, cfg)
+    tree = cfg.to_dict()
+    tree["exp_name"] = top.path.name
+    top.write_json(FOLDS, {"folds": cfg.data.folds, "seed": cfg.seed, "config": tree})
+    top.update_summary(status="running", exp_name=top.path.name, folds=cfg.data.folds)
+    return tree
+
+
 def _train_each_fold(top: RunFolder, cfg: Config, tree: dict[str, Any], *, quiet: bool, verbose: int) -> None:
     """Each fold in turn, as an ordinary run in ``top/fold{i}``; a finished fold is kept."""
     for i in range(cfg.data.folds or 0):
@@ -956,7 +997,7 @@ def _train_each_fold(top: RunFolder, cfg: Config, tree: dict[str, Any], *, quiet
             continue
         if not quiet:
             print(f"fold {i + 1}/{cfg.data.folds}", flush=True)
-        train(validate(fold_tree), resume=status is not None, quiet=quiet, verbose=verbose)
+        train(validate(fold_tree), resume=_begun(fold), quiet=quiet, verbose=verbose)
 
 
 def _predict_fold(run: Path) -> dict[str, Any]:
