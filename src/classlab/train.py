@@ -306,7 +306,7 @@ def train(
     ``config``: a YAML/INI path, a dict of the config's keys, a Config, or None for the defaults.
     ``overrides``: ``["optim.lr=0.05", "epochs=3"]`` as on the command line, one such string, or a dict
     ``{"optim.lr": 0.05}``. ``resume`` and ``force`` are ``--resume`` and ``--force``; ``quiet`` prints
-    nothing. Lightning's and torch's own log lines and warnings are kept back, as the command line keeps them
+    nothing (what is odd in the config, a file with no keys, stays a UserWarning). Lightning's and torch's own log lines and warnings are kept back, as the command line keeps them
     back: ``verbose=1`` lets them through (``-v``), ``verbose=2`` their debug lines too (``-vv``). The process
     is left as it was found (random states, torch's thread count and deterministic mode, environment variables,
     logging and warnings filters), so a notebook's own work after a run, or a second run, is not shaped by the
