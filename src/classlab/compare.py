@@ -36,6 +36,7 @@ from classlab.run import (
     is_run_folder,
     new_figure,
     run_of,
+    write_error,
 )
 
 DEFAULT_METRICS = ("test_acc", "best_val_acc", "epochs_done", "wall_time_s")
@@ -129,8 +130,10 @@ def find_runs(patterns: str | os.PathLike | Sequence[str | os.PathLike], notes: 
                 for path in inner:  # a fold run is moved aside with its k-fold folder
                     rel = path.relative_to(match)
                     (aside if any(map(is_moved_aside, (rel, *rel.parents))) else found).append(path)
-            elif match.is_file() and not globbed:
+            elif match.is_file() and not globbed and len(items) == 1:
                 raise ClassLabError(f"'{match}' is a file, not a run folder; give the folder that holds config.yaml")
+            elif match.is_file():
+                continue  # the shell's runs/sweep/* holds sweep.json (runs/* an MLflow store, mlflow.db): not runs
             elif not globbed:
                 raise ClassLabError(f"run folder '{match}' not found")
     unique = list(dict.fromkeys(p.resolve() for p in found or aside))  # only runs moved aside: those, then
@@ -160,9 +163,15 @@ def _runs_inside(folder: Path) -> list[Path]:
 
 
 def _labels(paths: list[Path]) -> list[str]:
-    """Folder names, with the parent added where two runs share a name (two sweeps' `lr=0.1`)."""
-    names = [p.name for p in paths]
-    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+    """Folder names, with as many parents added as tell apart two runs that share a name (two sweeps' `lr=0.1`,
+    and `a/sweep/lr=0.1` beside `b/sweep/lr=0.1`: one parent made both `sweep/lr=0.1`)."""
+    labels = [p.name for p in paths]
+    for depth in range(2, max((len(p.parts) for p in paths), default=0) + 1):
+        shared = {label for label in labels if labels.count(label) > 1}
+        if not shared:
+            break
+        labels = ["/".join(p.parts[-depth:]) if label in shared else label for p, label in zip(paths, labels)]
+    return labels
 
 
 @dataclass
@@ -254,7 +263,9 @@ def compare(
     table = comparison(runs, by, metrics)
     metrics = table.metrics
     table.notes = left_out + _absent_metrics(runs, metrics)
-    out_dir = Path(out) if out else Path(os.path.commonpath([str(r.path.parent) for r in runs])) / "compare"
+    out_dir = _out_folder(
+        Path(out) if out else Path(os.path.commonpath([str(r.path.parent) for r in runs])) / "compare"
+    )
     atomic_write_text(out_dir / "compare.csv", table.csv())
     atomic_write_text(out_dir / "compare.md", table.markdown())
     table.files += [out_dir / "compare.csv", out_dir / "compare.md"]
@@ -279,6 +290,16 @@ def compare(
                     f"{metrics[0]}"
                 )
     return table
+
+
+def _out_folder(folder: Path) -> Path:
+    """compare's folder, made before anything is written to it: ``--out`` naming a file (or a place that cannot be
+    written) was an 'unexpected FileExistsError' after the table was printed nowhere."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(folder / "compare.csv", exc, output=True) from None
+    return folder
 
 
 def comparison(runs: list[RunData], by: list[str], metrics: list[str] | None = None) -> Comparison:
@@ -340,21 +361,48 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _plain(text: str) -> str:
+    """``text`` as matplotlib draws it letter for letter: a run named ``cost$\\frac$`` was read as mathtext and
+    stopped compare and report with a parser's error, and ``lr$0.1$`` lost its dollars."""
+    return text.replace("$", r"\$")
+
+
+def _legend(ax: Any, lines: list[Any], labels: list[str], **kwargs: Any) -> None:
+    """A legend naming every line: matplotlib leaves out a line whose label starts with ``_`` (a run ``_baseline``)
+    unless the labels are given with their lines."""
+    ax.legend(lines, [_plain(label) for label in labels], **kwargs)
+
+
+def _points(rows: list[dict[str, str]], column: str) -> list[tuple[int, float]]:
+    """(epoch, value) of the rows that have ``column``; a row that does not read as numbers (a metrics.csv whose
+    last row a crash cut short or padded with NUL bytes) is passed over, where it stopped compare and report."""
+    points = []
+    for row in rows:
+        try:
+            points.append((int(float(row["epoch"])), float(row[column])))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return points
+
+
 def plot_curves(runs: list[RunData], path: Path, column: str = "val/acc") -> Path | None:
     """Validation accuracy against epoch, one line per run."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = new_figure(figsize=(7, 4.5))
-    drawn = 0
+    lines, labels = [], []
     for run in runs:
-        points = [(int(r["epoch"]), float(r[column])) for r in run.metrics if r.get(column)]
+        points = _points(run.metrics, column)
         if points:
-            ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None, label=run.label)
-            drawn += 1
-    if not drawn:
+            lines += ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None)
+            labels.append(run.label)
+    if not lines:
         return None
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at epoch 1.2
     ax.set_xlabel("epoch")
     ax.set_ylabel(column)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6 if drawn > 8 else 8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    _legend(ax, lines, labels, fontsize=6 if len(lines) > 8 else 8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _save(fig, path)
 
 
@@ -371,24 +419,24 @@ def plot_metric(runs: list[RunData], x: str, groups: list[str], metric: str, pat
     if not lines:
         return None
     fig, ax = new_figure(figsize=(7, 4.5))
-    xs_all = []
-    for label, by_x in sorted(lines.items()):
+    xs_all, drawn = [], []
+    for _, by_x in sorted(lines.items()):
         xs = sorted(by_x)
         xs_all += xs
         means = [statistics.fmean(by_x[v]) for v in xs]
         errs = [statistics.stdev(by_x[v]) if len(by_x[v]) > 1 else 0.0 for v in xs]
-        ax.errorbar(xs, means, yerr=errs if any(errs) else None, marker="o", capsize=3, label=label)
+        drawn.append(ax.errorbar(xs, means, yerr=errs if any(errs) else None, marker="o", capsize=3))
     ticks = sorted(set(xs_all))
     if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 10:
         ax.set_xscale("log")
     if len(ticks) <= 12:  # the swept values themselves, not 2.5 between truncation points 2 and 3
         ax.set_xticks(ticks)
         ax.set_xticklabels([f"{v:g}" for v in ticks])
-    ax.set_xlabel(x)
-    ax.set_ylabel(metric)
+    ax.set_xlabel(_plain(x))
+    ax.set_ylabel(_plain(metric))
     ax.grid(alpha=0.3)
     if len(lines) > 1 or groups:
-        ax.legend(fontsize=8, loc="best")
+        _legend(ax, drawn, sorted(lines), fontsize=8, loc="best")
     return _save(fig, path)
 
 

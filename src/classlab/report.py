@@ -200,12 +200,13 @@ def _analysis(run: RunData, split: str, labelled: str | Path | None = None) -> s
     from classlab.engine.metrics import top5_tells
     from classlab.evaluate import evaluate
 
-    folder = run.path / "eval" / split
     if labelled is not None:
         folder = Path(evaluate(run.path, report=True, data=labelled)["out"])  # an error here is the user's to see
-    elif not _report_still_of(run, folder):
-        try:
-            evaluate(run.path, split=split, report=True)
+    else:
+        try:  # a multi-stage run's analysis is its last stage's, in that stage's folder, where eval writes it
+            folder = open_run(run.path).path / "eval" / split
+            if not _report_still_of(run, folder):
+                folder = Path(evaluate(run.path, split=split, report=True)["out"])
         except ClassLabError as exc:
             return f'<h2>Error analysis</h2><p class="note">not available: {_esc(exc)}</p>'
     report = json.loads((folder / "report.json").read_text())

@@ -19,6 +19,7 @@ are kept in summary.json.
 
 from __future__ import annotations
 
+import csv
 import importlib
 import math
 import os
@@ -120,6 +121,25 @@ def _check_sqlite(uri: str) -> None:
         raise ClassLabError(f"cannot open the SQLite store {path} ({exc}); set trainer.tracking_uri") from None
 
 
+def _check_folder_store(uri: str) -> None:
+    """A path as the tracking URI is MLflow's folder store, which MLflow 3 refuses without MLFLOW_ALLOW_FILE_STORE: its
+    own words, cut to one line, stopped at 'See htt' and named neither trainer.tracking_uri nor a store to use."""
+    if "://" in uri and not uri.startswith("file:"):
+        return  # a server or a database
+    path = Path(uri.removeprefix("file://").removeprefix("file:")).expanduser().resolve()
+    if path.is_file():
+        raise ClassLabError(
+            f"trainer.tracking_uri '{uri}' is a file, not a store folder; an SQLite store is written "
+            f"trainer.tracking_uri=sqlite:///{path}"
+        )
+    allowed = getattr(importlib.import_module("mlflow.environment_variables"), "MLFLOW_ALLOW_FILE_STORE", None)
+    if allowed is not None and not allowed.get():
+        raise ClassLabError(
+            f"trainer.tracking_uri '{uri}' is a folder store, which MLflow 3 refuses; use a database "
+            f"(trainer.tracking_uri=sqlite:///{path.with_suffix('.db')}) or set MLFLOW_ALLOW_FILE_STORE=true"
+        )
+
+
 def _build(name: str, cfg: Config, run: RunFolder, ids: dict[str, str]) -> Any:
     if name == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -128,12 +148,15 @@ def _build(name: str, cfg: Config, run: RunFolder, ids: dict[str, str]) -> Any:
     if name == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        return CSVLogger(save_dir=str(run.path), name="csv", version="")
+        logger = CSVLogger(save_dir=str(run.path), name="csv", version="")
+        setattr(logger, EARLIER_ROWS, _csv_rows(Path(logger.log_dir) / "metrics.csv"))  # before it deletes them
+        return logger
     if name == "mlflow":
         from lightning.pytorch.loggers import MLFlowLogger
 
         uri = _mlflow_uri(cfg)
         _check_sqlite(uri)
+        _check_folder_store(uri)
         return MLFlowLogger(
             experiment_name=cfg.trainer.project,
             run_name=run.path.name,
@@ -149,12 +172,81 @@ def _build(name: str, cfg: Config, run: RunFolder, ids: dict[str, str]) -> Any:
 
 
 def logger_callbacks(loggers: list[Any]) -> list[L.Callback]:
-    """The learning rate of every step, for every logger (LearningRateMonitor needs at least one)."""
+    """The learning rate of every step, for every logger (LearningRateMonitor needs at least one); a resumed run's
+    TensorBoard and CSV logs going on from the step it resumed at."""
     if not loggers:
         return []
     from lightning.pytorch.callbacks import LearningRateMonitor
 
-    return [LearningRateMonitor(logging_interval="step")]
+    return [LearningRateMonitor(logging_interval="step"), ResumedLogs()]
+
+
+# The rows RUN/csv/metrics.csv held when the run was resumed: Lightning's CSVLogger deletes the file as it starts.
+EARLIER_ROWS = "classlab_earlier_rows"
+
+
+def _csv_rows(path: Path) -> list[dict[str, float]]:
+    """A CSV logger's file as numbers, a row each (its empty cells left out); none when it is missing or damaged."""
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+    out = []
+    for row in rows:
+        try:
+            out.append({k: int(float(v)) if k == "step" else float(v) for k, v in row.items() if k and v})
+        except (TypeError, ValueError):
+            continue  # a row cut short: the steps it logged are logged again after the resume
+    return [r for r in out if "step" in r]
+
+
+class ResumedLogs(L.Callback):
+    """A resumed run's tracker logs read as one run's, as its metrics.csv does (``--resume`` ends with the
+    metrics.csv of a run never stopped).
+
+    The steps after the checkpoint resumed from are trained again: TensorBoard showed each of them twice (two
+    values at one step, its curves zigzagged back), and Lightning's CSVLogger deleted ``RUN/csv/metrics.csv``,
+    so after a resume it held only the steps trained since. TensorBoard is told to drop every value at the
+    resumed step and after (``SummaryWriter(purge_step=...)``'s marker), and the epoch-end train metrics logged at
+    that step are logged again; the CSV logger starts from its earlier rows of the steps before it.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        step, epoch = trainer.global_step, trainer.current_epoch
+        if not step or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            kind = type(logger).__name__
+            if kind == "CSVLogger":
+                # An epoch's train metrics are logged at the step its last batch made, where the next epoch begins.
+                kept = [
+                    r for r in getattr(logger, EARLIER_ROWS, []) if (r["step"], r.get("epoch", epoch)) < (step, epoch)
+                ]
+                logger.experiment.metrics[:0] = kept
+            elif kind == "TensorBoardLogger":
+                _purge_tensorboard(logger.experiment, step)
+                ended = [r for r in _run_rows(trainer.default_root_dir) if r.get("step") == str(step)]
+                if ended:
+                    _log_train_row([logger], ended[-1], step)
+
+
+def _run_rows(folder: str) -> list[dict[str, str]]:
+    """The run's own metrics.csv rows (as resumed: the epochs the checkpoint holds), none where it cannot be read."""
+    try:
+        return RunFolder(folder).read_metrics()
+    except (OSError, csv.Error, UnicodeDecodeError, ClassLabError):
+        return []
+
+
+def _purge_tensorboard(writer: Any, step: int) -> None:
+    """What ``SummaryWriter(purge_step=step)`` writes first: TensorBoard's reader drops the values logged at ``step``
+    and after by the run before (a restart marker), so the steps trained again are shown once."""
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    file_writer = writer._get_file_writer()
+    file_writer.add_event(Event(step=step, file_version="brain.Event:2"))
+    file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
 
 def start(loggers: list[Any], cfg: Config, run: RunFolder) -> None:
@@ -202,11 +294,22 @@ def log_epoch(trainer: L.Trainer, row: dict[str, Any]) -> None:
     Their ``epoch`` is Lightning's count from 0, the one ``LightningModule.log`` gives that epoch's validation
     metrics: metrics.csv's 1-based number here made one epoch read 0 on its val rows and 1 on its train row.
     """
-    metrics = {k: float(v) for k, v in row.items() if k.startswith("train/") and isinstance(v, int | float)}
+    _log_train_row(trainer.loggers, row, trainer.global_step)
+
+
+def _log_train_row(loggers: list[Any], row: dict[str, Any], step: int) -> None:
+    """A metrics.csv row's train metrics (numbers, or the file's text of them) to ``loggers`` at ``step``."""
+    metrics = {}
+    for key, value in row.items():
+        try:
+            if key.startswith("train/") and value not in (None, "") and not isinstance(value, bool):
+                metrics[key] = float(value)
+        except (TypeError, ValueError):
+            continue
     if metrics:
         metrics["epoch"] = float(row["epoch"]) - 1
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        for logger in loggers:
+            logger.log_metrics(metrics, step=step)
 
 
 def finish(loggers: list[Any], cfg: Config, summary: dict[str, Any], step: int) -> None:
