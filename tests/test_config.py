@@ -73,6 +73,18 @@ def test_wrong_type_and_range_name_key_value_and_allowed() -> None:
         load_config(None, ["sched.name=cosin"])
 
 
+def test_a_misspelt_choice_is_named_and_one_logger_needs_no_list() -> None:
+    """Before: task=clasify and trainer.loggers=[tensorbord] listed the choices without the one meant, and
+    trainer.loggers=mlflow was refused with "allowed: [tensorboard | csv | mlflow | wandb, ...]"."""
+    with pytest.raises(ConfigError, match=r"^config key 'task' = 'clasify': allowed: .*; did you mean classify\?$"):
+        load_config(None, ["task=clasify"])
+    with pytest.raises(ConfigError, match=r"'tensorbord': allowed: 'tensorboard', .*; did you mean tensorboard\?$"):
+        load_config(None, ["trainer.loggers=[tensorbord]"])
+    assert load_config(None, ["trainer.loggers=mlflow"]).trainer.loggers == ["mlflow"]
+    with pytest.raises(ConfigError, match=r"write a list in brackets: trainer\.loggers=\[tensorboard,csv\]$"):
+        load_config(None, ["trainer.loggers=tensorboard,csv"])
+
+
 def test_a_percentage_where_a_fraction_goes_names_the_fraction() -> None:
     with pytest.raises(ConfigError, match=r"'10%': .*; takes a fraction of 1: data\.val_fraction=0\.1 for 10%$"):
         load_config(None, ["data.val_fraction=10%"])

@@ -407,6 +407,12 @@ class TrainerSection(Section):
         50, ge=1, description="optimizer steps between logged training loss and learning rate (capped at an epoch)"
     )
 
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _one_logger(cls, value: Any) -> Any:
+        """trainer.loggers=mlflow: one tracker named as itself, not refused for not being a list of one."""
+        return [value] if isinstance(value, str) and value.strip() and not set(",[]") & set(value) else value
+
 
 class Config(Section):
     """The whole experiment. Field names are the config keys of DESIGN.md."""
@@ -891,6 +897,8 @@ def _one_line(error: ValidationError, tree: dict[str, Any]) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "literal_error":
         msg = "allowed: " + msg.removeprefix("Input should be ")
+        near = nearest(value, re.findall(r"'([^']*)'", msg)) if isinstance(value, str) else None
+        msg += f"; did you mean {near}?" if near else ""
     keys = [str(p) for p in err["loc"] if not _UNION_TAG.match(str(p))]
     if len(keys) < len(err["loc"]) or err["type"] in ("tuple_type", "list_type"):
         loc, msg = ".".join(keys), _allowed_line(keys, value, msg)
