@@ -331,7 +331,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     runs = _ensemble_runs(run_items, args.ensemble)
     if args.template:
         return _submission(args, runs, paths)
-    out = _output_file(args.out or ".", "predictions.csv")
+    out = _csv_file(args.out, "predictions.csv")
     result = predict(
         runs,
         paths,
@@ -398,7 +398,7 @@ def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str
             "--label-format name (the numbers as in the training labels) or --label-format index"
         )
     args.label_format = args.label_format or "index"
-    out = _output_file(args.out or ".", "submission.csv")
+    out = _csv_file(args.out, "submission.csv")
     done = fill_template(
         runs,
         paths,
@@ -433,8 +433,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.format and args.format_word and args.format != args.format_word:
         raise ConfigError(f"{args.format_word} and --format {args.format} given: keep one of the two")
-    fmt = args.format_word or args.format or "onnx"
-    out = _output_file(args.out, f"model.{fmt}") if args.out else None
+    fmt = args.format_word or args.format  # None: as the --out file's suffix says, else onnx
+    out = _output_file(args.out, f"model.{fmt or 'onnx'}") if args.out else None
     (run,) = _runs_named([args.run], args)
     path = export(run, fmt, out, checkpoint=args.checkpoint)
     print(f"wrote {path} (float32 NCHW RGB in [0, 1], dynamic batch, normalization and class names included)")
@@ -572,6 +572,13 @@ def _report_stream(out: str) -> Any:
     return sys.stderr if is_special_file(Path(out)) else sys.stdout
 
 
+def _csv_file(out: str | None, default_name: str) -> str:
+    """Where predict writes its CSV: ``--out -`` is standard output, as for most Unix tools (it wrote a file '-')."""
+    if out == "-" and Path("/dev/stdout").exists():
+        return "/dev/stdout"
+    return _output_file(out or ".", default_name)
+
+
 def _output_file(out: str, default_name: str) -> str:
     """``--out results/`` (an existing folder, or a path ending in a slash) means results/<default_name>,
     for every command that writes one file (predict, export, report)."""
@@ -692,7 +699,7 @@ def _add_run_commands(sub: Any) -> None:
         ),
     )
     _add_ensemble_and_submission_args(p)
-    p.add_argument("--out", help="CSV file to write (default predictions.csv)")
+    p.add_argument("--out", help="CSV file to write (default predictions.csv; - for standard output)")
     p.add_argument("--checkpoint", help="best, last, epochN (default best)")
     p.add_argument("--top", type=_at_least(1), default=3, help="how many classes per image (default 3)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -713,7 +720,7 @@ def _add_run_commands(sub: Any) -> None:
     p = sub.add_parser("export", help="export a run's model: ONNX or torch.export (pt2)")
     p.add_argument("run", help="run folder (or one of its checkpoint files)")
     p.add_argument("format_word", nargs="?", choices=["onnx", "pt2"], metavar="FORMAT", help="the same as --format")
-    p.add_argument("--format", choices=["onnx", "pt2"], help="file format (default onnx)")
+    p.add_argument("--format", choices=["onnx", "pt2"], help="file format (default: the --out suffix's, else onnx)")
     p.add_argument("--out", help="file to write (default RUN/export/model.<format>)")
     p.add_argument("--checkpoint", help="best, last, epochN (default best)")
     p.set_defaults(func=cmd_export)

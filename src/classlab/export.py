@@ -125,12 +125,15 @@ def output_names(loaded: LoadedRun) -> list[str]:
 
 
 def export(
-    run: str | Path | RunFolder, fmt: str = "onnx", out: str | Path | None = None, *, checkpoint: str | None = None
+    run: str | Path | RunFolder,
+    fmt: str | None = None,
+    out: str | Path | None = None,
+    *,
+    checkpoint: str | None = None,
 ) -> Path:
     """Export a run's checkpoint (None: best, or the file ``run`` names); returns the written file (default
-    ``RUN/export/model.<fmt>``)."""
-    if fmt not in FORMATS:
-        raise ClassLabError(f"{option('format', fmt)}: choose one of {', '.join(FORMATS)}")
+    ``RUN/export/model.<fmt>``). ``fmt``: onnx or pt2; None: as ``out``'s suffix says, else onnx."""
+    fmt = _format(fmt, out)
     if isinstance(run, (str, Path)) and is_exported_file(run) and Path(run).is_file():
         raise not_a_run(run, "export")
     run, checkpoint = open_run_at(run, checkpoint)
@@ -144,6 +147,22 @@ def export(
     else:
         atomic_write_bytes(path, _pt2_bytes(model, example, meta), output=True)
     return path
+
+
+def _format(fmt: str | None, out: str | Path | None) -> str:
+    """The format asked for, or the one ``out``'s suffix names; a file named for one format never holds the other
+    (an ONNX graph in ``m.pt2`` was written, then failed as a pt2 archive where it was read back)."""
+    named = Path(out).suffix.lower().lstrip(".") if out else ""
+    if fmt is None:
+        return named if named in FORMATS else "onnx"
+    if fmt not in FORMATS:
+        raise ClassLabError(f"{option('format', fmt)}: choose one of {', '.join(FORMATS)}")
+    if named in FORMATS and named != fmt:
+        raise ClassLabError(
+            f"{option('out', out, quoted=True)} names a .{named} file, and {option('format', fmt)} was asked for: "
+            f"name the file .{fmt}, or ask for {option('format', named)}"
+        )
+    return fmt
 
 
 def _onnx_bytes(model: nn.Module, example: torch.Tensor, meta: dict[str, str], outputs: list[str]) -> bytes:

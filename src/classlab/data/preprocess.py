@@ -126,6 +126,12 @@ def open_image(source: str | Path | bytes, size: int | None = None, max_pixels: 
         raise BadImage(text[:120]) from None
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (a phone's photo held sideways), as ``open_image`` turns
+    every file; an image without the tag, or already turned (``ImageOps.exif_transpose`` drops it), as it is."""
+    return ImageOps.exif_transpose(img) if img.getexif().get(0x0112, 1) != 1 else img
+
+
 def _is_empty_file(path: str | Path) -> bool:
     """A zero-byte file: an interrupted copy or download, which 'not an image' would misname."""
     try:

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from classlab.config import Config, saved_tree, validate
-from classlab.data.preprocess import BadImage, Normalize, array_to_tensor, image_to_tensor, open_image
+from classlab.data.preprocess import BadImage, Normalize, array_to_tensor, image_to_tensor, open_image, upright
 from classlab.data.tasks import read_layout
 from classlab.engine.calibration import calibration_in_use, calibration_note
 from classlab.engine.predict import probabilities, task_probabilities
@@ -72,8 +72,8 @@ class LoadedRun:
         model takes. Anything else is one ClassLabError saying what is accepted, never numpy's or PIL's own."""
         if isinstance(image, (str, Path, bytes)):  # an unreadable file: BadImage, a row's error in predict
             return image_to_tensor(self._open(image), self.image_size, self.channels)
-        if isinstance(image, Image.Image):
-            return image_to_tensor(image, self.image_size, self.channels)
+        if isinstance(image, Image.Image):  # Image.open's result keeps its EXIF turn: apply it, as files get it
+            return image_to_tensor(upright(image), self.image_size, self.channels)
         if isinstance(image, (np.ndarray, torch.Tensor)):
             return array_to_tensor(image_pixels(image), self.image_size, self.channels)
         raise ClassLabError(f"a value of type '{type(image).__name__}' is not an image; {ACCEPTED}")

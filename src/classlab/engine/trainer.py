@@ -145,8 +145,9 @@ def build_network(cfg: Config, data: DataBundle, resumed: dict[str, Any] | None 
         net.init_report = _refill_as_at_start(inner, resumed)
     elif cfg.model.init_from:
         net.init_report = _load_init_from(inner, cfg.model.init_from, cfg.model.freeze)
-    # Pretrained weights bring their own normalisation (ImageNet's, timm's pretrained_cfg).
-    weights_own = pretrained.normalization(cfg.model.spec())
+    # Pretrained weights bring their own normalisation (ImageNet's, timm's pretrained_cfg), unless aug.norm_mean/std
+    # say otherwise: a weights file has no metadata, and weights trained at mean 0.5 / std 0.5 need those.
+    weights_own = pretrained.normalization(cfg.model.spec()) if cfg.aug.norm_mean is None else None
     normalize = Normalize(*(weights_own or (data.mean, data.std)))
     if cfg.model.init_from:
         state = net.init_report.pop("source_state")

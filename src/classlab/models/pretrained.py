@@ -370,6 +370,19 @@ def _mismatches(
     return bad
 
 
+def _unless_unfit(
+    aligned: dict[str, torch.Tensor], own: dict[str, torch.Tensor], fresh: tuple[str, ...]
+) -> dict[str, torch.Tensor]:
+    """Without the file's tensors for each part truncation rebuilt (EfficientNet's 1x1 conv to 1280 after fewer
+    blocks) unless they fit all of it: the full model's neck has more input channels, and its BatchNorm
+    describes that conv's outputs, so the new part keeps its initial values, as ``model.init_from`` does."""
+    for prefix in fresh:
+        part = [k for k in own if k.startswith(prefix)]
+        if any(k not in aligned or tuple(aligned[k].shape) != tuple(own[k].shape) for k in part):
+            aligned = {k: v for k, v in aligned.items() if not k.startswith(prefix)}
+    return aligned
+
+
 def load_into(
     model: nn.Module, state: dict[str, torch.Tensor], spec: dict[str, Any], origin: str
 ) -> tuple[int, list[str], str, list[str]]:
@@ -377,16 +390,18 @@ def load_into(
 
     Returns (tensors loaded, model tensors left at their initial values, layout, notes).
     """
-    from classlab.models.surgery import _align
+    from classlab.models.surgery import _align, _freeze_filled
 
     own = model.state_dict()
     heads = _head_prefixes(model)
+    fresh = tuple(getattr(model, "_fresh", ()))  # rebuilt by truncation: it loads only if the file's tensors fit it
     # A truncated model (or one without its neck) legitimately leaves file tensors unused.
     strict_extra = spec.get("truncate_at") is None and spec.get("head_conv") is not False
     best: tuple[tuple[int, int], str, dict[str, torch.Tensor], list[str]] | None = None
     for layout, converted, collisions in _layouts(model, state):
         aligned, fit = _align(converted, own)
-        bad = _mismatches(aligned, own, heads, strict_extra)
+        aligned = _unless_unfit(aligned, own, fresh)
+        bad = _mismatches(aligned, own, heads + fresh, strict_extra)
         bad += [f"{collisions} file tensors that land on the same model tensor"] if collisions else []
         score = (fit - len(bad), fit)
         if best is None or score > best[0]:
@@ -405,6 +420,7 @@ def load_into(
         )
     take = {k: v for k, v in aligned.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     model.load_state_dict(take, strict=False)
+    _freeze_filled(model, set(take))  # a rebuilt neck that freeze: all left training, now that weights fill it
     notes = []
     if layout == "efficientnet_pytorch" and not spec.get("tf_same"):
         notes.append(

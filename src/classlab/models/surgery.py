@@ -6,6 +6,7 @@ new family gets all of them by building itself in that shape.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -146,15 +147,30 @@ def _align(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> tupl
     candidates = {("", "")}
     for key in state:
         candidates.update((key[: i + 1], "") for i, ch in enumerate(key) if ch == "." and key[i + 1 :] in own)
-    for key in own:
-        candidates.update(("", key[: i + 1]) for i, ch in enumerate(key) if ch == "." and key[i + 1 :] in state)
+    for shared in _shared_prefixes(state):
+        # Both at once: DDP's ``module.`` on every file key, our wrapper's ``model.`` on every model key.
+        rest = {k[len(shared) :] for k in state}
+        for key in own:
+            candidates.update((shared, key[: i + 1]) for i, ch in enumerate(key) if ch == "." and key[i + 1 :] in rest)
     best: tuple[tuple[int, int], dict[str, torch.Tensor]] = ((-1, -1), {})
-    for strip, add in candidates:
+    for strip, add in sorted(candidates):  # sorted: a tie goes the same way in every process
         renamed = {add + k[len(strip) :]: v for k, v in state.items() if k.startswith(strip)}
         score = (sum(fits(k, v) for k, v in renamed.items()), sum(k in own for k in renamed))
         if score > best[0]:
             best = (score, renamed)
     return best[1], best[0][0]
+
+
+def _shared_prefixes(keys: Any) -> list[str]:
+    """``""`` and each leading dotted part that every key shares (``module.``, ``module.model.``)."""
+    keys = list(keys)
+    out, prefix = [""], ""
+    for part in keys[0].split(".")[:-1] if keys else []:
+        prefix += part + "."
+        if not all(k.startswith(prefix) for k in keys):
+            break
+        out.append(prefix)
+    return out
 
 
 def load_backbone_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, list[str]]:
@@ -220,6 +236,10 @@ def _freeze_filled(model: nn.Module, loaded: set[str]) -> None:
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a local weights file, never executing code from it."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ClassLabError(
+            f"weights file {str(p)!r} is a folder: set model.pretrained_path to the .pth/.safetensors file in it"
+        )
     if not p.is_file():
         raise ClassLabError(f"weights file {str(p)!r} not found: set model.pretrained_path to an existing local file")
     try:
@@ -228,7 +248,10 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
             data: Any = load_file(str(p))
         else:
-            data = torch.load(p, map_location="cpu", weights_only=True)
+            # The checkpoints of torchvision's reference scripts and timm's train.py keep their command line
+            # (an argparse.Namespace of plain values) beside the weights: data, not code.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                data = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - safetensors' SafetensorError, torch's errors: a file it cannot read
         text = str(exc)
         first = text.splitlines()[0] if text else type(exc).__name__
@@ -237,8 +260,10 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
                 f"weights file {str(p)!r} holds pickled objects that need code to load, which classlab never runs "
                 "(weights_only): save a plain state dict (torch.save(model.state_dict(), path)) or safetensors"
             ) from None
-        if "weights only load failed" in first.lower():  # a pickle opcode torch does not know: not a torch file
-            first = "not a file torch.save wrote"
+        if "weights only load failed" in first.lower() or isinstance(exc, KeyError):
+            first = "not a file torch.save wrote"  # a pickle opcode torch does not know (KeyError '105' for text)
+        if p.stat().st_size == 0:
+            first = "an empty file (0 bytes)"  # torch says EOFError
         raise ClassLabError(
             f"cannot read weights file {str(p)!r} ({first.split('. ')[0][:160]}): it is cut short or of another "
             "format; use a state dict saved with torch.save, or safetensors"
@@ -249,7 +274,10 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(data, dict):
         raise ClassLabError(f"weights file {str(p)!r} does not hold a state dict: save model.state_dict() instead")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if tensors and all(k.startswith("module.") for k in tensors):  # saved from a DistributedDataParallel wrapper
+        tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    return tensors
 
 
 def set_backbone_frozen(net: nn.Module, frozen: bool) -> None:
