@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,32 @@ def test_aug_norm_mean_is_kept_beside_pretrained_weights(tmp_path: Path) -> None
     saved = safe_torch_load(run.checkpoint("best"))["state_dict"]
     torch.testing.assert_close(saved["model.normalize.mean"].flatten(), torch.full((3,), 0.5))
     torch.testing.assert_close(saved["model.normalize.std"].flatten(), torch.full((3,), 0.5))
+
+
+def test_resume_and_a_later_stage_need_not_read_the_weights_file_again(tmp_path: Path) -> None:
+    """Before: --resume of a run trained from a weights file stopped with 'weights file ... not found' once the
+    file had moved, though last.ckpt holds every weight; a later stage read the file again and printed 'pretrained
+    weights (file): loaded N tensors' for weights its start from the stage before then replaced."""
+    photos = class_folder(tmp_path / "photos", {"red": (220, 40, 40), "blue": (40, 60, 220)}, 8, 40, ".jpg")
+    _, state = _mobilenet_state()
+    path = _save(state, tmp_path / "mnv2.pth")
+    args = _train_args(photos, tmp_path, "model.name=mobilenet_v2", f"model.pretrained_path={path}")[1:]
+    run = classlab.train(None, [*args, "exp_name=one", "model.freeze=all"], quiet=True)
+    first = run.summary()
+    staged = run_cli(*_train_args(photos, tmp_path, "model.name=mobilenet_v2", f"model.pretrained_path={path}"),
+                     "exp_name=staged", "stages=[{}, {epochs: 1}]")  # fmt: skip
+    assert staged.returncode == 0 and staged.stdout.count("pretrained weights (file)") == 1, staged.stdout
+    path.rename(tmp_path / "moved.pth")
+    resumed = run_cli(*_train_args(photos, tmp_path, "exp_name=one", "epochs=2"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = run.summary()
+    assert summary["status"] == "finished" and summary["epochs_done"] == 2
+    assert summary["pretrained"] == first["pretrained"] and summary["params_trainable"] == first["params_trainable"]
+    top = tmp_path / "runs" / "staged"
+    report = json.loads((top / "stage2" / "summary.json").read_text())["pretrained"]
+    assert report == json.loads((top / "stage1" / "summary.json").read_text())["pretrained"]
+    again = run_cli(*_train_args(photos, tmp_path, "exp_name=staged"), "--resume")  # no file: stages finished
+    assert again.returncode == 0 and "not found" not in again.stderr, again.stderr
 
 
 # -- predict and export ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import json
 import re
 import types
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -185,6 +186,23 @@ class AugSection(Section):
     cutmix_alpha: float = Field(0.0, ge=0.0, description="CutMix Beta(alpha, alpha) (0 = off)")
     mix_prob: float = Field(1.0, ge=0.0, le=1.0, description="probability that a batch is mixed (mixup/CutMix)")
 
+    # Checked with the config, not when the first batch is augmented: that failed the run folder it had made.
+    @field_validator("random_resized_crop")
+    @classmethod
+    def _crop_scale(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(
+                "[low, high] with 0 < low <= high <= 1: the fractions of the image a crop may cover, e.g. [0.35, 1.0]"
+            )
+        return value
+
+    @field_validator("randaugment")
+    @classmethod
+    def _randaugment(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not (1 <= value[0] <= 16 and 0 <= value[1] <= 30):
+            raise ValueError("[num_ops, magnitude]: 1 to 16 operations an image, magnitude 0 to 30, e.g. [2, 9]")
+        return value
+
 
 class TaskHead(Section):
     classes: int | list[str] | None = Field(
@@ -303,6 +321,13 @@ class OptimSection(Section):
         description="muon: rescale each Muon tensor to norm sqrt(out channels) before its step (airbench94_muon; "
         "only where a normalization layer follows, which makes the scale meaningless)",
     )
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError("[beta1, beta2], each at least 0 and below 1, e.g. [0.9, 0.999]")
+        return value
 
 
 class SchedSection(Section):
@@ -602,6 +627,89 @@ def _check_multitask(cfg: Config) -> None:
         )
 
 
+# A key that only one choice of another key reads: (key, the choosing key, the choices that read it). Set on a run
+# that chose otherwise it was accepted and did nothing (sched.milestones under the default cosine schedule).
+_MUON_KEYS = ("muon_lr", "muon_momentum", "muon_ns_steps", "muon_weight_decay", "muon_fixed_norm")
+_ADAM_FAMILY = ("adam", "adamw", "radam", "lamb", "rangerlars")
+READ_ONLY_BY: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("sched.milestones", "sched.name", ("multistep",)),
+    ("sched.gamma", "sched.name", ("multistep", "plateau")),
+    ("sched.start_factor", "sched.name", ("triangle",)),
+    ("sched.restart_period", "sched.name", ("restarts", "cyclic")),
+    ("sched.restart_mult", "sched.name", ("restarts",)),
+    ("sched.restart_decay", "sched.name", ("restarts",)),
+    ("sched.plateau_patience", "sched.name", ("plateau",)),
+    ("sched.plateau_cooldown", "sched.name", ("plateau",)),
+    ("sched.min_lr", "sched.name", ("cosine", "restarts", "onecycle", "cyclic", "plateau", "triangle")),
+    ("optim.momentum", "optim.name", ("sgd", "lars", "muon")),
+    ("optim.nesterov", "optim.name", ("sgd", "lars", "muon")),
+    ("optim.betas", "optim.name", _ADAM_FAMILY),
+    *((f"optim.{key}", "optim.name", ("muon",)) for key in _MUON_KEYS),
+    ("loss.focal_gamma", "loss.name", ("focal",)),
+    # the rotation pretext trains on its own four labels with plain cross-entropy
+    ("loss.label_smoothing", "task", ("classify", "multitask")),
+    ("aug.mixup_alpha", "task", ("classify",)),
+    ("aug.cutmix_alpha", "task", ("classify",)),
+)
+
+
+def _plain(value: Any) -> str:
+    """A value as the user wrote it: 10, not 10.0 (the schema stores epochs as floats)."""
+    if isinstance(value, list):
+        return "[" + ",".join(_plain(v) for v in value) + "]"
+    return yaml_text(int(value) if isinstance(value, float) and value.is_integer() else value)
+
+
+def unread_settings(cfg: Config, only: Collection[str] | None = None) -> list[str]:
+    """One note line for each setting this run's other choices never read, and for a schedule that cannot do
+    what it says within the run's epochs (a warmup as long as the run, milestones after its end). ``only``: the
+    keys to look at (a later stage's own overrides, not the base config's keys it inherits)."""
+    flat, default = flatten(cfg.to_dict()), flatten(Config().to_dict())
+    if only is not None:
+        default = {key: value if key in only else flat[key] for key, value in default.items()}
+
+    def shown(key: str) -> str:
+        return f"{key}={_plain(flat[key])}"
+
+    notes = [
+        f"note: {shown(key)} has no effect with {shown(chooser)}: only {chooser}={' or '.join(readers)} reads it"
+        for key, chooser, readers in READ_ONLY_BY
+        if flat[key] != default[key] and flat[chooser] not in readers
+    ]
+    lookahead = ("optim.lookahead_k", "optim.lookahead_alpha", "optim.lookahead_schedule")
+    if not (cfg.optim.lookahead or cfg.optim.name == "rangerlars"):
+        notes += [
+            f"note: {shown(key)} has no effect: Lookahead is off (set optim.lookahead=true)"
+            for key in lookahead
+            if flat[key] != default[key]
+        ]
+    if flat["aug.mix_prob"] != default["aug.mix_prob"] and cfg.aug.mixup_alpha <= 0 and cfg.aug.cutmix_alpha <= 0:
+        notes.append(f"note: {shown('aug.mix_prob')} has no effect: it is the chance of aug.mixup_alpha/cutmix_alpha")
+    return notes + _schedule_notes(cfg)
+
+
+def _schedule_notes(cfg: Config) -> list[str]:
+    sched, epochs = cfg.sched, cfg.epochs
+    notes = []
+    if sched.name != "plateau" and sched.warmup_epochs >= epochs:
+        notes.append(
+            f"note: sched.warmup_epochs={_plain(sched.warmup_epochs)} is not shorter than the run (epochs={epochs}): "
+            f"the lr is still rising when it ends and never reaches optim.lr={_plain(cfg.optim.lr)}"
+        )
+    if sched.name == "multistep" and not sched.milestones:
+        notes.append(
+            "note: sched.name=multistep without sched.milestones keeps the lr at optim.lr throughout; give the "
+            "epochs it drops at, e.g. sched.milestones=[30,60]"
+        )
+    late = [m for m in sched.milestones if m >= epochs]
+    if sched.name == "multistep" and late:
+        notes.append(
+            f"note: sched.milestones {', '.join(_plain(m) for m in late)} fall at or after the run's end "
+            f"(epochs={epochs}): the lr never drops there"
+        )
+    return notes
+
+
 def monitor_keys(cfg: Config) -> list[str]:
     """The validation metrics a run logs, so the ones ``trainer.monitor`` can pick best.ckpt by."""
     keys = ["val/acc", "val/acc5", "val/f1", "val/loss"]
@@ -805,6 +913,12 @@ KEY_SYNONYMS = {
     "scheduler": "sched.name",
     "lr_scheduler": "sched.name",
     "seed_everything": "seed",
+    "early_stopping": "patience",
+    "early_stop": "patience",
+    "amp": "precision",
+    "mixed_precision": "precision",
+    "balanced": "sampler",
+    "balanced_sampler": "sampler",
 }
 
 
@@ -824,6 +938,10 @@ def key_hint(key: str) -> str:
         return f" (did you mean '{leaf[0]}'?)"
     if leaf:
         return f" (keys named '{word}': {', '.join(leaf)})"
+    # A key's first word alone (aug.mixup for aug.mixup_alpha): spelling distance picked aug.mix_prob.
+    longer = [k for k in known if k.startswith(f"{section}.{word}_" if section else f"{word}_")]
+    if len(longer) == 1:
+        return f" (did you mean '{longer[0]}'?)"
     return did_you_mean(key, known)
 
 

@@ -55,8 +55,17 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
 
 
 def nearest(word: str, choices: Iterable[str]) -> str | None:
-    """The closest valid spelling of ``word`` among ``choices``, if any is close."""
-    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    """The closest valid spelling of ``word`` among ``choices``, if any is close.
+
+    Case first: ``AdamW`` is ``adamw`` (by spelling distance alone it was ``adam``, another optimizer), ``SGD`` is
+    ``sgd`` (too far to be found at all)."""
+    choices = list(choices)
+    by_case = {c.lower(): c for c in reversed(choices)}
+    if word.lower() in by_case:
+        return by_case[word.lower()]
+    found = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    if not found:
+        found = [by_case[c] for c in difflib.get_close_matches(word.lower(), list(by_case), n=1, cutoff=0.5)]
     return found[0] if found else None
 
 

@@ -976,7 +976,7 @@ def open_run_at(run: str | Path | RunFolder, checkpoint: str | None = None) -> t
 
 
 # summary.json's fields that a run's finish measures (train._finish, engine.trainer.final_test).
-FINISH_FIELDS = ("epochs_done", "wall_time_s", "finished_at")
+FINISH_FIELDS = ("epochs_done", "wall_time_s", "finished_at", "stopped_early")
 FINISH_PREFIXES = ("test", "best_", "val/")
 MOVED_ASIDE = re.compile(r"\.old-\d{8}-\d{6}(-\d+)?$")  # the name move_aside gives
 

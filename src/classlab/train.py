@@ -35,9 +35,11 @@ from classlab.config import (
     and_others,
     annotated_yaml,
     changed_keys,
+    flatten,
     load_config,
     saved_tree,
     stage_config,
+    unread_settings,
     validate,
     with_overrides,
     yaml_text,
@@ -61,6 +63,8 @@ from classlab.engine.trainer import (
     init_from_line,
     load_stage_weights,
     precision_notice,
+    stopped_early,
+    stopped_early_line,
 )
 from classlab.errors import (
     ClassLabError,
@@ -305,18 +309,20 @@ def train(
 
     ``config``: a YAML/INI path, a dict of the config's keys, a Config, or None for the defaults.
     ``overrides``: ``["optim.lr=0.05", "epochs=3"]`` as on the command line, one such string, or a dict
-    ``{"optim.lr": 0.05}``. ``resume`` and ``force`` are ``--resume`` and ``--force``; ``quiet`` prints
-    nothing (what is odd in the config, a file with no keys, stays a UserWarning). Lightning's and torch's own log lines and warnings are kept back, as the command line keeps them
-    back: ``verbose=1`` lets them through (``-v``), ``verbose=2`` their debug lines too (``-vv``). The process
-    is left as it was found (random states, torch's thread count and deterministic mode, environment variables,
-    logging and warnings filters), so a notebook's own work after a run, or a second run, is not shaped by the
-    first. Raises ClassLabError/ConfigError on bad input.
+    ``{"optim.lr": 0.05}``. ``resume`` and ``force`` are ``--resume`` and ``--force``; ``quiet`` prints nothing (what is
+    odd in the config, a file with no keys, stays a UserWarning). Lightning's and torch's own log lines and warnings are
+    kept back, as the command line keeps them back: ``verbose=1`` lets them through (``-v``), ``verbose=2`` their debug
+    lines too (``-vv``). The process is left as it was found (random states, torch's thread count and deterministic
+    mode, environment variables, logging and warnings filters), so a notebook's own work after a run, or a second run,
+    is not shaped by the first. Raises ClassLabError/ConfigError on bad input.
     """
     with _kept_for_caller(verbose):
         given = override_list(overrides)
         cfg = coerce_config(config, given)
         if cfg.data.folds and cfg.data.fold is None:
             return train_folds(cfg, resume=resume, force=force, quiet=quiet, verbose=verbose)
+        if resume and not cfg.stages:
+            cfg = _with_saved_stages(cfg, given)
         if cfg.stages:
             return _train_stages(cfg, resume=resume, force=force, quiet=quiet)
         return _train_one(cfg, config, given, resume=resume, force=force, quiet=quiet)
@@ -426,6 +432,35 @@ def _run_stages(top: RunFolder, cfg: Config, *, quiet: bool) -> RunFolder:
         wall_time_s=round(sum(r.get("wall_time_s", 0.0) for r in results), 2),
     )
     return top
+
+
+def _with_saved_stages(cfg: Config, given: list[str]) -> Config:
+    """``--resume`` of a staged run named without its stages (``classlab train exp_name=X --resume``): its saved
+    config, stages and all, with the overrides given, as a single run's --resume reads its saved config. Before,
+    the folder was taken for a single run that 'never began', and the line said to move it aside with --force."""
+    folder = RunFolder(Path(cfg.run.root) / (cfg.exp_name or ""))
+    if not cfg.exp_name or not (folder.path / CONFIG).is_file():
+        return cfg
+    try:
+        tree = saved_tree(folder.read_config_tree())
+    except ClassLabError:
+        return cfg  # the resume itself says what is wrong with it
+    return validate(with_overrides(tree, given)) if tree.get("stages") else cfg
+
+
+def _weights_at_start(run: RunFolder, last_ckpt: Path | None, start_from: Path | None) -> dict[str, Any] | None:
+    """The pretrained-weights report (summary.json's) of a run whose weights come from a checkpoint: a resumed
+    run's own, a later stage's from the stage it starts from. Its weights file or hub is not read again: --resume
+    stopped with 'weights file not found' when the file had moved (last.ckpt holds every weight), and a later
+    stage printed 'pretrained weights (file): loaded N tensors' for weights the previous stage's then replaced."""
+    if last_ckpt is not None:
+        folder = run
+    elif start_from is not None:
+        folder = RunFolder(start_from.parent.parent)  # <stage>/checkpoints/last.ckpt
+    else:
+        return None
+    report = folder.summary(default={}).get("pretrained")
+    return report if isinstance(report, dict) and "left" in report else None
 
 
 def _begun(child: RunFolder) -> bool:
@@ -538,9 +573,15 @@ def _resume_state(
 PROCESS_KEYS = ("trainer.devices ", "trainer.num_nodes ", "trainer.strategy ")  # as a change line starts
 
 
-def _resume_line(last_ckpt: Path | None, done: int, epochs: int, changes: list[str]) -> str:
+# Schedules laid over the whole run: another number of epochs reshapes the rest of their curve.
+SCHEDULES_BY_LENGTH = ("cosine", "onecycle", "triangle")
+
+
+def _resume_line(
+    last_ckpt: Path | None, done: int, epochs: int, changes: list[str], schedule: str | None = None
+) -> str:
     """Where --resume picks up and what it changes, said before the data loads (a run that starts over looks
-    like a fresh one)."""
+    like a fresh one). ``schedule``: sched.name, whose curve a change of epochs may stretch."""
     line = (
         "resuming: no checkpoint was written yet, so the run starts over"
         if last_ckpt is None
@@ -553,6 +594,15 @@ def _resume_line(last_ckpt: Path | None, done: int, epochs: int, changes: list[s
             "\nnote: the number of processes changed: under DDP a step sees data.batch_size images from each "
             "process, so the batch a step averages and the steps an epoch (and the schedule by steps) change with "
             "it; the run goes on, but not as one never stopped would"
+        )
+    stretched = next((c.split() for c in changes if c.startswith("epochs ")), None)
+    if stretched and schedule in SCHEDULES_BY_LENGTH and last_ckpt is not None:
+        # The lr of a finished cosine run was at its floor; --resume epochs=4 took it back up without a word.
+        before, after = stretched[1], stretched[3]
+        where = "above" if int(after) > int(before) else "below"
+        line += (
+            f"\nnote: sched.name={schedule} spans the whole run: from epoch {done + 1} on the lr follows the "
+            f"{after}-epoch curve, {where} where the {before}-epoch one had it"
         )
     return line
 
@@ -577,6 +627,7 @@ def _announce(run: RunFolder, cfg: Config, data: DataBundle, net: torch.nn.Modul
     """The summary's first fields and the run's first lines: what trains, how much of it, on what."""
     params = count_params(net)
     weights = _pretrained_report(net)
+    carried = getattr(net, "weights_at_start", None)  # loaded by the run or stage this one goes on from
     transfer = getattr(net, "init_report", None)
     trainable = trainable_at_start(net, cfg.model.unfreeze_at_epoch)
     run.update_summary(
@@ -587,7 +638,7 @@ def _announce(run: RunFolder, cfg: Config, data: DataBundle, net: torch.nn.Modul
         model=cfg.model.name,
         params=params,
         params_trainable=trainable,
-        **({"pretrained": weights.summary()} if weights else {}),
+        **({"pretrained": weights.summary()} if weights else {"pretrained": carried} if carried else {}),
         **({"init_from": {k: v for k, v in transfer.items() if k != "normalization_note"}} if transfer else {}),
         epochs=cfg.epochs,
         image_size=data.size,
@@ -608,8 +659,20 @@ def _announce(run: RunFolder, cfg: Config, data: DataBundle, net: torch.nn.Modul
     lines += [transfer["normalization_note"]] if transfer and transfer.get("normalization_note") else []
     if data.bad:  # data.skip_bad_images: they were left out without a word
         lines.append(f"note: {len(data.bad)} bad file(s) or manifest row(s) skipped, listed in {run.path / SKIPPED}")
-    for line in lines + data.notices + ([notice] if notice else []):
+    for line in lines + data.notices + ([notice] if notice else []) + unread_settings(cfg, _stage_keys(run)):
         console.print(line)
+
+
+def _stage_keys(run: RunFolder) -> set[str] | None:
+    """The keys a stage after the first sets itself (the rest it inherits, and stage 1 already said what of them goes
+    unread), or None for a run that is no such stage."""
+    top = run.path.parent / CONFIG
+    number = run.path.name.removeprefix("stage")
+    if not number.isdigit() or int(number) < 2 or not top.is_file():
+        return None
+    stages = yaml.safe_load(top.read_text(encoding="utf-8")).get("stages") or []
+    own = stages[int(number) - 1] if int(number) <= len(stages) else {}
+    return set(flatten(own)) if isinstance(own, dict) else None
 
 
 def _train_one(
@@ -661,19 +724,21 @@ def _fit_run(
     if resume:
         from_file = cfg
         cfg, saved_split, last_ckpt, changes, done = _resume_state(run, lock, cfg, config, overrides)
-        console.print(_resume_line(last_ckpt, done, cfg.epochs, changes))
+        console.print(_resume_line(last_ckpt, done, cfg.epochs, changes, cfg.sched.name))
         if isinstance(config, str | Path) and _is_zero():
             _say_file_edits(config, cfg, from_file, console)
         _say_if_finished(run, cfg, console)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    cfg = pretrained.configure(cfg)  # hub weights fetched (or one error line) before any data is read
+    weights_at_start = _weights_at_start(run, last_ckpt, start_from)
+    if weights_at_start is None:
+        cfg = pretrained.configure(cfg)  # hub weights fetched (or one error line) before any data is read
 
     data = load_data(cfg, split=saved_split)
     # The model is built (parameter budget, init_from, stage weights) before the run folder exists.
     transfer = run.summary(default={}).get("init_from") if last_ckpt is not None else None
-    model = build_network(cfg, data, transfer if isinstance(transfer, dict) else None)
+    model = build_network(cfg, data, transfer if isinstance(transfer, dict) else None, weights_at_start)
     if start_from is not None and last_ckpt is None:  # a stage resumed before it trained starts from them too
         load_stage_weights(model.net, start_from)
     if cfg.trainer.channels_last:
@@ -713,7 +778,7 @@ def _fit_run(
     )
     _stop_when_output_closed(console, trainer)
     if cfg.trainer.compile:
-        task.model.net = torch.compile(task.model.net)
+        task.model.net.compile()  # in place: a wrapper's keys (net._orig_mod.*) fit no model eval or predict builds
     if _is_zero():
         tracking.start(loggers, cfg, run)
     _fit(trainer, task, train_loader, val_loader, last_ckpt, run.path)
@@ -808,10 +873,17 @@ def _interrupted(trainer: L.Trainer) -> RunInterrupted:
 
 def _say_if_finished(run: RunFolder, cfg: Config, console: Console) -> None:
     """--resume of a run that has trained all its epochs: without this line it only said 'finished in 3s'."""
-    if len(run.read_metrics()) >= cfg.epochs and run.summary(default={}).get("status") == "finished":
+    summary = run.summary(default={})
+    if len(run.read_metrics()) >= cfg.epochs and summary.get("status") == "finished":
         console.print(
             f"{run.path} already finished its {cfg.epochs} epochs: nothing to train; "
             f"to train it longer: {_resume_with(f'epochs={cfg.epochs + max(1, cfg.epochs // 2)}')}"
+        )
+    early = summary.get("stopped_early") if summary.get("status") == "finished" else None
+    if isinstance(early, dict):  # it trained on as if never stopped, without a word
+        console.print(
+            f"note: {run.path} stopped early after epoch {early.get('epoch')} (trainer.patience); it trains on, and "
+            f"stops again at the first validation whose {early.get('monitor')} does not improve on its best"
         )
 
 
@@ -843,6 +915,10 @@ def _finish(
         "epochs_done": int(rows[-1]["epoch"]) if rows else 0,
         "wall_time_s": round(recorder.elapsed(), 2),
     }
+    early = stopped_early(task.trainer, summary["epochs_done"], cfg.epochs)
+    if early is not None:
+        summary["stopped_early"] = early
+        console.print(stopped_early_line(early, cfg.epochs))
     best = best_row(rows, cfg.trainer.monitor)
     if best is not None:
         summary.update(best_val_acc=float(best["val/acc"]), best_epoch=int(best["epoch"]))

@@ -233,7 +233,9 @@ class Normalize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
-        return (x - self.mean) / self.std
+        out = (x - self.mean) / self.std
+        # trainer.precision=bf16-true casts the buffers with the weights: the network takes their dtype, not float32
+        return out if out.dtype == self.mean.dtype else out.to(self.mean.dtype)
 
 
 def compute_stats(images: torch.Tensor, per_pixel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 
 from classlab.engine.loggers import log_epoch
+from classlab.engine.optim import head_lr
 from classlab.errors import ClassLabError
 from classlab.run import RunFolder, atomic_torch_save
 
@@ -115,7 +116,7 @@ class RunRecorder(L.Callback):
         train_metrics = pl_module.epoch_train_metrics()
         validated = pl_module.validated_epoch == trainer.current_epoch
         if trainer.is_global_zero and (validated or not pl_module.has_val):
-            lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
+            lr = head_lr(trainer.optimizers[0]) if trainer.optimizers else None
             row = {"epoch": epoch, "step": trainer.global_step, "lr": lr, "time": round(self.elapsed(), 2)}
             row.update(train_metrics)
             if validated:

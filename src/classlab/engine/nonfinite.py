@@ -22,6 +22,7 @@ import lightning as L
 import torch
 from rich.console import Console
 
+from classlab.engine.optim import head_lr
 from classlab.errors import ClassLabError
 from classlab.run import RunFolder
 
@@ -103,7 +104,7 @@ class NonFiniteGuard(L.Callback):
     def _message(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> str:
         value = float(self._loss.float().flatten()[0]) if self._loss is not None else math.nan
         kind = "NaN" if math.isnan(value) else "infinite"
-        lr = optimizer.param_groups[0]["lr"]
+        lr = head_lr(optimizer)
         done = trainer.current_epoch
         saved = self.saved_epochs() if self.saved_epochs is not None else done
         if saved == done and done:

@@ -36,6 +36,7 @@ __all__ = [
     "ScheduledLookahead",
     "build_optimizer",
     "build_scheduler",
+    "head_lr",
     "lr_curve",
     "lookahead_k",
     "muon_groups",
@@ -102,6 +103,15 @@ def param_groups(model: nn.Module, cfg: OptimSection) -> list[dict[str, Any]]:
                     }
                 )
     return groups
+
+
+def head_lr(optimizer: Optimizer) -> float:
+    """The lr ``optim.lr`` and the schedule give at this step: the head's group's. The first group was the
+    backbone's (``optim.backbone_lr_scale`` times it) or Muon's (``optim.muon_lr``), which metrics.csv showed."""
+    groups = optimizer.param_groups
+    named = [g for g in groups if str(g.get("name", "")) in ("head", "head_no_decay")]
+    plain = [g for g in groups if not str(g.get("name", "")).endswith(("_norm", "_muon"))]
+    return float((named or plain or groups)[0]["lr"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,18 +129,27 @@ def _refill_as_at_start(net: torch.nn.Module, report: dict[str, Any]) -> dict[st
     return {**report, "source_state": {}}
 
 
-def build_network(cfg: Config, data: DataBundle, resumed: dict[str, Any] | None = None) -> ClassifierModel:
+def build_network(
+    cfg: Config,
+    data: DataBundle,
+    resumed: dict[str, Any] | None = None,
+    weights_at_start: dict[str, Any] | None = None,
+) -> ClassifierModel:
     """Normalisation + the configured network, with init_from weights and data-set layers set.
 
     ``resumed``: the init_from report (summary.json) of a run resumed from a checkpoint (_refill_as_at_start).
+    ``weights_at_start``: the pretrained-weights report (summary.json) of a run whose weights come from a
+    checkpoint (resumed, or a later stage): its weights file or hub is not read again.
     """
+    spec = cfg.model.spec() if weights_at_start is None else pretrained.without_weights(cfg.model.spec())
     if cfg.task == "multitask":
-        net = build_multitask_net(
-            cfg.model.spec(), TaskLayout.from_config(cfg, data.tasks or {}), data.channels, data.size
-        )
+        net = build_multitask_net(spec, TaskLayout.from_config(cfg, data.tasks or {}), data.channels, data.size)
         inner = net.backbone  # init_from and data-set layers concern the backbone, not the task heads
     else:
-        net = inner = build_model(cfg.model.spec(), data.num_classes, data.channels, data.size)
+        net = inner = build_model(spec, data.num_classes, data.channels, data.size)
+    if weights_at_start is not None:
+        pretrained.refill_as_at_start(inner, weights_at_start)
+        net.weights_at_start = weights_at_start
     if cfg.model.init_from and resumed is not None and "left" in resumed:
         net.init_report = _refill_as_at_start(inner, resumed)
     elif cfg.model.init_from:
@@ -206,6 +215,11 @@ def build_task(cfg: Config, data: DataBundle, model: ClassifierModel, steps_per_
     """
     if cfg.trainer.patience and not data.val:
         raise ClassLabError("trainer.patience needs a validation set; set data.val_fraction above 0")
+    if cfg.sched.name == "plateau" and not data.val:
+        raise ClassLabError(
+            "sched.name=plateau lowers the lr when val/loss stops falling, so it needs a validation set; set "
+            "data.val_fraction above 0, or choose another sched.name (cosine, multistep, ...)"
+        )
     check_size_schedule(cfg, model, data.channels, data.size)
     mean = data.mean if data.mean.ndim == 1 else data.mean.mean((1, 2))
     fill = tuple(int(round(float(v) * 255)) for v in mean)
@@ -300,6 +314,28 @@ def _checkpoint_callbacks(cfg: Config, run: RunFolder, has_val: bool, steps_per_
         total = min(total, cfg.trainer.max_steps) if cfg.trainer.max_steps else total
         callbacks.append(ScheduledLookahead(lookahead_k(cfg.optim), cfg.optim.lookahead_alpha, total))
     return callbacks
+
+
+def stopped_early(trainer: L.Trainer, epochs_done: int, epochs: int) -> dict[str, Any] | None:
+    """What ended a run that trainer.patience stopped before its last epoch (epoch, monitor, best value), or None.
+
+    Lightning's EarlyStopping ends the fit without a word: the run said 'finished' after epoch 2 of 8."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    stop = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)
+    # (a resumed run that then trained to its end keeps the old stopped_epoch in the callback's state)
+    if stop is None or not epochs_done < epochs or stop.stopped_epoch + 1 != epochs_done:
+        return None
+    best = round(float(stop.best_score), 6) if stop.best_score is not None else None
+    return {"epoch": epochs_done, "monitor": stop.monitor, "patience": stop.patience, "best": best}
+
+
+def stopped_early_line(report: dict[str, Any], epochs: int) -> str:
+    best = f" on {report['best']:.4f}" if report.get("best") is not None else ""
+    return (
+        f"stopped early after epoch {report['epoch']} of {epochs}: {report['monitor']} did not improve{best} for "
+        f"{report['patience']} validation(s) (trainer.patience={report['patience']})"
+    )
 
 
 def _progress(console: Console, enabled: bool) -> list[L.Callback]:

@@ -73,6 +73,24 @@ class LoadReport:
         return f"pretrained weights ({self.source}){where}: loaded {self.loaded} tensors, left {len(self.left)}: {left}"
 
 
+WEIGHT_KEYS = ("pretrained", "pretrained_path", "weights")
+
+
+def without_weights(spec: dict[str, Any]) -> dict[str, Any]:
+    """The model ``spec`` describes, built without reading its weights (they come from a checkpoint)."""
+    return {k: v for k, v in spec.items() if k not in WEIGHT_KEYS}
+
+
+def refill_as_at_start(model: nn.Module, report: dict[str, Any]) -> None:
+    """A model built ``without_weights`` whose weights were loaded once (``report``: that load's summary) and now
+    come from a checkpoint: what the load filled freezes as it froze then (``freeze: all`` leaves a rebuilt neck
+    training only while no weights fill it); the values are the checkpoint's."""
+    from classlab.models.surgery import _freeze_filled
+
+    left = set(report.get("left") or [])
+    _freeze_filled(model, {k for k in model.state_dict() if k not in left})
+
+
 def wants_weights(spec: dict[str, Any]) -> bool:
     """``pretrained: true``, or a ``pretrained_path`` without ``pretrained: false``."""
     pretrained = spec.get("pretrained")

@@ -341,8 +341,9 @@ def validate_model_spec(
         # hf-hub: names need the hub for their architecture: they are built at train time only.
         if num_classes is None or name.startswith(TIMM_PREFIX + "hf-hub:"):
             return
-    weight_keys = ("pretrained", "pretrained_path", "weights")
-    cheap = {k: v for k, v in spec.items() if k not in weight_keys and (k != "max_params" or num_classes)}
+    from classlab.models.pretrained import without_weights
+
+    cheap = {k: v for k, v in without_weights(spec).items() if k != "max_params" or num_classes}
     size = image_size or (224 if is_passthrough(name) else get_entry(name).image_size(spec.get("preset")))
     try:
         with torch.device("meta"):
