@@ -205,3 +205,162 @@ def test_resume_with_other_epochs_says_the_schedule_is_stretched() -> None:
     )
     assert "note:" not in _resume_line(Path("last.ckpt"), 2, 4, ["epochs 2 -> 4"], "multistep")  # milestones stay
     assert "note:" not in _resume_line(Path("last.ckpt"), 2, 4, ["optim.lr 0.05 -> 0.02"], "cosine")
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings that did something twice, or said what was not so
+# ---------------------------------------------------------------------------------------------
+
+
+def test_balanced_class_weights_beside_a_balanced_sampler_are_named() -> None:
+    """loss.class_weights=balanced with data.sampler=balanced corrected the imbalance twice (the sampler already
+    draws every class equally often, the weights then tilted the loss to the rare classes), without a word."""
+    both = validate({"data": {"sampler": "balanced"}, "loss": {"class_weights": "balanced"}})
+    assert unread_settings(both) == [
+        "note: loss.class_weights=balanced with data.sampler=balanced corrects the class imbalance twice: the "
+        "sampler already draws every class equally often, so the weights then favour the rare classes over the "
+        "common ones; keep one: data.sampler=balanced (rare images drawn more often) or loss.class_weights=balanced "
+        "(every image once an epoch, rare classes weighted up)"
+    ]
+    assert unread_settings(both, only={"epochs"}) == []  # a later stage inheriting both: said once, at the start
+    assert unread_settings(validate({"data": {"sampler": "balanced"}})) == []
+    assert unread_settings(validate({"loss": {"class_weights": "balanced"}})) == []
+    chosen = validate({"data": {"sampler": "balanced"}, "loss": {"class_weights": {"cat": 2.0}}})
+    assert unread_settings(chosen) == []  # weights of one's own choosing: a deliberate tilt
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_rangerlars_with_the_cubic_schedule_has_one_lookahead(asked: bool) -> None:
+    """optim.name=rangerlars (RAdam + LARS in Lookahead, as over9000's RangerLars the RotNet-style project used) with
+    optim.lookahead=true and lookahead_schedule=cubic took timm's Lookahead *and* the cubic callback: two
+    Lookaheads pulling the same weights. Without lookahead=true the cubic schedule was left unread, no word said.
+    Now rangerlars always has one Lookahead, and the schedule picks which."""
+    from classlab.engine.optim import ScheduledLookahead, build_optimizer
+    from classlab.engine.trainer import _checkpoint_callbacks
+
+    cubic = validate({"optim": {"name": "rangerlars", "lookahead": asked, "lookahead_schedule": "cubic"}})
+    assert not hasattr(build_optimizer(torch.nn.Linear(3, 2), cubic.optim), "_base_optimizer")  # no timm wrapper
+    (callback,) = [c for c in _checkpoint_callbacks(cubic, None, False, 10) if isinstance(c, ScheduledLookahead)]
+    assert callback.k == 6 and callback.total == cubic.epochs * 10  # over9000's k, the whole run
+    assert unread_settings(cubic) == []
+    constant = validate({"optim": {"name": "rangerlars", "lookahead": asked}})
+    assert build_optimizer(torch.nn.Linear(3, 2), constant.optim).param_groups[0]["lookahead_k"] == 6
+    assert not [c for c in _checkpoint_callbacks(constant, None, False, 10) if isinstance(c, ScheduledLookahead)]
+    plain = validate({"optim": {"name": "sgd", "lookahead_schedule": "cubic"}})
+    assert unread_settings(plain) == [
+        "note: optim.lookahead_schedule=cubic has no effect: Lookahead is off (set optim.lookahead=true)"
+    ]
+    from classlab.engine.optim import lookahead_schedule
+
+    assert (lookahead_schedule(cubic.optim), lookahead_schedule(plain.optim)) == ("cubic", None)
+
+
+def test_two_augmentation_policies_at_once_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """aug.autoaugment, aug.randaugment and aug.trivialaugment were all taken at once and ran one after the other
+    on every image (no recipe, classlab's or a source project's, stacks them)."""
+    both = ("aug.autoaugment=cifar10", "aug.randaugment=[2,9]")
+    code, _, err = cli(capsys, "train", *small_run(tmp_path, exp_name="policies"), *both)
+    assert code == 2 and error_lines(err) == [
+        "error: aug.autoaugment=cifar10 and aug.randaugment=[2,9] are each a whole augmentation policy, and would "
+        "run one after the other on every image; keep one of them, e.g. aug.autoaugment=cifar10 alone with "
+        "aug.randaugment=null"
+    ]
+    assert not (tmp_path / "runs" / "policies").exists()
+    with pytest.raises(ConfigError, match=r"^aug.randaugment=\[2,9\] and aug.trivialaugment=true are each a whole"):
+        validate({"aug": {"randaugment": [2, 9], "trivialaugment": True}})
+    with pytest.raises(ConfigError, match=r"alone with aug.randaugment=null aug.trivialaugment=false$"):
+        validate({"aug": {"autoaugment": "svhn", "randaugment": [2, 9], "trivialaugment": True}})
+    assert validate({"aug": {"trivialaugment": True}}).aug.trivialaugment
+
+
+def test_ini_choice_values_are_read_in_any_case(tmp_path: Path) -> None:
+    """An INI's `optim = RangerLars` or `scheduler = Cosine` was refused for its case ('allowed: sgd, ...') while
+    `criterion = CrossEntropy` and `model = EfficientNet` were lowercased: the INI's names are read in any case.
+    A YAML key keeps its one spelling and its error names it."""
+    from classlab.config import load_config
+
+    path = tmp_path / "old.ini"
+    path.write_text(
+        "[EXP]\nmodel = EfficientNet\n[DATASET]\ndataset = CIFAR10\nautoaug = CIFAR10\n"
+        "[MODEL]\ndepth = 0\noptim = RangerLars\nscheduler = Cosine\ncriterion = Focal\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.optim.name, cfg.sched.name, cfg.loss.name) == ("rangerlars", "cosine", "focal")
+    assert (cfg.data.dataset, cfg.aug.autoaugment, cfg.model.name) == ("cifar10", "cifar10", "efficientnet_b0")
+    path.write_text("[MODEL]\nscheduler = ReduceLR\n")
+    assert load_config(path).sched.name == "plateau"
+    with pytest.raises(ConfigError, match="allowed: 'sgd', .*; did you mean rangerlars"):
+        load_config(None, ["optim.name=RangerLars"])
+
+
+def test_resume_says_mid_epoch_only_of_a_checkpoint_written_mid_epoch(tmp_path: Path) -> None:
+    """Every --resume said '(... epochs done; a checkpoint written mid-epoch goes on with its next batch)', of
+    checkpoints written at an epoch's end too. It says where the run picks up: the next batch only where a stop
+    wrote the checkpoint between two batches (its classlab.batches_done)."""
+    from classlab.run import RunFolder
+    from classlab.train import _resume_line
+
+    assert _resume_line(Path("last.ckpt"), 2, 4, []) == "resuming from checkpoints/last.ckpt (2 of 4 epochs done)"
+    assert _resume_line(Path("last.ckpt"), 2, 4, [], batches_done=5) == (
+        "resuming from checkpoints/last.ckpt (2 of 4 epochs done, and 5 batch(es) of epoch 3: it goes on with batch 6)"
+    )
+    run = RunFolder(tmp_path / "run")
+    run.checkpoints.mkdir(parents=True)
+    torch.save({"state_dict": {}, "classlab": {"epochs_done": 1}}, run.checkpoint_path("last"))
+    assert run.resume_checkpoint() == (run.checkpoint_path("last"), 1, 0)
+    torch.save({"state_dict": {}, "classlab": {"epochs_done": 1, "batches_done": 3}}, run.checkpoint_path("last"))
+    assert run.resume_checkpoint() == (run.checkpoint_path("last"), 1, 3)
+
+
+def _write_idx(path: Path, array: object) -> None:
+    """torchvision's MNIST file format: a big-endian header, then the raw uint8 values."""
+    import numpy as np
+
+    values = np.asarray(array)
+    header = np.array([2049 if values.ndim == 1 else 2051, *values.shape], dtype=">i4").tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(header + values.astype(np.uint8).tobytes())
+
+
+def test_export_of_a_greyscale_run_says_one_channel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`classlab export` of an MNIST run said 'float32 NCHW RGB in [0, 1]': the file takes one channel, and a
+    deployer who fed it RGB got a shape error. The line says the run's own channels, as the file's metadata does."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "mnist" / "MNIST" / "raw"
+    for prefix, n in (("train", 100), ("t10k", 20)):
+        labels = np.arange(n) % 10
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", labels[:, None, None] * 25 + rng.integers(0, 5, (n, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    grey = {"data.dataset": "mnist", "data.root": tmp_path / "mnist", "data.images_per_class": 8, "epochs": 1}
+    run = classlab.train(None, small_run(tmp_path, exp_name="grey", **grey), quiet=True).path
+    code, out, err = cli(capsys, "export", str(run), "--format", "pt2")
+    assert code == 0, err
+    assert f"wrote {run / 'export' / 'model.pt2'} (float32 NCHW greyscale (1 channel) in [0, 1], dynamic batch" in out
+    from classlab.export import input_layout
+
+    assert input_layout(3) == "float32 NCHW RGB in [0, 1]"
+
+
+def test_a_training_loss_far_above_chance_says_the_lr_may_be_too_high(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """optim.lr=100 on the sample: finite training losses of 1e12 and more, and the run 'finished' at chance
+    without a word. The first epoch whose mean training loss is over 20 times an even guess's (ln 10 = 2.30 here)
+    says so, once, and summary.json keeps it; an ordinary run says nothing of the kind."""
+    code, out, err = cli(capsys, "train", *small_run(tmp_path, exp_name="hot", **{"optim.lr": 100}))
+    assert code == 0, err
+    notes = [line for line in out.splitlines() if "training loss" in line]
+    assert len(notes) == 1 and notes[0].startswith("note: epoch 1's mean training loss "), out
+    assert notes[0].endswith(
+        "is over 20x the 2.30 of an even guess over 10 classes: the weights are blowing up; optim.lr may be too high "
+        "(try a tenth of it)"
+    )
+    assert _summary(tmp_path / "runs" / "hot")["training_loss_note"] == notes[0].removeprefix("note: ")
+    code, out, err = cli(capsys, "train", *small_run(tmp_path, exp_name="mild", **{"sched.warmup_epochs": 1}))
+    assert code == 0 and "training loss" not in out and "training_loss_note" not in _summary(tmp_path / "runs" / "mild")
+    from classlab.engine.callbacks import loss_blowup_note
+
+    assert loss_blowup_note(46.0, 10, 1) is None and loss_blowup_note(47.0, 10, 1) is not None
+    assert loss_blowup_note(19.0, 2, 1) is None  # ln 2 < 1: the bar is 20, not 14

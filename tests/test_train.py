@@ -457,7 +457,7 @@ def test_resume_refuses_a_different_model_and_records_other_changes(
     code, out, err = cli(capsys, "train", *args, "epochs=2", "optim.lr=0.02", "data.cache_dir=cache", "--resume")
     assert code == 0, err[-2000:]
     assert "resuming with changes: epochs 1 -> 2; optim.lr 0.05 -> 0.02" in out
-    assert "resuming from checkpoints/last.ckpt (1 of 2 epochs done;" in out  # where it picks up, said
+    assert "resuming from checkpoints/last.ckpt (1 of 2 epochs done)\n" in out  # where it picks up, said
     resumed = validate(yaml.safe_load((run / "config.yaml").read_text()))
     assert resumed.optim.lr == 0.02 and resumed.data.cache_dir == str(tmp_path / "cache")
     summary = json.loads((run / "summary.json").read_text())

@@ -427,8 +427,9 @@ def _submission(args: argparse.Namespace, runs: list[str] | str, paths: list[str
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from classlab.engine.exported import TEMPERATURE_KEY
     from classlab.engine.load import rotation_note
-    from classlab.export import baked_temperature, export
+    from classlab.export import export, exported_metadata, input_layout
     from classlab.run import open_run
 
     if args.format and args.format_word and args.format != args.format_word:
@@ -437,8 +438,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = _output_file(args.out, f"model.{fmt or 'onnx'}") if args.out else None
     (run,) = _runs_named([args.run], args)
     path = export(run, fmt, out, checkpoint=args.checkpoint)
-    print(f"wrote {path} (float32 NCHW RGB in [0, 1], dynamic batch, normalization and class names included)")
-    temperature = baked_temperature(path)
+    meta = exported_metadata(path)
+    layout = input_layout(int(meta.get("classlab.channels", 3)))
+    print(f"wrote {path} ({layout}, dynamic batch, normalization and class names included)")
+    temperature = float(meta[TEMPERATURE_KEY]) if TEMPERATURE_KEY in meta else None
     if temperature is not None:
         print(f"note: probabilities calibrated: T={temperature:.4g} divides the logits inside {path.name} "
               "(metadata classlab.temperature)", file=sys.stderr)  # fmt: skip

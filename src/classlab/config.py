@@ -300,13 +300,17 @@ class OptimSection(Section):
     weight_decay: float = Field(5e-4, ge=0.0, description="L2 weight decay (decoupled for adamw/lamb)")
     decay_norm_and_bias: bool = Field(False, description="also decay normalisation weights and biases")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam-family (beta1, beta2)")
-    lookahead: bool = Field(False, description="wrap the optimizer in Lookahead")
+    lookahead: bool = Field(
+        False, description="wrap the optimizer in Lookahead (rangerlars, RAdam + LARS in Lookahead, always has it)"
+    )
     lookahead_k: int | None = Field(
         None, ge=1, description="Lookahead: fast steps per slow update (null: 6 for rangerlars as in over9000, else 5)"
     )
     lookahead_alpha: float = Field(0.5, gt=0.0, le=1.0, description="Lookahead: slow weights' step toward the fast")
     lookahead_schedule: Literal["constant", "cubic"] = Field(
-        "constant", description="cubic: alpha falls from 1 to lookahead_alpha as (step/total)^3, BN stats too"
+        "constant",
+        description="cubic: alpha falls from 1 to lookahead_alpha as (step/total)^3, BN stats too (under "
+        "rangerlars it replaces the built-in constant Lookahead: a run has one Lookahead)",
     )
     backbone_lr_scale: float = Field(1.0, ge=0.0, description="lr multiplier of the backbone (fine-tuning; 0 = frozen)")
     norm_lr_scale: float = Field(
@@ -546,6 +550,7 @@ def _check_source_fidelity(cfg: Config) -> None:
         if aug.mean_subtraction == "pixel":
             raise ValueError("aug.norm_mean/norm_std replace the data's statistics; drop aug.mean_subtraction=pixel")
     _check_size_schedule(cfg)
+    _check_one_policy(aug)
     if aug.rotate_first and not (aug.random_resized_crop is not None and aug.rotation > 0):
         raise ValueError("aug.rotate_first orders rotation before the crop: it needs aug.rotation and "
                          "aug.random_resized_crop")  # fmt: skip
@@ -557,6 +562,25 @@ def _check_source_fidelity(cfg: Config) -> None:
             )
         if aug.mean_subtraction == "pixel" or cfg.data.loader == "stream":
             raise ValueError("data.train_source_size needs data.loader memory/auto and channel normalisation")
+
+
+def _check_one_policy(aug: AugSection) -> None:
+    """AutoAugment, RandAugment and TrivialAugment are each a whole policy: set together they ran one after the
+    other on every image (no recipe of ours or of the source projects stacks them)."""
+    given = {
+        "aug.autoaugment": aug.autoaugment,
+        "aug.randaugment": list(aug.randaugment) if aug.randaugment is not None else None,
+        "aug.trivialaugment": aug.trivialaugment or None,
+    }
+    named = [f"{key}={_plain(value)}" for key, value in given.items() if value is not None]
+    if len(named) < 2:
+        return
+    drops = [f"{key}={'false' if key == 'aug.trivialaugment' else 'null'}" for key in given if given[key] is not None]
+    both = " and ".join(named) if len(named) == 2 else f"{', '.join(named[:-1])} and {named[-1]}"
+    raise ValueError(
+        f"{both} are each a whole augmentation policy, and would run one after the other on every image; keep "
+        f"one of them, e.g. {named[0]} alone with {' '.join(drops[1:])}"
+    )
 
 
 def _check_size_schedule(cfg: Config) -> None:
@@ -685,7 +709,24 @@ def unread_settings(cfg: Config, only: Collection[str] | None = None) -> list[st
         ]
     if flat["aug.mix_prob"] != default["aug.mix_prob"] and cfg.aug.mixup_alpha <= 0 and cfg.aug.cutmix_alpha <= 0:
         notes.append(f"note: {shown('aug.mix_prob')} has no effect: it is the chance of aug.mixup_alpha/cutmix_alpha")
-    return notes + _schedule_notes(cfg)
+    return notes + _schedule_notes(cfg) + _imbalance_notes(cfg, only)
+
+
+def _imbalance_notes(cfg: Config, only: Collection[str] | None = None) -> list[str]:
+    """loss.class_weights=balanced beside data.sampler=balanced: the sampler already shows every class equally
+    often, so the weights then tilt the loss towards the rare classes; the run took both without a word."""
+    weights = cfg.loss.class_weights
+    balanced = weights == "balanced" or (isinstance(weights, dict) and "balanced" in weights.values())
+    if cfg.data.sampler != "balanced" or not balanced:
+        return []
+    if only is not None and not any(key.startswith(("data.sampler", "loss.class_weights")) for key in only):
+        return []  # a later stage that inherits both: said at the run's start
+    return [
+        f"note: loss.class_weights={_plain(weights)} with data.sampler=balanced corrects the class imbalance twice: "
+        "the sampler already draws every class equally often, so the weights then favour the rare classes over "
+        "the common ones; keep one: data.sampler=balanced (rare images drawn more often) or "
+        "loss.class_weights=balanced (every image once an epoch, rare classes weighted up)"
+    ]
 
 
 def _schedule_notes(cfg: Config) -> list[str]:
@@ -1343,6 +1384,15 @@ def _ini_value(raw: str) -> Any:
         return raw
 
 
+# INI keys whose value is a name from a fixed list: read in any case (optim = RangerLars, scheduler = Cosine), as
+# model and criterion always were; the YAML keys keep their one spelling, and their error names it.
+_INI_CHOICES = ("model", "optim", "scheduler", "criterion", "dataset", "autoaug")
+
+
+def _ini_choice(key: str, value: Any) -> Any:
+    return value.lower() if key in _INI_CHOICES and isinstance(value, str) else value
+
+
 def _ini_model_name(model: str | None, depth: Any) -> str | None:
     if model is None:
         return None
@@ -1374,7 +1424,7 @@ def read_ini(path: Path) -> dict[str, Any]:
                 raise ConfigError(
                     f"{path}: INI key '{key}' in [{section}] is not supported{did_you_mean(key, _INI_KEYS)}"
                 )
-            values[key] = _ini_value(raw)
+            values[key] = _ini_choice(key, _ini_value(raw))
     if values.get("rot") is True:
         raise ConfigError(f"{path}: rot = true: give the rotation's degrees (rot = 15), as aug.rotation takes them")
     tree: dict[str, Any] = {}

@@ -31,7 +31,17 @@ from classlab.errors import ClassLabError, first_line, option
 from classlab.run import RunFolder, atomic_write_bytes, open_run_at
 
 FORMATS = ("onnx", "pt2")
-__all__ = ["FORMATS", "OnnxModel", "baked_temperature", "export", "ensure_onnx", "load_pt2", "read_onnx_metadata"]
+__all__ = [
+    "FORMATS",
+    "OnnxModel",
+    "baked_temperature",
+    "export",
+    "ensure_onnx",
+    "exported_metadata",
+    "input_layout",
+    "load_pt2",
+    "read_onnx_metadata",
+]
 OPSET = 18  # the dynamo exporter's lowest
 LEGACY_OPSET = 17
 
@@ -45,20 +55,26 @@ ROTATION = "rotation"
 ROTATION_OUTPUT = " over the quarter turns each image shows; classes: degrees anticlockwise from upright"
 
 
+def input_layout(channels: int) -> str:
+    """The input tensor a run's exported file takes, in a few words: its channels as the run was trained (a
+    greyscale run's file takes one; `classlab export` said 'RGB' of every file)."""
+    colour = {3: "RGB", 1: "greyscale (1 channel)"}.get(channels, f"{channels} channels")
+    return f"float32 NCHW {colour} in [0, 1]"
+
+
 def input_recipe(size: int, channels: int) -> str:
     """The preprocessing the exported file expects, with this run's numbers, for whoever deploys the file alone:
     the bare steps without the size left the reader to guess the resize target and the crop. The decode steps
     are data.preprocess's own: without the JPEG draft a full decode of a large photo gives slightly other
     pixels, and without the EXIF turn a phone photo arrives on its side. Transparency as data.preprocess.to_mode
     treats it: laid on white for RGB, dropped by a greyscale run's convert('L')."""
-    colour = "RGB" if channels == 3 else "greyscale (1 channel)"
     alpha = (
         "lay transparency on white"
         if channels == 3
         else "make it greyscale with img.convert('L') (transparency dropped, not laid on white)"
     )
     return (
-        f"float32 NCHW {colour} in [0, 1], any batch size: decode a JPEG at PIL's reduced DCT scale "
+        f"{input_layout(channels)}, any batch size: decode a JPEG at PIL's reduced DCT scale "
         f"(img.draft(img.mode, ({size}, {size})) before img.load()), turn it upright by its EXIF orientation, "
         f"{alpha}; resize the shorter side to {size} px (bilinear), "
         f"centre-crop {size}x{size}, divide by 255; the normalisation is inside the model"
@@ -267,7 +283,12 @@ def _needs_export(run: RunFolder, checkpoint: str, path: Path) -> bool:
         return True
 
 
+def exported_metadata(path: str | Path) -> dict[str, str]:
+    """The classlab metadata of an exported file, ONNX or pt2."""
+    return load_pt2(path)[1] if Path(path).suffix == ".pt2" else read_onnx_metadata(path)
+
+
 def baked_temperature(path: str | Path) -> float | None:
     """The calibration T an exported file's logits are divided by (its metadata), None for an uncalibrated one."""
-    meta = load_pt2(path)[1] if Path(path).suffix == ".pt2" else read_onnx_metadata(path)
+    meta = exported_metadata(path)
     return float(meta[TEMPERATURE_KEY]) if TEMPERATURE_KEY in meta else None

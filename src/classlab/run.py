@@ -476,12 +476,13 @@ class RunFolder:
             tmp.unlink(missing_ok=True)
             os.replace(last, previous)  # no hard links here: the resume falls back to previous.ckpt alone
 
-    def resume_checkpoint(self, set_damaged_aside: bool = True) -> tuple[Path | None, int]:
-        """The newest checkpoint ``--resume`` can continue from, and how many epochs it holds.
+    def resume_checkpoint(self, set_damaged_aside: bool = True) -> tuple[Path | None, int, int]:
+        """The newest checkpoint ``--resume`` can continue from, how many epochs it holds, and how many batches of
+        the next epoch (0 for a checkpoint written at an epoch's end; more when a stop wrote it mid-epoch).
 
         last.ckpt first; if it does not load, the newest of previous.ckpt and epochN.ckpt that does
         (the damaged file is renamed ``*.damaged`` and reported in one line). No checkpoints at
-        all: (None, 0), the run starts over. Checkpoints but none loads: ClassLabError, and
+        all: (None, 0, 0), the run starts over. Checkpoints but none loads: ClassLabError, and
         nothing in the folder has been touched.
         """
         last = self.checkpoints / LAST
@@ -490,19 +491,19 @@ class RunFolder:
         )
         candidates = [p for p in [last, *others] if p.is_file()]
         if not candidates:
-            return None, 0
+            return None, 0, 0
         failures: list[str] = []
-        found: tuple[Path, int] | None = None
+        found: tuple[Path, int, int] | None = None
         for path in candidates:
             if found is not None and path != self.checkpoints / PREVIOUS and _epoch_number(path) <= found[1]:
                 break
             try:
-                done = _resumable_epochs(path)
+                done, batches = _resumable_point(path)
             except ClassLabError as exc:
                 failures.append(str(exc))
                 continue
             if found is None or done > found[1]:
-                found = (path, done)
+                found = (path, done, batches)
             if path == last:
                 break
         if found is None:
@@ -696,12 +697,13 @@ def _epoch_number(path: Path) -> int:
     return int(digits) if digits.isdigit() else -1
 
 
-def _resumable_epochs(path: Path) -> int:
-    """Epochs a checkpoint holds, if it loads and is a classlab training checkpoint."""
+def _resumable_point(path: Path) -> tuple[int, int]:
+    """(epochs, batches of the next epoch) a checkpoint holds, if it loads and is a classlab training checkpoint;
+    the batches are 0 unless a stop wrote it mid-epoch (RunRecorder's ``batches_done``)."""
     ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "classlab" not in ckpt:
         raise ClassLabError(f"checkpoint '{path}' is not a classlab training checkpoint")
-    return int(ckpt["classlab"].get("epochs_done", 0))
+    return int(ckpt["classlab"].get("epochs_done", 0)), int(ckpt["classlab"].get("batches_done", 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -976,7 +978,7 @@ def open_run_at(run: str | Path | RunFolder, checkpoint: str | None = None) -> t
 
 
 # summary.json's fields that a run's finish measures (train._finish, engine.trainer.final_test).
-FINISH_FIELDS = ("epochs_done", "wall_time_s", "finished_at", "stopped_early")
+FINISH_FIELDS = ("epochs_done", "wall_time_s", "finished_at", "stopped_early", "training_loss_note")
 FINISH_PREFIXES = ("test", "best_", "val/")
 MOVED_ASIDE = re.compile(r"\.old-\d{8}-\d{6}(-\d+)?$")  # the name move_aside gives
 

@@ -528,9 +528,10 @@ def _say_file_edits(config: str | Path, cfg: Config, from_file: Config, console:
 
 def _resume_state(
     run: RunFolder, lock: RunLock, cfg: Config, config: Config | str | Path | dict | None, overrides: list[str] | None
-) -> tuple[Config, Any, Path | None, list[str], int]:
+) -> tuple[Config, Any, Path | None, list[str], tuple[int, int]]:
     """(the run's saved config with any new overrides, its saved split, the checkpoint to continue from, the
-    changes the overrides make, the epochs that checkpoint holds).
+    changes the overrides make, the epochs that checkpoint holds and the batches of the next one it holds: 0 but
+    for a checkpoint a stop wrote mid-epoch).
 
     The checkpoint is the newest that loads (a damaged last.ckpt falls back to previous.ckpt;
     none at all: the run starts over). metrics.csv loses the rows of epochs that checkpoint had
@@ -548,7 +549,7 @@ def _resume_state(
     if not isinstance(config, Config):
         cfg = validate(with_overrides(tree, overrides or []))  # a copy: tree stays the saved one
     changes = _resume_changes(saved, cfg, run)
-    last_ckpt, done = run.resume_checkpoint(set_damaged_aside=_is_zero())
+    last_ckpt, done, batches = run.resume_checkpoint(set_damaged_aside=_is_zero())
     if cfg.epochs < done:  # config.yaml said 1 epoch beside a metrics.csv of 2, and "train it longer: epochs=1"
         raise ClassLabError(
             f"{option('resume')}: epochs={cfg.epochs} is fewer than the {done} epochs '{run.path}' has already "
@@ -567,7 +568,7 @@ def _resume_state(
             run.write_config(cfg.to_dict())
             earlier = run.summary(default={}).get("resumed_with", [])
             run.update_summary(resumed_with=[*earlier, {"epochs_done": done, "changes": changes}])
-    return cfg, run.read_split(), last_ckpt, changes, done
+    return cfg, run.read_split(), last_ckpt, changes, (done, batches)
 
 
 PROCESS_KEYS = ("trainer.devices ", "trainer.num_nodes ", "trainer.strategy ")  # as a change line starts
@@ -578,16 +579,27 @@ SCHEDULES_BY_LENGTH = ("cosine", "onecycle", "triangle")
 
 
 def _resume_line(
-    last_ckpt: Path | None, done: int, epochs: int, changes: list[str], schedule: str | None = None
+    last_ckpt: Path | None,
+    done: int,
+    epochs: int,
+    changes: list[str],
+    schedule: str | None = None,
+    *,
+    batches_done: int = 0,
 ) -> str:
     """Where --resume picks up and what it changes, said before the data loads (a run that starts over looks
-    like a fresh one). ``schedule``: sched.name, whose curve a change of epochs may stretch."""
-    line = (
-        "resuming: no checkpoint was written yet, so the run starts over"
-        if last_ckpt is None
-        else f"resuming from checkpoints/{last_ckpt.name} ({done} of {epochs} epochs done; "
-        "a checkpoint written mid-epoch goes on with its next batch)"
-    )
+    like a fresh one). ``schedule``: sched.name, whose curve a change of epochs may stretch. ``batches_done``:
+    the batches of epoch done + 1 a checkpoint written mid-epoch holds (a stop between two batches); the line
+    said 'a checkpoint written mid-epoch goes on with its next batch' of every checkpoint, an epoch end's too."""
+    if last_ckpt is None:
+        line = "resuming: no checkpoint was written yet, so the run starts over"
+    elif batches_done:
+        line = (
+            f"resuming from checkpoints/{last_ckpt.name} ({done} of {epochs} epochs done, and {batches_done} "
+            f"batch(es) of epoch {done + 1}: it goes on with batch {batches_done + 1})"
+        )
+    else:
+        line = f"resuming from checkpoints/{last_ckpt.name} ({done} of {epochs} epochs done)"
     line += f"\nresuming with changes: {'; '.join(changes)}" if changes else ""
     if any(c.startswith(PROCESS_KEYS) for c in changes):
         line += (
@@ -723,8 +735,8 @@ def _fit_run(
     saved_split, last_ckpt = None, None
     if resume:
         from_file = cfg
-        cfg, saved_split, last_ckpt, changes, done = _resume_state(run, lock, cfg, config, overrides)
-        console.print(_resume_line(last_ckpt, done, cfg.epochs, changes, cfg.sched.name))
+        cfg, saved_split, last_ckpt, changes, (done, batches) = _resume_state(run, lock, cfg, config, overrides)
+        console.print(_resume_line(last_ckpt, done, cfg.epochs, changes, cfg.sched.name, batches_done=batches))
         if isinstance(config, str | Path) and _is_zero():
             _say_file_edits(config, cfg, from_file, console)
         _say_if_finished(run, cfg, console)

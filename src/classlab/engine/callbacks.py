@@ -6,6 +6,7 @@ are written by process 0 only; checkpoints go through the trainer, atomically.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -25,6 +26,25 @@ from classlab.errors import ClassLabError
 from classlab.run import RunFolder, atomic_torch_save
 
 METRIC_COLUMNS = ["epoch", "step", "lr", "train/loss", "train/acc", "val/loss", "val/acc", "val/acc5", "time"]
+
+
+# An epoch's mean training loss this many times an even guess's (ln of the number of classes, at least 1) says the
+# weights are blowing up: a healthy run starts near ln k and falls (a bad start stays within a few times it), where
+# optim.lr=100 on the sample gave finite losses of 1e12-1e15 and a run that "finished" at chance without a word.
+LOSS_BLOWUP = 20.0
+
+
+def loss_blowup_note(loss: float | None, num_classes: int | None, epoch: int) -> str | None:
+    """The note for an epoch whose mean training loss is far above an even guess's, or None."""
+    if loss is None or not num_classes or num_classes < 2 or not math.isfinite(loss):
+        return None  # (a loss that is not finite stops the run itself: engine.nonfinite)
+    even = math.log(num_classes)
+    if loss <= LOSS_BLOWUP * max(even, 1.0):
+        return None
+    return (
+        f"note: epoch {epoch}'s mean training loss {loss:.3g} is over {LOSS_BLOWUP:g}x the {even:.2f} of an even "
+        f"guess over {num_classes} classes: the weights are blowing up; optim.lr may be too high (try a tenth of it)"
+    )
 
 
 class RunConsole(Console):
@@ -88,6 +108,7 @@ class RunRecorder(L.Callback):
         self.saved_epochs = 0  # the epochs last.ckpt holds
         self._saved_at = time.monotonic()
         self._mid_epoch = False
+        self.loss_note: str | None = None  # said once a run: the training loss far above an even guess's
         self.stop_note = ""  # how an interrupted run stopped and what last.ckpt holds (for the user's line)
 
     def state_dict(self) -> dict[str, Any]:
@@ -128,10 +149,22 @@ class RunRecorder(L.Callback):
                     f"{k} {row[k]:.4f}" for k in ("train/loss", "train/acc", "val/loss", "val/acc") if k in row
                 )
                 self.console.print(f"epoch {epoch}/{trainer.max_epochs}  {shown}  ({row['time']:.0f}s)")
+            self._say_loss(row, getattr(pl_module, "num_classes", None))
         if self._last_due(trainer):
             self._save_last(trainer)
         if self.keep_every and epoch % self.keep_every == 0:
             trainer.save_checkpoint(self.run.checkpoint_path(f"epoch{epoch}"), weights_only=False)
+
+    def _say_loss(self, row: dict[str, Any], num_classes: int | None) -> None:
+        """The first epoch whose training loss says the weights are blowing up: a note, and summary.json's
+        ``training_loss_note`` (the run goes on: a finite loss may still come down)."""
+        if self.loss_note is not None:
+            return
+        self.loss_note = loss_blowup_note(row.get("train/loss"), num_classes, int(row["epoch"]))
+        if self.loss_note is not None:
+            if self.console is not None:
+                self.console.print(self.loss_note)
+            self.run.update_summary(training_loss_note=self.loss_note.removeprefix("note: "))
 
     def _last_due(self, trainer: L.Trainer) -> bool:
         ending = (

@@ -39,6 +39,7 @@ __all__ = [
     "head_lr",
     "lr_curve",
     "lookahead_k",
+    "lookahead_schedule",
     "muon_groups",
     "lr_factor_fn",
     "param_groups",
@@ -205,8 +206,10 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> Optimizer:
     """The optimizer ``cfg`` names, over ``param_groups(model, cfg)``, optionally in Lookahead.
 
     ``rangerlars`` is ``RAdamLars`` in Lookahead (k, alpha from the config) whatever
-    ``cfg.lookahead`` says; other optimizers get Lookahead only when asked. timm's Lookahead keeps
-    its slow weights and step counters inside the wrapped optimizer's state and param groups,
+    ``cfg.lookahead`` says; other optimizers get Lookahead only when asked. Which Lookahead is
+    ``lookahead_schedule``'s: timm's wrapper here for ``constant``, the ``ScheduledLookahead``
+    callback for ``cubic`` (then the optimizer is left bare: one Lookahead a run). timm's Lookahead
+    keeps its slow weights and step counters inside the wrapped optimizer's state and param groups,
     so ``state_dict`` / ``load_state_dict`` of the wrapper resume it exactly.
     """
     from timm.optim import Lamb, Lars, Lookahead
@@ -242,7 +245,7 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> Optimizer:
         )
     else:  # pragma: no cover - the config's Literal already rejects other names
         raise ConfigError(f"optim.name={name!r} is not an optimizer classlab knows")
-    if (cfg.lookahead and cfg.lookahead_schedule == "constant") or name == "rangerlars":
+    if lookahead_schedule(cfg) == "constant":
         # (the cubic schedule is a callback, ScheduledLookahead: it also averages BatchNorm statistics)
         opt = Lookahead(opt, alpha=cfg.lookahead_alpha, k=lookahead_k(cfg))
     return opt
@@ -272,6 +275,18 @@ def muon_groups(model: nn.Module, groups: list[dict[str, Any]], cfg: OptimSectio
         if rest:
             out.append({**group, "params": rest})
     return out
+
+
+def lookahead_schedule(cfg: OptimSection) -> str | None:
+    """The run's one Lookahead: None (off), ``constant`` (timm's wrapper) or ``cubic`` (ScheduledLookahead).
+
+    rangerlars is RAdam + LARS in Lookahead (over9000's RangerLars, the RotNet-style project's optimizer), so it
+    has Lookahead with or without ``optim.lookahead``, and ``lookahead_schedule: cubic`` replaces its built-in
+    constant one. (rangerlars with lookahead=true and cubic took timm's wrapper and the callback, two Lookaheads
+    pulling the same weights; without lookahead=true, cubic was left unread.)"""
+    if not (cfg.lookahead or cfg.name == "rangerlars"):
+        return None
+    return cfg.lookahead_schedule
 
 
 def lookahead_k(cfg: OptimSection) -> int:

@@ -26,6 +26,7 @@ from classlab.engine.finetune import UnfreezeBackbone
 from classlab.engine.losses import class_weight_tensor
 from classlab.engine.metrics import macro_f1, rounded, task_accuracies, task_f1_scores, top_k_accuracy
 from classlab.engine.nonfinite import NonFiniteGuard
+from classlab.engine.optim import ScheduledLookahead, lookahead_k, lookahead_schedule
 from classlab.engine.predict import autocast, predict_split
 from classlab.engine.task import ClassifyTask, MultiTaskTask
 from classlab.engine.tta import test_with_tta
@@ -307,9 +308,7 @@ def _checkpoint_callbacks(cfg: Config, run: RunFolder, has_val: bool, steps_per_
         from classlab.engine.ema import EMACallback
 
         callbacks.append(EMACallback(cfg.trainer.ema_decay))
-    if cfg.optim.lookahead and cfg.optim.lookahead_schedule == "cubic":
-        from classlab.engine.optim import ScheduledLookahead, lookahead_k
-
+    if lookahead_schedule(cfg.optim) == "cubic":
         total = cfg.epochs * steps_per_epoch
         total = min(total, cfg.trainer.max_steps) if cfg.trainer.max_steps else total
         callbacks.append(ScheduledLookahead(lookahead_k(cfg.optim), cfg.optim.lookahead_alpha, total))
