@@ -16,8 +16,10 @@ import classlab
 import classlab.compare as compare_module
 from classlab.compare import _labels, compare
 from classlab.report import write_html_report
+from tests.browser import Browser, find_browser
 from tests.conftest import run_cli, tiny_config
 from tests.test_compare import _fake_run
+from tests.test_report_html import NO_BROWSER
 
 
 def test_a_dollar_or_a_leading_underscore_in_a_run_name_is_drawn_as_written(
@@ -180,3 +182,194 @@ def test_an_mlflow_store_given_as_a_path_says_what_to_write(
         f"error: trainer.loggers: mlflow could not start: trainer.tracking_uri '{database}' is a file, not a store "
         f"folder; an SQLite store is written trainer.tracking_uri=sqlite:///{database}"
     )
+
+
+def _fake_staged(root: Path, name: str, lr: float, accs: tuple[float, float] = (0.3, 0.45)) -> Path:
+    """A two-stage run as ``_run_stages`` leaves it: the top config (its own epochs the default 20, the stages'
+    overrides), a run folder per stage (3 epochs each, metrics.csv from epoch 1 each), and the top summary.json
+    (the stages' summaries, the last stage's figures, the summed wall time; no epochs_done)."""
+    top = root / name
+    stages = []
+    for k, acc in enumerate(accs, 1):
+        stage = _fake_run(top, f"stage{k}", 10, None, acc)
+        config = yaml.safe_load((stage / "config.yaml").read_text())
+        (stage / "config.yaml").write_text(yaml.safe_dump({**config, "epochs": 3, "optim": {"lr": lr / k}}))
+        stages.append(json.loads((stage / "summary.json").read_text()))
+    config = yaml.safe_load((top / "stage1" / "config.yaml").read_text())
+    config.update(exp_name=name, epochs=20, optim={"lr": lr}, stages=[{"epochs": 3}, {"epochs": 3, "optim.lr": lr / 2}])
+    (top / "config.yaml").write_text(yaml.safe_dump(config))
+    last = stages[-1]
+    summary = {"status": "finished", "exp_name": name, "stages": stages, "test_acc": last["test_acc"]}
+    summary.update(best_val_acc=last["best_val_acc"], wall_time_s=round(sum(s["wall_time_s"] for s in stages), 2))
+    (top / "summary.json").write_text(json.dumps(summary))
+    return top
+
+
+def test_a_multi_stage_run_reads_as_what_its_stages_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A staged run's row said `epochs 20` (the base config's default, not what its stages trained) beside an empty
+    epochs_done, its stages were not listed, and it had no validation curve (its stages' metrics.csv went unread)."""
+    root = tmp_path / "runs"
+    staged = _fake_staged(root, "staged", 0.1)
+    single = _fake_run(root, "single", 10, None, 0.4)
+    tree = yaml.safe_load((single / "config.yaml").read_text())
+    (single / "config.yaml").write_text(yaml.safe_dump({**tree, "epochs": 20, "optim": {"lr": 0.1}}))
+    figures: list[Any] = []
+    real_save = compare_module._save
+    monkeypatch.setattr(compare_module, "_save", lambda fig, path: figures.append(fig) or real_save(fig, path))
+    table = compare([str(root)], out=tmp_path / "cmp")
+    assert table.by == ["epochs", "stages"]
+    rows = {r["run"]: r for r in table.rows}
+    assert rows["staged"]["epochs"] == 6 and rows["staged"]["epochs_done"] == 6 and rows["single"]["epochs"] == 20
+    assert (rows["staged"]["test_acc"], rows["staged"]["best_val_acc"]) == (0.45, 0.46)  # the last stage's
+    assert "| staged | finished | 6 | [{epochs: 3}, {epochs: 3, optim.lr: 0.05}] |" in table.markdown()
+    lines = {line.get_label(): line for line in figures[0].axes[0].get_lines()}
+    curve = figures[0].axes[0].get_legend().get_texts()
+    assert [t.get_text() for t in curve] == ["single", "staged"]
+    staged_line = [line for line in lines.values() if len(line.get_xdata()) == 6]
+    assert [list(line.get_xdata()) for line in staged_line] == [[1, 2, 3, 4, 5, 6]]  # stage 2's epochs numbered on
+    assert list(staged_line[0].get_ydata())[3:] == [0.15, 0.3, 0.45]
+    page = write_html_report([str(staged)], tmp_path / "r.html", split="val").read_text()
+    assert "Validation curves</h2><div" in page
+
+    # A stage stopped by Ctrl-C: the top summary still says running (no process holds it): the run reads as the
+    # stage says, with the epochs both stages trained so far.
+    (staged / "summary.json").write_text(json.dumps({"status": "running", "exp_name": "staged", "stages": []}))
+    (staged / "stage2" / "summary.json").write_text(json.dumps({"status": "interrupted"}))
+    (staged / "stage2" / "metrics.csv").write_text(
+        "\n".join((staged / "stage2" / "metrics.csv").read_text().splitlines()[:3]) + "\n"
+    )
+    row = compare([str(staged)], out=tmp_path / "cmp2", plots=False).rows[0]
+    assert (row["status"], row["epochs_done"], row["best_val_acc"]) == ("interrupted", 5, 0.3)
+
+
+def test_a_sweep_of_multi_stage_runs_compares_them(tmp_path: Path) -> None:
+    """Points of a sweep (``classlab sweep staged.yaml --grid optim.lr=...``) are staged runs: one row each, with the
+    figures of their stages; their stage folders are not rows of their own."""
+    sweep = tmp_path / "runs" / "sweep"
+    for lr, accs in ((0.1, (0.3, 0.45)), (0.05, (0.2, 0.25))):
+        _fake_staged(sweep, f"lr={lr}", lr, accs)
+    (sweep / "sweep.json").write_text("{}")
+    table = compare([str(sweep)], out=tmp_path / "cmp")
+    assert [(r["run"], r["optim.lr"], r["epochs_done"], r["test_acc"]) for r in table.rows] == [
+        ("lr=0.05", 0.05, 6, 0.25),
+        ("lr=0.1", 0.1, 6, 0.45),
+    ]
+    assert table.by == ["optim.lr", "stages"] and (tmp_path / "cmp" / "curves.png") in table.files
+    result = run_cli("compare", str(sweep / "*"), "--out", str(tmp_path / "cli"), "--no-plots")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "| lr=0.1 | finished | 0.1000 | [{epochs: 3}, {epochs: 3, optim.lr: 0.05}] | 0.4500 |" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def browser() -> Any:
+    binary = find_browser()
+    if binary is None:
+        pytest.skip(NO_BROWSER)
+    with Browser(binary) as b:
+        yield b
+
+
+def test_nan_and_inf_cells_sort_last_both_ways(browser: Browser, tmp_path: Path) -> None:
+    """A diverged run's nan (or an inf) was sorted as the text 'nan': first of the column sorted descending, above
+    the best run. Now such a cell comes after the numbers either way, and a blank after it; a class named 'nan'
+    (text, not a number) sorts as the text it is."""
+    from classlab.report import SCRIPT, _table
+
+    values = {"a": 0.5, "diverged": float("nan"), "b": 0.7, "blown": float("inf"), "none": None, "c": 0.1}
+    rows = [{"run": name, "test_acc": value} for name, value in values.items()]
+    table = _table(["run", "test_acc"], rows, "runs")
+    page = tmp_path / "nan.html"
+    page.write_text(f"<html><body>{table}<script>{SCRIPT}</script></body></html>")
+    browser.open(page)
+    order = "Array.from(document.querySelectorAll('#runs tbody tr')).map(r => r.cells[0].textContent)"
+    browser.click("#runs th:nth-child(2)")
+    ascending = browser.js(order)
+    assert ascending[:3] == ["c", "a", "b"] and set(ascending[3:5]) == {"diverged", "blown"} and ascending[5] == "none"
+    browser.click("#runs th:nth-child(2)")
+    descending = browser.js(order)
+    assert descending[:3] == ["b", "a", "c"] and set(descending[3:5]) == {"diverged", "blown"}
+    assert descending[5] == "none" and browser.errors() == []
+    assert '<td data-sort="nan" data-nonfinite>nan</td>' in table and '<td data-sort="nan">nan</td>' not in table
+    assert '<td data-sort="nan">nan</td>' in _table(["class"], [{"class": "nan"}], "t")
+
+
+def test_few_long_class_names_on_the_confusion_plot_do_not_overlap() -> None:
+    """Up to 6 classes had their names written level under the matrix whatever their length: five dog breeds were
+    one smear of letters. Now they are turned upright when, measured as drawn, two would touch."""
+    import torch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from classlab.evaluate import _confusion_figure
+
+    def drawn(classes: list[str]) -> tuple[set[float], list[Any]]:
+        fig = _confusion_figure(torch.arange(len(classes) ** 2).reshape(len(classes), -1), classes, 0.5)
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        labels = fig.axes[0].get_xticklabels()
+        inside = fig.bbox.padded(1)
+        assert all(inside.contains(*corner) for t in labels for corner in t.get_window_extent(renderer).corners())
+        return {t.get_rotation() for t in labels}, [t.get_window_extent(renderer) for t in labels]
+
+    breeds = ["golden_retriever", "labrador_retriever", "german_shepherd", "siberian_husky", "border_collie"]
+    rotation, boxes = drawn(breeds)
+    assert rotation == {90.0}
+    assert all(left.x1 <= right.x0 for left, right in zip(boxes, boxes[1:]))
+    assert drawn(["cat", "dog", "bird"])[0] == {0.0}  # short names stay level
+    assert drawn(["golden_retriever", "labrador_retriever"])[0] == {0.0}  # two long ones have the room
+
+
+def test_a_k_fold_folder_without_a_test_split_says_so_not_yet(tmp_path: Path) -> None:
+    """`compare KFOLD --metric test_acc` of folds trained with no test split (a CSV without data.test_csv_file, a
+    class folder without test/) said `no run has metric 'test_acc' (yet)`: no test figure will ever come."""
+    from tests.test_compare import _fake_k_fold
+
+    group = _fake_k_fold(tmp_path)
+    for fold in (group / f"fold{i}" for i in range(3)):
+        summary = json.loads((fold / "summary.json").read_text())
+        summary = {k: v for k, v in summary.items() if not k.startswith("test")}
+        (fold / "summary.json").write_text(json.dumps({**summary, "images": {"train": 80, "val": 40, "test": 0}}))
+    table = compare([str(group)], metrics=["test_acc", "best_val_acc"], plots=False, out=tmp_path / "out")
+    assert table.notes == ["no run has metric 'test_acc': the runs have no test split, so its column stays empty"]
+    one = compare([str(group / "fold0")], metrics=["test_acc"], plots=False, out=tmp_path / "one")
+    assert one.notes == ["no run has metric 'test_acc': the run has no test split, so its column stays empty"]
+    # A run still training that has a test split: its figure may come yet.
+    running = _fake_run(group.parent, "running", 10, None, 0.3, status="running")
+    (running / "summary.json").write_text(json.dumps({"status": "running", "images": {"test": 100}}))
+    mixed = compare([str(group / "fold0"), str(running)], metrics=["test_acc"], plots=False, out=tmp_path / "mixed")
+    assert mixed.notes == ["no run has metric 'test_acc' (yet): its column is empty"]
+    # Finished runs with a test split that lack the figure (an older classlab): no '(yet)', nothing is coming.
+    (running / "summary.json").write_text(json.dumps({"status": "finished", "images": {"test": 100}}))
+    mixed = compare([str(group / "fold0"), str(running)], metrics=["test_acc"], plots=False, out=tmp_path / "mixed")
+    assert mixed.notes == ["no run has metric 'test_acc': its column is empty (1 of the 2 runs have no test split)"]
+
+
+def test_mlflows_own_info_lines_are_kept_back_without_v(tmp_path: Path) -> None:
+    """`classlab train -q trainer.loggers=[mlflow]` printed MLflow's `INFO mlflow.store.db.utils: Creating initial
+    MLflow database tables...` and `Updating database tables` (its default SQLite store, made new), where the
+    README says the libraries' own logs are kept back without -v; its 'View run at: URL' lines (a server's run)
+    are not promised either: kept back the same way."""
+    pytest.importorskip("mlflow")
+    import logging
+    import os
+
+    extra = {"data.images_per_class": 10, "model.layers": "[8,p]", "trainer.loggers": "[mlflow]"}
+    result = run_cli("train", "-q", *tiny_config(tmp_path, exp_name="tracked", epochs=1, **extra))
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("", "")
+    assert (tmp_path / "runs" / "mlflow.db").is_file()
+
+    from classlab.engine.library_logs import LIGHTNING_LOGGERS, MLFLOW_URL_ENV, mlflow_kept_back
+
+    lightning, mlflow = logging.getLogger(LIGHTNING_LOGGERS[1]), logging.getLogger("mlflow")
+    levels = (lightning.level, mlflow.level)
+    try:
+        lightning.setLevel(logging.ERROR)  # library_logs(0): kept back
+        mlflow.setLevel(logging.INFO)
+        with mlflow_kept_back():
+            assert mlflow.level == logging.WARNING and os.environ[MLFLOW_URL_ENV] == "true"
+        assert mlflow.level == logging.INFO and MLFLOW_URL_ENV not in os.environ  # given back
+        lightning.setLevel(logging.INFO)  # -v: let through
+        with mlflow_kept_back():
+            assert mlflow.level == logging.INFO and MLFLOW_URL_ENV not in os.environ
+    finally:
+        lightning.setLevel(levels[0])
+        mlflow.setLevel(levels[1])

@@ -44,6 +44,7 @@ DEFAULT_METRICS = ("test_acc", "best_val_acc", "epochs_done", "wall_time_s")
 NOT_METRICS = ("status", "exp_name", "task", "dataset", "model", "loader", "started_at", "finished_at", "versions")
 # Keys that differ between runs of a sweep by construction and say nothing about the experiment.
 NOT_INTERESTING = ("exp_name", "run.root", "data.cache_dir", "trainer.threads", "trainer.progress")
+STAGES = "stages"  # a multi-stage run's overrides, a stage each (its top folder holds a run folder per stage)
 FOLD_KEY = "data.fold"  # which fold a k-fold run is: a row's name, never a plot's axis
 
 
@@ -181,6 +182,7 @@ class RunData:
     config: dict[str, Any]
     summary: dict[str, Any]
     metrics: list[dict[str, str]]
+    stage_ends: list[int] = field(default_factory=list)  # a multi-stage run: the epoch each begun stage ended at
 
 
 CUT_OFF = "cut off"  # says "running" in its summary, but no live process holds the folder; --resume continues it
@@ -196,19 +198,79 @@ def read_runs(paths: list[Path], notes: list[str] | None = None) -> list[RunData
             summary = run.summary(default={"status": "unknown"})
             config = flatten(run.read_config_tree())
             metrics = run.read_metrics()
+            if summary.get("status") == "running" and RunLock(path).owner() is None:
+                # killed (kill -9, power, a session's end): no process holds it
+                summary = {**summary, "status": CUT_OFF}
+            staged = _staged(path, config, summary) if config.get(STAGES) else None
         except (ClassLabError, csv.Error, UnicodeDecodeError) as exc:
             if len(paths) == 1 or notes is None:
                 raise
             notes.append(f"left out {path}: {exc}")
             continue
-        if summary.get("status") == "running" and RunLock(path).owner() is None:
-            summary = {**summary, "status": CUT_OFF}  # killed (kill -9, power, a session's end): no process holds it
+        if staged is not None:
+            config, summary, metrics = staged.config, staged.summary, staged.metrics
         if summary.get("status") != "finished":
             summary = {**_so_far(metrics), **summary}
-        runs.append(RunData(label, path, config, summary, metrics))
+        runs.append(RunData(label, path, config, summary, metrics, staged.stage_ends if staged else []))
     if not runs:
         raise ClassLabError(f"no run could be read: {notes[0] if notes else paths}")
     return runs
+
+
+def _staged(path: Path, config: dict[str, Any], summary: dict[str, Any]) -> RunData:
+    """A multi-stage run (``stages:``) as what its stages trained. Its top folder holds config.yaml (the base config
+    and the stages' overrides), summary.json (the last stage's best and test figures, each finished stage's summary
+    in ``stages``) and a run folder per stage; compare read the top files alone: the row said the base config's
+    epochs (20, the default) beside an empty epochs_done, and the run had no validation curve. Now ``epochs`` is the
+    epochs its stages train, ``epochs_done`` the epochs they trained, the metrics the stages' one after another,
+    their epochs (and steps) numbered on, and a staged run cut off in a stage that says how it ended (Ctrl-C, a
+    failure) reads as that stage does."""
+    planned, done, steps = 0, 0, 0
+    rows: list[dict[str, str]] = []
+    ends: list[int] = []
+    merged, times = dict(summary), []
+    for k, override in enumerate(config[STAGES], 1):
+        stage = RunFolder(path / f"stage{k}")
+        begun = is_run_folder(stage.path)
+        planned += _stage_epochs(flatten(stage.read_config_tree()) if begun else {}, override, config.get("epochs"))
+        if not begun:
+            continue
+        own = stage.summary(default={})
+        shifted = _numbered_on(stage.read_metrics(), done, steps)
+        rows += shifted
+        trained = own.get("epochs_done")
+        done += trained if isinstance(trained, int) else (int(shifted[-1]["epoch"]) - done if shifted else 0)
+        steps = int(shifted[-1]["step"]) if shifted and shifted[-1].get("step") else steps
+        ends.append(done)
+        times += [own["wall_time_s"]] if isinstance(own.get("wall_time_s"), int | float) else []
+        if merged.get("status") == CUT_OFF and own.get("status") not in (None, "running", "finished"):
+            merged["status"] = own["status"]  # interrupted, failed, diverged: the stage that stopped says how
+            if own.get("error"):
+                merged.setdefault("error", own["error"])
+    merged.setdefault("epochs_done", done)
+    if times:
+        merged.setdefault("wall_time_s", round(sum(times), 2))
+    return RunData("", path, {**config, "epochs": planned or config.get("epochs")}, merged, rows, ends)
+
+
+def _stage_epochs(own: dict[str, Any], override: Any, base: Any) -> int:
+    """The epochs a stage trains: its own config.yaml's once it has begun, else its override's or the base config's."""
+    epochs = own.get("epochs", flatten(override).get("epochs", base) if isinstance(override, dict) else base)
+    return epochs if isinstance(epochs, int) and not isinstance(epochs, bool) else 0
+
+
+def _numbered_on(rows: list[dict[str, str]], epochs: int, steps: int) -> list[dict[str, str]]:
+    """A later stage's metrics.csv rows (its epochs and steps count from 1 again) after the earlier stages' ``epochs``
+    and ``steps``; a row whose numbers do not read (cut short by a crash) is passed over."""
+    out = []
+    for row in rows:
+        try:
+            epoch = int(float(row["epoch"])) + epochs
+            step = int(float(row["step"])) + steps if row.get("step") else None
+        except (KeyError, TypeError, ValueError):
+            continue
+        out.append({**row, "epoch": str(epoch), **({"step": str(step)} if step is not None else {})})
+    return out
 
 
 def _so_far(rows: list[dict[str, str]]) -> dict[str, Any]:
@@ -223,13 +285,15 @@ def _so_far(rows: list[dict[str, str]]) -> dict[str, Any]:
 
 
 def varying_keys(runs: list[RunData]) -> list[str]:
+    """The config keys whose values differ between the runs; ``stages`` too where a run is staged, so that its
+    stages are listed (what each one changed) beside figures that are theirs."""
     keys = list(dict.fromkeys(k for r in runs for k in r.config))
     out = []
     for key in keys:
         if key in NOT_INTERESTING:
             continue
         seen = {yaml.safe_dump(r.config.get(key)) for r in runs}
-        if len(seen) > 1:
+        if len(seen) > 1 or (key == STAGES and any(r.stage_ends or r.config.get(key) for r in runs)):
             out.append(key)
     return out
 
@@ -318,14 +382,31 @@ def comparison(runs: list[RunData], by: list[str], metrics: list[str] | None = N
 
 def _absent_metrics(runs: list[RunData], metrics: list[str]) -> list[str]:
     """A note for each asked-for metric that no run's summary has: a typo (--metric tset_acc) left an empty column
-    without a word. Not a refusal: runs still training have no test figures yet."""
+    without a word. Not a refusal: runs still training have no test figures yet. '(yet)' only where a run may still
+    bring it (one not finished); a test figure of runs that have no test split (a k-fold folder of a CSV or a class
+    folder with no test set) will never come, and the note says so: it said '(yet)' there too."""
     have = set().union(*(r.summary for r in runs))
-    return [
-        f"no run has metric '{m}' (yet){did_you_mean(m, sorted(k for k in have if k not in NOT_METRICS))}: "
-        "its column is empty"
-        for m in metrics
-        if m not in have
-    ]
+    notes = []
+    for m in (m for m in metrics if m not in have):
+        # classlab's own names are no typo: 'test_acc (did you mean best_val_acc?)' pointed away from the truth
+        hint = "" if m in DEFAULT_METRICS else did_you_mean(m, sorted(k for k in have if k not in NOT_METRICS))
+        untested = [m.startswith("test") and _no_test_split(r.summary) for r in runs]
+        coming = any(r.summary.get("status") != "finished" and not no for r, no in zip(runs, untested))
+        if coming:
+            notes.append(f"no run has metric '{m}' (yet){hint}: its column is empty")
+        elif all(untested):
+            which = "the run has" if len(runs) == 1 else "the runs have"
+            notes.append(f"no run has metric '{m}': {which} no test split, so its column stays empty")
+        else:
+            some = f" ({sum(untested)} of the {len(runs)} runs have no test split)" if any(untested) else ""
+            notes.append(f"no run has metric '{m}'{hint}: its column is empty{some}")
+    return notes
+
+
+def _no_test_split(summary: dict[str, Any]) -> bool:
+    """A run trained without a test split (summary.json's ``images``: test 0): it has no test figures, ever."""
+    images = summary.get("images")
+    return isinstance(images, dict) and images.get("test") == 0
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:
@@ -396,6 +477,8 @@ def plot_curves(runs: list[RunData], path: Path, column: str = "val/acc") -> Pat
         if points:
             lines += ax.plot(*zip(*points, strict=True), marker="." if len(points) < 30 else None)
             labels.append(run.label)
+            for end in run.stage_ends[:-1]:  # a staged run's stages, one after another: where each gave over
+                ax.axvline(end + 0.5, color=lines[-1].get_color(), linestyle=":", linewidth=0.8, alpha=0.6)
     if not lines:
         return None
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at epoch 1.2

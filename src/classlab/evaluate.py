@@ -784,7 +784,23 @@ def _confusion_figure(cm: Any, classes: list[str], top1: float, source: str = ""
                         color="white" if rates[i, j] > 0.5 else "black",
                     )
     fig.tight_layout()
+    if n <= 6 and _labels_collide(fig, ax):
+        ax.tick_params(axis="x", labelrotation=90)
+        for _ in range(2):  # the square image settles in the space the upright names leave on the second pass
+            fig.tight_layout()
     return fig
+
+
+def _labels_collide(fig: Any, ax: Any) -> bool:
+    """Whether the x labels, drawn level, run into each other: a few long class names ('golden_retriever',
+    'labrador_retriever') were written over one another, as only more than 6 classes had them turned upright.
+    Measured as drawn (the names' own width in the figure's font), with a little room between two."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
+    gap = 2 * fig.dpi / 72  # two points
+    return any(left.x1 + gap > right.x0 for left, right in zip(boxes, boxes[1:]))
 
 
 # ---------------------------------------------------------------------------------------------

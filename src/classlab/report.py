@@ -14,6 +14,7 @@ import base64
 import csv
 import html
 import json
+import math
 import os
 import tempfile
 import time
@@ -45,7 +46,9 @@ table.confusion td { min-width: 2.2rem; text-align: center; }
 .true { color: #1a7f37; } .pred { color: #c62828; }
 """
 
-# Sorts the table whose header was clicked: numbers as numbers, text in natural order, blanks last.
+# Sorts the table whose header was clicked: numbers as numbers, text in natural order; whichever way, a number that
+# is not one (nan, inf: a run that diverged) after the others and blanks last. nan was sorted as the text "nan", so
+# it came first of a column sorted descending, above the best run.
 SCRIPT = """
 document.querySelectorAll("table.sortable").forEach(function (table) {
   table.querySelectorAll("th").forEach(function (th, col) {
@@ -58,9 +61,12 @@ document.querySelectorAll("table.sortable").forEach(function (table) {
         var c = row.cells[col];
         return c.dataset.sort !== undefined ? c.dataset.sort : c.textContent.trim();
       };
+      var last = function (row) {
+        return key(row) === "" ? 2 : row.cells[col].hasAttribute("data-nonfinite") ? 1 : 0;
+      };
       rows.sort(function (a, b) {
-        var x = key(a), y = key(b);
-        if (x === "" || y === "") { return (x === "") - (y === ""); }
+        var x = key(a), y = key(b), lx = last(a), ly = last(b);
+        if (lx || ly) { return lx - ly; }
         var nx = Number(x), ny = Number(y);
         var c = !isNaN(nx) && !isNaN(ny) ? nx - ny : x.localeCompare(y, undefined, {numeric: true});
         return dir === "ascending" ? c : -c;
@@ -111,7 +117,8 @@ def _table(columns: list[str], rows: list[dict[str, Any]], table_id: str, summar
         for c in columns:
             value = row.get(c)
             exact = "" if value is None else (repr(value) if isinstance(value, float) else format_value(value))
-            cells.append(f'<td data-sort="{_esc(exact)}">{_esc(format_value(value, c))}</td>')
+            odd = " data-nonfinite" if isinstance(value, float) and not math.isfinite(value) else ""  # sorted last
+            cells.append(f'<td data-sort="{_esc(exact)}"{odd}>{_esc(format_value(value, c))}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     split = len(body) - summary_rows
     foot = f"<tfoot>{''.join(body[split:])}</tfoot>" if summary_rows else ""

@@ -19,6 +19,7 @@ are kept in summary.json.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import math
@@ -30,6 +31,7 @@ from typing import Any
 import lightning as L
 
 from classlab.config import Config
+from classlab.engine.library_logs import mlflow_kept_back
 from classlab.errors import ClassLabError, ConfigError, first_line
 from classlab.run import RunFolder
 
@@ -86,7 +88,8 @@ def build_loggers(cfg: Config, run: RunFolder) -> list[Any]:
     out: list[Any] = []
     for name in cfg.trainer.loggers:
         try:
-            out.append(_build(name, cfg, run, ids))
+            with mlflow_kept_back() if name == "mlflow" else contextlib.nullcontext():
+                out.append(_build(name, cfg, run, ids))
         except Exception as exc:  # noqa: BLE001 - any tracker failure becomes the user's one line
             _failed(run, name, exc)
     return out
@@ -261,8 +264,9 @@ def start(loggers: list[Any], cfg: Config, run: RunFolder) -> None:
         kind = type(logger).__name__
         try:
             if kind == "MLFlowLogger":
-                _mlflow_params(logger, params)
-                ids["mlflow"] = logger.run_id
+                with mlflow_kept_back():  # its store's tables made, its run made: lines of MLflow's own
+                    _mlflow_params(logger, params)
+                    ids["mlflow"] = logger.run_id
             elif kind == "TensorBoardLogger":  # its hyperparameters go with the final metrics (HParams)
                 _ = logger.experiment  # its folder and writer now: a RUN/tb it cannot make was an unexpected error
             else:
