@@ -33,7 +33,7 @@ import lightning as L
 from classlab.config import Config
 from classlab.engine.library_logs import mlflow_kept_back
 from classlab.errors import ClassLabError, ConfigError, first_line
-from classlab.run import RunFolder
+from classlab.run import METRICS, RunFolder
 
 LOGGERS = ("tensorboard", "csv", "mlflow", "wandb")
 # The package each logger imports, and what installs it.
@@ -152,7 +152,8 @@ def _build(name: str, cfg: Config, run: RunFolder, ids: dict[str, str]) -> Any:
         from lightning.pytorch.loggers import CSVLogger
 
         logger = CSVLogger(save_dir=str(run.path), name="csv", version="")
-        setattr(logger, EARLIER_ROWS, _csv_rows(Path(logger.log_dir) / "metrics.csv"))  # before it deletes them
+        # Lightning's CSVLogger names its file as the run's own (RUN/csv/metrics.csv): read before it deletes it.
+        setattr(logger, EARLIER_ROWS, _csv_rows(Path(logger.log_dir) / METRICS))
         return logger
     if name == "mlflow":
         from lightning.pytorch.loggers import MLFlowLogger
