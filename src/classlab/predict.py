@@ -8,6 +8,7 @@ end, so any number of files costs the memory of one batch and a reader never see
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import io
 import os
@@ -477,40 +478,6 @@ def _label(pred: dict[str, Any], classes: list[str], label_format: str) -> str:
     return str(classes.index(pred["class"])) if label_format == "index" else str(pred["class"])
 
 
-def write_submission(
-    runs: Any,
-    paths: Sequence[str | Path],
-    template: str | Path,
-    out: str | Path,
-    *,
-    id_column: str = "ImageID",
-    label_column: str = "ans",
-    label_format: str = "index",
-    allow_missing: bool = False,
-    checkpoint: str | None = None,
-    batch_size: int = 256,
-    tta: str | None = None,
-) -> Submission:
-    """Predict the template's images (one run or an ensemble) and write the filled template to ``out``.
-
-    Called from Python, its messages name these keywords (``allow_missing=True``), not ``classlab predict``'s
-    flags; the command line calls ``fill_template``, which speaks as whoever called it."""
-    with python_call(python_verb() or "write_submission"):
-        return fill_template(
-            runs,
-            paths,
-            template,
-            out,
-            id_column=id_column,
-            label_column=label_column,
-            label_format=label_format,
-            allow_missing=allow_missing,
-            checkpoint=checkpoint,
-            batch_size=batch_size,
-            tta=tta,
-        )
-
-
 def fill_template(
     runs: Any,
     paths: Sequence[str | Path],
@@ -525,7 +492,8 @@ def fill_template(
     batch_size: int = 256,
     tta: str | None = None,
 ) -> Submission:
-    """``write_submission`` in the words of the caller in progress (the command line's flags outside a Python call)."""
+    """Predict the template's images (one run or an ensemble) and write the filled template to ``out``, its messages
+    in the words of the caller in progress: the command line's flags, or under ``write_submission`` its keywords."""
     _not_an_image(out)
     if label_format not in ("index", "name"):
         raise ClassLabError(f"{option_name('label-format')} {label_format!r}: choose 'index' or 'name'")
@@ -577,6 +545,17 @@ def fill_template(
         writer.writerow(dict(row, **{label_column: _label(pred, loaded.classes, label_format) if pred else ""}))
     atomic_write_text(out, buffer.getvalue(), output=True)
     return Submission(Path(out), len(rows), listed, _repeated_ids(given))
+
+
+@functools.wraps(fill_template)  # its signature and doc, for help() and a notebook's completion
+def write_submission(*args: Any, **kwargs: Any) -> Submission:
+    # fill_template for a Python caller: its messages name these keywords (allow_missing=True), not the flags of
+    # `classlab predict` (--allow-missing).
+    with python_call(python_verb() or "write_submission"):
+        return fill_template(*args, **kwargs)
+
+
+write_submission.__name__ = write_submission.__qualname__ = "write_submission"
 
 
 __all__ = [
