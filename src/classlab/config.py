@@ -15,6 +15,7 @@ import re
 import types
 import warnings
 from collections.abc import Collection
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -285,6 +286,21 @@ class ModelSection(BaseModel):
         "'attention_only' = the combined prediction comes from the attention-fused task features alone",
     )
 
+    @field_validator("init_from")
+    @classmethod
+    def _checkpoint_file(cls, value: str | None) -> str | None:
+        """A run's checkpoint file (``runs/rot/checkpoints/epoch5.ckpt``, what tab completion gives, and what the
+        RotNet-style INI's ``transfer`` named) is that run and checkpoint, ``runs/rot:epoch5``: one spelling for the
+        summary, the sweep's folder names and compare's legends. Before, the file was refused as 'not a run folder'
+        with a hint about images to classify."""
+        if value and value.endswith(".ckpt"):
+            from classlab.run import run_of  # here: run.py imports torch, which --explain must not wait for
+
+            folder, picked = run_of(value)
+            if picked is not None:
+                return f"{folder}:{picked}"
+        return value
+
     def spec(self) -> dict[str, Any]:
         """The plain dict the model registry builds from."""
         return {k: v for k, v in self.model_dump().items() if v is not None}
@@ -524,6 +540,9 @@ class Config(Section):
             )
         _check_monitor(self)
         _check_source_fidelity(self)
+        if not _READING_SAVED.get():
+            _check_one_policy(self.aug)
+            _check_rotation_pretext(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -550,7 +569,6 @@ def _check_source_fidelity(cfg: Config) -> None:
         if aug.mean_subtraction == "pixel":
             raise ValueError("aug.norm_mean/norm_std replace the data's statistics; drop aug.mean_subtraction=pixel")
     _check_size_schedule(cfg)
-    _check_one_policy(aug)
     if aug.rotate_first and not (aug.random_resized_crop is not None and aug.rotation > 0):
         raise ValueError("aug.rotate_first orders rotation before the crop: it needs aug.rotation and "
                          "aug.random_resized_crop")  # fmt: skip
@@ -626,6 +644,28 @@ def _check_folds_and_weights(cfg: Config) -> None:
     for value in [weights, *maps]:
         if isinstance(value, dict) and any(not v > 0 for v in value.values() if isinstance(v, (int, float))):
             raise ValueError("loss.class_weights: every weight must be above 0")
+
+
+ROTATION_LIMIT = 45.0  # degrees: a random turn this large takes an image halfway to the next pretext label
+
+
+def _check_rotation_pretext(cfg: Config) -> None:
+    """The pretext's labels are the quarter turns of an upright image: an augmentation that turns images itself
+    makes them ambiguous, and the run trained on without a word. A vertical flip is a half turn of the mirror image
+    (0 and 180 degrees, 90 and 270 look alike); a random turn of 45 degrees or more meets the next label."""
+    if cfg.task != "rotation":
+        return
+    if cfg.aug.vflip:
+        raise ValueError(
+            "aug.vflip with task=rotation: a vertical flip is the mirror image turned by 180 degrees, so the "
+            "pretext could no longer tell 0 from 180 degrees (nor 90 from 270); set aug.vflip=false"
+        )
+    if cfg.aug.rotation >= ROTATION_LIMIT:
+        raise ValueError(
+            f"aug.rotation={_plain(cfg.aug.rotation)} with task=rotation: a random turn of {ROTATION_LIMIT:g} degrees "
+            "or more reaches the next quarter turn the pretext predicts, so its labels overlap; keep aug.rotation "
+            f"below {ROTATION_LIMIT:g} (0 in RotNet)"
+        )
 
 
 def _check_multitask(cfg: Config) -> None:
@@ -1137,8 +1177,23 @@ def saved_tree(tree: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def validate(tree: dict[str, Any]) -> Config:
-    """Validate a raw config tree; raise ConfigError with one line on the first problem."""
+# A run folder's saved config is read as it trained (``validate(..., saved=True)``): the checks added since for new
+# runs (two augmentation policies at once, a rotation pretext's own turns) do not lock an earlier run out of eval,
+# predict, export and --resume.
+_READING_SAVED: ContextVar[bool] = ContextVar("classlab_reading_saved", default=False)
+
+
+def validate(tree: dict[str, Any], *, saved: bool = False) -> Config:
+    """Validate a raw config tree; raise ConfigError with one line on the first problem. ``saved``: a run folder's
+    config.yaml (or a sweep's, a k-fold folder's), checked as a config is, less the checks only new runs pass."""
+    token = _READING_SAVED.set(saved or _READING_SAVED.get())  # its stages' configs are read alike
+    try:
+        return _validated(tree)
+    finally:
+        _READING_SAVED.reset(token)
+
+
+def _validated(tree: dict[str, Any]) -> Config:
     _bounded(tree, "the config")  # a run folder's config.yaml reaches here without _read_yaml
     try:
         cfg = Config.model_validate(tree)

@@ -44,6 +44,7 @@ from classlab.run import (
     is_fold_group,
     is_moved_aside,
     is_run_folder,
+    run_of,
 )
 from classlab.train import NOT_WHAT_TRAINS, coerce_config, train
 
@@ -142,7 +143,9 @@ def name_value(value: Any) -> str:
     elif isinstance(value, dict):
         text = "-".join(f"{k}{name_value(v)}" for k, v in value.items())
     elif isinstance(value, str) and ("/" in value or "\\" in value or ":" in value):
-        folder, _, ckpt = value.partition(":") if not Path(value).exists() else (value, "", "")
+        folder, ckpt = run_of(value)  # runs/rot/checkpoints/epoch4.ckpt is rot@epoch4, as runs/rot:epoch4 is
+        if ckpt is None:
+            folder, _, ckpt = value.partition(":") if not Path(value).exists() else (value, "", "")
         text = Path(folder.rstrip("/\\")).name + (f"@{ckpt}" if ckpt else "")
     else:
         text = str(value)
@@ -235,7 +238,7 @@ def plan(
     saved = _saved_configs(root)
     existing = _existing_points(saved, list(assignments[0]))
     free = _free_keys(saved, [k for axis in axes for k in axis.keys])  # what a new point may set otherwise
-    seen: dict[str, str] = {}  # grid values as the config reads them -> the first point with them
+    seen: dict[str, tuple[str, dict[str, Any]]] = {}  # grid values as read -> the first point with them
     for assignment, name in zip(assignments, names, strict=True):
         point_overrides = [*overrides, *(f"{k}={yaml_text(v)}" for k, v in assignment.items())]
         point_overrides += [f"run.root={root}", f"exp_name={name}"]
@@ -247,11 +250,8 @@ def plan(
             raise ConfigError(f"grid point {name}: {exc}") from None
         values = _grid_values(point_cfg, list(assignment))
         if values in seen:  # --grid optim.lr=1e-2,0.01: two folders training one run
-            raise ConfigError(
-                f"{option_name('grid')}: points {seen[values]} and {name} are the same run once their values are read "
-                f"({', '.join(f'{k}={v!r}' for k, v in json.loads(values))}); list each value once"
-            )
-        seen[values] = name
+            raise _same_run(seen[values], (name, assignment), values)
+        seen[values] = (name, assignment)
         same = None if (root / name).exists() else existing.get(values)
         if same is not None:  # the --grid flags in another order, or a value spelt otherwise (1e-2 for 0.01)
             name = same
@@ -267,11 +267,35 @@ def plan(
     return root, points
 
 
+def _same_run(first: tuple[str, dict[str, Any]], second: tuple[str, dict[str, Any]], values: str) -> ConfigError:
+    """Two points of one grid that train the same run, with the values they share as the config reads them (of a
+    section given whole, the keys the points give: not every key of the section)."""
+    given = set(flatten(first[1])) | set(flatten(second[1]))
+    shown = []
+    for key, value in json.loads(values):
+        if isinstance(value, dict):
+            value = {k.removeprefix(key + "."): v for k, v in value.items() if k in given}
+        shown.append(f"{key}={value!r}")
+    return ConfigError(
+        f"{option_name('grid')}: points {first[0]} and {second[0]} are the same run once their values are read "
+        f"({', '.join(shown)}); list each value once"
+    )
+
+
 def _grid_values(cfg: Config, keys: list[str]) -> str:
     """What a point is, as its config says: the grid keys' values (not the folder name, which follows the order
-    and the spelling of the --grid flags)."""
+    and the spelling of the --grid flags). A key that names a section (``--grid optim={name: sgd},{name: adam}``)
+    is every key under it: the config holds no ``optim`` key of its own, and every point read as None there, so two
+    different points were refused as the same run."""
     flat = flatten(cfg.to_dict())
-    return json.dumps([[k, flat.get(k)] for k in sorted(keys)], default=str)
+
+    def value(key: str) -> Any:
+        if key in flat:
+            return flat[key]
+        under = {k: v for k, v in flat.items() if k.startswith(key + ".")}
+        return dict(sorted(under.items())) if under else None
+
+    return json.dumps([[k, value(k)] for k in sorted(keys)], default=str)
 
 
 def _saved_configs(root: Path) -> dict[str, Config]:
@@ -283,9 +307,9 @@ def _saved_configs(root: Path) -> dict[str, Config]:
         folder = RunFolder(path)
         try:
             if is_fold_group(path):
-                found[path.name] = validate(saved_tree(folder.read_json(FOLDS)["config"]))
+                found[path.name] = validate(saved_tree(folder.read_json(FOLDS)["config"]), saved=True)
             elif is_run_folder(path):
-                found[path.name] = validate(saved_tree(folder.read_config_tree()))
+                found[path.name] = validate(saved_tree(folder.read_config_tree()), saved=True)
         except (ClassLabError, KeyError, TypeError, ValueError):
             continue  # unreadable: never matched, so never reused; resuming it says why in its own words
     return found
@@ -524,8 +548,9 @@ def _ray_task(
         return {"status": "failed", "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
 
 
-def _run_ray(config: str | None, todo: list[Point], address: str, cpus: float, say: Any) -> None:
-    """Send every point to a Ray cluster as one task each; run folders must be on a shared filesystem."""
+def _import_ray() -> Any:
+    """Ray, or the line saying how to get it: asked before the sweep says its plan and makes its folder, which a
+    sweep refused for want of Ray left behind with a sweep.json recording a call that ran nothing."""
     try:
         import ray
     except ImportError:
@@ -533,6 +558,12 @@ def _run_ray(config: str | None, todo: list[Point], address: str, cpus: float, s
             f"{option_name('ray')} needs Ray, which is not installed: pip install 'ray>=2.9' (or run the sweep with "
             f"{option('jobs', metavar='K')})"
         ) from None
+    return ray
+
+
+def _run_ray(config: str | None, todo: list[Point], address: str, cpus: float, say: Any) -> None:
+    """Send every point to a Ray cluster as one task each; run folders must be on a shared filesystem."""
+    ray = _import_ray()
     try:
         ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
     except Exception as exc:  # noqa: BLE001 - connection problems are user errors here
@@ -594,6 +625,8 @@ def sweep(
         raise ConfigError(f"{option('jobs', jobs)}: give 1 or more processes")
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     root, points = plan(config, overrides, grid, threads=threads)
+    if ray_address:
+        _import_ray()
     done = [p for p in points if p.status == "finished"]
     todo = [p for p in points if p.status != "finished"]
     resumed = sum(p.status == "resume" for p in todo)

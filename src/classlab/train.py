@@ -445,7 +445,7 @@ def _with_saved_stages(cfg: Config, given: list[str]) -> Config:
         tree = saved_tree(folder.read_config_tree())
     except ClassLabError:
         return cfg  # the resume itself says what is wrong with it
-    return validate(with_overrides(tree, given)) if tree.get("stages") else cfg
+    return validate(with_overrides(tree, given), saved=True) if tree.get("stages") else cfg
 
 
 def _weights_at_start(run: RunFolder, last_ckpt: Path | None, start_from: Path | None) -> dict[str, Any] | None:
@@ -545,9 +545,9 @@ def _resume_state(
     if _is_zero():
         lock.acquire()  # a second process on this folder stops here, before it reads or writes anything
     tree = saved_tree(run.read_config_tree())
-    saved = validate(tree)
+    saved = validate(tree, saved=True)
     if not isinstance(config, Config):
-        cfg = validate(with_overrides(tree, overrides or []))  # a copy: tree stays the saved one
+        cfg = validate(with_overrides(tree, overrides or []), saved=True)  # a copy: tree stays the saved one
     changes = _resume_changes(saved, cfg, run)
     last_ckpt, done, batches = run.resume_checkpoint(set_damaged_aside=_is_zero())
     if cfg.epochs < done:  # config.yaml said 1 epoch beside a metrics.csv of 2, and "train it longer: epochs=1"
@@ -1001,7 +1001,7 @@ def _take_back(top: RunFolder, moved: Path | None) -> None:
 def _check_same_folds(top: RunFolder, cfg: Config) -> None:
     """A second call continues the folds it finds, so it must train what they trained: finished folds are kept
     as they are, and folds.json would otherwise claim a config (epochs=2) that never trained them."""
-    saved = validate(saved_tree(top.read_json(FOLDS)["config"]))
+    saved = validate(saved_tree(top.read_json(FOLDS)["config"]), saved=True)
     changes = [c for c in changed_keys(saved, cfg) if c[0] not in NOT_WHAT_TRAINS and c[0] != "data.fold"]
     if changes:
         key, old, new = changes[0]

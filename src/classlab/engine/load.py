@@ -174,7 +174,7 @@ def load(
     check_run_given(run)
     device = _usable_device(device)
     run, checkpoint = open_run_at(run, checkpoint)
-    cfg = validate(saved_tree(run.read_config_tree()))
+    cfg = validate(saved_tree(run.read_config_tree()), saved=True)
     classes = run.read_classes()
     ckpt = safe_torch_load(run.checkpoint(checkpoint))
     meta = ckpt.get("classlab", {})

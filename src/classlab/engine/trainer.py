@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from rich.console import Console
 
-from classlab.config import Config
+from classlab.config import Config, flatten, yaml_text
 from classlab.data.pipeline import DataBundle
 from classlab.data.preprocess import Normalize
 from classlab.data.tasks import TaskLayout
@@ -44,6 +44,12 @@ from classlab.run import RunFolder, open_run, safe_torch_load
 def resolve_init_from(spec: str) -> Path:
     """``runs/rot:epoch5`` -> runs/rot/checkpoints/epoch5.ckpt (``runs/rot`` alone -> best)."""
     folder, _, name = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    if Path(folder).is_file():  # a run's own checkpoint file is read as run:name by the config (ModelSection)
+        raise ClassLabError(
+            f"'{folder}' is a file, not a run folder: model.init_from takes a run folder, with a checkpoint name "
+            "after ':' (runs/rot:epoch5) or as the path of one of its checkpoints/*.ckpt; for a weights file of "
+            "your own use model.pretrained_path"
+        )
     return open_run(Path(folder)).checkpoint(name or "best")
 
 
@@ -79,16 +85,50 @@ def _normalization_note(spec: str, state: dict[str, Any], normalize: Normalize) 
     )
 
 
-def _load_init_from(net: torch.nn.Module, spec: str, freeze: str) -> dict[str, Any]:
+# The keys that shape a backbone: a run that set one of them otherwise has tensors of other shapes.
+SHAPE_KEYS = (
+    "model.name", "model.preset", "model.depth", "model.layers", "model.widths", "model.activation",
+    "model.batchnorm", "model.conv_bias", "model.truncate_at", "model.head_conv",
+)  # fmt: skip
+
+
+def _source_differences(path: Path, cfg: Config, data: DataBundle) -> str:
+    """What the run ``path`` comes from was built or fed otherwise than this one: where a shape mismatch comes
+    from. The images' channels are none of the model's settings, so 'build the model as that run did' alone sent a
+    transfer from greyscale to colour images (or back) looking through model keys for a fix it could not find."""
+    try:
+        there = flatten(RunFolder(path.parent.parent).read_config_tree())
+        meta = safe_torch_load(path).get("classlab") or {}
+    except (ClassLabError, OSError, ValueError):
+        return ""
+    here = flatten(cfg.to_dict())
+
+    def shown(value: Any) -> str:
+        return "[" + ",".join(map(shown, value)) + "]" if isinstance(value, list) else yaml_text(value)
+
+    diffs = [f"{k} ({shown(there.get(k))} there, {shown(here.get(k))} here)" for k in SHAPE_KEYS
+             if there.get(k) != here.get(k)]  # fmt: skip
+    if meta.get("channels") not in (None, data.channels):
+        diffs.append(f"the images' channels ({meta['channels']} there, {data.channels} here: no model setting "
+                     "changes them; pretrain on images with as many channels as this data has)")  # fmt: skip
+    if not diffs and meta.get("image_size") not in (None, data.size):  # a pooling network takes any size
+        diffs.append(f"the image size ({meta['image_size']} px there, {data.size} px here: data.image_size)")
+    return f"; that run differs from this one in {', '.join(diffs)}" if diffs else ""
+
+
+def _load_init_from(net: torch.nn.Module, cfg: Config, data: DataBundle) -> dict[str, Any]:
     """The backbone of another run; what was loaded is said in the run's first lines, since a transfer
     that silently took half the tensors (another depth, a truncated source) looks like a poor result.
     A frozen layer the run did not fill would stay random for good, so that is refused."""
+    spec, freeze = str(cfg.model.init_from), cfg.model.freeze
+    path = None
     try:
         path = resolve_init_from(spec)
         state = safe_torch_load(path)["state_dict"]
         loaded = load_backbone_weights(net, _net_state(path, state))
     except ClassLabError as exc:
-        raise type(exc)(f"model.init_from={spec}: {exc}") from None
+        why = _source_differences(path, cfg, data) if path is not None else ""
+        raise type(exc)(f"model.init_from={spec}: {exc}{why}") from None
     left = set(loaded["missing"])
     frozen = [k for k, p in net.named_parameters() if not p.requires_grad and k in left]
     if frozen:
@@ -154,7 +194,7 @@ def build_network(
     if cfg.model.init_from and resumed is not None and "left" in resumed:
         net.init_report = _refill_as_at_start(inner, resumed)
     elif cfg.model.init_from:
-        net.init_report = _load_init_from(inner, cfg.model.init_from, cfg.model.freeze)
+        net.init_report = _load_init_from(inner, cfg, data)
     # Pretrained weights bring their own normalisation (ImageNet's, timm's pretrained_cfg), unless aug.norm_mean/std
     # say otherwise: a weights file has no metadata, and weights trained at mean 0.5 / std 0.5 need those.
     weights_own = pretrained.normalization(cfg.model.spec()) if cfg.aug.norm_mean is None else None
