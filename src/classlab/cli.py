@@ -140,7 +140,13 @@ def cmd_train(args: argparse.Namespace, task: str | None = None) -> int:
     if args.explain:  # answered from the schema alone, before the training stack (Lightning) is imported
         from classlab.config import explain
 
-        print(explain(args.explain))
+        try:
+            text = explain(args.explain)
+        except ConfigError as exc:  # model.tf_same, model.stem: a family's keys are its builder's, not the schema's
+            from classlab.models.registry import explain_family_param
+
+            text = explain_family_param(args.explain, exc)
+        print(text)
         return 0
     from classlab.train import print_config, train
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -150,6 +151,50 @@ def get_entry(name: str) -> ModelEntry:
             f"run {command('`classlab models`')} for the list, or use timm:<name> for any timm model"
         )
     return _REGISTRY[name]
+
+
+def _shown(value: Any) -> str:
+    """A builder default as a config file writes it (false, null, [3, 4])."""
+    try:
+        return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    except yaml.YAMLError:
+        return str(value)
+
+
+def explain_family_param(key: str, unknown: ConfigError) -> str:
+    """``classlab train --explain model.<key>`` for a key a family's builder reads (``model.tf_same``, ``model.stem``):
+    the schema lists only the generic model keys, the builders the rest. Which models read it, its type and default.
+
+    Any other key raises ``unknown`` (the schema's error), its hint then weighing the family keys too."""
+    param = key.removeprefix("model.")
+    if not key.startswith("model.") or "." in param:
+        raise unknown
+    takers = [name for name in sorted(_REGISTRY, key=_natural) if param in _REGISTRY[name].params]
+    if not takers:
+        from classlab.config import ModelSection
+
+        every = {f"model.{p}" for entry in _REGISTRY.values() for p in entry.params}
+        hint = did_you_mean(key, sorted(every | {f"model.{f}" for f in ModelSection.model_fields}))
+        raise ConfigError(f"unknown config key '{key}'{hint}") if hint else unknown
+    kinds: dict[str, None] = {}
+    defaults: dict[str, list[str]] = {}
+    for name in takers:
+        arg = inspect.signature(_REGISTRY[name].builder).parameters[param]
+        kinds[str(arg.annotation) if arg.annotation is not inspect.Parameter.empty else "any"] = None
+        shown = "(required)" if arg.default is inspect.Parameter.empty else _shown(arg.default)
+        defaults.setdefault(shown, []).append(name)
+    default = (
+        next(iter(defaults))
+        if len(defaults) == 1
+        else "; ".join(f"{value} ({', '.join(names)})" for value, names in defaults.items())
+    )
+    return "\n".join(
+        [
+            f"{key}: family parameter of {', '.join(takers)}: passed to the model's builder; other models refuse it",
+            f"  allowed: {' | '.join(kinds)}",
+            f"  default: {default}",
+        ]
+    )
 
 
 def family_params(spec: dict[str, Any]) -> dict[str, Any]:
