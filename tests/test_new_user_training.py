@@ -364,3 +364,17 @@ def test_a_training_loss_far_above_chance_says_the_lr_may_be_too_high(
 
     assert loss_blowup_note(46.0, 10, 1) is None and loss_blowup_note(47.0, 10, 1) is not None
     assert loss_blowup_note(19.0, 2, 1) is None  # ln 2 < 1: the bar is 20, not 14
+
+
+def test_a_run_stopped_by_max_steps_says_why_nothing_was_scored(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Before: trainer.max_steps ending the run mid-epoch (validation runs at an epoch's end) finished with "no
+    validation or test images to score" beside a split of several validation images."""
+    for name, color in (("red", (220, 40, 40)), ("blue", (40, 60, 220))):
+        for i in range(12):
+            make_image(tmp_path / "photos" / name / f"{i}.png", color, size=16)
+    args = [f"data.root={tmp_path / 'photos'}", "data.dataset=folder", "data.batch_size=4", "data.image_size=16"]
+    code, out, err = cli(capsys, "train", *small_run(tmp_path, **{"data.images_per_class": "null"}), *args,
+                         "trainer.max_steps=2", "exp_name=steps")  # fmt: skip
+    assert code == 0, err
+    assert "finished in" in out and "trainer.max_steps=2 stopped it before an epoch ended, so its " in out, out
+    assert "validation images were never scored" in out

@@ -947,10 +947,21 @@ def _finish(
     shown = ", ".join(
         f"{k} {summary[k]:.4f}" for k in ("best_val_acc", "test_acc") if isinstance(summary.get(k), float)
     )
-    shown = shown or "no validation or test images to score"  # data.val_fraction=0 and no test set
+    shown = shown or _nothing_scored(data, cfg)
     console.print(f"finished in {summary['wall_time_s']:.0f}s: {shown}")
     console.print(f"run folder: {run.path}")
     return run
+
+
+def _nothing_scored(data: DataBundle, cfg: Config) -> str:
+    """Why a finished run has no figure: no images to score (data.val_fraction=0, no test set), or a stop by
+    trainer.max_steps before the epoch's end, where validation runs ('no validation images' beside 400 of them)."""
+    if data.val and len(data.val) and cfg.trainer.max_steps:
+        return (
+            f"trainer.max_steps={cfg.trainer.max_steps} stopped it before an epoch ended, so its "
+            f"{len(data.val)} validation images were never scored"
+        )
+    return "no validation or test images to score"
 
 
 # ---------------------------------------------------------------------------------------------
