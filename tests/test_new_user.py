@@ -56,6 +56,9 @@ def test_resume_of_a_finished_run_suggests_more_epochs_than_it_has(
     assert code == 0, err
     (line,) = [line for line in out.splitlines() if "nothing to train" in line]
     assert line == f"{run} already finished its 2 epochs: nothing to train; to train it longer: --resume epochs=3"
+    # and that is all: it reloaded the data, reprinted its first lines and 'finished in 0s' under it
+    assert out.splitlines()[-1] == line and "classlab classify" not in out and "finished in" not in out, out
+    assert json.loads((run / "summary.json").read_text()) == json.loads((finished_run / "summary.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------

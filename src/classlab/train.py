@@ -734,12 +734,9 @@ def _fit_run(
     console = RunConsole(quiet=quiet, stderr=False, highlight=False, soft_wrap=True)
     saved_split, last_ckpt = None, None
     if resume:
-        from_file = cfg
-        cfg, saved_split, last_ckpt, changes, (done, batches) = _resume_state(run, lock, cfg, config, overrides)
-        console.print(_resume_line(last_ckpt, done, cfg.epochs, changes, cfg.sched.name, batches_done=batches))
-        if isinstance(config, str | Path) and _is_zero():
-            _say_file_edits(config, cfg, from_file, console)
-        _say_if_finished(run, cfg, console)
+        cfg, saved_split, last_ckpt, finished = _resume_said(run, lock, cfg, config, overrides, console)
+        if finished:
+            return run
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -883,10 +880,32 @@ def _interrupted(trainer: L.Trainer) -> RunInterrupted:
     return RunInterrupted(note or "stopped", code, run=recorder.run.path if recorder is not None else None)
 
 
-def _say_if_finished(run: RunFolder, cfg: Config, console: Console) -> None:
-    """--resume of a run that has trained all its epochs: without this line it only said 'finished in 3s'."""
+def _resume_said(
+    run: RunFolder,
+    lock: RunLock,
+    cfg: Config,
+    config: Config | str | Path | dict | None,
+    overrides: list[str] | None,
+    console: Console,
+) -> tuple[Config, Any, Path | None, bool]:
+    """``_resume_state`` and the lines saying where the run goes on: (config, split, checkpoint, finished), the
+    last True when there is nothing to do: a finished run resumed as it was keeps its figures, and its data is
+    not read again (it reprinted its first lines and 'finished' under 'nothing to train')."""
+    from_file = cfg
+    cfg, saved_split, last_ckpt, changes, (done, batches) = _resume_state(run, lock, cfg, config, overrides)
+    console.print(_resume_line(last_ckpt, done, cfg.epochs, changes, cfg.sched.name, batches_done=batches))
+    if isinstance(config, str | Path) and _is_zero():
+        _say_file_edits(config, cfg, from_file, console)
+    finished = _say_if_finished(run, cfg, console)
+    return cfg, saved_split, last_ckpt, finished and not changes
+
+
+def _say_if_finished(run: RunFolder, cfg: Config, console: Console) -> bool:
+    """--resume of a run that has trained all its epochs: without this line it only said 'finished in 3s'.
+    True when it has."""
     summary = run.summary(default={})
-    if len(run.read_metrics()) >= cfg.epochs and summary.get("status") == "finished":
+    finished = len(run.read_metrics()) >= cfg.epochs and summary.get("status") == "finished"
+    if finished:
         console.print(
             f"{run.path} already finished its {cfg.epochs} epochs: nothing to train; "
             f"to train it longer: {_resume_with(f'epochs={cfg.epochs + max(1, cfg.epochs // 2)}')}"
@@ -897,6 +916,7 @@ def _say_if_finished(run: RunFolder, cfg: Config, console: Console) -> None:
             f"note: {run.path} stopped early after epoch {early.get('epoch')} (trainer.patience); it trains on, and "
             f"stops again at the first validation whose {early.get('monitor')} does not improve on its best"
         )
+    return finished
 
 
 def _resume_with(override: str) -> str:
