@@ -78,6 +78,21 @@ def test_numbered_classes_listed_as_numbers(tmp_path: Path) -> None:
         folder_cfg(tmp_path / "d", "data.classes=[1.5, 0]")
 
 
+def test_an_empty_class_folder_alone_names_its_own_fix(tmp_path: Path) -> None:
+    """Before: "fix them, or set data.skip_bad_images=true to skip these files", which then refused the class
+    ("data.skip_bad_images skips files, not classes")."""
+    for c in ("a", "b"):
+        for i in range(4):
+            make_image(tmp_path / "d" / c / f"{i}.png", (200, 0, 0) if c == "a" else (0, 0, 200))
+    (tmp_path / "d" / "c").mkdir()
+    with pytest.raises(DataProblems) as info:
+        load_data(folder_cfg(tmp_path / "d", tmp=tmp_path))
+    assert str(info.value).splitlines()[0] == (
+        "1 problem(s) in the data; give each such class folder its images, or remove the folder to train without "
+        "that class:"
+    )
+
+
 def test_bad_files_reported_together_then_skipped(tmp_path: Path) -> None:
     root = tmp_path / "d"
     for c in ("a", "b"):
@@ -96,6 +111,7 @@ def test_bad_files_reported_together_then_skipped(tmp_path: Path) -> None:
     assert "4 problem(s)" in text
     for part in ("broken.jpg", "truncated.png", "notes.txt", "empty: class folder with no images"):
         assert part in text
+    assert "set data.skip_bad_images=true to skip these files (an empty class folder needs images, or removing)" in text
     # Skipping files skips no class: the empty folder became an output of the model that no image ever taught.
     with pytest.raises(ClassLabError) as info:
         load_data(folder_cfg(root, "data.val_fraction=0.2", "data.skip_bad_images=true", tmp=tmp_path))

@@ -15,7 +15,7 @@ import torch
 from classlab.config import Config
 from classlab.data.loaders import EpochSampler, MemoryLoader, available_cores, decode, decoded_bytes, stream_loader
 from classlab.data.preprocess import compute_stats, image_to_tensor
-from classlab.data.sources import UNLABELED, Source, check_readable, open_dataset, training_size
+from classlab.data.sources import EMPTY_CLASS, UNLABELED, Source, check_readable, open_dataset, training_size
 from classlab.data.splits import make_split
 from classlab.data.tasks import task_columns, task_orders
 from classlab.errors import ClassLabError, command
@@ -33,11 +33,14 @@ class DataProblems(ClassLabError):
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
         # A run already made (eval, --resume) was trained on these files: skipping them now would change its
         # split ('the data changed since this run was made'), and eval takes no overrides at all.
-        fix = (
-            " since the run was made: restore these files, or point data.root at the original data"
-            if made
-            else "; fix them, or set data.skip_bad_images=true to skip these files"
-        )
+        empty = [p for p in problems if p.endswith(f": {EMPTY_CLASS}")]
+        if made:
+            fix = " since the run was made: restore these files, or point data.root at the original data"
+        elif len(empty) == len(problems):  # data.skip_bad_images skips files, and then refused the class itself
+            fix = "; give each such class folder its images, or remove the folder to train without that class"
+        else:
+            fix = "; fix them, or set data.skip_bad_images=true to skip these files"
+            fix += " (an empty class folder needs images, or removing)" if empty else ""
         super().__init__(f"{len(problems)} problem(s) in the data{fix}:\n  " + "\n  ".join(shown) + more)
 
 

@@ -34,6 +34,9 @@ NATIVE_SIZE = {"sample": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "mnist"
 UNLABELED = "(unlabeled)"  # the one class of a folder without class folders
 DEFAULT_FILE_SIZE = 128  # training resolution of folder/CSV images when data.image_size is not set
 
+# A problem data.skip_bad_images cannot take away (it skips files, not classes): its own fix is named.
+EMPTY_CLASS = "class folder with no images"
+
 
 @dataclass
 class Source:
@@ -246,7 +249,7 @@ def _scan_class_folders(root: Path, notices: list[str] | None = None) -> tuple[d
             for name in sorted(filenames, key=natural_key):
                 _sort_file(Path(dirpath) / name, files, problems)
         if not files:
-            problems.append(f"{entry}: class folder with no images")
+            problems.append(f"{entry}: {EMPTY_CLASS}")
         per_class.setdefault(class_name(entry.name), []).extend(files)  # a copy from a Mac beside one from Linux
         spelled.setdefault(class_name(entry.name), []).append(unicodedata.normalize("NFC", entry.name))
     if ignored and notices is not None:
