@@ -157,6 +157,24 @@ def test_a_resumed_runs_tensorboard_and_csv_logs_hold_each_step_once(tmp_path: P
     assert _csv_logger_rows(run / "csv" / "metrics.csv") == _csv_logger_rows(whole / "csv" / "metrics.csv")
 
 
+def test_a_finished_run_resumed_with_more_epochs_has_one_final_value_per_tag(tmp_path: Path) -> None:
+    """The final/* figures were logged at step 0, where the resume's restart marker cannot drop them (that would
+    drop every step): a finished run trained on held two values of each, the first run's and the resumed one's.
+    Now they are logged at the run's last step, so the resume drops the first run's and keeps its own."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = {"data.images_per_class": 10, "trainer.loggers": "[tensorboard]"}
+    overrides = tiny_config(tmp_path, exp_name="more", epochs=1, **extra)
+    classlab.train(None, overrides, quiet=True)
+    run = classlab.train(None, [*overrides, "epochs=2"], resume=True, quiet=True).path
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    final = {tag: events.Scalars(tag) for tag in events.Tags()["scalars"] if tag.startswith("final/")}
+    last_step = max(e.step for e in events.Scalars("train/loss"))
+    assert final and all(len(points) == 1 and points[0].step == last_step for points in final.values()), final
+    assert final["final/epochs_done"][0].value == 2
+
+
 def test_an_mlflow_store_given_as_a_path_says_what_to_write(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -303,7 +321,9 @@ def test_few_long_class_names_on_the_confusion_plot_do_not_overlap() -> None:
 
     def drawn(classes: list[str]) -> tuple[set[float], list[Any]]:
         fig = _confusion_figure(torch.arange(len(classes) ** 2).reshape(len(classes), -1), classes, 0.5)
-        renderer = FigureCanvasAgg(fig).get_renderer()
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()  # as saved: the ticks and the title are placed where the last layout put the axes
+        renderer = canvas.get_renderer()
         labels = fig.axes[0].get_xticklabels()
         inside = fig.bbox.padded(1)
         assert all(inside.contains(*corner) for t in labels for corner in t.get_window_extent(renderer).corners())
@@ -315,6 +335,25 @@ def test_few_long_class_names_on_the_confusion_plot_do_not_overlap() -> None:
     assert all(left.x1 <= right.x0 for left, right in zip(boxes, boxes[1:]))
     assert drawn(["cat", "dog", "bird"])[0] == {0.0}  # short names stay level
     assert drawn(["golden_retriever", "labrador_retriever"])[0] == {0.0}  # two long ones have the room
+
+
+def test_the_confusion_plots_title_fits_a_narrow_figure() -> None:
+    """With 2 or 3 classes (a narrow figure) the title, 'confusion: numbers are counts, colour the share of the
+    true class (row)', ran past the right edge and was cut off. Now it is wrapped to fit, measured as drawn."""
+    import torch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from classlab.evaluate import _confusion_figure
+
+    cases = [(["a", "b"], ""), (["cat", "dog", "bird"], "tta:hflip"), (list("abcdefghij"), "")]
+    cases.append((["golden_retriever", "labrador_retriever", "dog"], ""))  # names turned upright
+    for classes, source in cases:
+        fig = _confusion_figure(torch.arange(len(classes) ** 2).reshape(len(classes), -1), classes, 0.5, source)
+        canvas, title = FigureCanvasAgg(fig), fig.axes[0].title
+        canvas.draw()  # as saved: the title is placed over the axes where the last layout put them
+        box = title.get_window_extent(canvas.get_renderer())
+        assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1), (classes, box, fig.bbox)
+        assert "counts" in title.get_text() and "top-1 0.5000" in title.get_text()
 
 
 def test_a_k_fold_folder_without_a_test_split_says_so_not_yet(tmp_path: Path) -> None:

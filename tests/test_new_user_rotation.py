@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import shutil
 import sys
+import urllib.error
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_cli, tiny_config
 from test_sweep import _finished_point
 
@@ -17,6 +20,7 @@ from classlab.config import load_config
 from classlab.data.pipeline import load_data
 from classlab.engine.trainer import build_network
 from classlab.errors import ClassLabError, ConfigError
+from classlab.models import pretrained
 from classlab.sweep import name_value, plan, sweep
 
 LAYERS = "[8,p,16,p]"  # four blocks: conv, pool, conv, pool
@@ -107,6 +111,7 @@ def test_a_grid_over_a_whole_section_is_one_run_per_value(tmp_path: Path) -> Non
         ("aug.vflip=true", "aug.vflip with task=rotation: a vertical flip is the mirror image turned by 180 degrees"),
         ("aug.rotation=90", "aug.rotation=90 with task=rotation: a random turn of 45 degrees or more"),
         ("aug.rotation=45", "keep aug.rotation below 45 (0 in RotNet)"),
+        ("aug.trivialaugment=true", "aug.trivialaugment with task=rotation: TrivialAugment (wide) turns images by up"),
     ],
 )
 def test_the_pretext_refuses_augmentations_that_turn_its_labels_into_each_other(setting: str, said: str) -> None:
@@ -116,6 +121,9 @@ def test_the_pretext_refuses_augmentations_that_turn_its_labels_into_each_other(
         load_config(None, ["task=rotation", setting])
     load_config(None, [setting])  # classify keeps them
     load_config(None, ["task=rotation", "aug.rotation=15"])  # a small turn stays within its quarter
+    # torchvision's AutoAugment and RandAugment policies turn by 30 degrees at most: they stay.
+    load_config(None, ["task=rotation", "aug.autoaugment=imagenet"])
+    load_config(None, ["task=rotation", "aug.randaugment=[2,30]"])
 
 
 def test_a_run_trained_before_the_refusal_still_loads_and_resumes(workdir: Path, rot_run: Path) -> None:
@@ -145,3 +153,59 @@ def test_a_sweep_refused_for_want_of_ray_leaves_no_folder(tmp_path: Path, monkey
     with pytest.raises(ClassLabError, match="--ray needs Ray"):
         sweep(None, ["seed=0,1"], [*tiny_config(tmp_path), "exp_name=sw"], ray_address="local", say=said.append)
     assert said == [] and not (tmp_path / "runs").exists()
+
+
+def test_init_from_a_folder_of_runs_names_one_run_without_the_ensemble_hint(workdir: Path, rot_run: Path) -> None:
+    """Before: model.init_from=runs (run.root, a folder of runs) ended its line with "for predict/eval several of them
+    with --ensemble mean", which no transfer can take."""
+    cfg = load_config(None, _overrides(workdir, f"model.init_from={rot_run.parent}"))
+    with pytest.raises(ClassLabError) as info:
+        build_network(cfg, load_data(cfg))
+    text = str(info.value)
+    assert "\n" not in text and "ensemble" not in text and "predict" not in text
+    assert "not one run" in text and f"model.init_from={rot_run}" in text
+
+
+def test_a_run_and_its_best_checkpoint_are_one_grid_point(workdir: Path, rot_run: Path) -> None:
+    """Before: --grid model.init_from=runs/rot,runs/rot:best made two folders (rot, rot@best) training one run:
+    a run alone means its best checkpoint."""
+    assert load_config(None, [f"model.init_from={rot_run}:best"]).model.init_from == str(rot_run)
+    assert load_config(None, [f"model.init_from={rot_run}/checkpoints/best.ckpt"]).model.init_from == str(rot_run)
+    assert name_value(f"{rot_run}:best") == name_value(str(rot_run)) == "rot"
+    with pytest.raises(ConfigError, match="are the same run once their values are read"):
+        plan(None, _overrides(workdir, "exp_name=sw_rot"), [f"model.init_from={rot_run},{rot_run}:best"])
+
+
+def test_a_relative_init_from_in_a_config_file_is_read_from_its_folder(
+    workdir: Path, rot_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: data.root and model.pretrained_path in a config file were read from the file's folder, but
+    model.init_from from wherever the command ran: the same file found its run from one folder only."""
+    configs = workdir / "configs"
+    configs.mkdir(exist_ok=True)
+    path = configs / "transfer.yaml"
+    path.write_text(f"model:\n  init_from: {os.path.relpath(rot_run, configs)}:epoch1\n")  # ../runs/rot:epoch1
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    assert load_config(path).model.init_from == f"{rot_run.resolve()}:epoch1"
+    monkeypatch.chdir(rot_run.parent)  # an override is read from the working directory, as data.root=... is
+    assert load_config(None, ["model.init_from=rot:epoch1"]).model.init_from == f"{rot_run.resolve()}:epoch1"
+
+
+def test_a_failed_hub_download_prints_nothing_before_the_one_error_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Before: offline with an empty cache (no HF_HUB_OFFLINE), torch printed 'Downloading: "https://..." to ...'
+    before classlab's one-line error, which the README promises alone."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty cache
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    spec = load_config(None, ["model.name=mobilenet_v2", "model.pretrained=true"]).model.spec()
+    capfd.readouterr()
+    with pytest.raises(ConfigError) as info:
+        pretrained.prefetch(spec)
+    assert "\n" not in str(info.value) and "download failed" in str(info.value)
+    assert capfd.readouterr() == ("", "")

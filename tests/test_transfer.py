@@ -137,7 +137,9 @@ def test_ini_transfer_keys_map_onto_the_schema(tmp_path: Path) -> None:
         "head_conv": False,
     }
     cfg = load_config(ini)
-    assert (cfg.model.init_from, cfg.model.truncate_at, cfg.model.head_conv) == ("runs/rot:epoch5", 7, False)
+    # The run folder is read from the INI's folder, as data.root is: the file finds its run from any directory.
+    at = f"{(tmp_path / 'runs' / 'rot').resolve()}:epoch5"
+    assert (cfg.model.init_from, cfg.model.truncate_at, cfg.model.head_conv) == (at, 7, False)
 
 
 def test_init_from_says_what_it_loaded_and_refuses_to_freeze_what_it_did_not(workdir: Path, rot_run: Path) -> None:

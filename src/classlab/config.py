@@ -293,17 +293,35 @@ class ModelSection(BaseModel):
         RotNet-style INI's ``transfer`` named) is that run and checkpoint, ``runs/rot:epoch5``: one spelling for the
         summary, the sweep's folder names and compare's legends. Before, the file was refused as 'not a run folder'
         with a hint about images to classify."""
-        if value and value.endswith(".ckpt"):
+        if not value:
+            return value
+        if value.endswith(".ckpt"):
             from classlab.run import run_of  # here: run.py imports torch, which --explain must not wait for
 
             folder, picked = run_of(value)
             if picked is not None:
-                return f"{folder}:{picked}"
-        return value
+                return init_from_value(folder, picked)
+        return init_from_value(*init_from_parts(value))  # runs/rot:best is runs/rot: one point of a sweep, not two
 
     def spec(self) -> dict[str, Any]:
         """The plain dict the model registry builds from."""
         return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+def init_from_parts(value: str, base: Path | None = None) -> tuple[str, str]:
+    """(run folder, checkpoint name) of a ``model.init_from`` value: ``runs/rot:epoch5`` -> (runs/rot, epoch5), and a
+    run alone is its best checkpoint, ``runs/rot`` -> (runs/rot, best). The one reading of the key, for its spelling
+    in the config, a sweep's points and the weights loaded. A folder that exists as given (a ':' in its own name, or
+    a Windows drive) stays whole; ``base``: the folder a relative value is read from (the working directory)."""
+    folder, sep, name = value.rpartition(":")
+    if not sep or "/" in name or "\\" in name or ((base or Path()) / Path(value).expanduser()).exists():
+        return value, "best"
+    return folder, name or "best"
+
+
+def init_from_value(folder: str, name: str) -> str:
+    """The one spelling of (run folder, checkpoint): best, the default, is left unsaid (runs/rot, not runs/rot:best)."""
+    return folder if name == "best" else f"{folder}:{name}"
 
 
 class OptimSection(Section):
@@ -652,7 +670,8 @@ ROTATION_LIMIT = 45.0  # degrees: a random turn this large takes an image halfwa
 def _check_rotation_pretext(cfg: Config) -> None:
     """The pretext's labels are the quarter turns of an upright image: an augmentation that turns images itself
     makes them ambiguous, and the run trained on without a word. A vertical flip is a half turn of the mirror image
-    (0 and 180 degrees, 90 and 270 look alike); a random turn of 45 degrees or more meets the next label."""
+    (0 and 180 degrees, 90 and 270 look alike); a random turn of 45 degrees or more meets the next label, as
+    TrivialAugment's turns of up to 135 degrees do (AutoAugment's and RandAugment's stop at 30 degrees)."""
     if cfg.task != "rotation":
         return
     if cfg.aug.vflip:
@@ -665,6 +684,12 @@ def _check_rotation_pretext(cfg: Config) -> None:
             f"aug.rotation={_plain(cfg.aug.rotation)} with task=rotation: a random turn of {ROTATION_LIMIT:g} degrees "
             "or more reaches the next quarter turn the pretext predicts, so its labels overlap; keep aug.rotation "
             f"below {ROTATION_LIMIT:g} (0 in RotNet)"
+        )
+    if cfg.aug.trivialaugment:  # torchvision's AutoAugment and RandAugment policies turn by 30 degrees at most
+        raise ValueError(
+            "aug.trivialaugment with task=rotation: TrivialAugment (wide) turns images by up to 135 degrees, past the "
+            "next quarter turn the pretext predicts, so its labels overlap; set aug.trivialaugment=false "
+            "(aug.autoaugment and aug.randaugment turn by 30 degrees at most, and stay allowed)"
         )
 
 
@@ -1327,6 +1352,10 @@ def _resolve_paths(tree: dict[str, Any], base: Path) -> None:
     model = tree.get("model")
     if isinstance(model, dict) and isinstance(model.get("pretrained_path"), str):
         model["pretrained_path"] = _local("model.pretrained_path", model["pretrained_path"], base)
+    if isinstance(model, dict) and isinstance(model.get("init_from"), str) and model["init_from"]:
+        # A run folder, read from the config file's folder as data.root is (runs/rot:epoch5: the folder part).
+        folder, name = init_from_parts(model["init_from"], base)
+        model["init_from"] = init_from_value(_local("model.init_from", folder, base), name)
 
 
 def _root_from_manifest(data: dict[str, Any]) -> None:

@@ -769,7 +769,8 @@ def _confusion_figure(cm: Any, classes: list[str], top1: float, source: str = ""
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     title = "confusion: numbers are counts, colour the share of the true class (row)"
-    ax.set_title(f"{title}\n{source + ' ' if source else ''}top-1 {top1:.4f}", fontsize=9)
+    top = f"{source + ' ' if source else ''}top-1 {top1:.4f}"
+    ax.set_title(f"{title}\n{top}", fontsize=9)
     if n <= 30:
         for i in range(n):
             for j in range(n):
@@ -784,11 +785,23 @@ def _confusion_figure(cm: Any, classes: list[str], top1: float, source: str = ""
                         color="white" if rates[i, j] > 0.5 else "black",
                     )
     fig.tight_layout()
+    if _title_overflows(fig, ax):  # a narrow figure (2 or 3 classes) cut it off at the right edge
+        ax.set_title(title.replace(", colour", ",\ncolour") + "\n" + top, fontsize=9)
+        for _ in range(2):  # as below: the square image settles on the second pass
+            fig.tight_layout()
     if n <= 6 and _labels_collide(fig, ax):
         ax.tick_params(axis="x", labelrotation=90)
         for _ in range(2):  # the square image settles in the space the upright names leave on the second pass
             fig.tight_layout()
     return fig
+
+
+def _title_overflows(fig: Any, ax: Any) -> bool:
+    """Whether the axes' title, centred over them, runs past the figure's left or right edge as drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    box = ax.title.get_window_extent(FigureCanvasAgg(fig).get_renderer())
+    return box.x0 < fig.bbox.x0 or box.x1 > fig.bbox.x1
 
 
 def _labels_collide(fig: Any, ax: Any) -> bool:

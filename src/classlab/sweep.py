@@ -34,7 +34,17 @@ from typing import Any
 
 import yaml
 
-from classlab.config import Config, and_others, changed_keys, flatten, parse_override, saved_tree, validate, yaml_text
+from classlab.config import (
+    Config,
+    and_others,
+    changed_keys,
+    flatten,
+    init_from_parts,
+    parse_override,
+    saved_tree,
+    validate,
+    yaml_text,
+)
 from classlab.errors import ClassLabError, ConfigError, caller_env, option, option_name, python_call, python_verb, spelt
 from classlab.run import (
     FOLDS,
@@ -145,8 +155,8 @@ def name_value(value: Any) -> str:
     elif isinstance(value, str) and ("/" in value or "\\" in value or ":" in value):
         folder, ckpt = run_of(value)  # runs/rot/checkpoints/epoch4.ckpt is rot@epoch4, as runs/rot:epoch4 is
         if ckpt is None:
-            folder, _, ckpt = value.partition(":") if not Path(value).exists() else (value, "", "")
-        text = Path(folder.rstrip("/\\")).name + (f"@{ckpt}" if ckpt else "")
+            folder, ckpt = init_from_parts(value)  # runs/rot is runs/rot:best, both named rot
+        text = Path(folder.rstrip("/\\")).name + (f"@{ckpt}" if ckpt != "best" else "")
     else:
         text = str(value)
     return re.sub(r"[^A-Za-z0-9._+@-]", "-", text) or "empty"

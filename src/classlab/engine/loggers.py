@@ -318,7 +318,9 @@ def _log_train_row(loggers: list[Any], row: dict[str, Any], step: int) -> None:
 
 
 def finish(loggers: list[Any], cfg: Config, summary: dict[str, Any], step: int) -> None:
-    """Final test metrics: TensorBoard writes them with the hyperparameters (its HParams view); all flush."""
+    """Final test metrics at the run's last step: TensorBoard writes them with the hyperparameters (its HParams
+    view); all flush. Not at step 0: a finished run resumed with more epochs drops what was logged from its resumed
+    step on (``ResumedLogs``), this run's final values among them, and keeps the new ones alone."""
     final = {
         f"final/{k}": float(summary[k])
         for k in FINAL_KEYS
@@ -326,7 +328,7 @@ def finish(loggers: list[Any], cfg: Config, summary: dict[str, Any], step: int) 
     }
     for logger in loggers:
         if type(logger).__name__ == "TensorBoardLogger":
-            logger.log_hyperparams(flat_config(cfg), final or {"final/epochs_done": 0.0})
+            logger.log_hyperparams(flat_config(cfg), final or {"final/epochs_done": 0.0}, step=step)
         elif final:
             logger.log_metrics(final, step=step)
         logger.finalize("success")

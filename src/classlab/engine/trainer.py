@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from rich.console import Console
 
-from classlab.config import Config, flatten, yaml_text
+from classlab.config import Config, flatten, init_from_parts, yaml_text
 from classlab.data.pipeline import DataBundle
 from classlab.data.preprocess import Normalize
 from classlab.data.tasks import TaskLayout
@@ -34,23 +34,39 @@ from classlab.errors import ClassLabError, ConfigError, first_line
 from classlab.models import build_model, load_backbone_weights, pretrained
 from classlab.models.multitask import build_multitask_net
 from classlab.models.net import ClassifierModel
-from classlab.run import RunFolder, open_run, safe_torch_load
+from classlab.run import RunFolder, fold_runs, is_fold_group, is_run_folder, open_run, safe_torch_load
 
 # ---------------------------------------------------------------------------------------------
 # The network and the LightningModule
 # ---------------------------------------------------------------------------------------------
 
 
+def _one_run(folder: Path) -> None:
+    """A k-fold folder or a folder of runs (a sweep's, run.root) is refused naming one of its runs: not with
+    open_run's line, whose hint for predict/eval (several runs with --ensemble mean) does not apply to a transfer."""
+    if is_run_folder(folder) or not folder.is_dir():
+        return
+    inner = fold_runs(folder) if is_fold_group(folder) else sorted(p for p in folder.iterdir() if is_run_folder(p))
+    if not inner:
+        return
+    what = "a k-fold folder (one run per fold)" if is_fold_group(folder) else f"a folder of {len(inner)} runs"
+    raise ClassLabError(
+        f"'{folder}' is {what}, not one run: model.init_from starts from the weights of one run; give one of them "
+        f"(model.init_from={inner[0]}, or {inner[0]}:<checkpoint>)"
+    )
+
+
 def resolve_init_from(spec: str) -> Path:
     """``runs/rot:epoch5`` -> runs/rot/checkpoints/epoch5.ckpt (``runs/rot`` alone -> best)."""
-    folder, _, name = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    folder, name = init_from_parts(spec)
     if Path(folder).is_file():  # a run's own checkpoint file is read as run:name by the config (ModelSection)
         raise ClassLabError(
             f"'{folder}' is a file, not a run folder: model.init_from takes a run folder, with a checkpoint name "
             "after ':' (runs/rot:epoch5) or as the path of one of its checkpoints/*.ckpt; for a weights file of "
             "your own use model.pretrained_path"
         )
-    return open_run(Path(folder)).checkpoint(name or "best")
+    _one_run(Path(folder))
+    return open_run(Path(folder)).checkpoint(name)
 
 
 def _net_state(path: Path, state: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:

@@ -247,6 +247,15 @@ def _offline_error(model: str, cache_dir: Path, exc: BaseException | None) -> Co
     )
 
 
+def _download(url: str, cached: Path) -> None:
+    """Into torch's cache as ``get_state_dict`` would fill it (hash checked), without the "Downloading: <url>" line
+    torch prints before it even connects: offline, that line came before classlab's one-line error. The progress
+    bar starts only once the bytes come."""
+    match = torch.hub.HASH_REGEX.search(cached.name)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(cached), match.group(1) if match else None, progress=True)
+
+
 @cache
 def fetch(hub: _Hub) -> tuple[dict[str, torch.Tensor], str | None, str]:
     """(state dict, cached file or None, description) of hub weights; downloads once into the standard cache."""
@@ -259,6 +268,8 @@ def fetch(hub: _Hub) -> tuple[dict[str, torch.Tensor], str | None, str]:
         if not cached.is_file() and _offline():
             raise _offline_error(hub.name, _torch_cache(), None)
         try:
+            if not cached.is_file():
+                _download(weights.url, cached)
             state = weights.get_state_dict(progress=True, check_hash=True)
         except Exception as exc:  # noqa: BLE001 - URLError, HTTPError, timeouts, hash errors: one line
             raise _offline_error(hub.name, _torch_cache(), exc) from None
