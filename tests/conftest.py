@@ -6,7 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -112,3 +114,17 @@ def tiny_run(tiny_trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     dest = tmp_path_factory.mktemp("run") / tiny_trained.name
     shutil.copytree(tiny_trained, dest)
     return dest
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless Chromium for a module's page tests (tests/browser.py); the test is skipped without one."""
+    from tests.browser import Browser, find_browser
+
+    binary = find_browser()
+    if binary is None:
+        pytest.skip(
+            "no Chromium or Chrome found (apt-get install chromium, or set CHROME_BIN): the page was not opened"
+        )
+    with Browser(binary) as b:
+        yield b

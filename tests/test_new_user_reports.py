@@ -16,10 +16,9 @@ import classlab
 import classlab.compare as compare_module
 from classlab.compare import _labels, compare
 from classlab.report import write_html_report
-from tests.browser import Browser, find_browser
+from tests.browser import Browser
 from tests.conftest import run_cli, tiny_config
 from tests.test_compare import _fake_run
-from tests.test_report_html import NO_BROWSER
 
 
 def test_a_dollar_or_a_leading_underscore_in_a_run_name_is_drawn_as_written(
@@ -276,15 +275,6 @@ def test_a_sweep_of_multi_stage_runs_compares_them(tmp_path: Path) -> None:
     result = run_cli("compare", str(sweep / "*"), "--out", str(tmp_path / "cli"), "--no-plots")
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert "| lr=0.1 | finished | 0.1000 | [{epochs: 3}, {epochs: 3, optim.lr: 0.05}] | 0.4500 |" in result.stdout
-
-
-@pytest.fixture(scope="module")
-def browser() -> Any:
-    binary = find_browser()
-    if binary is None:
-        pytest.skip(NO_BROWSER)
-    with Browser(binary) as b:
-        yield b
 
 
 def test_nan_and_inf_cells_sort_last_both_ways(browser: Browser, tmp_path: Path) -> None:

@@ -16,10 +16,9 @@ import pytest
 import yaml
 
 import classlab
-from tests.browser import Browser, find_browser
+from tests.browser import Browser
 from tests.conftest import run_cli, tiny_config
 
-NO_BROWSER = "no Chromium or Chrome found (apt-get install chromium, or set CHROME_BIN): the page was not opened"
 COLUMN = "Array.from(document.querySelectorAll('#{table} tbody tr')).map(r => r.cells[{col}].dataset.sort)"
 
 
@@ -37,15 +36,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         summary = json.loads((root / name / "summary.json").read_text())
         (root / name / "summary.json").write_text(json.dumps({**summary, "test_acc": acc}))
     return root
-
-
-@pytest.fixture(scope="module")
-def browser() -> Browser:
-    binary = find_browser()
-    if binary is None:
-        pytest.skip(NO_BROWSER)
-    with Browser(binary) as b:
-        yield b
 
 
 def _self_contained(page: str) -> None:
