@@ -371,7 +371,7 @@ def test_a_k_fold_folder_without_a_test_split_says_so_not_yet(tmp_path: Path) ->
     assert mixed.notes == ["no run has metric 'test_acc': its column is empty (1 of the 2 runs have no test split)"]
 
 
-def test_mlflows_own_info_lines_are_kept_back_without_v(tmp_path: Path) -> None:
+def test_mlflows_own_info_lines_are_kept_back_without_v(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`classlab train -q trainer.loggers=[mlflow]` printed MLflow's `INFO mlflow.store.db.utils: Creating initial
     MLflow database tables...` and `Updating database tables` (its default SQLite store, made new), where the
     README says the libraries' own logs are kept back without -v; its 'View run at: URL' lines (a server's run)
@@ -381,6 +381,7 @@ def test_mlflows_own_info_lines_are_kept_back_without_v(tmp_path: Path) -> None:
     import os
 
     extra = {"data.images_per_class": 10, "model.layers": "[8,p]", "trainer.loggers": "[mlflow]"}
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store, under run.root, made new
     result = run_cli("train", "-q", *tiny_config(tmp_path, exp_name="tracked", epochs=1, **extra))
     assert result.returncode == 0, result.stderr
     assert (result.stdout, result.stderr) == ("", "")
@@ -402,3 +403,15 @@ def test_mlflows_own_info_lines_are_kept_back_without_v(tmp_path: Path) -> None:
     finally:
         lightning.setLevel(levels[0])
         mlflow.setLevel(levels[1])
+
+
+def test_a_python_call_with_mlflow_leaves_the_tracking_uri_as_it_was(tmp_path: Path) -> None:
+    """mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI in the process: after classlab.train(...) with MLflow, a
+    notebook's next run (another run.root) logged into the first run's store, and the suite's later tests too."""
+    pytest.importorskip("mlflow")
+    import os
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    extra = {"data.images_per_class": 10, "model.layers": "[8,p]", "trainer.loggers": "[mlflow]"}
+    classlab.train(None, tiny_config(tmp_path, exp_name="tracked", epochs=1, **extra), quiet=True)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before

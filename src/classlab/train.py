@@ -332,6 +332,8 @@ def train(
 # found LOCAL_RANK and WORLD_SIZE set and launched no workers.
 RUN_ENV = (RUN_DIR_ENV, "PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG")
 RUN_ENV += ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# mlflow.set_tracking_uri sets this one: a notebook's next call (another run.root) logged into the first run's store.
+RUN_ENV += ("MLFLOW_TRACKING_URI",)
 
 
 @contextlib.contextmanager
